@@ -1,0 +1,1 @@
+"""Command-line edges: parse, call the library or the service, format. No logic here."""

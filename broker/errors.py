@@ -1,0 +1,146 @@
+"""The one exception tree of the broker.
+
+Every failure a caller can act on is one of these. Each edge maps them once:
+the REST API to an HTTP status and a JSON body, the MyProxy endpoint to an
+``ERROR=`` line, the CLIs to a message and an exit code.
+
+::
+
+    BrokerError                      code="internal"          HTTP 500 exit 2
+    ├── InputError                   code="bad_request"       HTTP 400 exit 1
+    │   ├── PemError                 code="bad_pem"
+    │   ├── CsrError                 code="bad_csr"
+    │   ├── NameError_               code="bad_name"      (a DN, username or credential name)
+    │   ├── ConfigError              code="bad_config"
+    │   ├── PolicyFileError          code="bad_policy"
+    │   └── ProtocolError            code="protocol"      (a malformed MyProxy message)
+    ├── PayloadTooLarge              code="too_large"         HTTP 413
+    ├── ChainError                   code="invalid_chain"     HTTP 400 (a bad chain)
+    │   └── VomsError                code="invalid_voms"      (an AC that does not verify)
+    ├── AuthenticationError          code="unauthenticated"   HTTP 401 exit 3
+    ├── AuthorizationError           code="denied"            HTTP 403 exit 3
+    ├── NotFound                     code="not_found"         HTTP 404 exit 4
+    ├── Conflict                     code="conflict"          HTTP 409
+    ├── CredentialError              code="credential"        HTTP 422 (expired, unusable)
+    ├── StoreError                   code="store"             HTTP 500
+    │   └── StoreUnavailable         code="unavailable"       HTTP 503
+    └── SystemFailure                code="system"            HTTP 500
+
+A subclass may override ``code`` per instance (``reason=``) so that callers can
+tell, say, ``expired`` from ``revoked`` without a new class for each.
+"""
+
+from __future__ import annotations
+
+
+class BrokerError(Exception):
+    """Base of every error the broker raises on purpose."""
+
+    code = "internal"
+    http_status = 500
+    exit_code = 2
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason or self.code
+
+    def to_json(self) -> dict[str, str]:
+        return {"error": self.reason, "message": self.message}
+
+
+class InputError(BrokerError):
+    code = "bad_request"
+    http_status = 400
+    exit_code = 1
+
+
+class PemError(InputError):
+    code = "bad_pem"
+
+
+class CsrError(InputError):
+    code = "bad_csr"
+
+
+class NameError_(InputError):
+    code = "bad_name"
+
+
+class ConfigError(InputError):
+    code = "bad_config"
+
+
+class PolicyFileError(InputError):
+    code = "bad_policy"
+
+
+class ProtocolError(InputError):
+    code = "protocol"
+
+
+class PayloadTooLarge(BrokerError):
+    code = "too_large"
+    http_status = 413
+    exit_code = 1
+
+
+class ChainError(BrokerError):
+    """A certificate chain that does not verify; ``reason`` says why."""
+
+    code = "invalid_chain"
+    http_status = 400
+    exit_code = 1
+
+
+class VomsError(ChainError):
+    """A VOMS attribute certificate that does not verify; never silently ignored."""
+
+    code = "invalid_voms"
+
+
+class AuthenticationError(BrokerError):
+    code = "unauthenticated"
+    http_status = 401
+    exit_code = 3
+
+
+class AuthorizationError(BrokerError):
+    code = "denied"
+    http_status = 403
+    exit_code = 3
+
+
+class NotFound(BrokerError):
+    code = "not_found"
+    http_status = 404
+    exit_code = 4
+
+
+class Conflict(BrokerError):
+    code = "conflict"
+    http_status = 409
+    exit_code = 1
+
+
+class CredentialError(BrokerError):
+    code = "credential"
+    http_status = 422
+    exit_code = 1
+
+
+class StoreError(BrokerError):
+    code = "store"
+    http_status = 500
+    exit_code = 2
+
+
+class StoreUnavailable(StoreError):
+    code = "unavailable"
+    http_status = 503
+
+
+class SystemFailure(BrokerError):
+    code = "system"
+    http_status = 500
+    exit_code = 2

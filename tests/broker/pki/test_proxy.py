@@ -1,0 +1,118 @@
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from broker.errors import CredentialError, CsrError
+from broker.pki.chain import validate_chain
+from broker.pki.dn import slash_from_name
+from broker.pki.loading import credential_to_pem, load_credential
+from broker.pki.proxy import (
+    BACKDATE,
+    PROXY_CERT_INFO_OID,
+    ProxyType,
+    csr_to_pem,
+    generate_key,
+    load_csr,
+    make_csr,
+    new_proxy,
+    proxy_info,
+    sign_request,
+)
+from tests.pkifixtures import GridPki
+
+
+def test_impersonation_proxy_fields(grid_pki: GridPki) -> None:
+    alice, now = grid_pki.user("alice"), grid_pki.now
+    proxy = new_proxy(alice, now=now, lifetime=timedelta(hours=12))
+    cert = proxy.cert
+    ext = cert.extensions.get_extension_for_oid(PROXY_CERT_INFO_OID)
+    assert ext.critical
+    info = proxy_info(cert)
+    assert info is not None and info.type is ProxyType.IMPERSONATION and info.path_length is None
+    # subject = issuer subject + CN=<serial>
+    assert cert.subject.rdns[:-1] == alice.cert.subject.rdns
+    assert next(iter(cert.subject.rdns[-1])).value == str(cert.serial_number)
+    assert cert.issuer == alice.cert.subject
+    assert cert.not_valid_before_utc == now.replace(microsecond=0) - BACKDATE or (
+        abs(cert.not_valid_before_utc - (now - BACKDATE)) < timedelta(seconds=1)
+    )
+    ku = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    assert ku.digital_signature and not ku.content_commitment and not ku.key_cert_sign
+    assert isinstance(proxy.key, rsa.RSAPrivateKey) and proxy.key.key_size == 2048
+
+
+def test_lifetime_capped_at_issuer(grid_pki: GridPki) -> None:
+    alice, now = grid_pki.user("alice"), grid_pki.now
+    short = new_proxy(alice, now=now, lifetime=timedelta(hours=1))
+    child = new_proxy(short, now=now, lifetime=timedelta(days=3))
+    assert child.cert.not_valid_after_utc == short.cert.not_valid_after_utc
+
+
+def test_limited_issuer_forces_limited(grid_pki: GridPki) -> None:
+    now = grid_pki.now
+    limited = new_proxy(grid_pki.user("alice"), now=now, lifetime=timedelta(hours=2),
+                        proxy_type=ProxyType.LIMITED)
+    child = new_proxy(limited, now=now, lifetime=timedelta(hours=1))
+    info = proxy_info(child.cert)
+    assert info is not None and info.type is ProxyType.LIMITED
+
+
+def test_path_length_tightened_and_zero_refused(grid_pki: GridPki) -> None:
+    now = grid_pki.now
+    p2 = new_proxy(grid_pki.user("alice"), now=now, lifetime=timedelta(hours=2), path_length=2)
+    p1 = new_proxy(p2, now=now, lifetime=timedelta(hours=2), path_length=5)
+    info = proxy_info(p1.cert)
+    assert info is not None and info.path_length == 1
+    p0 = new_proxy(p1, now=now, lifetime=timedelta(hours=2))
+    assert proxy_info(p0.cert).path_length == 0  # type: ignore[union-attr]
+    with pytest.raises(CredentialError) as err:
+        new_proxy(p0, now=now, lifetime=timedelta(hours=1))
+    assert err.value.reason == "path_length"
+
+
+def test_ec_keys_and_independent(grid_pki: GridPki) -> None:
+    now = grid_pki.now
+    proxy = new_proxy(grid_pki.user("bob"), now=now, lifetime=timedelta(hours=1),
+                      proxy_type=ProxyType.INDEPENDENT, key=generate_key("ec"))
+    assert isinstance(proxy.key, ec.EllipticCurvePrivateKey)
+    info = validate_chain(proxy.chain, grid_pki.trust, now=now)
+    assert info.identity == "/DC=org/DC=example/CN=Bob"
+    assert info.proxy_types == (ProxyType.INDEPENDENT,)
+
+
+def test_delegation_via_csr_moves_no_private_key(grid_pki: GridPki) -> None:
+    now = grid_pki.now
+    requester_key = generate_key("ec")
+    csr_pem = csr_to_pem(make_csr(requester_key))
+    assert b"PRIVATE" not in csr_pem
+    csr = load_csr(csr_pem)
+    alice_proxy = new_proxy(grid_pki.user("alice"), now=now, lifetime=timedelta(hours=3))
+    chain = sign_request(alice_proxy, csr, now=now, lifetime=timedelta(hours=1))
+    assert chain[0].public_key() == requester_key.public_key()
+    info = validate_chain(chain, grid_pki.trust, now=now)
+    assert info.identity == "/DC=org/DC=example/CN=Alice"
+    assert info.proxy_depth == 2
+
+
+def test_csr_errors() -> None:
+    with pytest.raises(CsrError):
+        load_csr(b"")
+    with pytest.raises(CsrError):
+        load_csr(b"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n")
+    with pytest.raises(CsrError):
+        load_csr(b"\x30\x03\x02\x01\x00")
+    with pytest.raises(CsrError):
+        load_csr(b"x" * 70000)
+
+
+def test_pem_round_trip_pkcs1_and_pkcs8(grid_pki: GridPki) -> None:
+    proxy = new_proxy(grid_pki.user("alice"), now=grid_pki.now, lifetime=timedelta(hours=1))
+    pem = credential_to_pem(proxy)
+    assert pem.index(b"RSA PRIVATE KEY") > pem.index(b"CERTIFICATE")
+    loaded = load_credential(pem)
+    assert loaded.chain == proxy.chain
+    assert slash_from_name(loaded.cert.subject).startswith("/DC=org/DC=example/CN=Alice/CN=")
