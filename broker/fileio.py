@@ -225,7 +225,10 @@ def _fsync_dir_fd(fd: int) -> None:
         # Some filesystems cannot fsync a directory, and an O_PATH descriptor
         # cannot be fsynced at all; neither makes the write itself fail.
         if exc.errno not in (errno.EINVAL, errno.EBADF, errno.EROFS):
-            raise
+            raise SystemFailure(
+                f"the file was written but its directory could not be synced to disk: {exc}; "
+                "check the filesystem"
+            ) from exc
 
 
 def _unlink_quietly(path: Path, *, dir_fd: int | None = None) -> None:

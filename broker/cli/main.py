@@ -5,6 +5,8 @@ from __future__ import annotations
 import click
 
 from broker.cli.pki_cmd import dev_pki, proxy_info_cmd, proxy_init
+from broker.cli.policy_cmd import policy
+from broker.cli.serve_cmd import audit, keys, serve
 
 
 @click.group()
@@ -16,18 +18,10 @@ def cli() -> None:
 cli.add_command(dev_pki)
 cli.add_command(proxy_init)
 cli.add_command(proxy_info_cmd)
-
-
-def _attach_optional() -> None:
-    # Subcommands that live in their own modules; each registers itself here.
-    try:
-        from broker.cli.policy_cmd import policy
-    except ImportError:  # pragma: no cover - only while the module is being written
-        return
-    cli.add_command(policy)
-
-
-_attach_optional()
+cli.add_command(serve)
+cli.add_command(keys)
+cli.add_command(audit)
+cli.add_command(policy)
 
 
 def main() -> None:

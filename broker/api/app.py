@@ -1,0 +1,307 @@
+"""The REST API: a thin Flask edge over :class:`broker.service.BrokerService`.
+
+Identity comes only from the TLS layer: the verified chain of the client's
+certificate or proxy, read from the socket gunicorn hands over.  When the chain
+is not available (a resumed session, a plain-HTTP request) the request is
+refused: fail closed.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import ssl
+import time
+import uuid
+from datetime import timedelta
+from importlib import resources
+from typing import Any
+
+from cryptography import x509
+from flask import Flask, Response, g, jsonify, request
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
+from prometheus_client import generate_latest
+from werkzeug.exceptions import HTTPException
+
+from broker.errors import (
+    AuthenticationError,
+    BrokerError,
+    InputError,
+    PayloadTooLarge,
+    StoreUnavailable,
+)
+from broker.pki.loading import MAX_PEM_SIZE
+from broker.service import BrokerService, DelegationOptions, Requester
+
+log = logging.getLogger("broker.api")
+
+MAX_BODY = 128 * 1024
+_MAX_HOURS = 24 * 366
+
+
+def _peer_chain() -> list[x509.Certificate] | None:
+    sock = request.environ.get("gunicorn.socket")
+    if not isinstance(sock, ssl.SSLSocket):
+        return None
+    if hasattr(sock, "get_verified_chain"):  # Python 3.13+
+        raw = sock.get_verified_chain()
+        ders = [c.public_bytes(ssl._ssl.ENCODING_DER) for c in raw] if raw else []  # type: ignore[attr-defined]
+    else:
+        sslobj = getattr(sock, "_sslobj", None)
+        chain = sslobj.get_verified_chain() if sslobj is not None else None
+        if not chain:
+            return None
+        ders = [c.public_bytes(ssl._ssl.ENCODING_DER) for c in chain]  # type: ignore[attr-defined]
+    return [x509.load_der_x509_certificate(d) for d in ders]
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("broker_requests", "REST requests by endpoint and status",
+                                ["endpoint", "status"], registry=self.registry)
+        self.latency = Histogram("broker_request_seconds", "REST request latency",
+                                 ["endpoint"], registry=self.registry,
+                                 buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1, 5))
+
+
+def _json_body() -> dict[str, Any]:
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        raise PayloadTooLarge(f"the request body is larger than {MAX_BODY} bytes")
+    raw = request.get_data(cache=False)
+    if len(raw) > MAX_BODY:
+        raise PayloadTooLarge(f"the request body is larger than {MAX_BODY} bytes")
+    if not raw:
+        return {}
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputError(f"the request body is not valid JSON: {exc}", reason="bad_json") from exc
+    if not isinstance(body, dict):
+        raise InputError("the request body must be a JSON object", reason="bad_json")
+    return body
+
+
+def _str(body: dict[str, Any], key: str, *, required: bool = False, default: str | None = None,
+         max_len: int = 4096) -> str | None:
+    value = body.get(key, default)
+    if value is None:
+        if required:
+            raise InputError(f"the field {key!r} is required", reason="missing_field")
+        return None
+    if not isinstance(value, str):
+        raise InputError(f"the field {key!r} must be a string", reason="bad_field")
+    if len(value) > max_len:
+        raise InputError(f"the field {key!r} is longer than {max_len} characters",
+                         reason="bad_field")
+    return value
+
+
+def _pem(body: dict[str, Any], key: str) -> bytes:
+    value = _str(body, key, required=True, max_len=MAX_PEM_SIZE)
+    assert value is not None
+    try:
+        return value.encode("ascii")
+    except UnicodeEncodeError as exc:
+        raise InputError(f"the field {key!r} must be ASCII PEM text", reason="bad_pem") from exc
+
+
+def _hours(body: dict[str, Any], key: str, default: float) -> timedelta:
+    value = body.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InputError(f"the field {key!r} must be a number of hours", reason="bad_field")
+    if not 0 < value <= _MAX_HOURS:
+        raise InputError(f"the field {key!r} must be between 0 and {_MAX_HOURS} hours",
+                         reason="bad_field")
+    return timedelta(hours=float(value))
+
+
+def _list(body: dict[str, Any], key: str) -> tuple[str, ...]:
+    value = body.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InputError(f"the field {key!r} must be a list of strings", reason="bad_field")
+    if len(value) > 256:
+        raise InputError(f"the field {key!r} has more than 256 entries", reason="bad_field")
+    return tuple(value)
+
+
+def _bool(body: dict[str, Any], key: str) -> bool:
+    value = body.get(key, False)
+    if not isinstance(value, bool):
+        raise InputError(f"the field {key!r} must be true or false", reason="bad_field")
+    return value
+
+
+def create_app(service: BrokerService) -> Flask:
+    app = Flask("broker")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
+    metrics = _Metrics()
+
+    def requester() -> Requester:
+        chain = _peer_chain()
+        if not chain:
+            raise AuthenticationError(
+                "the TLS layer gave no verified client chain (a resumed session or no client "
+                "certificate); reconnect with your certificate or proxy", reason="no_chain")
+        return service.authenticate_chain(chain, client_address=request.remote_addr,
+                                          endpoint="rest", request_id=g.request_id)
+
+    @app.before_request
+    def _start() -> None:
+        g.request_id = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex
+        g.started = time.perf_counter()
+
+    @app.after_request
+    def _finish(response: Response) -> Response:
+        endpoint = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        metrics.latency.labels(endpoint).observe(time.perf_counter() - g.get("started", 0))
+        response.headers["X-Request-Id"] = g.get("request_id", "")
+        return response
+
+    @app.errorhandler(BrokerError)
+    def _broker_error(exc: BrokerError) -> tuple[Response, int]:
+        if exc.http_status >= 500:
+            log.error("request %s failed: %s", g.get("request_id"), exc.message)
+        return jsonify(exc.to_json()), exc.http_status
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> tuple[Response, int]:
+        code = exc.code or 500
+        names = {404: "not_found", 405: "method_not_allowed", 413: "too_large",
+                 400: "bad_request"}
+        message = {
+            404: f"there is no endpoint {request.path}; see /v1/openapi.json",
+            405: f"{request.method} is not allowed on {request.path}",
+            413: f"the request body is larger than {MAX_BODY} bytes",
+        }.get(code, exc.description or "bad request")
+        return jsonify({"error": names.get(code, "http_error"), "message": message}), code
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> tuple[Response, int]:
+        log.exception("request %s: unexpected error", g.get("request_id"))
+        return jsonify({"error": "internal", "message": "an internal error occurred; the "
+                        f"administrator can find request {g.get('request_id')} in the log"}), 500
+
+    @app.get("/healthz")
+    def healthz() -> tuple[Response, int]:
+        try:
+            service.health()
+        except StoreUnavailable as exc:
+            return jsonify({"status": "unavailable", "message": exc.message}), 503
+        return jsonify({"status": "ok"}), 200
+
+    @app.get("/metrics")
+    def metrics_view() -> Response:
+        return Response(generate_latest(metrics.registry), mimetype=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/openapi.json")
+    def openapi() -> Response:
+        text = resources.files("broker.api").joinpath("openapi.json").read_text()
+        return Response(text, mimetype="application/json")
+
+    @app.get("/v1/whoami")
+    def whoami() -> Response:
+        who = requester()
+        return jsonify({"identity": who.dn, "fqans": list(who.fqans), "limited": who.limited})
+
+    @app.post("/v1/delegations")
+    def start_delegation() -> tuple[Response, int]:
+        who = requester()
+        body = _json_body()
+        options = DelegationOptions(
+            username=_str(body, "username", required=True, max_len=128) or "",
+            name=_str(body, "name", default="default", max_len=128) or "default",
+            stored_lifetime=_hours(body, "stored_hours", 168),
+            max_proxy_lifetime=_hours(body, "max_proxy_hours", 12),
+            retrievers=_list(body, "retrievers"),
+            trusted_retrievers=_list(body, "trusted_retrievers"),
+            renewers=_list(body, "renewers"),
+            description=_str(body, "description", max_len=1024),
+        )
+        pending = service.start_delegation(who, options)
+        return jsonify({"id": pending.id, "csr": pending.csr_pem.decode(),
+                        "expires_at": pending.expires_at.isoformat()}), 201
+
+    @app.put("/v1/delegations/<delegation_id>")
+    def finish_delegation(delegation_id: str) -> tuple[Response, int]:
+        who = requester()
+        body = _json_body()
+        summary = service.finish_delegation(who, delegation_id, _pem(body, "chain"),
+                                            passphrase=_str(body, "passphrase", max_len=1024))
+        return jsonify(summary.to_json(service.now())), 201
+
+    def _lifetime(body: dict[str, Any]) -> timedelta | None:
+        return _hours(body, "lifetime_hours", 12) if "lifetime_hours" in body else None
+
+    def _owner(body: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "username": _str(body, "username", max_len=128),
+            "owner_dn": _str(body, "owner", max_len=1024),
+            "name": _str(body, "name", default="default", max_len=128) or "default",
+        }
+
+    @app.post("/v1/retrievals")
+    def retrieve() -> Response:
+        who = requester()
+        body = _json_body()
+        issued = service.retrieve(
+            who, csr_pem=_pem(body, "csr"), lifetime=_lifetime(body),
+            job_id=_str(body, "job_id", max_len=256),
+            passphrase=_str(body, "passphrase", max_len=1024), limited=_bool(body, "limited"),
+            **_owner(body),
+        )
+        return jsonify({"chain": issued.pem().decode(), "owner": issued.owner_dn,
+                        "username": issued.username, "name": issued.name,
+                        "lifetime": int(issued.lifetime.total_seconds()),
+                        "limited": issued.limited})
+
+    @app.get("/v1/renewals/challenge")
+    def renewal_challenge() -> Response:
+        who = requester()
+        return jsonify({"challenge": service.renewal_challenge(who)})
+
+    @app.post("/v1/renewals")
+    def renew() -> Response:
+        who = requester()
+        body = _json_body()
+        try:
+            signature = base64.b64decode(_str(body, "signature", required=True) or "",
+                                         validate=True)
+        except ValueError as exc:
+            raise InputError("the field 'signature' must be base64", reason="bad_field") from exc
+        issued = service.renew(
+            who, csr_pem=_pem(body, "csr"), challenge=_str(body, "challenge", required=True) or "",
+            authz_chain_pem=_pem(body, "authz_chain"), signature=signature,
+            lifetime=_lifetime(body), job_id=_str(body, "job_id", max_len=256), **_owner(body),
+        )
+        return jsonify({"chain": issued.pem().decode(), "owner": issued.owner_dn,
+                        "lifetime": int(issued.lifetime.total_seconds()),
+                        "limited": issued.limited})
+
+    @app.get("/v1/credentials")
+    def info() -> Response:
+        who = requester()
+        username = request.args.get("username") or None
+        name = request.args.get("name") or None
+        summaries = service.info(who, username=username, name=name)
+        now = service.now()
+        return jsonify({"identity": who.dn, "credentials": [s.to_json(now) for s in summaries]})
+
+    @app.delete("/v1/credentials/<username>/<name>")
+    def destroy(username: str, name: str) -> Response:
+        who = requester()
+        summary = service.destroy(who, username=username, name=name)
+        return jsonify({"destroyed": summary.to_json(service.now())})
+
+    @app.post("/v1/credentials/<username>/<name>/passphrase")
+    def change_passphrase(username: str, name: str) -> Response:
+        who = requester()
+        body = _json_body()
+        summary = service.change_passphrase(
+            who, username=username, name=name, old=_str(body, "old", max_len=1024),
+            new=_str(body, "new", max_len=1024))
+        return jsonify(summary.to_json(service.now()))
+
+    return app

@@ -1,0 +1,137 @@
+"""``broker serve``, ``broker keys init|rotate`` and ``broker audit``."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import click
+
+from broker.cli.common import reports_errors
+from broker.config import load_config
+
+_config_opt = click.option("--config", "config_path", type=click.Path(dir_okay=False),
+                           help="broker.toml (flags override it).")
+_state_opt = click.option("--state-dir", help="State directory [./broker-state].")
+_db_opt = click.option("--database-url", help="SQLAlchemy URL [SQLite in the state dir].")
+
+
+@click.command("serve")
+@_config_opt
+@click.option("--bind", help="REST endpoint HOST:PORT [127.0.0.1:8443].")
+@click.option("--myproxy-bind", help="MyProxy endpoint HOST:PORT (empty: off).")
+@_state_opt
+@_db_opt
+@click.option("--host-cert")
+@click.option("--host-key")
+@click.option("--ca-dir")
+@click.option("--vomsdir")
+@click.option("--policy-dir")
+@click.option("--master-key-file")
+@click.option("--workers", type=int)
+@click.option("--threads", type=int)
+@click.option("--max-tls", type=click.Choice(["1.2", "1.3"]))
+@reports_errors
+def serve(config_path: str | None, **flags: Any) -> None:
+    """Run the broker (REST over mutual TLS; MyProxy protocol when --myproxy-bind is set)."""
+    from broker.runtime import check_policy, prepare_state
+    from broker.server import BrokerApplication
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = load_config(config_path, flags)
+    prepare_state(config)
+    check_policy(config)  # refuse to start on an invalid or unsafe policy
+    click.echo(f"broker: REST on https://{config.bind} state={config.state_dir} "
+               f"policy={config.policy_dir}", err=True)
+    if config.myproxy_bind:
+        from broker.myproxy.server import start_myproxy_in_master
+
+        start_myproxy_in_master(config)
+    BrokerApplication(config).run()
+
+
+@click.group("keys")
+def keys() -> None:
+    """Master key management (the key that wraps every credential's data key)."""
+
+
+@keys.command("init")
+@_config_opt
+@_state_opt
+@click.option("--master-key-file")
+@reports_errors
+def keys_init(config_path: str | None, **flags: Any) -> None:
+    """Create the master key file (0600, never overwritten)."""
+    from broker.store import init_master_key_file
+
+    config = load_config(config_path, flags)
+    from broker.fileio import make_private_dir
+
+    make_private_dir(config.state_dir)
+    init_master_key_file(config.master_key_file)
+    click.echo(f"master key created in {config.master_key_file}")
+
+
+@keys.command("rotate")
+@_config_opt
+@_state_opt
+@_db_opt
+@click.option("--master-key-file")
+@reports_errors
+def keys_rotate(config_path: str | None, **flags: Any) -> None:
+    """Add a new master key, re-wrap every data key with it, then drop the old key."""
+    from broker.store import Store, load_master_keys, make_engine, rotate_master_key
+
+    config = load_config(config_path, flags)
+    store = Store(make_engine(config.database_url), load_master_keys(config.master_key_file))
+    try:
+        report = rotate_master_key(store, config.master_key_file)
+    finally:
+        store.close()
+    click.echo(f"master key rotated: {report}")
+
+
+@click.command("audit")
+@_config_opt
+@_state_opt
+@_db_opt
+@click.option("--owner", help="Only events for credentials of this owner DN.")
+@click.option("--job-id", help="Only events for this job.")
+@click.option("--action", help="Only this action (delegate, retrieve, renew, info, destroy...).")
+@click.option("--limit", default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@reports_errors
+def audit(config_path: str | None, owner: str | None, job_id: str | None, action: str | None,
+          limit: int, as_json: bool, **flags: Any) -> None:
+    """Who fetched whose credential, for which job (newest first)."""
+    from broker.store import Store, make_engine
+    from broker.store.crypto import MasterKeyRing
+
+    config = load_config(config_path, flags)
+    store = Store(make_engine(config.database_url), MasterKeyRing.generate())  # audit rows hold no key material
+    try:
+        rows = store.query_audit(owner_dn=owner, job_id=job_id, action=action, limit=limit)
+    finally:
+        store.close()
+    if as_json:
+        click.echo(json.dumps([_row(r) for r in rows], indent=2))
+        return
+    if not rows:
+        click.echo("no audit events match")
+    for r in rows:
+        who = r.requester_dn or "anonymous"
+        target = f"{r.owner_dn or '-'} [{r.username or '-'}/{r.credential_name or '-'}]"
+        job = f" job={r.job_id}" if r.job_id else ""
+        click.echo(f"{r.time:%Y-%m-%d %H:%M:%S} {r.endpoint:7} {r.action:17} {r.decision:5} "
+                   f"{who} -> {target}{job}  ({r.reason or ''})")
+
+
+def _row(r: Any) -> dict[str, Any]:
+    return {
+        "time": r.time.isoformat(), "action": r.action, "decision": r.decision,
+        "endpoint": r.endpoint, "requester": r.requester_dn, "requester_fqans": list(r.requester_fqans),
+        "owner": r.owner_dn, "username": r.username, "credential": r.credential_name,
+        "job_id": r.job_id, "reason": r.reason, "client_address": r.client_address,
+        "request_id": r.request_id,
+    }

@@ -1,0 +1,214 @@
+"""User and pilot commands with MyProxy-like flags: broker-init, -logon, -info, -destroy.
+
+Exit codes: 0 ok, 1 bad input, 2 system/server error (broker unreachable), 3 denied or
+not authenticated, 4 no such credential.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import sys
+from datetime import UTC, datetime
+
+import click
+
+from broker.cli.common import format_timedelta, reports_errors, utcnow
+from broker.client import BrokerClient, ClientIdentity
+from broker.errors import InputError
+from broker.fileio import write_private_file
+from broker.pki.loading import credential_to_pem
+from broker.trustdir import default_ca_dir
+
+_SERVER_HELP = "Broker HOST[:PORT] [BROKER_SERVER, localhost:8443]."
+
+
+def _client(server: str | None, ca_dir: str | None, proxy: str | None = None,
+            cert: str | None = None, key: str | None = None) -> BrokerClient:
+    identity = ClientIdentity.from_environment(proxy=proxy, cert=cert, key=key)
+    return BrokerClient(server, identity, ca_dir=ca_dir or default_ca_dir())
+
+
+def _read_passphrase(from_stdin: bool, prompt: str) -> str:
+    if from_stdin:
+        line = sys.stdin.readline()
+        if not line:
+            raise InputError("-S: no passphrase on standard input")
+        return line.rstrip("\n")
+    return getpass.getpass(prompt)
+
+
+def _default_username() -> str:
+    return os.environ.get("LOGNAME") or os.environ.get("USER") or getpass.getuser()
+
+
+common_server = click.option("-s", "--server", help=_SERVER_HELP)
+common_ca = click.option("--ca-dir", help="CA directory [X509_CERT_DIR].")
+common_user = click.option("-l", "--username", help="Username the credential is stored under "
+                           "[$LOGNAME].")
+common_name = click.option("-k", "--credname", default="default", show_default=True,
+                           help="Credential name.")
+
+
+@click.command("broker-init")
+@common_server
+@common_user
+@common_name
+@click.option("-c", "--cred-lifetime", "hours", default=168.0, show_default=True,
+              help="Hours the stored credential lives.")
+@click.option("-t", "--proxy-lifetime", "proxy_hours", default=12.0, show_default=True,
+              help="Max hours of proxies retrieved from it.")
+@click.option("-r", "--retriever", "retrievers", multiple=True,
+              help="Who may retrieve with the passphrase: DN glob, fqan:/vo/..., group:NAME.")
+@click.option("-Z", "--trusted-retriever", "trusted", multiple=True,
+              help="Who may retrieve by certificate alone (pilots).")
+@click.option("-R", "--renewer", "renewers", multiple=True, help="Who may renew.")
+@click.option("-d", "--description", help="A description shown by broker-info.")
+@click.option("-S", "--stdin-pass", is_flag=True, help="Read a passphrase from stdin.")
+@click.option("--passphrase/--no-passphrase", "want_pass", default=False,
+              help="Protect the credential with a passphrase (prompted).")
+@click.option("--proxy", help="Delegate from this proxy file [X509_USER_PROXY].")
+@click.option("--cert", help="User certificate [X509_USER_CERT, ~/.globus/usercert.pem].")
+@click.option("--key", help="User key [X509_USER_KEY, ~/.globus/userkey.pem].")
+@common_ca
+@click.option("--json", "as_json", is_flag=True)
+@reports_errors
+def init_cmd(server: str | None, username: str | None, credname: str, hours: float,
+             proxy_hours: float, retrievers: tuple[str, ...], trusted: tuple[str, ...],
+             renewers: tuple[str, ...], description: str | None, stdin_pass: bool,
+             want_pass: bool, proxy: str | None, cert: str | None, key: str | None,
+             ca_dir: str | None, as_json: bool) -> None:
+    """Delegate a proxy to the broker; your private key never leaves this machine."""
+    client = _client(server, ca_dir, proxy, cert, key)
+    credential = client.identity.load()
+    passphrase = None
+    if stdin_pass or want_pass:
+        passphrase = _read_passphrase(stdin_pass, "Enter a passphrase for the stored credential: ")
+    result = client.delegate(
+        credential, username=username or _default_username(), name=credname,
+        stored_hours=hours, max_proxy_hours=proxy_hours, retrievers=retrievers,
+        trusted_retrievers=trusted, renewers=renewers, description=description,
+        passphrase=passphrase, now=utcnow(),
+    )
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(f"A proxy valid for {format_timedelta(result['timeleft'])} for user "
+               f"{result['username']} (credential {result['name']!r}) now exists on "
+               f"{client.host}:{client.port}.")
+
+
+@click.command("broker-logon")
+@common_server
+@common_user
+@click.option("--owner", help="Owner DN instead of a username.")
+@common_name
+@click.option("-t", "--proxy-lifetime", "hours", type=float, help="Requested hours [12].")
+@click.option("-o", "--out", help="Output file [/tmp/x509up_u<uid>].")
+@click.option("--limited", is_flag=True, help="Ask for a limited proxy.")
+@click.option("--job-id", help="The job this proxy is for (recorded in the audit).")
+@click.option("-S", "--stdin-pass", is_flag=True, help="Read the passphrase from stdin.")
+@click.option("--key-type", type=click.Choice(["rsa", "ec"]), default="rsa", show_default=True)
+@click.option("--proxy", help="Authenticate with this proxy file.")
+@click.option("--cert", help="Authenticate with this certificate.")
+@click.option("--key", help="Key for --cert.")
+@common_ca
+@click.option("--json", "as_json", is_flag=True)
+@reports_errors
+def logon_cmd(server: str | None, username: str | None, owner: str | None, credname: str,
+              hours: float | None, out: str | None, limited: bool, job_id: str | None,
+              stdin_pass: bool, key_type: str, proxy: str | None, cert: str | None,
+              key: str | None, ca_dir: str | None, as_json: bool) -> None:
+    """Retrieve a fresh proxy of a stored credential (yours, or a job owner's as a pilot)."""
+    if not username and not owner:
+        username = _default_username()
+    client = _client(server, ca_dir, proxy, cert, key)
+    passphrase = _read_passphrase(True, "") if stdin_pass else None
+    cred, result = client.retrieve(username=username, owner=owner, name=credname,
+                                   lifetime_hours=hours, job_id=job_id, passphrase=passphrase,
+                                   limited=limited, key_type=key_type)
+    target = out or f"/tmp/x509up_u{os.getuid()}"  # noqa: S108 - the grid convention
+    write_private_file(target, credential_to_pem(cred), mode=0o600, overwrite=True)
+    if as_json:
+        click.echo(json.dumps({**result, "path": target, "chain": None}, indent=2))
+        return
+    click.echo(f"A credential of {result['owner']} has been received and stored in {target} "
+               f"(valid for {format_timedelta(result['lifetime'])}"
+               f"{', limited' if result['limited'] else ''}).")
+
+
+@click.command("broker-info")
+@common_server
+@common_user
+@click.option("-k", "--credname", help="Only this credential.")
+@common_ca
+@click.option("--proxy", help="Authenticate with this proxy file.")
+@click.option("--cert", help="Authenticate with this certificate.")
+@click.option("--key", help="Key for --cert.")
+@click.option("--json", "as_json", is_flag=True)
+@reports_errors
+def info_cmd(server: str | None, username: str | None, credname: str | None,
+             ca_dir: str | None, proxy: str | None, cert: str | None, key: str | None,
+             as_json: bool) -> None:
+    """Show your stored credentials, their time left and their policies."""
+    client = _client(server, ca_dir, proxy, cert, key)
+    result = client.info(username=username, name=credname)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(f"owner: {result['identity']}")
+    if not result["credentials"]:
+        click.echo("  no credentials stored")
+    for cred in result["credentials"]:
+        not_after = datetime.fromisoformat(cred["not_after"]).astimezone(UTC)
+        click.echo(f"  username: {cred['username']}   name: {cred['name']}")
+        if cred.get("description"):
+            click.echo(f"    description: {cred['description']}")
+        click.echo(f"    timeleft: {format_timedelta(cred['timeleft'])}  (until "
+                   f"{not_after:%Y-%m-%d %H:%M} UTC)")
+        if cred.get("max_proxy_lifetime"):
+            click.echo(f"    max proxy lifetime: {format_timedelta(cred['max_proxy_lifetime'])}")
+        for label, key in (("retrievers", "retrievers"),
+                           ("trusted retrievers", "trusted_retrievers"),
+                           ("renewers", "renewers")):
+            if cred[key]:
+                click.echo(f"    {label}: {', '.join(cred[key])}")
+        flags = [f for f, on in (("passphrase protected", cred["passphrase_protected"]),
+                                 ("limited", cred["limited"])) if on]
+        if flags:
+            click.echo(f"    {', '.join(flags)}")
+
+
+@click.command("broker-destroy")
+@common_server
+@common_user
+@common_name
+@common_ca
+@click.option("--proxy", help="Authenticate with this proxy file.")
+@click.option("--cert", help="Authenticate with this certificate.")
+@click.option("--key", help="Key for --cert.")
+@reports_errors
+def destroy_cmd(server: str | None, username: str | None, credname: str, ca_dir: str | None,
+                proxy: str | None, cert: str | None, key: str | None) -> None:
+    """Remove one of your stored credentials."""
+    client = _client(server, ca_dir, proxy, cert, key)
+    user = username or _default_username()
+    client.destroy(username=user, name=credname)
+    click.echo(f"Credential {credname!r} of user {user} was destroyed.")
+
+
+def init_main() -> None:
+    init_cmd(prog_name="broker-init")
+
+
+def logon_main() -> None:
+    logon_cmd(prog_name="broker-logon")
+
+
+def info_main() -> None:
+    info_cmd(prog_name="broker-info")
+
+
+def destroy_main() -> None:
+    destroy_cmd(prog_name="broker-destroy")

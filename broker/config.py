@@ -1,0 +1,130 @@
+"""Server configuration: ``broker.toml``, overridden by command-line flags.
+
+Everything has an embedded default so that ``broker serve`` runs with no
+arguments: a state directory (``./broker-state`` or ``BROKER_STATE_DIR``) holding
+a SQLite database, the master key file and, when no host certificate is
+configured, a development PKI made on first start.  Servers bind to loopback
+unless told otherwise.
+
+::
+
+    [server]
+    bind = "127.0.0.1:8443"
+    myproxy_bind = "127.0.0.1:7512"      # "" disables the MyProxy endpoint
+    state_dir = "/var/lib/broker"
+    database_url = "postgresql+psycopg://broker@db/broker"   # default: SQLite in state_dir
+    host_cert = "/etc/grid-security/hostcert.pem"
+    host_key = "/etc/grid-security/hostkey.pem"
+    ca_dir = "/etc/grid-security/certificates"
+    vomsdir = "/etc/grid-security/vomsdir"
+    policy_dir = "/etc/broker/policies"
+    master_key_file = "/var/lib/broker/master.key"
+    workers = 2
+    threads = 8
+    max_tls = ""                          # "1.2" caps the MyProxy endpoint at TLS 1.2
+
+    [limits]
+    max_stored_hours = 720
+    max_proxy_hours = 168
+    delegation_key = "rsa"                # or "ec"
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from broker.errors import ConfigError
+
+DEFAULT_BIND = "127.0.0.1:8443"
+DEFAULT_MYPROXY_BIND = "127.0.0.1:7512"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    bind: str = DEFAULT_BIND
+    myproxy_bind: str = ""
+    state_dir: str = ""
+    database_url: str = ""
+    host_cert: str = ""
+    host_key: str = ""
+    ca_dir: str = ""
+    vomsdir: str = ""
+    policy_dir: str = ""
+    master_key_file: str = ""
+    workers: int = 2
+    threads: int = 8
+    max_tls: str = ""
+    max_stored_hours: float = 720.0
+    max_proxy_hours: float = 168.0
+    delegation_key: str = "rsa"
+    log_level: str = "info"
+
+    def resolved(self) -> ServerConfig:
+        """Fill the defaults that depend on the state directory."""
+        state = Path(self.state_dir or os.environ.get("BROKER_STATE_DIR") or "broker-state")
+        state = state.resolve()
+        devpki = state / "devpki"
+        return replace(
+            self,
+            state_dir=str(state),
+            database_url=self.database_url or f"sqlite:///{state / 'broker.sqlite'}",
+            master_key_file=self.master_key_file or str(state / "master.key"),
+            host_cert=self.host_cert or str(devpki / "host.pem"),
+            host_key=self.host_key or str(devpki / "host.key"),
+            ca_dir=self.ca_dir or os.environ.get("X509_CERT_DIR") or str(devpki / "certificates"),
+            vomsdir=self.vomsdir or os.environ.get("X509_VOMS_DIR") or str(devpki / "vomsdir"),
+            policy_dir=self.policy_dir or os.environ.get("BROKER_POLICY_DIR") or "policies",
+        )
+
+    @property
+    def uses_dev_pki(self) -> bool:
+        return Path(self.host_cert).parent.name == "devpki"
+
+
+def _check_bind(value: str, what: str) -> None:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
+        raise ConfigError(f"{what} {value!r} must be HOST:PORT, e.g. 127.0.0.1:8443")
+
+
+def load_config(path: str | None, overrides: dict[str, Any]) -> ServerConfig:
+    """Read ``path`` (if given), then apply non-None ``overrides`` (the flags)."""
+    values: dict[str, Any] = {}
+    if path:
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError as exc:
+            raise ConfigError(f"the config file {path} does not exist") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"the config file {path} is not valid TOML: {exc}") from exc
+        known = {f.name for f in fields(ServerConfig)}
+        for section in ("server", "limits"):
+            table = raw.get(section, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"{path}: [{section}] must be a table")
+            for key, value in table.items():
+                if key not in known:
+                    raise ConfigError(f"{path}: unknown setting {key!r} in [{section}]")
+                values[key] = value
+        unknown = set(raw) - {"server", "limits"}
+        if unknown:
+            raise ConfigError(f"{path}: unknown section(s) {', '.join(sorted(unknown))}")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        config = ServerConfig(**values)
+    except TypeError as exc:
+        raise ConfigError(f"bad configuration: {exc}") from exc
+    _check_bind(config.bind, "bind")
+    if config.myproxy_bind:
+        _check_bind(config.myproxy_bind, "myproxy_bind")
+    if config.workers < 1 or config.threads < 1:
+        raise ConfigError("workers and threads must be at least 1")
+    if config.delegation_key not in ("rsa", "ec"):
+        raise ConfigError("delegation_key must be 'rsa' or 'ec'")
+    if config.max_tls not in ("", "1.2", "1.3"):
+        raise ConfigError("max_tls must be '1.2', '1.3' or empty")
+    return config.resolved()

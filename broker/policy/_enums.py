@@ -1,0 +1,38 @@
+"""The small closed vocabularies of the policy language."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Action(StrEnum):
+    """What a requester wants to do with a stored credential."""
+
+    DELEGATE = "delegate"
+    RETRIEVE = "retrieve"
+    RENEW = "renew"
+    INFO = "info"
+    DESTROY = "destroy"
+
+
+#: Actions that issue a proxy, so a lifetime cap or ``limited`` means something.
+ISSUING_ACTIONS = frozenset({Action.DELEGATE, Action.RETRIEVE, Action.RENEW})
+
+
+class Effect(StrEnum):
+    ALLOW = "allow"
+    DENY = "deny"
+
+
+class AuthMethod(StrEnum):
+    """How the requester proved who it is.
+
+    ``certificate``: a client certificate and nothing else (MyProxy's "trusted
+    retrieval", no passphrase). ``passphrase``: the credential's passphrase,
+    with or without a certificate. ``pam``: a username and password checked
+    through PAM, with or without a certificate.
+    """
+
+    CERTIFICATE = "certificate"
+    PASSPHRASE = "passphrase"  # noqa: S105 - a method name, not a secret
+    PAM = "pam"

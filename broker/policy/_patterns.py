@@ -1,0 +1,304 @@
+"""Subject patterns: the one small language used by site rules, groups and owner policies.
+
+Forms (see policies/README.md for the administrator's view):
+
+``/DC=org/DC=example/CN=pilot*``   DN glob on the OpenSSL slash form; ``*`` matches any run of
+                                   characters *including* ``/``, ``?`` exactly one; nothing else is
+                                   special (``[`` is literal, DNs may contain it). Whole-DN,
+                                   case-sensitive match.
+``re:REGEX``                       Python regular expression, full match against the DN.
+``fqan:/vo/sub[/Role=R]``          hierarchical VOMS match (any FQAN in that group or below; with
+                                   ``Role=R`` only that role; ``Role=NULL`` only "no role").
+``group:NAME``                     every member of a ``[groups]`` entry (groups may nest).
+``pam:USERGLOB``                   requester authenticated through PAM with a matching username.
+``passphrase``                     requester proved the credential's passphrase.
+``anonymous``                      requester presented no certificate.
+``self``                           requester's DN is the credential owner's DN (for the owner's own
+                                   delegate/info/destroy rules).
+
+Everything is compiled once, at load time; matching is then a dict lookup or
+one precompiled ``re`` call.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+from broker.policy._enums import AuthMethod
+from broker.policy._fqan import Fqan, FqanError, parse_fqan
+
+#: Longer patterns are refused: owner policies come from users, and a long
+#: regex is the usual vehicle for catastrophic backtracking.
+MAX_PATTERN_LENGTH = 1024
+
+PatternContext = Literal["requester", "owner", "group"]
+
+_GROUP_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
+_PREFIX_RE = re.compile(r"([A-Za-z][A-Za-z0-9_-]*):")
+
+# DNs that any "matches every DN" pattern must accept. They vary the first
+# attribute, length, spaces and non-ASCII so that `/DC=*` style patterns are
+# not mistaken for wildcards, while `*`, `/*`, `re:.*`, `re:/.+` are caught.
+_PROBE_DNS = (
+    "/CN=a",
+    "/DC=org/DC=example/CN=Alice Example 123",
+    "/C=XX/O=x.y-z/OU=u/L=Geneva/CN=proxy/CN=12345",
+    "/emailAddress=someone@example.org/CN=\u00e9l\u00e8ve",
+    "/O=Grid/O=Globus/OU=local/CN=host/name.example.org",
+)
+
+
+class PatternError(ValueError):
+    """A pattern that cannot be compiled; the message says what to write instead."""
+
+
+@dataclass(frozen=True, slots=True)
+class Subject:
+    """Who is being matched: the requester (with auth) or a credential owner (auth None)."""
+
+    dn: str | None
+    fqans: tuple[Fqan, ...] = ()
+    auth: AuthMethod | None = None
+    username: str | None = None
+    # Set on requester subjects only, so that the `self` pattern can compare.
+    owner_dn: str | None = None
+
+
+def glob_to_regex(glob: str) -> str:
+    """Translate a DN/username glob into an anchored-by-fullmatch regex source."""
+    out: list[str] = []
+    for char in glob:
+        if char == "*":
+            # Collapse runs of '*': '**' means the same and must not cost more.
+            if not out or out[-1] != ".*":
+                out.append(".*")
+        elif char == "?":
+            out.append(".")
+        else:
+            out.append(re.escape(char))
+    return "".join(out)
+
+
+@dataclass(frozen=True, slots=True)
+class DnGlob:
+    text: str
+    literal_prefix: str
+    _regex: re.Pattern[str] | None  # None when the glob has no wildcard: plain equality
+
+    def matches(self, subject: Subject) -> bool:
+        if subject.dn is None:
+            return False
+        if self._regex is None:
+            return subject.dn == self.text
+        return self._regex.fullmatch(subject.dn) is not None
+
+    def index_key(self) -> tuple[str, str]:
+        return ("dn", self.literal_prefix)
+
+
+@dataclass(frozen=True, slots=True)
+class DnRegex:
+    text: str
+    _regex: re.Pattern[str]
+
+    def matches(self, subject: Subject) -> bool:
+        return subject.dn is not None and self._regex.fullmatch(subject.dn) is not None
+
+    def index_key(self) -> tuple[str, str]:
+        return ("always", "")
+
+
+_ANY_ROLE: Literal["*"] = "*"
+
+
+@dataclass(frozen=True, slots=True)
+class FqanPattern:
+    text: str
+    groups: tuple[str, ...]
+    role: str | Literal["*"] | None  # "*" = any role, None = only "no role"
+
+    def matches(self, subject: Subject) -> bool:
+        depth = len(self.groups)
+        for fqan in subject.fqans:
+            if fqan.groups[:depth] != self.groups:
+                continue
+            if self.role == _ANY_ROLE or fqan.role == self.role:
+                return True
+        return False
+
+    def index_key(self) -> tuple[str, str]:
+        return ("vo", self.groups[0])
+
+
+@dataclass(frozen=True, slots=True)
+class PamPattern:
+    text: str
+    _regex: re.Pattern[str]
+
+    def matches(self, subject: Subject) -> bool:
+        return (
+            subject.auth is AuthMethod.PAM
+            and subject.username is not None
+            and self._regex.fullmatch(subject.username) is not None
+        )
+
+    def index_key(self) -> tuple[str, str]:
+        return ("pam", "")
+
+
+@dataclass(frozen=True, slots=True)
+class PassphraseSubject:
+    text: str = "passphrase"
+
+    def matches(self, subject: Subject) -> bool:
+        return subject.auth is AuthMethod.PASSPHRASE
+
+    def index_key(self) -> tuple[str, str]:
+        return ("passphrase", "")
+
+
+@dataclass(frozen=True, slots=True)
+class AnonymousSubject:
+    text: str = "anonymous"
+
+    def matches(self, subject: Subject) -> bool:
+        # Only a requester can be anonymous; owners always have a DN.
+        return subject.auth is not None and subject.dn is None
+
+    def index_key(self) -> tuple[str, str]:
+        return ("anonymous", "")
+
+
+@dataclass(frozen=True, slots=True)
+class SelfSubject:
+    text: str = "self"
+
+    def matches(self, subject: Subject) -> bool:
+        return subject.dn is not None and subject.dn == subject.owner_dn
+
+    def index_key(self) -> tuple[str, str]:
+        return ("always", "")
+
+
+@dataclass(frozen=True, slots=True)
+class GroupRef:
+    """An unresolved ``group:NAME``; the loader replaces it by the group's members."""
+
+    text: str
+    name: str
+
+
+Leaf = (
+    DnGlob | DnRegex | FqanPattern | PamPattern | PassphraseSubject | AnonymousSubject | SelfSubject
+)
+Parsed = Leaf | GroupRef
+
+
+@dataclass(frozen=True, slots=True)
+class Matcher:
+    """A resolved leaf plus the entry it came from (``group:x`` or the leaf itself)."""
+
+    source: str
+    leaf: Leaf = field(compare=False)
+
+    def matches(self, subject: Subject) -> bool:
+        return self.leaf.matches(subject)
+
+
+def parse_pattern(text: str, *, context: PatternContext = "requester") -> Parsed:
+    """Compile one pattern; raise PatternError with a message fit for an administrator.
+
+    ``context`` limits the forms: an ``owner =`` list describes the stored
+    credential's owner, who never authenticates by PAM or passphrase.
+    """
+    if not isinstance(text, str):
+        raise PatternError(f"a pattern must be a string, not {type(text).__name__}")
+    if not text.strip():
+        raise PatternError("empty pattern")
+    if text != text.strip():
+        raise PatternError(f'pattern "{text}" has leading or trailing spaces')
+    if len(text) > MAX_PATTERN_LENGTH:
+        raise PatternError(f"pattern is longer than {MAX_PATTERN_LENGTH} characters")
+
+    if context == "owner" and (
+        text in ("passphrase", "anonymous", "self") or text.startswith("pam:")
+    ):
+        raise PatternError(
+            f'"{text}" describes how a requester authenticates; it cannot match a '
+            "credential owner (use a DN, re:, fqan: or group: pattern)"
+        )
+    if text == "passphrase":
+        return PassphraseSubject()
+    if text == "anonymous":
+        return AnonymousSubject()
+    if text == "self":
+        return SelfSubject()
+    if text.startswith("re:"):
+        source = text[3:]
+        if not source:
+            raise PatternError('empty regular expression after "re:"')
+        try:
+            return DnRegex(text, re.compile(source))
+        except re.error as exc:
+            raise PatternError(f'bad regular expression "{source}": {exc}') from None
+    if text.startswith("fqan:"):
+        return _parse_fqan_pattern(text)
+    if text.startswith("group:"):
+        name = text[len("group:") :]
+        if not _GROUP_NAME_RE.fullmatch(name):
+            raise PatternError(
+                f'bad group reference "{text}": group names use letters, digits, "_", "." and "-"'
+            )
+        return GroupRef(text, name)
+    if text.startswith("pam:"):
+        user_glob = text[len("pam:") :]
+        if not user_glob:
+            raise PatternError('empty username pattern after "pam:" (use "pam:*" for any user)')
+        return PamPattern(text, re.compile(glob_to_regex(user_glob), re.DOTALL))
+    if text[0] in "/*?":
+        return _compile_dn_glob(text)
+    prefix = _PREFIX_RE.match(text)
+    if prefix and "=" not in prefix.group(1):
+        raise PatternError(
+            f'unknown pattern kind "{prefix.group(0)}" in "{text}"; use a DN glob, '
+            're:, fqan:, group:, pam:, "passphrase", "anonymous" or "self"'
+        )
+    raise PatternError(
+        f'"{text}" is not a DN pattern: write DNs in the OpenSSL slash form, '
+        'e.g. "/DC=org/DC=example/CN=Alice" (a leading "*" is also fine)'
+    )
+
+
+def _compile_dn_glob(text: str) -> DnGlob:
+    cut = min((i for i, c in enumerate(text) if c in "*?"), default=None)
+    if cut is None:
+        return DnGlob(text, text, None)
+    return DnGlob(text, text[:cut], re.compile(glob_to_regex(text), re.DOTALL))
+
+
+def _parse_fqan_pattern(text: str) -> FqanPattern:
+    body = text[len("fqan:") :]
+    if "*" in body or "?" in body:
+        raise PatternError(
+            f'"{text}": fqan: patterns take no wildcards; "fqan:/vo" already matches every '
+            'subgroup and role, and leaving out "Role=" matches any role'
+        )
+    try:
+        fqan = parse_fqan(body)
+    except FqanError as exc:
+        raise PatternError(f'"{text}": {exc}') from None
+    if fqan.capability is not None:
+        raise PatternError(f'"{text}": capabilities are deprecated in VOMS and cannot be matched')
+    role: str | Literal["*"] | None = fqan.role
+    if fqan.role is None and "/Role=NULL" not in body:
+        role = _ANY_ROLE
+    return FqanPattern(text, fqan.groups, role)
+
+
+def matches_any_dn(leaf: Leaf) -> bool:
+    """True for a DN pattern so broad that it admits every certificate holder."""
+    if not isinstance(leaf, DnGlob | DnRegex):
+        return False
+    return all(leaf.matches(Subject(dn=dn)) for dn in _PROBE_DNS)

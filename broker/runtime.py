@@ -1,0 +1,84 @@
+"""Assemble a :class:`BrokerService` from a :class:`ServerConfig` (the IO side of startup)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from broker.config import ServerConfig
+from broker.errors import ConfigError
+from broker.fileio import make_private_dir
+from broker.policy import unsafe_rule_message, unsafe_rules
+from broker.policy_dir import PolicyDirectory
+from broker.service import BrokerService, ServiceConfig
+from broker.store import Store, init_master_key_file, load_master_keys, make_engine, migrate
+from broker.trustdir import load_ca_dir, load_vomsdir
+
+log = logging.getLogger("broker.runtime")
+
+
+def prepare_state(config: ServerConfig) -> None:
+    """Create what the embedded default needs: state dir, dev PKI, master key, schema."""
+    state = Path(config.state_dir)
+    make_private_dir(state)
+    if config.uses_dev_pki and not Path(config.host_cert).exists():
+        from broker.devpki import write_dev_pki
+
+        write_dev_pki(Path(config.host_cert).parent, now=datetime.now(UTC),
+                      pilots=("pilot", "pilot2"))
+        log.warning("no host certificate configured: made a development PKI in %s",
+                    Path(config.host_cert).parent)
+    if not Path(config.master_key_file).exists():
+        if Path(config.master_key_file).parent != state:
+            raise ConfigError(
+                f"the master key file {config.master_key_file} does not exist; "
+                "create it with: broker keys init")
+        init_master_key_file(config.master_key_file)
+        log.warning("created a new master key in %s", config.master_key_file)
+    migrate(config.database_url)
+
+
+def check_policy(config: ServerConfig) -> PolicyDirectory:
+    """Load the policy; refuse an invalid or unsafe one (MyProxy's 'unsafe policy')."""
+    policy = PolicyDirectory(config.policy_dir, min_interval=2.0, allow_unsafe=True)
+    unsafe = unsafe_rules(policy.current())
+    if unsafe:
+        raise ConfigError(
+            "refusing to start on an unsafe policy: "
+            + "; ".join(unsafe_rule_message(rule) for rule in unsafe))
+    return policy
+
+
+@dataclass
+class Runtime:
+    config: ServerConfig
+    service: BrokerService
+    policy: PolicyDirectory
+    stop: threading.Event
+
+
+def build_runtime(config: ServerConfig, *, watch_policy: bool = True) -> Runtime:
+    keys = load_master_keys(config.master_key_file)
+    store = Store(make_engine(config.database_url), keys)
+    policy = check_policy(config)
+    trust = load_ca_dir(config.ca_dir)
+    vomsdir = load_vomsdir(config.vomsdir)
+
+    def current_policy() -> object:
+        policy.reload_if_changed()
+        return policy.current()
+
+    service = BrokerService(
+        store, trust, current_policy,  # type: ignore[arg-type]
+        vomsdir=vomsdir,
+        config=ServiceConfig(
+            max_stored_lifetime=timedelta(hours=config.max_stored_hours),
+            max_proxy_lifetime=timedelta(hours=config.max_proxy_hours),
+            delegation_key=config.delegation_key,
+        ),
+    )
+    stop = threading.Event()
+    return Runtime(config=config, service=service, policy=policy, stop=stop)

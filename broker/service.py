@@ -1,0 +1,780 @@
+"""The use cases of the broker: the only module that combines pki, policy and store.
+
+Edges (the REST API, the MyProxy endpoint, the CLIs) authenticate the caller,
+build a :class:`Requester` and call one method here.  Every method asks the
+policy, does its work in one store transaction and leaves an audit row, whether
+it succeeds or is refused.
+
+Flow of one credential::
+
+    start_delegation  server makes key + CSR (pending, 10 min)   ─┐ broker-init /
+    finish_delegation client's signed chain checked and stored   ─┘ myproxy-init (PUT)
+    store_credential  a whole credential (chain + key) at once      myproxy-init STORE
+    retrieve          sign a fresh proxy for the requester's CSR    pilots, broker-logon
+    renew             retrieve, proving possession of an old proxy  HTCondor-style renewal
+    info / destroy / change_passphrase
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import secrets
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+
+from broker.errors import (
+    AuthenticationError,
+    AuthorizationError,
+    BrokerError,
+    ChainError,
+    CredentialError,
+    InputError,
+    NotFound,
+)
+from broker.fileio import validate_component
+from broker.pki.chain import ChainInfo, validate_chain
+from broker.pki.loading import (
+    Credential,
+    chain_to_pem,
+    key_to_pem,
+    load_certificates,
+    load_private_key,
+)
+from broker.pki.proxy import ProxyType, generate_key, load_csr, make_csr, sign_request
+from broker.pki.trust import TrustStore
+from broker.policy import (
+    Action,
+    AuthMethod,
+    Decision,
+    OwnerPolicy,
+    PolicySet,
+    Request,
+    evaluate,
+    validate_owner_policy,
+)
+from broker.store import AuditEvent, CredentialRecord, Store
+
+log = logging.getLogger("broker.service")
+
+DEFAULT_CREDENTIAL = "default"
+DEFAULT_STORED_LIFETIME = timedelta(hours=168)  # broker-init / myproxy-init -c
+DEFAULT_PROXY_LIFETIME = timedelta(hours=12)  # broker-init / myproxy-init -t
+MIN_PROXY_LIFETIME = timedelta(minutes=5)
+RENEWAL_CHALLENGE_TTL = timedelta(minutes=5)
+
+
+@dataclass(frozen=True)
+class Requester:
+    """Who is asking, as the edge established it."""
+
+    dn: str | None  # identity (end-entity DN); None for an anonymous MyProxy client
+    fqans: tuple[str, ...] = ()
+    limited: bool = False
+    chain_info: ChainInfo | None = None
+    client_address: str | None = None
+    endpoint: str = "rest"
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    pam_user: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.dn or (f"PAM user {self.pam_user}" if self.pam_user else "an anonymous client")
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    max_stored_lifetime: timedelta = timedelta(days=30)
+    max_proxy_lifetime: timedelta = timedelta(days=7)
+    delegation_key: str = "rsa"  # the key the server makes for a delegation: rsa | ec
+    delegation_key_bits: int = 2048
+    accept_limited: bool = False  # store limited chains (they can only yield limited proxies)
+    pending_ttl: timedelta = timedelta(minutes=10)
+
+
+@dataclass(frozen=True)
+class DelegationOptions:
+    """What the owner says about a credential it delegates (broker-init / myproxy-init)."""
+
+    username: str
+    name: str = DEFAULT_CREDENTIAL
+    stored_lifetime: timedelta = DEFAULT_STORED_LIFETIME
+    max_proxy_lifetime: timedelta = DEFAULT_PROXY_LIFETIME
+    retrievers: tuple[str, ...] = ()
+    trusted_retrievers: tuple[str, ...] = ()
+    renewers: tuple[str, ...] = ()
+    description: str | None = None
+    passphrase: str | None = None
+
+    def to_params(self) -> dict[str, Any]:
+        return {
+            "stored_lifetime": int(self.stored_lifetime.total_seconds()),
+            "max_proxy_lifetime": int(self.max_proxy_lifetime.total_seconds()),
+            "retrievers": list(self.retrievers),
+            "trusted_retrievers": list(self.trusted_retrievers),
+            "renewers": list(self.renewers),
+            "description": self.description,
+        }
+
+    @classmethod
+    def from_params(cls, username: str, name: str, params: dict[str, Any]) -> DelegationOptions:
+        return cls(
+            username=username,
+            name=name,
+            stored_lifetime=timedelta(seconds=int(params["stored_lifetime"])),
+            max_proxy_lifetime=timedelta(seconds=int(params["max_proxy_lifetime"])),
+            retrievers=tuple(params.get("retrievers") or ()),
+            trusted_retrievers=tuple(params.get("trusted_retrievers") or ()),
+            renewers=tuple(params.get("renewers") or ()),
+            description=params.get("description"),
+        )
+
+
+@dataclass(frozen=True)
+class PendingInfo:
+    id: str
+    csr_pem: bytes
+    expires_at: datetime
+
+
+@dataclass(frozen=True)
+class CredentialSummary:
+    owner_dn: str
+    username: str
+    name: str
+    description: str | None
+    not_after: datetime
+    retrievers: tuple[str, ...]
+    trusted_retrievers: tuple[str, ...]
+    renewers: tuple[str, ...]
+    max_proxy_lifetime: int | None
+    limited: bool
+    passphrase_protected: bool
+    created_at: datetime
+    updated_at: datetime
+
+    def to_json(self, now: datetime) -> dict[str, Any]:
+        return {
+            "owner": self.owner_dn,
+            "username": self.username,
+            "name": self.name,
+            "description": self.description,
+            "not_after": self.not_after.isoformat(),
+            "timeleft": max(int((self.not_after - now).total_seconds()), 0),
+            "retrievers": list(self.retrievers),
+            "trusted_retrievers": list(self.trusted_retrievers),
+            "renewers": list(self.renewers),
+            "max_proxy_lifetime": self.max_proxy_lifetime,
+            "limited": self.limited,
+            "passphrase_protected": self.passphrase_protected,
+            "created_at": self.created_at.isoformat(),
+            "updated_at": self.updated_at.isoformat(),
+        }
+
+
+def _summary(record: CredentialRecord) -> CredentialSummary:
+    return CredentialSummary(
+        owner_dn=record.owner_dn, username=record.username, name=record.name,
+        description=record.description, not_after=record.not_after,
+        retrievers=record.retrievers, trusted_retrievers=record.trusted_retrievers,
+        renewers=record.renewers, max_proxy_lifetime=record.max_lifetime_seconds,
+        limited=record.limited, passphrase_protected=record.passphrase_protected,
+        created_at=record.created_at, updated_at=record.updated_at,
+    )
+
+
+@dataclass(frozen=True)
+class IssuedProxy:
+    chain: tuple[x509.Certificate, ...]
+    lifetime: timedelta
+    limited: bool
+    owner_dn: str
+    username: str
+    name: str
+
+    def pem(self) -> bytes:
+        return chain_to_pem(self.chain)
+
+
+class _Lru:
+    """A small thread-safe LRU with per-entry expiry (monotonic seconds)."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._items: OrderedDict[Any, tuple[float, Any]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> Any:
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                return None
+            expires, value = item
+            if expires < time.monotonic():
+                del self._items[key]
+                return None
+            self._items.move_to_end(key)
+            return value
+
+    def put(self, key: Any, value: Any, ttl: float) -> None:
+        with self._lock:
+            self._items[key] = (time.monotonic() + ttl, value)
+            self._items.move_to_end(key)
+            while len(self._items) > self._size:
+                self._items.popitem(last=False)
+
+
+def _policy_name(name: str) -> str:
+    # The policy language calls the default (unnamed) MyProxy credential "".
+    return "" if name == DEFAULT_CREDENTIAL else name
+
+
+def _owner_policy(record: CredentialRecord) -> OwnerPolicy | None:
+    if not (record.retrievers or record.trusted_retrievers or record.renewers):
+        return None
+    return OwnerPolicy(
+        retrievers=record.retrievers or None,
+        trusted_retrievers=record.trusted_retrievers or None,
+        renewers=record.renewers or None,
+    )
+
+
+class BrokerService:
+    """The broker's use cases; one instance per server process, thread-safe."""
+
+    def __init__(
+        self,
+        store: Store,
+        trust: TrustStore,
+        policy: Callable[[], PolicySet],
+        *,
+        vomsdir: object | None = None,
+        config: ServiceConfig | None = None,
+        clock: Callable[[], datetime] | None = None,
+        challenge_secret: bytes | None = None,
+    ) -> None:
+        self.store = store
+        self.trust = trust
+        self._policy = policy
+        self.vomsdir = vomsdir
+        self.config = config or ServiceConfig()
+        self._clock = clock or (lambda: datetime.now(UTC))
+        self._chain_cache = _Lru(4096)
+        self._owner_cache = _Lru(4096)
+        self._challenge_secret = challenge_secret or secrets.token_bytes(32)
+
+    def now(self) -> datetime:
+        return self._clock()
+
+    # ------------------------------------------------------------------ identity
+
+    def authenticate_chain(
+        self, chain: Sequence[x509.Certificate], *, client_address: str | None = None,
+        endpoint: str = "rest", request_id: str | None = None,
+    ) -> Requester:
+        """Validate a TLS peer's verified chain (our RFC 3820 + VOMS rules on top of OpenSSL)."""
+        if not chain:
+            raise AuthenticationError(
+                "no verified client certificate chain is available; present a certificate or "
+                "proxy signed by a CA in the broker's CA directory", reason="no_chain")
+        now = self.now()
+        key = hashlib.sha256(b"".join(c.public_bytes(serialization.Encoding.DER)
+                                      for c in chain)).digest()
+        info: ChainInfo | None = self._chain_cache.get(key)
+        if info is None or info.not_after <= now:
+            try:
+                info = validate_chain(chain, self.trust, now=now, vomsdir=self.vomsdir)
+            except ChainError as exc:
+                raise AuthenticationError(
+                    f"the client certificate chain was refused: {exc.message}", reason=exc.reason
+                ) from exc
+            self._chain_cache.put(key, info, ttl=60.0)
+        return Requester(
+            dn=info.identity, fqans=info.fqans, limited=info.limited, chain_info=info,
+            client_address=client_address, endpoint=endpoint,
+            request_id=request_id or uuid.uuid4().hex,
+        )
+
+    # ------------------------------------------------------------------ helpers
+
+    def _audit(
+        self, requester: Requester, action: str, decision: str, *, reason: str | None,
+        owner_dn: str | None = None, username: str | None = None, name: str | None = None,
+        job_id: str | None = None,
+    ) -> AuditEvent:
+        return AuditEvent(
+            action=action, decision=decision, endpoint=requester.endpoint, time=self.now(),
+            requester_dn=requester.dn or (f"pam:{requester.pam_user}" if requester.pam_user
+                                          else None),
+            requester_fqans=requester.fqans, owner_dn=owner_dn, username=username,
+            credential_name=name, job_id=job_id, reason=reason,
+            client_address=requester.client_address, request_id=requester.request_id,
+        )
+
+    def _record_failure(
+        self, requester: Requester, action: str, exc: BrokerError, **where: Any
+    ) -> None:
+        decision = "deny" if isinstance(exc, AuthorizationError | AuthenticationError) else "error"
+        try:
+            self.store.add_audit(self._audit(requester, action, decision,
+                                             reason=f"{exc.reason}: {exc.message}", **where))
+        except BrokerError:
+            log.exception("could not write the audit row for a refused %s", action)
+
+    def _decide(
+        self, requester: Requester, action: Action, *, owner_dn: str,
+        owner_fqans: Sequence[str] = (), name: str, username: str | None,
+        job_id: str | None = None, auth: AuthMethod = AuthMethod.CERTIFICATE,
+        owner_policy: OwnerPolicy | None = None,
+    ) -> Decision:
+        request = Request(
+            action=action, requester_dn=requester.dn, owner_dn=owner_dn,
+            requester_fqans=requester.fqans, owner_fqans=tuple(owner_fqans), auth=auth,
+            credential=_policy_name(name), job_id=job_id, username=username,
+        )
+        return evaluate(self._policy(), request, owner_policy)
+
+    def _owner_fqans(self, record: CredentialRecord) -> tuple[str, ...]:
+        """The verified FQANs of a stored chain (cached per row version)."""
+        if self.vomsdir is None:
+            return ()
+        key = (record.id, record.updated_at)
+        cached = self._owner_cache.get(key)
+        if cached is not None:
+            return tuple(cached)
+        try:
+            chain = load_certificates(record.certificate_chain.encode())
+            info = validate_chain(chain, self.trust, now=self.now(), vomsdir=self.vomsdir)
+            fqans = info.fqans
+        except ChainError as exc:
+            log.warning("stored chain of %s/%s no longer verifies: %s", record.username,
+                        record.name, exc.message)
+            fqans = ()
+        self._owner_cache.put(key, fqans, ttl=300.0)
+        return fqans
+
+    def _find(self, *, username: str | None, owner_dn: str | None, name: str) -> CredentialRecord:
+        validate_component(name, what="credential name")
+        if username:
+            validate_component(username, what="username")
+            record = self.store.get_credential(username, name)
+            if owner_dn and record.owner_dn != owner_dn:
+                raise NotFound(f"no credential {name!r} of {owner_dn} under username {username!r}")
+            return record
+        if owner_dn:
+            matches = [r for r in self.store.find_credentials(owner_dn) if r.name == name]
+            if not matches:
+                raise NotFound(
+                    f"no credential named {name!r} is stored for {owner_dn}; the owner can "
+                    f"store one with: broker-init -k {name}")
+            if len(matches) > 1:
+                raise InputError(
+                    f"{owner_dn} has credentials named {name!r} under several usernames "
+                    f"({', '.join(r.username for r in matches)}); give the username")
+            return matches[0]
+        raise InputError("name the credential's owner: a username or the owner's DN")
+
+    def _check_options(self, options: DelegationOptions) -> None:
+        validate_component(options.username, what="username")
+        validate_component(options.name, what="credential name")
+        if options.stored_lifetime <= timedelta(0) or options.max_proxy_lifetime <= timedelta(0):
+            raise InputError("credential and proxy lifetimes must be positive")
+        if options.stored_lifetime > self.config.max_stored_lifetime:
+            raise InputError(
+                f"a stored credential may live at most {self.config.max_stored_lifetime}; "
+                "ask for less with -c HOURS")
+        if options.description is not None and len(options.description) > 1024:
+            raise InputError("the description is longer than 1024 characters")
+        owner_policy = OwnerPolicy(
+            retrievers=options.retrievers or None,
+            trusted_retrievers=options.trusted_retrievers or None,
+            renewers=options.renewers or None,
+        )
+        validate_owner_policy(self._policy(), owner_policy)
+
+    # ------------------------------------------------------------------ delegation
+
+    def start_delegation(self, requester: Requester, options: DelegationOptions) -> PendingInfo:
+        """Make a key and CSR for the requester to sign (the key never leaves the server)."""
+        where = {"owner_dn": requester.dn, "username": options.username, "name": options.name}
+        try:
+            if requester.dn is None:
+                raise AuthenticationError("delegation needs a client certificate or proxy")
+            self._check_options(options)
+            decision = self._decide(requester, Action.DELEGATE, owner_dn=requester.dn,
+                                    owner_fqans=requester.fqans, name=options.name,
+                                    username=options.username)
+            decision.raise_if_denied()
+            key = generate_key(self.config.delegation_key, self.config.delegation_key_bits)
+            csr = make_csr(key)
+            pending = self.store.create_pending(
+                requester_dn=requester.dn, username=options.username, name=options.name,
+                private_key_pem=key_to_pem(key), params=options.to_params(), now=self.now(),
+                ttl=self.config.pending_ttl,
+                audit=self._audit(requester, "delegate-start", "allow",
+                                  reason=decision.reason, **where),
+            )
+        except BrokerError as exc:
+            self._record_failure(requester, "delegate-start", exc, **where)
+            raise
+        return PendingInfo(
+            id=pending.id,
+            csr_pem=csr.public_bytes(serialization.Encoding.PEM),
+            expires_at=pending.expires_at,
+        )
+
+    def finish_delegation(
+        self, requester: Requester, pending_id: str, chain_pem: bytes,
+        *, passphrase: str | None = None,
+    ) -> CredentialSummary:
+        """Check the chain the client signed for our CSR and store it with the owner policy."""
+        where: dict[str, Any] = {"owner_dn": requester.dn}
+        try:
+            if requester.dn is None:
+                raise AuthenticationError("delegation needs a client certificate or proxy")
+            now = self.now()
+            pending = self.store.get_pending(pending_id, requester.dn, now=now)
+            where.update(username=pending.username, name=pending.name)
+            options = DelegationOptions.from_params(pending.username, pending.name,
+                                                    pending.params)
+            chain = load_certificates(chain_pem, what="delegated chain")
+            # The store checks, inside its transaction, that chain[0] carries the pending key.
+            info = self._check_delegated_chain(requester, chain, now)
+            record = self._store_chain(requester, options, chain, info, now,
+                                       passphrase=passphrase, consume_pending=pending.id,
+                                       key_pem=None)
+        except BrokerError as exc:
+            self._record_failure(requester, "delegate", exc, **where)
+            raise
+        return _summary(record)
+
+    def _check_delegated_chain(
+        self, requester: Requester, chain: Sequence[x509.Certificate], now: datetime
+    ) -> ChainInfo:
+        try:
+            info = validate_chain(chain, self.trust, now=now, vomsdir=self.vomsdir)
+        except ChainError as exc:
+            raise ChainError(f"the delegated chain does not verify: {exc.message}",
+                             reason=exc.reason) from exc
+        if info.identity != requester.dn:
+            raise AuthorizationError(
+                f"the delegated chain belongs to {info.identity}, but you authenticated as "
+                f"{requester.dn}; delegate your own credential", reason="foreign_chain")
+        if info.limited and not self.config.accept_limited:
+            raise ChainError(
+                "the delegated chain is a limited proxy; this broker stores only full proxies "
+                "(create the proxy without -limited)", reason="limited_chain")
+        return info
+
+    def _store_chain(
+        self, requester: Requester, options: DelegationOptions,
+        chain: Sequence[x509.Certificate], info: ChainInfo, now: datetime, *,
+        passphrase: str | None, consume_pending: str | None, key_pem: bytes | None,
+    ) -> CredentialRecord:
+        assert requester.dn is not None
+        stored_until = min(info.not_after, now + options.stored_lifetime)
+        if info.not_after <= now + MIN_PROXY_LIFETIME:
+            raise CredentialError(
+                "the delegated chain expires in less than 5 minutes; make a longer proxy",
+                reason="expired")
+        max_lifetime = min(options.max_proxy_lifetime, self.config.max_proxy_lifetime)
+        del stored_until  # the chain's own notAfter bounds the credential
+        return self.store.put_credential(
+            owner_dn=requester.dn, username=options.username, name=options.name,
+            private_key_pem=key_pem, certificate_chain=chain_to_pem(chain).decode(),
+            description=options.description, retrievers=options.retrievers,
+            trusted_retrievers=options.trusted_retrievers, renewers=options.renewers,
+            max_lifetime_seconds=int(max_lifetime.total_seconds()), limited=info.limited,
+            passphrase=passphrase or options.passphrase, consume_pending=consume_pending,
+            now=now,
+            audit=self._audit(requester, "delegate", "allow", reason="stored",
+                              owner_dn=requester.dn, username=options.username,
+                              name=options.name),
+        )
+
+    def store_credential(
+        self, requester: Requester, options: DelegationOptions, credential: Credential,
+    ) -> CredentialSummary:
+        """Store a whole credential (MyProxy STORE): the client hands over chain and key."""
+        where = {"owner_dn": requester.dn, "username": options.username, "name": options.name}
+        try:
+            if requester.dn is None or credential.key is None:
+                raise AuthenticationError("storing a credential needs a client certificate")
+            self._check_options(options)
+            self._decide(requester, Action.DELEGATE, owner_dn=requester.dn,
+                         owner_fqans=requester.fqans, name=options.name,
+                         username=options.username).raise_if_denied()
+            now = self.now()
+            info = self._check_delegated_chain(requester, credential.chain, now)
+            record = self._store_chain(requester, options, credential.chain, info, now,
+                                       passphrase=options.passphrase, consume_pending=None,
+                                       key_pem=key_to_pem(credential.key))
+        except BrokerError as exc:
+            self._record_failure(requester, "store", exc, **where)
+            raise
+        return _summary(record)
+
+    # ------------------------------------------------------------------ retrieval
+
+    def retrieve(
+        self, requester: Requester, *, csr_pem: bytes, username: str | None = None,
+        owner_dn: str | None = None, name: str = DEFAULT_CREDENTIAL,
+        lifetime: timedelta | None = None, job_id: str | None = None,
+        passphrase: str | None = None, limited: bool = False,
+        action: Action = Action.RETRIEVE, _authz_owner: str | None = None,
+    ) -> IssuedProxy:
+        """Sign a fresh proxy of a stored credential for the requester's CSR.
+
+        Lifetime = min(requested, credential's max, policy max, stored chain's life).
+        A limited requester, a limited stored chain or a policy that says so
+        yields a limited proxy.
+        """
+        audit_action = action.value
+        where: dict[str, Any] = {"owner_dn": owner_dn, "username": username, "name": name,
+                                 "job_id": job_id}
+        try:
+            if job_id is not None:
+                _check_job_id(job_id)
+            csr = load_csr(csr_pem)
+            record = self._find(username=username, owner_dn=owner_dn, name=name)
+            where.update(owner_dn=record.owner_dn, username=record.username)
+            if _authz_owner is not None and _authz_owner != record.owner_dn:
+                raise AuthorizationError(
+                    f"the proxy presented for renewal belongs to {_authz_owner}, not to the "
+                    f"credential's owner {record.owner_dn}", reason="renewal_identity")
+            now = self.now()
+            if record.not_after <= now:
+                raise CredentialError(
+                    f"the credential {record.username}/{record.name} expired at "
+                    f"{record.not_after:%Y-%m-%d %H:%M:%S} UTC; its owner must delegate a new "
+                    f"one (broker-init -k {record.name})", reason="expired")
+            if action is Action.RENEW:
+                auth = AuthMethod.CERTIFICATE
+            elif passphrase is not None:
+                auth = AuthMethod.PASSPHRASE
+            elif requester.pam_user is not None:
+                auth = AuthMethod.PAM
+            else:
+                auth = AuthMethod.CERTIFICATE
+            decision = self._decide(
+                requester, action, owner_dn=record.owner_dn,
+                owner_fqans=self._owner_fqans(record), name=record.name,
+                username=record.username, job_id=job_id, auth=auth,
+                owner_policy=_owner_policy(record),
+            )
+            decision.raise_if_denied()
+            if record.passphrase_protected and passphrase is None and action is Action.RETRIEVE:
+                raise AuthenticationError(
+                    f"the credential {record.username}/{record.name} is protected by a passphrase;"
+                    " supply it to retrieve", reason="passphrase_required")
+            key = load_private_key(self.store.decrypt_private_key(record, passphrase))
+            chain = tuple(load_certificates(record.certificate_chain.encode()))
+            issuer = Credential(chain=chain, key=key)
+            caps = [lifetime or DEFAULT_PROXY_LIFETIME, record.not_after - now,
+                    self.config.max_proxy_lifetime]
+            if record.max_lifetime_seconds:
+                caps.append(timedelta(seconds=record.max_lifetime_seconds))
+            if decision.max_lifetime:
+                caps.append(timedelta(seconds=decision.max_lifetime))
+            granted = min(caps)
+            if granted <= timedelta(0):
+                raise InputError("the requested lifetime must be positive")
+            make_limited = limited or requester.limited or decision.limited or record.limited
+            proxy_type = ProxyType.LIMITED if make_limited else ProxyType.IMPERSONATION
+            issued = sign_request(issuer, csr, now=now, lifetime=granted, proxy_type=proxy_type)
+            self.store.add_audit(self._audit(
+                requester, audit_action, "allow",
+                reason=f"{decision.reason}: {decision.rule.name if decision.rule else ''}",
+                **where))
+        except BrokerError as exc:
+            self._record_failure(requester, audit_action, exc, **where)
+            raise
+        return IssuedProxy(chain=issued, lifetime=granted, limited=make_limited,
+                           owner_dn=record.owner_dn, username=record.username, name=record.name)
+
+    # ------------------------------------------------------------------ renewal
+
+    def renewal_challenge(self, requester: Requester) -> str:
+        """A short-lived token the renewer signs with the old proxy's key."""
+        issued = str(int(self.now().timestamp()))
+        nonce = secrets.token_hex(16)
+        mac = self._challenge_mac(requester, issued, nonce)
+        return f"{issued}.{nonce}.{mac}"
+
+    def _challenge_mac(self, requester: Requester, issued: str, nonce: str) -> str:
+        message = f"{issued}.{nonce}.{requester.dn or ''}".encode()
+        return hmac.new(self._challenge_secret, message, hashlib.sha256).hexdigest()
+
+    def check_renewal_proof(
+        self, requester: Requester, challenge: str, authz_chain_pem: bytes, signature: bytes
+    ) -> ChainInfo:
+        """Verify that the renewer holds a valid proxy (key included) of some identity."""
+        try:
+            issued, nonce, mac = challenge.split(".")
+            age = self.now().timestamp() - int(issued)
+        except ValueError as exc:
+            raise InputError("the renewal challenge is malformed") from exc
+        if not hmac.compare_digest(mac, self._challenge_mac(requester, issued, nonce)):
+            raise AuthenticationError("the renewal challenge was not issued to you",
+                                      reason="bad_challenge")
+        if not 0 <= age <= RENEWAL_CHALLENGE_TTL.total_seconds():
+            raise AuthenticationError("the renewal challenge expired; ask for a new one",
+                                      reason="bad_challenge")
+        chain = load_certificates(authz_chain_pem, what="renewal proxy")
+        try:
+            info = validate_chain(chain, self.trust, now=self.now(), vomsdir=None)
+        except ChainError as exc:
+            raise AuthenticationError(f"the proxy presented for renewal is not valid: "
+                                      f"{exc.message}", reason=exc.reason) from exc
+        verify_signature(chain[0], challenge.encode(), signature)
+        return info
+
+    def renew(
+        self, requester: Requester, *, csr_pem: bytes, challenge: str, authz_chain_pem: bytes,
+        signature: bytes, username: str | None = None, owner_dn: str | None = None,
+        name: str = DEFAULT_CREDENTIAL, lifetime: timedelta | None = None,
+        job_id: str | None = None,
+    ) -> IssuedProxy:
+        try:
+            info = self.check_renewal_proof(requester, challenge, authz_chain_pem, signature)
+        except BrokerError as exc:
+            self._record_failure(requester, "renew", exc, owner_dn=owner_dn, username=username,
+                                 name=name, job_id=job_id)
+            raise
+        return self.retrieve(requester, csr_pem=csr_pem, username=username, owner_dn=owner_dn,
+                             name=name, lifetime=lifetime, job_id=job_id, action=Action.RENEW,
+                             _authz_owner=info.identity)
+
+    # ------------------------------------------------------------------ info / destroy
+
+    def info(
+        self, requester: Requester, *, username: str | None = None, name: str | None = None
+    ) -> list[CredentialSummary]:
+        """The requester's own credentials, or another owner's where the policy allows info."""
+        try:
+            if requester.dn is None:
+                raise AuthenticationError("info needs a client certificate or proxy")
+            if username:
+                validate_component(username, what="username")
+                records = self.store.list_credentials(username=username)
+            else:
+                records = self.store.list_credentials(owner_dn=requester.dn)
+            if name is not None:
+                records = [r for r in records if r.name == name]
+            visible = []
+            for record in records:
+                decision = self._decide(requester, Action.INFO, owner_dn=record.owner_dn,
+                                        owner_fqans=(), name=record.name,
+                                        username=record.username)
+                if decision.allowed:
+                    visible.append(_summary(record))
+            if not visible and (username or name):
+                raise NotFound(
+                    f"no credentials found for user {username or '(yours)'}"
+                    + (f" named {name!r}" if name else "") + f", owner {requester.dn}")
+            self.store.add_audit(self._audit(requester, "info", "allow", reason="listed",
+                                             owner_dn=requester.dn, username=username,
+                                             name=name))
+        except BrokerError as exc:
+            self._record_failure(requester, "info", exc, username=username, name=name)
+            raise
+        return visible
+
+    def destroy(self, requester: Requester, *, username: str, name: str = DEFAULT_CREDENTIAL
+                ) -> CredentialSummary:
+        where: dict[str, Any] = {"username": username, "name": name}
+        try:
+            if requester.dn is None:
+                raise AuthenticationError("destroy needs a client certificate or proxy")
+            record = self._find(username=username, owner_dn=None, name=name)
+            where["owner_dn"] = record.owner_dn
+            if record.owner_dn != requester.dn:
+                raise AuthorizationError(
+                    f"Credentials not owned by {requester.dn}: {record.username}/{record.name} "
+                    f"belongs to {record.owner_dn}", reason="not_owner")
+            self._decide(requester, Action.DESTROY, owner_dn=record.owner_dn,
+                         owner_fqans=requester.fqans, name=record.name,
+                         username=record.username).raise_if_denied()
+            deleted = self.store.delete_credential(
+                username, name, owner_dn=requester.dn,
+                audit=self._audit(requester, "destroy", "allow", reason="destroyed", **where))
+        except BrokerError as exc:
+            self._record_failure(requester, "destroy", exc, **where)
+            raise
+        return _summary(deleted)
+
+    def change_passphrase(
+        self, requester: Requester, *, username: str, name: str, old: str | None, new: str | None
+    ) -> CredentialSummary:
+        where: dict[str, Any] = {"username": username, "name": name}
+        try:
+            if requester.dn is None:
+                raise AuthenticationError("changing a passphrase needs a client certificate")
+            record = self._find(username=username, owner_dn=None, name=name)
+            where["owner_dn"] = record.owner_dn
+            if record.owner_dn != requester.dn:
+                raise AuthorizationError(
+                    f"Credentials not owned by {requester.dn}", reason="not_owner")
+            updated = self.store.change_passphrase(
+                username, name, old_passphrase=old, new_passphrase=new, owner_dn=requester.dn,
+                now=self.now(),
+                audit=self._audit(requester, "change-passphrase", "allow", reason="changed",
+                                  **where))
+        except BrokerError as exc:
+            self._record_failure(requester, "change-passphrase", exc, **where)
+            raise
+        return _summary(updated)
+
+    def health(self) -> None:
+        """One cheap indexed query; raises StoreUnavailable when the database is down."""
+        self.store.list_credentials(username="healthz-probe")
+
+    def with_request(self, requester: Requester, **changes: Any) -> Requester:
+        return replace(requester, **changes)
+
+
+_JOB_ID_MAX = 256
+
+
+def _check_job_id(job_id: str) -> None:
+    if not job_id or len(job_id) > _JOB_ID_MAX or any(ord(c) < 32 or ord(c) == 127
+                                                       for c in job_id):
+        raise InputError(
+            f"the job id must be 1..{_JOB_ID_MAX} printable characters (e.g. a GlobalJobId)")
+
+
+def verify_signature(cert: x509.Certificate, message: bytes, signature: bytes) -> None:
+    """Check ``signature`` over ``message`` with ``cert``'s key (RSA PKCS#1 v1.5 or ECDSA)."""
+    key = cert.public_key()
+    try:
+        if isinstance(key, rsa.RSAPublicKey):
+            key.verify(signature, message, padding.PKCS1v15(), hashes.SHA256())
+        elif isinstance(key, ec.EllipticCurvePublicKey):
+            key.verify(signature, message, ec.ECDSA(hashes.SHA256()))
+        else:
+            raise AuthenticationError("unsupported key type in the renewal proxy")
+    except InvalidSignature as exc:
+        raise AuthenticationError(
+            "the renewal proof's signature does not verify with the presented proxy's key",
+            reason="bad_proof") from exc
+
+
+def sign_challenge(key: Any, message: bytes) -> bytes:
+    """The client side of :func:`verify_signature`."""
+    if isinstance(key, rsa.RSAPrivateKey):
+        return key.sign(message, padding.PKCS1v15(), hashes.SHA256())
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return key.sign(message, ec.ECDSA(hashes.SHA256()))
+    raise InputError("unsupported key type for the renewal proof")

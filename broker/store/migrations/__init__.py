@@ -1,0 +1,1 @@
+"""Alembic migrations of the credential store (run through :func:`broker.store.migrate`)."""

@@ -1,0 +1,979 @@
+"""The credential store's repository: the service layer's only way to the database.
+
+Every public method of :class:`Store` is exactly one database transaction: it
+commits as a whole or not at all, so a crash at any point leaves either the
+old or the new state. Nothing returned is an ORM object; results are frozen
+dataclasses that stay valid after the transaction.
+
+Construction and lifetime::
+
+    Store(url_or_engine, master_keys: MasterKeyRing, *, clock=None)
+    store.close()                    # or use it as a context manager
+
+The schema must exist (``broker.store.migrate(url)``); the Store never creates
+tables.
+
+Credentials (one per ``(username, name)``)::
+
+    put_credential(*, owner_dn, username, name="default", private_key_pem=None,
+                   certificate_chain, description=None, retrievers=(),
+                   trusted_retrievers=(), renewers=(), max_lifetime_seconds=None,
+                   limited=False, passphrase=None, consume_pending=None,
+                   not_after=None, now=None, audit=None) -> CredentialRecord
+        Insert, or replace the same slot when ``owner_dn`` matches (else
+        Conflict). The stored ``not_after`` is the earliest expiry in the
+        chain, or the given ``not_after`` if that is earlier. With
+        ``consume_pending=<id>`` the pending delegation is deleted in the same
+        transaction and its key is used (the requester must be ``owner_dn``,
+        the slot must match, and the chain's first certificate must carry
+        that key).
+    get_credential(username, name="default") -> CredentialRecord   (NotFound)
+    find_credentials(owner_dn) -> list[CredentialRecord]
+    list_credentials(*, owner_dn=None, username=None) -> list[CredentialRecord]
+    delete_credential(username, name="default", *, owner_dn=None, audit=None)
+        -> CredentialRecord                  (the deleted row; NotFound, AuthorizationError)
+    decrypt_private_key(record, passphrase=None) -> bytes       (PEM)
+    change_passphrase(username, name="default", *, old_passphrase, new_passphrase,
+                      owner_dn=None, now=None, audit=None) -> CredentialRecord
+
+Pending delegations (the server-generated key waiting for its signed chain)::
+
+    create_pending(*, requester_dn, username, name="default", private_key_pem,
+                   params, now, ttl=timedelta(minutes=10), audit=None) -> PendingDelegation
+    get_pending(pending_id, requester_dn, *, now) -> PendingDelegation
+    take_pending(pending_id, requester_dn, *, now, audit=None) -> PendingDelegation
+        Returns and deletes it atomically (single use). Unknown -> NotFound;
+        another requester -> AuthorizationError; expired -> NotFound with
+        reason "expired" (and the row is removed).
+    purge_expired_pending(now) -> int
+
+Audit::
+
+    add_audit(event: AuditEvent) -> int
+    query_audit(*, owner_dn=None, job_id=None, action=None, username=None,
+                since=None, limit=100) -> list[AuditRecord]   (newest first)
+    ``put_credential``, ``delete_credential``, ``change_passphrase``,
+    ``create_pending`` and ``take_pending`` take ``audit=AuditEvent(...)`` and
+    write it in their own transaction: both rows exist, or neither.
+
+Master keys (see :mod:`broker.store.crypto` for rotation)::
+
+    master_keys -> MasterKeyRing;  use_master_keys(ring)
+    master_key_ids_in_use() -> dict[str, int];  rewrap_batch(batch_size=100) -> int
+
+Time: methods where expiry matters take ``now`` explicitly; others default to
+the injected ``clock`` (UTC wall clock unless given). Every datetime must be
+timezone-aware.
+
+Errors: bad input -> InputError/PemError/NameError_; missing -> NotFound;
+wrong owner -> Conflict (put) or AuthorizationError; wrong passphrase ->
+AuthenticationError; database down -> StoreUnavailable; anything else from
+the database -> StoreError.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from sqlalchemy import Engine, delete, func, select
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from broker.errors import (
+    AuthorizationError,
+    BrokerError,
+    Conflict,
+    InputError,
+    NameError_,
+    NotFound,
+    PemError,
+)
+from broker.store import crypto
+from broker.store.crypto import Envelope, MasterKeyRing
+from broker.store.engine import SQLITE_BEGIN_OPTION, make_engine, safe_url, unavailable_error
+from broker.store.models import (
+    CREDNAME_LENGTH,
+    DN_LENGTH,
+    USERNAME_LENGTH,
+    AuditEventRow,
+    Credential,
+    EnvelopeColumns,
+    PendingDelegationRow,
+)
+
+DEFAULT_CREDENTIAL_NAME = "default"
+DEFAULT_PENDING_TTL = timedelta(minutes=10)
+MAX_CHAIN_BYTES = 64 * 1024
+MAX_KEY_BYTES = 32 * 1024
+MAX_AUDIT_LIMIT = 10_000
+DECISIONS = frozenset({"allow", "deny", "error"})
+ENDPOINTS = frozenset({"rest", "myproxy", "cli"})
+_PENDING_ID_RE = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------
+# Records handed to the service layer
+
+
+@dataclass(frozen=True)
+class CredentialRecord:
+    id: int
+    owner_dn: str
+    username: str
+    name: str
+    description: str | None
+    certificate_chain: str
+    not_after: datetime
+    retrievers: tuple[str, ...]
+    trusted_retrievers: tuple[str, ...]
+    renewers: tuple[str, ...]
+    max_lifetime_seconds: int | None
+    limited: bool
+    passphrase_protected: bool
+    created_at: datetime
+    updated_at: datetime
+    envelope: Envelope = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class PendingDelegation:
+    id: str
+    requester_dn: str
+    username: str
+    name: str
+    params: dict[str, Any]
+    created_at: datetime
+    expires_at: datetime
+    envelope: Envelope = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    """An audit entry to write; ``time=None`` means the store's clock."""
+
+    action: str
+    decision: str
+    endpoint: str
+    time: datetime | None = None
+    requester_dn: str | None = None
+    requester_fqans: tuple[str, ...] = ()
+    owner_dn: str | None = None
+    username: str | None = None
+    credential_name: str | None = None
+    job_id: str | None = None
+    reason: str | None = None
+    client_address: str | None = None
+    request_id: str | None = None
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    id: int
+    time: datetime
+    action: str
+    decision: str
+    endpoint: str
+    requester_dn: str | None
+    requester_fqans: tuple[str, ...]
+    owner_dn: str | None
+    username: str | None
+    credential_name: str | None
+    job_id: str | None
+    reason: str | None
+    client_address: str | None
+    request_id: str | None
+
+
+# --------------------------------------------------------------------------
+# Input checks (specific errors, never a traceback)
+
+
+def _aware(value: datetime, what: str) -> datetime:
+    if not isinstance(value, datetime) or value.tzinfo is None or value.utcoffset() is None:
+        raise InputError(f"{what} must be a timezone-aware datetime")
+    return value.astimezone(UTC)
+
+
+def _text(value: object, what: str, max_length: int, *, allow_empty: bool = False) -> str:
+    if not isinstance(value, str):
+        raise NameError_(f"{what} must be text")
+    if not value and not allow_empty:
+        raise NameError_(f"{what} must not be empty")
+    if len(value) > max_length:
+        raise NameError_(f"{what} is longer than {max_length} characters")
+    if _CONTROL_RE.search(value):
+        raise NameError_(f"{what} contains control characters")
+    return value
+
+
+def _dn(value: object, what: str = "DN") -> str:
+    dn = _text(value, what, DN_LENGTH)
+    if not dn.startswith("/"):
+        raise NameError_(f"{what} {dn!r} is not in slash form (/DC=org/CN=...)")
+    return dn
+
+
+def _username(value: object) -> str:
+    return _text(value, "username", USERNAME_LENGTH)
+
+
+def _credname(value: object) -> str:
+    return _text(value, "credential name", CREDNAME_LENGTH)
+
+
+def _dn_list(values: Iterable[str], what: str) -> list[str]:
+    if isinstance(values, str):
+        raise InputError(f"{what} must be a list of DNs or patterns, not one string")
+    out: list[str] = []
+    for value in values:
+        # Entries may be patterns ("/DC=org/*"), so only the basic text rules.
+        out.append(_text(value, f"an entry of {what}", DN_LENGTH))
+    return out
+
+
+def _check_private_key(pem: object) -> bytes:
+    if not isinstance(pem, bytes | bytearray):
+        raise PemError("the private key must be PEM bytes")
+    data = bytes(pem)
+    if len(data) > MAX_KEY_BYTES:
+        raise PemError("the private key PEM is too large")
+    try:
+        serialization.load_pem_private_key(data, password=None)
+    except TypeError:
+        raise PemError(
+            "the private key PEM is encrypted; the store needs it in the clear"
+        ) from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise PemError("the private key is not a readable PEM private key") from None
+    return data
+
+
+def _check_chain(chain: object, private_key_pem: bytes | None) -> tuple[str, datetime]:
+    """Normalise the chain to PEM certificates only; return it and its earliest expiry."""
+    if not isinstance(chain, str):
+        raise PemError("the certificate chain must be PEM text")
+    if len(chain) > MAX_CHAIN_BYTES:
+        raise PemError("the certificate chain is too large")
+    if "PRIVATE KEY" in chain:
+        raise PemError("the certificate chain must not contain a private key")
+    try:
+        certs = x509.load_pem_x509_certificates(chain.encode("ascii"))
+    except (ValueError, UnicodeEncodeError):
+        raise PemError("the certificate chain is not readable PEM") from None
+    if not certs:
+        raise PemError("the certificate chain holds no certificate")
+    if private_key_pem is not None:
+        key = serialization.load_pem_private_key(private_key_pem, password=None)
+        public = serialization.PublicFormat.SubjectPublicKeyInfo
+        der = serialization.Encoding.DER
+        if key.public_key().public_bytes(der, public) != certs[0].public_key().public_bytes(
+            der, public
+        ):
+            raise PemError(
+                "the private key does not belong to the first certificate of the chain",
+                reason="key_mismatch",
+            )
+    normalised = "".join(c.public_bytes(serialization.Encoding.PEM).decode("ascii") for c in certs)
+    return normalised, min(c.not_valid_after_utc for c in certs)
+
+
+def _check_audit(event: AuditEvent) -> None:
+    if not isinstance(event, AuditEvent):
+        raise InputError("audit must be an AuditEvent")
+    _text(event.action, "audit action", 64)
+    if event.decision not in DECISIONS:
+        raise InputError(f"audit decision must be one of {sorted(DECISIONS)}")
+    if event.endpoint not in ENDPOINTS:
+        raise InputError(f"audit endpoint must be one of {sorted(ENDPOINTS)}")
+    for value, what, limit in (
+        (event.requester_dn, "audit requester DN", DN_LENGTH),
+        (event.owner_dn, "audit owner DN", DN_LENGTH),
+        (event.username, "audit username", USERNAME_LENGTH),
+        (event.credential_name, "audit credential name", CREDNAME_LENGTH),
+        (event.job_id, "audit job id", 255),
+        (event.client_address, "audit client address", 255),
+        (event.request_id, "audit request id", 128),
+    ):
+        if value is not None:
+            _text(value, what, limit, allow_empty=True)
+    if event.reason is not None and not isinstance(event.reason, str):
+        raise InputError("audit reason must be text")
+    for fqan in event.requester_fqans:
+        _text(fqan, "an FQAN", 1024)
+
+
+# --------------------------------------------------------------------------
+# Row <-> record
+
+
+def _envelope_of(row: EnvelopeColumns) -> Envelope:
+    return Envelope(
+        ciphertext=bytes(row.key_ciphertext),
+        nonce=bytes(row.key_nonce),
+        wrapped_data_key=bytes(row.wrapped_data_key),
+        master_key_id=row.master_key_id,
+        passphrase_protected=row.passphrase_protected,
+        kdf_salt=bytes(row.kdf_salt) if row.kdf_salt is not None else None,
+        kdf_params=dict(row.kdf_params) if row.kdf_params is not None else None,
+    )
+
+
+def _store_envelope(row: EnvelopeColumns, envelope: Envelope) -> None:
+    row.key_ciphertext = envelope.ciphertext
+    row.key_nonce = envelope.nonce
+    row.wrapped_data_key = envelope.wrapped_data_key
+    row.master_key_id = envelope.master_key_id
+    row.passphrase_protected = envelope.passphrase_protected
+    row.kdf_salt = envelope.kdf_salt
+    row.kdf_params = envelope.kdf_params
+
+
+def _credential_record(row: Credential) -> CredentialRecord:
+    return CredentialRecord(
+        id=row.id,
+        owner_dn=row.owner_dn,
+        username=row.username,
+        name=row.name,
+        description=row.description,
+        certificate_chain=row.certificate_chain,
+        not_after=row.not_after,
+        retrievers=tuple(row.retrievers),
+        trusted_retrievers=tuple(row.trusted_retrievers),
+        renewers=tuple(row.renewers),
+        max_lifetime_seconds=row.max_lifetime_seconds,
+        limited=row.limited,
+        passphrase_protected=row.passphrase_protected,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        envelope=_envelope_of(row),
+    )
+
+
+def _pending_record(row: PendingDelegationRow) -> PendingDelegation:
+    return PendingDelegation(
+        id=row.id,
+        requester_dn=row.requester_dn,
+        username=row.username,
+        name=row.name,
+        params=dict(row.params),
+        created_at=row.created_at,
+        expires_at=row.expires_at,
+        envelope=_envelope_of(row),
+    )
+
+
+def _audit_record(row: AuditEventRow) -> AuditRecord:
+    return AuditRecord(
+        id=row.id,
+        time=row.time,
+        action=row.action,
+        decision=row.decision,
+        endpoint=row.endpoint,
+        requester_dn=row.requester_dn,
+        requester_fqans=tuple(row.requester_fqans),
+        owner_dn=row.owner_dn,
+        username=row.username,
+        credential_name=row.credential_name,
+        job_id=row.job_id,
+        reason=row.reason,
+        client_address=row.client_address,
+        request_id=row.request_id,
+    )
+
+
+def _context_of_credential(row: Credential | CredentialRecord) -> bytes:
+    return crypto.credential_context(row.owner_dn, row.username, row.name)
+
+
+def _context_of_pending(row: PendingDelegationRow | PendingDelegation) -> bytes:
+    return crypto.pending_context(row.id, row.requester_dn, row.username, row.name)
+
+
+# --------------------------------------------------------------------------
+# The store
+
+
+class Store:
+    """Transactional access to credentials, pending delegations and the audit trail."""
+
+    def __init__(
+        self,
+        url: str | URL | Engine,
+        master_keys: MasterKeyRing,
+        *,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
+        if not isinstance(master_keys, MasterKeyRing):
+            raise InputError("master_keys must be a MasterKeyRing (see load_master_keys)")
+        self._owns_engine = not isinstance(url, Engine)
+        self._engine = url if isinstance(url, Engine) else make_engine(url)
+        self._ring = master_keys
+        self._clock = clock or (lambda: datetime.now(UTC))
+        self._read_sessions = sessionmaker(bind=self._engine, expire_on_commit=False)
+        # Writers take SQLite's write lock at BEGIN (see broker.store.engine).
+        self._write_sessions = sessionmaker(
+            bind=self._engine.execution_options(**{SQLITE_BEGIN_OPTION: "IMMEDIATE"}),
+            expire_on_commit=False,
+        )
+
+    # -- lifetime ----------------------------------------------------------
+
+    @property
+    def engine(self) -> Engine:
+        return self._engine
+
+    @property
+    def url(self) -> str:
+        """The database URL with the password masked."""
+        return safe_url(self._engine.url)
+
+    def close(self) -> None:
+        if self._owns_engine:
+            self._engine.dispose()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Store({self.url!r}, keys={self._ring.ids!r})"
+
+    # -- plumbing ----------------------------------------------------------
+
+    @contextmanager
+    def _transaction(self, *, write: bool) -> Iterator[Session]:
+        factory = self._write_sessions if write else self._read_sessions
+        try:
+            with factory.begin() as session:
+                yield session
+        except BrokerError:
+            raise
+        except IntegrityError:
+            raise Conflict(
+                "the change conflicts with data stored meanwhile; retry", reason="race"
+            ) from None
+        except SQLAlchemyError as exc:
+            raise unavailable_error(self._engine, exc) from None
+
+    def _now(self, now: datetime | None) -> datetime:
+        return _aware(now if now is not None else self._clock(), "now")
+
+    def _with_retry(self, attempt: Callable[[], T]) -> T:
+        """Run a write once more if it lost an insert race (unique violation)."""
+        try:
+            return attempt()
+        except Conflict as exc:
+            if exc.reason != "race":
+                raise
+        return attempt()
+
+    def _write_audit(
+        self, session: Session, event: AuditEvent | None, now: datetime
+    ) -> AuditEventRow | None:
+        if event is None:
+            return None
+        _check_audit(event)
+        row = AuditEventRow(
+            time=_aware(event.time, "audit time") if event.time is not None else now,
+            action=event.action,
+            requester_dn=event.requester_dn,
+            requester_fqans=list(event.requester_fqans),
+            owner_dn=event.owner_dn,
+            username=event.username,
+            credential_name=event.credential_name,
+            job_id=event.job_id,
+            decision=event.decision,
+            reason=event.reason,
+            client_address=event.client_address,
+            request_id=event.request_id,
+            endpoint=event.endpoint,
+        )
+        session.add(row)
+        return row
+
+    # -- master keys -------------------------------------------------------
+
+    @property
+    def master_keys(self) -> MasterKeyRing:
+        return self._ring
+
+    def use_master_keys(self, ring: MasterKeyRing) -> None:
+        """Swap the key ring (rotation; a reload). Takes effect for the next call."""
+        self._ring = ring
+
+    def _reload_keys(self) -> MasterKeyRing:
+        """Re-read the key file, keeping keys we hold that it no longer lists.
+
+        The file decides which key is active; keys only in memory stay
+        (first, i.e. never active) so rows still wrapped with them decrypt.
+        """
+        current = self._ring
+        if current.path is None:
+            return current
+        fresh = crypto.load_master_keys(current.path)
+        extra = tuple((k, v) for k, v in current.keys if fresh.get(k) is None)
+        merged = MasterKeyRing(
+            keys=(*extra, *fresh.keys), path=fresh.path, signature=fresh.signature
+        )
+        self._ring = merged
+        return merged
+
+    def _ring_for_encrypt(self) -> MasterKeyRing:
+        if self._ring.changed_on_disk():
+            return self._reload_keys()
+        return self._ring
+
+    def _ring_for(self, key_id: str) -> MasterKeyRing:
+        ring = self._ring
+        if ring.get(key_id) is None and ring.path is not None:
+            ring = self._reload_keys()
+        return ring
+
+    def master_key_ids_in_use(self) -> dict[str, int]:
+        """How many rows (credentials + pending) each master key wraps."""
+        counts: dict[str, int] = {}
+        with self._transaction(write=False) as session:
+            for model in (Credential, PendingDelegationRow):
+                stmt = select(model.master_key_id, func.count()).group_by(model.master_key_id)
+                for key_id, count in session.execute(stmt):
+                    counts[key_id] = counts.get(key_id, 0) + int(count)
+        return counts
+
+    def rewrap_batch(self, batch_size: int = 100) -> int:
+        """Rewrap up to ``batch_size`` rows not under the active key; one transaction.
+
+        Returns how many rows changed (0 when everything is on the active key).
+        """
+        ring = self._ring
+        active = ring.active_id
+        done = 0
+        with self._transaction(write=True) as session:
+            cred_rows = session.scalars(
+                select(Credential)
+                .where(Credential.master_key_id != active)
+                .order_by(Credential.id)
+                .limit(batch_size)
+                .with_for_update()
+            ).all()
+            for cred in cred_rows:
+                envelope = crypto.rewrap(_envelope_of(cred), _context_of_credential(cred), ring)
+                _store_envelope(cred, envelope)
+                done += 1
+            if done < batch_size:
+                pending_rows = session.scalars(
+                    select(PendingDelegationRow)
+                    .where(PendingDelegationRow.master_key_id != active)
+                    .order_by(PendingDelegationRow.id)
+                    .limit(batch_size - done)
+                    .with_for_update()
+                ).all()
+                for pending in pending_rows:
+                    envelope = crypto.rewrap(
+                        _envelope_of(pending), _context_of_pending(pending), ring
+                    )
+                    _store_envelope(pending, envelope)
+                    done += 1
+        return done
+
+    # -- credentials -------------------------------------------------------
+
+    def put_credential(
+        self,
+        *,
+        owner_dn: str,
+        username: str,
+        name: str = DEFAULT_CREDENTIAL_NAME,
+        private_key_pem: bytes | None = None,
+        certificate_chain: str,
+        description: str | None = None,
+        retrievers: Sequence[str] = (),
+        trusted_retrievers: Sequence[str] = (),
+        renewers: Sequence[str] = (),
+        max_lifetime_seconds: int | None = None,
+        limited: bool = False,
+        passphrase: str | None = None,
+        consume_pending: str | None = None,
+        not_after: datetime | None = None,
+        now: datetime | None = None,
+        audit: AuditEvent | None = None,
+    ) -> CredentialRecord:
+        owner_dn = _dn(owner_dn, "owner DN")
+        username = _username(username)
+        name = _credname(name)
+        if description is not None:
+            _text(description, "description", 4096, allow_empty=True)
+        retriever_list = _dn_list(retrievers, "retrievers")
+        trusted_list = _dn_list(trusted_retrievers, "trusted_retrievers")
+        renewer_list = _dn_list(renewers, "renewers")
+        if max_lifetime_seconds is not None and (
+            not isinstance(max_lifetime_seconds, int)
+            or isinstance(max_lifetime_seconds, bool)
+            or max_lifetime_seconds <= 0
+        ):
+            raise InputError("max_lifetime_seconds must be a positive integer")
+        if passphrase is not None:
+            crypto.check_new_passphrase(passphrase)
+        if audit is not None:
+            _check_audit(audit)
+        if (private_key_pem is None) == (consume_pending is None):
+            raise InputError("give exactly one of private_key_pem and consume_pending")
+        if private_key_pem is not None:
+            key_pem: bytes | None = _check_private_key(private_key_pem)
+            chain, chain_end = _check_chain(certificate_chain, key_pem)
+        else:
+            key_pem = None
+            # The key comes from the pending row; it is checked against the
+            # chain inside the transaction.
+            chain, chain_end = _check_chain(certificate_chain, None)
+        # The caller may keep a credential for less time than its chain lives.
+        stored_until = (
+            chain_end if not_after is None else min(chain_end, _aware(not_after, "not_after"))
+        )
+        moment = self._now(now)
+        context = crypto.credential_context(owner_dn, username, name)
+        # Encrypting (scrypt with a passphrase) before BEGIN keeps the write
+        # lock short; only a key taken from a pending row must be sealed inside.
+        early_envelope = (
+            crypto.seal(key_pem, context, self._ring_for_encrypt(), passphrase)
+            if key_pem is not None
+            else None
+        )
+
+        def attempt() -> CredentialRecord:
+            envelope = early_envelope
+            with self._transaction(write=True) as session:
+                if consume_pending is not None:
+                    pending = self._locked_pending(session, consume_pending, owner_dn, moment)
+                    if (pending.username, pending.name) != (username, name):
+                        raise Conflict(
+                            "the pending delegation was made for another credential slot"
+                        )
+                    pending_ring = self._ring_for(pending.master_key_id)
+                    pem = crypto.open_envelope(
+                        _envelope_of(pending), _context_of_pending(pending), pending_ring
+                    )
+                    _check_chain(chain, pem)
+                    session.delete(pending)
+                    envelope = crypto.seal(pem, context, self._ring_for_encrypt(), passphrase)
+                assert envelope is not None
+                row = session.scalars(
+                    select(Credential)
+                    .where(Credential.username == username, Credential.name == name)
+                    .with_for_update()
+                ).one_or_none()
+                if row is None:
+                    row = Credential(
+                        owner_dn=owner_dn, username=username, name=name, created_at=moment
+                    )
+                    session.add(row)
+                elif row.owner_dn != owner_dn:
+                    raise Conflict(
+                        f"credential {name!r} of user {username!r} belongs to another owner",
+                        reason="owner_mismatch",
+                    )
+                row.description = description
+                row.certificate_chain = chain
+                row.not_after = stored_until
+                row.retrievers = retriever_list
+                row.trusted_retrievers = trusted_list
+                row.renewers = renewer_list
+                row.max_lifetime_seconds = max_lifetime_seconds
+                row.limited = bool(limited)
+                row.updated_at = moment
+                _store_envelope(row, envelope)
+                self._write_audit(session, audit, moment)
+                session.flush()
+                return _credential_record(row)
+
+        return self._with_retry(attempt)
+
+    def get_credential(
+        self, username: str, name: str = DEFAULT_CREDENTIAL_NAME
+    ) -> CredentialRecord:
+        username, name = _username(username), _credname(name)
+        with self._transaction(write=False) as session:
+            row = session.scalars(
+                select(Credential).where(Credential.username == username, Credential.name == name)
+            ).one_or_none()
+            if row is None:
+                raise NotFound(f"no credential {name!r} for user {username!r}")
+            return _credential_record(row)
+
+    def find_credentials(self, owner_dn: str) -> list[CredentialRecord]:
+        return self.list_credentials(owner_dn=owner_dn)
+
+    def list_credentials(
+        self, *, owner_dn: str | None = None, username: str | None = None
+    ) -> list[CredentialRecord]:
+        stmt = select(Credential).order_by(Credential.username, Credential.name)
+        if owner_dn is not None:
+            stmt = stmt.where(Credential.owner_dn == _dn(owner_dn, "owner DN"))
+        if username is not None:
+            stmt = stmt.where(Credential.username == _username(username))
+        with self._transaction(write=False) as session:
+            return [_credential_record(row) for row in session.scalars(stmt)]
+
+    def delete_credential(
+        self,
+        username: str,
+        name: str = DEFAULT_CREDENTIAL_NAME,
+        *,
+        owner_dn: str | None = None,
+        audit: AuditEvent | None = None,
+        now: datetime | None = None,
+    ) -> CredentialRecord:
+        """Delete one credential; with ``owner_dn`` only if that DN owns it."""
+        username, name = _username(username), _credname(name)
+        expected_owner = _dn(owner_dn, "owner DN") if owner_dn is not None else None
+        if audit is not None:
+            _check_audit(audit)
+        moment = self._now(now)
+        with self._transaction(write=True) as session:
+            row = session.scalars(
+                select(Credential)
+                .where(Credential.username == username, Credential.name == name)
+                .with_for_update()
+            ).one_or_none()
+            if row is None:
+                raise NotFound(f"no credential {name!r} for user {username!r}")
+            if expected_owner is not None and row.owner_dn != expected_owner:
+                raise AuthorizationError(
+                    f"credential {name!r} of user {username!r} is not owned by {expected_owner}"
+                )
+            record = _credential_record(row)
+            session.delete(row)
+            self._write_audit(session, audit, moment)
+        return record
+
+    def decrypt_private_key(
+        self, record: CredentialRecord | PendingDelegation, passphrase: str | None = None
+    ) -> bytes:
+        """The private key PEM of a record returned by this store."""
+        if isinstance(record, CredentialRecord):
+            context = _context_of_credential(record)
+        elif isinstance(record, PendingDelegation):
+            context = _context_of_pending(record)
+        else:
+            raise InputError("decrypt_private_key needs a CredentialRecord or PendingDelegation")
+        ring = self._ring_for(record.envelope.master_key_id)
+        return crypto.open_envelope(record.envelope, context, ring, passphrase)
+
+    def change_passphrase(
+        self,
+        username: str,
+        name: str = DEFAULT_CREDENTIAL_NAME,
+        *,
+        old_passphrase: str | None,
+        new_passphrase: str | None,
+        owner_dn: str | None = None,
+        now: datetime | None = None,
+        audit: AuditEvent | None = None,
+    ) -> CredentialRecord:
+        """Set, change or (``new_passphrase=None``) remove a credential's passphrase."""
+        username, name = _username(username), _credname(name)
+        expected_owner = _dn(owner_dn, "owner DN") if owner_dn is not None else None
+        if new_passphrase is not None:
+            crypto.check_new_passphrase(new_passphrase)
+        if audit is not None:
+            _check_audit(audit)
+        moment = self._now(now)
+        with self._transaction(write=True) as session:
+            row = session.scalars(
+                select(Credential)
+                .where(Credential.username == username, Credential.name == name)
+                .with_for_update()
+            ).one_or_none()
+            if row is None:
+                raise NotFound(f"no credential {name!r} for user {username!r}")
+            if expected_owner is not None and row.owner_dn != expected_owner:
+                raise AuthorizationError(
+                    f"credential {name!r} of user {username!r} is not owned by {expected_owner}"
+                )
+            envelope = _envelope_of(row)
+            ring = self._ring_for(envelope.master_key_id)
+            if ring.changed_on_disk():
+                ring = self._reload_keys()
+            updated = crypto.change_envelope_passphrase(
+                envelope, _context_of_credential(row), ring, old_passphrase, new_passphrase
+            )
+            _store_envelope(row, updated)
+            row.updated_at = moment
+            self._write_audit(session, audit, moment)
+            session.flush()
+            return _credential_record(row)
+
+    # -- pending delegations ----------------------------------------------
+
+    def create_pending(
+        self,
+        *,
+        requester_dn: str,
+        username: str,
+        name: str = DEFAULT_CREDENTIAL_NAME,
+        private_key_pem: bytes,
+        params: Mapping[str, Any],
+        now: datetime,
+        ttl: timedelta = DEFAULT_PENDING_TTL,
+        audit: AuditEvent | None = None,
+    ) -> PendingDelegation:
+        requester_dn = _dn(requester_dn, "requester DN")
+        username, name = _username(username), _credname(name)
+        pem = _check_private_key(private_key_pem)
+        if not isinstance(params, Mapping):
+            raise InputError("pending delegation params must be a mapping")
+        if not isinstance(ttl, timedelta) or ttl <= timedelta(0):
+            raise InputError("the pending delegation lifetime must be positive")
+        if audit is not None:
+            _check_audit(audit)
+        moment = self._now(now)
+        params_copy = dict(params)
+        pending_id = secrets.token_urlsafe(16)  # 128 random bits
+        ring = self._ring_for_encrypt()
+        envelope = crypto.seal(
+            pem, crypto.pending_context(pending_id, requester_dn, username, name), ring
+        )
+        with self._transaction(write=True) as session:
+            row = PendingDelegationRow(
+                id=pending_id,
+                requester_dn=requester_dn,
+                username=username,
+                name=name,
+                params=params_copy,
+                created_at=moment,
+                expires_at=moment + ttl,
+            )
+            _store_envelope(row, envelope)
+            session.add(row)
+            self._write_audit(session, audit, moment)
+            try:
+                session.flush()
+            except (TypeError, ValueError):
+                # JSON serialisation of params happens at flush.
+                raise InputError("pending delegation params must be JSON-serialisable") from None
+            return _pending_record(row)
+
+    def _locked_pending(
+        self, session: Session, pending_id: str, requester_dn: str, now: datetime
+    ) -> PendingDelegationRow:
+        if not isinstance(pending_id, str) or not _PENDING_ID_RE.match(pending_id):
+            raise NotFound("no such pending delegation")
+        row = session.scalars(
+            select(PendingDelegationRow)
+            .where(PendingDelegationRow.id == pending_id)
+            .with_for_update()
+        ).one_or_none()
+        if row is None:
+            raise NotFound("no such pending delegation")
+        if row.requester_dn != requester_dn:
+            raise AuthorizationError("the pending delegation belongs to another requester")
+        if row.expires_at <= now:
+            raise NotFound("the pending delegation has expired", reason="expired")
+        return row
+
+    def get_pending(
+        self, pending_id: str, requester_dn: str, *, now: datetime
+    ) -> PendingDelegation:
+        """Read a pending delegation without consuming it."""
+        requester_dn = _dn(requester_dn, "requester DN")
+        moment = self._now(now)
+        with self._transaction(write=False) as session:
+            return _pending_record(self._locked_pending(session, pending_id, requester_dn, moment))
+
+    def take_pending(
+        self,
+        pending_id: str,
+        requester_dn: str,
+        *,
+        now: datetime,
+        audit: AuditEvent | None = None,
+    ) -> PendingDelegation:
+        """Return and delete a pending delegation in one transaction (single use)."""
+        requester_dn = _dn(requester_dn, "requester DN")
+        moment = self._now(now)
+        if audit is not None:
+            _check_audit(audit)
+        expired = False
+        with self._transaction(write=True) as session:
+            try:
+                row = self._locked_pending(session, pending_id, requester_dn, moment)
+            except NotFound as exc:
+                if exc.reason != "expired":
+                    raise
+                # Remove the dead row (committed), then report; the caller's
+                # audit event described a success and is not written.
+                session.execute(
+                    delete(PendingDelegationRow).where(PendingDelegationRow.id == pending_id)
+                )
+                expired = True
+            else:
+                record = _pending_record(row)
+                session.delete(row)
+                self._write_audit(session, audit, moment)
+        if expired:
+            raise NotFound("the pending delegation has expired", reason="expired")
+        return record
+
+    def purge_expired_pending(self, now: datetime) -> int:
+        moment = self._now(now)
+        with self._transaction(write=True) as session:
+            result = session.execute(
+                delete(PendingDelegationRow).where(PendingDelegationRow.expires_at <= moment)
+            )
+            return int(getattr(result, "rowcount", 0) or 0)
+
+    # -- audit -------------------------------------------------------------
+
+    def add_audit(self, event: AuditEvent) -> int:
+        _check_audit(event)
+        moment = self._now(None)
+        with self._transaction(write=True) as session:
+            row = self._write_audit(session, event, moment)
+            session.flush()
+            assert row is not None
+            return row.id
+
+    def query_audit(
+        self,
+        *,
+        owner_dn: str | None = None,
+        job_id: str | None = None,
+        action: str | None = None,
+        username: str | None = None,
+        since: datetime | None = None,
+        limit: int = 100,
+    ) -> list[AuditRecord]:
+        if (
+            not isinstance(limit, int)
+            or isinstance(limit, bool)
+            or not 1 <= limit <= MAX_AUDIT_LIMIT
+        ):
+            raise InputError(f"limit must be between 1 and {MAX_AUDIT_LIMIT}")
+        stmt = select(AuditEventRow)
+        if owner_dn is not None:
+            stmt = stmt.where(AuditEventRow.owner_dn == owner_dn)
+        if job_id is not None:
+            stmt = stmt.where(AuditEventRow.job_id == job_id)
+        if action is not None:
+            stmt = stmt.where(AuditEventRow.action == action)
+        if username is not None:
+            stmt = stmt.where(AuditEventRow.username == username)
+        if since is not None:
+            stmt = stmt.where(AuditEventRow.time >= _aware(since, "since"))
+        stmt = stmt.order_by(AuditEventRow.time.desc(), AuditEventRow.id.desc()).limit(limit)
+        with self._transaction(write=False) as session:
+            return [_audit_record(row) for row in session.scalars(stmt)]
