@@ -1,0 +1,155 @@
+"""Run a real ``broker serve`` (gunicorn, mutual TLS) on loopback for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from broker.client import BrokerClient, ClientIdentity
+from tests.pkifixtures import GridPki
+
+DEV_POLICY = """
+[groups]
+pilots = ["/DC=org/DC=example/CN=pilot*", "fqan:/atlas/Role=pilot"]
+
+[[rule]]
+name = "owners manage their own credentials"
+action = ["delegate", "info", "destroy", "retrieve"]
+effect = "allow"
+requester = ["self"]
+
+[[rule]]
+name = "pilots retrieve for users"
+action = "retrieve"
+effect = "allow"
+auth = ["certificate"]
+requester = ["group:pilots"]
+max_lifetime = "12h"
+
+[[rule]]
+name = "renewal by pilots"
+action = "renew"
+effect = "allow"
+requester = ["group:pilots"]
+
+[[rule]]
+name = "passphrase retrieval"
+action = "retrieve"
+effect = "allow"
+requester = ["passphrase"]
+auth = ["passphrase"]
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class RunningBroker:
+    port: int
+    state_dir: Path
+    policy_dir: Path
+    database_url: str
+    log: Path
+    process: subprocess.Popen[bytes]
+    pki: GridPki
+
+    @property
+    def server(self) -> str:
+        return f"localhost:{self.port}"
+
+    def client(self, name: str) -> BrokerClient:
+        identity = ClientIdentity(cert=str(self.pki.cert_path(name)),
+                                  key=str(self.pki.key_path(name)))
+        return BrokerClient(self.server, identity, ca_dir=str(self.pki.ca_dir))
+
+    def proxy_client(self, path: Path) -> BrokerClient:
+        return BrokerClient(self.server, ClientIdentity(cert=str(path), key=str(path)),
+                            ca_dir=str(self.pki.ca_dir))
+
+    def cli_env(self) -> dict[str, str]:
+        env = self.pki.env()
+        for var in ("X509_USER_PROXY", "X509_USER_CERT", "X509_USER_KEY"):
+            env.pop(var, None)
+        env["BROKER_SERVER"] = self.server
+        return env
+
+    def broker_cmd(self, *args: str) -> list[str]:
+        return [str(Path(sys.executable).parent / "broker"), *args]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=5)
+
+
+def start_broker(pki: GridPki, base: Path, *, database_url: str = "",
+                 policy: str = DEV_POLICY, extra: tuple[str, ...] = (),
+                 workers: int = 1) -> RunningBroker:
+    state = base / "state"
+    policy_dir = base / "policies"
+    policy_dir.mkdir(parents=True, exist_ok=True)
+    (policy_dir / "10-test.toml").write_text(policy)
+    port = free_port()
+    log = base / "serve.log"
+    argv = [
+        str(Path(sys.executable).parent / "broker"), "serve", "--state-dir", str(state),
+        "--bind", f"127.0.0.1:{port}", "--host-cert", str(pki.cert_path("host")),
+        "--host-key", str(pki.key_path("host")), "--ca-dir", str(pki.ca_dir),
+        "--vomsdir", str(pki.vomsdir), "--policy-dir", str(policy_dir),
+        "--workers", str(workers), *extra,
+    ]
+    if database_url:
+        argv += ["--database-url", database_url]
+    with open(log, "wb") as out:
+        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    broker = RunningBroker(port, state, policy_dir, database_url or
+                           f"sqlite:///{state / 'broker.sqlite'}", log, process, pki)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"broker serve exited early:\n{log.read_text()}")
+        try:
+            broker.client("alice").call("GET", "/healthz")
+            return broker
+        except Exception:  # noqa: BLE001 - not up yet
+            time.sleep(0.2)
+    broker.stop()
+    raise AssertionError(f"broker serve did not come up:\n{log.read_text()}")
+
+
+@pytest.fixture
+def sqlite_broker(grid_pki: GridPki, tmp_path: Path) -> Iterator[RunningBroker]:
+    broker = start_broker(grid_pki, tmp_path)
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def any_broker(request: pytest.FixtureRequest, grid_pki: GridPki,
+               tmp_path: Path) -> Iterator[RunningBroker]:
+    url = "" if request.param == "sqlite" else str(request.getfixturevalue("postgres_database"))
+    broker = start_broker(grid_pki, tmp_path, database_url=url)
+    try:
+        yield broker
+    finally:
+        broker.stop()
