@@ -11,7 +11,6 @@ import base64
 import http.client
 import json
 import os
-import socket
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -111,7 +110,7 @@ class BrokerClient:
                 f"TLS with {self.host}:{self.port} failed: {exc.reason or exc}; check that your "
                 "credential is valid and the server's CA is in your CA directory",
                 reason="tls") from exc
-        except (ConnectionError, socket.timeout, OSError) as exc:
+        except (TimeoutError, ConnectionError, OSError) as exc:
             raise SystemFailure(
                 f"cannot reach the broker at {self.host}:{self.port}: {exc}; is it running?",
                 reason="unreachable") from exc
@@ -195,7 +194,8 @@ class BrokerClient:
 
     def info(self, *, username: str | None = None, name: str | None = None) -> dict[str, Any]:
         query = "&".join(f"{k}={v}" for k, v in (("username", username), ("name", name)) if v)
-        result: dict[str, Any] = self.call("GET", "/v1/credentials" + (f"?{query}" if query else ""))
+        path = "/v1/credentials" + (f"?{query}" if query else "")
+        result: dict[str, Any] = self.call("GET", path)
         return result
 
     def destroy(self, *, username: str, name: str = "default") -> dict[str, Any]:

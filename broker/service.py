@@ -55,6 +55,7 @@ from broker.pki.loading import (
 )
 from broker.pki.proxy import ProxyType, generate_key, load_csr, make_csr, sign_request
 from broker.pki.trust import TrustStore
+from broker.pki.voms import VomsDir
 from broker.policy import (
     Action,
     AuthMethod,
@@ -260,7 +261,7 @@ class BrokerService:
         trust: TrustStore,
         policy: Callable[[], PolicySet],
         *,
-        vomsdir: object | None = None,
+        vomsdir: VomsDir | None = None,
         config: ServiceConfig | None = None,
         clock: Callable[[], datetime] | None = None,
         challenge_secret: bytes | None = None,

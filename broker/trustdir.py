@@ -13,6 +13,7 @@ from pathlib import Path
 
 from broker.errors import ConfigError
 from broker.pki.trust import TrustStore
+from broker.pki.voms import VomsDir
 
 DEFAULT_CA_DIR = "/etc/grid-security/certificates"
 DEFAULT_VOMSDIR = "/etc/grid-security/vomsdir"
@@ -69,8 +70,6 @@ def read_vomsdir_files(path: str | os.PathLike[str]) -> dict[str, bytes]:
     return files
 
 
-def load_vomsdir(path: str | os.PathLike[str]) -> object:
-    """A :class:`broker.pki.voms.VomsDir` (an empty one when the directory is missing)."""
-    from broker.pki.voms import VomsDir
-
+def load_vomsdir(path: str | os.PathLike[str]) -> VomsDir:
+    """The vomsdir's LSC entries (an empty VomsDir when the directory is missing)."""
     return VomsDir.from_files(read_vomsdir_files(path))

@@ -129,7 +129,7 @@ def start_broker(pki: GridPki, base: Path, *, database_url: str = "",
         try:
             broker.client("alice").call("GET", "/healthz")
             return broker
-        except Exception:  # noqa: BLE001 - not up yet
+        except Exception:
             time.sleep(0.2)
     broker.stop()
     raise AssertionError(f"broker serve did not come up:\n{log.read_text()}")

@@ -38,7 +38,9 @@ def serve(config_path: str | None, **flags: Any) -> None:
     from broker.runtime import check_policy, prepare_state
     from broker.server import BrokerApplication
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     config = load_config(config_path, flags)
     prepare_state(config)
     check_policy(config)  # refuse to start on an invalid or unsafe policy
@@ -109,7 +111,8 @@ def audit(config_path: str | None, owner: str | None, job_id: str | None, action
     from broker.store.crypto import MasterKeyRing
 
     config = load_config(config_path, flags)
-    store = Store(make_engine(config.database_url), MasterKeyRing.generate())  # audit rows hold no key material
+    # Audit rows hold no key material: a throwaway in-memory key ring is enough.
+    store = Store(make_engine(config.database_url), MasterKeyRing.generate())
     try:
         rows = store.query_audit(owner_dn=owner, job_id=job_id, action=action, limit=limit)
     finally:
@@ -130,7 +133,8 @@ def audit(config_path: str | None, owner: str | None, job_id: str | None, action
 def _row(r: Any) -> dict[str, Any]:
     return {
         "time": r.time.isoformat(), "action": r.action, "decision": r.decision,
-        "endpoint": r.endpoint, "requester": r.requester_dn, "requester_fqans": list(r.requester_fqans),
+        "endpoint": r.endpoint, "requester": r.requester_dn,
+        "requester_fqans": list(r.requester_fqans),
         "owner": r.owner_dn, "username": r.username, "credential": r.credential_name,
         "job_id": r.job_id, "reason": r.reason, "client_address": r.client_address,
         "request_id": r.request_id,

@@ -34,6 +34,7 @@ from broker.pki.proxy import (
     proxy_info,
 )
 from broker.pki.trust import TrustStore
+from broker.pki.voms import VomsAttributes, VomsDir, verify_chain_acs
 
 MAX_CHAIN_LENGTH = 16
 _LEGACY_PROXY_CNS = ("proxy", "limited proxy")
@@ -50,7 +51,7 @@ class ChainInfo:
     path_length: int | None  # the leaf's own constraint (None: unlimited or not a proxy)
     not_after: datetime  # earliest notAfter of the chain's end-entity and proxies
     fqans: tuple[str, ...] = ()
-    voms: tuple[object, ...] = ()  # broker.pki.voms.VomsAttributes, one per verified AC
+    voms: tuple[VomsAttributes, ...] = ()  # one per verified AC
 
     @property
     def proxy_depth(self) -> int:
@@ -298,7 +299,7 @@ def validate_chain(
     trust: TrustStore,
     *,
     now: datetime,
-    vomsdir: object | None = None,
+    vomsdir: VomsDir | None = None,
 ) -> ChainInfo:
     """Verify ``chain`` (leaf first) against ``trust`` at ``now``.
 
@@ -322,11 +323,9 @@ def validate_chain(
     _check_revocation(verified[len(infos):], trust, now)
     not_after = min(c.not_valid_after_utc for c in chain[: len(infos) + 1])
     fqans: tuple[str, ...] = ()
-    voms: tuple[object, ...] = ()
+    voms: tuple[VomsAttributes, ...] = ()
     if vomsdir is not None:
-        from broker.pki import voms as voms_module
-
-        attrs = voms_module.verify_chain_acs(list(chain), eec, vomsdir, trust, now)
+        attrs = verify_chain_acs(list(chain), eec, vomsdir, trust, now)
         voms = tuple(attrs)
         fqans = tuple(f for a in attrs for f in a.fqans)
     return ChainInfo(

@@ -13,7 +13,6 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from broker.errors import (
-    AuthenticationError,
     AuthorizationError,
     Conflict,
     CredentialError,
@@ -98,7 +97,7 @@ def test_renewal_with_proof_of_possession(sqlite_broker: RunningBroker) -> None:
     _delegate(sqlite_broker)
     alice_old = new_proxy(sqlite_broker.pki.load("alice"), now=datetime.now(UTC),
                           lifetime=timedelta(hours=1))
-    cred, result = sqlite_broker.client("pilot").renew(alice_old, username="alice",
+    _, result = sqlite_broker.client("pilot").renew(alice_old, username="alice",
                                                        lifetime_hours=2)
     assert result["owner"] == "/DC=org/DC=example/CN=Alice"
     # a proxy of bob cannot renew alice's credential
@@ -190,8 +189,8 @@ def test_malformed_requests_get_specific_4xx(sqlite_broker: RunningBroker) -> No
         ("GET", "/v1/nothing-here", None, 404, "not_found"),
         ("PATCH", "/v1/retrievals", None, 405, "method_not_allowed"),
     ]
-    for method, path, body, status, code in cases:
-        with pytest.raises(Exception) as err:  # noqa: PT011 - the class depends on the status
+    for method, path, body, _status, code in cases:
+        with pytest.raises(Exception) as err:
             pilot.call(method, path, body)
         exc = err.value
         assert getattr(exc, "reason", None) == code, (method, path, exc)

@@ -1,0 +1,1 @@
+from tests.pkifixtures import grid_pki  # noqa: F401 - fixture

@@ -1,0 +1,140 @@
+"""The service layer in-process, with an injected clock (no TLS, real store and policy)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from broker.errors import AuthenticationError, AuthorizationError, NotFound
+from broker.pki.loading import chain_to_pem
+from broker.pki.proxy import csr_to_pem, generate_key, load_csr, make_csr, sign_request
+from broker.policy import load_policy
+from broker.service import BrokerService, DelegationOptions, Requester
+from broker.store import MasterKeyRing, Store, default_sqlite_url, migrate
+from tests.brokerserver import DEV_POLICY
+from tests.pkifixtures import GridPki
+
+ALICE = "/DC=org/DC=example/CN=Alice"
+
+
+class Clock:
+    def __init__(self, start: datetime) -> None:
+        self.now = start
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@pytest.fixture
+def clock(grid_pki: GridPki) -> Clock:
+    return Clock(grid_pki.now + timedelta(minutes=1))
+
+
+@pytest.fixture
+def service(grid_pki: GridPki, tmp_path: Path, clock: Clock) -> Iterator[BrokerService]:
+    url = default_sqlite_url(tmp_path)
+    migrate(url)
+    with Store(url, MasterKeyRing.generate(), clock=clock) as store:
+        yield BrokerService(store, grid_pki.trust, lambda: load_policy({"p.toml": DEV_POLICY}),
+                            clock=clock)
+
+
+def who(service: BrokerService, grid_pki: GridPki, name: str) -> Requester:
+    return service.authenticate_chain(list(grid_pki.user(name).chain))
+
+
+def delegate(service: BrokerService, grid_pki: GridPki, **options: object) -> None:
+    alice = who(service, grid_pki, "alice")
+    opts = DelegationOptions(username="alice", **options)  # type: ignore[arg-type]
+    pending = service.start_delegation(alice, opts)
+    chain = sign_request(grid_pki.user("alice"), load_csr(pending.csr_pem), now=service.now(),
+                         lifetime=opts.stored_lifetime)
+    service.finish_delegation(alice, pending.id, chain_to_pem(chain),
+                              passphrase=opts.passphrase)
+
+
+def csr() -> bytes:
+    return csr_to_pem(make_csr(generate_key("ec")))
+
+
+def test_pending_delegation_expires(service: BrokerService, grid_pki: GridPki,
+                                    clock: Clock) -> None:
+    alice = who(service, grid_pki, "alice")
+    pending = service.start_delegation(alice, DelegationOptions(username="alice"))
+    clock.now += timedelta(minutes=11)
+    chain = sign_request(grid_pki.user("alice"), load_csr(pending.csr_pem), now=clock.now,
+                         lifetime=timedelta(hours=2))
+    with pytest.raises(NotFound) as err:
+        service.finish_delegation(alice, pending.id, chain_to_pem(chain))
+    assert err.value.reason == "expired"
+
+
+def test_lifetime_is_the_minimum_of_all_caps(service: BrokerService, grid_pki: GridPki,
+                                             clock: Clock) -> None:
+    delegate(service, grid_pki, stored_lifetime=timedelta(hours=5),
+             max_proxy_lifetime=timedelta(hours=4))
+    pilot = who(service, grid_pki, "pilot")
+    issued = service.retrieve(pilot, csr_pem=csr(), username="alice",
+                              lifetime=timedelta(hours=3))
+    assert issued.lifetime == timedelta(hours=3)  # requested
+    issued = service.retrieve(pilot, csr_pem=csr(), username="alice",
+                              lifetime=timedelta(hours=48))
+    assert issued.lifetime == timedelta(hours=4)  # owner's -t
+    clock.now += timedelta(hours=4, minutes=30)
+    issued = service.retrieve(pilot, csr_pem=csr(), username="alice",
+                              lifetime=timedelta(hours=48))
+    assert timedelta(minutes=29) < issued.lifetime <= timedelta(minutes=31)  # chain's life
+    clock.now += timedelta(hours=1)
+    from broker.errors import CredentialError
+
+    with pytest.raises(CredentialError) as err:
+        service.retrieve(pilot, csr_pem=csr(), username="alice")
+    assert err.value.reason == "expired"
+
+
+def test_owner_policy_narrows_site_policy(service: BrokerService, grid_pki: GridPki) -> None:
+    delegate(service, grid_pki, trusted_retrievers=("/DC=org/DC=example/CN=pilot2",))
+    with pytest.raises(AuthorizationError) as err:
+        service.retrieve(who(service, grid_pki, "pilot"), csr_pem=csr(), username="alice")
+    assert err.value.reason == "owner_policy"
+    service.retrieve(who(service, grid_pki, "pilot2"), csr_pem=csr(), username="alice")
+    # the owner list cannot widen: bob is not a pilot, the site does not let him retrieve
+    delegate(service, grid_pki, name="wide", trusted_retrievers=("/DC=org/DC=example/CN=Bob",))
+    with pytest.raises(AuthorizationError):
+        service.retrieve(who(service, grid_pki, "bob"), csr_pem=csr(), username="alice",
+                         name="wide")
+
+
+def test_passphrase_protected_credential(service: BrokerService, grid_pki: GridPki) -> None:
+    delegate(service, grid_pki, name="pp", passphrase="sesame-123")
+    anonymous = Requester(dn=None, endpoint="myproxy")
+    with pytest.raises(AuthenticationError):
+        service.retrieve(anonymous, csr_pem=csr(), username="alice", name="pp",
+                         passphrase="wrong-pass")
+    issued = service.retrieve(anonymous, csr_pem=csr(), username="alice", name="pp",
+                              passphrase="sesame-123")
+    assert issued.owner_dn == ALICE
+    with pytest.raises(AuthenticationError) as err:
+        service.retrieve(who(service, grid_pki, "pilot"), csr_pem=csr(), username="alice",
+                         name="pp")
+    assert err.value.reason == "passphrase_required"
+
+
+def test_every_outcome_is_audited(service: BrokerService, grid_pki: GridPki) -> None:
+    delegate(service, grid_pki)
+    service.retrieve(who(service, grid_pki, "pilot"), csr_pem=csr(), username="alice",
+                     job_id="7.0")
+    with pytest.raises(AuthorizationError):
+        service.retrieve(who(service, grid_pki, "bob"), csr_pem=csr(), username="alice",
+                         job_id="7.1")
+    rows = service.store.query_audit(owner_dn=ALICE)
+    summary = [(r.action, r.decision, r.job_id) for r in rows]
+    assert ("retrieve", "allow", "7.0") in summary
+    assert ("retrieve", "deny", "7.1") in summary
+    assert ("delegate", "allow", None) in summary
+    denied = next(r for r in rows if r.job_id == "7.1")
+    assert denied.requester_dn == "/DC=org/DC=example/CN=Bob"
+    assert denied.reason and "no rule lets" in denied.reason
