@@ -118,3 +118,36 @@ ensure_venv() {
         die "after pip install, the venv at $VENV still cannot import broker from $REPO, pytest and hypothesis"
     _install_stamp >"$stamp_file"
 }
+
+# ---------------------------------------------------------------- system packages
+# ensure_apt_packages: install the missing packages of the caller's APT_PACKAGES array.
+ensure_apt_packages() {
+    if ! command -v dpkg-query >/dev/null 2>&1; then
+        warn "not a Debian system (no dpkg-query); not checking system packages: ${APT_PACKAGES[*]}"
+        return 0
+    fi
+    local missing=() pkg
+    local installed
+    installed="$(dpkg-query -W -f='${Package}\t${db:Status-Abbrev}\n' "${APT_PACKAGES[@]}" 2>/dev/null |
+        awk -F'\t' '$2 ~ /^ii/ { print $1 }' || true)"
+    for pkg in "${APT_PACKAGES[@]}"; do
+        grep -qxF "$pkg" <<<"$installed" || missing+=("$pkg")
+    done
+    [[ ${#missing[@]} -eq 0 ]] && return 0
+
+    if [[ "$(id -u)" -ne 0 ]]; then
+        warn "missing system packages: ${missing[*]}"
+        warn "not root, so not installing them; tests that need them will be skipped" \
+            "(run: sudo apt-get install ${missing[*]})"
+        return 0
+    fi
+    log "installing missing system packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    if ! { apt-get update -q && apt-get install -y -q --no-install-recommends "${missing[@]}"; }; then
+        if in_ci; then
+            die "apt-get could not install: ${missing[*]}"
+        fi
+        warn "apt-get could not install: ${missing[*]}; continuing, tests that need them will be skipped"
+    fi
+}
+

@@ -124,6 +124,8 @@ def audit(config_path: str | None, owner: str | None, job_id: str | None, action
         click.echo("no audit events match")
     for r in rows:
         who = r.requester_dn or "anonymous"
+        if r.requester_fqans:
+            who += f" ({', '.join(r.requester_fqans)})"
         target = f"{r.owner_dn or '-'} [{r.username or '-'}/{r.credential_name or '-'}]"
         job = f" job={r.job_id}" if r.job_id else ""
         click.echo(f"{r.time:%Y-%m-%d %H:%M:%S} {r.endpoint:7} {r.action:17} {r.decision:5} "

@@ -293,7 +293,7 @@ def test_symlink_planted_at_proxy_copy_is_refused(tmp_path: Path) -> None:
     (d / PROXY_NAME).symlink_to(target)
     fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        with pytest.raises(WrapperSystemError, match="symbolic link|exists"):
+        with pytest.raises(WrapperSystemError, match=r"symbolic link|exists"):
             install_proxy(fd, b"PEM", uid=65534, gid=65534, replace=False)
         with pytest.raises(WrapperSystemError, match="symbolic link"):
             install_proxy(fd, b"PEM", uid=65534, gid=65534, replace=True)
