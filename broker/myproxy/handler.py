@@ -1,0 +1,450 @@
+"""One MyProxy session: decoded messages <-> :class:`broker.service.BrokerService`.
+
+The handler talks to the peer through a :class:`Channel` (the TLS connection in
+production, a scripted fake in unit tests), so it holds no socket code. Every
+refusal is an :class:`Refusal` carrying the text of the ``ERROR=`` lines; the
+server sends it and closes the connection, as the reference server does.
+
+Authorization happens *before* the first OK, because the C clients print the
+server's ERROR text only at that point; an ERROR sent in place of the
+certificate chain shows up as "server-side error: check server logs".
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Literal, Protocol
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+
+from broker.errors import (
+    AuthenticationError,
+    BrokerError,
+    ChainError,
+    InputError,
+    NotFound,
+    PemError,
+    ProtocolError,
+)
+from broker.myproxy import codec
+from broker.myproxy.codec import AuthMethodId, Command
+from broker.myproxy.policy_strings import NOBODY, render_policy, translate_policy
+from broker.pki.loading import Credential, chain_to_pem, load_certificates, public_keys_equal
+from broker.policy import Action, AuthMethod, OwnerPolicy
+from broker.service import DEFAULT_CREDENTIAL, BrokerService, DelegationOptions, Requester
+from broker.store import CredentialRecord
+
+log = logging.getLogger("broker.myproxy")
+
+MessageKind = Literal["text", "der", "chain", "auth"]
+
+# Reference wording (myproxy-server 6.2.14), so that scripts grepping for it keep working.
+BAD_PASSWORD = "Bad password\ninvalid credential passphrase"
+INVALID_PASSPHRASE = "invalid credential passphrase"
+NO_PASSPHRASE = "no passphrase\nauthentication failed"
+
+
+class Channel(Protocol):
+    """What the handler needs from a connection."""
+
+    def recv(self, kind: MessageKind) -> bytes:
+        """One whole message of ``kind``; raises ProtocolError on EOF, timeout or size."""
+
+    def send(self, data: bytes) -> None:
+        """Write one message in one write (never glued to the next one)."""
+
+
+class Refusal(Exception):
+    """Send these ERROR lines and close."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Settings:
+    max_lifetime: timedelta | None = None  # extra cap on issued proxies (None: service rules)
+
+
+def _name(cred_name: str | None) -> str:
+    return cred_name or DEFAULT_CREDENTIAL
+
+
+def _shown(name: str) -> str:
+    return "" if name == DEFAULT_CREDENTIAL else name
+
+
+def _not_found(username: str, cred_name: str | None) -> Refusal:
+    if cred_name:
+        return Refusal(f'No credentials exist with username "{username}" and credential name '
+                       f'"{cred_name}".')
+    return Refusal(f'No credentials exist for username "{username}".')
+
+
+def _to_der_certs(ders: list[bytes]) -> list[x509.Certificate]:
+    try:
+        return [x509.load_der_x509_certificate(d) for d in ders]
+    except ValueError as exc:
+        raise Refusal(f"a certificate in the chain is malformed: {exc}") from None
+
+
+class Session:
+    """Serve one request (and its sub-messages) on ``channel``."""
+
+    def __init__(
+        self,
+        service: BrokerService,
+        channel: Channel,
+        requester: Requester,
+        *,
+        trust_files: Callable[[], Mapping[str, bytes]],
+        settings: Settings | None = None,
+    ) -> None:
+        self.service = service
+        self.channel = channel
+        self.requester = requester
+        self.trust_files = trust_files
+        self.settings = settings or Settings()
+
+    # ------------------------------------------------------------------ entry
+
+    def run(self) -> None:
+        """Serve the session; refusals become one ERROR message (the caller closes)."""
+        try:
+            request = codec.parse_request(self.channel.recv("text"))
+            self._dispatch(request)
+        except Refusal as exc:
+            self._send_error(exc.message)
+        except ProtocolError as exc:
+            self._send_error(exc.message)
+        except BrokerError as exc:
+            self._send_error(self._describe(exc))
+
+    def _send_error(self, message: str) -> None:
+        log.info("myproxy %s refused: %s", self.requester.label, message.replace("\n", " / "))
+        try:
+            self.channel.send(codec.error(message))
+        except (OSError, ProtocolError):
+            pass  # the peer left; nothing to tell it
+
+    @staticmethod
+    def _describe(exc: BrokerError) -> str:
+        return exc.message
+
+    def _dispatch(self, request: codec.Request) -> None:
+        handlers = {
+            Command.GET: self._get,
+            Command.PUT: self._put,
+            Command.INFO: self._info,
+            Command.DESTROY: self._destroy,
+            Command.CHANGE_PASSPHRASE: self._change_passphrase,
+            Command.STORE: self._store,
+            Command.RETRIEVE: self._retrieve_key,
+            Command.GET_TRUSTROOTS: self._trustroots,
+        }
+        handlers[request.command](request)
+
+    def _need_identity(self, what: str) -> str:
+        if self.requester.dn is None:
+            raise Refusal(f"{what} needs a client certificate or proxy; the connection was "
+                          "anonymous (set X509_USER_PROXY or X509_USER_CERT/KEY)")
+        return self.requester.dn
+
+    # ------------------------------------------------------------------ look-ups
+
+    def _find(self, username: str, cred_name: str | None) -> CredentialRecord:
+        """The credential, accepting MyProxyClient's ``USERNAME=user-credname`` form."""
+        store = self.service.store
+        try:
+            return store.get_credential(username, _name(cred_name))
+        except NotFound:
+            if cred_name is None:
+                for i, char in enumerate(username):
+                    if char == "-" and 0 < i < len(username) - 1:
+                        try:
+                            return store.get_credential(username[:i], username[i + 1 :])
+                        except (NotFound, InputError):
+                            continue
+            raise _not_found(username, cred_name) from None
+
+    def _trust_lines(self) -> list[tuple[str, str]]:
+        return codec.trustroot_lines(self.trust_files())
+
+    # ------------------------------------------------------------------ GET (0)
+
+    def _get(self, request: codec.Request) -> None:
+        record = self._find(request.username, request.cred_name)
+        requester = self.requester
+        passphrase = request.passphrase or None
+        action = Action.RETRIEVE
+        authz_owner: str | None = None
+        if passphrase is not None:
+            self._check_passphrase(record, passphrase)
+            self._authorize(record, Action.RETRIEVE, AuthMethod.PASSPHRASE)
+        elif requester.dn is None:
+            raise Refusal(NO_PASSPHRASE)
+        elif self._allowed(record, Action.RETRIEVE, AuthMethod.CERTIFICATE):
+            if record.passphrase_protected:
+                raise Refusal(INVALID_PASSPHRASE)
+        elif self._allowed(record, Action.RENEW, AuthMethod.CERTIFICATE) and not (
+                record.passphrase_protected):
+            authz_owner = self._renewal_challenge(record)
+            action = Action.RENEW
+        elif record.passphrase_protected:
+            raise Refusal(INVALID_PASSPHRASE)
+        else:
+            raise Refusal(NO_PASSPHRASE)
+
+        self.channel.send(codec.ok(self._trust_lines() if request.trusted_certs else ()))
+        csr_der = self.channel.recv("der")
+        lifetime = timedelta(seconds=request.lifetime) if request.lifetime > 0 else None
+        if lifetime is not None and self.settings.max_lifetime is not None:
+            lifetime = min(lifetime, self.settings.max_lifetime)
+        issued = self.service.retrieve(
+            requester, csr_pem=csr_der, username=record.username, name=record.name,
+            lifetime=lifetime, passphrase=passphrase, action=action, _authz_owner=authz_owner,
+        )
+        ders = [c.public_bytes(serialization.Encoding.DER) for c in issued.chain]
+        self.channel.send(codec.encode_chain(ders))
+        self.channel.send(codec.ok())
+
+    def _check_passphrase(self, record: CredentialRecord, passphrase: str) -> None:
+        if not record.passphrase_protected:
+            # Stored without a passphrase (myproxy-init -n/-Z/-R): a passphrase proves
+            # nothing, so it must not open the credential (MyProxy: the same refusal).
+            raise Refusal(NO_PASSPHRASE)
+        try:
+            self.service.store.decrypt_private_key(record, passphrase)
+        except AuthenticationError:
+            raise Refusal(BAD_PASSWORD) from None
+
+    def _decision(self, record: CredentialRecord, action: Action, auth: AuthMethod
+                  ) -> tuple[bool, str]:
+        # The service decides again inside retrieve(); this early look lets the
+        # refusal reach the client before the OK (see the module docstring).
+        decision = self.service._decide(  # noqa: SLF001 - see docs/myproxy.md, "service API"
+            self.requester, action, owner_dn=record.owner_dn,
+            owner_fqans=self.service._owner_fqans(record),  # noqa: SLF001
+            name=record.name, username=record.username, auth=auth,
+            owner_policy=_owner_policy(record),
+        )
+        return decision.allowed, decision.message
+
+    def _allowed(self, record: CredentialRecord, action: Action, auth: AuthMethod) -> bool:
+        return self._decision(record, action, auth)[0]
+
+    def _authorize(self, record: CredentialRecord, action: Action, auth: AuthMethod) -> None:
+        allowed, message = self._decision(record, action, auth)
+        if not allowed:
+            raise Refusal(message)
+
+    def _renewal_challenge(self, record: CredentialRecord) -> str:
+        """RESPONSE=2 with the X509 methods; return the identity the client proved."""
+        nonce = secrets.token_hex(16)
+        self.channel.send(codec.challenge([
+            (AuthMethodId.X509_CERTIFICATE_SHA256, nonce),
+            (AuthMethodId.X509_CERTIFICATE, nonce),
+        ]))
+        proof = codec.parse_auth_reply(self.channel.recv("auth"))
+        certs = _to_der_certs(proof.chain)
+        digest: hashes.HashAlgorithm = (
+            hashes.SHA256() if proof.method is AuthMethodId.X509_CERTIFICATE_SHA256
+            else hashes.SHA1()  # noqa: S303 - the protocol's method 2 is defined with SHA-1
+        )
+        _verify(certs[0], nonce.encode("ascii"), proof.signature, digest)
+        try:
+            proven = self.service.authenticate_chain(
+                certs, client_address=self.requester.client_address, endpoint="myproxy",
+                request_id=self.requester.request_id)
+        except AuthenticationError as exc:
+            raise Refusal(f"renewal authentication failed: {exc.message}") from None
+        if proven.dn != record.owner_dn:
+            raise Refusal(
+                f"renewal authentication failed: the proxy presented with -a belongs to "
+                f"{proven.dn}, not to the credential's owner {record.owner_dn}")
+        assert proven.dn is not None
+        return proven.dn
+
+    # ------------------------------------------------------------------ PUT (1) / STORE (5)
+
+    def _options(self, request: codec.Request) -> DelegationOptions:
+        passphrase = request.passphrase or None
+        retrievers = translate_policy(request.retriever)
+        trusted = translate_policy(request.retriever_trusted)
+        renewers = translate_policy(request.renewer)
+        config = self.service.config
+        proxy_life = (timedelta(seconds=request.lifetime) if request.lifetime > 0
+                      else config.max_proxy_lifetime)
+        return DelegationOptions(
+            username=request.username,
+            name=_name(request.cred_name),
+            stored_lifetime=config.max_stored_lifetime,
+            max_proxy_lifetime=min(proxy_life, config.max_proxy_lifetime),
+            # MyProxy semantics, which the broker's "unset = site decides" would lose:
+            # without a passphrase nobody may retrieve "with the passphrase", and only
+            # the owner's -Z / -R lists admit trusted retrievers and renewers.
+            retrievers=(retrievers or ()) if passphrase else (NOBODY,),
+            trusted_retrievers=trusted or (NOBODY,),
+            renewers=renewers or (NOBODY,),
+            description=request.cred_desc,
+            passphrase=passphrase,
+        )
+
+    def _put(self, request: codec.Request) -> None:
+        self._need_identity("storing a credential (myproxy-init)")
+        options = self._options(request)
+        self._check_owner(options)
+        pending = self.service.start_delegation(self.requester, options)
+        csr = x509.load_pem_x509_csr(pending.csr_pem)
+        self.channel.send(codec.ok())
+        self.channel.send(csr.public_bytes(serialization.Encoding.DER))
+        ders = codec.decode_chain(self.channel.recv("chain"))
+        chain_pem = chain_to_pem(_to_der_certs(ders))
+        try:
+            self.service.finish_delegation(self.requester, pending.id, chain_pem,
+                                           passphrase=options.passphrase)
+        except ChainError as exc:
+            raise Refusal(f"Credentials are not valid.\n{exc.message}") from None
+        self.channel.send(codec.ok())
+
+    def _check_owner(self, options: DelegationOptions) -> None:
+        try:
+            record = self.service.store.get_credential(options.username, options.name)
+        except NotFound:
+            return
+        if record.owner_dn != self.requester.dn:
+            raise Refusal(
+                f"Credentials are already stored for user {options.username} "
+                f"{'' if options.name == DEFAULT_CREDENTIAL else 'name ' + options.name + ' '}"
+                f'and not owned by "{self.requester.dn}".')
+
+    def _store(self, request: codec.Request) -> None:
+        self._need_identity("storing a credential (myproxy-store)")
+        options = self._options(request)
+        self._check_owner(options)
+        self.channel.send(codec.ok())
+        text = self.channel.recv("text")
+        cut = text.find(b"\0")
+        pem = text[:cut] if cut >= 0 else text
+        credential = _load_stored(pem, request.passphrase or None)
+        self.service.store_credential(self.requester, options, credential)
+        self.channel.send(codec.ok())
+
+    # ------------------------------------------------------------------ INFO (2)
+
+    def _info(self, request: codec.Request) -> None:
+        dn = self._need_identity("myproxy-info")
+        try:
+            summaries = self.service.info(self.requester, username=request.username,
+                                          name=request.cred_name)
+        except NotFound:
+            summaries = []
+        if not summaries and request.cred_name is None and "-" in request.username:
+            try:
+                record = self._find(request.username, None)
+                summaries = self.service.info(self.requester, username=record.username,
+                                              name=record.name)
+            except (Refusal, NotFound):
+                summaries = []
+        if not summaries:
+            raise Refusal(f'no credentials found for user {request.username}, owner "{dn}"')
+        entries = [
+            codec.InfoEntry(
+                name=None if s.name == DEFAULT_CREDENTIAL else s.name,
+                owner=s.owner_dn,
+                start_time=int(s.created_at.timestamp()),
+                end_time=int(s.not_after.timestamp()),
+                description=s.description,
+                retriever=render_policy(s.retrievers),
+                retriever_trusted=render_policy(s.trusted_retrievers),
+                renewer=render_policy(s.renewers),
+            )
+            for s in summaries
+        ]
+        self.channel.send(codec.ok(codec.info_lines(entries)))
+
+    # ------------------------------------------------------------------ DESTROY (3) / CHANGE (4)
+
+    def _destroy(self, request: codec.Request) -> None:
+        dn = self._need_identity("myproxy-destroy")
+        record = self._find(request.username, request.cred_name)
+        if record.owner_dn != dn:
+            raise Refusal(f'Credentials not owned by "{dn}".')
+        self.service.destroy(self.requester, username=record.username, name=record.name)
+        self.channel.send(codec.ok())
+
+    def _change_passphrase(self, request: codec.Request) -> None:
+        dn = self._need_identity("myproxy-change-pass-phrase")
+        record = self._find(request.username, request.cred_name)
+        if record.owner_dn != dn:
+            raise Refusal(f'Credentials not owned by "{dn}".')
+        if not request.new_phrase:
+            raise Refusal("no new passphrase was given (NEW_PHRASE is empty)")
+        try:
+            self.service.change_passphrase(
+                self.requester, username=record.username, name=record.name,
+                old=request.passphrase or None if record.passphrase_protected else None,
+                new=request.new_phrase)
+        except AuthenticationError:
+            raise Refusal(BAD_PASSWORD) from None
+        self.channel.send(codec.ok())
+
+    # ------------------------------------------------------------------ RETRIEVE (6) / TRUST (7)
+
+    def _retrieve_key(self, request: codec.Request) -> None:
+        raise Refusal(
+            "key retrieval (myproxy-retrieve) is not offered by this server: stored private "
+            "keys never leave the broker; use myproxy-logon to get a proxy instead")
+
+    def _trustroots(self, request: codec.Request) -> None:
+        self.channel.send(codec.ok(self._trust_lines()))
+
+
+def _owner_policy(record: CredentialRecord) -> OwnerPolicy | None:
+    if not (record.retrievers or record.trusted_retrievers or record.renewers):
+        return None
+    return OwnerPolicy(
+        retrievers=record.retrievers or None,
+        trusted_retrievers=record.trusted_retrievers or None,
+        renewers=record.renewers or None,
+    )
+
+
+def _verify(cert: x509.Certificate, message: bytes, signature: bytes,
+            digest: hashes.HashAlgorithm) -> None:
+    key = cert.public_key()
+    try:
+        if isinstance(key, rsa.RSAPublicKey):
+            key.verify(signature, message, padding.PKCS1v15(), digest)
+        elif isinstance(key, ec.EllipticCurvePublicKey):
+            key.verify(signature, message, ec.ECDSA(digest))
+        else:
+            raise Refusal("renewal authentication failed: unsupported key type")
+    except InvalidSignature:
+        raise Refusal("renewal authentication failed: the challenge signature does not "
+                      "verify with the presented proxy's key") from None
+
+
+def _load_stored(pem: bytes, passphrase: str | None) -> Credential:
+    """myproxy-store's upload: certificates, then the (maybe encrypted) key."""
+    from broker.pki.loading import load_private_key
+
+    certs = load_certificates(pem, what="stored certificate")
+    try:
+        key = load_private_key(pem, passphrase.encode() if passphrase else None)
+    except PemError as exc:
+        raise Refusal(f"{BAD_PASSWORD}\n{exc.message}") from None
+    if not public_keys_equal(key, certs[0]):
+        raise Refusal("the uploaded private key does not belong to the first certificate")
+    return Credential(chain=tuple(certs), key=key)
+
+
+__all__ = ["Channel", "Refusal", "Session", "Settings"]

@@ -1,0 +1,396 @@
+"""The per-job sandbox: job directory, HOME, TMPDIR, egg cache, proxy copy.
+
+Layout, inside the pilot's work directory::
+
+    WORKDIR/job-<id>/            owner: target, 0700 + ACL user:<pilot>:r-x
+    WORKDIR/job-<id>/home/       HOME, owner: target, 0700
+    WORKDIR/job-<id>/tmp/        TMPDIR, owner: target, 0700
+    WORKDIR/job-<id>/proxy/      owner: the wrapper (root), 0755
+    WORKDIR/job-<id>/proxy/x509up  X509_USER_PROXY, owner: target, 0600, O_EXCL|O_NOFOLLOW
+    /tmp/payload-eggs-<random>/  PYTHON_EGG_CACHE, owner: target, 0700
+
+Why it is shaped like this:
+
+* Every entry is created relative to an open directory descriptor and before
+  the job directory is handed to the target, so no process of the target
+  account can plant a link on the way. ``mkdir`` fails on any existing name,
+  which refuses a reused job id or a planted link.
+* The proxy sits in a directory the target cannot change; the wrapper keeps
+  that directory open, so :func:`Sandbox.replace_proxy` writes into the same
+  inode even if the payload renames things around it, and ``rename(2)``
+  replaces a link rather than writing through it.
+* The egg cache is made with ``mkdir`` of a random name directly under
+  ``/tmp`` (never ``mktemp`` or ``$TMPDIR``, which sites point at places the
+  target cannot write).
+* The pilot reads outputs through a POSIX ACL entry for its uid, added from
+  open descriptors (``fsetxattr``), never by widening group/other bits; see
+  :func:`grant_read`.
+
+In sudo mode the wrapper is not root: it creates the job directory for itself
+and grants the target ``rwx`` through an ACL, and the helper running as the
+target creates the rest (see :mod:`payload_wrapper.switch`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import secrets
+import shutil
+import stat
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from broker.errors import BrokerError, NameError_
+from broker.fileio import create_exclusive, validate_component
+from payload_wrapper.errors import ClientError, WrapperSystemError
+
+__all__ = [
+    "EGG_ROOT",
+    "PROXY_NAME",
+    "Sandbox",
+    "add_acl_user",
+    "check_workdir",
+    "create_egg_cache",
+    "create_sandbox",
+    "egg_cache_path",
+    "grant_read",
+    "install_proxy",
+    "job_dir_name",
+]
+
+EGG_ROOT = Path("/tmp")  # noqa: S108 - deliberately /tmp itself, not $TMPDIR
+PROXY_NAME = "x509up"
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def job_dir_name(job_id: str) -> str:
+    """``job-<id>``, after checking that the id is one safe path component."""
+    try:
+        validate_component(job_id, what="job id")
+    except NameError_ as exc:
+        raise ClientError(exc.message, reason="bad_job_id") from None
+    return f"job-{job_id}"
+
+
+def check_workdir(path: Path, *, target_uid: int | None) -> os.stat_result:
+    """The work directory must be a real directory, not world-writable, reachable by the target."""
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        raise ClientError(
+            f"the work directory {path} cannot be used ({exc.strerror}); create it or pass "
+            "another --workdir",
+            reason="bad_workdir",
+        ) from exc
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise ClientError(
+            f"the work directory {path} is not a directory (or is a symbolic link); pass its "
+            "real path with --workdir",
+            reason="bad_workdir",
+        )
+    if st.st_mode & 0o002:
+        raise ClientError(
+            f"the work directory {path} is world-writable; anyone could interfere with job "
+            f"directories there: run chmod o-w {path} or use a private directory",
+            reason="bad_workdir",
+        )
+    if target_uid is not None and target_uid != st.st_uid and not st.st_mode & 0o001:
+        raise ClientError(
+            f"the work directory {path} is not searchable by other accounts, so the payload "
+            f"could not reach its job directory: run chmod o+x {path} (e.g. mode 0711)",
+            reason="bad_workdir",
+        )
+    return st
+
+
+def _mkdir_at(name: str, dir_fd: int, mode: int, *, uid: int, gid: int) -> int:
+    """mkdir + open without following links; returns the open directory fd."""
+    try:
+        os.mkdir(name, mode, dir_fd=dir_fd)
+    except FileExistsError:
+        raise ClientError(
+            f"{name} already exists in the work directory; each job needs a new job id "
+            "(remove the old directory or pass another --job-id)",
+            reason="exists",
+        ) from None
+    fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    try:
+        if (uid, gid) != (os.geteuid(), os.getegid()):
+            os.fchown(fd, uid, gid)
+        os.fchmod(fd, mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def egg_cache_path(root: Path = EGG_ROOT) -> Path:
+    """A fresh random name directly under /tmp (128 bits: nobody can pre-create it by guessing)."""
+    return root / f"payload-eggs-{secrets.token_hex(16)}"
+
+
+def create_egg_cache(path: Path, uid: int, gid: int) -> Path:
+    """mkdir ``path`` 0700 for ``uid``; an existing name (a planted link) is refused."""
+    try:
+        os.mkdir(path, 0o700)
+    except OSError as exc:
+        raise WrapperSystemError(
+            f"cannot create the egg cache {path}: {exc.strerror}", reason="egg_cache"
+        ) from exc
+    fd = os.open(path, _DIR_FLAGS)
+    try:
+        if (uid, gid) != (os.geteuid(), os.getegid()):
+            os.fchown(fd, uid, gid)
+        os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
+    return path
+
+
+def install_proxy(
+    dir_fd: int, pem: bytes, *, uid: int, gid: int, replace: bool, name: str = PROXY_NAME
+) -> None:
+    """Put the proxy copy into the open directory ``dir_fd`` (0600, owned by uid:gid).
+
+    A first install uses O_EXCL|O_NOFOLLOW and so refuses anything already
+    there, a planted link included. A replacement writes a temporary file,
+    then renames it over the old copy; a link found there is refused rather
+    than replaced silently, since only root could have planted it.
+    """
+    owner = None if (uid, gid) == (os.geteuid(), os.getegid()) else uid
+    group = None if owner is None else gid
+    if not replace:
+        try:
+            create_exclusive(name, pem, mode=0o600, uid=owner, gid=group, dir_fd=dir_fd)
+        except BrokerError as exc:
+            raise WrapperSystemError(
+                f"cannot create the payload's proxy copy: {exc.message}", reason=exc.reason
+            ) from None
+        return
+    try:
+        st = os.lstat(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        st = None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise WrapperSystemError(
+            f"the payload's proxy copy {name} was replaced by something that is not a regular "
+            "file (a symbolic link?); refusing to write through it",
+            reason="symlink",
+        )
+    temp = f".{name}.{secrets.token_hex(8)}"
+    try:
+        create_exclusive(temp, pem, mode=0o600, uid=owner, gid=group, dir_fd=dir_fd)
+        os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BrokerError as exc:
+        raise WrapperSystemError(f"cannot refresh the proxy copy: {exc.message}") from None
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(temp, dir_fd=dir_fd)
+        raise WrapperSystemError(f"cannot refresh the proxy copy: {exc.strerror}") from exc
+
+
+@dataclass
+class Sandbox:
+    """The directories of one job; ``proxy_dir_fd`` stays open until :meth:`close`."""
+
+    job_dir: Path
+    home: Path
+    tmpdir: Path
+    egg_cache: Path
+    proxy_path: Path
+    proxy_dir_fd: int
+    uid: int
+    gid: int
+
+    def replace_proxy(self, pem: bytes) -> None:
+        install_proxy(self.proxy_dir_fd, pem, uid=self.uid, gid=self.gid, replace=True)
+
+    def remove_proxy(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(PROXY_NAME, dir_fd=self.proxy_dir_fd)
+
+    def remove_egg_cache(self) -> None:
+        # rmtree works from directory descriptors on Linux and never follows links.
+        shutil.rmtree(self.egg_cache, ignore_errors=True)
+
+    def close(self) -> None:
+        if self.proxy_dir_fd >= 0:
+            os.close(self.proxy_dir_fd)
+            self.proxy_dir_fd = -1
+
+
+def create_sandbox(
+    workdir: Path,
+    job_id: str,
+    *,
+    uid: int,
+    gid: int,
+    pem: bytes,
+    pilot_uid: int | None,
+    egg_cache: Path,
+) -> Sandbox:
+    """Create the sandbox for a payload running as uid:gid (needs root when it is not us)."""
+    name = job_dir_name(job_id)
+    check_workdir(workdir, target_uid=uid)
+    me, mygid = os.geteuid(), os.getegid()
+    try:
+        wfd = os.open(workdir, _DIR_FLAGS)
+    except OSError as exc:
+        raise ClientError(f"cannot open the work directory {workdir}: {exc.strerror}") from exc
+    jfd = pfd = -1
+    done = False
+    egg: Path | None = None
+    try:
+        # Owned by us until everything inside exists; handed to the target last.
+        jfd = _mkdir_at(name, wfd, 0o700, uid=me, gid=mygid)
+        for sub in ("home", "tmp"):
+            os.close(_mkdir_at(sub, jfd, 0o700, uid=uid, gid=gid))
+        pfd = _mkdir_at("proxy", jfd, 0o755 if uid != me else 0o700, uid=me, gid=mygid)
+        install_proxy(pfd, pem, uid=uid, gid=gid, replace=False)
+        egg = create_egg_cache(egg_cache, uid, gid)
+        if pilot_uid is not None and pilot_uid not in (0, uid):
+            add_acl_user(jfd, pilot_uid, read=True, write=False, execute=True)
+        if uid != me:
+            os.fchown(jfd, uid, gid)
+        job_dir = workdir / name
+        sandbox = Sandbox(
+            job_dir=job_dir,
+            home=job_dir / "home",
+            tmpdir=job_dir / "tmp",
+            egg_cache=egg,
+            proxy_path=job_dir / "proxy" / PROXY_NAME,
+            proxy_dir_fd=pfd,
+            uid=uid,
+            gid=gid,
+        )
+        done = True
+        return sandbox
+    except OSError as exc:
+        raise WrapperSystemError(
+            f"cannot prepare the job directory {workdir / name}: {exc.strerror}"
+        ) from exc
+    finally:
+        os.close(wfd)
+        if jfd >= 0:
+            os.close(jfd)
+        if not done:
+            if pfd >= 0:
+                with contextlib.suppress(OSError):
+                    os.unlink(PROXY_NAME, dir_fd=pfd)
+                os.close(pfd)
+            if egg is not None:
+                shutil.rmtree(egg, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- POSIX ACLs
+# The xattr "system.posix_acl_access" holds a little-endian header (version 2)
+# and entries (tag u16, perm u16, id u32), sorted by tag then id.
+
+_ACL_XATTR = "system.posix_acl_access"
+_USER_OBJ, _USER, _GROUP_OBJ, _GROUP, _MASK, _OTHER = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
+_UNDEFINED = 0xFFFFFFFF
+_HEADER = struct.Struct("<I")
+_ENTRY = struct.Struct("<HHI")
+
+
+def _read_acl(fd: int, mode: int) -> dict[tuple[int, int], int]:
+    try:
+        blob = os.getxattr(fd, _ACL_XATTR)
+    except OSError as exc:
+        if exc.errno not in (errno.ENODATA, errno.EOPNOTSUPP):
+            raise
+        blob = b""
+    entries: dict[tuple[int, int], int] = {}
+    if len(blob) >= _HEADER.size:
+        for offset in range(_HEADER.size, len(blob) - _ENTRY.size + 1, _ENTRY.size):
+            tag, perm, ident = _ENTRY.unpack_from(blob, offset)
+            entries[(tag, ident)] = perm
+    if not entries:  # no ACL yet: the minimal one the mode bits describe
+        entries = {
+            (_USER_OBJ, _UNDEFINED): (mode >> 6) & 7,
+            (_GROUP_OBJ, _UNDEFINED): (mode >> 3) & 7,
+            (_OTHER, _UNDEFINED): mode & 7,
+        }
+    return entries
+
+
+def add_acl_user(fd: int, uid: int, *, read: bool, write: bool, execute: bool) -> None:
+    """Add (or widen) ``user:<uid>`` on the open file ``fd``; group/other stay as they are.
+
+    The mask becomes the union of the group-class entries, as setfacl does, so
+    the owning group gains nothing it did not already have.
+    """
+    st = os.fstat(fd)
+    entries = _read_acl(fd, st.st_mode)
+    perm = (4 if read else 0) | (2 if write else 0) | (1 if execute else 0)
+    entries[(_USER, uid)] = entries.get((_USER, uid), 0) | perm
+    entries.pop((_MASK, _UNDEFINED), None)
+    mask = 0
+    for (tag, _), p in entries.items():
+        if tag in (_USER, _GROUP_OBJ, _GROUP):
+            mask |= p
+    entries[(_MASK, _UNDEFINED)] = mask
+    blob = _HEADER.pack(2) + b"".join(
+        _ENTRY.pack(tag, p, ident) for (tag, ident), p in sorted(entries.items())
+    )
+    try:
+        os.setxattr(fd, _ACL_XATTR, blob)
+    except OSError as exc:
+        raise WrapperSystemError(
+            f"cannot add an ACL entry for uid {uid} ({exc.strerror}); the work directory's "
+            "filesystem must support POSIX ACLs (mount option acl)"
+        ) from exc
+
+
+def _walk_fds(dir_fd: int) -> Iterator[tuple[int, os.stat_result]]:
+    """Every entry below ``dir_fd`` as (open fd, stat); links are not followed."""
+    for entry in os.scandir(dir_fd):
+        try:
+            fd = os.open(entry.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                         dir_fd=dir_fd)
+        except OSError:
+            continue  # a link (ELOOP), a socket, or gone: nothing to grant
+        try:
+            st = os.fstat(fd)
+            yield fd, st
+            if stat.S_ISDIR(st.st_mode):
+                yield from _walk_fds(fd)
+        finally:
+            os.close(fd)
+
+
+def grant_read(job_dir: Path, *, pilot_uid: int, owner_uid: int) -> int:
+    """Let ``pilot_uid`` read the payload's outputs (like ``setfacl -R -m u:PILOT:rX``).
+
+    Runs after every process of the job is gone. Only regular files and
+    directories owned by the payload's account are touched, and files with more
+    than one link are skipped, so a payload cannot trick the wrapper into
+    opening up a file it merely linked into its job directory. Returns how many
+    entries were granted.
+    """
+    count = 0
+    try:
+        top = os.open(job_dir, _DIR_FLAGS)
+    except OSError as exc:
+        raise WrapperSystemError(
+            f"cannot open {job_dir} to grant read access: {exc.strerror}"
+        ) from exc
+    try:
+        for fd, st in _walk_fds(top):
+            if st.st_uid != owner_uid:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                add_acl_user(fd, pilot_uid, read=True, write=False, execute=True)
+            elif stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+                add_acl_user(fd, pilot_uid, read=True, write=False,
+                             execute=bool(st.st_mode & 0o111))
+            else:
+                continue
+            count += 1
+    finally:
+        os.close(top)
+    return count

@@ -1,0 +1,587 @@
+#!/usr/bin/env python3
+"""Benchmark REST retrievals against a real ``broker serve`` (gunicorn, mutual TLS).
+
+Run it through the entry script (it picks the venv's python)::
+
+    scripts/bench retrieval                      # concurrency 1, 4, 16
+    scripts/bench retrieval --full               # ... and 64
+    scripts/bench retrieval --csr-keys ec --requests 500 --delegation-key ec
+
+What it does, all on 127.0.0.1 and under a temporary directory that is removed
+at the end:
+
+1. ``openssl speed -seconds 1 rsa2048 ecdsap256`` (sign/s, verify/s) and a few
+   in-process timings of the crypto the server does per retrieval, before the
+   server starts, so that they do not compete with it;
+2. writes a dev PKI (alice, pilot), starts ``broker serve`` (gunicorn gthread,
+   default 2 workers x 8 threads) with a policy that lets pilots retrieve;
+3. alice delegates once; the pilot then POSTs /v1/retrievals with
+   pre-generated CSRs (EC P-256 and/or RSA-2048; key generation is not
+   measured), one new TCP + full TLS handshake per retrieval (no keep-alive,
+   no session resumption: the server issues no tickets);
+4. per concurrency level: retrievals/s, p50/p90/p99 latency, errors, server
+   CPU per retrieval (utime+stime of the gunicorn master and its workers from
+   /proc/PID/stat), client CPU per retrieval and machine busy % (/proc/stat);
+5. prints a table and writes JSON (default bench-out/retrieval.json).
+
+The load generator runs in at most two processes (threads inside them), so
+that it does not take more of the two cores than the TLS client work needs.
+The server is stopped by its PID at the end, also on errors and Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import re
+import resource
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import timeit
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from cryptography.hazmat.primitives import serialization  # noqa: E402
+
+from broker.client import BrokerClient, ClientIdentity  # noqa: E402
+from broker.devpki import write_dev_pki  # noqa: E402
+from broker.pki.loading import Credential, load_cert_and_key, load_private_key  # noqa: E402
+from broker.pki.proxy import csr_to_pem, generate_key, make_csr, sign_request  # noqa: E402
+
+POLICY = """
+[groups]
+pilots = ["/DC=org/DC=example/CN=pilot*"]
+
+[[rule]]
+name = "owners manage their own credentials"
+action = ["delegate", "info", "destroy", "retrieve"]
+effect = "allow"
+requester = ["self"]
+
+[[rule]]
+name = "pilots retrieve for users"
+action = "retrieve"
+effect = "allow"
+auth = ["certificate"]
+requester = ["group:pilots"]
+max_lifetime = "12h"
+"""
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# ---------------------------------------------------------------- /proc helpers
+
+def proc_cpu_seconds(pid: int) -> float:
+    """utime + stime of one process (all its threads), in seconds."""
+    with open(f"/proc/{pid}/stat") as handle:
+        text = handle.read()
+    fields = text[text.rindex(")") + 2:].split()
+    # fields[0] is field 3 (state); utime is field 14, stime field 15
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            found += [int(p) for p in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return sorted(set(found))
+
+
+def server_cpu(master: int) -> tuple[float, list[int]]:
+    pids = [master, *children_of(master)]
+    total = 0.0
+    for pid in pids:
+        try:
+            total += proc_cpu_seconds(pid)
+        except OSError:
+            continue
+    return total, pids
+
+
+def machine_ticks() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs from /proc/stat."""
+    with open("/proc/stat") as handle:
+        values = [int(v) for v in handle.readline().split()[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)
+    total = sum(values[:8])  # guest time is already counted in user
+    return total - idle, total
+
+
+# ---------------------------------------------------------------- crypto reference
+
+def openssl_speed() -> dict[str, Any]:
+    """``openssl speed -seconds 1 rsa2048 ecdsap256``: sign/s and verify/s."""
+    cmd = ["openssl", "speed", "-seconds", "1", "rsa2048", "ecdsap256"]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        return {"command": " ".join(cmd), "error": str(exc)}
+    result: dict[str, Any] = {"command": " ".join(cmd)}
+    version = subprocess.run(["openssl", "version"], capture_output=True, text=True).stdout
+    result["version"] = version.strip()
+    for line in out.splitlines():
+        m = re.match(r"\s*rsa\s+2048 bits\s+\S+\s+\S+\s+([\d.]+)\s+([\d.]+)", line)
+        if m:
+            result["rsa2048_sign_per_s"] = float(m.group(1))
+            result["rsa2048_verify_per_s"] = float(m.group(2))
+        m = re.match(r"\s*256 bits ecdsa \(nistp256\)\s+\S+\s+\S+\s+([\d.]+)\s+([\d.]+)", line)
+        if m:
+            result["ecdsap256_sign_per_s"] = float(m.group(1))
+            result["ecdsap256_verify_per_s"] = float(m.group(2))
+    return result
+
+
+def python_crypto_costs(pilot: Credential) -> dict[str, float]:
+    """Milliseconds per call of what the server does per retrieval, in this process."""
+    now = datetime.now(UTC)
+    costs: dict[str, float] = {}
+
+    def per_call(fn: Any, number: int) -> float:
+        return min(timeit.repeat(fn, number=number, repeat=3)) / number * 1000
+
+    for kind in ("rsa", "ec"):
+        key = generate_key(kind)
+        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+        costs[f"load_private_key_{kind}_ms"] = per_call(lambda p=pem: load_private_key(p), 20)
+        if kind == "rsa":
+            costs["load_rsa_key_skip_validation_ms"] = per_call(
+                lambda p=pem: serialization.load_pem_private_key(
+                    p, None, unsafe_skip_rsa_key_validation=True), 20)
+        # a delegated credential of that key type, then one proxy signed with it
+        cred_csr = make_csr(key)
+        chain = sign_request(pilot, cred_csr, now=now, lifetime=timedelta(hours=24))
+        issuer = Credential(chain=tuple(chain), key=key)
+        req = make_csr(generate_key("ec"))
+        costs[f"sign_proxy_with_{kind}_key_ms"] = per_call(
+            lambda i=issuer, r=req: sign_request(i, r, now=now, lifetime=timedelta(hours=1)), 20)
+    return costs
+
+
+# ---------------------------------------------------------------- load generator
+
+@dataclass
+class LevelResult:
+    concurrency: int
+    csr_key: str
+    requests: int = 0
+    errors: int = 0
+    error_samples: list[str] = field(default_factory=list)
+    wall_s: float = 0.0
+    per_s: float = 0.0
+    p50_ms: float = 0.0
+    p90_ms: float = 0.0
+    p99_ms: float = 0.0
+    max_ms: float = 0.0
+    server_cpu_ms_per_op: float = 0.0
+    client_cpu_ms_per_op: float = 0.0
+    machine_busy_pct: float = 0.0
+    stopped_by_time: bool = False
+    server_pids: list[int] = field(default_factory=list)
+
+
+def _client_context(ca_dir: str, cert: str, key: str) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_verify_locations(capath=ca_dir)
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+def _one_retrieval(ctx: ssl.SSLContext, port: int, body: bytes, timeout: float) -> str | None:
+    """One retrieval on a fresh connection; None when it worked, else an error text."""
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=timeout)
+    try:
+        conn.request("POST", "/v1/retrievals", body=body,
+                     headers={"Content-Type": "application/json", "Connection": "close"})
+        response = conn.getresponse()
+        raw = response.read()
+        if response.status != 200:
+            return f"HTTP {response.status}: {raw[:200]!r}"
+        if b"BEGIN CERTIFICATE" not in raw:
+            return "no chain in the response"
+        return None
+    except (OSError, http.client.HTTPException) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        conn.close()
+
+
+def _client_process(port: int, ca_dir: str, cert: str, key: str, bodies: list[bytes],
+                    counts: list[int], start_at: float, deadline: float, timeout: float,
+                    queue: Any) -> None:
+    """Run len(counts) threads; thread i does counts[i] retrievals (or stops at deadline)."""
+    ctx = _client_context(ca_dir, cert, key)
+    latencies: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    stopped = threading.Event()
+
+    def worker(index: int, count: int) -> None:
+        mine: list[float] = []
+        bad: list[str] = []
+        for i in range(count):
+            if time.monotonic() >= deadline:
+                stopped.set()
+                break
+            body = bodies[(index * 7919 + i) % len(bodies)]
+            t0 = time.perf_counter()
+            err = _one_retrieval(ctx, port, body, timeout)
+            elapsed = time.perf_counter() - t0
+            if err is None:
+                mine.append(elapsed)
+            else:
+                bad.append(err)
+        with lock:
+            latencies.extend(mine)
+            errors.extend(bad)
+
+    threads = [threading.Thread(target=worker, args=(i, n)) for i, n in enumerate(counts)]
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    delay = start_at - time.monotonic()
+    if delay > 0:
+        time.sleep(delay)
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    queue.put({"latencies": latencies, "errors": errors, "cpu": cpu,
+               "stopped": stopped.is_set()})
+
+
+def percentile(sorted_values: list[float], pct: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    rank = max(math.ceil(pct / 100 * len(sorted_values)) - 1, 0)
+    return sorted_values[min(rank, len(sorted_values) - 1)]
+
+
+def run_level(*, port: int, master: int, ca_dir: str, cert: str, key: str, bodies: list[bytes],
+              concurrency: int, csr_key: str, requests: int, max_seconds: float,
+              client_procs: int, timeout: float) -> LevelResult:
+    procs = max(1, min(client_procs, concurrency))
+    per_thread = [requests // concurrency + (1 if i < requests % concurrency else 0)
+                  for i in range(concurrency)]
+    groups: list[list[int]] = [per_thread[p::procs] for p in range(procs)]
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    start_at = time.monotonic() + 0.5
+    deadline = start_at + max_seconds
+    processes = [ctx.Process(target=_client_process,
+                             args=(port, ca_dir, cert, key, bodies, g, start_at, deadline,
+                                   timeout, queue), daemon=True) for g in groups]
+    for p in processes:
+        p.start()
+    # baseline just before the clients start
+    time.sleep(max(start_at - time.monotonic() - 0.05, 0))
+    cpu0, pids = server_cpu(master)
+    busy0, total0 = machine_ticks()
+    t0 = time.monotonic()
+    parts = [queue.get(timeout=max_seconds + timeout + 60) for _ in processes]
+    wall = time.monotonic() - max(t0, start_at)
+    cpu1, pids1 = server_cpu(master)
+    busy1, total1 = machine_ticks()
+    for p in processes:
+        p.join(timeout=10)
+    latencies = sorted(x for part in parts for x in part["latencies"])
+    errors = [e for part in parts for e in part["errors"]]
+    done = len(latencies) + len(errors)
+    result = LevelResult(concurrency=concurrency, csr_key=csr_key, requests=done,
+                         errors=len(errors), error_samples=errors[:5], wall_s=round(wall, 3))
+    result.per_s = round(len(latencies) / wall, 1) if wall > 0 else 0.0
+    result.p50_ms = round(percentile(latencies, 50) * 1000, 1)
+    result.p90_ms = round(percentile(latencies, 90) * 1000, 1)
+    result.p99_ms = round(percentile(latencies, 99) * 1000, 1)
+    result.max_ms = round(latencies[-1] * 1000, 1) if latencies else float("nan")
+    if done:
+        result.server_cpu_ms_per_op = round((cpu1 - cpu0) / done * 1000, 2)
+        result.client_cpu_ms_per_op = round(sum(p["cpu"] for p in parts) / done * 1000, 2)
+    if total1 > total0:
+        result.machine_busy_pct = round(100 * (busy1 - busy0) / (total1 - total0), 1)
+    result.stopped_by_time = any(p["stopped"] for p in parts)
+    result.server_pids = pids1 if pids1 != pids else pids
+    return result
+
+
+# ---------------------------------------------------------------- server
+
+class Server:
+    def __init__(self, base: Path, pki_dir: Path, *, workers: int, threads: int,
+                 delegation_key: str) -> None:
+        self.base = base
+        self.pki_dir = pki_dir
+        self.port = _free_port()
+        policy_dir = base / "policies"
+        policy_dir.mkdir()
+        (policy_dir / "10-bench.toml").write_text(POLICY)
+        config = base / "broker.toml"
+        config.write_text(f'[limits]\ndelegation_key = "{delegation_key}"\n')
+        self.argv = [
+            str(Path(sys.executable).parent / "broker"), "serve", "--config", str(config),
+            "--state-dir", str(base / "state"), "--bind", f"127.0.0.1:{self.port}",
+            "--host-cert", str(pki_dir / "host.pem"), "--host-key", str(pki_dir / "host.key"),
+            "--ca-dir", str(pki_dir / "certificates"), "--vomsdir", str(pki_dir / "vomsdir"),
+            "--policy-dir", str(policy_dir), "--workers", str(workers),
+            "--threads", str(threads),
+        ]
+        self.log = base / "serve.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, client: BrokerClient) -> None:
+        with open(self.log, "wb") as out:
+            self.process = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT,
+                                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"broker serve exited early:\n{self.log.read_text()}")
+            try:
+                client.call("GET", "/healthz")
+                return
+            except Exception:  # noqa: BLE001 - not up yet
+                time.sleep(0.2)
+        raise RuntimeError(f"broker serve did not come up:\n{self.log.read_text()}")
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=5)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# ---------------------------------------------------------------- report
+
+def machine_info() -> dict[str, Any]:
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    model = re.search(r"model name\s*:\s*(.*)", cpuinfo)
+    mem = re.search(r"MemTotal:\s*(\d+) kB", Path("/proc/meminfo").read_text())
+    return {
+        "cpu_model": model.group(1) if model else "?",
+        "nproc": os.cpu_count(),
+        "mem_gib": round(int(mem.group(1)) / 1024 / 1024, 1) if mem else None,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "os": _os_release(),
+    }
+
+
+def _os_release() -> str:
+    try:
+        text = Path("/etc/os-release").read_text()
+    except OSError:
+        return "?"
+    m = re.search(r'PRETTY_NAME="([^"]*)"', text)
+    return m.group(1) if m else "?"
+
+
+def print_table(levels: list[LevelResult]) -> None:
+    head = (f"{'csr':>4} {'conc':>4} {'reqs':>5} {'err':>4} {'ret/s':>7} {'p50 ms':>7} "
+            f"{'p90 ms':>7} {'p99 ms':>7} {'max ms':>7} {'srv CPU ms/op':>13} "
+            f"{'cli CPU ms/op':>13} {'busy %':>6}")
+    print(head)
+    print("-" * len(head))
+    for r in levels:
+        flag = " (time limit)" if r.stopped_by_time else ""
+        print(f"{r.csr_key:>4} {r.concurrency:>4} {r.requests:>5} {r.errors:>4} {r.per_s:>7.1f} "
+              f"{r.p50_ms:>7.1f} {r.p90_ms:>7.1f} {r.p99_ms:>7.1f} {r.max_ms:>7.1f} "
+              f"{r.server_cpu_ms_per_op:>13.2f} {r.client_cpu_ms_per_op:>13.2f} "
+              f"{r.machine_busy_pct:>6.1f}{flag}")
+
+
+# ---------------------------------------------------------------- main
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="scripts/bench retrieval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--full", action="store_true", help="also run concurrency 64")
+    parser.add_argument("--levels", help="comma-separated concurrency levels [1,4,16]")
+    parser.add_argument("--requests", type=int, default=300,
+                        help="retrievals per level (count bound) [300]")
+    parser.add_argument("--max-seconds", type=float, default=30.0,
+                        help="stop a level after this many seconds [30]")
+    parser.add_argument("--csr-keys", default="ec,rsa",
+                        help="CSR key types to run, comma-separated: ec, rsa [ec,rsa]")
+    parser.add_argument("--csr-pool", type=int, default=16,
+                        help="pre-generated CSRs per key type, used round-robin [16]")
+    parser.add_argument("--workers", type=int, default=2, help="gunicorn workers [2]")
+    parser.add_argument("--threads", type=int, default=8, help="threads per worker [8]")
+    parser.add_argument("--delegation-key", choices=("rsa", "ec"), default="rsa",
+                        help="key type the server makes for the delegation [rsa]")
+    parser.add_argument("--client-procs", type=int, default=2,
+                        help="load-generator processes (threads inside) [2]")
+    parser.add_argument("--warmup", type=int, default=20, help="untimed retrievals first [20]")
+    parser.add_argument("--timeout", type=float, default=30.0, help="per-request timeout [30]")
+    parser.add_argument("--no-openssl-speed", action="store_true")
+    parser.add_argument("--out", default=str(REPO / "bench-out" / "retrieval.json"))
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the temp dir (PKI, state, serve.log) and print its path")
+    args = parser.parse_args(argv)
+    if args.requests < 1 or args.max_seconds <= 0:
+        parser.error("--requests and --max-seconds must be positive")
+    if args.requests > 100_000:
+        parser.error("--requests is capped at 100000 per level")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    levels = ([int(x) for x in args.levels.split(",")] if args.levels
+              else [1, 4, 16, *([64] if args.full else [])])
+    csr_keys = [k.strip() for k in args.csr_keys.split(",") if k.strip()]
+    for k in csr_keys:
+        if k not in ("ec", "rsa"):
+            raise SystemExit(f"unknown CSR key type {k!r}; use ec or rsa")
+    report: dict[str, Any] = {
+        "benchmark": "retrieval", "started": datetime.now(UTC).isoformat(),
+        "machine": machine_info(),
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "keep")},
+        "argv": sys.argv,
+    }
+    if not args.no_openssl_speed:
+        print("openssl speed -seconds 1 rsa2048 ecdsap256 ...", file=sys.stderr)
+        report["openssl_speed"] = openssl_speed()
+
+    tmp = Path(tempfile.mkdtemp(prefix="broker-bench-"))
+    server: Server | None = None
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        pki_dir = tmp / "pki"
+        write_dev_pki(pki_dir, now=datetime.now(UTC), users=("alice",), pilots=("pilot",))
+        pilot_cert, pilot_key = str(pki_dir / "pilot.pem"), str(pki_dir / "pilot.key")
+        ca_dir = str(pki_dir / "certificates")
+        alice_cred = load_cert_and_key((pki_dir / "alice.pem").read_bytes(),
+                                       (pki_dir / "alice.key").read_bytes())
+        report["python_crypto_ms"] = python_crypto_costs(alice_cred)
+        server = Server(tmp, pki_dir, workers=args.workers, threads=args.threads,
+                        delegation_key=args.delegation_key)
+        alice = BrokerClient(f"127.0.0.1:{server.port}",
+                             ClientIdentity(cert=str(pki_dir / "alice.pem"),
+                                            key=str(pki_dir / "alice.key")), ca_dir=ca_dir)
+        print(f"starting broker serve on 127.0.0.1:{server.port} "
+              f"({args.workers} workers x {args.threads} threads)", file=sys.stderr)
+        server.start(alice)
+        report["server"] = {"pid": server.pid, "argv": server.argv,
+                            "host_key": _key_desc(pki_dir / "host.key"),
+                            "pilot_key": _key_desc(pki_dir / "pilot.key")}
+        alice.delegate(alice_cred, username="alice", now=datetime.now(UTC), max_proxy_hours=12)
+
+        bodies_by_key: dict[str, list[bytes]] = {}
+        for kind in csr_keys:
+            print(f"pre-generating {args.csr_pool} {kind} CSRs ...", file=sys.stderr)
+            bodies_by_key[kind] = [
+                json.dumps({"csr": csr_to_pem(make_csr(generate_key(kind))).decode(),
+                            "username": "alice", "job_id": f"bench#{i}.0",
+                            "lifetime_hours": 1}).encode()
+                for i in range(args.csr_pool)]
+
+        if args.warmup:
+            run_level(port=server.port, master=server.pid, ca_dir=ca_dir, cert=pilot_cert,
+                      key=pilot_key, bodies=bodies_by_key[csr_keys[0]],
+                      concurrency=min(4, args.warmup), csr_key=csr_keys[0],
+                      requests=args.warmup, max_seconds=args.max_seconds,
+                      client_procs=args.client_procs, timeout=args.timeout)
+        results: list[LevelResult] = []
+        for kind in csr_keys:
+            for conc in levels:
+                print(f"level: {kind} CSRs, {conc} concurrent clients, "
+                      f"{args.requests} requests max, {args.max_seconds:g} s max", file=sys.stderr)
+                results.append(run_level(
+                    port=server.port, master=server.pid, ca_dir=ca_dir, cert=pilot_cert,
+                    key=pilot_key, bodies=bodies_by_key[kind], concurrency=conc, csr_key=kind,
+                    requests=args.requests, max_seconds=args.max_seconds,
+                    client_procs=args.client_procs, timeout=args.timeout))
+        report["levels"] = [asdict(r) for r in results]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if server is not None:
+            server.stop()
+            report["server_log_tail"] = _tail(server.log, 20)
+        if args.keep:
+            print(f"kept {tmp}", file=sys.stderr)
+        else:
+            subprocess.run(["rm", "-rf", "--", str(tmp)], check=False)
+
+    print()
+    speed = report.get("openssl_speed", {})
+    if "rsa2048_sign_per_s" in speed:
+        rsa_ms = 1000 / speed["rsa2048_sign_per_s"]
+        ec_ms = 1000 / speed.get("ecdsap256_sign_per_s", float("inf"))
+        print(f"{speed.get('version', 'openssl')}: rsa2048 {speed['rsa2048_sign_per_s']:.0f} "
+              f"sign/s ({rsa_ms:.2f} ms), ecdsap256 {speed.get('ecdsap256_sign_per_s', 0):.0f} "
+              f"sign/s ({ec_ms:.3f} ms)")
+    crypto = report.get("python_crypto_ms", {})
+    if crypto:
+        print("in-process (cryptography), ms per call: "
+              + ", ".join(f"{k.removesuffix('_ms')} {v:.2f}" for k, v in crypto.items()))
+    m = report["machine"]
+    print(f"machine: {m['cpu_model']}, {m['nproc']} cores, {m['mem_gib']} GiB; server "
+          f"{args.workers} workers x {args.threads} threads, delegation key "
+          f"{args.delegation_key}")
+    print_table(results)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {out}")
+    total_errors = sum(r.errors for r in results)
+    if total_errors:
+        print(f"ERROR: {total_errors} failed retrievals, e.g. "
+              f"{[e for r in results for e in r.error_samples][:3]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _key_desc(path: Path) -> str:
+    key = load_private_key(path.read_bytes())
+    size = getattr(key, "key_size", None)
+    return f"{type(key).__name__.removeprefix('_')} {size}" if size else type(key).__name__
+
+
+def _tail(path: Path, lines: int) -> list[str]:
+    try:
+        return path.read_text(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return []
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)
