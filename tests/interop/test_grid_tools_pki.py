@@ -11,6 +11,7 @@ from broker.errors import ChainError
 from broker.pki.chain import validate_chain
 from broker.pki.loading import load_certificates
 from broker.pki.proxy import ProxyType, generate_key, new_proxy
+from broker.pki.voms import make_ac_extension
 from tests.interop.tools import run
 from tests.pkifixtures import GridPki, write_proxy_file
 
@@ -26,13 +27,18 @@ def _chain_of(grid_pki: GridPki, kind: str):  # type: ignore[no-untyped-def]
         return new_proxy(alice, now=now, lifetime=timedelta(hours=6), proxy_type=ProxyType.LIMITED)
     if kind == "ec":
         return new_proxy(alice, now=now, lifetime=timedelta(hours=6), key=generate_key("ec"))
+    if kind == "voms":
+        ac = make_ac_extension(alice.cert, grid_pki.pki.voms, vo="atlas",
+                               fqans=["/atlas/Role=production"], uri="voms.example.org:15001",
+                               now=now, lifetime=timedelta(hours=6))
+        return new_proxy(alice, now=now, lifetime=timedelta(hours=6), extra_extensions=[ac])
     cred = alice
     for _ in range(3):
         cred = new_proxy(cred, now=now, lifetime=timedelta(hours=6))
     return cred
 
 
-@pytest.mark.parametrize("kind", ["plain", "limited", "three_levels", "ec"])
+@pytest.mark.parametrize("kind", ["plain", "limited", "three_levels", "ec", "voms"])
 def test_our_proxies_accepted_by_openssl_and_globus(
     grid_pki: GridPki, tmp_path: Path, kind: str
 ) -> None:
@@ -51,6 +57,11 @@ def test_our_proxies_accepted_by_openssl_and_globus(
     exists = run(["grid-proxy-info", "-file", str(path), "-exists", "-valid", "5:00"],
                  grid_pki.env())
     assert exists.returncode == 0, exists.stderr
+    if kind == "voms":
+        voms = run(["voms-proxy-info", "-all", "-file", str(path)], grid_pki.env())
+        assert voms.returncode == 0, voms.stderr
+        assert "attribute : /atlas/Role=production/Capability=NULL" in voms.stdout
+        assert "VO        : atlas" in voms.stdout
 
 
 def _grid_proxy_init(grid_pki: GridPki, out: Path, *extra: str) -> Path:
