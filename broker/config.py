@@ -22,6 +22,12 @@ unless told otherwise.
     workers = 2
     threads = 8
     max_tls = ""                          # "1.2" caps the MyProxy endpoint at TLS 1.2
+    pam_service = ""                      # PAM service for password logins ("" = off)
+    pam_confdir = ""                      # tests/dev only: load the service from this dir
+    online_ca_cert = ""                   # online CA for PAM users (needs pam_service)
+    online_ca_key = ""                    # its key, mode 0600
+    online_ca_dn_template = "/DC=org/DC=example/CN={username}"
+    online_ca_max_hours = 12
 
     [limits]
     max_stored_hours = 720
@@ -62,6 +68,13 @@ class ServerConfig:
     max_proxy_hours: float = 168.0
     delegation_key: str = "rsa"
     log_level: str = "info"
+    # [pam] PAM logins and the online CA (see broker.pam_auth, broker.onlineca).
+    pam_service: str = ""
+    pam_confdir: str = ""  # test/dev only: production uses /etc/pam.d
+    online_ca_cert: str = ""
+    online_ca_key: str = ""
+    online_ca_dn_template: str = "/DC=org/DC=example/CN={username}"
+    online_ca_max_hours: float = 12.0
 
     def resolved(self) -> ServerConfig:
         """Fill the defaults that depend on the state directory."""
@@ -127,4 +140,13 @@ def load_config(path: str | None, overrides: dict[str, Any]) -> ServerConfig:
         raise ConfigError("delegation_key must be 'rsa' or 'ec'")
     if config.max_tls not in ("", "1.2", "1.3"):
         raise ConfigError("max_tls must be '1.2', '1.3' or empty")
+    # [pam]
+    if bool(config.online_ca_cert) != bool(config.online_ca_key):
+        raise ConfigError("online_ca_cert and online_ca_key must be set together")
+    if config.online_ca_cert and not config.pam_service:
+        raise ConfigError("the online CA issues certificates to PAM users: set pam_service too")
+    if config.pam_confdir and not config.pam_service:
+        raise ConfigError("pam_confdir needs pam_service")
+    if not 0 < config.online_ca_max_hours <= 24 * 31:
+        raise ConfigError("online_ca_max_hours must be between 0 and 744")
     return config.resolved()

@@ -11,6 +11,9 @@ from pathlib import Path
 from broker.config import ServerConfig
 from broker.errors import ConfigError
 from broker.fileio import make_private_dir
+from broker.onlineca import OnlineCa
+from broker.pam_auth import PamSettings
+from broker.pki.trust import TrustStore
 from broker.policy import unsafe_rule_message, unsafe_rules
 from broker.policy_dir import PolicyDirectory
 from broker.service import BrokerService, ServiceConfig
@@ -58,6 +61,29 @@ class Runtime:
     service: BrokerService
     policy: PolicyDirectory
     stop: threading.Event
+    pam: PamSettings | None = None  # [pam] password logins, when pam_service is set
+    online_ca: OnlineCa | None = None  # [pam] certificates for PAM users
+
+
+def build_pam(config: ServerConfig, trust: TrustStore) -> tuple[PamSettings | None,
+                                                               OnlineCa | None]:
+    """[pam] The PAM settings and the online CA the config asks for (or None)."""
+    if not config.pam_service:
+        return None, None
+    pam = PamSettings(config.pam_service, confdir=config.pam_confdir or None)
+    if config.pam_confdir:
+        log.warning("PAM service %s is read from %s (pam_confdir: for tests only)",
+                    config.pam_service, config.pam_confdir)
+    if not config.online_ca_cert:
+        return pam, None
+    online_ca = OnlineCa.load(config.online_ca_cert, config.online_ca_key,
+                              dn_template=config.online_ca_dn_template,
+                              max_lifetime=timedelta(hours=config.online_ca_max_hours))
+    if not trust.issuers_of(online_ca.ca.cert):
+        log.warning("the online CA %s is not in the CA directory %s: this broker will refuse "
+                    "the certificates it issues", online_ca.ca.cert.subject.rfc4514_string(),
+                    config.ca_dir)
+    return pam, online_ca
 
 
 def build_runtime(config: ServerConfig, *, watch_policy: bool = True) -> Runtime:
@@ -81,4 +107,6 @@ def build_runtime(config: ServerConfig, *, watch_policy: bool = True) -> Runtime
         ),
     )
     stop = threading.Event()
-    return Runtime(config=config, service=service, policy=policy, stop=stop)
+    pam, online_ca = build_pam(config, trust)  # [pam]
+    return Runtime(config=config, service=service, policy=policy, stop=stop, pam=pam,
+                   online_ca=online_ca)

@@ -34,7 +34,11 @@ def make_server_context(config: ServerConfig, *, max_tls: str = "") -> ssl.SSLCo
         ctx.maximum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(config.host_cert, config.host_key)
     ctx.load_verify_locations(capath=config.ca_dir)
-    ctx.verify_mode = ssl.CERT_REQUIRED
+    # [pam] With PAM on, users without certificates must reach the PAM routes, so a
+    # client certificate becomes optional at the handshake (one that is sent must
+    # still verify); every other route still refuses a request without a verified
+    # chain (broker.api.app requester(), fail closed).
+    ctx.verify_mode = ssl.CERT_OPTIONAL if config.pam_service else ssl.CERT_REQUIRED
     ctx.verify_flags |= ssl.VERIFY_ALLOW_PROXY_CERTS
     ctx.options |= ssl.OP_NO_TICKET
     ctx.num_tickets = 0
@@ -78,7 +82,7 @@ class BrokerApplication(BaseApplication):  # type: ignore[misc]
             "worker_class": "gthread",
             "certfile": cfg.host_cert,
             "keyfile": cfg.host_key,
-            "cert_reqs": ssl.CERT_REQUIRED,
+            "cert_reqs": ssl.CERT_OPTIONAL if cfg.pam_service else ssl.CERT_REQUIRED,  # [pam]
             "ssl_context": ssl_context,
             "timeout": 30,
             "graceful_timeout": 10,
@@ -102,4 +106,4 @@ class BrokerApplication(BaseApplication):  # type: ignore[misc]
         from broker.runtime import build_runtime
 
         runtime = build_runtime(self.broker_config)
-        return create_app(runtime.service)
+        return create_app(runtime.service, pam=runtime.pam, online_ca=runtime.online_ca)  # [pam]

@@ -567,6 +567,14 @@ class BrokerService:
                 auth = AuthMethod.PASSPHRASE
             elif requester.pam_user is not None:
                 auth = AuthMethod.PAM
+                # [pam] A PAM login proves one account's password, and the policy's
+                # pam:USERGLOB patterns see the credential's username: so a PAM
+                # requester may only open credentials stored under its own username.
+                if requester.pam_user != record.username:
+                    raise AuthorizationError(
+                        f"PAM user {requester.pam_user!r} may only retrieve credentials stored "
+                        f"under the username {requester.pam_user!r}, not {record.username!r}",
+                        reason="pam_user_mismatch")
             else:
                 auth = AuthMethod.CERTIFICATE
             decision = self._decide(
@@ -738,6 +746,32 @@ class BrokerService:
             raise
         return _summary(updated)
 
+    # ------------------------------------------------------------------ audit for edges
+    # [pam/audit] Edges refuse some requests before a Requester exists (a TLS chain that
+    # fails our RFC 3820 / VOMS checks, a failed PAM login) and run one use case of
+    # their own (the online CA); these two methods give them an audit row.
+
+    def record_refused_authentication(
+        self, exc: BrokerError, *, chain: Sequence[x509.Certificate] = (),
+        pam_user: str | None = None, action: str = "authenticate",
+        client_address: str | None = None, endpoint: str = "rest",
+        request_id: str | None = None, **where: Any,
+    ) -> None:
+        """Audit a refused authentication; never raises (a failure is logged).
+
+        With a ``chain`` the requester is recorded as the chain's end-entity DN:
+        OpenSSL verified that chain at the handshake, only our own checks failed.
+        """
+        requester = Requester(dn=_claimed_identity(chain), pam_user=pam_user,
+                              client_address=client_address, endpoint=endpoint,
+                              request_id=request_id or uuid.uuid4().hex)
+        self._record_failure(requester, action, exc, **where)
+
+    def record_event(self, requester: Requester, action: str, *, reason: str,
+                     **where: Any) -> None:
+        """Write an ``allow`` audit row for an edge's own use case; raises StoreError."""
+        self.store.add_audit(self._audit(requester, action, "allow", reason=reason, **where))
+
     def health(self) -> None:
         """One cheap indexed query; raises StoreUnavailable when the database is down."""
         self.store.list_credentials(username="healthz-probe")
@@ -747,6 +781,21 @@ class BrokerService:
 
 
 _JOB_ID_MAX = 256
+
+
+def _claimed_identity(chain: Sequence[x509.Certificate]) -> str | None:
+    """The end-entity DN of a chain (the first certificate that is not a proxy), for audit."""
+    from broker.pki.dn import slash_from_name
+    from broker.pki.proxy import proxy_info
+
+    for cert in chain:
+        try:
+            is_proxy = proxy_info(cert) is not None
+        except (BrokerError, ValueError):
+            return None
+        if not is_proxy:
+            return slash_from_name(cert.subject)
+    return None
 
 
 def _check_job_id(job_id: str) -> None:

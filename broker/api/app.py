@@ -36,6 +36,8 @@ from broker.errors import (
     PayloadTooLarge,
     StoreUnavailable,
 )
+from broker.onlineca import OnlineCa
+from broker.pam_auth import PamSettings
 from broker.pki.loading import MAX_PEM_SIZE
 from broker.service import BrokerService, DelegationOptions, Requester
 
@@ -138,7 +140,8 @@ def _bool(body: dict[str, Any], key: str) -> bool:
     return value
 
 
-def create_app(service: BrokerService) -> Flask:
+def create_app(service: BrokerService, *, pam: PamSettings | None = None,
+               online_ca: OnlineCa | None = None) -> Flask:
     app = Flask("broker")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     metrics = _Metrics()
@@ -149,8 +152,15 @@ def create_app(service: BrokerService) -> Flask:
             raise AuthenticationError(
                 "the TLS layer gave no verified client chain (a resumed session or no client "
                 "certificate); reconnect with your certificate or proxy", reason="no_chain")
-        return service.authenticate_chain(chain, client_address=request.remote_addr,
-                                          endpoint="rest", request_id=g.request_id)
+        try:
+            return service.authenticate_chain(chain, client_address=request.remote_addr,
+                                              endpoint="rest", request_id=g.request_id)
+        except AuthenticationError as exc:
+            # [audit] A chain OpenSSL accepted but our RFC 3820 / VOMS checks refused
+            # (e.g. a forged AC) leaves an audit row with the reason.
+            service.record_refused_authentication(
+                exc, chain=chain, client_address=request.remote_addr, request_id=g.request_id)
+            raise
 
     @app.before_request
     def _start() -> None:
@@ -308,5 +318,12 @@ def create_app(service: BrokerService) -> Flask:
             who, username=username, name=name, old=_str(body, "old", max_len=1024),
             new=_str(body, "new", max_len=1024))
         return jsonify(summary.to_json(service.now()))
+
+    # [pam] Username + password routes (PAM retrieval, online CA); they alone work
+    # without a client certificate (the TLS port is CERT_OPTIONAL only when PAM is on).
+    if pam is not None:
+        from broker.api.pam_routes import pam_blueprint
+
+        app.register_blueprint(pam_blueprint(service, pam, online_ca))
 
     return app

@@ -10,7 +10,9 @@ import getpass
 import json
 import os
 import sys
+import tempfile
 from datetime import UTC, datetime
+from typing import Any
 
 import click
 
@@ -18,7 +20,7 @@ from broker.cli.common import format_timedelta, reports_errors, utcnow
 from broker.client import BrokerClient, ClientIdentity
 from broker.errors import InputError
 from broker.fileio import write_private_file
-from broker.pki.loading import credential_to_pem
+from broker.pki.loading import Credential, credential_to_pem
 from broker.trustdir import default_ca_dir
 
 _SERVER_HELP = "Broker HOST[:PORT] [BROKER_SERVER, localhost:8443]."
@@ -41,6 +43,29 @@ def _read_passphrase(from_stdin: bool, prompt: str) -> str:
 
 def _default_username() -> str:
     return os.environ.get("LOGNAME") or os.environ.get("USER") or getpass.getuser()
+
+
+def _online_ca_client(server: str | None, ca_dir: str | None, username: str,
+                      stdin_pass: bool) -> tuple[BrokerClient, Credential]:
+    """[pam] A client authenticated by a fresh certificate from the broker's online CA.
+
+    The key is made here.  The certificate and key sit in a 0600 file in a private
+    temporary directory only while the TLS context loads them, then are deleted.
+    """
+    from broker.pam_client import PamClient
+
+    cas = ca_dir or default_ca_dir()
+    password = _read_passphrase(stdin_pass, f"PAM password for {username}: ")
+    eec, _ = PamClient(server, ca_dir=cas).pam_certificate(username=username, password=password)
+    with tempfile.TemporaryDirectory(prefix="broker-init-") as tmp:
+        path = os.path.join(tmp, "usercred.pem")
+        write_private_file(path, credential_to_pem(eec), mode=0o600)
+        try:
+            # The TLS context reads the file now; later connections reuse it from memory.
+            client = BrokerClient(server, ClientIdentity(cert=path, key=path), ca_dir=cas)
+        finally:
+            os.unlink(path)
+    return client, eec
 
 
 common_server = click.option("-s", "--server", help=_SERVER_HELP)
@@ -71,6 +96,9 @@ common_name = click.option("-k", "--credname", default="default", show_default=T
 @click.option("--proxy", help="Delegate from this proxy file [X509_USER_PROXY].")
 @click.option("--cert", help="User certificate [X509_USER_CERT, ~/.globus/usercert.pem].")
 @click.option("--key", help="User key [X509_USER_KEY, ~/.globus/userkey.pem].")
+@click.option("--pam", "use_pam", is_flag=True,
+              help="No grid certificate: log in with your site password (-S: from stdin); the "
+                   "broker's online CA certifies a key made here, and a proxy of it is stored.")
 @common_ca
 @click.option("--json", "as_json", is_flag=True)
 @reports_errors
@@ -78,8 +106,23 @@ def init_cmd(server: str | None, username: str | None, credname: str, hours: flo
              proxy_hours: float, retrievers: tuple[str, ...], trusted: tuple[str, ...],
              renewers: tuple[str, ...], description: str | None, stdin_pass: bool,
              want_pass: bool, proxy: str | None, cert: str | None, key: str | None,
-             ca_dir: str | None, as_json: bool) -> None:
+             use_pam: bool, ca_dir: str | None, as_json: bool) -> None:
     """Delegate a proxy to the broker; your private key never leaves this machine."""
+    if use_pam:  # [pam]
+        client, credential = _online_ca_client(server, ca_dir, username or _default_username(),
+                                               stdin_pass)
+        passphrase = None
+        if want_pass:  # with --pam, -S carries the password; a passphrase is line 2
+            passphrase = _read_passphrase(stdin_pass, "Enter a passphrase for the stored "
+                                          "credential: ")
+        result = client.delegate(
+            credential, username=username or _default_username(), name=credname,
+            stored_hours=hours, max_proxy_hours=proxy_hours, retrievers=retrievers,
+            trusted_retrievers=trusted, renewers=renewers, description=description,
+            passphrase=passphrase, now=utcnow(),
+        )
+        _report_init(result, client, as_json)
+        return
     client = _client(server, ca_dir, proxy, cert, key)
     credential = client.identity.load()
     passphrase = None
@@ -91,6 +134,10 @@ def init_cmd(server: str | None, username: str | None, credname: str, hours: flo
         trusted_retrievers=trusted, renewers=renewers, description=description,
         passphrase=passphrase, now=utcnow(),
     )
+    _report_init(result, client, as_json)
+
+
+def _report_init(result: dict[str, Any], client: BrokerClient, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
@@ -113,21 +160,38 @@ def init_cmd(server: str | None, username: str | None, credname: str, hours: flo
 @click.option("--proxy", help="Authenticate with this proxy file.")
 @click.option("--cert", help="Authenticate with this certificate.")
 @click.option("--key", help="Key for --cert.")
+@click.option("--pam", "use_pam", is_flag=True,
+              help="Log in with your site password (-S: from stdin) instead of a certificate; "
+                   "retrieves the credential stored under that username (-l).")
 @common_ca
 @click.option("--json", "as_json", is_flag=True)
 @reports_errors
 def logon_cmd(server: str | None, username: str | None, owner: str | None, credname: str,
               hours: float | None, out: str | None, limited: bool, job_id: str | None,
               stdin_pass: bool, key_type: str, proxy: str | None, cert: str | None,
-              key: str | None, ca_dir: str | None, as_json: bool) -> None:
+              key: str | None, use_pam: bool, ca_dir: str | None, as_json: bool) -> None:
     """Retrieve a fresh proxy of a stored credential (yours, or a job owner's as a pilot)."""
     if not username and not owner:
         username = _default_username()
-    client = _client(server, ca_dir, proxy, cert, key)
-    passphrase = _read_passphrase(True, "") if stdin_pass else None
-    cred, result = client.retrieve(username=username, owner=owner, name=credname,
-                                   lifetime_hours=hours, job_id=job_id, passphrase=passphrase,
-                                   limited=limited, key_type=key_type)
+    if use_pam:  # [pam]
+        if owner or not username:
+            raise InputError("--pam retrieves the credential stored under your username: "
+                             "give -l USERNAME, not --owner")
+        from broker.pam_client import PamClient
+
+        pam_client = PamClient(server, ca_dir=ca_dir or default_ca_dir())
+        password = _read_passphrase(stdin_pass, f"PAM password for {username}: ")
+        cred, result = pam_client.pam_retrieve(
+            username=username, password=password, name=credname, lifetime_hours=hours,
+            job_id=job_id, limited=limited, key_type=key_type)
+        client: BrokerClient = pam_client
+    else:
+        client = _client(server, ca_dir, proxy, cert, key)
+        passphrase = _read_passphrase(True, "") if stdin_pass else None
+        cred, result = client.retrieve(username=username, owner=owner, name=credname,
+                                       lifetime_hours=hours, job_id=job_id,
+                                       passphrase=passphrase, limited=limited,
+                                       key_type=key_type)
     target = out or f"/tmp/x509up_u{os.getuid()}"  # noqa: S108 - the grid convention
     write_private_file(target, credential_to_pem(cred), mode=0o600, overwrite=True)
     if as_json:

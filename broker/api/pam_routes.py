@@ -1,0 +1,101 @@
+"""REST routes for users without grid certificates: username + password checked by PAM.
+
+``POST /v1/pam/retrievals``
+    ``{username, password, csr, name?, lifetime_hours?, job_id?, limited?}`` →
+    a proxy of the passphrase-less credential stored under ``username``, when
+    the site policy allows PAM retrieval (``requester = ["pam:*"]``,
+    ``auth = ["pam"]``).  The PAM user can only open credentials stored under
+    its own username.
+``POST /v1/pam/certificate`` (only with an online CA configured)
+    ``{username, password, csr, lifetime_hours?}`` → a short-lived user
+    certificate for the CSR's public key (the key never leaves the client).
+
+These routes ignore any client certificate: the requester is the PAM user.
+Every refused login leaves an audit row with PAM's own reason, but the client
+always gets the same answer (``pam_failed``), so a caller cannot tell an
+unknown user from a wrong password.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cryptography.hazmat.primitives.serialization import Encoding
+from flask import Blueprint, Response, g, jsonify, request
+
+from broker.api.app import _bool, _hours, _json_body, _pem, _str
+from broker.errors import AuthenticationError
+from broker.onlineca import OnlineCa
+from broker.pam_auth import PamRefused, PamSettings, check_password
+from broker.pki.dn import slash_from_name
+from broker.pki.proxy import load_csr
+from broker.service import BrokerService, Requester
+
+_FAILED = ("PAM login failed: the username or password is wrong, or the account is locked or "
+           "expired; check them, or ask the site's account administrators")
+
+
+def pam_blueprint(service: BrokerService, pam: PamSettings,
+                  online_ca: OnlineCa | None = None) -> Blueprint:
+    """The PAM routes, bound to ``service``; register on the app from create_app."""
+    bp = Blueprint("pam", __name__)
+
+    def login(body: dict[str, Any], action: str, **where: Any) -> Requester:
+        username = _str(body, "username", required=True, max_len=128) or ""
+        password = _str(body, "password", required=True, max_len=1024) or ""
+        try:
+            check_password(pam, username, password)
+        except PamRefused as exc:
+            service.record_refused_authentication(
+                exc, pam_user=username, action=action, client_address=request.remote_addr,
+                request_id=g.request_id, username=username, **where)
+            raise AuthenticationError(_FAILED, reason="pam_failed") from None
+        return Requester(dn=None, pam_user=username, client_address=request.remote_addr,
+                         endpoint="rest", request_id=g.request_id)
+
+    @bp.post("/v1/pam/retrievals")
+    def pam_retrieve() -> Response:
+        body = _json_body()
+        csr_pem = _pem(body, "csr")
+        name = _str(body, "name", default="default", max_len=128) or "default"
+        job_id = _str(body, "job_id", max_len=256)
+        lifetime = _hours(body, "lifetime_hours", 12) if "lifetime_hours" in body else None
+        limited = _bool(body, "limited")
+        who = login(body, "retrieve", name=name, job_id=job_id)
+        issued = service.retrieve(who, csr_pem=csr_pem, username=who.pam_user, name=name,
+                                  lifetime=lifetime, job_id=job_id, limited=limited)
+        return jsonify({"chain": issued.pem().decode(), "owner": issued.owner_dn,
+                        "username": issued.username, "name": issued.name,
+                        "lifetime": int(issued.lifetime.total_seconds()),
+                        "limited": issued.limited})
+
+    if online_ca is None:
+        return bp
+
+    ca = online_ca
+
+    @bp.post("/v1/pam/certificate")
+    def pam_certificate() -> tuple[Response, int]:
+        body = _json_body()
+        csr = load_csr(_pem(body, "csr"))
+        max_hours = ca.max_lifetime.total_seconds() / 3600
+        lifetime = _hours(body, "lifetime_hours", max_hours)
+        who = login(body, "issue-certificate")
+        username = who.pam_user or ""
+        now = service.now()
+        cert = ca.issue(username, csr, now=now, lifetime=lifetime)
+        subject = slash_from_name(cert.subject)
+        # Audited before the certificate leaves: no audit row, no certificate.
+        service.record_event(
+            who, "issue-certificate", username=username, owner_dn=subject,
+            reason=f"online CA issued serial {cert.serial_number:x} valid until "
+                   f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC")
+        return jsonify({
+            "certificate": cert.public_bytes(Encoding.PEM).decode(),
+            "subject": subject,
+            "issuer": slash_from_name(cert.issuer),
+            "not_after": cert.not_valid_after_utc.isoformat(),
+            "lifetime": int((cert.not_valid_after_utc - now).total_seconds()),
+        }), 201
+
+    return bp
