@@ -231,6 +231,9 @@ def _client_process(port: int, ca_dir: str, cert: str, key: str, bodies: list[by
                     counts: list[int], start_at: float, deadline: float, timeout: float,
                     queue: Any) -> None:
     """Run len(counts) threads; thread i does counts[i] retrievals (or stops at deadline)."""
+    # The parent handles Ctrl-C and stops us with SIGTERM: die at once on it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     ctx = _client_context(ca_dir, cert, key)
     latencies: list[float] = []
     errors: list[str] = []
@@ -256,7 +259,8 @@ def _client_process(port: int, ca_dir: str, cert: str, key: str, bodies: list[by
             latencies.extend(mine)
             errors.extend(bad)
 
-    threads = [threading.Thread(target=worker, args=(i, n)) for i, n in enumerate(counts)]
+    threads = [threading.Thread(target=worker, args=(i, n), daemon=True)
+               for i, n in enumerate(counts)]
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     delay = start_at - time.monotonic()
     if delay > 0:
@@ -292,19 +296,26 @@ def run_level(*, port: int, master: int, ca_dir: str, cert: str, key: str, bodie
     processes = [ctx.Process(target=_client_process,
                              args=(port, ca_dir, cert, key, bodies, g, start_at, deadline,
                                    timeout, queue), daemon=True) for g in groups]
-    for p in processes:
-        p.start()
-    # baseline just before the clients start
-    time.sleep(max(start_at - time.monotonic() - 0.05, 0))
-    cpu0, pids = server_cpu(master)
-    busy0, total0 = machine_ticks()
-    t0 = time.monotonic()
-    parts = [queue.get(timeout=max_seconds + timeout + 60) for _ in processes]
-    wall = time.monotonic() - max(t0, start_at)
-    cpu1, pids1 = server_cpu(master)
-    busy1, total1 = machine_ticks()
-    for p in processes:
-        p.join(timeout=10)
+    try:
+        for p in processes:
+            p.start()
+        # baseline just before the clients start
+        time.sleep(max(start_at - time.monotonic() - 0.05, 0))
+        cpu0, pids = server_cpu(master)
+        busy0, total0 = machine_ticks()
+        t0 = time.monotonic()
+        parts = [queue.get(timeout=max_seconds + timeout + 60) for _ in processes]
+        wall = time.monotonic() - max(t0, start_at)
+        cpu1, pids1 = server_cpu(master)
+        busy1, total1 = machine_ticks()
+        for p in processes:
+            p.join(timeout=10)
+    finally:
+        # on Ctrl-C or an error: stop our own load generators (by PID) before the server
+        for p in processes:
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=5)
     latencies = sorted(x for part in parts for x in part["latencies"])
     errors = [e for part in parts for e in part["errors"]]
     done = len(latencies) + len(errors)
@@ -360,7 +371,7 @@ class Server:
             try:
                 client.call("GET", "/healthz")
                 return
-            except Exception:  # noqa: BLE001 - not up yet
+            except Exception:  # not up yet
                 time.sleep(0.2)
         raise RuntimeError(f"broker serve did not come up:\n{self.log.read_text()}")
 
@@ -478,6 +489,10 @@ def main(argv: list[str] | None = None) -> int:
         print("openssl speed -seconds 1 rsa2048 ecdsap256 ...", file=sys.stderr)
         report["openssl_speed"] = openssl_speed()
 
+    busy0, total0 = machine_ticks()
+    time.sleep(1.0)
+    busy1, total1 = machine_ticks()
+    report["background_busy_pct"] = round(100 * (busy1 - busy0) / max(total1 - total0, 1), 1)
     tmp = Path(tempfile.mkdtemp(prefix="broker-bench-"))
     server: Server | None = None
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -551,6 +566,8 @@ def main(argv: list[str] | None = None) -> int:
         print("in-process (cryptography), ms per call: "
               + ", ".join(f"{k.removesuffix('_ms')} {v:.2f}" for k, v in crypto.items()))
     m = report["machine"]
+    print(f"machine busy before the run (other processes, 1 s sample): "
+          f"{report['background_busy_pct']}% of all cores")
     print(f"machine: {m['cpu_model']}, {m['nproc']} cores, {m['mem_gib']} GiB; server "
           f"{args.workers} workers x {args.threads} threads, delegation key "
           f"{args.delegation_key}")
