@@ -53,7 +53,13 @@ from broker.pki.loading import (
     load_certificates,
     load_private_key,
 )
-from broker.pki.proxy import ProxyType, generate_key, load_csr, make_csr, sign_request
+from broker.pki.proxy import (
+    ProxyType,
+    generate_key,
+    load_csr,
+    make_csr,
+    sign_request,
+)
 from broker.pki.trust import TrustStore
 from broker.pki.voms import VomsDir
 from broker.policy import (
@@ -207,6 +213,17 @@ class IssuedProxy:
 
     def pem(self) -> bytes:
         return chain_to_pem(self.chain)
+
+
+@dataclass(frozen=True)
+class RetrievalGrant:
+    """An authorized retrieval waiting for its CSR (see :meth:`BrokerService.issue`)."""
+
+    record: CredentialRecord
+    decision: Decision
+    action: Action
+    job_id: str | None
+    issuer: Credential = field(repr=False)
 
 
 class _Lru:
@@ -529,28 +546,28 @@ class BrokerService:
 
     # ------------------------------------------------------------------ retrieval
 
-    def retrieve(
-        self, requester: Requester, *, csr_pem: bytes, username: str | None = None,
+    def authorize_retrieval(
+        self, requester: Requester, *, username: str | None = None,
         owner_dn: str | None = None, name: str = DEFAULT_CREDENTIAL,
-        lifetime: timedelta | None = None, job_id: str | None = None,
-        passphrase: str | None = None, limited: bool = False,
-        action: Action = Action.RETRIEVE, _authz_owner: str | None = None,
-    ) -> IssuedProxy:
-        """Sign a fresh proxy of a stored credential for the requester's CSR.
+        job_id: str | None = None, passphrase: str | None = None,
+        action: Action = Action.RETRIEVE, record: CredentialRecord | None = None,
+        _authz_owner: str | None = None,
+    ) -> RetrievalGrant:
+        """Everything a retrieval checks, and the decrypted issuer, before any CSR is read.
 
-        Lifetime = min(requested, credential's max, policy max, stored chain's life).
-        A limited requester, a limited stored chain or a policy that says so
-        yields a limited proxy.
+        The MyProxy endpoint must refuse before it says OK (the C clients show the
+        server's text only then), so the decision is separate from the signing:
+        :meth:`issue` completes a grant. A refusal here is audited; the allow row is
+        written by :meth:`issue`.
         """
-        audit_action = action.value
         where: dict[str, Any] = {"owner_dn": owner_dn, "username": username, "name": name,
                                  "job_id": job_id}
         try:
             if job_id is not None:
                 _check_job_id(job_id)
-            csr = load_csr(csr_pem)
-            record = self._find(username=username, owner_dn=owner_dn, name=name)
-            where.update(owner_dn=record.owner_dn, username=record.username)
+            if record is None:
+                record = self._find(username=username, owner_dn=owner_dn, name=name)
+            where.update(owner_dn=record.owner_dn, username=record.username, name=record.name)
             if _authz_owner is not None and _authz_owner != record.owner_dn:
                 raise AuthorizationError(
                     f"the proxy presented for renewal belongs to {_authz_owner}, not to the "
@@ -561,6 +578,13 @@ class BrokerService:
                     f"the credential {record.username}/{record.name} expired at "
                     f"{record.not_after:%Y-%m-%d %H:%M:%S} UTC; its owner must delegate a new "
                     f"one (broker-init -k {record.name})", reason="expired")
+            if passphrase is not None and not record.passphrase_protected:
+                # A passphrase proves nothing about a credential stored without one
+                # (myproxy-init -n, broker-init without -S): it must not open it.
+                raise AuthenticationError(
+                    f"the credential {record.username}/{record.name} has no passphrase, so a "
+                    "passphrase cannot retrieve it; authenticate with a certificate instead",
+                    reason="no_passphrase_set")
             if action is Action.RENEW:
                 auth = AuthMethod.CERTIFICATE
             elif passphrase is not None:
@@ -577,12 +601,7 @@ class BrokerService:
                         reason="pam_user_mismatch")
             else:
                 auth = AuthMethod.CERTIFICATE
-            decision = self._decide(
-                requester, action, owner_dn=record.owner_dn,
-                owner_fqans=self._owner_fqans(record), name=record.name,
-                username=record.username, job_id=job_id, auth=auth,
-                owner_policy=_owner_policy(record),
-            )
+            decision = self.decide(requester, record, action, auth, job_id=job_id)
             decision.raise_if_denied()
             if record.passphrase_protected and passphrase is None and action is Action.RETRIEVE:
                 raise AuthenticationError(
@@ -590,7 +609,28 @@ class BrokerService:
                     " supply it to retrieve", reason="passphrase_required")
             key = load_private_key(self.store.decrypt_private_key(record, passphrase))
             chain = tuple(load_certificates(record.certificate_chain.encode()))
-            issuer = Credential(chain=chain, key=key)
+        except BrokerError as exc:
+            self._record_failure(requester, action.value, exc, **where)
+            raise
+        return RetrievalGrant(record=record, decision=decision, action=action, job_id=job_id,
+                              issuer=Credential(chain=chain, key=key))
+
+    def issue(
+        self, requester: Requester, grant: RetrievalGrant, *, csr_pem: bytes,
+        lifetime: timedelta | None = None, limited: bool = False,
+    ) -> IssuedProxy:
+        """Sign a fresh proxy of a granted credential for the requester's CSR.
+
+        Lifetime = min(requested, credential's max, policy max, stored chain's life).
+        A limited requester, a limited stored chain or a policy that says so
+        yields a limited proxy.
+        """
+        record, decision = grant.record, grant.decision
+        where: dict[str, Any] = {"owner_dn": record.owner_dn, "username": record.username,
+                                 "name": record.name, "job_id": grant.job_id}
+        try:
+            csr = load_csr(csr_pem)
+            now = self.now()
             caps = [lifetime or DEFAULT_PROXY_LIFETIME, record.not_after - now,
                     self.config.max_proxy_lifetime]
             if record.max_lifetime_seconds:
@@ -599,19 +639,56 @@ class BrokerService:
                 caps.append(timedelta(seconds=decision.max_lifetime))
             granted = min(caps)
             if granted <= timedelta(0):
-                raise InputError("the requested lifetime must be positive")
+                raise CredentialError("the credential has no lifetime left", reason="expired")
             make_limited = limited or requester.limited or decision.limited or record.limited
             proxy_type = ProxyType.LIMITED if make_limited else ProxyType.IMPERSONATION
-            issued = sign_request(issuer, csr, now=now, lifetime=granted, proxy_type=proxy_type)
+            issued = sign_request(grant.issuer, csr, now=now, lifetime=granted,
+                                  proxy_type=proxy_type)
             self.store.add_audit(self._audit(
-                requester, audit_action, "allow",
+                requester, grant.action.value, "allow",
                 reason=f"{decision.reason}: {decision.rule.name if decision.rule else ''}",
                 **where))
         except BrokerError as exc:
-            self._record_failure(requester, audit_action, exc, **where)
+            self._record_failure(requester, grant.action.value, exc, **where)
             raise
         return IssuedProxy(chain=issued, lifetime=granted, limited=make_limited,
                            owner_dn=record.owner_dn, username=record.username, name=record.name)
+
+    def retrieve(
+        self, requester: Requester, *, csr_pem: bytes, username: str | None = None,
+        owner_dn: str | None = None, name: str = DEFAULT_CREDENTIAL,
+        lifetime: timedelta | None = None, job_id: str | None = None,
+        passphrase: str | None = None, limited: bool = False,
+        action: Action = Action.RETRIEVE, _authz_owner: str | None = None,
+    ) -> IssuedProxy:
+        """:meth:`authorize_retrieval` then :meth:`issue`, for edges that have the CSR at once."""
+        try:
+            load_csr(csr_pem)  # a malformed request is refused before any look-up
+        except BrokerError as exc:
+            self._record_failure(requester, action.value, exc, owner_dn=owner_dn,
+                                 username=username, name=name, job_id=job_id)
+            raise
+        grant = self.authorize_retrieval(
+            requester, username=username, owner_dn=owner_dn, name=name, job_id=job_id,
+            passphrase=passphrase, action=action, _authz_owner=_authz_owner)
+        return self.issue(requester, grant, csr_pem=csr_pem, lifetime=lifetime, limited=limited)
+
+    def decide(
+        self, requester: Requester, record: CredentialRecord, action: Action,
+        auth: AuthMethod, *, job_id: str | None = None,
+    ) -> Decision:
+        """The policy's answer for ``requester`` on a stored credential (no audit, no side
+        effect): for edges that must choose between, say, retrieval and renewal."""
+        return self._decide(
+            requester, action, owner_dn=record.owner_dn, owner_fqans=self._owner_fqans(record),
+            name=record.name, username=record.username, job_id=job_id, auth=auth,
+            owner_policy=_owner_policy(record),
+        )
+
+    def record_refusal(self, requester: Requester, action: str, exc: BrokerError,
+                       **where: Any) -> None:
+        """Audit a refusal an edge decided itself (e.g. MyProxy's protocol rules)."""
+        self._record_failure(requester, action, exc, **where)
 
     # ------------------------------------------------------------------ renewal
 

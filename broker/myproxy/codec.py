@@ -66,7 +66,7 @@ AUTH_METHOD_NAMES = {
 
 # Keys whose repeated lines are joined with "\n" instead of being an error.
 _MULTI_KEYS = frozenset({"VONAME", "VOMSES", "ERROR", "AUTHORIZATION_DATA"})
-_KEY_RE = re.compile(r"[A-Z][A-Z0-9_]*")
+_KEY_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.@+\-]*")  # FILEDATA_<file>, CRED_<name>_...
 # C strtol(..., 0): optional sign, then hex (0x..), octal (0..) or decimal; nothing else.
 _INT_RE = re.compile(r"[+-]?(?:0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)")
 

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from broker.errors import (
     AuthenticationError,
+    AuthorizationError,
     BrokerError,
     ChainError,
     InputError,
@@ -37,7 +38,7 @@ from broker.myproxy import codec
 from broker.myproxy.codec import AuthMethodId, Command
 from broker.myproxy.policy_strings import NOBODY, render_policy, translate_policy
 from broker.pki.loading import Credential, chain_to_pem, load_certificates, public_keys_equal
-from broker.policy import Action, AuthMethod, OwnerPolicy
+from broker.policy import Action, AuthMethod
 from broker.service import DEFAULT_CREDENTIAL, BrokerService, DelegationOptions, Requester
 from broker.store import CredentialRecord
 
@@ -46,9 +47,10 @@ log = logging.getLogger("broker.myproxy")
 MessageKind = Literal["text", "der", "chain", "auth"]
 
 # Reference wording (myproxy-server 6.2.14), so that scripts grepping for it keep working.
-BAD_PASSWORD = "Bad password\ninvalid credential passphrase"
-INVALID_PASSPHRASE = "invalid credential passphrase"
-NO_PASSPHRASE = "no passphrase\nauthentication failed"
+# (Messages, not secrets.)
+BAD_PASSWORD = "Bad password\ninvalid credential passphrase"  # noqa: S105
+INVALID_PASSPHRASE = "invalid credential passphrase"  # noqa: S105
+NO_PASSPHRASE = "no passphrase\nauthentication failed"  # noqa: S105
 
 
 class Channel(Protocol):
@@ -62,11 +64,28 @@ class Channel(Protocol):
 
 
 class Refusal(Exception):
-    """Send these ERROR lines and close."""
+    """Send these ERROR lines and close.
 
-    def __init__(self, message: str) -> None:
+    ``audited`` is True when the service already wrote the audit row (the refusal
+    re-words a service error); otherwise the session writes one.
+    """
+
+    def __init__(self, message: str, *, audited: bool = False) -> None:
         super().__init__(message)
         self.message = message
+        self.audited = audited
+
+
+_ACTIONS = {
+    Command.GET: "retrieve",
+    Command.PUT: "delegate",
+    Command.INFO: "info",
+    Command.DESTROY: "destroy",
+    Command.CHANGE_PASSPHRASE: "change-passphrase",
+    Command.STORE: "store",
+    Command.RETRIEVE: "retrieve-key",
+    Command.GET_TRUSTROOTS: "trustroots",
+}
 
 
 @dataclass(frozen=True)
@@ -117,16 +136,33 @@ class Session:
     # ------------------------------------------------------------------ entry
 
     def run(self) -> None:
-        """Serve the session; refusals become one ERROR message (the caller closes)."""
+        """Serve the session; refusals become one ERROR message (the caller closes).
+
+        Every refusal leaves an audit row: the service writes its own, the session
+        writes those it decides itself (protocol rules, malformed messages).
+        """
+        request: codec.Request | None = None
         try:
             request = codec.parse_request(self.channel.recv("text"))
             self._dispatch(request)
         except Refusal as exc:
+            if not exc.audited:
+                self._audit_refusal(request, AuthorizationError(exc.message,
+                                                                reason="myproxy_refused"))
             self._send_error(exc.message)
         except ProtocolError as exc:
+            self._audit_refusal(request, exc)
             self._send_error(exc.message)
-        except BrokerError as exc:
+        except BrokerError as exc:  # raised by the service, which audited it
             self._send_error(self._describe(exc))
+
+    def _audit_refusal(self, request: codec.Request | None, exc: BrokerError) -> None:
+        where: dict[str, str | None] = {}
+        action = "myproxy"
+        if request is not None:
+            action = _ACTIONS.get(request.command, "myproxy")
+            where = {"username": request.username or None, "name": _name(request.cred_name)}
+        self.service.record_refusal(self.requester, action, exc, **where)
 
     def _send_error(self, message: str) -> None:
         log.info("myproxy %s refused: %s", self.requester.label, message.replace("\n", " / "))
@@ -165,6 +201,8 @@ class Session:
         store = self.service.store
         try:
             return store.get_credential(username, _name(cred_name))
+        except InputError as exc:  # a username or name no credential can have
+            raise Refusal(exc.message) from None
         except NotFound:
             if cred_name is None:
                 for i, char in enumerate(username):
@@ -186,9 +224,12 @@ class Session:
         passphrase = request.passphrase or None
         action = Action.RETRIEVE
         authz_owner: str | None = None
+        # MyProxy's order of questions, so that refusals carry the reference wording.
         if passphrase is not None:
-            self._check_passphrase(record, passphrase)
-            self._authorize(record, Action.RETRIEVE, AuthMethod.PASSPHRASE)
+            if not record.passphrase_protected:
+                # Stored without a passphrase (myproxy-init -n/-Z/-R): a passphrase proves
+                # nothing, so it must not open the credential (MyProxy: the same refusal).
+                raise Refusal(NO_PASSPHRASE)
         elif requester.dn is None:
             raise Refusal(NO_PASSPHRASE)
         elif self._allowed(record, Action.RETRIEVE, AuthMethod.CERTIFICATE):
@@ -202,49 +243,31 @@ class Session:
             raise Refusal(INVALID_PASSPHRASE)
         else:
             raise Refusal(NO_PASSPHRASE)
+        try:
+            # All checks and the one passphrase derivation happen here, before the OK.
+            grant = self.service.authorize_retrieval(
+                requester, record=record, passphrase=passphrase, action=action,
+                _authz_owner=authz_owner)
+        except AuthenticationError as exc:
+            if passphrase is not None:
+                raise Refusal(BAD_PASSWORD, audited=True) from None
+            raise Refusal(exc.message, audited=True) from None
+        except BrokerError as exc:
+            raise Refusal(exc.message, audited=True) from None
 
         self.channel.send(codec.ok(self._trust_lines() if request.trusted_certs else ()))
         csr_der = self.channel.recv("der")
         lifetime = timedelta(seconds=request.lifetime) if request.lifetime > 0 else None
         if lifetime is not None and self.settings.max_lifetime is not None:
             lifetime = min(lifetime, self.settings.max_lifetime)
-        issued = self.service.retrieve(
-            requester, csr_pem=csr_der, username=record.username, name=record.name,
-            lifetime=lifetime, passphrase=passphrase, action=action, _authz_owner=authz_owner,
-        )
+        issued = self.service.issue(requester, grant, csr_pem=csr_der, lifetime=lifetime)
         ders = [c.public_bytes(serialization.Encoding.DER) for c in issued.chain]
         self.channel.send(codec.encode_chain(ders))
         self.channel.send(codec.ok())
 
-    def _check_passphrase(self, record: CredentialRecord, passphrase: str) -> None:
-        if not record.passphrase_protected:
-            # Stored without a passphrase (myproxy-init -n/-Z/-R): a passphrase proves
-            # nothing, so it must not open the credential (MyProxy: the same refusal).
-            raise Refusal(NO_PASSPHRASE)
-        try:
-            self.service.store.decrypt_private_key(record, passphrase)
-        except AuthenticationError:
-            raise Refusal(BAD_PASSWORD) from None
-
-    def _decision(self, record: CredentialRecord, action: Action, auth: AuthMethod
-                  ) -> tuple[bool, str]:
-        # The service decides again inside retrieve(); this early look lets the
-        # refusal reach the client before the OK (see the module docstring).
-        decision = self.service._decide(  # noqa: SLF001 - see docs/myproxy.md, "service API"
-            self.requester, action, owner_dn=record.owner_dn,
-            owner_fqans=self.service._owner_fqans(record),  # noqa: SLF001
-            name=record.name, username=record.username, auth=auth,
-            owner_policy=_owner_policy(record),
-        )
-        return decision.allowed, decision.message
-
     def _allowed(self, record: CredentialRecord, action: Action, auth: AuthMethod) -> bool:
-        return self._decision(record, action, auth)[0]
-
-    def _authorize(self, record: CredentialRecord, action: Action, auth: AuthMethod) -> None:
-        allowed, message = self._decision(record, action, auth)
-        if not allowed:
-            raise Refusal(message)
+        # A probe (no audit): which of MyProxy's paths applies to this requester.
+        return self.service.decide(self.requester, record, action, auth).allowed
 
     def _renewal_challenge(self, record: CredentialRecord) -> str:
         """RESPONSE=2 with the X509 methods; return the identity the client proved."""
@@ -312,7 +335,7 @@ class Session:
             self.service.finish_delegation(self.requester, pending.id, chain_pem,
                                            passphrase=options.passphrase)
         except ChainError as exc:
-            raise Refusal(f"Credentials are not valid.\n{exc.message}") from None
+            raise Refusal(f"Credentials are not valid.\n{exc.message}", audited=True) from None
         self.channel.send(codec.ok())
 
     def _check_owner(self, options: DelegationOptions) -> None:
@@ -394,7 +417,7 @@ class Session:
                 old=request.passphrase or None if record.passphrase_protected else None,
                 new=request.new_phrase)
         except AuthenticationError:
-            raise Refusal(BAD_PASSWORD) from None
+            raise Refusal(BAD_PASSWORD, audited=True) from None
         self.channel.send(codec.ok())
 
     # ------------------------------------------------------------------ RETRIEVE (6) / TRUST (7)
@@ -408,14 +431,6 @@ class Session:
         self.channel.send(codec.ok(self._trust_lines()))
 
 
-def _owner_policy(record: CredentialRecord) -> OwnerPolicy | None:
-    if not (record.retrievers or record.trusted_retrievers or record.renewers):
-        return None
-    return OwnerPolicy(
-        retrievers=record.retrievers or None,
-        trusted_retrievers=record.trusted_retrievers or None,
-        renewers=record.renewers or None,
-    )
 
 
 def _verify(cert: x509.Certificate, message: bytes, signature: bytes,
@@ -439,7 +454,8 @@ def _load_stored(pem: bytes, passphrase: str | None) -> Credential:
 
     certs = load_certificates(pem, what="stored certificate")
     try:
-        key = load_private_key(pem, passphrase.encode() if passphrase else None)
+        encrypted = b"ENCRYPTED" in pem  # PKCS#8 "ENCRYPTED PRIVATE KEY" or Proc-Type
+        key = load_private_key(pem, passphrase.encode() if passphrase and encrypted else None)
     except PemError as exc:
         raise Refusal(f"{BAD_PASSWORD}\n{exc.message}") from None
     if not public_keys_equal(key, certs[0]):

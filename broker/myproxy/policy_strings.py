@@ -179,7 +179,13 @@ def translate_policy(text: str | None) -> tuple[str, ...] | None:
         compiled = _check_regex(source, text)
         if compiled.fullmatch(ANONYMOUS_IDENTITY):
             admits_anonymous = True
-        entry = alternative if _is_glob(alternative) else "re:" + source
+        if _is_glob(alternative) and alternative == alternative.strip():
+            entry = alternative
+        elif source != source.strip():
+            # The pattern language refuses edge spaces (a typo guard); a group keeps them.
+            entry = "re:(?:" + source + ")"
+        else:
+            entry = "re:" + source
         if entry not in entries:
             entries.append(entry)
     if admits_anonymous:

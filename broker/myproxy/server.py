@@ -1,0 +1,525 @@
+"""The MyProxy v2 endpoint: a TLS server loop over :class:`broker.myproxy.handler.Session`.
+
+Transport facts the real clients depend on (docs/myproxy.md has the detail):
+
+* the session is one plain TLS connection; the client certificate is requested,
+  not required (anonymous clients log on with a passphrase);
+* with TLS 1.3 the server writes one ``0x00`` byte right after the handshake
+  and issues no session tickets, else the Globus client deadlocks;
+* the client then writes one ``'0'`` byte (no GSI delegation);
+* each protocol message is one write (one TLS record); a reader takes a
+  record, then whatever is immediately available, and stops at a NUL for text.
+
+Concurrency: one thread per connection from a bounded pool; when every thread
+is busy the acceptor waits (the kernel backlog holds newcomers). Each
+connection has a deadline and a byte budget; whatever a peer sends, the
+worst it gets is an ``ERROR=`` line and a closed socket.
+
+Process model: ``broker serve`` calls :func:`start_myproxy_in_master` before
+gunicorn forks, which starts ``python -m broker.myproxy.server`` as a child
+process (never a thread in the gunicorn master). The child dies with its
+parent (``PR_SET_PDEATHSIG`` plus a ``getppid`` poll) and the parent stops it
+by PID at exit. Tests run :func:`serve_myproxy` in a thread instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import contextlib
+import ctypes
+import dataclasses
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+
+from broker.config import ServerConfig
+from broker.errors import BrokerError, ProtocolError
+from broker.myproxy import codec
+from broker.myproxy.handler import MessageKind, Session, Settings
+from broker.service import BrokerService, Requester
+
+log = logging.getLogger("broker.myproxy")
+
+DEFAULT_MAX_CONNECTIONS = 32
+DEFAULT_REQUEST_SIZE_LIMIT = 1 << 20  # MyProxy's request_size_limit default
+DEFAULT_REQUEST_TIMEOUT = 120.0  # MyProxy's request_timeout default
+_CONTEXT_TTL = 60.0  # rebuild the TLS context so CA/CRL updates take effect
+_MAX_TRUST_FILE = 1 << 20
+
+
+@dataclass(frozen=True)
+class EndpointSettings:
+    host: str
+    port: int
+    host_cert: str
+    host_key: str
+    ca_dir: str
+    max_tls: str = ""
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    request_size_limit: int = DEFAULT_REQUEST_SIZE_LIMIT
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT
+
+    @classmethod
+    def from_config(cls, config: ServerConfig, **overrides: Any) -> EndpointSettings:
+        host, _, port = config.myproxy_bind.rpartition(":")
+        values: dict[str, Any] = {
+            "host": host.strip("[]"), "port": int(port), "host_cert": config.host_cert,
+            "host_key": config.host_key, "ca_dir": config.ca_dir, "max_tls": config.max_tls,
+            "max_connections": max(4, config.threads * 4),
+        }
+        values.update(overrides)
+        return cls(**values)
+
+
+def make_context(settings: EndpointSettings) -> ssl.SSLContext:
+    """Server context: client cert optional, RFC 3820 proxies accepted, no tickets."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if settings.max_tls == "1.2":
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(settings.host_cert, settings.host_key)
+    ctx.load_verify_locations(capath=settings.ca_dir)
+    ctx.verify_mode = ssl.CERT_OPTIONAL
+    ctx.verify_flags |= ssl.VERIFY_ALLOW_PROXY_CERTS
+    ctx.options |= ssl.OP_NO_TICKET
+    ctx.num_tickets = 0
+    return ctx
+
+
+def read_trust_files(ca_dir: str) -> dict[str, bytes]:
+    """The regular, world-readable files of the CA directory (what GET_TRUSTROOTS sends)."""
+    files: dict[str, bytes] = {}
+    directory = Path(ca_dir)
+    if not directory.is_dir():
+        return files
+    for entry in sorted(directory.iterdir()):
+        try:
+            info = entry.stat()
+        except OSError:
+            continue
+        if not entry.is_file() or not info.st_mode & 0o004 or info.st_size > _MAX_TRUST_FILE:
+            continue
+        if "," in entry.name or entry.name.startswith("."):
+            continue
+        with contextlib.suppress(OSError):
+            files[entry.name] = entry.read_bytes()
+    return files
+
+
+class _TrustCache:
+    def __init__(self, ca_dir: str) -> None:
+        self._ca_dir = ca_dir
+        self._lock = threading.Lock()
+        self._files: dict[str, bytes] = {}
+        self._read = -_CONTEXT_TTL
+
+    def __call__(self) -> Mapping[str, bytes]:
+        with self._lock:
+            if time.monotonic() - self._read > _CONTEXT_TTL:
+                self._files = read_trust_files(self._ca_dir)
+                self._read = time.monotonic()
+            return self._files
+
+
+def _verified_chain(sock: ssl.SSLSocket) -> list[x509.Certificate]:
+    getter = getattr(sock, "get_verified_chain", None)  # public since Python 3.13
+    if getter is None:
+        sslobj = getattr(sock, "_sslobj", None)
+        getter = getattr(sslobj, "get_verified_chain", None)
+    raw = getter() if getter is not None else None
+    if not raw:
+        return []
+    der = ssl._ssl.ENCODING_DER  # type: ignore[attr-defined]
+    return [x509.load_der_x509_certificate(c.public_bytes(der)) for c in raw]
+
+
+class TlsChannel:
+    """The handler's :class:`~broker.myproxy.handler.Channel` over one TLS socket."""
+
+    def __init__(self, sock: ssl.SSLSocket, *, deadline: float, limit: int) -> None:
+        self.sock = sock
+        self.deadline = deadline
+        self.budget = limit
+        self.pending = b""
+
+    def _recv_some(self) -> bytes:
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise ProtocolError("the request timed out")
+        self.sock.settimeout(remaining)
+        try:
+            chunk = self.sock.recv(65536)
+        except TimeoutError:
+            raise ProtocolError("the request timed out") from None
+        except (OSError, ssl.SSLError) as exc:
+            raise ProtocolError(f"the connection failed: {exc}") from None
+        if not chunk:
+            raise ProtocolError("the client closed the connection")
+        self.budget -= len(chunk)
+        if self.budget < 0:
+            raise ProtocolError("the request is larger than the server's request size limit")
+        return chunk
+
+    def _more_now(self) -> bool:
+        if self.sock.pending():
+            return True
+        readable, _, _ = select.select([self.sock], [], [], 0)
+        return bool(readable)
+
+    def recv(self, kind: MessageKind) -> bytes:
+        buf, self.pending = self.pending, b""
+        while True:
+            if buf and _complete(kind, buf):
+                break
+            buf += self._recv_some()
+            if kind == "text" and b"\0" not in buf and not self._more_now():
+                break  # MyProxyClient ends a text message with its record, not a NUL
+        if kind == "text":
+            cut = buf.find(b"\0")
+            if cut >= 0:
+                buf, self.pending = buf[:cut], buf[cut + 1 :]
+        return buf
+
+    def recv_flag(self) -> None:
+        """The client's one-byte ``'0'`` (no GSI delegation) that follows the handshake."""
+        data = self.pending or self._recv_some()
+        if data[:1] == codec.CLIENT_FLAG:
+            self.pending = data[1:]
+        elif data.startswith(b"VERSION="):
+            self.pending = data  # a client that skips the flag: be lenient
+        elif data[:1] == b"D":
+            raise ProtocolError("GSI delegation ('D') is not supported; MyProxy clients send '0'")
+        else:
+            raise ProtocolError("expected the one-byte '0' flag after the TLS handshake")
+
+    def send(self, data: bytes) -> None:
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise ProtocolError("the request timed out")
+        self.sock.settimeout(remaining)
+        try:
+            self.sock.sendall(data)
+        except (OSError, ssl.SSLError) as exc:
+            raise ProtocolError(f"the connection failed: {exc}") from None
+
+
+def _complete(kind: MessageKind, buf: bytes) -> bool:
+    if kind == "text":
+        return b"\0" in buf
+    if kind == "der":
+        return codec.der_complete(buf)
+    if kind == "chain":
+        return codec.chain_complete(buf)
+    if len(buf) >= 4 and buf[0] not in (2, 4):
+        return True  # not an X509 reply: complete enough to be refused
+    return codec.auth_reply_complete(buf)
+
+
+def listen(settings: EndpointSettings) -> socket.socket:
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((settings.host, settings.port))
+    sock.listen(max(128, settings.max_connections * 2))
+    return sock
+
+
+class MyProxyServer:
+    """Listening socket + bounded thread pool; :meth:`serve` until ``stop`` is set."""
+
+    def __init__(self, service: BrokerService, settings: EndpointSettings,
+                 *, handler_settings: Settings | None = None,
+                 listener: socket.socket | None = None) -> None:
+        self.service = service
+        self.settings = settings
+        self.handler_settings = handler_settings or Settings()
+        self._context = make_context(settings)
+        self._context_built = time.monotonic()
+        self._trust = _TrustCache(settings.ca_dir)
+        self._slots = threading.BoundedSemaphore(settings.max_connections)
+        self._pool = ThreadPoolExecutor(max_workers=settings.max_connections,
+                                        thread_name_prefix="myproxy")
+        self.sock = listener if listener is not None else listen(settings)
+        self.sock.settimeout(0.25)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self.sock.getsockname()[:2]
+        return host, port
+
+    def _ctx(self) -> ssl.SSLContext:
+        if time.monotonic() - self._context_built > _CONTEXT_TTL:
+            try:
+                self._context = make_context(self.settings)
+            except (OSError, ssl.SSLError):
+                log.exception("could not rebuild the MyProxy TLS context; keeping the old one")
+            self._context_built = time.monotonic()
+        return self._context
+
+    def serve(self, stop: threading.Event, *, should_stop: Callable[[], bool] | None = None
+              ) -> None:
+        log.info("MyProxy endpoint listening on %s:%d", *self.address)
+        try:
+            while not stop.is_set() and not (should_stop and should_stop()):
+                if not self._slots.acquire(timeout=0.25):
+                    continue
+                try:
+                    conn, addr = self.sock.accept()
+                except TimeoutError:
+                    self._slots.release()
+                    continue
+                except OSError:
+                    self._slots.release()
+                    if stop.is_set():
+                        break
+                    log.exception("accept failed")
+                    time.sleep(0.05)
+                    continue
+                try:
+                    self._pool.submit(self._connection, conn, addr)
+                except RuntimeError:  # pool shut down
+                    self._slots.release()
+                    conn.close()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _connection(self, conn: socket.socket, addr: Any) -> None:
+        try:
+            self._serve_connection(conn, addr)
+        except Exception:  # a worker must never die silently or take the server down
+            log.exception("MyProxy connection from %s failed", addr)
+        finally:
+            with contextlib.suppress(OSError):
+                conn.close()
+            self._slots.release()
+
+    def _serve_connection(self, conn: socket.socket, addr: Any) -> None:
+        settings = self.settings
+        deadline = time.monotonic() + settings.request_timeout
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.settimeout(min(settings.request_timeout, 30.0))
+        try:
+            tls = self._ctx().wrap_socket(conn, server_side=True)
+        except (OSError, ssl.SSLError) as exc:
+            log.info("MyProxy TLS handshake with %s failed: %s", addr[0], exc)
+            return
+        with tls:
+            if tls.version() == "TLSv1.3":
+                tls.sendall(b"\x00")  # what a GSI acceptor sends when it has nothing else
+            channel = TlsChannel(tls, deadline=deadline, limit=settings.request_size_limit)
+            request_id = uuid.uuid4().hex
+            try:
+                channel.recv_flag()
+                requester = self._requester(tls, addr, request_id)
+            except ProtocolError as exc:
+                log.info("MyProxy client %s: %s", addr[0], exc.message)
+                return
+            except BrokerError as exc:
+                # Let the client send its request so that it reads the refusal as a response.
+                with contextlib.suppress(ProtocolError):
+                    channel.recv("text")
+                    channel.send(codec.error(exc.message))
+                return
+            Session(self.service, channel, requester, trust_files=self._trust,
+                    settings=self.handler_settings).run()
+            with contextlib.suppress(OSError, ssl.SSLError):
+                tls.settimeout(1.0)
+                tls.unwrap()
+
+    def _requester(self, tls: ssl.SSLSocket, addr: Any, request_id: str) -> Requester:
+        chain = _verified_chain(tls)
+        if not chain:
+            return Requester(dn=None, client_address=addr[0], endpoint="myproxy",
+                             request_id=request_id)
+        return self.service.authenticate_chain(chain, client_address=addr[0],
+                                               endpoint="myproxy", request_id=request_id)
+
+
+def serve_myproxy(
+    config: ServerConfig,
+    stop_event: threading.Event,
+    *,
+    service: BrokerService | None = None,
+    ready: Callable[[tuple[str, int]], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    **overrides: Any,
+) -> None:
+    """Run the endpoint on ``config.myproxy_bind`` until ``stop_event`` is set.
+
+    ``service`` defaults to one built from ``config`` (``broker.runtime.build_runtime``);
+    tests pass their own. ``ready`` is called with the bound address (port 0 works).
+    ``overrides`` set :class:`EndpointSettings` fields (``max_connections``...).
+    """
+    if service is None:
+        from broker.runtime import build_runtime
+
+        service = build_runtime(config).service
+    server = MyProxyServer(service, EndpointSettings.from_config(config, **overrides))
+    if ready is not None:
+        ready(server.address)
+    server.serve(stop_event, should_stop=should_stop)
+
+
+# --------------------------------------------------------------------------- child process
+
+_child: subprocess.Popen[bytes] | None = None
+_PR_SET_PDEATHSIG = 1
+
+
+def start_myproxy_in_master(config: ServerConfig) -> subprocess.Popen[bytes]:
+    """Start the endpoint as a child process of ``broker serve`` (before gunicorn forks).
+
+    The child is stopped by PID when this process exits (only from this very
+    process: gunicorn workers inherit atexit hooks and must not run it). With
+    ``config.workers`` > 1 the child pre-forks that many endpoint processes.
+    """
+    global _child
+    payload = json.dumps(dataclasses.asdict(config))
+    command = [sys.executable, "-m", "broker.myproxy.server", "--config-json", payload,
+               "--parent-pid", str(os.getpid()), "--processes", str(max(1, config.workers))]
+    child = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+    _child = child
+    owner = os.getpid()
+
+    def stop_child() -> None:
+        if os.getpid() != owner or child.poll() is not None:
+            return
+        child.terminate()
+        try:
+            child.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+    atexit.register(stop_child)
+    log.info("MyProxy endpoint started as process %d on %s", child.pid, config.myproxy_bind)
+    return child
+
+
+def _die_with_parent(parent_pid: int) -> Callable[[], bool]:
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent_pid:
+        sys.exit(0)  # the parent left before we could ask to be told
+    return lambda: os.getppid() != parent_pid
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m broker.myproxy.server",
+                                     description="Run the broker's MyProxy endpoint.")
+    parser.add_argument("--config-json", help="A resolved ServerConfig as JSON (broker serve).")
+    parser.add_argument("--config", help="broker.toml")
+    parser.add_argument("--myproxy-bind")
+    parser.add_argument("--state-dir")
+    parser.add_argument("--policy-dir")
+    parser.add_argument("--max-tls", choices=["1.2", "1.3"])
+    parser.add_argument("--max-connections", type=int)
+    parser.add_argument("--parent-pid", type=int)
+    parser.add_argument("--processes", type=int, default=1,
+                        help="worker processes sharing the socket (default 1)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s[myproxy]: %(message)s")
+    if args.config_json:
+        config = ServerConfig(**json.loads(args.config_json))
+    else:
+        from broker.config import load_config
+        from broker.runtime import prepare_state
+
+        config = load_config(args.config, {
+            "myproxy_bind": args.myproxy_bind, "state_dir": args.state_dir,
+            "policy_dir": args.policy_dir, "max_tls": args.max_tls})
+        prepare_state(config)
+    if not config.myproxy_bind:
+        parser.error("no MyProxy bind address (--myproxy-bind or myproxy_bind in the config)")
+    should_stop = _die_with_parent(args.parent_pid) if args.parent_pid else None
+    overrides = {"max_connections": args.max_connections} if args.max_connections else {}
+    if args.processes > 1:
+        return _prefork(config, args.processes, overrides)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    serve_myproxy(config, stop, should_stop=should_stop, **overrides)
+    return 0
+
+
+def _stop_on_sigterm() -> threading.Event:
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent forwards Ctrl-C as SIGTERM
+    return stop
+
+
+def _prefork(config: ServerConfig, processes: int, overrides: dict[str, Any]) -> int:
+    """N worker processes sharing one listening socket (one GIL each).
+
+    Forks before any thread, database engine or TLS context exists; each
+    worker builds its own runtime, dies with this parent, and is reaped by PID.
+    """
+    from broker.runtime import build_runtime
+
+    settings = EndpointSettings.from_config(config, **overrides)
+    listener = listen(settings)
+    parent = os.getpid()
+    children: list[int] = []
+    for _ in range(processes):
+        pid = os.fork()
+        if pid == 0:
+            should_stop = _die_with_parent(parent)
+            stop = _stop_on_sigterm()
+            server = MyProxyServer(build_runtime(config).service, settings, listener=listener)
+            server.serve(stop, should_stop=should_stop)
+            os._exit(0)
+        children.append(pid)
+    listener.close()
+    stopping = threading.Event()
+
+    def forward(signum: int, frame: object) -> None:
+        stopping.set()
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for child in children:
+        while True:
+            try:
+                os.waitpid(child, 0)
+                break
+            except ChildProcessError:
+                break
+            except InterruptedError:
+                continue
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,530 @@
+"""``broker-pilot``: HTCondor's USER_JOB_WRAPPER on a pilot node.
+
+The starter runs ``broker-pilot <Cmd> <args...>`` with ``$_CONDOR_JOB_AD`` set;
+by hand it is ``broker-pilot [--job-ad FILE] [--config FILE] -- CMD ARGS...``.
+``broker-pilot --fill-rsa-pool N`` adds N pre-generated RSA keys to the pool.
+
+For one job, in order, failing closed at every step before the payload starts:
+
+1. read the pilot configuration and the job ad;
+2. check the owner DN against ``allowed_owners`` (DN globs / ``re:``);
+3. take a key (EC P-256 by default, or a pre-generated RSA key from the pool)
+   and retrieve a proxy of the owner's credential bound to the job id (and,
+   with ``bind_submitter``, to the ad's ``Owner`` as the credential's username);
+4. with only ``fqan:`` entries left to decide, verify the proxy's VOMS
+   attributes against the vomsdir and match them;
+5. write the proxy 0600 into a private directory and hand it to the payload
+   wrapper's :func:`~payload_wrapper.api.prepare`; the pilot's copy is removed
+   as soon as the wrapper holds its own target-owned copy;
+6. :func:`~payload_wrapper.api.execute` the payload while a background thread
+   refreshes the proxy at ``refresh_fraction`` of its lifetime.
+
+A failure before the payload starts is written to
+``$_CONDOR_WRAPPER_ERROR_FILE`` (HTCondor puts it in the job's hold reason)
+and on stderr, and the exit status follows the wrapper's codes: 201 the job's
+or its owner's fault, 202 the node's or the broker's, 203 not allowed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import re
+import secrets
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from broker.client import BrokerClient, ClientIdentity
+from broker.condor.jobad import JobAd, read_job_ad
+from broker.errors import BrokerError, NotFound, SystemFailure
+from broker.fileio import make_private_dir, read_private_file, write_private_file
+from broker.pki.dn import slash_from_name
+from broker.pki.loading import Credential, credential_to_pem, key_to_pem, load_private_key
+from broker.pki.proxy import generate_key, proxy_info
+from broker.policy import FqanError, Subject, parse_fqan, parse_pattern
+from payload_wrapper.api import PreparedJob, execute, prepare, refresh_proxy
+from payload_wrapper.environment import RESERVED_NAMES, is_refused
+from payload_wrapper.errors import (
+    EXIT_CLIENT,
+    EXIT_DENIED,
+    EXIT_SYSTEM,
+    AuthorizationDenied,
+    WrapperSystemError,
+    exit_code_for,
+)
+from payload_wrapper.pilot_config import PilotConfig, load_pilot_config
+
+__all__ = [
+    "KeySource",
+    "Pilot",
+    "StartedJob",
+    "fill_rsa_pool",
+    "main",
+    "owner_allowed_by_dn",
+    "owner_allowed_by_fqans",
+]
+
+#: Variables from the starter that the payload may still find useful.
+STARTER_NAMES = ("_CONDOR_SCRATCH_DIR", "_CONDOR_JOB_IWD", "_CONDOR_SLOT",
+                 "_CONDOR_JOB_AD", "_CONDOR_MACHINE_AD")
+_CREDENTIAL_PREFIXES = ("X509_", "BEARER_TOKEN", "_CONDOR_")
+_UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9._@+-]")
+
+
+def say(message: str) -> None:
+    sys.stderr.write(f"broker-pilot: {message}\n")
+    sys.stderr.flush()
+
+
+# --------------------------------------------------------------------------- owners
+
+
+@functools.lru_cache(maxsize=256)
+def _matcher(text: str) -> Callable[[Subject], bool]:
+    # The config loader admits only DN globs, re: and fqan: entries; a group
+    # reference (which needs a policy file to resolve) never matches here.
+    compiled = parse_pattern(text, context="owner")
+    matches = getattr(compiled, "matches", None)
+    if not callable(matches):
+        return lambda _subject: False
+    return lambda subject: bool(matches(subject))
+
+
+def owner_allowed_by_dn(config: PilotConfig, dn: str) -> str | None:
+    """The ``allowed_owners`` DN entry that admits ``dn``, or None."""
+    subject = Subject(dn=dn)
+    for text in config.dn_owners:
+        if _matcher(text)(subject):
+            return text
+    return None
+
+
+def owner_allowed_by_fqans(config: PilotConfig, dn: str, fqans: Sequence[str]) -> str | None:
+    """The ``fqan:`` entry matched by one of the proxy's verified FQANs, or None."""
+    parsed = []
+    for fqan in fqans:
+        with contextlib.suppress(FqanError, ValueError):
+            parsed.append(parse_fqan(fqan))
+    subject = Subject(dn=dn, fqans=tuple(parsed))
+    for text in config.fqan_owners:
+        if _matcher(text)(subject):
+            return text
+    return None
+
+
+# --------------------------------------------------------------------------- keys
+
+
+class KeySource:
+    """Job keys: a pre-generated RSA key from the pool when there is one, else a fresh key.
+
+    A pool key is claimed by renaming it to a private name first, so two pilots
+    sharing the pool can never use the same key.
+    """
+
+    def __init__(self, key_type: str = "ec", pool_dir: Path | None = None) -> None:
+        self.key_type = key_type
+        self.pool_dir = pool_dir
+        self.pool_empty_noted = False
+
+    def take(self) -> Any:
+        if self.pool_dir is not None:
+            key = self._from_pool(self.pool_dir)
+            if key is not None:
+                return key
+            if not self.pool_empty_noted:
+                say(f"the RSA key pool {self.pool_dir} is empty; generating a {self.key_type} "
+                    "key (refill it with broker-pilot --fill-rsa-pool N)")
+                self.pool_empty_noted = True
+        return generate_key(self.key_type)
+
+    @staticmethod
+    def _from_pool(pool: Path) -> Any:
+        try:
+            entries = os.scandir(pool)
+        except OSError:
+            return None
+        with entries:
+            for entry in entries:
+                if not entry.name.endswith(".pem") or entry.name.startswith("."):
+                    continue
+                claimed = pool / f".claimed-{secrets.token_hex(8)}"
+                try:
+                    os.rename(pool / entry.name, claimed)
+                except FileNotFoundError:
+                    continue  # another pilot was faster
+                try:
+                    return load_private_key(read_private_file(claimed,
+                                                              require_owner=os.geteuid()))
+                except BrokerError as exc:
+                    say(f"skipping the unusable pool key {entry.name}: {exc.message}")
+                finally:
+                    with contextlib.suppress(OSError):
+                        os.unlink(claimed)
+        return None
+
+
+def fill_rsa_pool(pool: Path, count: int, *, bits: int = 2048) -> int:
+    """Add ``count`` RSA keys (0600) to ``pool`` (created 0700); returns how many were written."""
+    make_private_dir(pool)
+    for _ in range(count):
+        key = generate_key("rsa", bits)
+        write_private_file(pool / f"key-{secrets.token_hex(8)}.pem", key_to_pem(key))
+    return count
+
+
+# --------------------------------------------------------------------------- the job
+
+
+@dataclass
+class StartedJob:
+    """A job whose proxy is in place and whose payload is ready to run."""
+
+    ad: JobAd
+    prepared: PreparedJob
+    lifetime: float  # seconds of the proxy handed to the payload
+    rule: str  # the allowed_owners entry that admitted the owner
+
+
+def local_job_id(job_id: str) -> str:
+    """A path-safe, unique name for the wrapper's job directory derived from the job id."""
+    safe = _UNSAFE_ID_CHARS.sub("_", job_id).lstrip(".-")[:100] or "job"
+    return f"{safe}.{secrets.token_hex(3)}"
+
+
+def _identity_of(cred: Credential) -> str:
+    for cert in cred.chain:
+        if proxy_info(cert) is None:
+            return slash_from_name(cert.subject)
+    raise AuthorizationDenied("the broker returned a chain without an end-entity certificate")
+
+
+class Pilot:
+    """Everything broker-pilot does for one job, reusable in-process (see the benchmark)."""
+
+    def __init__(self, config: PilotConfig, *, client: BrokerClient | None = None,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+        self.config = config
+        self.clock = clock
+        self.keys = KeySource(config.key_type, config.rsa_pool_dir)
+        self._client = client
+
+    @property
+    def client(self) -> BrokerClient:
+        if self._client is None:
+            cfg = self.config
+            self._client = BrokerClient(cfg.broker_url, ClientIdentity(cert=cfg.cert, key=cfg.key),
+                                        ca_dir=str(cfg.ca_dir), timeout=cfg.timeout_seconds)
+        return self._client
+
+    # ----------------------------------------------------------------- retrieval
+
+    def retrieve(self, ad: JobAd) -> tuple[Credential, dict[str, Any]]:
+        """A fresh proxy of the job owner's credential, bound to the job id."""
+        cfg = self.config
+        lifetime = ad.lifetime_hours or cfg.lifetime_hours
+        username = ad.submitter if cfg.bind_submitter else None
+        if cfg.bind_submitter and not username:
+            raise AuthorizationDenied(
+                "the job ad has no Owner, so the credential cannot be bound to the submitter; "
+                "set bind_submitter = false in the pilot configuration for hand-made ads",
+                reason="no_submitter")
+        key = self.keys.take()
+        for attempt in range(1, cfg.retrieve_attempts + 1):
+            try:
+                return self.client.retrieve(
+                    username=username, owner=ad.owner_dn, name=ad.credential,
+                    lifetime_hours=lifetime, job_id=ad.job_id, key=key,
+                    key_type=cfg.key_type)
+            except SystemFailure as exc:
+                if exc.reason != "unreachable" or attempt == cfg.retrieve_attempts:
+                    raise
+                say(f"{exc.message}; retrying in {cfg.retry_delay_seconds:g} s")
+                time.sleep(cfg.retry_delay_seconds)
+        raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+    def _explain(self, ad: JobAd, exc: BrokerError) -> BrokerError:
+        """Add the next step for the failures users meet most."""
+        if isinstance(exc, NotFound):
+            who = f" under username {ad.submitter!r}" if self.config.bind_submitter else ""
+            err: BrokerError = NotFound(
+                f"the broker holds no credential {ad.credential!r} of {ad.owner_dn}{who} "
+                f"({exc.message}); the owner must store one with 'broker-init -k "
+                f"{ad.credential}' on the submit host, then release the job",
+                reason="no_credential")
+            return err
+        return exc
+
+    # ----------------------------------------------------------------- start
+
+    def start(self, ad: JobAd, command: Sequence[str],
+              environ: dict[str, str] | None = None) -> StartedJob:
+        """Steps 2-5: everything up to the payload's start; raises BrokerError."""
+        cfg = self.config
+        if not command:
+            raise WrapperSystemError("no payload command was given (broker-pilot CMD ARGS...)",
+                                     reason="no_command")
+        rule = owner_allowed_by_dn(cfg, ad.owner_dn)
+        if rule is None and not cfg.fqan_owners:
+            raise AuthorizationDenied(
+                f"this pilot does not run jobs of {ad.owner_dn} (not in allowed_owners of "
+                f"{cfg.source})", reason="owner_not_allowed")
+        try:
+            cred, result = self.retrieve(ad)
+        except BrokerError as exc:
+            raise self._explain(ad, exc) from None
+        identity = _identity_of(cred)
+        if identity != ad.owner_dn:
+            raise AuthorizationDenied(
+                f"the broker returned a proxy of {identity}, not of the job owner {ad.owner_dn}",
+                reason="wrong_identity")
+        if rule is None:
+            rule = self._check_fqans(cred, ad.owner_dn)
+        pem = credential_to_pem(cred)
+        environ = dict(os.environ) if environ is None else environ
+        settings = cfg.wrapper_settings(
+            keep_env=[n for n in STARTER_NAMES if n in environ],
+            set_env=self._job_environment(ad),
+        )
+        proxy_dir = make_private_dir(cfg.workdir / ".broker-pilot")
+        local_id = local_job_id(ad.job_id)
+        proxy_path = proxy_dir / f"proxy-{local_id}.pem"
+        write_private_file(proxy_path, pem, mode=0o600)
+        try:
+            prepared = prepare(settings, proxy_path, list(command), job_id=local_id,
+                               now=self.clock(), caller_env=environ)
+        finally:
+            with contextlib.suppress(OSError):
+                proxy_path.unlink()
+        return StartedJob(ad=ad, prepared=prepared, lifetime=float(result["lifetime"]),
+                          rule=rule)
+
+    def _check_fqans(self, cred: Credential, dn: str) -> str:
+        from broker.pki.chain import validate_chain
+        from broker.trustdir import load_ca_dir, load_vomsdir
+
+        try:
+            info = validate_chain(cred.chain, load_ca_dir(self.config.ca_dir), now=self.clock(),
+                                  vomsdir=load_vomsdir(self.config.vomsdir))
+        except BrokerError as exc:
+            raise AuthorizationDenied(
+                f"{dn} is admitted here only through its VOMS attributes, and those of its "
+                f"proxy do not verify: {exc.message}", reason="fqans_unverified") from None
+        rule = owner_allowed_by_fqans(self.config, dn, info.fqans)
+        if rule is None:
+            shown = ", ".join(info.fqans) or "none"
+            raise AuthorizationDenied(
+                f"this pilot does not run jobs of {dn}: neither the DN nor the proxy's FQANs "
+                f"({shown}) match allowed_owners of {self.config.source}",
+                reason="owner_not_allowed")
+        return rule
+
+    @staticmethod
+    def _job_environment(ad: JobAd) -> list[str]:
+        kept = []
+        for name, value in ad.environment:
+            upper = name.upper()
+            if upper in RESERVED_NAMES or is_refused(name) \
+                    or upper.startswith(_CREDENTIAL_PREFIXES) or upper == "KRB5CCNAME":
+                say(f"the job's environment entry {name} is not passed to the payload")
+                continue
+            kept.append(f"{name}={value}")
+        return kept
+
+    # ----------------------------------------------------------------- run
+
+    def run(self, job: StartedJob) -> int:
+        """Step 6: run the payload with the proxy kept fresh; returns the exit code."""
+        refresher = Refresher(self, job)
+        refresher.start()
+        try:
+            return execute(job.prepared)
+        finally:
+            refresher.stop()
+
+
+class Refresher:
+    """Replaces the payload's proxy before it expires, from a daemon thread.
+
+    A failed refresh is reported on stderr and retried; it never stops the
+    payload (an expired proxy fails the payload's own grid calls, which say why).
+    """
+
+    def __init__(self, pilot: Pilot, job: StartedJob) -> None:
+        self.pilot, self.job = pilot, job
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="proxy-refresh", daemon=True)
+        self.refreshed = 0
+
+    def _delay(self, lifetime: float) -> float:
+        cfg = self.pilot.config
+        if cfg.refresh_interval_seconds is not None:
+            return cfg.refresh_interval_seconds
+        return max(1.0, cfg.refresh_fraction * lifetime)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.pilot.config.timeout_seconds + 5)
+
+    def _loop(self) -> None:
+        cfg = self.pilot.config
+        delay = self._delay(self.job.lifetime)
+        expires = time.monotonic() + self.job.lifetime
+        while not self._stop.wait(delay):
+            try:
+                cred, result = self.pilot.retrieve(self.job.ad)
+                if self._stop.is_set():
+                    return
+                refresh_proxy(self.job.prepared, credential_to_pem(cred), now=self.pilot.clock())
+            except BrokerError as exc:
+                left = expires - time.monotonic()
+                delay = min(cfg.refresh_retry_seconds, max(1.0, left / 2))
+                if not self._stop.is_set():
+                    say(f"refreshing the proxy failed ({exc.message}); retrying in {delay:g} s "
+                        f"(the current proxy has {max(left, 0):.0f} s left)")
+                continue
+            except Exception as exc:  # never let the thread die silently
+                delay = cfg.refresh_retry_seconds
+                say(f"refreshing the proxy failed unexpectedly ({type(exc).__name__}: {exc}); "
+                    f"retrying in {delay:g} s")
+                continue
+            self.refreshed += 1
+            lifetime = float(result["lifetime"])
+            expires = time.monotonic() + lifetime
+            delay = self._delay(lifetime)
+            say(f"refreshed the payload's proxy (valid {lifetime:.0f} s; next refresh in "
+                f"{delay:g} s)")
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _error_code(exc: BrokerError) -> int:
+    if isinstance(exc, NotFound):
+        return EXIT_CLIENT  # the owner did not delegate: theirs to fix
+    return exit_code_for(exc)
+
+
+def report_failure(message: str, error_file: str | None) -> None:
+    """One sentence on stderr and, under HTCondor, in the wrapper error file."""
+    line = f"broker-pilot: the job was not started: {message}"
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+    if error_file:
+        try:
+            with open(error_file, "a", encoding="utf-8") as handle:
+                handle.write(line + "\n")
+        except OSError as exc:
+            sys.stderr.write(f"broker-pilot: cannot write {error_file}: {exc.strerror}\n")
+
+
+_USAGE = """usage: broker-pilot [--job-ad FILE] [--config FILE] [--] CMD [ARGS...]
+       broker-pilot [--config FILE] --fill-rsa-pool N
+
+HTCondor USER_JOB_WRAPPER: fetches the job owner's proxy from the broker and runs
+CMD through the payload wrapper. The job ad comes from $_CONDOR_JOB_AD (or --job-ad),
+the configuration from $BROKER_PILOT_CONFIG (or --config, default /etc/broker/pilot.toml).
+Exit codes: the payload's own; 201 the job's fault, 202 the node's or broker's, 203 denied.
+"""
+
+
+@dataclass
+class _Args:
+    job_ad: str | None = None
+    config: str | None = None
+    fill: int | None = None
+    command: tuple[str, ...] = ()
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _parse(argv: Sequence[str]) -> _Args:
+    # The starter passes the job's own command line after ours; options are only
+    # read before the first word that is not one of ours (or after nothing at all).
+    args = _Args()
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        if word == "--":
+            i += 1
+            break
+        if word in ("-h", "--help"):
+            sys.stdout.write(_USAGE)
+            raise SystemExit(0)
+        if word in ("--job-ad", "--config", "--fill-rsa-pool"):
+            if i + 1 >= len(argv):
+                raise _UsageError(f"{word} needs a value")
+            value = argv[i + 1]
+            if word == "--job-ad":
+                args.job_ad = value
+            elif word == "--config":
+                args.config = value
+            else:
+                if not value.isdigit() or not 0 < int(value) <= 100000:
+                    raise _UsageError("--fill-rsa-pool needs a count from 1 to 100000")
+                args.fill = int(value)
+            i += 2
+            continue
+        if word.startswith("--"):
+            raise _UsageError(f"unknown option {word}")
+        break
+    args.command = tuple(argv[i:])
+    return args
+
+
+def run(argv: Sequence[str]) -> int:
+    """The whole command; returns the exit status."""
+    error_file = os.environ.get("_CONDOR_WRAPPER_ERROR_FILE") or None
+    try:
+        args = _parse(argv)
+    except _UsageError as exc:
+        report_failure(f"{exc}; see broker-pilot --help", error_file)
+        return EXIT_SYSTEM
+    try:
+        config = load_pilot_config(args.config)
+        if args.fill is not None:
+            if config.rsa_pool_dir is None:
+                raise WrapperSystemError(f"set rsa_pool_dir in {config.source} first",
+                                         reason="no_pool")
+            fill_rsa_pool(config.rsa_pool_dir, args.fill)
+            say(f"added {args.fill} RSA keys to {config.rsa_pool_dir}")
+            return 0
+        ad_path = args.job_ad or os.environ.get("_CONDOR_JOB_AD")
+        if not ad_path:
+            raise WrapperSystemError(
+                "no job ad: _CONDOR_JOB_AD is not set (by hand: --job-ad FILE)",
+                reason="no_job_ad")
+        ad = read_job_ad(ad_path)
+        pilot = Pilot(config)
+        job = pilot.start(ad, args.command)
+    except BrokerError as exc:
+        report_failure(exc.message, error_file)
+        return _error_code(exc)
+    except OSError as exc:
+        report_failure(f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""),
+                       error_file)
+        return EXIT_SYSTEM
+    say(f"running job {ad.job_id} of {ad.owner_dn} as {job.prepared.run_as.name} "
+        f"(allowed by {job.rule!r})")
+    code = pilot.run(job)
+    reason = job.prepared.audit.reason
+    if code in (EXIT_CLIENT, EXIT_SYSTEM, EXIT_DENIED) and reason:
+        # The wrapper's own failure (the payload's 201-204 are reported as 204).
+        report_failure(reason, error_file)
+    return code
+
+
+def main() -> None:
+    sys.exit(run(sys.argv[1:]))

@@ -1,0 +1,199 @@
+"""broker-pilot's configuration: one TOML file, ``$BROKER_PILOT_CONFIG`` or /etc/broker/pilot.toml.
+
+::
+
+    broker_url = "https://broker.example.org:8443"
+    cert = "/etc/grid-security/pilotcert.pem"     # or: proxy = "/path/to/pilot/proxy"
+    key = "/etc/grid-security/pilotkey.pem"
+    ca_dir = "/etc/grid-security/certificates"
+    vomsdir = "/etc/grid-security/vomsdir"
+    allowed_owners = ["/DC=org/DC=example/*", "fqan:/atlas"]
+    workdir = "/var/lib/broker-pilot"
+    key_type = "ec"                  # ec (P-256, default) | rsa
+    rsa_pool_dir = "/var/lib/broker-pilot/keys"   # optional pre-generated RSA keys
+    bind_submitter = true            # the credential's username must be the ad's Owner
+    lifetime_hours = 12              # when the ad has no BrokerLifetime (default: broker's)
+    refresh_fraction = 0.5           # refresh when this much of the proxy's life is used
+    refresh_retry_seconds = 60
+    retrieve_attempts = 2            # only for "broker unreachable"
+    retry_delay_seconds = 2
+    timeout_seconds = 30
+    [wrapper]                        # payload-wrapper settings (docs/payload-wrapper.md)
+    mode = "setuid"
+    account = "nobody"
+    umask = "0022"
+
+``ca_dir``, ``vomsdir`` and ``workdir`` at the top level are also the
+wrapper's unless ``[wrapper]`` sets its own. Every problem found here is a
+system error (202): the pilot's administrator has to fix it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from broker.policy import PatternError, parse_pattern
+from payload_wrapper.config import WrapperSettings, load_config_file, merge_settings
+from payload_wrapper.errors import WrapperSystemError
+
+__all__ = ["DEFAULT_CONFIG", "KEY_TYPES", "PilotConfig", "load_pilot_config", "parse_pilot_config"]
+
+DEFAULT_CONFIG = "/etc/broker/pilot.toml"
+KEY_TYPES = ("ec", "rsa")
+_OWNER_FORMS = ("/", "re:", "fqan:")
+
+
+@dataclass(frozen=True)
+class PilotConfig:
+    """The pilot's settings; ``wrapper_file`` are the raw ``[wrapper]`` values."""
+
+    broker_url: str
+    cert: str
+    key: str
+    ca_dir: Path
+    vomsdir: Path
+    allowed_owners: tuple[str, ...]
+    workdir: Path
+    source: str = DEFAULT_CONFIG
+    key_type: str = "ec"
+    rsa_pool_dir: Path | None = None
+    bind_submitter: bool = True
+    lifetime_hours: float | None = None
+    refresh_fraction: float = 0.5
+    refresh_interval_seconds: float | None = None  # fixed interval; for tests and odd sites
+    refresh_retry_seconds: float = 60.0
+    retrieve_attempts: int = 2
+    retry_delay_seconds: float = 2.0
+    timeout_seconds: float = 30.0
+    wrapper_file: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def dn_owners(self) -> tuple[str, ...]:
+        return tuple(p for p in self.allowed_owners if not p.startswith("fqan:"))
+
+    @property
+    def fqan_owners(self) -> tuple[str, ...]:
+        return tuple(p for p in self.allowed_owners if p.startswith("fqan:"))
+
+    def wrapper_settings(self, **flags: Any) -> WrapperSettings:
+        """The wrapper's settings: [wrapper] over the pilot's defaults, then ``flags``."""
+        base: dict[str, Any] = {"ca_dir": str(self.ca_dir), "vomsdir": str(self.vomsdir),
+                                "workdir": str(self.workdir)}
+        base.update(self.wrapper_file)
+        return merge_settings(base, flags)
+
+
+def load_pilot_config(path: str | os.PathLike[str] | None = None) -> PilotConfig:
+    """Read the file at ``path``, ``$BROKER_PILOT_CONFIG`` or /etc/broker/pilot.toml."""
+    where = Path(path or os.environ.get("BROKER_PILOT_CONFIG") or DEFAULT_CONFIG)
+    try:
+        with open(where, "rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise WrapperSystemError(
+            f"the pilot configuration {where} does not exist; create it (see docs/htcondor.md) "
+            "or point BROKER_PILOT_CONFIG at it", reason="no_config") from None
+    except OSError as exc:
+        raise WrapperSystemError(f"cannot read the pilot configuration {where}: "
+                                 f"{exc.strerror}", reason="no_config") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise WrapperSystemError(f"the pilot configuration {where} is not valid TOML: {exc}",
+                                 reason="bad_config") from exc
+    wrapper: dict[str, Any] = {}
+    if "wrapper" in data:
+        # The wrapper's own loader checks its table (names and types) the same way
+        # as for payload-wrapper --config.
+        wrapper = load_config_file(where)
+    return parse_pilot_config(data, source=str(where), wrapper=wrapper)
+
+
+def _bad(source: str, message: str) -> WrapperSystemError:
+    return WrapperSystemError(f"{source}: {message}", reason="bad_config")
+
+
+def _number(data: Mapping[str, Any], name: str, default: float | None, source: str, *,
+            low: float = 0.0, high: float = math.inf) -> float | None:
+    value = data.get(name, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
+            or not low < value <= high:
+        raise _bad(source, f"{name} must be a number above {low:g}"
+                   + ("" if high == math.inf else f" and at most {high:g}") + f", not {value!r}")
+    return float(value)
+
+
+def _text(data: Mapping[str, Any], name: str, source: str, default: str | None = None) -> str:
+    value = data.get(name, default)
+    if not isinstance(value, str) or not value:
+        raise _bad(source, f"{name} must be set to a non-empty string")
+    return value
+
+
+_KNOWN = {"broker_url", "cert", "key", "proxy", "ca_dir", "vomsdir", "allowed_owners", "workdir",
+          "key_type", "rsa_pool_dir", "bind_submitter", "lifetime_hours", "refresh_fraction",
+          "refresh_interval_seconds", "refresh_retry_seconds", "retrieve_attempts",
+          "retry_delay_seconds", "timeout_seconds", "wrapper"}
+
+
+def parse_pilot_config(data: Mapping[str, Any], *, source: str = "pilot.toml",
+                       wrapper: Mapping[str, Any] | None = None) -> PilotConfig:
+    """Check the top-level keys (``wrapper`` holds the already-read [wrapper] table)."""
+    unknown = sorted(set(data) - _KNOWN)
+    if unknown:
+        raise _bad(source, f"unknown setting(s) {', '.join(unknown)}; see docs/htcondor.md")
+    broker_url = _text(data, "broker_url", source)
+    if "proxy" in data and ("cert" in data or "key" in data):
+        raise _bad(source, "give either proxy or cert and key, not both")
+    if "proxy" in data:
+        cert = key = _text(data, "proxy", source)
+    else:
+        cert = _text(data, "cert", source)
+        key = _text(data, "key", source)
+    owners = data.get("allowed_owners")
+    if not isinstance(owners, list) or not owners or not all(isinstance(o, str) for o in owners):
+        raise _bad(source, 'allowed_owners must be a non-empty list such as '
+                   '["/DC=org/DC=example/*", "fqan:/atlas"]; use ["*"] to run every owner\'s jobs')
+    for pattern in owners:
+        if pattern != "*" and not pattern.startswith(_OWNER_FORMS):
+            raise _bad(source, f"allowed_owners entry {pattern!r} must be a DN glob (/...), "
+                       "re:REGEX or fqan:/vo/...")
+        try:
+            parse_pattern(pattern, context="owner")
+        except PatternError as exc:
+            raise _bad(source, f"allowed_owners entry {pattern!r}: {exc}") from None
+    key_type = data.get("key_type", "ec")
+    if key_type not in KEY_TYPES:
+        raise _bad(source, f"key_type must be one of {', '.join(KEY_TYPES)}, not {key_type!r}")
+    bind = data.get("bind_submitter", True)
+    if not isinstance(bind, bool):
+        raise _bad(source, "bind_submitter must be true or false")
+    attempts = data.get("retrieve_attempts", 2)
+    if isinstance(attempts, bool) or not isinstance(attempts, int) or not 1 <= attempts <= 10:
+        raise _bad(source, "retrieve_attempts must be a whole number from 1 to 10")
+    pool = data.get("rsa_pool_dir")
+    if pool is not None and (not isinstance(pool, str) or not pool):
+        raise _bad(source, "rsa_pool_dir must be a directory path")
+    return PilotConfig(
+        broker_url=broker_url, cert=cert, key=key,
+        ca_dir=Path(_text(data, "ca_dir", source, "/etc/grid-security/certificates")),
+        vomsdir=Path(_text(data, "vomsdir", source, "/etc/grid-security/vomsdir")),
+        allowed_owners=tuple(owners),
+        workdir=Path(_text(data, "workdir", source, "/var/lib/broker-pilot")),
+        source=source, key_type=key_type,
+        rsa_pool_dir=Path(pool) if pool else None, bind_submitter=bind,
+        lifetime_hours=_number(data, "lifetime_hours", None, source),
+        refresh_fraction=_number(data, "refresh_fraction", 0.5, source, high=0.95) or 0.5,
+        refresh_interval_seconds=_number(data, "refresh_interval_seconds", None, source),
+        refresh_retry_seconds=_number(data, "refresh_retry_seconds", 60.0, source) or 60.0,
+        retrieve_attempts=attempts,
+        retry_delay_seconds=_number(data, "retry_delay_seconds", 2.0, source) or 2.0,
+        timeout_seconds=_number(data, "timeout_seconds", 30.0, source) or 30.0,
+        wrapper_file=dict(wrapper or {}),
+    )

@@ -1,0 +1,358 @@
+"""broker-pilot end to end: the test plays the condor_starter against a real broker.
+
+Each test writes a ``.job.ad`` in the starter's format into a scratch dir, sets
+the ``_CONDOR_*`` variables and runs the installed ``broker-pilot`` console
+script with a test pilot.toml. The payload is a small sh script; it runs as
+``nobody`` and records its uid and what ``grid-proxy-info`` says about the
+proxy it was given. Needs root (the identity switch), like the wrapper tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from tests.brokerserver import RunningBroker, free_port, start_broker
+from tests.interop.tools import need
+from tests.payload_wrapper.conftest import needs_root
+from tests.pkifixtures import GridPki, grid_pki  # noqa: F401 - fixture
+
+pytestmark = [pytest.mark.root, needs_root]
+
+BIN = Path(sys.executable).parent
+ALICE = "/DC=org/DC=example/CN=Alice"
+BOB = "/DC=org/DC=example/CN=Bob"
+
+# Pilots retrieve by certificate (as in DEV_POLICY); owners manage their own.
+POLICY = """
+[groups]
+pilots = ["/DC=org/DC=example/CN=pilot*"]
+
+[[rule]]
+name = "owners manage their own credentials"
+action = ["delegate", "info", "destroy", "retrieve"]
+effect = "allow"
+requester = ["self"]
+
+[[rule]]
+name = "pilots retrieve for users"
+action = "retrieve"
+effect = "allow"
+auth = ["certificate"]
+requester = ["group:pilots"]
+max_lifetime = "12h"
+"""
+
+PAYLOAD = """#!/bin/sh
+# argv: MARKER [SLEEP]
+id -u > uid.txt
+echo "$X509_CERT_DIR" > certdir.txt
+echo "$SITE_NOTE" > site_note.txt
+echo "${BROKER_TEST_LEAK:-unset}" > leak.txt
+grid-proxy-info -file "$X509_USER_PROXY" > proxyinfo.txt 2>&1
+echo "rc=$?" >> proxyinfo.txt
+openssl x509 -noout -serial -enddate -in "$X509_USER_PROXY" > proxy1.txt 2>&1
+if [ -n "$2" ]; then
+    sleep "$2"
+    openssl x509 -noout -serial -enddate -in "$X509_USER_PROXY" > proxy2.txt 2>&1
+    grid-proxy-info -file "$X509_USER_PROXY" > proxyinfo2.txt 2>&1
+fi
+touch "$1"
+"""
+
+
+def _public_dir(prefix: str, mode: int = 0o755) -> Path:
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    path.chmod(mode)
+    return path
+
+
+@dataclass
+class Site:
+    """A pilot node: public CA copies, a workdir, the payload, and a broker."""
+
+    base: Path
+    broker: RunningBroker
+    ca_dir: Path
+    vomsdir: Path
+    workdir: Path
+    payload: Path
+    marks: Path
+    pki: GridPki
+
+    def config(self, **overrides: object) -> Path:
+        values: dict[str, object] = {
+            "broker_url": f"https://{self.broker.server}",
+            "cert": str(self.pki.cert_path("pilot")),
+            "key": str(self.pki.key_path("pilot")),
+            "ca_dir": str(self.ca_dir),
+            "vomsdir": str(self.vomsdir),
+            "allowed_owners": ["/DC=org/DC=example/CN=Alice", "/DC=org/DC=example/CN=B*"],
+            "workdir": str(self.workdir),
+            "retrieve_attempts": 1,
+        }
+        values.update(overrides)
+        lines = [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+        lines += ["[wrapper]", 'mode = "setuid"', 'account = "nobody"', 'umask = "0022"',
+                  "kill_grace = 0.5", f'audit_log = "{self.base / "wrapper-audit.log"}"']
+        path = self.base / f"pilot-{len(list(self.base.glob('pilot-*.toml')))}.toml"
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    def job_dirs(self) -> list[Path]:
+        return sorted(self.workdir.glob("job-*"))
+
+
+@dataclass
+class StarterRun:
+    result: subprocess.CompletedProcess[str]
+    error_file: Path
+    marker: Path
+    scratch: Path
+
+    @property
+    def error_text(self) -> str:
+        return self.error_file.read_text() if self.error_file.exists() else ""
+
+
+def job_ad(*, owner_dn: str | None = ALICE, submitter: str = "alice", cluster: int = 42,
+           extra: str = "") -> str:
+    lines = [
+        'MyType = "Job"',
+        f"ClusterId = {cluster}",
+        "ProcId = 0",
+        f'GlobalJobId = "submit.example.org#{cluster}.0#1700000000"',
+        f'Owner = "{submitter}"',
+        'Cmd = "/bin/true"',
+        "RunAsOwner = false",
+        'BrokerCredential = "default"',
+    ]
+    if owner_dn is not None:
+        lines.append(f'BrokerOwner = "{owner_dn}"')
+    return "\n".join(lines) + ("\n" + extra if extra else "") + "\n"
+
+
+def run_as_starter(site: Site, config: Path, ad_text: str, *args: str,
+                   timeout: float = 120) -> StarterRun:
+    """Do what condor_starter does for a USER_JOB_WRAPPER."""
+    scratch = Path(tempfile.mkdtemp(prefix="scratch-", dir=site.base))  # 0700, like the starter's
+    (scratch / ".job.ad").write_text(ad_text)
+    error_file = scratch / ".wrapper_error"
+    marker = site.marks / f"ran-{scratch.name}"
+    env = {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "_CONDOR_JOB_AD": str(scratch / ".job.ad"),
+        "_CONDOR_SCRATCH_DIR": str(scratch),
+        "_CONDOR_JOB_IWD": str(scratch),
+        "_CONDOR_WRAPPER_ERROR_FILE": str(error_file),
+        "BROKER_PILOT_CONFIG": str(config),
+        "BROKER_TEST_LEAK": "the starter's environment",  # must not reach the payload
+    }
+    result = subprocess.run([str(BIN / "broker-pilot"), str(site.payload), str(marker), *args],
+                            env=env, capture_output=True, text=True, timeout=timeout,
+                            check=False)
+    return StarterRun(result, error_file, marker, scratch)
+
+
+@pytest.fixture(scope="module")
+def site(grid_pki: GridPki) -> Iterator[Site]:  # noqa: F811 - fixture parameter
+    need("grid-proxy-info")
+    base = _public_dir("pilot-site-")
+    # Copies the payload account can read (pytest's basetemp is root-only).
+    ca_dir = base / "certificates"
+    shutil.copytree(grid_pki.ca_dir, ca_dir)
+    vomsdir = base / "vomsdir"
+    shutil.copytree(grid_pki.vomsdir, vomsdir)
+    for path in [ca_dir, vomsdir, *ca_dir.rglob("*"), *vomsdir.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    workdir = base / "work"
+    workdir.mkdir(mode=0o755)
+    marks = _public_dir("pilot-marks-", 0o1777)
+    payload = base / "payload.sh"
+    payload.write_text(PAYLOAD)
+    payload.chmod(0o755)
+    broker_dir = Path(tempfile.mkdtemp(prefix="pilot-broker-"))
+    broker = start_broker(grid_pki, broker_dir, policy=POLICY)
+    try:
+        alice = broker.client("alice")
+        alice.delegate(alice.identity.load(), username="alice", now=datetime.now(UTC),
+                       max_proxy_hours=6)
+        yield Site(base, broker, ca_dir, vomsdir, workdir, payload, marks, grid_pki)
+    finally:
+        broker.stop()
+        shutil.rmtree(broker_dir, ignore_errors=True)
+        shutil.rmtree(base, ignore_errors=True)
+        shutil.rmtree(marks, ignore_errors=True)
+
+
+def _audit_rows(site: Site, job_id: str) -> list[dict[str, object]]:
+    out = subprocess.run(
+        [str(BIN / "broker"), "audit", "--state-dir", str(site.broker.state_dir),
+         "--database-url", site.broker.database_url, "--job-id", job_id, "--json"],
+        capture_output=True, text=True, check=True, timeout=60).stdout
+    rows: list[dict[str, object]] = json.loads(out)
+    return rows
+
+
+def _new_job_dir(site: Site, before: list[Path]) -> Path:
+    new = [d for d in site.job_dirs() if d not in before]
+    assert len(new) == 1, new
+    return new[0]
+
+
+# --------------------------------------------------------------------------- success
+
+
+def test_payload_runs_as_nobody_with_the_owners_fresh_proxy(site: Site) -> None:
+    before = site.job_dirs()
+    ad = job_ad(cluster=101, extra="Environment = \"SITE_NOTE='hello world' "
+                "X509_USER_PROXY=/tmp/stolen\"")
+    run = run_as_starter(site, site.config(), ad)
+    assert run.result.returncode == 0, run.result.stderr
+    assert run.marker.exists()
+    assert run.error_text == ""
+    job_dir = _new_job_dir(site, before)
+    nobody = int(subprocess.run(["id", "-u", "nobody"], capture_output=True, text=True,
+                                check=True).stdout)
+    assert int((job_dir / "uid.txt").read_text()) == nobody
+    info = (job_dir / "proxyinfo.txt").read_text()
+    assert f"identity : {ALICE}" in info, info
+    assert "rc=0" in info, info
+    assert "timeleft : 0:00:00" not in info
+    assert (job_dir / "certdir.txt").read_text().strip() == str(site.ca_dir)
+    # the job's own environment is re-created, minus credential locations;
+    # nothing of the starter's environment leaks
+    assert (job_dir / "site_note.txt").read_text().strip() == "hello world"
+    assert (job_dir / "leak.txt").read_text().strip() == "unset"
+    assert "X509_USER_PROXY is not passed" in run.result.stderr
+    # the proxy copy is gone after the job, and so is the pilot's own copy
+    assert not (job_dir / "proxy" / "x509up").exists()
+    assert list((site.workdir / ".broker-pilot").iterdir()) == []
+    # the broker's audit names the pilot, the owner and the GlobalJobId
+    rows = _audit_rows(site, "submit.example.org#101.0#1700000000")
+    assert [(r["action"], r["decision"], r["requester"], r["owner"]) for r in rows] == [
+        ("retrieve", "allow", "/DC=org/DC=example/CN=pilot", ALICE)]
+
+
+# --------------------------------------------------------------------------- fail closed
+
+
+def _assert_refused(run: StarterRun, code: int, *phrases: str) -> None:
+    assert run.result.returncode == code, (run.result.returncode, run.result.stderr)
+    assert not run.marker.exists(), "the payload ran"
+    text = run.error_text
+    assert text.startswith("broker-pilot: the job was not started: "), text
+    for phrase in phrases:
+        assert phrase in text, text
+    assert "Traceback" not in run.result.stderr
+
+
+def test_owner_not_on_the_allow_list_is_refused_before_retrieval(site: Site) -> None:
+    before = site.job_dirs()
+    config = site.config(allowed_owners=["/DC=org/DC=example/CN=Bob"])
+    run = run_as_starter(site, config, job_ad(cluster=102))
+    _assert_refused(run, 203, ALICE, "allowed_owners")
+    assert site.job_dirs() == before
+    assert _audit_rows(site, "submit.example.org#102.0#1700000000") == []
+
+
+def test_owner_without_a_credential_is_told_to_delegate(site: Site) -> None:
+    run = run_as_starter(site, site.config(), job_ad(owner_dn=BOB, submitter="bob",
+                                                     cluster=103))
+    _assert_refused(run, 201, BOB, "broker-init -k default")
+
+
+def test_credential_of_another_submitter_is_not_used(site: Site) -> None:
+    # bob's job names alice as the owner: the broker finds no credential of
+    # alice under bob's username, so no proxy is issued at all
+    run = run_as_starter(site, site.config(), job_ad(submitter="bob", cluster=104))
+    _assert_refused(run, 201, "under username 'bob'")
+    rows = _audit_rows(site, "submit.example.org#104.0#1700000000")
+    assert all(r["decision"] != "allow" for r in rows), rows
+
+
+def test_broker_down_fails_closed(site: Site) -> None:
+    config = site.config(broker_url=f"https://localhost:{free_port()}")
+    run = run_as_starter(site, config, job_ad(cluster=105))
+    _assert_refused(run, 202, "cannot reach the broker")
+
+
+def test_job_ad_without_an_owner_is_refused(site: Site) -> None:
+    run = run_as_starter(site, site.config(), job_ad(owner_dn=None, cluster=106))
+    _assert_refused(run, 201, "BrokerOwner", "broker-submit")
+
+
+def test_missing_job_ad_and_bad_config(site: Site) -> None:
+    marker = site.marks / "ran-no-ad"
+    env = {"PATH": "/usr/bin:/bin", "BROKER_PILOT_CONFIG": str(site.config()),
+           "_CONDOR_WRAPPER_ERROR_FILE": str(site.base / "err-no-ad")}
+    result = subprocess.run([str(BIN / "broker-pilot"), str(site.payload), str(marker)],
+                            env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 202
+    assert "_CONDOR_JOB_AD" in (site.base / "err-no-ad").read_text()
+    bad = site.base / "bad.toml"
+    bad.write_text('broker_url = "https://x"\ncert = "c"\nkey = "k"\n')
+    env["BROKER_PILOT_CONFIG"] = str(bad)
+    result = subprocess.run([str(BIN / "broker-pilot"), str(site.payload), str(marker)],
+                            env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 202
+    assert "allowed_owners" in result.stderr
+    assert not marker.exists()
+
+
+# --------------------------------------------------------------------------- refresh
+
+
+def test_refresh_replaces_the_proxy_of_a_running_payload(site: Site) -> None:
+    before = site.job_dirs()
+    config = site.config(refresh_interval_seconds=1.0)
+    run = run_as_starter(site, config, job_ad(cluster=107, extra="BrokerLifetime = 0.05"),
+                         "6")
+    assert run.result.returncode == 0, run.result.stderr
+    assert "refreshed the payload's proxy" in run.result.stderr
+    job_dir = _new_job_dir(site, before)
+    first = (job_dir / "proxy1.txt").read_text()
+    second = (job_dir / "proxy2.txt").read_text()
+    assert first.startswith("serial=") and second.startswith("serial="), (first, second)
+    assert first != second
+    info = (job_dir / "proxyinfo2.txt").read_text()
+    assert f"identity : {ALICE}" in info, info
+    # every refresh is a retrieval bound to the same job
+    rows = _audit_rows(site, "submit.example.org#107.0#1700000000")
+    assert len(rows) >= 2
+    assert {(r["action"], r["decision"]) for r in rows} == {("retrieve", "allow")}
+
+
+# --------------------------------------------------------------------------- by hand
+
+
+def test_by_hand_with_job_ad_and_rsa_pool(site: Site) -> None:
+    pool = site.base / "keys"
+    config = site.config(rsa_pool_dir=str(pool), key_type="rsa")
+    filled = subprocess.run([str(BIN / "broker-pilot"), "--config", str(config),
+                             "--fill-rsa-pool", "2"], capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert filled.returncode == 0, filled.stderr
+    assert len(list(pool.glob("*.pem"))) == 2
+    ad = site.base / "hand.job.ad"
+    ad.write_text(job_ad(cluster=108))
+    marker = site.marks / "ran-by-hand"
+    result = subprocess.run(
+        [str(BIN / "broker-pilot"), "--config", str(config), "--job-ad", str(ad), "--",
+         str(site.payload), str(marker)],
+        env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=120,
+        check=False)
+    assert result.returncode == 0, result.stderr
+    assert marker.exists()
+    assert len(list(pool.glob("*.pem"))) == 1  # one pool key consumed
+    assert os.stat(pool).st_mode & 0o777 == 0o700

@@ -1,0 +1,1 @@
+"""The reliability and security suite (``scripts/reliability``); see docs/reliability.md."""
