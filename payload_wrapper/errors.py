@@ -24,6 +24,7 @@ from broker.errors import (
     Conflict,
     CredentialError,
     InputError,
+    NotFound,
     PayloadTooLarge,
 )
 
@@ -88,7 +89,9 @@ def exit_code_for(error: BaseException) -> int:
         return error.exit_code
     if isinstance(error, AuthorizationError | AuthenticationError):
         return EXIT_DENIED
-    if isinstance(error, InputError | ChainError | CredentialError | PayloadTooLarge | Conflict):
+    # A missing credential is the job owner's to fix (broker-init), like a bad proxy.
+    if isinstance(error, InputError | ChainError | CredentialError | PayloadTooLarge | Conflict
+                  | NotFound):
         return EXIT_CLIENT
     return EXIT_SYSTEM
 

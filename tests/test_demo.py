@@ -1,0 +1,31 @@
+"""The README's first quick-start command must keep working: run scripts/demo as a user would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_demo_runs_end_to_end_and_leaves_nothing() -> None:
+    before = set(Path("/tmp").glob("broker-demo.*"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("X509_")}
+    result = subprocess.run([str(REPO / "scripts" / "demo")], env=env, capture_output=True,
+                            text=True, timeout=300, stdin=subprocess.DEVNULL)
+    out = result.stdout
+    assert result.returncode == 0, out[-3000:] + result.stderr[-3000:]
+    assert "(refused as expected, exit 3)" in out
+    # two jobs ran, each with its owner's proxy
+    assert out.count("output.txt") == 2
+    assert "proxy   : /DC=org/DC=example/CN=Alice/CN=" in out
+    assert "proxy   : /DC=org/DC=example/CN=Bob/CN=" in out
+    # the audit trail names the pilot, its FQAN and both jobs
+    assert "job=submit.example.org#1.0#1700000000" in out
+    assert "job=submit.example.org#2.0#1700000000" in out
+    assert "/DC=org/DC=example/CN=pilot (/atlas/Role=pilot/Capability=NULL)" in out
+    # nothing left behind: no temp dir, no throwaway account
+    assert set(Path("/tmp").glob("broker-demo.*")) == before
+    for user in ("bdemo-alice", "bdemo-bob"):
+        assert subprocess.run(["id", user], capture_output=True).returncode != 0
