@@ -20,7 +20,7 @@ unless told otherwise.
     policy_dir = "/etc/broker/policies"
     master_key_file = "/var/lib/broker/master.key"
     workers = 2
-    threads = 8
+    threads = 16                          # per worker; I/O-bound, cheap (slow clients hold one)
     max_tls = ""                          # "1.2" caps the MyProxy endpoint at TLS 1.2
     pam_service = ""                      # PAM service for password logins ("" = off)
     pam_confdir = ""                      # tests/dev only: load the service from this dir
@@ -62,7 +62,7 @@ class ServerConfig:
     policy_dir: str = ""
     master_key_file: str = ""
     workers: int = 2
-    threads: int = 8
+    threads: int = 16
     max_tls: str = ""
     max_stored_hours: float = 720.0
     max_proxy_hours: float = 168.0

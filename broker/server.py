@@ -12,19 +12,106 @@ CA-directory updates take effect) with:
 
 from __future__ import annotations
 
+import heapq
 import logging
+import socket
 import ssl
 import threading
 import time
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
+from gunicorn.workers.gthread import ThreadWorker
 
 from broker.config import ServerConfig
 
 log = logging.getLogger("broker.server")
 
 _CONTEXT_TTL = 60.0
+# A client must deliver its request head (TLS handshake included) within this many seconds,
+# and the whole exchange must end within REQUEST_DEADLINE: gunicorn's gthread worker has no
+# read timeout of its own, so a slow-loris client could hold a worker thread forever.
+HEAD_DEADLINE = 3.0
+REQUEST_DEADLINE = 30.0
+
+
+def _cut(conn: Any) -> None:
+    # conn.sock is read when the timer fires: the TLS wrap replaces the socket object. Shut the
+    # descriptor down (not SSLSocket.shutdown, which also unwraps TLS state that the worker
+    # thread is using): the blocked read returns and gunicorn closes the connection. A closed
+    # socket has fileno -1, so a late timer cannot touch a descriptor reused by another client.
+    sock = conn.sock
+    try:
+        if sock.fileno() >= 0:
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+class _Watchdog:
+    """One thread per worker process that cuts connections whose deadline passed.
+
+    (A ``threading.Timer`` per request would start two threads per request.)
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int]] = []
+        self._armed: dict[int, Any] = {}
+        self._seq = 0
+        self._thread: threading.Thread | None = None
+
+    def arm(self, conn: Any, seconds: float) -> int:
+        with self._cond:
+            if self._thread is None:  # started lazily, i.e. in the worker after fork
+                self._thread = threading.Thread(target=self._run, name="deadlines", daemon=True)
+                self._thread.start()
+            self._seq += 1
+            heapq.heappush(self._heap, (time.monotonic() + seconds, self._seq))
+            self._armed[self._seq] = conn
+            self._cond.notify()
+            return self._seq
+
+    def disarm(self, token: int) -> None:
+        with self._cond:
+            self._armed.pop(token, None)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._heap and self._heap[0][1] not in self._armed:
+                    heapq.heappop(self._heap)  # disarmed in time
+                if not self._heap:
+                    self._cond.wait()
+                    continue
+                deadline, token = self._heap[0]
+                delay = deadline - time.monotonic()
+                if delay > 0:
+                    self._cond.wait(delay)
+                    continue
+                heapq.heappop(self._heap)
+                conn = self._armed.pop(token)
+            _cut(conn)
+
+
+_WATCHDOG = _Watchdog()
+
+
+class DeadlineThreadWorker(ThreadWorker):  # type: ignore[misc]
+    """gthread with deadlines per request: HEAD_DEADLINE for the head, REQUEST_DEADLINE in all."""
+
+    def handle(self, conn: Any) -> Any:
+        conn.broker_deadline = _WATCHDOG.arm(conn, HEAD_DEADLINE)
+        try:
+            return super().handle(conn)
+        finally:
+            _WATCHDOG.disarm(conn.broker_deadline)
+
+    def handle_request(self, req: Any, conn: Any) -> Any:
+        # The head has arrived: from here the longer deadline covers body and response.
+        _WATCHDOG.disarm(conn.broker_deadline)
+        conn.broker_deadline = _WATCHDOG.arm(conn, REQUEST_DEADLINE)
+        return super().handle_request(req, conn)
 
 
 def make_server_context(config: ServerConfig, *, max_tls: str = "") -> ssl.SSLContext:
@@ -79,7 +166,7 @@ class BrokerApplication(BaseApplication):  # type: ignore[misc]
             "bind": [cfg.bind],
             "workers": cfg.workers,
             "threads": cfg.threads,
-            "worker_class": "gthread",
+            "worker_class": "broker.server.DeadlineThreadWorker",
             "certfile": cfg.host_cert,
             "keyfile": cfg.host_key,
             "cert_reqs": ssl.CERT_OPTIONAL if cfg.pam_service else ssl.CERT_REQUIRED,  # [pam]

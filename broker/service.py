@@ -332,13 +332,19 @@ class BrokerService:
         owner_dn: str | None = None, username: str | None = None, name: str | None = None,
         job_id: str | None = None,
     ) -> AuditEvent:
+        requester_dn = requester.dn or (f"pam:{requester.pam_user}" if requester.pam_user
+                                        else None)
+        # Refused requests carry whatever the client sent (NUL, control characters, huge
+        # names); the row must still be written, so such text is escaped and shortened.
         return AuditEvent(
             action=action, decision=decision, endpoint=requester.endpoint, time=self.now(),
-            requester_dn=requester.dn or (f"pam:{requester.pam_user}" if requester.pam_user
-                                          else None),
-            requester_fqans=requester.fqans, owner_dn=owner_dn, username=username,
-            credential_name=name, job_id=job_id, reason=reason,
-            client_address=requester.client_address, request_id=requester.request_id,
+            requester_dn=_audit_text(requester_dn, 1024),
+            requester_fqans=tuple(_audit_text(f, 1024) or "" for f in requester.fqans),
+            owner_dn=_audit_text(owner_dn, 1024), username=_audit_text(username, 128),
+            credential_name=_audit_text(name, 128), job_id=_audit_text(job_id, 255),
+            reason=reason if reason is None or len(reason) <= 4000 else reason[:3997] + "...",
+            client_address=requester.client_address,
+            request_id=_audit_text(requester.request_id, 128),
         )
 
     def _record_failure(
@@ -858,6 +864,14 @@ class BrokerService:
 
 
 _JOB_ID_MAX = 256
+
+
+def _audit_text(value: str | None, limit: int) -> str | None:
+    """``value`` with control characters escaped, cut to ``limit`` characters."""
+    if value is None:
+        return None
+    text = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _claimed_identity(chain: Sequence[x509.Certificate]) -> str | None:

@@ -111,7 +111,7 @@ def _not_found(username: str, cred_name: str | None) -> Refusal:
 def _to_der_certs(ders: list[bytes]) -> list[x509.Certificate]:
     try:
         return [x509.load_der_x509_certificate(d) for d in ders]
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:
         raise Refusal(f"a certificate in the chain is malformed: {exc}") from None
 
 

@@ -42,7 +42,7 @@ def load_certificates(data: bytes, *, what: str = "certificate chain") -> list[x
         raise PemError(f"the {what} holds no PEM 'CERTIFICATE' block")
     try:
         return x509.load_pem_x509_certificates(data)
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:
         raise PemError(f"the {what} has a malformed PEM certificate: {exc}") from exc
 
 

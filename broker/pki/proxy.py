@@ -145,7 +145,7 @@ def load_csr(data: bytes) -> x509.CertificateSigningRequest:
             csr = x509.load_pem_x509_csr(data)
         else:
             csr = x509.load_der_x509_csr(data)
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:
         raise CsrError(f"the certificate request is malformed: {exc}") from exc
     try:
         valid = csr.is_signature_valid

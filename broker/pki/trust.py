@@ -55,7 +55,7 @@ class TrustStore:
             if _CERT_FILE.match(name):
                 try:
                     cas.extend(x509.load_pem_x509_certificates(data))
-                except ValueError as exc:
+                except (ValueError, x509.InvalidVersion) as exc:
                     raise PemError(
                         f"CA file {name} does not hold a PEM certificate: {exc}"
                     ) from exc

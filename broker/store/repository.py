@@ -271,7 +271,7 @@ def _check_chain(chain: object, private_key_pem: bytes | None) -> tuple[str, dat
         raise PemError("the certificate chain must not contain a private key")
     try:
         certs = x509.load_pem_x509_certificates(chain.encode("ascii"))
-    except (ValueError, UnicodeEncodeError):
+    except (ValueError, UnicodeEncodeError, x509.InvalidVersion):
         raise PemError("the certificate chain is not readable PEM") from None
     if not certs:
         raise PemError("the certificate chain holds no certificate")

@@ -245,8 +245,26 @@ def postgres_outage(pki: GridPki, base: Path, outcome: Outcome, rng: random.Rand
             else:
                 outcome.note("PostgreSQL back: healthz 200 and retrieval 200 from the same "
                              "server process (no restart)")
+            with open_store(broker.state_dir, broker.database_url) as store:
+                keys = check_rows(store, keep_keys=5).keys
         finally:
             broker.stop()
+        _scan_pg(cluster.data, keys, outcome)
+
+
+def _scan_pg(data: Path, keys: list[bytes], outcome: Outcome) -> None:
+    """The PostgreSQL data files (tables, WAL) hold no key material of stored credentials."""
+    from tests.reliability.secrets_scan import MARKERS, _needles
+
+    needles = [n for pem in keys for n in _needles(pem)] + MARKERS
+    files = [p for p in data.rglob("*") if p.is_file() and p.stat().st_size < (64 << 20)]
+    for path in files:
+        blob = path.read_bytes()
+        for needle in needles:
+            if needle in blob:
+                outcome.fail(f"PostgreSQL file {path.name} holds private-key bytes")
+    outcome.note(f"PostgreSQL data dir: {len(files)} files scanned for {len(keys)} stored keys "
+                 "and PEM markers")
 
 
 # --------------------------------------------------------------------------- disk full

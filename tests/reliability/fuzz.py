@@ -84,7 +84,7 @@ def _seeds(pki: GridPki) -> dict[str, list[bytes]]:
         "auth": [codec.format_auth_reply(AuthMethodId.X509_CERTIFICATE_SHA256, b"s" * 256,
                                          ders)],
         "pem": [chain_to_pem(proxy.chain), chain_to_pem(voms_proxy.chain)],
-        "der": ders + [voms_proxy.chain[0].public_bytes(serialization.Encoding.DER)],
+        "der": [*ders, voms_proxy.chain[0].public_bytes(serialization.Encoding.DER)],
         "csr": [csr_to_pem(csr), csr.public_bytes(serialization.Encoding.DER)],
         "ac": acs,
         "acext": [ext.value],
@@ -244,6 +244,7 @@ def _hypothesis(targets: list[tuple[str, str, Callable[[bytes], object], int]],
         return
     per = max(budget // (len(targets) + 1), 1)
     config = settings(max_examples=per, deadline=None, database=None, phases=[Phase.generate],
+                      derandomize=True,
                       suppress_health_check=list(HealthCheck))
     for name, group, fn, _ in targets:
         strategy = st.one_of(
@@ -365,6 +366,7 @@ def fuzz_rest(pki: GridPki, base: Path, total: int, rng: random.Random,
         samples = [csr, chain, "alice", "default", "/DC=org/DC=example/CN=Alice", "1.0",
                    pending["id"], "*/CN=pilot", "group:pilots", "fqan:/atlas", "c2lnbmF0dXJl"]
         _fuzz_rest_threads(broker, total, rng.randrange(2**32), samples, pending["id"], outcome)
+        _bad_version(broker, pki, outcome)
     finally:
         broker.stop()
     log = broker.log.read_text(errors="replace")
@@ -372,6 +374,30 @@ def fuzz_rest(pki: GridPki, base: Path, total: int, rng: random.Random,
                  f"{log.count('unexpected error')} 'unexpected error' lines")
     if "unexpected error" in log:
         outcome.fail("the server logged an unexpected error (a 500 path) during REST fuzzing")
+
+
+def _bad_version(broker: RunningBroker, pki: GridPki, outcome: Outcome) -> None:
+    """Fixed inputs found by the parser fuzzer: a version field cryptography refuses.
+
+    Sent on every run so that the REST consequence (a 500) is never left to chance.
+    """
+    alice = broker.client("alice")
+    der = bytearray(pki.load("alice").cert.public_bytes(serialization.Encoding.DER))
+    der[der.index(bytes.fromhex("a003020102")) + 4] = 0x0A  # certificate version 11
+    csr_der = bytearray(make_csr(generate_key("ec")).public_bytes(serialization.Encoding.DER))
+    csr_der[csr_der.index(b"\x02\x01\x00") + 2] = 0x41  # CSR version 66
+    pending = alice.call("POST", "/v1/delegations", {"username": "alice", "name": "ver"})
+    cases = [("PUT", f"/v1/delegations/{pending['id']}",
+              {"chain": _pem_wrap(bytes(der)).decode()}, alice._ctx),
+             ("POST", "/v1/retrievals", {"username": "alice", "csr": _pem_wrap(
+                 bytes(csr_der), b"CERTIFICATE REQUEST").decode()},
+              broker.client("pilot")._ctx)]
+    for method, path, body, ctx in cases:
+        outcome.tried += 1
+        status, answer = _send(broker, ctx, method, path, json.dumps(body).encode())
+        if status >= 500 or status == 0:
+            outcome.fail(f"{method} {path} with an out-of-range X.509 version: HTTP {status} "
+                         f"{answer[:120]!r}")
 
 
 def _fuzz_rest_threads(broker: RunningBroker, total: int, seed: int, samples: list[str],

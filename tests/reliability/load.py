@@ -148,7 +148,8 @@ def run_load(broker: RunningBroker, mp_port: int, *, clients: int, seconds: floa
     outcome.note(f"operation latency p50 {lat[len(lat) // 2] * 1000:.0f} ms, p95 "
                  f"{lat[int(len(lat) * 0.95)] * 1000:.0f} ms, max {lat[-1] * 1000:.0f} ms")
     outcome.note(f"errors {len(tally.errors)}, 5xx {tally.five_xx}; server CPU {cpu:.1f} s "
-                 f"(load generator {own:.1f} s) over {elapsed:.1f} s wall on {os.cpu_count()} cores")
+                 f"(load generator {own:.1f} s) over {elapsed:.1f} s wall on "
+                 f"{os.cpu_count()} cores")
     with open_store(broker.state_dir, broker.database_url) as store:
         rows = audit_count(store) - audit_before
         integrity = check_rows(store)

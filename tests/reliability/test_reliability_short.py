@@ -1,0 +1,31 @@
+"""CI entry of the reliability suite: ``scripts/reliability --short`` must pass.
+
+It runs as a subprocess (it starts brokers, a PostgreSQL cluster, a tmpfs, and
+uses SIGALRM) with a hard time limit; its summary table is shown on failure.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+LIMIT_S = 240  # the short run takes about two minutes on two cores
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the reliability suite needs root (tmpfs, "
+                    "identity switch)")
+def test_reliability_short_run() -> None:
+    started = time.monotonic()
+    done = subprocess.run([str(REPO / "scripts" / "reliability"), "--short"], cwd=REPO,
+                          capture_output=True, text=True, timeout=LIMIT_S)
+    elapsed = time.monotonic() - started
+    table = done.stdout[done.stdout.rfind("=" * 100):] if "=" * 100 in done.stdout \
+        else done.stdout[-6000:]
+    assert done.returncode == 0, f"scripts/reliability --short failed:\n{table}\n" \
+        f"{done.stderr[-3000:]}"
+    assert elapsed < LIMIT_S
