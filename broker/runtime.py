@@ -18,7 +18,7 @@ from broker.policy import unsafe_rule_message, unsafe_rules
 from broker.policy_dir import PolicyDirectory
 from broker.service import BrokerService, ServiceConfig
 from broker.store import Store, init_master_key_file, load_master_keys, make_engine, migrate
-from broker.trustdir import load_ca_dir, load_vomsdir
+from broker.trustdir import ReloadingTrustStore, load_vomsdir
 
 log = logging.getLogger("broker.runtime")
 
@@ -52,6 +52,8 @@ def check_policy(config: ServerConfig) -> PolicyDirectory:
         raise ConfigError(
             "refusing to start on an unsafe policy: "
             + "; ".join(unsafe_rule_message(rule) for rule in unsafe))
+    # From now on an edit that adds an unsafe rule is a broken edit: logged, not applied.
+    policy.allow_unsafe = False
     return policy
 
 
@@ -90,7 +92,7 @@ def build_runtime(config: ServerConfig, *, watch_policy: bool = True) -> Runtime
     keys = load_master_keys(config.master_key_file)
     store = Store(make_engine(config.database_url), keys)
     policy = check_policy(config)
-    trust = load_ca_dir(config.ca_dir)
+    trust = ReloadingTrustStore(config.ca_dir)
     vomsdir = load_vomsdir(config.vomsdir)
 
     def current_policy() -> object:
@@ -107,6 +109,6 @@ def build_runtime(config: ServerConfig, *, watch_policy: bool = True) -> Runtime
         ),
     )
     stop = threading.Event()
-    pam, online_ca = build_pam(config, trust)  # [pam]
+    pam, online_ca = build_pam(config, trust())  # [pam]
     return Runtime(config=config, service=service, policy=policy, stop=stop, pam=pam,
                    online_ca=online_ca)

@@ -275,7 +275,7 @@ class BrokerService:
     def __init__(
         self,
         store: Store,
-        trust: TrustStore,
+        trust: TrustStore | Callable[[], TrustStore],
         policy: Callable[[], PolicySet],
         *,
         vomsdir: VomsDir | None = None,
@@ -284,7 +284,7 @@ class BrokerService:
         challenge_secret: bytes | None = None,
     ) -> None:
         self.store = store
-        self.trust = trust
+        self._trust = trust
         self._policy = policy
         self.vomsdir = vomsdir
         self.config = config or ServiceConfig()
@@ -295,6 +295,11 @@ class BrokerService:
 
     def now(self) -> datetime:
         return self._clock()
+
+    @property
+    def trust(self) -> TrustStore:
+        """The CA directory's current contents (the runtime reloads it when it changes)."""
+        return self._trust() if callable(self._trust) else self._trust
 
     # ------------------------------------------------------------------ identity
 
@@ -371,23 +376,22 @@ class BrokerService:
         return evaluate(self._policy(), request, owner_policy)
 
     def _owner_fqans(self, record: CredentialRecord) -> tuple[str, ...]:
-        """The verified FQANs of a stored chain (cached per row version)."""
-        if self.vomsdir is None:
-            return ()
+        """The verified FQANs of a stored chain; raises CredentialError when it no longer
+        verifies (a revoked user, a CA removed from the CA directory)."""
         key = (record.id, record.updated_at)
         cached = self._owner_cache.get(key)
         if cached is not None:
             return tuple(cached)
+        chain = load_certificates(record.certificate_chain.encode())
         try:
-            chain = load_certificates(record.certificate_chain.encode())
             info = validate_chain(chain, self.trust, now=self.now(), vomsdir=self.vomsdir)
-            fqans = info.fqans
         except ChainError as exc:
-            log.warning("stored chain of %s/%s no longer verifies: %s", record.username,
-                        record.name, exc.message)
-            fqans = ()
-        self._owner_cache.put(key, fqans, ttl=300.0)
-        return fqans
+            raise CredentialError(
+                f"the stored credential {record.username}/{record.name} no longer verifies: "
+                f"{exc.message}", reason=exc.reason) from exc
+        # Short-lived, so that a new CRL or a removed CA takes effect within a minute.
+        self._owner_cache.put(key, info.fqans, ttl=60.0)
+        return info.fqans
 
     def _find(self, *, username: str | None, owner_dn: str | None, name: str) -> CredentialRecord:
         validate_component(name, what="credential name")
@@ -508,13 +512,14 @@ class BrokerService:
         passphrase: str | None, consume_pending: str | None, key_pem: bytes | None,
     ) -> CredentialRecord:
         assert requester.dn is not None
-        stored_until = min(info.not_after, now + options.stored_lifetime)
+        # The owner's -c (and the site's maximum) ends the credential before its chain does.
+        stored_until = min(info.not_after, now + options.stored_lifetime,
+                           now + self.config.max_stored_lifetime)
         if info.not_after <= now + MIN_PROXY_LIFETIME:
             raise CredentialError(
                 "the delegated chain expires in less than 5 minutes; make a longer proxy",
                 reason="expired")
         max_lifetime = min(options.max_proxy_lifetime, self.config.max_proxy_lifetime)
-        del stored_until  # the chain's own notAfter bounds the credential
         return self.store.put_credential(
             owner_dn=requester.dn, username=options.username, name=options.name,
             private_key_pem=key_pem, certificate_chain=chain_to_pem(chain).decode(),
@@ -522,7 +527,7 @@ class BrokerService:
             trusted_retrievers=options.trusted_retrievers, renewers=options.renewers,
             max_lifetime_seconds=int(max_lifetime.total_seconds()), limited=info.limited,
             passphrase=passphrase or options.passphrase, consume_pending=consume_pending,
-            now=now,
+            not_after=stored_until, now=now,
             audit=self._audit(requester, "delegate", "allow", reason="stored",
                               owner_dn=requester.dn, username=options.username,
                               name=options.name),
@@ -745,9 +750,10 @@ class BrokerService:
             self._record_failure(requester, "renew", exc, owner_dn=owner_dn, username=username,
                                  name=name, job_id=job_id)
             raise
+        # A limited proof of possession yields a limited proxy: renewal never widens rights.
         return self.retrieve(requester, csr_pem=csr_pem, username=username, owner_dn=owner_dn,
                              name=name, lifetime=lifetime, job_id=job_id, action=Action.RENEW,
-                             _authz_owner=info.identity)
+                             limited=info.limited, _authz_owner=info.identity)
 
     # ------------------------------------------------------------------ info / destroy
 
@@ -790,6 +796,7 @@ class BrokerService:
         try:
             if requester.dn is None:
                 raise AuthenticationError("destroy needs a client certificate or proxy")
+            _refuse_limited(requester, "destroy a credential")
             record = self._find(username=username, owner_dn=None, name=name)
             where["owner_dn"] = record.owner_dn
             if record.owner_dn != requester.dn:
@@ -814,6 +821,7 @@ class BrokerService:
         try:
             if requester.dn is None:
                 raise AuthenticationError("changing a passphrase needs a client certificate")
+            _refuse_limited(requester, "change a credential's passphrase")
             record = self._find(username=username, owner_dn=None, name=name)
             where["owner_dn"] = record.owner_dn
             if record.owner_dn != requester.dn:
@@ -864,6 +872,14 @@ class BrokerService:
 
 
 _JOB_ID_MAX = 256
+
+
+def _refuse_limited(requester: Requester, what: str) -> None:
+    # A limited proxy is handed to jobs; it must not manage its owner's stored credentials.
+    if requester.limited:
+        raise AuthorizationError(
+            f"a limited proxy cannot {what}; use your certificate or a full proxy",
+            reason="limited_requester")
 
 
 def _audit_text(value: str | None, limit: int) -> str | None:

@@ -7,17 +7,21 @@ Defaults follow the grid convention: the environment variable, then
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from broker.errors import ConfigError
+from broker.errors import BrokerError, ConfigError
 from broker.pki.trust import TrustStore
 from broker.pki.voms import VomsDir
 
 DEFAULT_CA_DIR = "/etc/grid-security/certificates"
 DEFAULT_VOMSDIR = "/etc/grid-security/vomsdir"
 _MAX_FILE = 1 << 20
+log = logging.getLogger("broker.trustdir")
 
 
 def default_ca_dir(env: Mapping[str, str] | None = None) -> str:
@@ -73,3 +77,46 @@ def read_vomsdir_files(path: str | os.PathLike[str]) -> dict[str, bytes]:
 def load_vomsdir(path: str | os.PathLike[str]) -> VomsDir:
     """The vomsdir's LSC entries (an empty VomsDir when the directory is missing)."""
     return VomsDir.from_files(read_vomsdir_files(path))
+
+
+class ReloadingTrustStore:
+    """The trust store of a CA directory, reloaded when its files change (fetch-crl, a new CA).
+
+    Call it to get the current :class:`TrustStore`; it looks at the directory at most every
+    ``interval`` seconds (one listdir + stat). A directory that fails to load is logged and
+    the last good store stays in force.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, interval: float = 60.0) -> None:
+        self.path = Path(path)
+        self.interval = interval
+        self._lock = threading.Lock()
+        self._fingerprint = self._look()
+        self._store = load_ca_dir(self.path)  # the first load must succeed
+        self._checked = time.monotonic()
+
+    def _look(self) -> tuple[tuple[str, int, int], ...]:
+        try:
+            entries = sorted(os.scandir(self.path), key=lambda e: e.name)
+            return tuple((e.name, e.stat().st_mtime_ns, e.stat().st_size) for e in entries)
+        except OSError:
+            return ()
+
+    def __call__(self) -> TrustStore:
+        if time.monotonic() - self._checked < self.interval or not self._lock.acquire(False):
+            return self._store
+        try:
+            self._checked = time.monotonic()
+            fingerprint = self._look()
+            if fingerprint != self._fingerprint:
+                try:
+                    self._store = load_ca_dir(self.path)
+                    log.info("CA directory %s reloaded (%d CAs, %d CRLs)", self.path,
+                             len(self._store.cas), len(self._store.crls))
+                except BrokerError as exc:
+                    log.error("CA directory %s not reloaded, keeping the last good one: %s",
+                              self.path, exc.message)
+                self._fingerprint = fingerprint
+            return self._store
+        finally:
+            self._lock.release()

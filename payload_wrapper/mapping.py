@@ -212,10 +212,14 @@ def parse_gridmapfile(text: str, *, source: str = "grid-mapfile") -> list[Gridma
 
 
 def lease_name(dn: str, fqan: str | None = None) -> str:
-    """The lease file name: URL-encoded lower-cased DN, ``:<encoded FQAN>`` for VOMS pools."""
-    name = urllib.parse.quote(dn, safe="").lower()
+    """The lease file name: the URL-encoded DN, ``:<encoded FQAN>`` for VOMS pools.
+
+    Unlike gLExec the case is kept: DNs are case-sensitive identities, and lower-casing
+    would let ``CN=Alice`` and ``CN=alice`` share one pool account (and its files).
+    """
+    name = urllib.parse.quote(dn, safe="")
     if fqan is not None:
-        name += ":" + urllib.parse.quote(normalize_fqan(fqan), safe="").lower()
+        name += ":" + urllib.parse.quote(normalize_fqan(fqan), safe="")
     if len(name.encode()) > _MAX_NAME:
         raise ClientError(
             f"the DN {dn!r} is too long to be leased a pool account (the encoded lease name "

@@ -139,11 +139,34 @@ def make_csrs(count: int) -> list[bytes]:
     return [make_csr(k).public_bytes(serialization.Encoding.DER) for k in keys]
 
 
+# [bench_suite] server CPU per retrieval (added for scripts/bench_suite.py): utime+stime
+# of the server process, plus cutime+cstime (its reaped children: myproxy-server forks
+# one child per connection), plus any live descendants. Sampled at quiet points only.
+def _tree_cpu_seconds(pid: int) -> float:
+    tck = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    todo, first = [pid], True
+    while todo:
+        p = todo.pop()
+        try:
+            text = Path(f"/proc/{p}/stat").read_text()
+            f = text[text.rindex(")") + 2:].split()
+            total += (int(f[11]) + int(f[12]) + (int(f[13]) + int(f[14]) if first else 0)) / tck
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            pass
+        first = False
+    return total
+
+
 def run_cell(target: Target, clients: int, seconds: float, max_ops: int,
-             csrs: list[bytes]) -> dict[str, Any]:
+             csrs: list[bytes], server_pid: int | None = None) -> dict[str, Any]:
     ctx = mp.get_context("fork")
     queue: Any = ctx.Queue()
     one_retrieval(target, _client_context(target), csrs[0])  # warm-up + sanity check
+    time.sleep(0.2)  # [bench_suite] let the warm-up's child be reaped
+    cpu0 = _tree_cpu_seconds(server_pid) if server_pid else None  # [bench_suite]
     start = time.monotonic()
     deadline = start + seconds
     per_client = max(1, max_ops // clients)
@@ -155,6 +178,10 @@ def run_cell(target: Target, clients: int, seconds: float, max_ops: int,
     for p in procs:
         p.join()
     elapsed = time.monotonic() - start
+    cpu_s = None  # [bench_suite]
+    if cpu0 is not None and server_pid:
+        time.sleep(0.3)
+        cpu_s = _tree_cpu_seconds(server_pid) - cpu0
     latencies = sorted(lat for lats, _ in results for lat in lats)
     errors = sum(e for _, e in results)
     n = len(latencies)
@@ -167,6 +194,9 @@ def run_cell(target: Target, clients: int, seconds: float, max_ops: int,
         "seconds": round(elapsed, 2), "per_s": round(n / elapsed, 1) if elapsed else 0.0,
         "p50_ms": round(pct(0.50), 1), "p99_ms": round(pct(0.99), 1),
         "mean_ms": round(statistics.fmean(latencies) * 1000, 1) if n else float("nan"),
+        # [bench_suite] server CPU per retrieval (the waits above are not in `seconds`)
+        "server_cpu_ms_per_op": (round(cpu_s / (n + errors) * 1000, 2)
+                                 if cpu_s is not None and n + errors else None),
     }
 
 
@@ -251,12 +281,15 @@ auth = ["certificate"]
         username="alice", name="pilotjob", trusted_retrievers=(pilot_dn,)), proxy)
     proxy2 = new_proxy(alice, now=service.now(), lifetime=timedelta(hours=24))
     service.store_credential(me, DelegationOptions(
-        username="alice", passphrase=PASS, trusted_retrievers=("re:(?!)",)), proxy2)
+        username="alice", passphrase=PASS, trusted_retrievers=(r"re:[^\s\S]",)), proxy2)
     service.store.close()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "broker.myproxy.server", "--config-json",
-         json.dumps(dataclasses.asdict(config)), *extra],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(work / "ours.log", "wb"))
+        [sys.executable, "-m", "broker.myproxy.server", "--config-stdin", *extra],
+        cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+        stderr=open(work / "ours.log", "wb"))
+    assert proc.stdin is not None
+    proc.stdin.write(json.dumps(dataclasses.asdict(config)).encode())
+    proc.stdin.close()
     wait_port("127.0.0.1", port, proc)
     return proc, port
 
@@ -327,7 +360,8 @@ def main() -> int:
         _, ref_port, ref_pid = start_reference(work, manifest)
         pilot = manifest["users"]["pilot"]
         for mode in modes:
-            for label, port in (("broker", ours_port), ("myproxy-server", ref_port)):
+            for label, port, spid in (("broker", ours_port, ours.pid),  # [bench_suite] pids
+                                      ("myproxy-server", ref_port, ref_pid)):
                 if mode == "pilot":
                     target = Target(label, "127.0.0.1", port, manifest["ca_dir"], pilot["cert"],
                                     pilot["key"], "alice", "pilotjob", "")
@@ -335,7 +369,7 @@ def main() -> int:
                     target = Target(label, "127.0.0.1", port, manifest["ca_dir"], None, None,
                                     "alice", None, PASS)
                 for clients in concurrency:
-                    row = run_cell(target, clients, args.seconds, args.max_ops, csrs)
+                    row = run_cell(target, clients, args.seconds, args.max_ops, csrs, spid)
                     row["mode"] = mode
                     rows.append(row)
                     print(f"  {mode:10} {label:15} c={clients:<3} {row['per_s']:7.1f}/s "

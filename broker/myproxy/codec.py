@@ -151,8 +151,10 @@ def parse_fields(data: bytes) -> dict[str, str]:
 def parse_int(text: str, what: str) -> int:
     """An integer the way C ``strtol(s, &end, 0)`` with a full-string check reads it."""
     text = text.strip()
-    if not _INT_RE.fullmatch(text):
-        raise ProtocolError(f"{what} {text[:40]!r} is not an integer")
+    # strtol saturates at 64 bits; more than 20 digits is never a real value (and Python's
+    # int() refuses over 4300 digits with a ValueError, which must not escape the codec).
+    if len(text) > 24 or not _INT_RE.fullmatch(text):
+        raise ProtocolError(f"{what} {text[:40]!r} is not an integer the server accepts")
     sign = -1 if text.startswith("-") else 1
     body = text.lstrip("+-")
     if body[:2] in ("0x", "0X"):

@@ -132,6 +132,7 @@ class Session:
         self.requester = requester
         self.trust_files = trust_files
         self.settings = settings or Settings()
+        self._renewal_limited = False
 
     # ------------------------------------------------------------------ entry
 
@@ -197,21 +198,33 @@ class Session:
     # ------------------------------------------------------------------ look-ups
 
     def _find(self, username: str, cred_name: str | None) -> CredentialRecord:
-        """The credential, accepting MyProxyClient's ``USERNAME=user-credname`` form."""
+        """The credential, accepting MyProxyClient's ``USERNAME=user-credname`` form.
+
+        Every reading of a hyphenated name is looked up; when more than one exists the request
+        is refused as ambiguous, so nobody can squat ``alice-prod`` to receive requests meant
+        for alice's ``prod`` credential (or the other way round).
+        """
         store = self.service.store
-        try:
-            return store.get_credential(username, _name(cred_name))
-        except InputError as exc:  # a username or name no credential can have
-            raise Refusal(exc.message) from None
-        except NotFound:
-            if cred_name is None:
-                for i, char in enumerate(username):
-                    if char == "-" and 0 < i < len(username) - 1:
-                        try:
-                            return store.get_credential(username[:i], username[i + 1 :])
-                        except (NotFound, InputError):
-                            continue
-            raise _not_found(username, cred_name) from None
+        readings = [(username, _name(cred_name))]
+        if cred_name is None:
+            readings += [(username[:i], username[i + 1:]) for i, char in enumerate(username)
+                         if char == "-" and 0 < i < len(username) - 1]
+        found: list[CredentialRecord] = []
+        for user, name in readings:
+            try:
+                found.append(store.get_credential(user, name))
+            except NotFound:
+                continue
+            except InputError as exc:  # a username or name no credential can have
+                if (user, name) == readings[0]:
+                    raise Refusal(exc.message) from None
+        if not found:
+            raise _not_found(username, cred_name)
+        if len(found) > 1:
+            names = ", ".join(f"{r.username}/{_shown(r.name) or '(default)'}" for r in found)
+            raise Refusal(f'the username "{username}" is ambiguous ({names}); name the '
+                          "credential with -k")
+        return found[0]
 
     def _trust_lines(self) -> list[tuple[str, str]]:
         return codec.trustroot_lines(self.trust_files())
@@ -260,7 +273,8 @@ class Session:
         lifetime = timedelta(seconds=request.lifetime) if request.lifetime > 0 else None
         if lifetime is not None and self.settings.max_lifetime is not None:
             lifetime = min(lifetime, self.settings.max_lifetime)
-        issued = self.service.issue(requester, grant, csr_pem=csr_der, lifetime=lifetime)
+        issued = self.service.issue(requester, grant, csr_pem=csr_der, lifetime=lifetime,
+                                    limited=self._renewal_limited)
         ders = [c.public_bytes(serialization.Encoding.DER) for c in issued.chain]
         self.channel.send(codec.encode_chain(ders))
         self.channel.send(codec.ok())
@@ -294,6 +308,8 @@ class Session:
                 f"renewal authentication failed: the proxy presented with -a belongs to "
                 f"{proven.dn}, not to the credential's owner {record.owner_dn}")
         assert proven.dn is not None
+        # A limited proof of possession yields a limited proxy: renewal never widens rights.
+        self._renewal_limited = proven.limited
         return proven.dn
 
     # ------------------------------------------------------------------ PUT (1) / STORE (5)

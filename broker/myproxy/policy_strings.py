@@ -35,11 +35,12 @@ import re
 from collections.abc import Iterable
 
 from broker.errors import InputError
+from broker.policy._patterns import PatternError, compile_linear
 
 #: An owner-list entry that matches nobody. MyProxy's "not set" for trusted
 #: retrievers means "nobody" (``default_trusted_retrievers none``), while the
 #: broker's unset list means "the site decides"; this marker keeps MyProxy's meaning.
-NOBODY = "re:(?!)"
+NOBODY = r"re:[^\s\S]"  # a class nothing belongs to: matches no DN
 ANONYMOUS_IDENTITY = "<anonymous>"
 
 _ERE_SPECIAL = set("|()[]{}+^$\\")
@@ -154,8 +155,9 @@ def _bracket_to_python(bracket: str) -> str:
 
 def _check_regex(source: str, original: str) -> re.Pattern[str]:
     try:
+        compile_linear(source)  # what the policy engine will accept (RE2 subset)
         return re.compile(source)
-    except re.error as exc:
+    except (re.error, PatternError) as exc:
         raise PolicyStringError(f'the policy string "{original}" is not a valid regex: {exc}'
                                 ) from None
 

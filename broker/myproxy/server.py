@@ -396,10 +396,15 @@ def start_myproxy_in_master(config: ServerConfig) -> subprocess.Popen[bytes]:
     ``config.workers`` > 1 the child pre-forks that many endpoint processes.
     """
     global _child
-    payload = json.dumps(dataclasses.asdict(config))
-    command = [sys.executable, "-m", "broker.myproxy.server", "--config-json", payload,
+    # The config travels through a pipe, not the command line: /proc/PID/cmdline is readable
+    # by every local user, and a database URL may hold a password.
+    payload = json.dumps(dataclasses.asdict(config)).encode()
+    command = [sys.executable, "-m", "broker.myproxy.server", "--config-stdin",
                "--parent-pid", str(os.getpid()), "--processes", str(max(1, config.workers))]
-    child = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+    child = subprocess.Popen(command, stdin=subprocess.PIPE)
+    assert child.stdin is not None
+    child.stdin.write(payload)
+    child.stdin.close()
     _child = child
     owner = os.getpid()
 
@@ -430,7 +435,8 @@ def _die_with_parent(parent_pid: int) -> Callable[[], bool]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m broker.myproxy.server",
                                      description="Run the broker's MyProxy endpoint.")
-    parser.add_argument("--config-json", help="A resolved ServerConfig as JSON (broker serve).")
+    parser.add_argument("--config-stdin", action="store_true",
+                        help="Read a resolved ServerConfig as JSON from stdin (broker serve).")
     parser.add_argument("--config", help="broker.toml")
     parser.add_argument("--myproxy-bind")
     parser.add_argument("--state-dir")
@@ -443,8 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s[myproxy]: %(message)s")
-    if args.config_json:
-        config = ServerConfig(**json.loads(args.config_json))
+    if args.config_stdin:
+        config = ServerConfig(**json.loads(sys.stdin.buffer.read(1 << 20)))
     else:
         from broker.config import load_config
         from broker.runtime import prepare_state

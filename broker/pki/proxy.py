@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID, ObjectIdentifier
 
 from broker.errors import CredentialError, CsrError, InputError
+from broker.pki.dn import slash_from_name
 from broker.pki.loading import Credential, PrivateKey
 
 PROXY_CERT_INFO_OID = ObjectIdentifier("1.3.6.1.5.5.7.1.14")
@@ -197,17 +198,23 @@ def create_proxy(
             "the issuing credential expired at "
             f"{parent.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC", reason="expired"
         )
-    parent_info = proxy_info(parent)
-    if parent_info is not None:
-        if parent_info.type is ProxyType.LIMITED:
+    # Every proxy above the new one constrains it, not only the parent: the proxy at index i
+    # of the issuer's chain will have i + 1 proxies below it (Globus-style clients do not
+    # copy a constraint down, so a looser child can sit under a tighter ancestor).
+    for depth, ancestor in enumerate(issuer.chain):
+        info = proxy_info(ancestor)
+        if info is None:
+            break
+        if info.type is ProxyType.LIMITED:
             proxy_type = ProxyType.LIMITED
-        if parent_info.path_length is not None:
-            if parent_info.path_length == 0:
+        if info.path_length is not None:
+            allowed = info.path_length - depth - 1
+            if allowed < 0:
                 raise CredentialError(
-                    "the issuing proxy has a path length constraint of 0 and cannot sign proxies",
+                    f"the proxy {slash_from_name(ancestor.subject)} allows "
+                    f"{info.path_length} level(s) below it; it cannot take another one",
                     reason="path_length",
                 )
-            allowed = parent_info.path_length - 1
             path_length = allowed if path_length is None else min(path_length, allowed)
     serial = secrets.randbits(62) | (1 << 62)  # positive, fixed width, never zero
     subject = x509.Name(

@@ -6,7 +6,7 @@ Forms (see policies/README.md for the administrator's view):
                                    characters *including* ``/``, ``?`` exactly one; nothing else is
                                    special (``[`` is literal, DNs may contain it). Whole-DN,
                                    case-sensitive match.
-``re:REGEX``                       Python regular expression, full match against the DN.
+``re:REGEX``                       regular expression (RE2: no look-arounds), full match on the DN.
 ``fqan:/vo/sub[/Role=R]``          hierarchical VOMS match (any FQAN in that group or below; with
                                    ``Role=R`` only that role; ``Role=NULL`` only "no role").
 ``group:NAME``                     every member of a ``[groups]`` entry (groups may nest).
@@ -23,8 +23,11 @@ one precompiled ``re`` call.
 from __future__ import annotations
 
 import re
+import re._parser as sre_parser  # type: ignore[import-not-found]  # what RE2 lacks
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol, cast
+
+import re2
 
 from broker.policy._enums import AuthMethod
 from broker.policy._fqan import Fqan, FqanError, parse_fqan
@@ -66,6 +69,62 @@ class Subject:
     owner_dn: str | None = None
 
 
+# Patterns come from users (owner policies via broker-init -r/-Z/-R and myproxy-init -x), and
+# Python's backtracking engine needs exponential time on some ("(.|.|.)*Z"), holding the GIL:
+# one retrieval could freeze a server process. RE2 matches in linear time. Constructs RE2
+# lacks (look-arounds, back-references, atomic groups, possessive repeats, \Z) are found in
+# Python's own parse of the source and refused with a clear message, before RE2 sees them
+# (RE2 would also print a C++ log line on stderr).
+_UNSUPPORTED_OPS = {
+    "ASSERT": "a look-around", "ASSERT_NOT": "a look-around", "GROUPREF": "a back-reference",
+    "GROUPREF_EXISTS": "a conditional group", "ATOMIC_GROUP": "an atomic group",
+    "POSSESSIVE_REPEAT": "a possessive repeat",
+}
+
+
+class _Matcher(Protocol):
+    def fullmatch(self, text: str) -> object | None: ...
+
+
+def _unsupported(tree: object) -> str | None:
+    for item in tree:  # type: ignore[attr-defined]
+        op, arg = item
+        name = str(op)
+        if name in _UNSUPPORTED_OPS:
+            return _UNSUPPORTED_OPS[name]
+        if name == "AT" and str(arg) == "AT_END_STRING":
+            return r"\Z (write $ or nothing: patterns match the whole DN)"
+        for sub in arg if isinstance(arg, tuple | list) else (arg,):
+            if isinstance(sub, sre_parser.SubPattern):
+                found = _unsupported(sub)
+            elif isinstance(sub, tuple | list):
+                found = next((f for f in (_unsupported(x) for x in sub
+                                          if isinstance(x, sre_parser.SubPattern)) if f), None)
+            else:
+                found = None
+            if found:
+                return found
+    return None
+
+
+def compile_linear(source: str, *, dotall: bool = False) -> _Matcher:
+    """Compile ``source`` (Python syntax) with RE2; raises PatternError when unsupported."""
+    try:
+        tree = sre_parser.parse(source)
+    except re.error as exc:
+        raise PatternError(f'bad regular expression "{source}": {exc}') from None
+    what = _unsupported(tree)
+    if what:
+        raise PatternError(
+            f'the regular expression "{source}" uses {what}, which the broker does not support '
+            "(patterns are matched in linear time with RE2)"
+        )
+    try:
+        return cast(_Matcher, re2.compile(("(?s)" if dotall else "") + source))
+    except re2.error as exc:
+        raise PatternError(f'unsupported regular expression "{source}": {exc}') from None
+
+
 def glob_to_regex(glob: str) -> str:
     """Translate a DN/username glob into an anchored-by-fullmatch regex source."""
     out: list[str] = []
@@ -85,7 +144,7 @@ def glob_to_regex(glob: str) -> str:
 class DnGlob:
     text: str
     literal_prefix: str
-    _regex: re.Pattern[str] | None  # None when the glob has no wildcard: plain equality
+    _regex: _Matcher | None  # None when the glob has no wildcard: plain equality
 
     def matches(self, subject: Subject) -> bool:
         if subject.dn is None:
@@ -101,7 +160,7 @@ class DnGlob:
 @dataclass(frozen=True, slots=True)
 class DnRegex:
     text: str
-    _regex: re.Pattern[str]
+    _regex: _Matcher
 
     def matches(self, subject: Subject) -> bool:
         return subject.dn is not None and self._regex.fullmatch(subject.dn) is not None
@@ -135,7 +194,7 @@ class FqanPattern:
 @dataclass(frozen=True, slots=True)
 class PamPattern:
     text: str
-    _regex: re.Pattern[str]
+    _regex: _Matcher
 
     def matches(self, subject: Subject) -> bool:
         return (
@@ -239,10 +298,7 @@ def parse_pattern(text: str, *, context: PatternContext = "requester") -> Parsed
         source = text[3:]
         if not source:
             raise PatternError('empty regular expression after "re:"')
-        try:
-            return DnRegex(text, re.compile(source))
-        except re.error as exc:
-            raise PatternError(f'bad regular expression "{source}": {exc}') from None
+        return DnRegex(text, compile_linear(source))
     if text.startswith("fqan:"):
         return _parse_fqan_pattern(text)
     if text.startswith("group:"):
@@ -256,7 +312,7 @@ def parse_pattern(text: str, *, context: PatternContext = "requester") -> Parsed
         user_glob = text[len("pam:") :]
         if not user_glob:
             raise PatternError('empty username pattern after "pam:" (use "pam:*" for any user)')
-        return PamPattern(text, re.compile(glob_to_regex(user_glob), re.DOTALL))
+        return PamPattern(text, compile_linear(glob_to_regex(user_glob), dotall=True))
     if text[0] in "/*?":
         return _compile_dn_glob(text)
     prefix = _PREFIX_RE.match(text)
@@ -275,7 +331,7 @@ def _compile_dn_glob(text: str) -> DnGlob:
     cut = min((i for i, c in enumerate(text) if c in "*?"), default=None)
     if cut is None:
         return DnGlob(text, text, None)
-    return DnGlob(text, text[:cut], re.compile(glob_to_regex(text), re.DOTALL))
+    return DnGlob(text, text[:cut], compile_linear(glob_to_regex(text), dotall=True))
 
 
 def _parse_fqan_pattern(text: str) -> FqanPattern:

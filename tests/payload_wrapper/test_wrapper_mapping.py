@@ -54,9 +54,11 @@ def test_fqan_helpers() -> None:
     assert normalize_fqan("/atlas/Role=NULL/Capability=NULL") == "/atlas"
 
 
-def test_lease_name_is_urlencoded_lowercase() -> None:
-    assert lease_name(BOB) == "%2fdc%3dorg%2fdc%3dexample%2fcn%3dbob%20smith"
-    assert lease_name(BOB, "/atlas/Role=pilot").endswith(":%2fatlas%2frole%3dpilot")
+def test_lease_name_is_urlencoded_and_keeps_case() -> None:
+    assert lease_name(BOB) == "%2FDC%3Dorg%2FDC%3Dexample%2FCN%3DBob%20Smith"
+    assert lease_name(BOB, "/atlas/Role=pilot").endswith(":%2Fatlas%2FRole%3Dpilot")
+    # DNs differing only in case are different people: different leases
+    assert lease_name(BOB) != lease_name(BOB.lower())
 
 
 def test_ban_list_dn_and_fqan() -> None:

@@ -148,7 +148,7 @@ def test_payload_runs_as_pool_account(place: JobPlace, make_account: object) -> 
     assert done.returncode == 0, done.stderr
     check_common(place, "p1", account, 0o022)
     leases = [p for p in gridmapdir.iterdir() if p.name.startswith("%")]
-    assert [p.name for p in leases] == ["%2fdc%3dorg%2fdc%3dexample%2fcn%3dalice"]
+    assert [p.name for p in leases] == ["%2FDC%3Dorg%2FDC%3Dexample%2FCN%3DAlice"]
     assert os.stat(gridmapdir / account).st_nlink == 2
     assert audit_lines(place)[0]["account"] == account
 
