@@ -227,10 +227,11 @@ class RetrievalGrant:
 
 
 class _Lru:
-    """A small thread-safe LRU with per-entry expiry (monotonic seconds)."""
+    """A small thread-safe LRU with per-entry expiry (seconds of ``clock``)."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, clock: Callable[[], float] = time.monotonic) -> None:
         self._size = size
+        self._clock = clock
         self._items: OrderedDict[Any, tuple[float, Any]] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -240,7 +241,7 @@ class _Lru:
             if item is None:
                 return None
             expires, value = item
-            if expires < time.monotonic():
+            if expires < self._clock():
                 del self._items[key]
                 return None
             self._items.move_to_end(key)
@@ -248,7 +249,7 @@ class _Lru:
 
     def put(self, key: Any, value: Any, ttl: float) -> None:
         with self._lock:
-            self._items[key] = (time.monotonic() + ttl, value)
+            self._items[key] = (self._clock() + ttl, value)
             self._items.move_to_end(key)
             while len(self._items) > self._size:
                 self._items.popitem(last=False)
@@ -289,8 +290,9 @@ class BrokerService:
         self.vomsdir = vomsdir
         self.config = config or ServiceConfig()
         self._clock = clock or (lambda: datetime.now(UTC))
-        self._chain_cache = _Lru(4096)
-        self._owner_cache = _Lru(4096)
+        # Expiry follows the service's clock, so that tests can move time forward.
+        self._chain_cache = _Lru(4096, lambda: self.now().timestamp())
+        self._owner_cache = _Lru(4096, lambda: self.now().timestamp())
         self._challenge_secret = challenge_secret or secrets.token_bytes(32)
 
     def now(self) -> datetime:

@@ -138,3 +138,57 @@ def test_every_outcome_is_audited(service: BrokerService, grid_pki: GridPki) -> 
     denied = next(r for r in rows if r.job_id == "7.1")
     assert denied.requester_dn == "/DC=org/DC=example/CN=Bob"
     assert denied.reason and "no rule lets" in denied.reason
+
+
+def test_owner_stored_lifetime_ends_the_credential(service: BrokerService, grid_pki: GridPki,
+                                                   clock: Clock) -> None:
+    alice = who(service, grid_pki, "alice")
+    pending = service.start_delegation(alice, DelegationOptions(
+        username="alice", stored_lifetime=timedelta(hours=1)))
+    # the chain itself lives 100 hours; the owner asked the broker to keep it for one
+    chain = sign_request(grid_pki.user("alice"), load_csr(pending.csr_pem), now=clock.now,
+                         lifetime=timedelta(hours=100))
+    service.finish_delegation(alice, pending.id, chain_to_pem(chain))
+    clock.now += timedelta(hours=2)
+    from broker.errors import CredentialError
+
+    with pytest.raises(CredentialError) as err:
+        service.retrieve(who(service, grid_pki, "pilot"), csr_pem=csr(), username="alice")
+    assert err.value.reason == "expired"
+
+
+def test_revoked_owner_cannot_be_retrieved_once_the_crl_arrives(
+        grid_pki: GridPki, tmp_path: Path, clock: Clock) -> None:
+    from broker.errors import CredentialError
+    from broker.pki.devca import make_crl
+    from broker.pki.trust import TrustStore
+
+    url = default_sqlite_url(tmp_path)
+    migrate(url)
+    current = {"trust": grid_pki.trust}
+    with Store(url, MasterKeyRing.generate(), clock=clock) as store:
+        svc = BrokerService(store, lambda: current["trust"],
+                            lambda: load_policy({"p.toml": DEV_POLICY}), clock=clock)
+        delegate(svc, grid_pki)
+        svc.retrieve(who(svc, grid_pki, "pilot"), csr_pem=csr(), username="alice")
+        crl = make_crl(grid_pki.pki.ca, now=clock.now,
+                       revoked_serials=[grid_pki.user("alice").cert.serial_number])
+        current["trust"] = TrustStore(cas=(grid_pki.pki.ca.cert,), crls=(crl,))
+        clock.now += timedelta(minutes=2)  # past the one-minute cache of the stored chain
+        with pytest.raises(CredentialError) as err:
+            svc.retrieve(who(svc, grid_pki, "pilot"), csr_pem=csr(), username="alice")
+        assert err.value.reason == "revoked"
+
+
+def test_limited_proxies_cannot_manage_credentials(service: BrokerService,
+                                                    grid_pki: GridPki) -> None:
+    from broker.pki.proxy import ProxyType, new_proxy
+
+    delegate(service, grid_pki)
+    limited = new_proxy(grid_pki.user("alice"), now=service.now(), lifetime=timedelta(hours=1),
+                        proxy_type=ProxyType.LIMITED)
+    requester = service.authenticate_chain(list(limited.chain))
+    with pytest.raises(AuthorizationError) as err:
+        service.destroy(requester, username="alice")
+    assert err.value.reason == "limited_requester"
+    service.destroy(who(service, grid_pki, "alice"), username="alice")

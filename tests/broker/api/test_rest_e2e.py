@@ -100,6 +100,12 @@ def test_renewal_with_proof_of_possession(sqlite_broker: RunningBroker) -> None:
     _, result = sqlite_broker.client("pilot").renew(alice_old, username="alice",
                                                        lifetime_hours=2)
     assert result["owner"] == "/DC=org/DC=example/CN=Alice"
+    assert result["limited"] is False
+    # a limited proof of possession yields a limited proxy: renewal never widens rights
+    alice_limited = new_proxy(sqlite_broker.pki.load("alice"), now=datetime.now(UTC),
+                              lifetime=timedelta(hours=1), proxy_type=ProxyType.LIMITED)
+    _, result = sqlite_broker.client("pilot").renew(alice_limited, username="alice")
+    assert result["limited"] is True
     # a proxy of bob cannot renew alice's credential
     bob_old = new_proxy(sqlite_broker.pki.load("bob"), now=datetime.now(UTC),
                         lifetime=timedelta(hours=1))

@@ -206,3 +206,11 @@ def test_fuzz_responses_round_trip(message: str, values: list[str]) -> None:
     assert "\0" not in parsed.error
     response = codec.parse_response(codec.ok([("CRED_DESC", v) for v in values[:1]]))
     assert response.code is ResponseCode.OK
+
+
+def test_huge_integers_are_a_protocol_error_not_a_crash() -> None:
+    from broker.errors import ProtocolError
+
+    for text in ("9" * 5000, "1" * 25, "0x" + "f" * 40):
+        with pytest.raises(ProtocolError):
+            codec.parse_int(text, "LIFETIME")

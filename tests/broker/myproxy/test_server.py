@@ -387,3 +387,24 @@ def _alive(pid: int) -> bool:
             return handle.read().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_ambiguous_username_credname_form_is_refused(endpoint: Endpoint) -> None:
+    # alice stores "r-amb/prod"; bob squats the slot "r-amb-prod": the hyphenated form is
+    # ambiguous now and must not hand out bob's credential for a request meant for alice's.
+    assert put(endpoint, "r-amb", name="prod").code is ResponseCode.OK
+    assert put(endpoint, "r-amb-prod", who="bob").code is ResponseCode.OK
+    final, chain = get(endpoint, "r-amb-prod")
+    assert final.code is ResponseCode.ERROR and not chain
+    assert "ambiguous" in final.fields.get("ERROR", "") or "ambiguous" in str(final)
+    # naming the credential explicitly still works
+    final, chain = get(endpoint, "r-amb", extra={"CRED_NAME": "prod"})
+    assert final.code is ResponseCode.OK and chain
+
+
+def test_refusals_decided_by_the_endpoint_are_audited(endpoint: Endpoint) -> None:
+    put(endpoint, "r-audit")
+    final, _ = get(endpoint, "r-audit", passphrase="wrong-passphrase")
+    assert final.code is ResponseCode.ERROR
+    rows = endpoint.service.store.query_audit(username="r-audit", action="retrieve")
+    assert any(r.decision == "deny" for r in rows)

@@ -116,3 +116,16 @@ def test_pem_round_trip_pkcs1_and_pkcs8(grid_pki: GridPki) -> None:
     loaded = load_credential(pem)
     assert loaded.chain == proxy.chain
     assert slash_from_name(loaded.cert.subject).startswith("/DC=org/DC=example/CN=Alice/CN=")
+
+
+def test_every_ancestors_path_length_constrains_a_new_proxy(grid_pki: GridPki) -> None:
+    # A Globus-style chain: P1 allows one level below it, then a child without a constraint.
+    from tests.pkifixtures import forge_proxy
+
+    now = grid_pki.now
+    p1 = new_proxy(grid_pki.user("alice"), now=now, lifetime=timedelta(hours=2), path_length=1)
+    loose = forge_proxy(p1, now=now, path_length=None)  # does not copy the constraint down
+    validate_chain(loose.chain, grid_pki.trust, now=now)  # still valid: one level below P1
+    with pytest.raises(CredentialError) as err:
+        new_proxy(loose, now=now, lifetime=timedelta(hours=1))  # would be two levels below P1
+    assert err.value.reason == "path_length"
