@@ -792,19 +792,25 @@ class BrokerService:
             raise
         return visible
 
+    def _owned(self, requester: Requester, username: str, name: str, what: str,
+               where: dict[str, Any]) -> CredentialRecord:
+        """The credential, when the requester (with a full certificate or proxy) owns it."""
+        if requester.dn is None:
+            raise AuthenticationError(f"to {what} you need a client certificate or proxy")
+        _refuse_limited(requester, what)
+        record = self._find(username=username, owner_dn=None, name=name)
+        where["owner_dn"] = record.owner_dn
+        if record.owner_dn != requester.dn:
+            raise AuthorizationError(
+                f"Credentials not owned by {requester.dn}: {record.username}/{record.name} "
+                f"belongs to {record.owner_dn}", reason="not_owner")
+        return record
+
     def destroy(self, requester: Requester, *, username: str, name: str = DEFAULT_CREDENTIAL
                 ) -> CredentialSummary:
         where: dict[str, Any] = {"username": username, "name": name}
         try:
-            if requester.dn is None:
-                raise AuthenticationError("destroy needs a client certificate or proxy")
-            _refuse_limited(requester, "destroy a credential")
-            record = self._find(username=username, owner_dn=None, name=name)
-            where["owner_dn"] = record.owner_dn
-            if record.owner_dn != requester.dn:
-                raise AuthorizationError(
-                    f"Credentials not owned by {requester.dn}: {record.username}/{record.name} "
-                    f"belongs to {record.owner_dn}", reason="not_owner")
+            record = self._owned(requester, username, name, "destroy a credential", where)
             self._decide(requester, Action.DESTROY, owner_dn=record.owner_dn,
                          owner_fqans=requester.fqans, name=record.name,
                          username=record.username).raise_if_denied()
@@ -821,14 +827,7 @@ class BrokerService:
     ) -> CredentialSummary:
         where: dict[str, Any] = {"username": username, "name": name}
         try:
-            if requester.dn is None:
-                raise AuthenticationError("changing a passphrase needs a client certificate")
-            _refuse_limited(requester, "change a credential's passphrase")
-            record = self._find(username=username, owner_dn=None, name=name)
-            where["owner_dn"] = record.owner_dn
-            if record.owner_dn != requester.dn:
-                raise AuthorizationError(
-                    f"Credentials not owned by {requester.dn}", reason="not_owner")
+            self._owned(requester, username, name, "change a credential's passphrase", where)
             updated = self.store.change_passphrase(
                 username, name, old_passphrase=old, new_passphrase=new, owner_dn=requester.dn,
                 now=self.now(),

@@ -290,6 +290,24 @@ def _check_chain(chain: object, private_key_pem: bytes | None) -> tuple[str, dat
     return normalised, min(c.not_valid_after_utc for c in certs)
 
 
+
+def _locked_owned_row(
+    session: Session, username: str, name: str, expected_owner: str | None
+) -> Credential:
+    """The credential row, locked for update; NotFound, or AuthorizationError for another owner."""
+    row = session.scalars(
+        select(Credential)
+        .where(Credential.username == username, Credential.name == name)
+        .with_for_update()
+    ).one_or_none()
+    if row is None:
+        raise NotFound(f"no credential {name!r} for user {username!r}")
+    if expected_owner is not None and row.owner_dn != expected_owner:
+        raise AuthorizationError(
+            f"credential {name!r} of user {username!r} is not owned by {expected_owner}"
+        )
+    return row
+
 def _check_audit(event: AuditEvent) -> None:
     if not isinstance(event, AuditEvent):
         raise InputError("audit must be an AuditEvent")
@@ -744,17 +762,7 @@ class Store:
             _check_audit(audit)
         moment = self._now(now)
         with self._transaction(write=True) as session:
-            row = session.scalars(
-                select(Credential)
-                .where(Credential.username == username, Credential.name == name)
-                .with_for_update()
-            ).one_or_none()
-            if row is None:
-                raise NotFound(f"no credential {name!r} for user {username!r}")
-            if expected_owner is not None and row.owner_dn != expected_owner:
-                raise AuthorizationError(
-                    f"credential {name!r} of user {username!r} is not owned by {expected_owner}"
-                )
+            row = _locked_owned_row(session, username, name, expected_owner)
             record = _credential_record(row)
             session.delete(row)
             self._write_audit(session, audit, moment)
@@ -793,17 +801,7 @@ class Store:
             _check_audit(audit)
         moment = self._now(now)
         with self._transaction(write=True) as session:
-            row = session.scalars(
-                select(Credential)
-                .where(Credential.username == username, Credential.name == name)
-                .with_for_update()
-            ).one_or_none()
-            if row is None:
-                raise NotFound(f"no credential {name!r} for user {username!r}")
-            if expected_owner is not None and row.owner_dn != expected_owner:
-                raise AuthorizationError(
-                    f"credential {name!r} of user {username!r} is not owned by {expected_owner}"
-                )
+            row = _locked_owned_row(session, username, name, expected_owner)
             envelope = _envelope_of(row)
             ring = self._ring_for(envelope.master_key_id)
             if ring.changed_on_disk():
