@@ -110,7 +110,7 @@ class BrokerClient:
                 f"TLS with {self.host}:{self.port} failed: {exc.reason or exc}; check that your "
                 "credential is valid and the server's CA is in your CA directory",
                 reason="tls") from exc
-        except (TimeoutError, ConnectionError, OSError) as exc:
+        except (TimeoutError, ConnectionError, OSError, http.client.HTTPException) as exc:
             raise SystemFailure(
                 f"cannot reach the broker at {self.host}:{self.port}: {exc}; is it running?",
                 reason="unreachable") from exc
@@ -141,12 +141,13 @@ class BrokerClient:
             "trusted_retrievers": list(trusted_retrievers), "renewers": list(renewers),
             "description": description,
         })
-        csr = load_csr(started["csr"].encode())
+        csr = load_csr(_field(started, "csr").encode())
         chain = sign_request(credential, csr, now=now, lifetime=timedelta(hours=stored_hours))
         body: dict[str, Any] = {"chain": chain_to_pem(chain).decode()}
         if passphrase is not None:
             body["passphrase"] = passphrase
-        result: dict[str, Any] = self.call("PUT", f"/v1/delegations/{started['id']}", body)
+        result: dict[str, Any] = self.call(
+            "PUT", f"/v1/delegations/{_field(started, 'id')}", body)
         return result
 
     def retrieve(
@@ -166,7 +167,7 @@ class BrokerClient:
         result = self.call("POST", "/v1/retrievals", body)
         from broker.pki.loading import load_certificates
 
-        chain = tuple(load_certificates(result["chain"].encode()))
+        chain = tuple(load_certificates(_field(result, "chain").encode()))
         return Credential(chain=chain, key=key), result
 
     def renew(
@@ -177,7 +178,7 @@ class BrokerClient:
         from broker.pki.loading import load_certificates
         from broker.service import sign_challenge
 
-        challenge = self.call("GET", "/v1/renewals/challenge")["challenge"]
+        challenge = _field(self.call("GET", "/v1/renewals/challenge"), "challenge")
         key = generate_key(key_type)
         body: dict[str, Any] = {
             "csr": csr_to_pem(make_csr(key)).decode(), "name": name, "challenge": challenge,
@@ -189,7 +190,7 @@ class BrokerClient:
             if value is not None:
                 body[field] = value
         result = self.call("POST", "/v1/renewals", body)
-        chain = tuple(load_certificates(result["chain"].encode()))
+        chain = tuple(load_certificates(_field(result, "chain").encode()))
         return Credential(chain=chain, key=key), result
 
     def info(self, *, username: str | None = None, name: str | None = None) -> dict[str, Any]:
@@ -204,3 +205,14 @@ class BrokerClient:
         result: dict[str, Any] = self.call(
             "DELETE", f"/v1/credentials/{quote(username, safe='')}/{quote(name, safe='')}")
         return result
+
+
+def _field(data: Any, key: str) -> str:
+    """A text field of a successful answer; an incomplete answer (a server killed while
+    replying, a proxy in between) is a system failure, not a KeyError."""
+    value = data.get(key) if isinstance(data, dict) else None
+    if not isinstance(value, str):
+        raise SystemFailure(
+            f"the broker's answer lacks {key!r} (an incomplete or foreign response); retry",
+            reason="bad_response")
+    return value
