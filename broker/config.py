@@ -44,9 +44,9 @@ from pathlib import Path
 from typing import Any
 
 from broker.errors import ConfigError
+from broker.store.engine import default_sqlite_url
 
 DEFAULT_BIND = "127.0.0.1:8443"
-DEFAULT_MYPROXY_BIND = "127.0.0.1:7512"
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ class ServerConfig:
         return replace(
             self,
             state_dir=str(state),
-            database_url=self.database_url or f"sqlite:///{state / 'broker.sqlite'}",
+            database_url=self.database_url or default_sqlite_url(state),
             master_key_file=self.master_key_file or str(state / "master.key"),
             host_cert=self.host_cert or str(devpki / "host.pem"),
             host_key=self.host_key or str(devpki / "host.key"),

@@ -88,7 +88,7 @@ def build_pam(config: ServerConfig, trust: TrustStore) -> tuple[PamSettings | No
     return pam, online_ca
 
 
-def build_runtime(config: ServerConfig, *, watch_policy: bool = True) -> Runtime:
+def build_runtime(config: ServerConfig) -> Runtime:
     keys = load_master_keys(config.master_key_file)
     store = Store(make_engine(config.database_url), keys)
     policy = check_policy(config)

@@ -26,7 +26,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -868,8 +868,6 @@ class BrokerService:
         """One cheap indexed query; raises StoreUnavailable when the database is down."""
         self.store.list_credentials(username="healthz-probe")
 
-    def with_request(self, requester: Requester, **changes: Any) -> Requester:
-        return replace(requester, **changes)
 
 
 _JOB_ID_MAX = 256

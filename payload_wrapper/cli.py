@@ -4,7 +4,8 @@
         --gridmapfile F [--gridmapdir D]] [--mode setuid|sudo|none] [--umask 0022]
         [--workdir DIR] [--job-id ID] [--keep-env NAME]... [--set-env NAME=VALUE]...
         [--ca-dir D] [--vomsdir D] [--ban DN|FQAN]... [--ban-file F]
-        [--lease-expiry S] [--payload-timeout S] [--audit-log F] -- COMMAND [ARGS...]
+        [--lease-expiry S] [--payload-timeout S] [--audit-log F] [--pilot-account NAME]
+        -- COMMAND [ARGS...]
 
 ``payload-wrapper helper ...`` is the sudo-mode helper (see :mod:`payload_wrapper.switch`).
 Argument errors exit 201, like every other client error.

@@ -230,12 +230,9 @@ def _split_assignment(text: object, error: type[WrapperError]) -> tuple[str, str
     return name, value
 
 
-def merge_settings(
-    file_values: Mapping[str, Any] | None, flag_values: Mapping[str, Any]
-) -> WrapperSettings:
-    """Combine the file's values and the flags' (``None`` = flag not given)."""
+def _merge(sources: list[tuple[str, Mapping[str, Any]]]) -> dict[str, Any]:
     merged: dict[str, Any] = {}
-    for origin, source in (("file", file_values or {}), ("flag", flag_values)):
+    for origin, source in sources:
         for name, raw in source.items():
             if raw is None or name in ("job_id", "config"):
                 continue
@@ -254,6 +251,22 @@ def merge_settings(
                 merged[name] = tuple(combined.items())
             else:
                 merged[name] = value
+    return merged
+
+
+def merge_settings(
+    file_values: Mapping[str, Any] | None, flag_values: Mapping[str, Any]
+) -> WrapperSettings:
+    """Combine the file's values and the flags' (``None`` = flag not given)."""
+    if file_values:
+        # A bad value in the site's configuration file is the node's problem (202), not the
+        # job owner's (201): check the file's values on their own first.
+        try:
+            WrapperSettings(**_merge([("file", file_values)]))
+        except ClientError as exc:
+            raise WrapperSystemError(f"the wrapper configuration is invalid: {exc.message}",
+                                     reason="bad_config") from exc
+    merged = _merge([("file", file_values or {}), ("flag", flag_values)])
     try:
         return WrapperSettings(**merged)
     except WrapperError:

@@ -137,7 +137,7 @@ ensure_apt_packages() {
 
     if [[ "$(id -u)" -ne 0 ]]; then
         warn "missing system packages: ${missing[*]}"
-        warn "not root, so not installing them; tests that need them will be skipped" \
+        warn "not root, so not installing them; what needs them will be skipped" \
             "(run: sudo apt-get install ${missing[*]})"
         return 0
     fi
@@ -147,7 +147,7 @@ ensure_apt_packages() {
         if in_ci; then
             die "apt-get could not install: ${missing[*]}"
         fi
-        warn "apt-get could not install: ${missing[*]}; continuing, tests that need them will be skipped"
+        warn "apt-get could not install: ${missing[*]}; continuing, what needs them will be skipped"
     fi
 }
 

@@ -32,11 +32,6 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def fail(message: str, code: int = 1) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(code)
-
-
 def reports_errors(func: Callable[P, R]) -> Callable[P, R]:
     """Turn a :class:`BrokerError` (and stray OS errors) into a message and an exit code."""
 
@@ -67,3 +62,19 @@ def format_timedelta(seconds: float) -> str:
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+def run_command(command: click.Command, prog_name: str) -> None:
+    """Run a click command with the documented exit codes: a usage error is bad input (1),
+    not click's 2, which this project reserves for system and server errors."""
+    try:
+        command.main(prog_name=prog_name, standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("Aborted!", err=True)
+        sys.exit(1)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(1)
+    sys.exit(0)

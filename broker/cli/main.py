@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from broker.cli.common import run_command
 from broker.cli.pki_cmd import dev_pki, proxy_info_cmd, proxy_init
 from broker.cli.policy_cmd import policy
 from broker.cli.serve_cmd import audit, keys, serve
@@ -25,4 +26,4 @@ cli.add_command(policy)
 
 
 def main() -> None:
-    cli(prog_name="broker")
+    run_command(cli, "broker")

@@ -164,7 +164,8 @@ def explain_cmd(
             requester_fqans=fqans,
             owner_fqans=owner_fqans,
             auth=AuthMethod(auth),
-            credential=credential,
+            # The server calls the unnamed MyProxy credential "default"; the policy calls it "".
+            credential="" if credential == "default" else credential,
             job_id=job_id,
             username=username,
         )

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from broker.cli.common import format_timedelta, reports_errors
+from broker.cli.common import format_timedelta, reports_errors, run_command
 from broker.cli.user import _client, common_ca, common_server
 from broker.condor.submit import augment_submit, submit_to_schedd
 from broker.errors import BrokerError, InputError, NotFound
@@ -107,4 +107,4 @@ def submit_cmd(submit_file: Path, credname: str, min_hours: float, lifetime_hour
 
 
 def main() -> None:
-    submit_cmd(prog_name="broker-submit")
+    run_command(submit_cmd, "broker-submit")

@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from broker.cli.common import format_timedelta, reports_errors, utcnow
+from broker.cli.common import format_timedelta, reports_errors, run_command, utcnow
 from broker.client import BrokerClient, ClientIdentity
 from broker.errors import InputError
 from broker.fileio import write_private_file
@@ -263,16 +263,16 @@ def destroy_cmd(server: str | None, username: str | None, credname: str, ca_dir:
 
 
 def init_main() -> None:
-    init_cmd(prog_name="broker-init")
+    run_command(init_cmd, "broker-init")
 
 
 def logon_main() -> None:
-    logon_cmd(prog_name="broker-logon")
+    run_command(logon_cmd, "broker-logon")
 
 
 def info_main() -> None:
-    info_cmd(prog_name="broker-info")
+    run_command(info_cmd, "broker-info")
 
 
 def destroy_main() -> None:
-    destroy_cmd(prog_name="broker-destroy")
+    run_command(destroy_cmd, "broker-destroy")

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from cryptography import x509
 
 from broker.errors import PemError
-from broker.pki.dn import slash_from_name
 
 _CERT_FILE = re.compile(r"^[0-9a-f]{8}\.[0-9]+$")
 _CRL_FILE = re.compile(r"^[0-9a-f]{8}\.r[0-9]+$")
@@ -42,8 +41,6 @@ class TrustStore:
     def crls_for(self, ca: x509.Certificate) -> list[x509.CertificateRevocationList]:
         return [crl for crl in self.crls if crl.issuer == ca.subject]
 
-    def ca_subjects(self) -> list[str]:
-        return [slash_from_name(ca.subject) for ca in self.cas]
 
     @classmethod
     def from_files(cls, files: Mapping[str, bytes]) -> TrustStore:

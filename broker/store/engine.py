@@ -33,7 +33,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError, SQLAlche
 from broker.errors import ConfigError, StoreError, StoreUnavailable
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
-SQLITE_FILENAME = "broker.sqlite3"
+SQLITE_FILENAME = "broker.sqlite"
 SQLITE_BUSY_TIMEOUT_MS = 5000
 SQLITE_BEGIN_OPTION = "broker_sqlite_begin"
 # [reliability] conn.info key: this connection holds its engine's in-process writer lock.

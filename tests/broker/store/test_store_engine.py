@@ -13,7 +13,7 @@ from broker.store.engine import safe_url
 
 def test_sqlite_pragmas(tmp_path: Path) -> None:
     url = default_sqlite_url(tmp_path / "state")
-    assert url.endswith("/state/broker.sqlite3")
+    assert url.endswith("/state/broker.sqlite")
     engine = make_engine(url)
     try:
         with engine.connect() as conn:
