@@ -68,7 +68,7 @@ class ServerConfig:
     max_proxy_hours: float = 168.0
     delegation_key: str = "rsa"
     log_level: str = "info"
-    # [pam] PAM logins and the online CA (see broker.pam_auth, broker.onlineca).
+    # PAM logins and the online CA (see broker.pam_auth, broker.onlineca).
     pam_service: str = ""
     pam_confdir: str = ""  # test/dev only: production uses /etc/pam.d
     online_ca_cert: str = ""
@@ -140,7 +140,7 @@ def load_config(path: str | None, overrides: dict[str, Any]) -> ServerConfig:
         raise ConfigError("delegation_key must be 'rsa' or 'ec'")
     if config.max_tls not in ("", "1.2", "1.3"):
         raise ConfigError("max_tls must be '1.2', '1.3' or empty")
-    # [pam]
+
     if bool(config.online_ca_cert) != bool(config.online_ca_key):
         raise ConfigError("online_ca_cert and online_ca_key must be set together")
     if config.online_ca_cert and not config.pam_service:

@@ -63,13 +63,13 @@ class Runtime:
     service: BrokerService
     policy: PolicyDirectory
     stop: threading.Event
-    pam: PamSettings | None = None  # [pam] password logins, when pam_service is set
-    online_ca: OnlineCa | None = None  # [pam] certificates for PAM users
+    pam: PamSettings | None = None  # password logins, when pam_service is set
+    online_ca: OnlineCa | None = None  # certificates for PAM users
 
 
 def build_pam(config: ServerConfig, trust: TrustStore) -> tuple[PamSettings | None,
                                                                OnlineCa | None]:
-    """[pam] The PAM settings and the online CA the config asks for (or None)."""
+    """The PAM settings and the online CA the config asks for (or None)."""
     if not config.pam_service:
         return None, None
     pam = PamSettings(config.pam_service, confdir=config.pam_confdir or None)
@@ -109,6 +109,6 @@ def build_runtime(config: ServerConfig) -> Runtime:
         ),
     )
     stop = threading.Event()
-    pam, online_ca = build_pam(config, trust())  # [pam]
+    pam, online_ca = build_pam(config, trust())
     return Runtime(config=config, service=service, policy=policy, stop=stop, pam=pam,
                    online_ca=online_ca)

@@ -121,7 +121,7 @@ def make_server_context(config: ServerConfig, *, max_tls: str = "") -> ssl.SSLCo
         ctx.maximum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(config.host_cert, config.host_key)
     ctx.load_verify_locations(capath=config.ca_dir)
-    # [pam] With PAM on, users without certificates must reach the PAM routes, so a
+    # With PAM on, users without certificates must reach the PAM routes, so a
     # client certificate becomes optional at the handshake (one that is sent must
     # still verify); every other route still refuses a request without a verified
     # chain (broker.api.app requester(), fail closed).
@@ -169,7 +169,7 @@ class BrokerApplication(BaseApplication):  # type: ignore[misc]
             "worker_class": "broker.server.DeadlineThreadWorker",
             "certfile": cfg.host_cert,
             "keyfile": cfg.host_key,
-            "cert_reqs": ssl.CERT_OPTIONAL if cfg.pam_service else ssl.CERT_REQUIRED,  # [pam]
+            "cert_reqs": ssl.CERT_OPTIONAL if cfg.pam_service else ssl.CERT_REQUIRED,
             "ssl_context": ssl_context,
             "timeout": 30,
             "graceful_timeout": 10,
@@ -193,4 +193,4 @@ class BrokerApplication(BaseApplication):  # type: ignore[misc]
         from broker.runtime import build_runtime
 
         runtime = build_runtime(self.broker_config)
-        return create_app(runtime.service, pam=runtime.pam, online_ca=runtime.online_ca)  # [pam]
+        return create_app(runtime.service, pam=runtime.pam, online_ca=runtime.online_ca)

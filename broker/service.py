@@ -604,7 +604,7 @@ class BrokerService:
                 auth = AuthMethod.PASSPHRASE
             elif requester.pam_user is not None:
                 auth = AuthMethod.PAM
-                # [pam] A PAM login proves one account's password, and the policy's
+                # A PAM login proves one account's password, and the policy's
                 # pam:USERGLOB patterns see the credential's username: so a PAM
                 # requester may only open credentials stored under its own username.
                 if requester.pam_user != record.username:
@@ -839,7 +839,7 @@ class BrokerService:
         return _summary(updated)
 
     # ------------------------------------------------------------------ audit for edges
-    # [pam/audit] Edges refuse some requests before a Requester exists (a TLS chain that
+    # Edges refuse some requests before a Requester exists (a TLS chain that
     # fails our RFC 3820 / VOMS checks, a failed PAM login) and run one use case of
     # their own (the online CA); these two methods give them an audit row.
 

@@ -139,7 +139,7 @@ def make_csrs(count: int) -> list[bytes]:
     return [make_csr(k).public_bytes(serialization.Encoding.DER) for k in keys]
 
 
-# [bench_suite] server CPU per retrieval (added for scripts/bench_suite.py): utime+stime
+# server CPU per retrieval (added for scripts/bench_suite.py): utime+stime
 # of the server process, plus cutime+cstime (its reaped children: myproxy-server forks
 # one child per connection), plus any live descendants. Sampled at quiet points only.
 def _tree_cpu_seconds(pid: int) -> float:
@@ -165,8 +165,8 @@ def run_cell(target: Target, clients: int, seconds: float, max_ops: int,
     ctx = mp.get_context("fork")
     queue: Any = ctx.Queue()
     one_retrieval(target, _client_context(target), csrs[0])  # warm-up + sanity check
-    time.sleep(0.2)  # [bench_suite] let the warm-up's child be reaped
-    cpu0 = _tree_cpu_seconds(server_pid) if server_pid else None  # [bench_suite]
+    time.sleep(0.2)  # let the warm-up's child be reaped
+    cpu0 = _tree_cpu_seconds(server_pid) if server_pid else None
     start = time.monotonic()
     deadline = start + seconds
     per_client = max(1, max_ops // clients)
@@ -178,7 +178,7 @@ def run_cell(target: Target, clients: int, seconds: float, max_ops: int,
     for p in procs:
         p.join()
     elapsed = time.monotonic() - start
-    cpu_s = None  # [bench_suite]
+    cpu_s = None
     if cpu0 is not None and server_pid:
         time.sleep(0.3)
         cpu_s = _tree_cpu_seconds(server_pid) - cpu0
@@ -194,7 +194,7 @@ def run_cell(target: Target, clients: int, seconds: float, max_ops: int,
         "seconds": round(elapsed, 2), "per_s": round(n / elapsed, 1) if elapsed else 0.0,
         "p50_ms": round(pct(0.50), 1), "p99_ms": round(pct(0.99), 1),
         "mean_ms": round(statistics.fmean(latencies) * 1000, 1) if n else float("nan"),
-        # [bench_suite] server CPU per retrieval (the waits above are not in `seconds`)
+        # server CPU per retrieval (the waits above are not in `seconds`)
         "server_cpu_ms_per_op": (round(cpu_s / (n + errors) * 1000, 2)
                                  if cpu_s is not None and n + errors else None),
     }
@@ -360,7 +360,7 @@ def main() -> int:
         _, ref_port, ref_pid = start_reference(work, manifest)
         pilot = manifest["users"]["pilot"]
         for mode in modes:
-            for label, port, spid in (("broker", ours_port, ours.pid),  # [bench_suite] pids
+            for label, port, spid in (("broker", ours_port, ours.pid),  # pids
                                       ("myproxy-server", ref_port, ref_pid)):
                 if mode == "pilot":
                     target = Target(label, "127.0.0.1", port, manifest["ca_dir"], pilot["cert"],

@@ -156,7 +156,7 @@ def create_app(service: BrokerService, *, pam: PamSettings | None = None,
             return service.authenticate_chain(chain, client_address=request.remote_addr,
                                               endpoint="rest", request_id=g.request_id)
         except AuthenticationError as exc:
-            # [audit] A chain OpenSSL accepted but our RFC 3820 / VOMS checks refused
+            # A chain OpenSSL accepted but our RFC 3820 / VOMS checks refused
             # (e.g. a forged AC) leaves an audit row with the reason.
             service.record_refused_authentication(
                 exc, chain=chain, client_address=request.remote_addr, request_id=g.request_id)
@@ -319,7 +319,7 @@ def create_app(service: BrokerService, *, pam: PamSettings | None = None,
             new=_str(body, "new", max_len=1024))
         return jsonify(summary.to_json(service.now()))
 
-    # [pam] Username + password routes (PAM retrieval, online CA); they alone work
+    # Username + password routes (PAM retrieval, online CA); they alone work
     # without a client certificate (the TLS port is CERT_OPTIONAL only when PAM is on).
     if pam is not None:
         from broker.api.pam_routes import pam_blueprint

@@ -47,7 +47,7 @@ def _default_username() -> str:
 
 def _online_ca_client(server: str | None, ca_dir: str | None, username: str,
                       stdin_pass: bool) -> tuple[BrokerClient, Credential]:
-    """[pam] A client authenticated by a fresh certificate from the broker's online CA.
+    """A client authenticated by a fresh certificate from the broker's online CA.
 
     The key is made here.  The certificate and key sit in a 0600 file in a private
     temporary directory only while the TLS context loads them, then are deleted.
@@ -108,7 +108,7 @@ def init_cmd(server: str | None, username: str | None, credname: str, hours: flo
              want_pass: bool, proxy: str | None, cert: str | None, key: str | None,
              use_pam: bool, ca_dir: str | None, as_json: bool) -> None:
     """Delegate a proxy to the broker; your private key never leaves this machine."""
-    if use_pam:  # [pam]
+    if use_pam:
         client, credential = _online_ca_client(server, ca_dir, username or _default_username(),
                                                stdin_pass)
         passphrase = None
@@ -173,7 +173,7 @@ def logon_cmd(server: str | None, username: str | None, owner: str | None, credn
     """Retrieve a fresh proxy of a stored credential (yours, or a job owner's as a pilot)."""
     if not username and not owner:
         username = _default_username()
-    if use_pam:  # [pam]
+    if use_pam:
         if owner or not username:
             raise InputError("--pam retrieves the credential stored under your username: "
                              "give -l USERNAME, not --owner")

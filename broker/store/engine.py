@@ -36,9 +36,9 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 SQLITE_FILENAME = "broker.sqlite"
 SQLITE_BUSY_TIMEOUT_MS = 5000
 SQLITE_BEGIN_OPTION = "broker_sqlite_begin"
-# [reliability] conn.info key: this connection holds its engine's in-process writer lock.
+# conn.info key: this connection holds its engine's in-process writer lock.
 _WRITE_LOCK_HELD = "broker_sqlite_write_lock"
-# [reliability] How long a writer queues in-process before falling back to SQLite's
+# How long a writer queues in-process before falling back to SQLite's
 # busy handler: long enough for a queue of writers on a saturated two-core host.
 SQLITE_WRITE_QUEUE_WAIT_S = 25.0
 
@@ -119,7 +119,7 @@ def _configure_sqlite(engine: Engine) -> None:
         finally:
             cursor.close()
 
-    # [reliability] Writers of one process queue on a Python lock before BEGIN IMMEDIATE.
+    # Writers of one process queue on a Python lock before BEGIN IMMEDIATE.
     # SQLite's busy handler polls with sleeps of up to 100 ms, so under load (64 clients,
     # scripts/reliability) a freed write lock sat idle while sleepers woke late and new
     # arrivals won it; writers starved past the busy timeout ("database is locked", 503).
@@ -178,7 +178,7 @@ def unavailable_error(engine_or_url: Engine | str | URL, exc: BaseException) -> 
                 return StoreUnavailable(
                     f"the database at {safe_url(url)} is busy: {detail}", reason="busy"
                 )
-            # [reliability] SQLITE_FULL: say so plainly (the generic advice below, about
+            # SQLITE_FULL: say so plainly (the generic advice below, about
             # permissions, sent admins the wrong way; scripts/reliability checks this).
             if "full" in detail:
                 return StoreUnavailable(
