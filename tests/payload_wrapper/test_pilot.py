@@ -356,3 +356,40 @@ def test_by_hand_with_job_ad_and_rsa_pool(site: Site) -> None:
     assert marker.exists()
     assert len(list(pool.glob("*.pem"))) == 1  # one pool key consumed
     assert os.stat(pool).st_mode & 0o777 == 0o700
+
+
+# --------------------------------------------------------------------------- fqan allow-list
+
+
+def _delegate_voms(site: Site, name: str, vo: str, fqan: str) -> None:
+    from datetime import timedelta
+
+    from broker.pki.proxy import new_proxy
+    from broker.pki.voms import make_ac_extension
+
+    alice = site.pki.load("alice")
+    now = datetime.now(UTC)
+    ac = make_ac_extension(alice.cert, site.pki.pki.voms, vo=vo, fqans=[fqan],
+                           uri="voms.example.org:15001", now=now, lifetime=timedelta(hours=6))
+    voms_proxy = new_proxy(alice, now=now, lifetime=timedelta(hours=6), extra_extensions=[ac])
+    site.broker.client("alice").delegate(voms_proxy, username="alice", name=name, now=now,
+                                         max_proxy_hours=2)
+
+
+def test_fqan_allow_list_admits_a_job_after_retrieval(site: Site) -> None:
+    _delegate_voms(site, "atlasjob", "atlas", "/atlas/higgs")
+    ad = job_ad(cluster=131).replace('BrokerCredential = "default"',
+                                     'BrokerCredential = "atlasjob"')
+    run = run_as_starter(site, site.config(allowed_owners=["fqan:/atlas"]), ad)
+    assert run.result.returncode == 0, run.result.stderr
+    assert run.marker.exists() and run.error_text == ""
+
+
+def test_fqan_allow_list_refuses_another_vo(site: Site) -> None:
+    _delegate_voms(site, "atlasjob2", "atlas", "/atlas")
+    ad = job_ad(cluster=132).replace('BrokerCredential = "default"',
+                                     'BrokerCredential = "atlasjob2"')
+    run = run_as_starter(site, site.config(allowed_owners=["fqan:/cms"]), ad)
+    _assert_refused(run, 203, "FQANs (/atlas/Role=NULL/Capability=NULL)", "allowed_owners")
+    # the FQAN check needs the proxy, so the retrieval happened and is audited
+    assert _audit_rows(site, "submit.example.org#132.0#1700000000")
