@@ -10,6 +10,11 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.prerequisites import (
+    in_ci,
+    must_be_root,  # noqa: F401 - fixture for @needs_root
+)
+
 # Fixture plugins shared by several test packages (see each module's docstring).
 pytest_plugins = ["tests.pgcluster"]
 
@@ -39,10 +44,6 @@ def _restore_process_state() -> Iterator[None]:
 # Under CI=true a skipped test is a failure: CI installs everything the suite
 # needs, so a skip there means a test silently did not run. Expected failures
 # (xfail) stay allowed. scripts/test checks the JUnit XML as a second line.
-
-
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}
 
 
 class _SkipGuard:
@@ -81,5 +82,5 @@ class _SkipGuard:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    if _in_ci() and not config.pluginmanager.has_plugin("broker-skip-guard"):
+    if in_ci() and not config.pluginmanager.has_plugin("broker-skip-guard"):
         config.pluginmanager.register(_SkipGuard(), "broker-skip-guard")

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
+from tests.prerequisites import unavailable
 
 PWDFILE_MODULE = "pam_pwdfile.so"
 _MODULE_DIRS = ("/lib/x86_64-linux-gnu/security", "/usr/lib/x86_64-linux-gnu/security",
@@ -40,7 +40,7 @@ def _hash(password: str) -> str:
 def require_pwdfile_module() -> None:
     """Skip (a failure under CI=true) when libpam-pwdfile is not installed."""
     if not any(os.path.exists(os.path.join(d, PWDFILE_MODULE)) for d in _MODULE_DIRS):
-        pytest.skip("pam_pwdfile.so is missing: apt-get install libpam-pwdfile")
+        unavailable("pam_pwdfile.so is missing: apt-get install libpam-pwdfile")
 
 
 def make_pam_stack(base: Path, passwords: Mapping[str, str], *, locked: Mapping[str, str] = {},

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.prerequisites import unavailable
+
 SUPERUSER = "broker"
 SESSION_DATABASE = "broker_test"
 START_ATTEMPTS = 3
@@ -148,7 +150,7 @@ def _stop(pid: int, timeout: float = 20.0) -> None:
 def postgres_cluster() -> Iterator[PostgresCluster]:
     bindir = _find_bindir()
     if bindir is None:
-        pytest.skip(
+        unavailable(
             "PostgreSQL server binaries (initdb, pg_ctl, postgres) not found: "
             "apt-get install -y postgresql, or set BROKER_PG_BIN"
         )
@@ -156,9 +158,9 @@ def postgres_cluster() -> Iterator[PostgresCluster]:
         try:
             server_user = pwd.getpwnam("postgres")
         except KeyError:
-            pytest.skip("running as root but there is no 'postgres' OS user to run the server")
+            unavailable("running as root but there is no 'postgres' OS user to run the server")
         if shutil.which("runuser") is None:
-            pytest.skip("running as root but runuser(1) is missing")
+            unavailable("running as root but runuser(1) is missing")
     base = Path(tempfile.mkdtemp(prefix="broker-pg-"))
     pid: int | None = None
     try:

@@ -31,6 +31,12 @@ import pytest
 
 pytest.skip("whole module skipped", allow_module_level=True)
 """,
+    "prerequisite": """
+from tests.prerequisites import unavailable
+
+def test_needs_a_missing_tool():
+    unavailable("not installed: frobnicate")
+""",
     "xfail_only": """
 import pytest
 
@@ -92,3 +98,12 @@ def test_skip_is_allowed_outside_ci(tmp_path: Path) -> None:
     result = run_suite(tmp_path, "skip", ci=False)
     assert result.returncode == pytest.ExitCode.OK, result.stdout + result.stderr
     assert "failures under CI" not in result.stdout
+
+
+def test_missing_prerequisite_is_a_failure_under_ci_and_a_skip_elsewhere(tmp_path: Path) -> None:
+    ci = run_suite(tmp_path, "prerequisite", ci=True)
+    assert ci.returncode == pytest.ExitCode.TESTS_FAILED, ci.stdout + ci.stderr
+    assert "not installed: frobnicate -- CI must provide it" in ci.stdout
+    local = run_suite(tmp_path, "prerequisite", ci=False)
+    assert local.returncode == pytest.ExitCode.OK, local.stdout + local.stderr
+    assert "1 skipped" in local.stdout

@@ -6,13 +6,13 @@ import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
 
-import pytest
+from tests.prerequisites import unavailable
 
 
 def need(tool: str) -> str:
     path = shutil.which(tool)
     if path is None:
-        pytest.skip(f"{tool} is not installed (scripts/test installs it)")
+        unavailable(f"{tool} is not installed (scripts/test installs it)")
     return path
 
 

@@ -7,7 +7,6 @@ Throwaway accounts are created with useradd and always removed with userdel.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import tempfile
@@ -23,9 +22,9 @@ from broker.fileio import write_private_file
 from broker.pki.loading import credential_to_pem, load_cert_and_key
 from broker.pki.proxy import new_proxy
 from payload_wrapper.config import WrapperSettings
+from tests.prerequisites import needs_root as _needs_root
 
-IS_ROOT = os.geteuid() == 0
-needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root (identity switching)")
+needs_root = _needs_root  # root required; a failure under CI (tests/prerequisites.py)
 
 
 def public_tempdir(prefix: str) -> Path:

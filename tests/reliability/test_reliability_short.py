@@ -6,19 +6,17 @@ uses SIGALRM) with a hard time limit; its summary table is shown on failure.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 from pathlib import Path
 
-import pytest
+from tests.prerequisites import needs_root
 
 REPO = Path(__file__).resolve().parents[2]
 LIMIT_S = 240  # the short run takes about two minutes on two cores
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="the reliability suite needs root (tmpfs, "
-                    "identity switch)")
+@needs_root  # tmpfs, identity switch
 def test_reliability_short_run() -> None:
     started = time.monotonic()
     done = subprocess.run([str(REPO / "scripts" / "reliability"), "--short"], cwd=REPO,

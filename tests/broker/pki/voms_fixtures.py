@@ -9,13 +9,11 @@ the same DN, and a vomsdir with ``atlas/voms.example.org.lsc``.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -24,20 +22,14 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from broker.pki.loading import Credential, PrivateKey, key_to_pem
 from broker.pki.trust import TrustStore
 from broker.pki.voms import VomsDir
+from tests.prerequisites import require_tools
 
 CA_DN = "/DC=org/DC=example/CN=Example Test CA"
 VOMS_DN = "/DC=org/DC=example/CN=voms.example.org"
 VOMS_URI = "voms.example.org:15001"
 
 
-def need_tool(*names: str) -> None:
-    """Skip when a grid tool is missing; under CI=true a missing tool is a failure."""
-    missing = [n for n in names if shutil.which(n) is None]
-    if missing:
-        message = f"grid tools not installed: {', '.join(missing)}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message + " (CI must install them)")
-        pytest.skip(message)
+need_tool = require_tools  # the name the VOMS tests use
 
 
 def _name(*cns: str) -> x509.Name:

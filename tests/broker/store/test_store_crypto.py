@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from broker.errors import AuthenticationError, ConfigError, InputError, StoreError
 from broker.store import crypto
 from broker.store.crypto import MasterKeyRing
+from tests.prerequisites import require_root
 
 CTX = crypto.credential_context("/CN=a", "alice", "default")
 
@@ -165,8 +166,7 @@ def test_symlinked_key_file_refused(tmp_path: Path) -> None:
 
 @pytest.mark.root
 def test_key_file_of_another_user_refused(tmp_path: Path) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root to give the file to another user")
+    require_root("giving the file to another user")
     path = tmp_path / "mk.json"
     crypto.init_master_key_file(path)
     os.chown(path, 65534, 65534)
