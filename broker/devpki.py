@@ -11,6 +11,9 @@ Layout::
     DIR/manifest.json                               names, DNs and paths
 
 Keys are 0600, created with O_EXCL; an existing PKI is never overwritten.
+
+:data:`DEV_POLICY` is the site policy that goes with it (tests, benchmarks); :func:`policy_rule`
+writes one ``[[rule]]`` table for variations of it.
 """
 
 from __future__ import annotations
@@ -74,3 +77,37 @@ def write_dev_pki(
     }
     write_private_file(base / "manifest.json", json.dumps(manifest, indent=2).encode(), mode=0o644)
     return pki, manifest
+
+
+def policy_rule(
+    name: str, action: str | Sequence[str], requester: Sequence[str], *,
+    auth: Sequence[str] = (), max_lifetime: str | None = None,
+) -> str:
+    """One ``[[rule]]`` table (effect allow) of the policy file format, as TOML text."""
+    actions = json.dumps(action if isinstance(action, str) else list(action))
+    lines = ["[[rule]]", f"name = {json.dumps(name)}", f"action = {actions}",
+             'effect = "allow"', f"requester = {json.dumps(list(requester))}"]
+    if auth:
+        lines.append(f"auth = {json.dumps(list(auth))}")
+    if max_lifetime:
+        lines.append(f"max_lifetime = {json.dumps(max_lifetime)}")
+    return "\n".join(lines) + "\n\n"
+
+
+#: Owners manage (and retrieve) their own credentials.
+OWNERS_RULE = policy_rule("owners manage their own credentials",
+                          ["delegate", "info", "destroy", "retrieve"], ["self"])
+#: Classic MyProxy retrieval: whoever knows the passphrase.
+PASSPHRASE_RULE = policy_rule("passphrase retrieval", "retrieve", ["passphrase"],
+                              auth=["passphrase"])
+
+#: The development site policy: dev-PKI pilots (or /atlas/Role=pilot) retrieve by certificate
+#: and renew, owners manage their own, passphrase retrieval as in MyProxy.
+DEV_POLICY = (
+    '[groups]\npilots = ["/DC=org/DC=example/CN=pilot*", "fqan:/atlas/Role=pilot"]\n\n'
+    + OWNERS_RULE
+    + policy_rule("pilots retrieve for users", "retrieve", ["group:pilots"],
+                  auth=["certificate"], max_lifetime="12h")
+    + policy_rule("renewal by pilots", "renew", ["group:pilots"])
+    + PASSPHRASE_RULE
+)

@@ -234,6 +234,7 @@ def start_ours(work: Path, manifest: dict[str, Any], extra: list[str]
                ) -> tuple[subprocess.Popen[bytes], int]:
     """Our endpoint as `broker serve` runs it (python -m broker.myproxy.server)."""
     from broker.config import ServerConfig
+    from broker.devpki import PASSPHRASE_RULE, policy_rule
     from broker.pki.loading import load_cert_and_key
     from broker.pki.proxy import new_proxy
     from broker.runtime import build_runtime, prepare_state
@@ -242,27 +243,9 @@ def start_ours(work: Path, manifest: dict[str, Any], extra: list[str]
     pilot_dn = manifest["users"]["pilot"]["dn"]
     policies = work / "policies"
     policies.mkdir()
-    (policies / "10-bench.toml").write_text(f"""
-[[rule]]
-name = "owners"
-action = ["delegate", "info", "destroy"]
-effect = "allow"
-requester = ["self"]
-
-[[rule]]
-name = "passphrase"
-action = "retrieve"
-effect = "allow"
-requester = ["passphrase"]
-auth = ["passphrase"]
-
-[[rule]]
-name = "pilot"
-action = "retrieve"
-effect = "allow"
-requester = ["{pilot_dn}"]
-auth = ["certificate"]
-""")
+    (policies / "10-bench.toml").write_text(
+        policy_rule("owners", ["delegate", "info", "destroy"], ["self"]) + PASSPHRASE_RULE
+        + policy_rule("pilot", "retrieve", [pilot_dn], auth=["certificate"]))
     port = free_port()
     config = ServerConfig(
         state_dir=str(work / "state"), policy_dir=str(policies),

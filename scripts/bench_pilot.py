@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO))
 
 from broker.client import BrokerClient, ClientIdentity  # noqa: E402
 from broker.condor.jobad import read_job_ad  # noqa: E402
-from broker.devpki import write_dev_pki  # noqa: E402
+from broker.devpki import DEV_POLICY, write_dev_pki  # noqa: E402
 from broker.pki.proxy import generate_key  # noqa: E402
 from payload_wrapper.api import execute  # noqa: E402
 from payload_wrapper.pilot import Pilot, fill_rsa_pool  # noqa: E402
@@ -51,20 +51,6 @@ from payload_wrapper.pilot_config import load_pilot_config  # noqa: E402
 
 TARGET_MS = 50.0
 BIN = Path(sys.executable).parent
-POLICY = """
-[[rule]]
-name = "owners"
-action = ["delegate", "info", "destroy", "retrieve"]
-effect = "allow"
-requester = ["self"]
-
-[[rule]]
-name = "pilots"
-action = "retrieve"
-effect = "allow"
-auth = ["certificate"]
-requester = ["/DC=org/DC=example/CN=pilot"]
-"""
 AD = """MyType = "Job"
 ClusterId = {n}
 ProcId = 0
@@ -100,7 +86,7 @@ def timed(func: Callable[[], object], runs: int, warmup: int = 2) -> list[float]
 def start_server(top: Path, pki: Path) -> tuple[subprocess.Popen[bytes], int]:
     policies = top / "policies"
     policies.mkdir()
-    (policies / "10-bench.toml").write_text(POLICY)
+    (policies / "10-bench.toml").write_text(DEV_POLICY)
     port = free_port()
     with open(top / "serve.log", "wb") as log:
         proc = subprocess.Popen(

@@ -60,28 +60,9 @@ sys.path.insert(0, str(REPO))
 from cryptography.hazmat.primitives import serialization  # noqa: E402
 
 from broker.client import BrokerClient, ClientIdentity  # noqa: E402
-from broker.devpki import write_dev_pki  # noqa: E402
+from broker.devpki import DEV_POLICY, write_dev_pki  # noqa: E402
 from broker.pki.loading import Credential, load_cert_and_key, load_private_key  # noqa: E402
 from broker.pki.proxy import csr_to_pem, generate_key, make_csr, sign_request  # noqa: E402
-
-POLICY = """
-[groups]
-pilots = ["/DC=org/DC=example/CN=pilot*"]
-
-[[rule]]
-name = "owners manage their own credentials"
-action = ["delegate", "info", "destroy", "retrieve"]
-effect = "allow"
-requester = ["self"]
-
-[[rule]]
-name = "pilots retrieve for users"
-action = "retrieve"
-effect = "allow"
-auth = ["certificate"]
-requester = ["group:pilots"]
-max_lifetime = "12h"
-"""
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -346,7 +327,7 @@ class Server:
         self.port = _free_port()
         policy_dir = base / "policies"
         policy_dir.mkdir()
-        (policy_dir / "10-bench.toml").write_text(POLICY)
+        (policy_dir / "10-bench.toml").write_text(DEV_POLICY)
         config = base / "broker.toml"
         config.write_text(f'[limits]\ndelegation_key = "{delegation_key}"\n')
         self.argv = [

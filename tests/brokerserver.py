@@ -15,39 +15,11 @@ from pathlib import Path
 import pytest
 
 from broker.client import BrokerClient, ClientIdentity
+from broker.devpki import DEV_POLICY
 from tests.pkifixtures import GridPki
 
-DEV_POLICY = """
-[groups]
-pilots = ["/DC=org/DC=example/CN=pilot*", "fqan:/atlas/Role=pilot"]
+__all__ = ["DEV_POLICY", "RunningBroker", "free_port", "start_broker"]
 
-[[rule]]
-name = "owners manage their own credentials"
-action = ["delegate", "info", "destroy", "retrieve"]
-effect = "allow"
-requester = ["self"]
-
-[[rule]]
-name = "pilots retrieve for users"
-action = "retrieve"
-effect = "allow"
-auth = ["certificate"]
-requester = ["group:pilots"]
-max_lifetime = "12h"
-
-[[rule]]
-name = "renewal by pilots"
-action = "renew"
-effect = "allow"
-requester = ["group:pilots"]
-
-[[rule]]
-name = "passphrase retrieval"
-action = "retrieve"
-effect = "allow"
-requester = ["passphrase"]
-auth = ["passphrase"]
-"""
 
 
 def free_port() -> int:

@@ -33,25 +33,6 @@ BIN = Path(sys.executable).parent
 ALICE = "/DC=org/DC=example/CN=Alice"
 BOB = "/DC=org/DC=example/CN=Bob"
 
-# Pilots retrieve by certificate (as in DEV_POLICY); owners manage their own.
-POLICY = """
-[groups]
-pilots = ["/DC=org/DC=example/CN=pilot*"]
-
-[[rule]]
-name = "owners manage their own credentials"
-action = ["delegate", "info", "destroy", "retrieve"]
-effect = "allow"
-requester = ["self"]
-
-[[rule]]
-name = "pilots retrieve for users"
-action = "retrieve"
-effect = "allow"
-auth = ["certificate"]
-requester = ["group:pilots"]
-max_lifetime = "12h"
-"""
 
 PAYLOAD = """#!/bin/sh
 # argv: MARKER [SLEEP]
@@ -182,7 +163,7 @@ def site(grid_pki: GridPki) -> Iterator[Site]:  # noqa: F811 - fixture parameter
     payload.write_text(PAYLOAD)
     payload.chmod(0o755)
     broker_dir = Path(tempfile.mkdtemp(prefix="pilot-broker-"))
-    broker = start_broker(grid_pki, broker_dir, policy=POLICY)
+    broker = start_broker(grid_pki, broker_dir)  # DEV_POLICY
     try:
         alice = broker.client("alice")
         alice.delegate(alice.identity.load(), username="alice", now=datetime.now(UTC),

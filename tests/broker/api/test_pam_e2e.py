@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from broker.client import BrokerClient
+from broker.devpki import DEV_POLICY, policy_rule
 from broker.errors import AuthenticationError, BrokerError
 from broker.pam_client import PamClient
 from broker.pki.chain import validate_chain
@@ -24,28 +25,8 @@ from tests.pkifixtures import GridPki
 PASSWORD = "alice-site-pw"
 ALICE_DN = "/DC=org/DC=example/CN=alice"  # from the online CA's template, not the dev PKI's Alice
 
-POLICY = """
-[[rule]]
-name = "owners manage their own credentials"
-action = ["delegate", "info", "destroy", "retrieve"]
-effect = "allow"
-requester = ["self"]
-
-[[rule]]
-name = "pilots retrieve for users"
-action = "retrieve"
-effect = "allow"
-auth = ["certificate"]
-requester = ["/DC=org/DC=example/CN=pilot*"]
-
-[[rule]]
-name = "site users log on through PAM"
-action = "retrieve"
-effect = "allow"
-requester = ["pam:*"]
-auth = ["pam"]
-max_lifetime = "6h"
-"""
+POLICY = DEV_POLICY + policy_rule("site users log on through PAM", "retrieve", ["pam:*"],
+                                  auth=["pam"], max_lifetime="6h")
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from broker.devpki import OWNERS_RULE, policy_rule
 from broker.errors import AuthenticationError, AuthorizationError
 from broker.pki.devca import VOMS_DN, issue_certificate, make_ca
 from broker.pki.loading import Credential
@@ -22,29 +23,12 @@ from tests.pkifixtures import GridPki, write_proxy_file
 ALICE = "/DC=org/DC=example/CN=Alice"
 PILOT_FQAN = "/atlas/Role=pilot"
 
-FQAN_POLICY = """
-[[rule]]
-name = "owners manage their own credentials"
-action = ["delegate", "info", "destroy", "retrieve"]
-effect = "allow"
-requester = ["self"]
+# Only the FQAN admits pilots here: a plain pilot certificate must be refused.
+FQAN_POLICY = OWNERS_RULE + policy_rule("atlas pilots retrieve", "retrieve",
+                                        ["fqan:/atlas/Role=pilot"], auth=["certificate"])
 
-[[rule]]
-name = "atlas pilots retrieve"
-action = "retrieve"
-effect = "allow"
-auth = ["certificate"]
-requester = ["fqan:/atlas/Role=pilot"]
-"""
-
-BOB_RULE = """
-[[rule]]
-name = "bob retrieves too"
-action = "retrieve"
-effect = "allow"
-auth = ["certificate"]
-requester = ["/DC=org/DC=example/CN=Bob"]
-"""
+BOB_RULE = policy_rule("bob retrieves too", "retrieve", ["/DC=org/DC=example/CN=Bob"],
+                       auth=["certificate"])
 
 
 def _voms_proxy(pki: GridPki, who: str, signer: Credential, path: Path) -> Path:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from broker.config import ServerConfig
+from broker.devpki import PASSPHRASE_RULE, policy_rule
 from broker.myproxy import codec
 from broker.myproxy.server import serve_myproxy
 from broker.runtime import build_runtime, prepare_state
@@ -30,33 +31,15 @@ BOB_DN = "/DC=org/DC=example/CN=Bob"
 PILOT_DN = "/DC=org/DC=example/CN=pilot"
 PASSPHRASE = "alicepass1"
 
-SITE_POLICY = f"""
-[[rule]]
-name = "owners store and manage their own credentials"
-action = ["delegate", "info", "destroy"]
-effect = "allow"
-requester = ["self"]
-
-[[rule]]
-name = "myproxy-logon with the passphrase"
-action = "retrieve"
-effect = "allow"
-requester = ["passphrase"]
-auth = ["passphrase"]
-
-[[rule]]
-name = "the pilot retrieves by certificate"
-action = "retrieve"
-effect = "allow"
-requester = ["{PILOT_DN}"]
-auth = ["certificate"]
-
-[[rule]]
-name = "the pilot renews"
-action = "renew"
-effect = "allow"
-requester = ["{PILOT_DN}"]
-"""
+# MyProxy semantics: owners do not retrieve their own credentials by certificate alone.
+SITE_POLICY = (
+    policy_rule("owners store and manage their own credentials",
+                ["delegate", "info", "destroy"], ["self"])
+    + PASSPHRASE_RULE
+    + policy_rule("the pilot retrieves by certificate", "retrieve", [PILOT_DN],
+                  auth=["certificate"])
+    + policy_rule("the pilot renews", "renew", [PILOT_DN])
+)
 
 
 @dataclass
