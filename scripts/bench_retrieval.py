@@ -49,6 +49,7 @@ import tempfile
 import threading
 import time
 import timeit
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -263,9 +264,15 @@ def percentile(sorted_values: list[float], pct: float) -> float:
     return sorted_values[min(rank, len(sorted_values) - 1)]
 
 
-def run_level(*, port: int, master: int, ca_dir: str, cert: str, key: str, bodies: list[bytes],
-              concurrency: int, csr_key: str, requests: int, max_seconds: float,
-              client_procs: int, timeout: float) -> LevelResult:
+def run_level(*, servers: Sequence[Server], ca_dir: str, cert: str, key: str,
+              bodies: list[bytes], concurrency: int, csr_key: str, requests: int,
+              max_seconds: float, client_procs: int, timeout: float) -> LevelResult:
+    """One load level; client process p sends to servers[p % len(servers)] (scale-out)."""
+
+    def cpu_and_pids() -> tuple[float, list[int]]:
+        measured = [server_cpu(s.pid) for s in servers]
+        return sum(c for c, _ in measured), [pid for _, pids in measured for pid in pids]
+
     procs = max(1, min(client_procs, concurrency))
     per_thread = [requests // concurrency + (1 if i < requests % concurrency else 0)
                   for i in range(concurrency)]
@@ -275,19 +282,20 @@ def run_level(*, port: int, master: int, ca_dir: str, cert: str, key: str, bodie
     start_at = time.monotonic() + 0.5
     deadline = start_at + max_seconds
     processes = [ctx.Process(target=_client_process,
-                             args=(port, ca_dir, cert, key, bodies, g, start_at, deadline,
-                                   timeout, queue), daemon=True) for g in groups]
+                             args=(servers[i % len(servers)].port, ca_dir, cert, key, bodies,
+                                   g, start_at, deadline, timeout, queue), daemon=True)
+                 for i, g in enumerate(groups)]
     try:
         for p in processes:
             p.start()
         # baseline just before the clients start
         time.sleep(max(start_at - time.monotonic() - 0.05, 0))
-        cpu0, pids = server_cpu(master)
+        cpu0, pids = cpu_and_pids()
         busy0, total0 = machine_ticks()
         t0 = time.monotonic()
         parts = [queue.get(timeout=max_seconds + timeout + 60) for _ in processes]
         wall = time.monotonic() - max(t0, start_at)
-        cpu1, pids1 = server_cpu(master)
+        cpu1, pids1 = cpu_and_pids()
         busy1, total1 = machine_ticks()
         for p in processes:
             p.join(timeout=10)
@@ -508,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
                 for i in range(args.csr_pool)]
 
         if args.warmup:
-            run_level(port=server.port, master=server.pid, ca_dir=ca_dir, cert=pilot_cert,
+            run_level(servers=[server], ca_dir=ca_dir, cert=pilot_cert,
                       key=pilot_key, bodies=bodies_by_key[csr_keys[0]],
                       concurrency=min(4, args.warmup), csr_key=csr_keys[0],
                       requests=args.warmup, max_seconds=args.max_seconds,
@@ -519,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"level: {kind} CSRs, {conc} concurrent clients, "
                       f"{args.requests} requests max, {args.max_seconds:g} s max", file=sys.stderr)
                 results.append(run_level(
-                    port=server.port, master=server.pid, ca_dir=ca_dir, cert=pilot_cert,
+                    servers=[server], ca_dir=ca_dir, cert=pilot_cert,
                     key=pilot_key, bodies=bodies_by_key[kind], concurrency=conc, csr_key=kind,
                     requests=args.requests, max_seconds=args.max_seconds,
                     client_procs=args.client_procs, timeout=args.timeout))

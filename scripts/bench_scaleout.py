@@ -33,13 +33,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import shutil
 import signal
 import sys
 import tempfile
-import time
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,97 +52,6 @@ import bench_store as bs  # noqa: E402
 from sqlalchemy import create_engine, func, select  # noqa: E402
 
 from broker.store.models import AuditEventRow  # noqa: E402
-
-
-def run_split(
-    *,
-    servers: list[br.Server],
-    ca_dir: str,
-    cert: str,
-    key: str,
-    bodies: list[bytes],
-    concurrency: int,
-    requests: int,
-    max_seconds: float,
-    client_procs: int,
-    timeout: float,
-) -> br.LevelResult:
-    """bench_retrieval.run_level, but client process p sends to servers[p % len(servers)]."""
-    procs = max(1, min(client_procs, concurrency))
-    per_thread = [
-        requests // concurrency + (1 if i < requests % concurrency else 0)
-        for i in range(concurrency)
-    ]
-    groups = [per_thread[p::procs] for p in range(procs)]
-    ctx = mp.get_context("fork")
-    queue = ctx.Queue()
-    start_at = time.monotonic() + 0.5
-    deadline = start_at + max_seconds
-    processes = [
-        ctx.Process(
-            target=br._client_process,
-            args=(
-                servers[p % len(servers)].port,
-                ca_dir,
-                cert,
-                key,
-                bodies,
-                g,
-                start_at,
-                deadline,
-                timeout,
-                queue,
-            ),
-            daemon=True,
-        )
-        for p, g in enumerate(groups)
-    ]
-
-    def cpu() -> float:
-        return sum(br.server_cpu(s.pid)[0] for s in servers)
-
-    try:
-        for p in processes:
-            p.start()
-        time.sleep(max(start_at - time.monotonic() - 0.05, 0))
-        cpu0 = cpu()
-        busy0, total0 = br.machine_ticks()
-        t0 = time.monotonic()
-        parts = [queue.get(timeout=max_seconds + timeout + 60) for _ in processes]
-        wall = time.monotonic() - max(t0, start_at)
-        cpu1 = cpu()
-        busy1, total1 = br.machine_ticks()
-        for p in processes:
-            p.join(timeout=10)
-    finally:
-        for p in processes:
-            if p.is_alive():
-                p.terminate()
-                p.join(timeout=5)
-    latencies = sorted(x for part in parts for x in part["latencies"])
-    errors = [e for part in parts for e in part["errors"]]
-    done = len(latencies) + len(errors)
-    r = br.LevelResult(
-        concurrency=concurrency,
-        csr_key="ec",
-        requests=done,
-        errors=len(errors),
-        error_samples=errors[:5],
-        wall_s=round(wall, 3),
-    )
-    r.per_s = round(len(latencies) / wall, 1) if wall > 0 else 0.0
-    r.p50_ms = round(br.percentile(latencies, 50) * 1000, 1)
-    r.p90_ms = round(br.percentile(latencies, 90) * 1000, 1)
-    r.p99_ms = round(br.percentile(latencies, 99) * 1000, 1)
-    r.max_ms = round(latencies[-1] * 1000, 1) if latencies else float("nan")
-    if done:
-        r.server_cpu_ms_per_op = round((cpu1 - cpu0) / done * 1000, 2)
-        r.client_cpu_ms_per_op = round(sum(p["cpu"] for p in parts) / done * 1000, 2)
-    if total1 > total0:
-        r.machine_busy_pct = round(100 * (busy1 - busy0) / (total1 - total0), 1)
-    r.stopped_by_time = any(p["stopped"] for p in parts)
-    r.server_pids = [s.pid for s in servers]
-    return r
 
 
 def audit_rows(url: str) -> int:
@@ -235,14 +142,16 @@ def main(argv: list[str] | None = None) -> int:
             "max_seconds": args.max_seconds,
             "client_procs": args.client_procs,
             "timeout": 30.0,
+            "csr_key": "ec",
         }
         audit0 = audit_rows(url)
         made = 0
-        run_split(servers=servers, concurrency=4, requests=args.warmup, **common)
+        br.run_level(servers=servers, concurrency=4, requests=args.warmup, **common)
         made += args.warmup
         for conc in args.levels:
-            one = run_split(servers=servers[:1], concurrency=conc, requests=args.requests, **common)
-            two = run_split(servers=servers, concurrency=conc, requests=args.requests, **common)
+            level = {"concurrency": conc, "requests": args.requests, **common}
+            one = br.run_level(servers=servers[:1], **level)
+            two = br.run_level(servers=servers, **level)
             made += one.requests + two.requests
             ratio = round(two.per_s / one.per_s, 2) if one.per_s else None
             print(

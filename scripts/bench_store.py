@@ -541,8 +541,7 @@ def main(argv: list[str] | None = None) -> int:
             for size, server in servers.items():
                 if args.warmup:
                     br.run_level(
-                        port=server.port,
-                        master=server.pid,
+                        servers=[server],
                         ca_dir=ca_dir,
                         cert=str(fx.pki / "pilot.pem"),
                         key=str(fx.pki / "pilot.key"),
@@ -568,8 +567,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 for size, server in servers.items():
                     r = br.run_level(
-                        port=server.port,
-                        master=server.pid,
+                        servers=[server],
                         ca_dir=ca_dir,
                         cert=str(fx.pki / "pilot.pem"),
                         key=str(fx.pki / "pilot.key"),
