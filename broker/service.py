@@ -395,6 +395,12 @@ class BrokerService:
         self._owner_cache.put(key, info.fqans, ttl=60.0)
         return info.fqans
 
+    def credential(self, username: str, name: str = DEFAULT_CREDENTIAL) -> CredentialRecord:
+        """A stored credential by username and name (NotFound; bad names are InputError).
+
+        For edges that must look before they act, e.g. MyProxy refusing before its OK."""
+        return self._find(username=username, owner_dn=None, name=name)
+
     def _find(self, *, username: str | None, owner_dn: str | None, name: str) -> CredentialRecord:
         validate_component(name, what="credential name")
         if username:

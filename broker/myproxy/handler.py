@@ -108,6 +108,13 @@ def _not_found(username: str, cred_name: str | None) -> Refusal:
     return Refusal(f'No credentials exist for username "{username}".')
 
 
+def _not_owned(exc: AuthorizationError, dn: str) -> Refusal:
+    """The service's refusal (already audited) in the reference server's wording."""
+    if exc.reason == "not_owner":
+        return Refusal(f'Credentials not owned by "{dn}".', audited=True)
+    return Refusal(exc.message, audited=True)
+
+
 def _to_der_certs(ders: list[bytes]) -> list[x509.Certificate]:
     try:
         return [x509.load_der_x509_certificate(d) for d in ders]
@@ -204,7 +211,6 @@ class Session:
         is refused as ambiguous, so nobody can squat ``alice-prod`` to receive requests meant
         for alice's ``prod`` credential (or the other way round).
         """
-        store = self.service.store
         readings = [(username, _name(cred_name))]
         if cred_name is None:
             readings += [(username[:i], username[i + 1:]) for i, char in enumerate(username)
@@ -212,7 +218,7 @@ class Session:
         found: list[CredentialRecord] = []
         for user, name in readings:
             try:
-                found.append(store.get_credential(user, name))
+                found.append(self.service.credential(user, name))
             except NotFound:
                 continue
             except InputError as exc:  # a username or name no credential can have
@@ -356,7 +362,7 @@ class Session:
 
     def _check_owner(self, options: DelegationOptions) -> None:
         try:
-            record = self.service.store.get_credential(options.username, options.name)
+            record = self.service.credential(options.username, options.name)
         except NotFound:
             return
         if record.owner_dn != self.requester.dn:
@@ -415,16 +421,15 @@ class Session:
     def _destroy(self, request: codec.Request) -> None:
         dn = self._need_identity("myproxy-destroy")
         record = self._find(request.username, request.cred_name)
-        if record.owner_dn != dn:
-            raise Refusal(f'Credentials not owned by "{dn}".')
-        self.service.destroy(self.requester, username=record.username, name=record.name)
+        try:
+            self.service.destroy(self.requester, username=record.username, name=record.name)
+        except AuthorizationError as exc:
+            raise _not_owned(exc, dn) from None
         self.channel.send(codec.ok())
 
     def _change_passphrase(self, request: codec.Request) -> None:
         dn = self._need_identity("myproxy-change-pass-phrase")
         record = self._find(request.username, request.cred_name)
-        if record.owner_dn != dn:
-            raise Refusal(f'Credentials not owned by "{dn}".')
         if not request.new_phrase:
             raise Refusal("no new passphrase was given (NEW_PHRASE is empty)")
         try:
@@ -434,6 +439,8 @@ class Session:
                 new=request.new_phrase)
         except AuthenticationError:
             raise Refusal(BAD_PASSWORD, audited=True) from None
+        except AuthorizationError as exc:
+            raise _not_owned(exc, dn) from None
         self.channel.send(codec.ok())
 
     # ------------------------------------------------------------------ RETRIEVE (6) / TRUST (7)
