@@ -635,10 +635,12 @@ class BrokerService:
                               issuer=Credential(chain=chain, key=key))
 
     def issue(
-        self, requester: Requester, grant: RetrievalGrant, *, csr_pem: bytes,
+        self, requester: Requester, grant: RetrievalGrant, *,
+        csr: bytes | x509.CertificateSigningRequest,
         lifetime: timedelta | None = None, limited: bool = False,
     ) -> IssuedProxy:
-        """Sign a fresh proxy of a granted credential for the requester's CSR.
+        """Sign a fresh proxy of a granted credential for the requester's CSR (PEM/DER bytes,
+        or a request :func:`load_csr` already checked).
 
         Lifetime = min(requested, credential's max, policy max, stored chain's life).
         A limited requester, a limited stored chain or a policy that says so
@@ -648,7 +650,8 @@ class BrokerService:
         where: dict[str, Any] = {"owner_dn": record.owner_dn, "username": record.username,
                                  "name": record.name, "job_id": grant.job_id}
         try:
-            csr = load_csr(csr_pem)
+            if not isinstance(csr, x509.CertificateSigningRequest):
+                csr = load_csr(csr)
             now = self.now()
             caps = [lifetime or DEFAULT_PROXY_LIFETIME, record.not_after - now,
                     self.config.max_proxy_lifetime]
@@ -682,7 +685,7 @@ class BrokerService:
     ) -> IssuedProxy:
         """:meth:`authorize_retrieval` then :meth:`issue`, for edges that have the CSR at once."""
         try:
-            load_csr(csr_pem)  # a malformed request is refused before any look-up
+            csr = load_csr(csr_pem)  # a malformed request is refused before any look-up
         except BrokerError as exc:
             self._record_failure(requester, action.value, exc, owner_dn=owner_dn,
                                  username=username, name=name, job_id=job_id)
@@ -690,7 +693,7 @@ class BrokerService:
         grant = self.authorize_retrieval(
             requester, username=username, owner_dn=owner_dn, name=name, job_id=job_id,
             passphrase=passphrase, action=action, _authz_owner=_authz_owner)
-        return self.issue(requester, grant, csr_pem=csr_pem, lifetime=lifetime, limited=limited)
+        return self.issue(requester, grant, csr=csr, lifetime=lifetime, limited=limited)
 
     def decide(
         self, requester: Requester, record: CredentialRecord, action: Action,

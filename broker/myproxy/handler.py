@@ -279,7 +279,7 @@ class Session:
         lifetime = timedelta(seconds=request.lifetime) if request.lifetime > 0 else None
         if lifetime is not None and self.settings.max_lifetime is not None:
             lifetime = min(lifetime, self.settings.max_lifetime)
-        issued = self.service.issue(requester, grant, csr_pem=csr_der, lifetime=lifetime,
+        issued = self.service.issue(requester, grant, csr=csr_der, lifetime=lifetime,
                                     limited=self._renewal_limited)
         ders = [c.public_bytes(serialization.Encoding.DER) for c in issued.chain]
         self.channel.send(codec.encode_chain(ders))
