@@ -45,7 +45,9 @@ from broker.errors import (
     NotFound,
 )
 from broker.fileio import validate_component
+from broker.onlineca import OnlineCa
 from broker.pki.chain import ChainInfo, validate_chain
+from broker.pki.dn import slash_from_name
 from broker.pki.loading import (
     Credential,
     chain_to_pem,
@@ -58,6 +60,7 @@ from broker.pki.proxy import (
     generate_key,
     load_csr,
     make_csr,
+    proxy_info,
     sign_request,
 )
 from broker.pki.trust import TrustStore
@@ -873,6 +876,29 @@ class BrokerService:
         """Write an ``allow`` audit row for an edge's own use case; raises StoreError."""
         self.store.add_audit(self._audit(requester, action, "allow", reason=reason, **where))
 
+    def issue_certificate(
+        self, requester: Requester, ca: OnlineCa, csr: x509.CertificateSigningRequest, *,
+        lifetime: timedelta,
+    ) -> x509.Certificate:
+        """The online CA: a short-lived certificate for a PAM-authenticated user's own key.
+
+        Audited before it is returned: no audit row, no certificate.
+        """
+        username = requester.pam_user
+        where: dict[str, Any] = {"username": username}
+        try:
+            if username is None:
+                raise AuthenticationError("the online CA certifies PAM-authenticated users only")
+            cert = ca.issue(username, csr, now=self.now(), lifetime=lifetime)
+        except BrokerError as exc:
+            self._record_failure(requester, "issue-certificate", exc, **where)
+            raise
+        self.record_event(
+            requester, "issue-certificate", owner_dn=slash_from_name(cert.subject),
+            reason=f"online CA issued serial {cert.serial_number:x} valid until "
+                   f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC", **where)
+        return cert
+
     def health(self) -> None:
         """One cheap indexed query; raises StoreUnavailable when the database is down."""
         self.store.list_credentials(username="healthz-probe")
@@ -900,9 +926,6 @@ def _audit_text(value: str | None, limit: int) -> str | None:
 
 def _claimed_identity(chain: Sequence[x509.Certificate]) -> str | None:
     """The end-entity DN of a chain (the first certificate that is not a proxy), for audit."""
-    from broker.pki.dn import slash_from_name
-    from broker.pki.proxy import proxy_info
-
     for cert in chain:
         try:
             is_proxy = proxy_info(cert) is not None

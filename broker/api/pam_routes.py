@@ -81,15 +81,9 @@ def pam_blueprint(service: BrokerService, pam: PamSettings,
         max_hours = ca.max_lifetime.total_seconds() / 3600
         lifetime = _hours(body, "lifetime_hours", max_hours)
         who = login(body, "issue-certificate")
-        username = who.pam_user or ""
         now = service.now()
-        cert = ca.issue(username, csr, now=now, lifetime=lifetime)
+        cert = service.issue_certificate(who, ca, csr, lifetime=lifetime)
         subject = slash_from_name(cert.subject)
-        # Audited before the certificate leaves: no audit row, no certificate.
-        service.record_event(
-            who, "issue-certificate", username=username, owner_dn=subject,
-            reason=f"online CA issued serial {cert.serial_number:x} valid until "
-                   f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC")
         return jsonify({
             "certificate": cert.public_bytes(Encoding.PEM).decode(),
             "subject": subject,
