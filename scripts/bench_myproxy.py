@@ -9,8 +9,14 @@ about the servers, not about client key generation (which dominates
 myproxy-logon itself).
 
 Modes: ``pilot`` (trusted retrieval by certificate, myproxy-logon -n) and
-``passphrase`` (anonymous client + passphrase). Concurrency 1 / 4 / 16 client
-processes, each cell bounded by ``--seconds`` and ``--max-ops``.
+``passphrase`` (anonymous client + passphrase). Concurrency 1 / 4 / 16 clients,
+each cell bounded by ``--seconds`` and ``--max-ops``. Like bench_retrieval.py, the
+clients are threads in at most ``--client-procs`` processes (default 2; ``--client-procs
+16`` at 16 clients gives the older one-process-per-client shape), so that the load
+generator takes no more of the machine than its TLS work needs. Each cell reports
+server CPU ms/op (the server's process tree, /proc), client CPU ms/op (getrusage of
+the load-generator processes, all threads, over the cell) and machine busy % over
+the cell (/proc/stat, all CPUs: anything else running on the machine counts too).
 
 Usage (everything on loopback; the reference server is started and stopped
 by PID here unless ``--peer HOST:PORT`` names one that already runs)::
@@ -26,8 +32,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import itertools
 import json
-import multiprocessing as mp
 import os
 import shutil
 import signal
@@ -37,7 +44,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -45,6 +54,17 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench_load import (  # noqa: E402 - shared with bench_retrieval.py
+    CLK_TCK,
+    background_busy_pct,
+    client_threads,
+    load_process_signals,
+    run_load,
+    thread_groups,
+)
+
+from broker.myproxy import codec  # noqa: E402
 
 PASS = "benchpass1"  # noqa: S105 - a throwaway test passphrase
 
@@ -63,9 +83,14 @@ class Target:
 
 
 # --------------------------------------------------------------------------- load generator
+#
+# At most --client-procs processes (threads inside them, like bench_retrieval.py;
+# the process/thread/queue frame is scripts/bench_load.py), so that the load generator
+# takes no more of the machine than the TLS client work needs. The ssl module releases
+# the GIL around handshakes, reads and writes.
 
 
-def _recv_until(sock: ssl.SSLSocket, done: Any) -> bytes:
+def _recv_until(sock: ssl.SSLSocket, done: Callable[[bytes], bool]) -> bytes:
     data = b""
     while not done(data):
         chunk = sock.recv(65536)
@@ -75,26 +100,56 @@ def _recv_until(sock: ssl.SSLSocket, done: Any) -> bytes:
     return data
 
 
-def one_retrieval(target: Target, ctx: ssl.SSLContext, csr_der: bytes) -> None:
-    from broker.myproxy import codec
+def _has_nul(data: bytes) -> bool:
+    return b"\0" in data
 
+
+def request_bytes(target: Target) -> bytes:
+    """The GET request of one retrieval (the same bytes every time: built once)."""
+    extra = [("CRED_NAME", target.credname)] if target.credname else []
+    return codec.format_request(codec.Command.GET, target.username, target.passphrase, 3600,
+                                extra)
+
+
+def one_retrieval(target: Target, ctx: ssl.SSLContext, request: bytes, csr_der: bytes
+                  ) -> bytes:
+    """One retrieval on a fresh connection; returns the chain blob (``<count><DER>...``)."""
     raw = socket.create_connection((target.host, target.port), timeout=30)
     raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     with ctx.wrap_socket(raw, server_hostname="localhost") as sock:
         if sock.version() == "TLSv1.3":
             sock.recv(1)  # the GSI post-handshake NUL
         sock.sendall(b"0")
-        extra = [("CRED_NAME", target.credname)] if target.credname else []
-        sock.sendall(codec.format_request(codec.Command.GET, target.username,
-                                          target.passphrase, 3600, extra))
-        first = codec.parse_response(_recv_until(sock, lambda d: b"\0" in d))
+        sock.sendall(request)
+        first = codec.parse_response(_recv_until(sock, _has_nul))
         if first.code is not codec.ResponseCode.OK:
             raise RuntimeError(f"refused: {first.error}")
         sock.sendall(csr_der)
         blob = _recv_until(sock, codec.chain_complete)
-        codec.decode_chain(blob)
+        # Cheap sanity check (DER framing, count, no trailing bytes); the X.509 content
+        # is decoded in full once per cell, on the warm-up response (check_chain).
+        if len(codec.decode_chain(blob)) < 2:
+            raise RuntimeError("the chain holds no proxy on top of its issuer")
         # The final OK (the C client ignores it; waiting for it keeps timing honest).
-        _recv_until(sock, lambda d: b"\0" in d)
+        last = codec.parse_response(_recv_until(sock, _has_nul))
+        if last.code is not codec.ResponseCode.OK:
+            raise RuntimeError(f"no final OK: {last.error}")
+    return blob
+
+
+def check_chain(blob: bytes, csr_der: bytes) -> None:
+    """Full decode of one response: a proxy for the CSR's key, issued by the next cert."""
+    from cryptography import x509
+
+    certs = [x509.load_der_x509_certificate(d) for d in codec.decode_chain(blob)]
+    csr = x509.load_der_x509_csr(csr_der)
+    if certs[0].public_key() != csr.public_key():
+        raise RuntimeError("the returned proxy does not carry the CSR's public key")
+    for child, parent in itertools.pairwise(certs):
+        if child.issuer != parent.subject:
+            raise RuntimeError(f"chain broken: {child.issuer.rfc4514_string()} "
+                               f"is not {parent.subject.rfc4514_string()}")
+        child.verify_directly_issued_by(parent)
 
 
 def _client_context(target: Target) -> ssl.SSLContext:
@@ -106,27 +161,36 @@ def _client_context(target: Target) -> ssl.SSLContext:
     return ctx
 
 
-def _worker(target: Target, csrs: list[bytes], deadline: float, max_ops: int,
-            out: Any) -> None:
+def _client_process(target: Target, csrs: list[bytes], threads_: list[tuple[int, int]],
+                    start_at: float, deadline: float, out: Any) -> None:
+    """One thread per (index, count): count retrievals each, or fewer at the deadline."""
+    load_process_signals()
     ctx = _client_context(target)
-    latencies: list[float] = []
-    errors = 0
-    i = 0
-    while time.monotonic() < deadline and len(latencies) < max_ops:
-        started = time.perf_counter()
-        try:
-            one_retrieval(target, ctx, csrs[i % len(csrs)])
-        except Exception as exc:
-            errors += 1
-            if errors <= 3:
-                print(f"  [{target.label}] error: {exc}", file=sys.stderr)
-            if errors > 50:
+    request = request_bytes(target)
+
+    def worker(index: int, count: int, stopped: threading.Event
+               ) -> tuple[list[float], list[str]]:
+        mine: list[float] = []
+        bad: list[str] = []
+        i = index * 7919  # threads start at different CSRs
+        while len(mine) < count:
+            if time.monotonic() >= deadline:
+                stopped.set()
                 break
-            continue
-        finally:
-            i += 1
-        latencies.append(time.perf_counter() - started)
-    out.put((latencies, errors))
+            started = time.perf_counter()
+            try:
+                one_retrieval(target, ctx, request, csrs[i % len(csrs)])
+            except Exception as exc:
+                bad.append(f"{type(exc).__name__}: {exc}")
+                if len(bad) > 50:
+                    break
+                continue
+            finally:
+                i += 1
+            mine.append(time.perf_counter() - started)
+        return mine, bad
+
+    client_threads(worker, threads_, start_at, out)
 
 
 def make_csrs(count: int) -> list[bytes]:
@@ -143,7 +207,6 @@ def make_csrs(count: int) -> list[bytes]:
 # of the server process, plus cutime+cstime (its reaped children: myproxy-server forks
 # one child per connection), plus any live descendants. Sampled at quiet points only.
 def _tree_cpu_seconds(pid: int) -> float:
-    tck = os.sysconf("SC_CLK_TCK")
     total = 0.0
     todo, first = [pid], True
     while todo:
@@ -151,7 +214,8 @@ def _tree_cpu_seconds(pid: int) -> float:
         try:
             text = Path(f"/proc/{p}/stat").read_text()
             f = text[text.rindex(")") + 2:].split()
-            total += (int(f[11]) + int(f[12]) + (int(f[13]) + int(f[14]) if first else 0)) / tck
+            total += (int(f[11]) + int(f[12]) + (int(f[13]) + int(f[14]) if first else 0)
+                      ) / CLK_TCK
             for task in Path(f"/proc/{p}/task").iterdir():
                 todo += [int(c) for c in (task / "children").read_text().split()]
         except (OSError, ValueError):
@@ -161,42 +225,55 @@ def _tree_cpu_seconds(pid: int) -> float:
 
 
 def run_cell(target: Target, clients: int, seconds: float, max_ops: int,
-             csrs: list[bytes], server_pid: int | None = None) -> dict[str, Any]:
-    ctx = mp.get_context("fork")
-    queue: Any = ctx.Queue()
-    one_retrieval(target, _client_context(target), csrs[0])  # warm-up + sanity check
+             csrs: list[bytes], server_pid: int | None = None, client_procs: int = 2
+             ) -> dict[str, Any]:
+    # warm-up + full check of one response, outside the measured window
+    check_chain(one_retrieval(target, _client_context(target), request_bytes(target), csrs[0]),
+                csrs[0])
     time.sleep(0.2)  # let the warm-up's child be reaped
-    cpu0 = _tree_cpu_seconds(server_pid) if server_pid else None
-    start = time.monotonic()
-    deadline = start + seconds
-    per_client = max(1, max_ops // clients)
-    procs = [ctx.Process(target=_worker, args=(target, csrs, deadline, per_client, queue))
-             for _ in range(clients)]
-    for p in procs:
-        p.start()
-    results = [queue.get() for _ in procs]
-    for p in procs:
-        p.join()
-    elapsed = time.monotonic() - start
+    groups = thread_groups(max_ops, clients, client_procs, at_least=1)
+    procs = len(groups)
+
+    def server_cpu() -> float | None:
+        return _tree_cpu_seconds(server_pid) if server_pid else None
+
+    # the server's CPU is taken again below, after its last children are reaped
+    run = run_load([functools.partial(_client_process, target, csrs, g) for g in groups],
+                   seconds=seconds, collect_timeout=seconds + 120, probe=server_cpu,
+                   probe_after=False)
+    parts, cpu0 = run.parts, run.before
+    elapsed = max(part["ended"] for part in parts) - run.start_at
     cpu_s = None
     if cpu0 is not None and server_pid:
-        time.sleep(0.3)
+        time.sleep(0.3)  # let myproxy-server reap its last children
         cpu_s = _tree_cpu_seconds(server_pid) - cpu0
-    latencies = sorted(lat for lats, _ in results for lat in lats)
-    errors = sum(e for _, e in results)
+    latencies = run.latencies
+    error_list = run.errors
+    for e in error_list[:3]:
+        print(f"  [{target.label}] error: {e}", file=sys.stderr)
+    errors = len(error_list)
     n = len(latencies)
+    done = n + errors
+    client_cpu = run.client_cpu
 
     def pct(q: float) -> float:
         return latencies[min(n - 1, int(q * n))] * 1000 if n else float("nan")
 
     return {
         "server": target.label, "clients": clients, "ops": n, "errors": errors,
-        "seconds": round(elapsed, 2), "per_s": round(n / elapsed, 1) if elapsed else 0.0,
+        "seconds": round(elapsed, 2), "per_s": round(n / elapsed, 1) if elapsed > 0 else 0.0,
         "p50_ms": round(pct(0.50), 1), "p99_ms": round(pct(0.99), 1),
         "mean_ms": round(statistics.fmean(latencies) * 1000, 1) if n else float("nan"),
         # server CPU per retrieval (the waits above are not in `seconds`)
-        "server_cpu_ms_per_op": (round(cpu_s / (n + errors) * 1000, 2)
-                                 if cpu_s is not None and n + errors else None),
+        "server_cpu_ms_per_op": (round(cpu_s / done * 1000, 2)
+                                 if cpu_s is not None and done else None),
+        # the load generator's own CPU (getrusage of its processes, all threads,
+        # from the common start to their last thread's end) per retrieval
+        "client_cpu_ms_per_op": round(client_cpu / done * 1000, 2) if done else None,
+        # all CPUs of the machine over the cell (also anything else that runs)
+        "machine_busy_pct": run.busy_pct,
+        "client_procs": procs, "stopped_by_time": run.stopped_by_time,
+        "error_samples": error_list[:3],
     }
 
 
@@ -319,6 +396,10 @@ cert_dir {manifest['ca_dir']}
 # --------------------------------------------------------------------------- main
 
 
+def _ms(value: float | None, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=8.0, help="per cell")
@@ -327,10 +408,15 @@ def main() -> int:
     parser.add_argument("--modes", default="pilot,passphrase")
     parser.add_argument("--json", default="bench-myproxy.json")
     parser.add_argument("--ours-args", default="", help="extra args for broker.myproxy.server")
+    parser.add_argument("--client-procs", type=int, default=2,
+                        help="load-generator processes, the clients are threads in them [2]")
     args = parser.parse_args()
+    if args.client_procs < 1 or args.max_ops < 1 or args.seconds <= 0:
+        parser.error("--client-procs, --max-ops and --seconds must be positive")
     concurrency = [int(c) for c in args.clients.split(",")]
     modes = args.modes.split(",")
 
+    background = background_busy_pct(1.0)
     work = Path(tempfile.mkdtemp(prefix="bench-myproxy-"))
     manifest = setup_pki(work)
     print(f"work dir {work}; making CSRs...", file=sys.stderr)
@@ -352,12 +438,15 @@ def main() -> int:
                     target = Target(label, "127.0.0.1", port, manifest["ca_dir"], None, None,
                                     "alice", None, PASS)
                 for clients in concurrency:
-                    row = run_cell(target, clients, args.seconds, args.max_ops, csrs, spid)
+                    row = run_cell(target, clients, args.seconds, args.max_ops, csrs, spid,
+                                   args.client_procs)
                     row["mode"] = mode
                     rows.append(row)
                     print(f"  {mode:10} {label:15} c={clients:<3} {row['per_s']:7.1f}/s "
                           f"p50 {row['p50_ms']:7.1f} ms p99 {row['p99_ms']:7.1f} ms "
-                          f"errors {row['errors']}", file=sys.stderr)
+                          f"srv {_ms(row['server_cpu_ms_per_op'])} cli "
+                          f"{_ms(row['client_cpu_ms_per_op'])} ms/op busy "
+                          f"{row['machine_busy_pct']}% errors {row['errors']}", file=sys.stderr)
     finally:
         ours.send_signal(signal.SIGTERM)
         try:
@@ -368,6 +457,8 @@ def main() -> int:
             os.kill(ref_pid, signal.SIGTERM)
 
     print()
+    print(f"machine busy before the run (other processes, 1 s sample): {background}% of "
+          f"{os.cpu_count()} cores; load generator: {args.client_procs} process(es) max")
     print(f"{'mode':10} {'clients':>7} | {'broker /s':>9} {'p50':>7} {'p99':>7} | "
           f"{'myproxy /s':>10} {'p50':>7} {'p99':>7} | {'ratio':>6}")
     summary = []
@@ -383,8 +474,20 @@ def main() -> int:
             print(f"{mode:10} {clients:>7} | {a['per_s']:>9.1f} {a['p50_ms']:>7.1f} "
                   f"{a['p99_ms']:>7.1f} | {b['per_s']:>10.1f} {b['p50_ms']:>7.1f} "
                   f"{b['p99_ms']:>7.1f} | {ratio:>5.1f}x")
+    print()
+    print("CPU ms per retrieval (server / client = load generator) and machine busy %")
+    print(f"{'mode':10} {'clients':>7} | {'broker srv':>10} {'cli':>6} {'busy%':>6} | "
+          f"{'myproxy srv':>11} {'cli':>6} {'busy%':>6}")
+    for cell in summary:
+        a, b = cell["broker"], cell["myproxy_server"]
+        print(f"{cell['mode']:10} {cell['clients']:>7} | "
+              f"{_ms(a['server_cpu_ms_per_op']):>10} {_ms(a['client_cpu_ms_per_op']):>6} "
+              f"{_ms(a['machine_busy_pct'], 1):>6} | "
+              f"{_ms(b['server_cpu_ms_per_op']):>11} {_ms(b['client_cpu_ms_per_op']):>6} "
+              f"{_ms(b['machine_busy_pct'], 1):>6}")
     result = {"generated": datetime.now(UTC).isoformat(), "cpus": os.cpu_count(),
               "seconds_per_cell": args.seconds, "max_ops_per_cell": args.max_ops,
+              "client_procs": args.client_procs, "background_busy_pct": background,
               "cells": summary}
     Path(args.json).write_text(json.dumps(result, indent=2))
     print(f"\nJSON written to {args.json}")

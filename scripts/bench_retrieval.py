@@ -32,14 +32,12 @@ The server is stopped by its PID at the end, also on errors and Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import functools
 import http.client
 import json
-import math
-import multiprocessing as mp
 import os
 import platform
 import re
-import resource
 import signal
 import socket
 import ssl
@@ -58,15 +56,21 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench_load import (  # noqa: E402 - shared with bench_myproxy.py
+    CLK_TCK,
+    background_busy_pct,
+    client_threads,
+    load_process_signals,
+    percentile,
+    run_load,
+    thread_groups,
+)
 from cryptography.hazmat.primitives import serialization  # noqa: E402
 
 from broker.client import BrokerClient, ClientIdentity  # noqa: E402
 from broker.devpki import DEV_POLICY, write_dev_pki  # noqa: E402
 from broker.pki.loading import Credential, load_cert_and_key, load_private_key  # noqa: E402
 from broker.pki.proxy import csr_to_pem, generate_key, make_csr, sign_request  # noqa: E402
-
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
 
 # ---------------------------------------------------------------- /proc helpers
 
@@ -98,15 +102,6 @@ def server_cpu(master: int) -> tuple[float, list[int]]:
         except OSError:
             continue
     return total, pids
-
-
-def machine_ticks() -> tuple[int, int]:
-    """(busy, total) jiffies of all CPUs from /proc/stat."""
-    with open("/proc/stat") as handle:
-        values = [int(v) for v in handle.readline().split()[1:]]
-    idle = values[3] + (values[4] if len(values) > 4 else 0)
-    total = sum(values[:8])  # guest time is already counted in user
-    return total - idle, total
 
 
 # ---------------------------------------------------------------- crypto reference
@@ -210,19 +205,14 @@ def _one_retrieval(ctx: ssl.SSLContext, port: int, body: bytes, timeout: float) 
 
 
 def _client_process(port: int, ca_dir: str, cert: str, key: str, bodies: list[bytes],
-                    counts: list[int], start_at: float, deadline: float, timeout: float,
+                    counts: list[int], timeout: float, start_at: float, deadline: float,
                     queue: Any) -> None:
     """Run len(counts) threads; thread i does counts[i] retrievals (or stops at deadline)."""
-    # The parent handles Ctrl-C and stops us with SIGTERM: die at once on it.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    load_process_signals()
     ctx = _client_context(ca_dir, cert, key)
-    latencies: list[float] = []
-    errors: list[str] = []
-    lock = threading.Lock()
-    stopped = threading.Event()
 
-    def worker(index: int, count: int) -> None:
+    def worker(index: int, count: int, stopped: threading.Event
+               ) -> tuple[list[float], list[str]]:
         mine: list[float] = []
         bad: list[str] = []
         for i in range(count):
@@ -237,31 +227,9 @@ def _client_process(port: int, ca_dir: str, cert: str, key: str, bodies: list[by
                 mine.append(elapsed)
             else:
                 bad.append(err)
-        with lock:
-            latencies.extend(mine)
-            errors.extend(bad)
+        return mine, bad
 
-    threads = [threading.Thread(target=worker, args=(i, n), daemon=True)
-               for i, n in enumerate(counts)]
-    r0 = resource.getrusage(resource.RUSAGE_SELF)
-    delay = start_at - time.monotonic()
-    if delay > 0:
-        time.sleep(delay)
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    r1 = resource.getrusage(resource.RUSAGE_SELF)
-    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
-    queue.put({"latencies": latencies, "errors": errors, "cpu": cpu,
-               "stopped": stopped.is_set()})
-
-
-def percentile(sorted_values: list[float], pct: float) -> float:
-    if not sorted_values:
-        return float("nan")
-    rank = max(math.ceil(pct / 100 * len(sorted_values)) - 1, 0)
-    return sorted_values[min(rank, len(sorted_values) - 1)]
+    client_threads(worker, list(enumerate(counts)), start_at, queue)
 
 
 def run_level(*, servers: Sequence[Server], ca_dir: str, cert: str, key: str,
@@ -273,40 +241,17 @@ def run_level(*, servers: Sequence[Server], ca_dir: str, cert: str, key: str,
         measured = [server_cpu(s.pid) for s in servers]
         return sum(c for c, _ in measured), [pid for _, pids in measured for pid in pids]
 
-    procs = max(1, min(client_procs, concurrency))
-    per_thread = [requests // concurrency + (1 if i < requests % concurrency else 0)
-                  for i in range(concurrency)]
-    groups: list[list[int]] = [per_thread[p::procs] for p in range(procs)]
-    ctx = mp.get_context("fork")
-    queue = ctx.Queue()
-    start_at = time.monotonic() + 0.5
-    deadline = start_at + max_seconds
-    processes = [ctx.Process(target=_client_process,
-                             args=(servers[i % len(servers)].port, ca_dir, cert, key, bodies,
-                                   g, start_at, deadline, timeout, queue), daemon=True)
-                 for i, g in enumerate(groups)]
-    try:
-        for p in processes:
-            p.start()
-        # baseline just before the clients start
-        time.sleep(max(start_at - time.monotonic() - 0.05, 0))
-        cpu0, pids = cpu_and_pids()
-        busy0, total0 = machine_ticks()
-        t0 = time.monotonic()
-        parts = [queue.get(timeout=max_seconds + timeout + 60) for _ in processes]
-        wall = time.monotonic() - max(t0, start_at)
-        cpu1, pids1 = cpu_and_pids()
-        busy1, total1 = machine_ticks()
-        for p in processes:
-            p.join(timeout=10)
-    finally:
-        # on Ctrl-C or an error: stop our own load generators (by PID) before the server
-        for p in processes:
-            if p.is_alive():
-                p.terminate()
-                p.join(timeout=5)
-    latencies = sorted(x for part in parts for x in part["latencies"])
-    errors = [e for part in parts for e in part["errors"]]
+    # thread indices are per process (they pick the bodies)
+    groups = [[count for _, count in g]
+              for g in thread_groups(requests, concurrency, client_procs)]
+    run = run_load([functools.partial(_client_process, servers[i % len(servers)].port, ca_dir,
+                                      cert, key, bodies, g, timeout)
+                    for i, g in enumerate(groups)],
+                   seconds=max_seconds, collect_timeout=max_seconds + timeout + 60,
+                   probe=cpu_and_pids)
+    assert run.after is not None
+    (cpu0, pids), (cpu1, pids1) = run.before, run.after
+    latencies, errors, wall = run.latencies, run.errors, run.wall
     done = len(latencies) + len(errors)
     result = LevelResult(concurrency=concurrency, csr_key=csr_key, requests=done,
                          errors=len(errors), error_samples=errors[:5], wall_s=round(wall, 3))
@@ -317,10 +262,10 @@ def run_level(*, servers: Sequence[Server], ca_dir: str, cert: str, key: str,
     result.max_ms = round(latencies[-1] * 1000, 1) if latencies else float("nan")
     if done:
         result.server_cpu_ms_per_op = round((cpu1 - cpu0) / done * 1000, 2)
-        result.client_cpu_ms_per_op = round(sum(p["cpu"] for p in parts) / done * 1000, 2)
-    if total1 > total0:
-        result.machine_busy_pct = round(100 * (busy1 - busy0) / (total1 - total0), 1)
-    result.stopped_by_time = any(p["stopped"] for p in parts)
+        result.client_cpu_ms_per_op = round(run.client_cpu / done * 1000, 2)
+    if run.busy_pct is not None:
+        result.machine_busy_pct = run.busy_pct
+    result.stopped_by_time = run.stopped_by_time
     result.server_pids = pids1 if pids1 != pids else pids
     return result
 
@@ -478,10 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         print("openssl speed -seconds 1 rsa2048 ecdsap256 ...", file=sys.stderr)
         report["openssl_speed"] = openssl_speed()
 
-    busy0, total0 = machine_ticks()
-    time.sleep(1.0)
-    busy1, total1 = machine_ticks()
-    report["background_busy_pct"] = round(100 * (busy1 - busy0) / max(total1 - total0, 1), 1)
+    report["background_busy_pct"] = background_busy_pct(1.0) or 0.0  # 0.0: no tick passed
     tmp = Path(tempfile.mkdtemp(prefix="broker-bench-"))
     server: Server | None = None
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

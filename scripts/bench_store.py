@@ -67,6 +67,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
+import bench_load as bl  # noqa: E402
 import bench_retrieval as br  # noqa: E402
 from sqlalchemy import insert, select  # noqa: E402
 
@@ -360,7 +361,7 @@ def lookup_timing(url: str, fx: Fixture, count: int, lookups: int, seed: int) ->
         "lookups": lookups,
         "rows": len(stored),
         "p50_us": round(statistics.median(samples) / 1000, 1),
-        "p99_us": round(br.percentile(samples, 99) / 1000, 1),
+        "p99_us": round(bl.percentile(samples, 99) / 1000, 1),
     }
 
 
@@ -471,9 +472,9 @@ def interleaved_single_client(
             "errors": len(errs[n]),
             "error_samples": errs[n][:3],
             "interleaved": True,
-            "p50_ms": round(br.percentile(values, 50) * 1000, 2),
-            "p90_ms": round(br.percentile(values, 90) * 1000, 2),
-            "p99_ms": round(br.percentile(values, 99) * 1000, 2),
+            "p50_ms": round(bl.percentile(values, 50) * 1000, 2),
+            "p90_ms": round(bl.percentile(values, 90) * 1000, 2),
+            "p99_ms": round(bl.percentile(values, 99) * 1000, 2),
             "mean_ms": round(statistics.fmean(values) * 1000, 2) if values else None,
             "per_s": round(1 / statistics.fmean(values), 1) if values else 0.0,
             "server_cpu_ms_per_op": round(cpu / done * 1000, 2) if done else None,
