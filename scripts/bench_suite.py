@@ -20,6 +20,8 @@ fixed, documented options (see PARTS below) so that one run gives every figure:
     pilot      scripts/bench_pilot.py      broker-pilot job start
     store      scripts/bench_store.py      1e2 / 1e4 / 1e5 credentials, SQLite and PostgreSQL
     scaleout   scripts/bench_scaleout.py   two brokers on one PostgreSQL vs one
+    tls        scripts/bench_tls.py        bare mutual-TLS handshakes: the floor under
+                                           every retrieval figure
 
 Each part's JSON goes to bench-out/<part>.json (the wrapper and pilot scripts
 print tables only; their tables are parsed), its output to
@@ -89,6 +91,7 @@ PARTS: dict[str, tuple[str, list[str], list[str], int]] = {
         1500,
     ),
     "scaleout": ("bench_scaleout.py", [], ["--levels", "16", "--requests", "150"], 900),
+    "tls": ("bench_tls.py", ["--handshakes", "600"], ["--handshakes", "50"], 300),
 }
 
 
@@ -116,7 +119,7 @@ def run_part(name: str, quick: bool) -> dict[str, Any]:
     json_path = OUT / f"{name}.json"
     if name == "retrieval":
         argv += ["--out", str(json_path)]
-    elif name == "myproxy":
+    elif name in ("myproxy", "tls"):
         argv += ["--json", str(json_path)]
     elif name in ("store", "scaleout"):
         argv += ["--out", str(json_path)]
@@ -183,6 +186,16 @@ _ROW = re.compile(
     r"^(?P<label>.*?\S)\s+(?P<a>[\d.]+)\s+(?P<b>[\d.]+)\s+(?P<c>[\d.]+)"
     r"(?:\s+(?P<d>[\d.]+))?\s*$"
 )
+
+
+def _wrapper_floor_note(wrapper: dict[str, Any]) -> str:
+    """How much of the command's time a Python start with cryptography costs by itself."""
+    floor = {r["command"]: r["median_ms"] for r in wrapper.get("rows", [])}
+    crypto = floor.get("floor: + import cryptography.x509")
+    if crypto is None:
+        return "interpreter start + imports included"
+    return (f"interpreter start + imports included; python + import cryptography.x509 "
+            f"alone: {crypto:.0f} ms")
 
 
 def parse_wrapper(text: str) -> dict[str, Any]:
@@ -334,7 +347,7 @@ def targets(parts: dict[str, Any]) -> list[dict[str, Any]]:
             "<= 30 ms",
             f"{wr['overhead_ms']:.1f} ms",
             wr["overhead_ms"] <= 30,
-            "interpreter start + imports included",
+            _wrapper_floor_note(wr),
         )
         add(
             "payload-wrapper in-process (api.run_payload, as broker-pilot uses it)",
@@ -395,6 +408,16 @@ def targets(parts: dict[str, Any]) -> list[dict[str, Any]]:
             f"{rest16['server_cpu_ms_per_op']:.2f} ms",
             None,
             note,
+        )
+    # 9. the TLS floor under every retrieval figure (bare handshakes, no application work)
+    tls = _row(parts, "tls")
+    for stack in (tls or {}).get("rows", []):
+        add(
+            f"bare mutual-TLS handshake, {stack['stack']} ({stack['openssl'].split(' ')[1]})",
+            "-",
+            f"{stack['server_cpu_ms']:.2f} + {stack['client_cpu_ms']:.2f} ms",
+            None,
+            "server + client CPU per handshake, no request; the floor under each retrieval",
         )
     return rows
 
@@ -561,7 +584,7 @@ def plot(parts: dict[str, Any], rows: list[dict[str, Any]], path: Path, title: s
     so = _row(parts, "scaleout")
     lvls = (so or {}).get("levels", [])
     if lvls:
-        xs = range(len(lvls))
+        xs = list(range(len(lvls)))
         ax.bar([x - 0.2 for x in xs], [lv["one"]["per_s"] for lv in lvls], 0.4, label="1 broker")
         ax.bar([x + 0.2 for x in xs], [lv["two"]["per_s"] for lv in lvls], 0.4, label="2 brokers")
         ax.set_xticks(

@@ -30,6 +30,17 @@ from broker.pki.proxy import new_proxy
 
 TARGET_MS = 30.0
 
+# Where a Python command's start-up time goes (the same interpreter, nothing else run):
+# the floor under any payload-wrapper written in Python that validates chains with
+# cryptography / pyOpenSSL, as the broker does.
+FLOORS: list[tuple[str, list[str]]] = [
+    ("floor: python -I -S (no site)", ["-I", "-S", "-c", "pass"]),
+    ("floor: python (site, venv)", ["-c", "pass"]),
+    ("floor: + import cryptography.x509", ["-c", "import cryptography.x509"]),
+    ("floor: + import OpenSSL.crypto", ["-c", "import OpenSSL.crypto"]),
+    ("floor: + import payload_wrapper.cli", ["-c", "import payload_wrapper.cli"]),
+]
+
 
 def timed(argv: list[str], runs: int, env: dict[str, str]) -> list[float]:
     out = []
@@ -84,13 +95,15 @@ def main() -> int:
         plain = timed(["/bin/true"], args.runs, env)
         wrapped = timed(base, args.runs, env)
         library = in_process(args.mode, proxy, top, work, args.runs)
+        floors = [(label, timed([sys.executable, *flags], args.runs, env))
+                  for label, flags in FLOORS]
     finally:
         shutil.rmtree(top, ignore_errors=True)
     rows = [("/bin/true", plain), (f"payload-wrapper ({args.mode})", wrapped),
-            (f"api.run_payload in-process ({args.mode})", library)]
-    print(f"{'command':32} {'runs':>5} {'median ms':>10} {'min ms':>8} {'max ms':>8}")
+            (f"api.run_payload in-process ({args.mode})", library), *floors]
+    print(f"{'command':38} {'runs':>5} {'median ms':>10} {'min ms':>8} {'max ms':>8}")
     for name, samples in rows:
-        print(f"{name:32} {len(samples):5d} {statistics.median(samples):10.1f} "
+        print(f"{name:38} {len(samples):5d} {statistics.median(samples):10.1f} "
               f"{min(samples):8.1f} {max(samples):8.1f}")
     overhead = statistics.median(wrapped) - statistics.median(plain)
     verdict = "within" if overhead <= TARGET_MS else "OVER"
