@@ -32,6 +32,7 @@ _BY_STATUS: dict[int, type[BrokerError]] = {
     409: errors.Conflict,
     413: errors.PayloadTooLarge,
     422: errors.CredentialError,
+    429: errors.TooManyAttempts,
     503: errors.StoreUnavailable,
 }
 

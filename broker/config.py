@@ -33,6 +33,8 @@ unless told otherwise.
     max_stored_hours = 720
     max_proxy_hours = 168
     delegation_key = "rsa"                # or "ec"
+    passphrase_failures = 5               # wrong passphrases per credential and address ...
+    passphrase_failure_minutes = 10       # ... within this window; then refused (0 = no limit)
 """
 
 from __future__ import annotations
@@ -67,6 +69,8 @@ class ServerConfig:
     max_stored_hours: float = 720.0
     max_proxy_hours: float = 168.0
     delegation_key: str = "rsa"
+    passphrase_failures: int = 5
+    passphrase_failure_minutes: float = 10.0
     log_level: str = "info"
     # PAM logins and the online CA (see broker.pam_auth, broker.onlineca).
     pam_service: str = ""
@@ -138,6 +142,10 @@ def load_config(path: str | None, overrides: dict[str, Any]) -> ServerConfig:
         raise ConfigError("workers and threads must be at least 1")
     if config.delegation_key not in ("rsa", "ec"):
         raise ConfigError("delegation_key must be 'rsa' or 'ec'")
+    if not 0 <= config.passphrase_failures <= 10_000:
+        raise ConfigError("passphrase_failures must be between 0 (no limit) and 10000")
+    if not 0 < config.passphrase_failure_minutes <= 24 * 60:
+        raise ConfigError("passphrase_failure_minutes must be between 0 and 1440")
     if config.max_tls not in ("", "1.2", "1.3"):
         raise ConfigError("max_tls must be '1.2', '1.3' or empty")
 

@@ -105,6 +105,13 @@ class AuthenticationError(BrokerError):
     exit_code = 3
 
 
+class TooManyAttempts(AuthenticationError):
+    """Too many wrong passphrases for one credential from one address: wait, then retry."""
+
+    code = "too_many_attempts"
+    http_status = 429
+
+
 class AuthorizationError(BrokerError):
     code = "denied"
     http_status = 403

@@ -106,6 +106,8 @@ def build_runtime(config: ServerConfig) -> Runtime:
             max_stored_lifetime=timedelta(hours=config.max_stored_hours),
             max_proxy_lifetime=timedelta(hours=config.max_proxy_hours),
             delegation_key=config.delegation_key,
+            passphrase_failures=config.passphrase_failures,
+            passphrase_failure_window=timedelta(minutes=config.passphrase_failure_minutes),
         ),
     )
     stop = threading.Event()

@@ -43,6 +43,7 @@ from broker.errors import (
     CredentialError,
     InputError,
     NotFound,
+    TooManyAttempts,
 )
 from broker.fileio import validate_component
 from broker.onlineca import OnlineCa
@@ -76,6 +77,7 @@ from broker.policy import (
     validate_owner_policy,
 )
 from broker.store import AuditEvent, CredentialRecord, Store
+from broker.store.crypto import INVALID_PASSPHRASE_REASON
 
 log = logging.getLogger("broker.service")
 
@@ -112,6 +114,10 @@ class ServiceConfig:
     delegation_key_bits: int = 2048
     accept_limited: bool = False  # store limited chains (they can only yield limited proxies)
     pending_ttl: timedelta = timedelta(minutes=10)
+    # Wrong passphrases for one credential from one client address: after this many
+    # within the window, further attempts are refused (429) without trying them.
+    passphrase_failures: int = 5
+    passphrase_failure_window: timedelta = timedelta(minutes=10)
 
 
 @dataclass(frozen=True)
@@ -629,6 +635,8 @@ class BrokerService:
                 raise AuthenticationError(
                     f"the credential {record.username}/{record.name} is protected by a passphrase;"
                     " supply it to retrieve", reason="passphrase_required")
+            if passphrase is not None:
+                self._throttle_passphrase(requester, record)
             key = load_private_key(self.store.decrypt_private_key(record, passphrase))
             chain = tuple(load_certificates(record.certificate_chain.encode()))
         except BrokerError as exc:
@@ -818,6 +826,26 @@ class BrokerService:
                 f"belongs to {record.owner_dn}", reason="not_owner")
         return record
 
+    def _throttle_passphrase(self, requester: Requester, record: CredentialRecord) -> None:
+        """Refuse, without trying it, a passphrase for a credential that already got too many
+        wrong ones from the same client address within the window. The failures are counted
+        in the audit trail, so the limit holds across worker processes, both endpoints and
+        restarts; scrypt is not run for refused attempts."""
+        limit, window = self.config.passphrase_failures, self.config.passphrase_failure_window
+        if limit <= 0:
+            return
+        failures = self.store.count_audit(
+            username=record.username, credential_name=record.name,
+            client_address=requester.client_address,
+            reason_prefix=f"{INVALID_PASSPHRASE_REASON}:", since=self.now() - window)
+        if failures >= limit:
+            minutes = max(1, int(window.total_seconds() // 60))
+            raise TooManyAttempts(
+                f"{failures} wrong passphrases for {record.username}/{record.name} from "
+                f"{requester.client_address or 'this client'} in the last {minutes} minutes; "
+                f"no more passphrases are tried from there until the oldest of them is "
+                f"{minutes} minutes old")
+
     def destroy(self, requester: Requester, *, username: str, name: str = DEFAULT_CREDENTIAL
                 ) -> CredentialSummary:
         where: dict[str, Any] = {"username": username, "name": name}
@@ -839,7 +867,10 @@ class BrokerService:
     ) -> CredentialSummary:
         where: dict[str, Any] = {"username": username, "name": name}
         try:
-            self._owned(requester, username, name, "change a credential's passphrase", where)
+            record = self._owned(requester, username, name, "change a credential's passphrase",
+                                 where)
+            if old is not None and record.passphrase_protected:
+                self._throttle_passphrase(requester, record)
             updated = self.store.change_passphrase(
                 username, name, old_passphrase=old, new_passphrase=new, owner_dn=requester.dn,
                 now=self.now(),

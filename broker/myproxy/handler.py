@@ -33,6 +33,7 @@ from broker.errors import (
     NotFound,
     PemError,
     ProtocolError,
+    TooManyAttempts,
 )
 from broker.myproxy import codec
 from broker.myproxy.codec import AuthMethodId, Command
@@ -267,6 +268,8 @@ class Session:
             grant = self.service.authorize_retrieval(
                 requester, record=record, passphrase=passphrase, action=action,
                 _authz_owner=authz_owner)
+        except TooManyAttempts as exc:  # say so: "bad password" would invite more guesses
+            raise Refusal(exc.message, audited=True) from None
         except AuthenticationError as exc:
             if passphrase is not None:
                 raise Refusal(BAD_PASSWORD, audited=True) from None
@@ -437,6 +440,8 @@ class Session:
                 self.requester, username=record.username, name=record.name,
                 old=request.passphrase or None if record.passphrase_protected else None,
                 new=request.new_phrase)
+        except TooManyAttempts as exc:
+            raise Refusal(exc.message, audited=True) from None
         except AuthenticationError:
             raise Refusal(BAD_PASSWORD, audited=True) from None
         except AuthorizationError as exc:

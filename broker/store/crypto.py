@@ -96,6 +96,7 @@ _SCRYPT_MAX_R = 32
 _SCRYPT_MAX_P = 16
 
 INVALID_PASSPHRASE = "invalid credential passphrase"  # noqa: S105 - a message, not a secret
+INVALID_PASSPHRASE_REASON = "invalid_passphrase"  # noqa: S105 - the error's reason code
 
 _DATA_AAD = b"broker/data-key/v1"
 _WRAP_AAD = b"broker/master-wrap/v1"
@@ -487,9 +488,9 @@ def _data_key(
         return inner
     if passphrase is None or not isinstance(passphrase, str):
         # Same answer as a wrong passphrase: no hint beyond "not accepted".
-        raise AuthenticationError(INVALID_PASSPHRASE, reason="invalid_passphrase")
+        raise AuthenticationError(INVALID_PASSPHRASE, reason=INVALID_PASSPHRASE_REASON)
     if len(passphrase) > MAX_PASSPHRASE_LENGTH:
-        raise AuthenticationError(INVALID_PASSPHRASE, reason="invalid_passphrase")
+        raise AuthenticationError(INVALID_PASSPHRASE, reason=INVALID_PASSPHRASE_REASON)
     n, r, p = _scrypt_params(envelope.kdf_params)
     salt = envelope.kdf_salt
     if not salt:
@@ -498,7 +499,7 @@ def _data_key(
     try:
         return _gcm_open(derived, inner, _passphrase_aad(context, salt, n, r, p))
     except InvalidTag:
-        raise AuthenticationError(INVALID_PASSPHRASE, reason="invalid_passphrase") from None
+        raise AuthenticationError(INVALID_PASSPHRASE, reason=INVALID_PASSPHRASE_REASON) from None
 
 
 def seal(

@@ -160,6 +160,8 @@ class AuditEventRow(Base):
         Index(None, "owner_dn"),
         Index(None, "job_id"),
         Index(None, "time"),
+        # recent failures for one credential (the passphrase throttle counts them)
+        Index(None, "username", "credential_name", "time"),
     )
 
     id: Mapped[int] = mapped_column(AuditId, primary_key=True, autoincrement=True)

@@ -964,6 +964,24 @@ class Store:
                 raise StoreError("the database did not report the new audit row's id")
             return int(key[0])
 
+    def count_audit(
+        self, *, username: str, credential_name: str, client_address: str | None,
+        reason_prefix: str, since: datetime,
+    ) -> int:
+        """Audit rows for one credential and client address since ``since`` whose reason
+        starts with ``reason_prefix`` (e.g. the wrong passphrases the throttle counts)."""
+        table = AuditEventRow.__table__
+        stmt = select(func.count()).select_from(table).where(
+            table.c.username == username,
+            table.c.credential_name == credential_name,
+            table.c.time >= _aware(since, "since"),
+            table.c.reason.startswith(reason_prefix, autoescape=True),
+        )
+        stmt = stmt.where(table.c.client_address.is_(None) if client_address is None
+                          else table.c.client_address == client_address)
+        with self._core(write=False) as conn:
+            return int(conn.execute(stmt).scalar_one())
+
     def query_audit(
         self,
         *,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.errors import AuthenticationError, AuthorizationError, NotFound
+from broker.errors import AuthenticationError, AuthorizationError, NotFound, TooManyAttempts
 from broker.pki.loading import chain_to_pem
 from broker.pki.proxy import csr_to_pem, generate_key, load_csr, make_csr, sign_request
 from broker.policy import load_policy
@@ -106,6 +106,53 @@ def test_owner_policy_narrows_site_policy(service: BrokerService, grid_pki: Grid
     with pytest.raises(AuthorizationError):
         service.retrieve(who(service, grid_pki, "bob"), csr_pem=csr(), username="alice",
                          name="wide")
+
+
+def test_wrong_passphrases_are_throttled_per_credential_and_address(
+        service: BrokerService, grid_pki: GridPki, clock: Clock) -> None:
+    delegate(service, grid_pki, name="pp", passphrase="sesame-123")
+    guesser = Requester(dn=None, endpoint="myproxy", client_address="192.0.2.7")
+    for attempt in range(service.config.passphrase_failures):
+        with pytest.raises(AuthenticationError) as err:
+            service.retrieve(guesser, csr_pem=csr(), username="alice", name="pp",
+                             passphrase=f"guess-{attempt}")
+        assert err.value.reason == "invalid_passphrase"
+        clock.now += timedelta(seconds=30)
+    # Now even the right passphrase is not tried from that address ...
+    with pytest.raises(TooManyAttempts) as throttled:
+        service.retrieve(guesser, csr_pem=csr(), username="alice", name="pp",
+                         passphrase="sesame-123")
+    assert throttled.value.http_status == 429
+    assert "5 wrong passphrases for alice/pp from 192.0.2.7" in throttled.value.message
+    # ... while the owner elsewhere, and other credentials, are unaffected.
+    elsewhere = Requester(dn=None, endpoint="myproxy", client_address="198.51.100.1")
+    service.retrieve(elsewhere, csr_pem=csr(), username="alice", name="pp",
+                     passphrase="sesame-123")
+    delegate(service, grid_pki, name="other", passphrase="other-pass-1")
+    service.retrieve(guesser, csr_pem=csr(), username="alice", name="other",
+                     passphrase="other-pass-1")
+    # The refusal is audited with its own reason (it does not count as a failure).
+    rows = service.store.query_audit(username="alice", action="retrieve")
+    assert any(r.reason and r.reason.startswith("too_many_attempts:") and r.decision == "deny"
+               and r.client_address == "192.0.2.7" for r in rows)
+    # Once the oldest failure is older than the window, passphrases are tried again.
+    clock.now += service.config.passphrase_failure_window - timedelta(seconds=60)
+    issued = service.retrieve(guesser, csr_pem=csr(), username="alice", name="pp",
+                              passphrase="sesame-123")
+    assert issued.owner_dn == ALICE
+
+
+def test_passphrase_throttle_covers_change_passphrase(
+        service: BrokerService, grid_pki: GridPki) -> None:
+    delegate(service, grid_pki, name="cp", passphrase="sesame-123")
+    alice = who(service, grid_pki, "alice")
+    for attempt in range(service.config.passphrase_failures):
+        with pytest.raises(AuthenticationError):
+            service.change_passphrase(alice, username="alice", name="cp",
+                                      old=f"guess-{attempt}", new="new-pass-123")
+    with pytest.raises(TooManyAttempts):
+        service.change_passphrase(alice, username="alice", name="cp", old="sesame-123",
+                                  new="new-pass-123")
 
 
 def test_passphrase_protected_credential(service: BrokerService, grid_pki: GridPki) -> None:

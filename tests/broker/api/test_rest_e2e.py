@@ -13,11 +13,13 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from broker.errors import (
+    AuthenticationError,
     AuthorizationError,
     Conflict,
     CredentialError,
     InputError,
     NotFound,
+    TooManyAttempts,
 )
 from broker.pki.chain import validate_chain
 from broker.pki.loading import chain_to_pem, credential_to_pem, key_to_pem
@@ -273,3 +275,18 @@ def test_cli_round_trip(sqlite_broker: RunningBroker, tmp_path: Path) -> None:
                               "-o", str(tmp_path / "n")], env=env, capture_output=True, text=True)
     assert missing.returncode == 4, missing.stderr
     assert credential_to_pem  # imported for symmetry with the library test above
+
+
+def test_wrong_passphrases_end_in_429(sqlite_broker: RunningBroker) -> None:
+    _delegate(sqlite_broker, name="throttled", passphrase="correct horse")
+    client = sqlite_broker.client("alice")
+    for attempt in range(5):  # the default limit
+        with pytest.raises(AuthenticationError) as err:
+            client.retrieve(username="alice", name="throttled", passphrase=f"guess {attempt}",
+                            key_type="ec")
+        assert not isinstance(err.value, TooManyAttempts)
+    with pytest.raises(TooManyAttempts) as throttled:
+        client.retrieve(username="alice", name="throttled", passphrase="correct horse",
+                        key_type="ec")
+    assert throttled.value.reason == "too_many_attempts"
+    assert "5 wrong passphrases for alice/throttled from 127.0.0.1" in throttled.value.message

@@ -408,3 +408,15 @@ def test_refusals_decided_by_the_endpoint_are_audited(endpoint: Endpoint) -> Non
     assert final.code is ResponseCode.ERROR
     rows = endpoint.service.store.query_audit(username="r-audit", action="retrieve")
     assert any(r.decision == "deny" for r in rows)
+
+
+def test_too_many_wrong_passphrases_get_a_clear_refusal(endpoint: Endpoint) -> None:
+    put(endpoint, "r-guess")
+    limit = endpoint.service.config.passphrase_failures
+    for attempt in range(limit):
+        final, _ = get(endpoint, "r-guess", passphrase=f"wrong-passphrase-{attempt}")
+        assert final.code is ResponseCode.ERROR
+        assert "invalid credential passphrase" in final.error
+    final, chain = get(endpoint, "r-guess")  # the right one, but not tried any more
+    assert final.code is ResponseCode.ERROR and chain == []
+    assert f"{limit} wrong passphrases for r-guess/default" in final.error
