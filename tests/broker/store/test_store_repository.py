@@ -338,6 +338,33 @@ def test_audit_is_written_in_the_same_transaction(store: Store, new_key: KeyFact
     assert _count(store, PendingDelegationRow) == 1
 
 
+def test_count_audit_counts_one_credential_address_and_reason_since_a_time(store: Store) -> None:
+    def failure(minute: int, **kw: Any) -> None:
+        base = {"decision": "deny", "reason": "invalid_passphrase: invalid credential passphrase",
+                "client_address": "192.0.2.7", "time": T0 + timedelta(minutes=minute)}
+        base.update(kw)
+        store.add_audit(_audit("retrieve", **base))
+
+    for minute in range(4):
+        failure(minute)
+    failure(1, client_address="198.51.100.1")  # another address
+    failure(2, credential_name="other")  # another credential
+    failure(2, reason="invalidXpassphrase: a LIKE wildcard must not match this")
+    failure(3, reason="too_many_attempts: not a failure of the passphrase")
+    failure(2, client_address=None)
+
+    def count(since_minute: int, address: str | None = "192.0.2.7") -> int:
+        return store.count_audit(username="alice", credential_name="default",
+                                 client_address=address, reason_prefix="invalid_passphrase:",
+                                 since=T0 + timedelta(minutes=since_minute))
+
+    assert count(0) == 4
+    assert count(2) == 2
+    assert count(9) == 0
+    assert count(0, "198.51.100.1") == 1
+    assert count(0, None) == 1
+
+
 def test_audit_query(store: Store) -> None:
     for i in range(5):
         store.add_audit(
