@@ -347,6 +347,19 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def report_head(name: str, args: Any, results_key: str) -> dict[str, Any]:
+    """The opening of a benchmark's JSON report: what ran, where, when, with which options."""
+    return {
+        "benchmark": name,
+        "started": datetime.now(UTC).isoformat(),
+        "machine": machine_info(),
+        "argv": sys.argv,
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "keep")},
+        "loadavg_start": os.getloadavg(),
+        results_key: [],
+    }
+
+
 def _os_release() -> str:
     try:
         text = Path("/etc/os-release").read_text()
@@ -413,12 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     for k in csr_keys:
         if k not in ("ec", "rsa"):
             raise SystemExit(f"unknown CSR key type {k!r}; use ec or rsa")
-    report: dict[str, Any] = {
-        "benchmark": "retrieval", "started": datetime.now(UTC).isoformat(),
-        "machine": machine_info(),
-        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "keep")},
-        "argv": sys.argv,
-    }
+    report = report_head("retrieval", args, "levels")
     if not args.no_openssl_speed:
         print("openssl speed -seconds 1 rsa2048 ecdsap256 ...", file=sys.stderr)
         report["openssl_speed"] = openssl_speed()

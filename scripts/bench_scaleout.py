@@ -39,9 +39,7 @@ import signal
 import sys
 import tempfile
 from dataclasses import asdict
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -96,15 +94,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    report: dict[str, Any] = {
-        "benchmark": "scaleout",
-        "started": datetime.now(UTC).isoformat(),
-        "machine": br.machine_info(),
-        "argv": sys.argv,
-        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "keep")},
-        "loadavg_start": os.getloadavg(),
-        "levels": [],
-    }
+    report = br.report_head("scaleout", args, "levels")
     tmp = Path(tempfile.mkdtemp(prefix="broker-bench-scaleout-"))
     tmp.chmod(0o755)
     pg: bs.PgCluster | None = None

@@ -262,6 +262,7 @@ def make_fixture(tmp: Path, csr_pool: int) -> Fixture:
     init_master_key_file(master_key_file)
     alice = load_cert_and_key((pki / "alice.pem").read_bytes(), (pki / "alice.key").read_bytes())
     proxy = new_proxy(alice, now=datetime.now(UTC), lifetime=timedelta(days=7))
+    assert proxy.key is not None  # new_proxy always makes the proxy's key
     owner_dn = _slash_dn(alice.chain[0])
     return Fixture(
         tmp=tmp,
@@ -324,7 +325,7 @@ def populate(url: str, fx: Fixture, count: int) -> float:
                     }
                 )
             with store.engine.begin() as conn:
-                conn.execute(insert(table), rows)
+                conn.execute(insert(Credential), rows)
         # sanity: a filler row decrypts to the same key through the store's own API
         # (decryption raises if the envelope is not bound to the row).
         probe = store.get_credential(username(count - 1))
@@ -484,15 +485,7 @@ def interleaved_single_client(
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    report: dict[str, Any] = {
-        "benchmark": "store",
-        "started": datetime.now(UTC).isoformat(),
-        "machine": br.machine_info(),
-        "argv": sys.argv,
-        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "keep")},
-        "loadavg_start": os.getloadavg(),
-        "runs": [],
-    }
+    report = br.report_head("store", args, "runs")
     tmp = Path(tempfile.mkdtemp(prefix="broker-bench-store-"))
     tmp.chmod(0o755)
     pg: PgCluster | None = None

@@ -12,7 +12,8 @@ can use on this machine:
 
 The server side does what our endpoints do before any request: accept, TCP_NODELAY,
 handshake with the client certificate requested (RFC 3820 proxies allowed, no
-session tickets), read the verified peer chain, then one byte each way and close.
+session tickets; for ``ssl`` the MyProxy endpoint's own ``make_context``), read the
+verified peer chain, then one byte each way and close.
 The client presents a real RFC 3820 proxy chain (dev PKI: alice's proxy). Server
 and client run in separate processes; CPU comes from getrusage in each. The host
 key is the dev PKI's (RSA-2048), as in the other benchmarks.
@@ -43,6 +44,7 @@ from OpenSSL import SSL, crypto  # noqa: E402
 
 from broker.devpki import write_dev_pki  # noqa: E402
 from broker.fileio import write_private_file  # noqa: E402
+from broker.myproxy.server import EndpointSettings, make_context  # noqa: E402
 from broker.pki.loading import credential_to_pem, load_cert_and_key  # noqa: E402
 from broker.pki.proxy import new_proxy  # noqa: E402
 
@@ -53,13 +55,10 @@ def _cpu() -> float:
 
 
 def _stdlib_server(listener: socket.socket, pki: Path, count: int) -> None:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(str(pki / "host.pem"), str(pki / "host.key"))
-    ctx.load_verify_locations(capath=str(pki / "certificates"))
-    ctx.verify_mode = ssl.CERT_OPTIONAL
-    ctx.verify_flags |= ssl.VERIFY_ALLOW_PROXY_CERTS
-    ctx.options |= ssl.OP_NO_TICKET
-    ctx.num_tickets = 0
+    # exactly the MyProxy endpoint's server context
+    ctx = make_context(EndpointSettings(
+        host="127.0.0.1", port=0, host_cert=str(pki / "host.pem"),
+        host_key=str(pki / "host.key"), ca_dir=str(pki / "certificates")))
     for _ in range(count):
         conn, _addr = listener.accept()
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
