@@ -1,8 +1,9 @@
 """broker-pilot end to end: the test plays the condor_starter against a real broker.
 
 Each test writes a ``.job.ad`` in the starter's format into a scratch dir, sets
-the ``_CONDOR_*`` variables and runs the installed ``broker-pilot`` console
-script with a test pilot.toml. The payload is a small sh script; it runs as
+the ``_CONDOR_*`` variables and runs ``broker-pilot`` as USER_JOB_WRAPPER is
+installed: the static launcher (built here from payload_wrapper/launcher) that
+execs this venv's ``python -I -m payload_wrapper.pilot``, with a test pilot.toml. The payload is a small sh script; it runs as
 ``nobody`` and records its uid and what ``grid-proxy-info`` says about the
 proxy it was given. Needs root (the identity switch), like the wrapper tests.
 """
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from payload_wrapper.launcher import build_launcher
 from tests.brokerserver import RunningBroker, free_port, start_broker
 from tests.interop.tools import need
 from tests.payload_wrapper.conftest import needs_root
@@ -70,6 +72,7 @@ class Site:
     payload: Path
     marks: Path
     pki: GridPki
+    launcher: Path
 
     def config(self, **overrides: object) -> Path:
         values: dict[str, object] = {
@@ -139,7 +142,7 @@ def run_as_starter(site: Site, config: Path, ad_text: str, *args: str,
         "BROKER_PILOT_CONFIG": str(config),
         "BROKER_TEST_LEAK": "the starter's environment",  # must not reach the payload
     }
-    result = subprocess.run([str(BIN / "broker-pilot"), str(site.payload), str(marker), *args],
+    result = subprocess.run([str(site.launcher), str(site.payload), str(marker), *args],
                             env=env, capture_output=True, text=True, timeout=timeout,
                             check=False)
     return StarterRun(result, error_file, marker, scratch)
@@ -162,13 +165,14 @@ def site(grid_pki: GridPki) -> Iterator[Site]:  # noqa: F811 - fixture parameter
     payload = base / "payload.sh"
     payload.write_text(PAYLOAD)
     payload.chmod(0o755)
+    launcher = build_launcher(base / "broker-pilot")
     broker_dir = Path(tempfile.mkdtemp(prefix="pilot-broker-"))
     broker = start_broker(grid_pki, broker_dir)  # DEV_POLICY
     try:
         alice = broker.client("alice")
         alice.delegate(alice.identity.load(), username="alice", now=datetime.now(UTC),
                        max_proxy_hours=6)
-        yield Site(base, broker, ca_dir, vomsdir, workdir, payload, marks, grid_pki)
+        yield Site(base, broker, ca_dir, vomsdir, workdir, payload, marks, grid_pki, launcher)
     finally:
         broker.stop()
         shutil.rmtree(broker_dir, ignore_errors=True)
@@ -277,14 +281,14 @@ def test_missing_job_ad_and_bad_config(site: Site) -> None:
     marker = site.marks / "ran-no-ad"
     env = {"PATH": "/usr/bin:/bin", "BROKER_PILOT_CONFIG": str(site.config()),
            "_CONDOR_WRAPPER_ERROR_FILE": str(site.base / "err-no-ad")}
-    result = subprocess.run([str(BIN / "broker-pilot"), str(site.payload), str(marker)],
+    result = subprocess.run([str(site.launcher), str(site.payload), str(marker)],
                             env=env, capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 202
     assert "_CONDOR_JOB_AD" in (site.base / "err-no-ad").read_text()
     bad = site.base / "bad.toml"
     bad.write_text('broker_url = "https://x"\ncert = "c"\nkey = "k"\n')
     env["BROKER_PILOT_CONFIG"] = str(bad)
-    result = subprocess.run([str(BIN / "broker-pilot"), str(site.payload), str(marker)],
+    result = subprocess.run([str(site.launcher), str(site.payload), str(marker)],
                             env=env, capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 202
     assert "allowed_owners" in result.stderr
@@ -320,7 +324,7 @@ def test_refresh_replaces_the_proxy_of_a_running_payload(site: Site) -> None:
 def test_by_hand_with_job_ad_and_rsa_pool(site: Site) -> None:
     pool = site.base / "keys"
     config = site.config(rsa_pool_dir=str(pool), key_type="rsa")
-    filled = subprocess.run([str(BIN / "broker-pilot"), "--config", str(config),
+    filled = subprocess.run([str(site.launcher), "--config", str(config),
                              "--fill-rsa-pool", "2"], capture_output=True, text=True,
                             timeout=120, check=False)
     assert filled.returncode == 0, filled.stderr
@@ -329,7 +333,7 @@ def test_by_hand_with_job_ad_and_rsa_pool(site: Site) -> None:
     ad.write_text(job_ad(cluster=108))
     marker = site.marks / "ran-by-hand"
     result = subprocess.run(
-        [str(BIN / "broker-pilot"), "--config", str(config), "--job-ad", str(ad), "--",
+        [str(site.launcher), "--config", str(config), "--job-ad", str(ad), "--",
          str(site.payload), str(marker)],
         env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=120,
         check=False)
