@@ -378,3 +378,159 @@ def test_fqan_allow_list_refuses_another_vo(site: Site) -> None:
     _assert_refused(run, 203, "FQANs (/atlas/Role=NULL/Capability=NULL)", "allowed_owners")
     # the FQAN check needs the proxy, so the retrieval happened and is audited
     assert _audit_rows(site, "submit.example.org#132.0#1700000000")
+
+
+# --------------------------------------------------------------------------- hostile jobs
+#
+# Issue 19: the starter builds the wrapper's environment from STARTER_JOB_ENVIRONMENT
+# and lets the job ad's Environment override it, and runs the wrapper in the job's
+# scratch directory, which holds the job's files. Each test plays that literally:
+# `env -i` + the starter's variables + the job's, the cwd the job's scratch directory.
+
+SITECUSTOMIZE = """import os
+with open({marker!r}, "w") as out:
+    out.write(f"uid={{os.getuid()}}\\n")
+    try:
+        out.write(open({key!r}).read()[:40])
+    except OSError as exc:
+        out.write(f"key: {{exc}}")
+"""
+
+
+def run_hostile(site: Site, config: Path | None, ad_text: str, job_env: dict[str, str],
+                files: dict[str, str], *command: str) -> StarterRun:
+    """The starter running a job whose Environment is ``job_env`` and whose files are ``files``."""
+    nobody = int(subprocess.run(["id", "-u", "nobody"], capture_output=True, text=True,
+                                check=True).stdout)
+    scratch = Path(tempfile.mkdtemp(prefix="scratch-", dir=site.base))
+    (scratch / ".job.ad").write_text(ad_text)
+    for name, text in files.items():
+        path = scratch / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        for owned in (path, *[p for p in path.parents if p != scratch and scratch in p.parents]):
+            os.chown(owned, nobody, nobody)  # the job's files are the job's
+    error_file = scratch / ".wrapper_error"
+    marker = site.marks / f"ran-{scratch.name}"
+    starter = {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "_CONDOR_JOB_AD": str(scratch / ".job.ad"),
+        "_CONDOR_SCRATCH_DIR": str(scratch),
+        "_CONDOR_JOB_IWD": str(scratch),
+        "_CONDOR_WRAPPER_ERROR_FILE": str(error_file),
+        "TMPDIR": str(scratch),
+    }
+    if config is not None:
+        starter["BROKER_PILOT_CONFIG"] = str(config)
+    env = {**starter, **{k: v.replace("@SCRATCH@", str(scratch)) for k, v in job_env.items()}}
+    cmd = [c.replace("@SCRATCH@", str(scratch)) for c in command] or [str(site.payload),
+                                                                      str(marker)]
+    result = subprocess.run(["env", "-i", *(f"{k}={v}" for k, v in env.items()),
+                             str(site.launcher), *cmd],
+                            cwd=scratch, capture_output=True, text=True, timeout=120, check=False)
+    return StarterRun(result, error_file, marker, scratch)
+
+
+def _ad_environment(job_env: dict[str, str]) -> str:
+    return "Environment = \"" + " ".join(f"{k}={v}" for k, v in job_env.items()) + "\""
+
+
+def test_job_python_variables_and_modules_never_run_in_the_pilot(site: Site) -> None:
+    # A job-shipped sitecustomize/usercustomize, a module shadowing one the pilot
+    # imports (tomllib) in the working directory and PYTHON* variables pointing at
+    # them: before the fix sitecustomize ran as root and read the pilot's key.
+    evidence = site.marks / "sitecustomize-ran"
+    code = SITECUSTOMIZE.format(marker=str(evidence), key=str(site.pki.key_path("pilot")))
+    job_env = {"PYTHONPATH": "@SCRATCH@/lib", "PYTHONSTARTUP": "@SCRATCH@/lib/sitecustomize.py",
+               "PYTHONUSERBASE": "@SCRATCH@/user", "PYTHONINSPECT": "1",
+               "PYTHONWARNINGS": "error", "HOME": "@SCRATCH@"}
+    files = {"lib/sitecustomize.py": code, "tomllib.py": code, "secrets.py": code,
+             "payload_wrapper/__init__.py": code,
+             "user/lib/python3.11/site-packages/usercustomize.py": code}
+    run = run_hostile(site, site.config(), job_ad(cluster=120, extra=_ad_environment(job_env)),
+                      job_env, files)
+    assert not evidence.exists(), evidence.read_text()
+    assert run.result.returncode == 0, run.result.stderr
+    assert run.marker.exists()
+    assert "PYTHONPATH is not passed" in run.result.stderr
+
+
+def test_ld_preload_from_the_job_is_refused_before_any_code_runs(site: Site) -> None:
+    # Before the fix the constructor ran inside the pilot as uid 0.
+    evidence = site.marks / "constructor-ran"
+    source = site.base / "evil.c"
+    source.write_text(
+        '#include <stdio.h>\n__attribute__((constructor)) static void evil(void) {\n'
+        f'    FILE *f = fopen("{evidence}", "w"); if (f) {{ fputs("ran", f); fclose(f); }}\n'
+        "}\n")
+    library = site.base / "evil.so"
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(library), str(source)], check=True,
+                   timeout=60)
+    # the library is a working one: it does run in a dynamically linked program
+    subprocess.run(["env", "-i", f"LD_PRELOAD={library}", "/bin/true"], check=True, timeout=30)
+    assert evidence.exists()
+    evidence.unlink()
+    for job_env in ({"LD_PRELOAD": str(library)}, {"LD_LIBRARY_PATH": "@SCRATCH@"},
+                    {"LD_AUDIT": str(library)}):
+        run = run_hostile(site, site.config(), job_ad(cluster=121, extra=_ad_environment(job_env)),
+                          job_env, {})
+        _assert_refused(run, 202, f"the environment sets {next(iter(job_env))}")
+        assert not evidence.exists()
+        assert _audit_rows(site, "submit.example.org#121.0#1700000000") == []
+
+
+def test_job_written_pilot_config_is_refused(site: Site) -> None:
+    # Before the fix the job's config (mode none, every owner) ran the payload
+    # unswitched as root.
+    evil = ('broker_url = "https://127.0.0.1:1"\nproxy = "/nonexistent"\n'
+            'allowed_owners = ["*"]\n[wrapper]\nmode = "none"\n')
+    job_env = {"BROKER_PILOT_CONFIG": "@SCRATCH@/evil.toml"}
+    run = run_hostile(site, site.config(), job_ad(cluster=122, extra=_ad_environment(job_env)),
+                      job_env, {"evil.toml": evil})
+    _assert_refused(run, 202, "evil.toml is not trusted", "belongs to uid")
+    # root-owned but writable by others, or reached through a job-owned directory
+    loose = site.base / "loose.toml"
+    loose.write_text(site.config().read_text())
+    loose.chmod(0o666)
+    run = run_hostile(site, None, job_ad(cluster=122), {"BROKER_PILOT_CONFIG": str(loose)}, {})
+    _assert_refused(run, 202, "can be written by its group or others")
+    job_env = {"BROKER_PILOT_CONFIG": "@SCRATCH@/conf/link.toml"}
+    run = run_hostile(site, None, job_ad(cluster=122), job_env, {"conf/placeholder": ""})
+    _assert_refused(run, 202, "does not exist")
+    assert _audit_rows(site, "submit.example.org#122.0#1700000000") == []
+
+
+def test_job_command_is_never_read_as_pilot_options(site: Site) -> None:
+    # The job chooses Cmd, which the starter passes first: "--job-ad FORGED" must be
+    # the job's command line, not a job ad of the job's making.
+    forged = job_ad(cluster=123)
+    run = run_hostile(site, site.config(), job_ad(cluster=124), {}, {"forged.ad": forged},
+                      "--job-ad", "@SCRATCH@/forged.ad", str(site.payload), "unused")
+    assert run.result.returncode != 0
+    assert _audit_rows(site, "submit.example.org#123.0#1700000000") == []
+
+
+def test_wrapper_error_file_aimed_at_other_files_is_not_written(site: Site) -> None:
+    # The job may set _CONDOR_WRAPPER_ERROR_FILE: the pilot (root) must not follow a
+    # link to a system file, append to a file that has content, or block on a FIFO.
+    victim = site.base / "victim.conf"
+    victim.write_text("root's file\n")
+    aim = Path(tempfile.mkdtemp(prefix="aim-", dir=site.base))
+    (aim / "symlink").symlink_to(victim)
+    (aim / "full").write_text("earlier content\n")
+    os.link(victim, aim / "hardlink")
+    os.mkfifo(aim / "fifo")
+    for name in ("symlink", "full", "hardlink", "fifo"):
+        run = run_hostile(site, site.config(), job_ad(owner_dn=None, cluster=125),
+                          {"_CONDOR_WRAPPER_ERROR_FILE": str(aim / name)}, {})
+        assert run.result.returncode == 201, run.result.stderr
+        assert "BrokerOwner" in run.result.stderr
+        assert "not writing to the wrapper error file" in run.result.stderr, name
+    assert victim.read_text() == "root's file\n"
+    assert (aim / "full").read_text() == "earlier content\n"
+    # the launcher's own refusal obeys the same rule
+    run = run_hostile(site, site.config(), job_ad(cluster=125),
+                      {"_CONDOR_WRAPPER_ERROR_FILE": str(aim / "symlink"), "LD_PRELOAD": "x"}, {})
+    assert run.result.returncode == 202
+    assert "not writing to the wrapper error file" in run.result.stderr
+    assert victim.read_text() == "root's file\n"
