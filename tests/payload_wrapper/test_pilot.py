@@ -5,7 +5,8 @@ the ``_CONDOR_*`` variables and runs ``broker-pilot`` as USER_JOB_WRAPPER is
 installed: the static launcher (built here from payload_wrapper/launcher) that
 execs this venv's ``python -I -m payload_wrapper.pilot``, with a test pilot.toml.
 The payload is a small sh script; it runs as ``nobody`` and records its uid
-and what ``grid-proxy-info`` says about the proxy it was given. Needs root (the identity switch), like the wrapper tests.
+and what ``grid-proxy-info`` says about the proxy it was given. Needs root (the
+identity switch), like the wrapper tests.
 """
 
 from __future__ import annotations
