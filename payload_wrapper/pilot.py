@@ -503,12 +503,13 @@ def interpreter_isolated() -> bool:
 
 _USAGE = """usage: broker-pilot [--job-ad FILE] [--config FILE] [--] CMD [ARGS...]
        broker-pilot [--config FILE] --fill-rsa-pool N
-       broker-pilot --install-launcher DEST
+       broker-pilot [--config FILE] --install-launcher DEST
 
 HTCondor USER_JOB_WRAPPER: fetches the job owner's proxy from the broker and runs
 CMD through the payload wrapper. The job ad comes from $_CONDOR_JOB_AD (or --job-ad),
-the configuration from --config, $BROKER_PILOT_CONFIG or /etc/broker/pilot.toml; it
-must be a file owned by root (or the pilot's user) that nobody else can write.
+the configuration from --config, the path built into the launcher, $BROKER_PILOT_CONFIG
+(a root-owned file only) or /etc/broker/pilot.toml; it must be a file owned by root (or
+the pilot's user) that nobody else can write.
 Under the starter ($_CONDOR_JOB_AD set) every argument is the job's command.
 Jobs run only through the static launcher: build it with --install-launcher DEST
 (or scripts/build-pilot-launcher DEST) and set USER_JOB_WRAPPER = DEST.
@@ -522,7 +523,11 @@ class _Args:
     config: str | None = None
     fill: int | None = None
     install_launcher: str | None = None
+    launcher_config: str | None = None
     command: tuple[str, ...] = ()
+
+
+_LAUNCHER_FLAG = "--launcher-config="
 
 
 class _UsageError(Exception):
@@ -535,6 +540,10 @@ def _parse(argv: Sequence[str], *, starter: bool = False) -> _Args:
     # Under the starter the first word is the job's Cmd, which the job chooses:
     # nothing there is an option, so a job cannot pick the configuration or ad.
     args = _Args()
+    if argv and argv[0].startswith(_LAUNCHER_FLAG):
+        # Always the launcher's own first argument (its value may be empty).
+        args.launcher_config = argv[0][len(_LAUNCHER_FLAG):] or None
+        argv = argv[1:]
     if starter:
         args.command = tuple(argv)
         return args
@@ -587,9 +596,9 @@ def run(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> int:
         report_failure(f"{exc}; see broker-pilot --help", error_file)
         return EXIT_SYSTEM
     if args.install_launcher is not None:
-        return _install_launcher(args.install_launcher)
+        return _install_launcher(args.install_launcher, args.config)
     try:
-        config = load_pilot_config(args.config, environ=env)
+        config = load_pilot_config(args.config or args.launcher_config, environ=env)
         if args.fill is not None:
             if config.rsa_pool_dir is None:
                 raise WrapperSystemError(f"set rsa_pool_dir in {config.source} first",
@@ -622,18 +631,20 @@ def run(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> int:
     return code
 
 
-def _install_launcher(dest: str) -> int:
+def _install_launcher(dest: str, config: str | None) -> int:
     from payload_wrapper.launcher import build_launcher
 
     try:
-        path = build_launcher(dest)
+        path = build_launcher(dest, config=str(Path(config).absolute()) if config else None)
     except BrokerError as exc:
         say(exc.message)
         return EXIT_SYSTEM
     except OSError as exc:
         say(f"cannot write the launcher {dest}: {exc.strerror or exc}")
         return EXIT_SYSTEM
-    say(f"built the launcher {path} for {sys.executable}; set USER_JOB_WRAPPER = {path}")
+    say(f"built the launcher {path} for {sys.executable}"
+        + (f" with the configuration {Path(config).absolute()}" if config else "")
+        + f"; set USER_JOB_WRAPPER = {path}")
     return 0
 
 
@@ -651,9 +662,15 @@ def main() -> None:
 
 
 def _admin_only(argv: Sequence[str]) -> bool:
-    """--help and --install-launcher, which run no job, also work from the console script."""
-    return len(argv) >= 1 and argv[0] in ("-h", "--help", "--install-launcher") \
-        and "_CONDOR_JOB_AD" not in os.environ
+    """--help and --install-launcher, which run no job, also work from a plain interpreter."""
+    if "_CONDOR_JOB_AD" in os.environ:
+        return False
+    try:
+        args = _parse(argv)  # --help prints the usage and exits here
+    except _UsageError:
+        return False
+    return args.install_launcher is not None and not args.command \
+        and args.launcher_config is None and args.job_ad is None and args.fill is None
 
 
 if __name__ == "__main__":

@@ -1,12 +1,17 @@
-"""broker-pilot's configuration: one TOML file, ``--config``, ``$BROKER_PILOT_CONFIG`` or
-/etc/broker/pilot.toml.
+"""broker-pilot's configuration: one TOML file, the first of
+
+* ``--config FILE`` (by hand only: under the starter no argument is an option);
+* the path compiled into the launcher (``--install-launcher DEST`` with ``--config``);
+* ``$BROKER_PILOT_CONFIG`` — only when it names a file owned by **root**;
+* /etc/broker/pilot.toml.
 
 Whichever names it, the file must belong to the node's administrator: owned by
-root (or by the pilot's own user, for an unprivileged glidein), a regular file
-that neither group nor others can write, in directories that are equally safe
-(a sticky directory such as /tmp is accepted above an admin-owned entry). The
-job sets the pilot's environment, so a variable naming a file the job wrote
-is refused (202), never read (:func:`trusted_config_path`).
+root (or by the pilot's own user, for an unprivileged glidein — except through
+the variable: files the starter transfers for a job belong to that user too),
+a regular file that neither group nor others can write, in directories that
+are equally safe (a sticky directory such as /tmp is accepted above an
+admin-owned entry). The job sets the pilot's environment, so a variable naming
+a file the job wrote is refused (202), never read (:func:`trusted_config_path`).
 
 ::
 
@@ -108,17 +113,19 @@ def _not_admin_owned(path: Path, st: os.stat_result, trusted: frozenset[int], wh
     return ""
 
 
-def trusted_config_path(path: str | os.PathLike[str], *, euid: int | None = None) -> Path:
+def trusted_config_path(path: str | os.PathLike[str], *, euid: int | None = None,
+                        root_only: bool = False) -> Path:
     """The resolved ``path`` when only the node's administrator can have written it.
 
-    Trusted owners are root and ``euid`` (default: the effective uid). Every
+    Trusted owners are root and ``euid`` (default: the effective uid; only root
+    with ``root_only``). Every
     directory from / down to the file (symlinks resolved) and the file itself
     must have a trusted owner and be writable by nobody else (a sticky
     directory may be world-writable: others cannot replace an entry in it).
     Raises WrapperSystemError (202) with a sentence saying what to fix.
     """
     uid = os.geteuid() if euid is None else euid
-    trusted = frozenset({0, uid})
+    trusted = frozenset({0} if root_only else {0, uid})
     given = Path(path)
     if not given.is_absolute():
         raise WrapperSystemError(
@@ -144,7 +151,7 @@ def trusted_config_path(path: str | os.PathLike[str], *, euid: int | None = None
         except OSError as exc:
             problem = f"its directory {parent} cannot be checked ({exc.strerror})"
     if problem:
-        owners = "root" if uid == 0 else f"root or uid {uid}"
+        owners = "root" if uid == 0 or root_only else f"root or uid {uid}"
         raise WrapperSystemError(
             f"the pilot configuration {given} is not trusted: {problem}; only the node's "
             f"administrator may write it (owned by {owners}, chmod go-w, in such directories)",
@@ -156,11 +163,13 @@ def load_pilot_config(path: str | os.PathLike[str] | None = None, *,
                       environ: Mapping[str, str] | None = None) -> PilotConfig:
     """Read the file at ``path``, ``$BROKER_PILOT_CONFIG`` or /etc/broker/pilot.toml.
 
-    The file must pass :func:`trusted_config_path` wherever its name came from.
+    The file must pass :func:`trusted_config_path` wherever its name came from;
+    one named by the variable must be owned by root.
     """
     env = os.environ if environ is None else environ
+    from_env = not path and bool(env.get("BROKER_PILOT_CONFIG"))
     given = path or env.get("BROKER_PILOT_CONFIG") or DEFAULT_CONFIG
-    where = trusted_config_path(Path(given).absolute())
+    where = trusted_config_path(Path(given).absolute(), root_only=from_env)
     try:
         # O_NOFOLLOW: the resolved path has no link left; one appearing now is refused.
         fd = os.open(where, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)

@@ -28,8 +28,12 @@ _UNSAFE_IN_C_STRING = frozenset('"\\\n\r\0?')
 
 
 def build_launcher(dest: str | os.PathLike[str], *, python: str | None = None,
-                   compiler: str = "gcc") -> Path:
+                   config: str | None = None, compiler: str = "gcc") -> Path:
     """Compile the launcher to ``dest`` (mode 0755) for ``python`` (default: this interpreter).
+
+    ``config`` (absolute) is compiled in as the pilot's configuration file, which
+    then wins over ``$BROKER_PILOT_CONFIG`` and the default; an unprivileged
+    glidein pilot needs this, since it cannot own /etc/broker/pilot.toml.
 
     The file is written next to ``dest`` and renamed over it, so a running
     starter never sees half a program. Raises WrapperSystemError with a
@@ -41,6 +45,11 @@ def build_launcher(dest: str | os.PathLike[str], *, python: str | None = None,
             f"the interpreter path {interpreter!r} must be absolute and free of quotes, "
             "backslashes, '?' and line breaks to be compiled into the launcher",
             reason="bad_interpreter")
+    if config is not None and (not os.path.isabs(config) or set(config) & _UNSAFE_IN_C_STRING):
+        raise WrapperSystemError(
+            f"the configuration path {config!r} must be absolute and free of quotes, "
+            "backslashes, '?' and line breaks to be compiled into the launcher",
+            reason="bad_config_path")
     if not os.access(interpreter, os.X_OK):
         raise WrapperSystemError(f"the interpreter {interpreter} is not executable",
                                  reason="bad_interpreter")
@@ -55,7 +64,8 @@ def build_launcher(dest: str | os.PathLike[str], *, python: str | None = None,
     try:
         result = subprocess.run(
             [cc, "-static", "-O2", "-Wall", "-Wextra", "-Werror",
-             f'-DPILOT_PYTHON="{interpreter}"', "-o", partial, str(SOURCE)],
+             f'-DPILOT_PYTHON="{interpreter}"', f'-DPILOT_CONFIG="{config or ""}"',
+             "-o", partial, str(SOURCE)],
             capture_output=True, text=True, timeout=120, check=False)
         if result.returncode != 0:
             detail = (result.stderr.strip().splitlines() or ["no output"])[-1]

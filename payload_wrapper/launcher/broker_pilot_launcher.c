@@ -14,13 +14,15 @@
  *  2. Drop TMPDIR/TMP/TEMP (the starter points them into the job's scratch
  *     directory; the pilot has no use for them and the payload wrapper sets the
  *     payload's own).
- *  3. exec PILOT_PYTHON -I -m payload_wrapper.pilot ARGS... with argv[0] the
- *     interpreter's absolute path (a bare name would make Python search the
- *     job's PATH to find its prefix). -I: no PYTHON* variables, no user site,
- *     no script or working directory on sys.path.
+ *  3. exec PILOT_PYTHON -I -m payload_wrapper.pilot --launcher-config=PILOT_CONFIG
+ *     ARGS... with argv[0] the interpreter's absolute path (a bare name would make
+ *     Python search the job's PATH to find its prefix). -I: no PYTHON* variables,
+ *     no user site, no script or working directory on sys.path. The first
+ *     argument is always the launcher's own (PILOT_CONFIG may be empty), so the
+ *     job's Cmd can never stand in its place.
  *
- * PILOT_PYTHON is fixed at build time: scripts/build-pilot-launcher or
- * broker-pilot --install-launcher DEST.
+ * PILOT_PYTHON and PILOT_CONFIG are fixed at build time: scripts/build-pilot-launcher
+ * or broker-pilot [--config FILE] --install-launcher DEST.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -32,6 +34,10 @@
 
 #ifndef PILOT_PYTHON
 #error "build with -DPILOT_PYTHON='\"/path/to/venv/bin/python\"' (scripts/build-pilot-launcher)"
+#endif
+
+#ifndef PILOT_CONFIG
+#define PILOT_CONFIG ""
 #endif
 
 #define EXIT_SYSTEM 202
@@ -183,16 +189,17 @@ int main(int argc, char **argv)
     if (out)
         *out = NULL;
 
-    char **args = calloc((size_t)argc + 4, sizeof *args);
+    char **args = calloc((size_t)argc + 5, sizeof *args);
     if (args == NULL)
         refuse("out of memory in the pilot launcher", NULL, 0);
     args[0] = (char *)PILOT_PYTHON;
     args[1] = (char *)"-I";
     args[2] = (char *)"-m";
     args[3] = (char *)"payload_wrapper.pilot";
+    args[4] = (char *)"--launcher-config=" PILOT_CONFIG;
     for (int i = 1; i < argc; i++)
-        args[i + 3] = argv[i];
-    args[argc + 3] = NULL;
+        args[i + 4] = argv[i];
+    args[argc + 4] = NULL;
     execve(PILOT_PYTHON, args, environ);
     refuse("the pilot's interpreter " PILOT_PYTHON " cannot be started (rebuild the launcher "
            "with scripts/build-pilot-launcher after moving the installation)", NULL, 0);

@@ -60,7 +60,8 @@ def recording_launcher(place: Path) -> tuple[Path, Path]:
     fake.write_text(f'#!/bin/sh\nprintf "%s\\n" "$0" "$@" > {record}.argv\n'
                     f'/usr/bin/env > {record}.env\n')
     fake.chmod(0o755)
-    return build_launcher(place / "recording", python=str(fake)), record
+    return build_launcher(place / "recording", python=str(fake),
+                          config="/etc/broker/site.toml"), record
 
 
 # --------------------------------------------------------------------------- the launcher
@@ -87,7 +88,7 @@ def test_launcher_is_static_and_runs_the_isolated_interpreter(
     assert done.returncode == 0, done.stderr
     argv = Path(f"{record}.argv").read_text().splitlines()
     assert argv == [str(path.parent / "fake-python"), "-I", "-m", "payload_wrapper.pilot",
-                    "--config", "/job/c.toml", "a b"]
+                    "--launcher-config=/etc/broker/site.toml", "--config", "/job/c.toml", "a b"]
     seen = dict(line.split("=", 1) for line in Path(f"{record}.env").read_text().splitlines()
                 if "=" in line)
     assert "TMPDIR" not in seen and "TMP" not in seen
@@ -180,6 +181,13 @@ def test_under_the_starter_every_argument_is_the_jobs_command() -> None:
     assert _parse(argv, starter=True).command == tuple(argv)
     assert _parse(argv, starter=True).config is None
     assert _parse(argv).config == "/scratch/evil.toml"  # by hand, options are read
+    # the launcher's first argument is its own; a Cmd imitating it is the job's
+    args = _parse(["--launcher-config=", "--launcher-config=/scratch/evil.toml", "x"],
+                  starter=True)
+    assert args.launcher_config is None
+    assert args.command == ("--launcher-config=/scratch/evil.toml", "x")
+    assert _parse(["--launcher-config=/etc/b.toml", "x"], starter=True).launcher_config == \
+        "/etc/b.toml"
 
 
 # --------------------------------------------------------------------------- config trust
@@ -232,12 +240,15 @@ def test_config_owned_by_someone_else_is_refused_even_through_a_link(tmp_path: P
     admin.write_text(GOOD)
     (jobs / "link.toml").symlink_to(admin)
     assert load_pilot_config(jobs / "link.toml").source == str(admin)
-    # an unprivileged glidein pilot trusts its own files too
+    # an unprivileged glidein pilot trusts its own files too, but not through the
+    # variable: the starter transfers the job's input files as that same user
     os.chown(evil, 4242, 4242)
     os.chown(jobs, 4242, 4242)
     assert trusted_config_path(evil, euid=4242) == evil
     with pytest.raises(WrapperSystemError, match="root or uid 1"):
         trusted_config_path(evil, euid=1)
+    with pytest.raises(WrapperSystemError, match=r"belongs to uid 4242.*\(owned by root,"):
+        trusted_config_path(evil, euid=4242, root_only=True)
 
 
 def test_default_config_gets_the_same_check(monkeypatch: pytest.MonkeyPatch,
