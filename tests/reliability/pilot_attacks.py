@@ -165,7 +165,7 @@ def attacks(base: Path) -> Iterator[tuple[str, Callable[[Outcome], None]]]:
             shutil.rmtree(state["place"], ignore_errors=True)
         outcome.tried += 1
 
-    yield "pilot: LD_* / glibc / OpenSSL variables from the job", case(loader)
+    yield "pilot: loader variables from the job", case(loader)
     yield "pilot: PYTHON* and job modules", case(python)
     yield "pilot: job-written configuration", case(config)
     yield "pilot: aimed wrapper error file", case(error_file)
