@@ -90,6 +90,11 @@ UNSAFE_NAMES = frozenset({"GETCONF_DIR", "HOSTALIASES", "LOCALDOMAIN", "LOCPATH"
                           "NLSPATH", "RESOLV_HOST_CONF", "RES_OPTIONS", "TZDIR", "SSLKEYLOGFILE",
                           "KRB5_CONFIG"})
 
+#: Names the launcher removes (not refuses) and main() removes again: OpenSSL would
+#: trust the job's CA file, glibc would read the job's zone file, tempfile would
+#: write into the job's directory. The payload gets its own values from the job ad.
+DROPPED_NAMES = ("TMPDIR", "TMP", "TEMP", "SSL_CERT_FILE", "SSL_CERT_DIR", "CTLOG_FILE", "TZ")
+
 #: Variables from the starter that the payload may still find useful.
 STARTER_NAMES = ("_CONDOR_SCRATCH_DIR", "_CONDOR_JOB_IWD", "_CONDOR_SLOT",
                  "_CONDOR_JOB_AD", "_CONDOR_MACHINE_AD")
@@ -658,6 +663,8 @@ def main() -> None:
             "--install-launcher DEST' and set USER_JOB_WRAPPER = DEST",
             os.environ.get("_CONDOR_WRAPPER_ERROR_FILE") or None)
         sys.exit(EXIT_SYSTEM)
+    for name in DROPPED_NAMES:
+        os.environ.pop(name, None)
     sys.exit(run(argv))
 
 

@@ -12,8 +12,11 @@
  *     data from a path of the caller's choosing is set, refuse: exit 202 with one
  *     sentence on stderr and in $_CONDOR_WRAPPER_ERROR_FILE. Nothing is run.
  *  2. Drop TMPDIR/TMP/TEMP (the starter points them into the job's scratch
- *     directory; the pilot has no use for them and the payload wrapper sets the
- *     payload's own).
+ *     directory), SSL_CERT_FILE/SSL_CERT_DIR/CTLOG_FILE (OpenSSL would add the
+ *     job's CA to the pilot's trust for the broker connection) and TZ (a path
+ *     to a zone file of the job's). Jobs set these for their payload, which gets
+ *     its environment from the job ad through the pilot, so they are removed
+ *     here rather than refused.
  *  3. exec PILOT_PYTHON -I -m payload_wrapper.pilot --launcher-config=PILOT_CONFIG
  *     ARGS... with argv[0] the interpreter's absolute path (a bare name would make
  *     Python search the job's PATH to find its prefix). -I: no PYTHON* variables,
@@ -58,8 +61,10 @@ static const char *const refused_names[] = {
     NULL,
 };
 
-/* Removed from the environment, never refused: the starter sets them. */
-static const char *const dropped_names[] = {"TMPDIR", "TMP", "TEMP", NULL};
+/* Removed from the pilot's environment, never refused (see step 2 above). */
+static const char *const dropped_names[] = {
+    "TMPDIR", "TMP", "TEMP", "SSL_CERT_FILE", "SSL_CERT_DIR", "CTLOG_FILE", "TZ", NULL,
+};
 
 static size_t name_length(const char *entry)
 {

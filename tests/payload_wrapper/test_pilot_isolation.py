@@ -82,7 +82,9 @@ def test_launcher_is_static_and_runs_the_isolated_interpreter(
     path, record = recording_launcher
     assert not _has_interpreter(path), "the launcher is dynamically linked"
     env = {"PATH": "/job/bin", "TMPDIR": "/scratch", "TMP": "/scratch", "SITE_X": "kept",
-           "PYTHONPATH": "/job/lib", "_CONDOR_JOB_AD": "/scratch/.job.ad"}
+           "PYTHONPATH": "/job/lib", "_CONDOR_JOB_AD": "/scratch/.job.ad",
+           "SSL_CERT_FILE": "/scratch/evil-ca.pem", "SSL_CERT_DIR": "/scratch",
+           "TZ": ":/scratch/zone"}
     done = subprocess.run([str(path), "--config", "/job/c.toml", "a b"], env=env,
                           capture_output=True, text=True, timeout=30, check=False)
     assert done.returncode == 0, done.stderr
@@ -91,7 +93,8 @@ def test_launcher_is_static_and_runs_the_isolated_interpreter(
                     "--launcher-config=/etc/broker/site.toml", "--config", "/job/c.toml", "a b"]
     seen = dict(line.split("=", 1) for line in Path(f"{record}.env").read_text().splitlines()
                 if "=" in line)
-    assert "TMPDIR" not in seen and "TMP" not in seen
+    for dropped in ("TMPDIR", "TMP", "SSL_CERT_FILE", "SSL_CERT_DIR", "TZ"):
+        assert dropped not in seen, dropped
     assert seen["SITE_X"] == "kept" and seen["PYTHONPATH"] == "/job/lib"  # -I ignores it
 
 
