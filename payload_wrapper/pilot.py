@@ -23,6 +23,16 @@ A failure before the payload starts is written to
 ``$_CONDOR_WRAPPER_ERROR_FILE`` (HTCondor puts it in the job's hold reason)
 and on stderr, and the exit status follows the wrapper's codes: 201 the job's
 or its owner's fault, 202 the node's or the broker's, 203 not allowed.
+
+The starter runs this as root in an environment the job controls, so the
+entry point is the static launcher (:mod:`payload_wrapper.launcher`), which
+refuses loader variables and starts ``python -I -m payload_wrapper.pilot``.
+:func:`main` checks again: it refuses to run a job unless the interpreter is
+isolated and the environment is free of loader variables, reads no
+``PYTHON*``/``BROKER_*`` setting except a configuration path that names an
+admin-owned file (:func:`~payload_wrapper.pilot_config.trusted_config_path`),
+and under the starter takes every argument as the job's command, never as an
+option. :func:`run` is the in-process path (tests, benchmarks).
 """
 
 from __future__ import annotations
@@ -32,10 +42,11 @@ import functools
 import os
 import re
 import secrets
+import stat
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -69,7 +80,20 @@ __all__ = [
     "main",
     "owner_allowed_by_dn",
     "owner_allowed_by_fqans",
+    "unsafe_variables",
 ]
+
+#: Prefixes of names that make the dynamic loader, glibc or OpenSSL load code or data
+#: from a path of the caller's choosing; the launcher refuses the same ones.
+UNSAFE_PREFIXES = ("LD_", "MALLOC_", "GLIBC_", "GCONV_", "OPENSSL_", "DYLD_", "_RLD")
+UNSAFE_NAMES = frozenset({"GETCONF_DIR", "HOSTALIASES", "LOCALDOMAIN", "LOCPATH", "NIS_PATH",
+                          "NLSPATH", "RESOLV_HOST_CONF", "RES_OPTIONS", "TZDIR", "SSLKEYLOGFILE",
+                          "KRB5_CONFIG"})
+
+#: Names the launcher removes (not refuses) and main() removes again: OpenSSL would
+#: trust the job's CA file, glibc would read the job's zone file, tempfile would
+#: write into the job's directory. The payload gets its own values from the job ad.
+DROPPED_NAMES = ("TMPDIR", "TMP", "TEMP", "SSL_CERT_FILE", "SSL_CERT_DIR", "CTLOG_FILE", "TZ")
 
 #: Variables from the starter that the payload may still find useful.
 STARTER_NAMES = ("_CONDOR_SCRATCH_DIR", "_CONDOR_JOB_IWD", "_CONDOR_SLOT",
@@ -415,25 +439,85 @@ def _error_code(exc: BrokerError) -> int:
     return exit_code_for(exc)
 
 
+def _one_line(text: str) -> str:
+    """``text`` without control characters, so a job-chosen value cannot start a new line."""
+    return "".join(c if c.isprintable() else "?" for c in text)[:2000]
+
+
+def write_error_file(line: str, error_file: str) -> str | None:
+    """Append ``line`` to the wrapper error file; returns why not, or None.
+
+    The path comes from the environment, which the job may have set, and the
+    pilot may be root: the file is opened without following a symlink and
+    without blocking, and written only when it is a regular file with one link
+    that is new or still empty (the starter's file is), so the job cannot aim
+    it at a device, a FIFO, a link to a system file or any file with content.
+    """
+    flags = (os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+             | os.O_NOCTTY | os.O_CLOEXEC)
+
+    def unsuitable(st: os.stat_result) -> bool:
+        return not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_size != 0
+
+    try:
+        if unsuitable(os.lstat(error_file)):
+            return "it is not a new or empty regular file"
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    try:
+        fd = os.open(error_file, flags, 0o644)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    try:
+        if unsuitable(os.fstat(fd)):
+            return "it is not a new or empty regular file"
+        os.write(fd, (line + "\n").encode("utf-8", "replace"))
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    finally:
+        os.close(fd)
+    return None
+
+
 def report_failure(message: str, error_file: str | None) -> None:
     """One sentence on stderr and, under HTCondor, in the wrapper error file."""
-    line = f"broker-pilot: the job was not started: {message}"
+    line = _one_line(f"broker-pilot: the job was not started: {message}")
     sys.stderr.write(line + "\n")
     sys.stderr.flush()
     if error_file:
-        try:
-            with open(error_file, "a", encoding="utf-8") as handle:
-                handle.write(line + "\n")
-        except OSError as exc:
-            sys.stderr.write(f"broker-pilot: cannot write {error_file}: {exc.strerror}\n")
+        why = write_error_file(line, error_file)
+        if why is not None:
+            sys.stderr.write(f"broker-pilot: not writing to the wrapper error file "
+                             f"{_one_line(error_file)}: {why}\n")
+
+
+def unsafe_variables(environ: Mapping[str, str]) -> list[str]:
+    """The names in ``environ`` that would let the caller load code into the pilot."""
+    return sorted(n for n in environ
+                  if n.upper().startswith(UNSAFE_PREFIXES) or n.upper() in UNSAFE_NAMES)
+
+
+def interpreter_isolated() -> bool:
+    """True when Python ignores PYTHON* variables, the user site and the working directory."""
+    flags = sys.flags
+    return bool(flags.isolated and flags.ignore_environment and flags.no_user_site
+                and getattr(flags, "safe_path", True))
 
 
 _USAGE = """usage: broker-pilot [--job-ad FILE] [--config FILE] [--] CMD [ARGS...]
        broker-pilot [--config FILE] --fill-rsa-pool N
+       broker-pilot [--config FILE] --install-launcher DEST
 
 HTCondor USER_JOB_WRAPPER: fetches the job owner's proxy from the broker and runs
 CMD through the payload wrapper. The job ad comes from $_CONDOR_JOB_AD (or --job-ad),
-the configuration from $BROKER_PILOT_CONFIG (or --config, default /etc/broker/pilot.toml).
+the configuration from --config, the path built into the launcher, $BROKER_PILOT_CONFIG
+(a root-owned file only) or /etc/broker/pilot.toml; it must be a file owned by root (or
+the pilot's user) that nobody else can write.
+Under the starter ($_CONDOR_JOB_AD set) every argument is the job's command.
+Jobs run only through the static launcher: build it with --install-launcher DEST
+(or scripts/build-pilot-launcher DEST) and set USER_JOB_WRAPPER = DEST.
 Exit codes: the payload's own; 201 the job's fault, 202 the node's or broker's, 203 denied.
 """
 
@@ -443,17 +527,31 @@ class _Args:
     job_ad: str | None = None
     config: str | None = None
     fill: int | None = None
+    install_launcher: str | None = None
+    launcher_config: str | None = None
     command: tuple[str, ...] = ()
+
+
+_LAUNCHER_FLAG = "--launcher-config="
 
 
 class _UsageError(Exception):
     pass
 
 
-def _parse(argv: Sequence[str]) -> _Args:
+def _parse(argv: Sequence[str], *, starter: bool = False) -> _Args:
     # The starter passes the job's own command line after ours; options are only
     # read before the first word that is not one of ours (or after nothing at all).
+    # Under the starter the first word is the job's Cmd, which the job chooses:
+    # nothing there is an option, so a job cannot pick the configuration or ad.
     args = _Args()
+    if argv and argv[0].startswith(_LAUNCHER_FLAG):
+        # Always the launcher's own first argument (its value may be empty).
+        args.launcher_config = argv[0][len(_LAUNCHER_FLAG):] or None
+        argv = argv[1:]
+    if starter:
+        args.command = tuple(argv)
+        return args
     i = 0
     while i < len(argv):
         word = argv[i]
@@ -463,7 +561,7 @@ def _parse(argv: Sequence[str]) -> _Args:
         if word in ("-h", "--help"):
             sys.stdout.write(_USAGE)
             raise SystemExit(0)
-        if word in ("--job-ad", "--config", "--fill-rsa-pool"):
+        if word in ("--job-ad", "--config", "--fill-rsa-pool", "--install-launcher"):
             if i + 1 >= len(argv):
                 raise _UsageError(f"{word} needs a value")
             value = argv[i + 1]
@@ -471,6 +569,8 @@ def _parse(argv: Sequence[str]) -> _Args:
                 args.job_ad = value
             elif word == "--config":
                 args.config = value
+            elif word == "--install-launcher":
+                args.install_launcher = value
             else:
                 if not value.isdigit() or not 0 < int(value) <= 100000:
                     raise _UsageError("--fill-rsa-pool needs a count from 1 to 100000")
@@ -484,16 +584,26 @@ def _parse(argv: Sequence[str]) -> _Args:
     return args
 
 
-def run(argv: Sequence[str]) -> int:
-    """The whole command; returns the exit status."""
-    error_file = os.environ.get("_CONDOR_WRAPPER_ERROR_FILE") or None
+def run(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> int:
+    """The whole command; returns the exit status (``environ``: os.environ)."""
+    env = os.environ if environ is None else environ
+    error_file = env.get("_CONDOR_WRAPPER_ERROR_FILE") or None
+    unsafe = unsafe_variables(env)
+    if unsafe:
+        report_failure(
+            f"the environment sets {', '.join(_one_line(n) for n in unsafe[:5])}, which would "
+            "let the job load code or data into the pilot; remove it from the job's "
+            "environment (or the node's STARTER_JOB_ENVIRONMENT)", error_file)
+        return EXIT_SYSTEM
     try:
-        args = _parse(argv)
+        args = _parse(argv, starter="_CONDOR_JOB_AD" in env)
     except _UsageError as exc:
         report_failure(f"{exc}; see broker-pilot --help", error_file)
         return EXIT_SYSTEM
+    if args.install_launcher is not None:
+        return _install_launcher(args.install_launcher, args.config)
     try:
-        config = load_pilot_config(args.config)
+        config = load_pilot_config(args.config or args.launcher_config, environ=env)
         if args.fill is not None:
             if config.rsa_pool_dir is None:
                 raise WrapperSystemError(f"set rsa_pool_dir in {config.source} first",
@@ -501,14 +611,14 @@ def run(argv: Sequence[str]) -> int:
             fill_rsa_pool(config.rsa_pool_dir, args.fill)
             say(f"added {args.fill} RSA keys to {config.rsa_pool_dir}")
             return 0
-        ad_path = args.job_ad or os.environ.get("_CONDOR_JOB_AD")
+        ad_path = args.job_ad or env.get("_CONDOR_JOB_AD")
         if not ad_path:
             raise WrapperSystemError(
                 "no job ad: _CONDOR_JOB_AD is not set (by hand: --job-ad FILE)",
                 reason="no_job_ad")
         ad = read_job_ad(ad_path)
         pilot = Pilot(config)
-        job = pilot.start(ad, args.command)
+        job = pilot.start(ad, args.command, dict(env))
     except BrokerError as exc:
         report_failure(exc.message, error_file)
         return _error_code(exc)
@@ -526,5 +636,49 @@ def run(argv: Sequence[str]) -> int:
     return code
 
 
+def _install_launcher(dest: str, config: str | None) -> int:
+    from payload_wrapper.launcher import build_launcher
+
+    try:
+        path = build_launcher(dest, config=str(Path(config).absolute()) if config else None)
+    except BrokerError as exc:
+        say(exc.message)
+        return EXIT_SYSTEM
+    except OSError as exc:
+        say(f"cannot write the launcher {dest}: {exc.strerror or exc}")
+        return EXIT_SYSTEM
+    say(f"built the launcher {path} for {sys.executable}"
+        + (f" with the configuration {Path(config).absolute()}" if config else "")
+        + f"; set USER_JOB_WRAPPER = {path}")
+    return 0
+
+
 def main() -> None:
-    sys.exit(run(sys.argv[1:]))
+    """The entry point: a job runs only in an isolated interpreter (the launcher's)."""
+    argv = sys.argv[1:]
+    if not interpreter_isolated() and not _admin_only(argv):
+        report_failure(
+            "broker-pilot runs jobs only through its static launcher (python -I), because "
+            "the starter's environment belongs to the job; build it with 'broker-pilot "
+            "--install-launcher DEST' and set USER_JOB_WRAPPER = DEST",
+            os.environ.get("_CONDOR_WRAPPER_ERROR_FILE") or None)
+        sys.exit(EXIT_SYSTEM)
+    for name in DROPPED_NAMES:
+        os.environ.pop(name, None)
+    sys.exit(run(argv))
+
+
+def _admin_only(argv: Sequence[str]) -> bool:
+    """--help and --install-launcher, which run no job, also work from a plain interpreter."""
+    if "_CONDOR_JOB_AD" in os.environ:
+        return False
+    try:
+        args = _parse(argv)  # --help prints the usage and exits here
+    except _UsageError:
+        return False
+    return args.install_launcher is not None and not args.command \
+        and args.launcher_config is None and args.job_ad is None and args.fill is None
+
+
+if __name__ == "__main__":
+    main()

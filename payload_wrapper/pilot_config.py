@@ -1,4 +1,17 @@
-"""broker-pilot's configuration: one TOML file, ``$BROKER_PILOT_CONFIG`` or /etc/broker/pilot.toml.
+"""broker-pilot's configuration: one TOML file, the first of
+
+* ``--config FILE`` (by hand only: under the starter no argument is an option);
+* the path compiled into the launcher (``--install-launcher DEST`` with ``--config``);
+* ``$BROKER_PILOT_CONFIG`` — only when it names a file owned by **root**;
+* /etc/broker/pilot.toml.
+
+Whichever names it, the file must belong to the node's administrator: owned by
+root (or by the pilot's own user, for an unprivileged glidein — except through
+the variable: files the starter transfers for a job belong to that user too),
+a regular file that neither group nor others can write, in directories that
+are equally safe (a sticky directory such as /tmp is accepted above an
+admin-owned entry). The job sets the pilot's environment, so a variable naming
+a file the job wrote is refused (202), never read (:func:`trusted_config_path`).
 
 ::
 
@@ -32,6 +45,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -42,7 +56,8 @@ from broker.policy import PatternError, parse_pattern
 from payload_wrapper.config import WrapperSettings, load_config_file, merge_settings
 from payload_wrapper.errors import WrapperSystemError
 
-__all__ = ["DEFAULT_CONFIG", "KEY_TYPES", "PilotConfig", "load_pilot_config", "parse_pilot_config"]
+__all__ = ["DEFAULT_CONFIG", "KEY_TYPES", "PilotConfig", "load_pilot_config", "parse_pilot_config",
+           "trusted_config_path"]
 
 DEFAULT_CONFIG = "/etc/broker/pilot.toml"
 KEY_TYPES = ("ec", "rsa")
@@ -89,16 +104,77 @@ class PilotConfig:
         return merge_settings(base, flags)
 
 
-def load_pilot_config(path: str | os.PathLike[str] | None = None) -> PilotConfig:
-    """Read the file at ``path``, ``$BROKER_PILOT_CONFIG`` or /etc/broker/pilot.toml."""
-    where = Path(path or os.environ.get("BROKER_PILOT_CONFIG") or DEFAULT_CONFIG)
+def _not_admin_owned(path: Path, st: os.stat_result, trusted: frozenset[int], what: str) -> str:
+    if st.st_uid not in trusted:
+        return f"{what} {path} belongs to uid {st.st_uid}"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not (
+            stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX):
+        return f"{what} {path} can be written by its group or others"
+    return ""
+
+
+def trusted_config_path(path: str | os.PathLike[str], *, euid: int | None = None,
+                        root_only: bool = False) -> Path:
+    """The resolved ``path`` when only the node's administrator can have written it.
+
+    Trusted owners are root and ``euid`` (default: the effective uid; only root
+    with ``root_only``). Every
+    directory from / down to the file (symlinks resolved) and the file itself
+    must have a trusted owner and be writable by nobody else (a sticky
+    directory may be world-writable: others cannot replace an entry in it).
+    Raises WrapperSystemError (202) with a sentence saying what to fix.
+    """
+    uid = os.geteuid() if euid is None else euid
+    trusted = frozenset({0} if root_only else {0, uid})
+    given = Path(path)
+    if not given.is_absolute():
+        raise WrapperSystemError(
+            f"the pilot configuration path {given} must be absolute", reason="untrusted_config")
+    real = Path(os.path.realpath(given))
     try:
-        with open(where, "rb") as handle:
-            data = tomllib.load(handle)
+        st = os.stat(real, follow_symlinks=False)
     except FileNotFoundError:
         raise WrapperSystemError(
-            f"the pilot configuration {where} does not exist; create it (see docs/htcondor.md) "
-            "or point BROKER_PILOT_CONFIG at it", reason="no_config") from None
+            f"the pilot configuration {given} does not exist; create it (see docs/htcondor.md)",
+            reason="no_config") from None
+    except OSError as exc:
+        raise WrapperSystemError(f"cannot read the pilot configuration {given}: {exc.strerror}",
+                                 reason="no_config") from exc
+    problem = "" if stat.S_ISREG(st.st_mode) else f"{real} is not a regular file"
+    problem = problem or _not_admin_owned(real, st, trusted, "the file")
+    for parent in real.parents:
+        if problem:
+            break
+        try:
+            problem = _not_admin_owned(parent, os.stat(parent, follow_symlinks=False), trusted,
+                                       "its directory")
+        except OSError as exc:
+            problem = f"its directory {parent} cannot be checked ({exc.strerror})"
+    if problem:
+        owners = "root" if uid == 0 or root_only else f"root or uid {uid}"
+        raise WrapperSystemError(
+            f"the pilot configuration {given} is not trusted: {problem}; only the node's "
+            f"administrator may write it (owned by {owners}, chmod go-w, in such directories)",
+            reason="untrusted_config")
+    return real
+
+
+def load_pilot_config(path: str | os.PathLike[str] | None = None, *,
+                      environ: Mapping[str, str] | None = None) -> PilotConfig:
+    """Read the file at ``path``, ``$BROKER_PILOT_CONFIG`` or /etc/broker/pilot.toml.
+
+    The file must pass :func:`trusted_config_path` wherever its name came from;
+    one named by the variable must be owned by root.
+    """
+    env = os.environ if environ is None else environ
+    from_env = not path and bool(env.get("BROKER_PILOT_CONFIG"))
+    given = path or env.get("BROKER_PILOT_CONFIG") or DEFAULT_CONFIG
+    where = trusted_config_path(Path(given).absolute(), root_only=from_env)
+    try:
+        # O_NOFOLLOW: the resolved path has no link left; one appearing now is refused.
+        fd = os.open(where, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as handle:
+            data = tomllib.load(handle)
     except OSError as exc:
         raise WrapperSystemError(f"cannot read the pilot configuration {where}: "
                                  f"{exc.strerror}", reason="no_config") from exc

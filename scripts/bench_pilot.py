@@ -46,6 +46,7 @@ from broker.condor.jobad import read_job_ad  # noqa: E402
 from broker.devpki import DEV_POLICY, write_dev_pki  # noqa: E402
 from broker.pki.proxy import generate_key  # noqa: E402
 from payload_wrapper.api import execute  # noqa: E402
+from payload_wrapper.launcher import build_launcher  # noqa: E402
 from payload_wrapper.pilot import Pilot, fill_rsa_pool  # noqa: E402
 from payload_wrapper.pilot_config import load_pilot_config  # noqa: E402
 
@@ -237,9 +238,10 @@ def main() -> int:
         rows.append(("command: python -c 'import payload_wrapper.pilot'",
                      timed(command([sys.executable, "-c", "import payload_wrapper.pilot"]),
                            runs)))
+        # what USER_JOB_WRAPPER names: the static launcher -> python -I -m payload_wrapper.pilot
+        launcher = build_launcher(top / "broker-pilot")
         rows.append(("command: broker-pilot /bin/true",
-                     timed(command([str(BIN / "broker-pilot"), "/bin/true"], with_ad=True),
-                           runs)))
+                     timed(command([str(launcher), "/bin/true"], with_ad=True), runs)))
     finally:
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGTERM)

@@ -21,6 +21,11 @@ Refused, with a sentence saying what to change (:class:`~broker.errors.InputErro
   environment (proxy paths, tokens, HOME) into the job;
 * ``environment``/``env`` entries naming a credential location (``X509_*``,
   ``BEARER_TOKEN*``, ``KRB5CCNAME``) or HTCondor's own ``_CONDOR_*`` names;
+* ``environment``/``env`` entries that would reach the pilot rather than the
+  job: the starter hands the job's environment to ``broker-pilot``, which runs
+  as root, so ``PYTHON*``, ``LD_*``, ``BROKER_*`` and glibc's/OpenSSL's
+  loader variables (``GCONV_PATH``, ``MALLOC_*``, ``OPENSSL_CONF``, ...) are
+  refused here (the pilot refuses or ignores them too; docs/htcondor.md);
 * ``x509userproxy`` / ``use_x509userproxy``: these ship the submitter's own
   proxy with the job, which is what the broker replaces;
 * ``include`` lines, whose content cannot be checked here.
@@ -45,6 +50,7 @@ __all__ = [
     "AugmentedSubmit",
     "augment_submit",
     "check_environment_names",
+    "check_pilot_names",
     "parse_submit",
     "submit_to_schedd",
 ]
@@ -58,6 +64,13 @@ _FORBIDDEN_KEYS = {
 }
 _CREDENTIAL_PREFIXES = ("X509_", "BEARER_TOKEN", "_CONDOR_")
 _CREDENTIAL_NAMES = frozenset({"KRB5CCNAME"})
+# Names that would act on broker-pilot (root) before it runs the job: the same
+# loader, glibc and OpenSSL names its launcher refuses, Python's and the pilot's own.
+_PILOT_PREFIXES = ("PYTHON", "LD_", "BROKER_", "MALLOC_", "GLIBC_", "GCONV_", "OPENSSL_",
+                   "DYLD_", "_RLD")
+_PILOT_NAMES = frozenset({"GETCONF_DIR", "HOSTALIASES", "LOCALDOMAIN", "LOCPATH", "NIS_PATH",
+                          "NLSPATH", "RESOLV_HOST_CONF", "RES_OPTIONS", "TZDIR", "SSLKEYLOGFILE",
+                          "KRB5_CONFIG"})
 _FALSE = frozenset({"false", "no", "0", "f", "n"})
 _QUEUE_RE = re.compile(r"\s*queue(\s|$)", re.IGNORECASE)
 _INCLUDE_RE = re.compile(r"\s*include\s*(:|command\s*:)", re.IGNORECASE)
@@ -98,6 +111,12 @@ def check_environment_names(names: Iterable[str]) -> list[str]:
     """The names among ``names`` that would carry a credential or HTCondor internals."""
     return [n for n in names
             if n.upper().startswith(_CREDENTIAL_PREFIXES) or n.upper() in _CREDENTIAL_NAMES]
+
+
+def check_pilot_names(names: Iterable[str]) -> list[str]:
+    """The names among ``names`` that would reach broker-pilot instead of the job."""
+    return [n for n in names
+            if n.upper().startswith(_PILOT_PREFIXES) or n.upper() in _PILOT_NAMES]
 
 
 def _environment_entries(value: str) -> list[tuple[str, str]]:
@@ -149,6 +168,13 @@ def _validate(submit: Any) -> None:
                 f"the '{key}' line sets {', '.join(sorted(set(bad)))}, which would point the "
                 "job at a credential or HTCondor internals; remove it: the pilot sets "
                 "X509_USER_PROXY to the proxy it fetched for the job", reason="credential_env")
+        bad = check_pilot_names(n for n, _ in entries)
+        if bad:
+            raise InputError(
+                f"the '{key}' line sets {', '.join(sorted(set(bad)))}, which the execute node's "
+                "pilot (running as root) would see before your job starts; remove it and set "
+                "it inside your executable instead (e.g. 'export PYTHONPATH=...' in the "
+                "job's script)", reason="pilot_env")
 
 
 def _logical_lines(text: str) -> list[list[str]]:

@@ -1,10 +1,12 @@
 """broker-pilot end to end: the test plays the condor_starter against a real broker.
 
 Each test writes a ``.job.ad`` in the starter's format into a scratch dir, sets
-the ``_CONDOR_*`` variables and runs the installed ``broker-pilot`` console
-script with a test pilot.toml. The payload is a small sh script; it runs as
-``nobody`` and records its uid and what ``grid-proxy-info`` says about the
-proxy it was given. Needs root (the identity switch), like the wrapper tests.
+the ``_CONDOR_*`` variables and runs ``broker-pilot`` as USER_JOB_WRAPPER is
+installed: the static launcher (built here from payload_wrapper/launcher) that
+execs this venv's ``python -I -m payload_wrapper.pilot``, with a test pilot.toml.
+The payload is a small sh script; it runs as ``nobody`` and records its uid
+and what ``grid-proxy-info`` says about the proxy it was given. Needs root (the
+identity switch), like the wrapper tests.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from payload_wrapper.launcher import build_launcher
 from tests.brokerserver import RunningBroker, free_port, start_broker
 from tests.interop.tools import need
 from tests.payload_wrapper.conftest import needs_root
@@ -70,6 +73,7 @@ class Site:
     payload: Path
     marks: Path
     pki: GridPki
+    launcher: Path
 
     def config(self, **overrides: object) -> Path:
         values: dict[str, object] = {
@@ -139,7 +143,7 @@ def run_as_starter(site: Site, config: Path, ad_text: str, *args: str,
         "BROKER_PILOT_CONFIG": str(config),
         "BROKER_TEST_LEAK": "the starter's environment",  # must not reach the payload
     }
-    result = subprocess.run([str(BIN / "broker-pilot"), str(site.payload), str(marker), *args],
+    result = subprocess.run([str(site.launcher), str(site.payload), str(marker), *args],
                             env=env, capture_output=True, text=True, timeout=timeout,
                             check=False)
     return StarterRun(result, error_file, marker, scratch)
@@ -162,13 +166,14 @@ def site(grid_pki: GridPki) -> Iterator[Site]:  # noqa: F811 - fixture parameter
     payload = base / "payload.sh"
     payload.write_text(PAYLOAD)
     payload.chmod(0o755)
+    launcher = build_launcher(base / "broker-pilot")
     broker_dir = Path(tempfile.mkdtemp(prefix="pilot-broker-"))
     broker = start_broker(grid_pki, broker_dir)  # DEV_POLICY
     try:
         alice = broker.client("alice")
         alice.delegate(alice.identity.load(), username="alice", now=datetime.now(UTC),
                        max_proxy_hours=6)
-        yield Site(base, broker, ca_dir, vomsdir, workdir, payload, marks, grid_pki)
+        yield Site(base, broker, ca_dir, vomsdir, workdir, payload, marks, grid_pki, launcher)
     finally:
         broker.stop()
         shutil.rmtree(broker_dir, ignore_errors=True)
@@ -277,14 +282,14 @@ def test_missing_job_ad_and_bad_config(site: Site) -> None:
     marker = site.marks / "ran-no-ad"
     env = {"PATH": "/usr/bin:/bin", "BROKER_PILOT_CONFIG": str(site.config()),
            "_CONDOR_WRAPPER_ERROR_FILE": str(site.base / "err-no-ad")}
-    result = subprocess.run([str(BIN / "broker-pilot"), str(site.payload), str(marker)],
+    result = subprocess.run([str(site.launcher), str(site.payload), str(marker)],
                             env=env, capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 202
     assert "_CONDOR_JOB_AD" in (site.base / "err-no-ad").read_text()
     bad = site.base / "bad.toml"
     bad.write_text('broker_url = "https://x"\ncert = "c"\nkey = "k"\n')
     env["BROKER_PILOT_CONFIG"] = str(bad)
-    result = subprocess.run([str(BIN / "broker-pilot"), str(site.payload), str(marker)],
+    result = subprocess.run([str(site.launcher), str(site.payload), str(marker)],
                             env=env, capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 202
     assert "allowed_owners" in result.stderr
@@ -320,7 +325,7 @@ def test_refresh_replaces_the_proxy_of_a_running_payload(site: Site) -> None:
 def test_by_hand_with_job_ad_and_rsa_pool(site: Site) -> None:
     pool = site.base / "keys"
     config = site.config(rsa_pool_dir=str(pool), key_type="rsa")
-    filled = subprocess.run([str(BIN / "broker-pilot"), "--config", str(config),
+    filled = subprocess.run([str(site.launcher), "--config", str(config),
                              "--fill-rsa-pool", "2"], capture_output=True, text=True,
                             timeout=120, check=False)
     assert filled.returncode == 0, filled.stderr
@@ -329,7 +334,7 @@ def test_by_hand_with_job_ad_and_rsa_pool(site: Site) -> None:
     ad.write_text(job_ad(cluster=108))
     marker = site.marks / "ran-by-hand"
     result = subprocess.run(
-        [str(BIN / "broker-pilot"), "--config", str(config), "--job-ad", str(ad), "--",
+        [str(site.launcher), "--config", str(config), "--job-ad", str(ad), "--",
          str(site.payload), str(marker)],
         env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=120,
         check=False)
@@ -374,3 +379,159 @@ def test_fqan_allow_list_refuses_another_vo(site: Site) -> None:
     _assert_refused(run, 203, "FQANs (/atlas/Role=NULL/Capability=NULL)", "allowed_owners")
     # the FQAN check needs the proxy, so the retrieval happened and is audited
     assert _audit_rows(site, "submit.example.org#132.0#1700000000")
+
+
+# --------------------------------------------------------------------------- hostile jobs
+#
+# Issue 19: the starter builds the wrapper's environment from STARTER_JOB_ENVIRONMENT
+# and lets the job ad's Environment override it, and runs the wrapper in the job's
+# scratch directory, which holds the job's files. Each test plays that literally:
+# `env -i` + the starter's variables + the job's, the cwd the job's scratch directory.
+
+SITECUSTOMIZE = """import os
+with open({marker!r}, "w") as out:
+    out.write(f"uid={{os.getuid()}}\\n")
+    try:
+        out.write(open({key!r}).read()[:40])
+    except OSError as exc:
+        out.write(f"key: {{exc}}")
+"""
+
+
+def run_hostile(site: Site, config: Path | None, ad_text: str, job_env: dict[str, str],
+                files: dict[str, str], *command: str) -> StarterRun:
+    """The starter running a job whose Environment is ``job_env`` and whose files are ``files``."""
+    nobody = int(subprocess.run(["id", "-u", "nobody"], capture_output=True, text=True,
+                                check=True).stdout)
+    scratch = Path(tempfile.mkdtemp(prefix="scratch-", dir=site.base))
+    (scratch / ".job.ad").write_text(ad_text)
+    for name, text in files.items():
+        path = scratch / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        for owned in (path, *[p for p in path.parents if p != scratch and scratch in p.parents]):
+            os.chown(owned, nobody, nobody)  # the job's files are the job's
+    error_file = scratch / ".wrapper_error"
+    marker = site.marks / f"ran-{scratch.name}"
+    starter = {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "_CONDOR_JOB_AD": str(scratch / ".job.ad"),
+        "_CONDOR_SCRATCH_DIR": str(scratch),
+        "_CONDOR_JOB_IWD": str(scratch),
+        "_CONDOR_WRAPPER_ERROR_FILE": str(error_file),
+        "TMPDIR": str(scratch),
+    }
+    if config is not None:
+        starter["BROKER_PILOT_CONFIG"] = str(config)
+    env = {**starter, **{k: v.replace("@SCRATCH@", str(scratch)) for k, v in job_env.items()}}
+    cmd = [c.replace("@SCRATCH@", str(scratch)) for c in command] or [str(site.payload),
+                                                                      str(marker)]
+    result = subprocess.run(["env", "-i", *(f"{k}={v}" for k, v in env.items()),
+                             str(site.launcher), *cmd],
+                            cwd=scratch, capture_output=True, text=True, timeout=120, check=False)
+    return StarterRun(result, error_file, marker, scratch)
+
+
+def _ad_environment(job_env: dict[str, str]) -> str:
+    return "Environment = \"" + " ".join(f"{k}={v}" for k, v in job_env.items()) + "\""
+
+
+def test_job_python_variables_and_modules_never_run_in_the_pilot(site: Site) -> None:
+    # A job-shipped sitecustomize/usercustomize, a module shadowing one the pilot
+    # imports (tomllib) in the working directory and PYTHON* variables pointing at
+    # them: before the fix sitecustomize ran as root and read the pilot's key.
+    evidence = site.marks / "sitecustomize-ran"
+    code = SITECUSTOMIZE.format(marker=str(evidence), key=str(site.pki.key_path("pilot")))
+    job_env = {"PYTHONPATH": "@SCRATCH@/lib", "PYTHONSTARTUP": "@SCRATCH@/lib/sitecustomize.py",
+               "PYTHONUSERBASE": "@SCRATCH@/user", "PYTHONINSPECT": "1",
+               "PYTHONWARNINGS": "error", "HOME": "@SCRATCH@"}
+    files = {"lib/sitecustomize.py": code, "tomllib.py": code, "secrets.py": code,
+             "payload_wrapper/__init__.py": code,
+             "user/lib/python3.11/site-packages/usercustomize.py": code}
+    run = run_hostile(site, site.config(), job_ad(cluster=120, extra=_ad_environment(job_env)),
+                      job_env, files)
+    assert not evidence.exists(), evidence.read_text()
+    assert run.result.returncode == 0, run.result.stderr
+    assert run.marker.exists()
+    assert "PYTHONPATH is not passed" in run.result.stderr
+
+
+def test_ld_preload_from_the_job_is_refused_before_any_code_runs(site: Site) -> None:
+    # Before the fix the constructor ran inside the pilot as uid 0.
+    evidence = site.marks / "constructor-ran"
+    source = site.base / "evil.c"
+    source.write_text(
+        '#include <stdio.h>\n__attribute__((constructor)) static void evil(void) {\n'
+        f'    FILE *f = fopen("{evidence}", "w"); if (f) {{ fputs("ran", f); fclose(f); }}\n'
+        "}\n")
+    library = site.base / "evil.so"
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(library), str(source)], check=True,
+                   timeout=60)
+    # the library is a working one: it does run in a dynamically linked program
+    subprocess.run(["env", "-i", f"LD_PRELOAD={library}", "/bin/true"], check=True, timeout=30)
+    assert evidence.exists()
+    evidence.unlink()
+    for job_env in ({"LD_PRELOAD": str(library)}, {"LD_LIBRARY_PATH": "@SCRATCH@"},
+                    {"LD_AUDIT": str(library)}):
+        run = run_hostile(site, site.config(), job_ad(cluster=121, extra=_ad_environment(job_env)),
+                          job_env, {})
+        _assert_refused(run, 202, f"the environment sets {next(iter(job_env))}")
+        assert not evidence.exists()
+        assert _audit_rows(site, "submit.example.org#121.0#1700000000") == []
+
+
+def test_job_written_pilot_config_is_refused(site: Site) -> None:
+    # Before the fix the job's config (mode none, every owner) ran the payload
+    # unswitched as root.
+    evil = ('broker_url = "https://127.0.0.1:1"\nproxy = "/nonexistent"\n'
+            'allowed_owners = ["*"]\n[wrapper]\nmode = "none"\n')
+    job_env = {"BROKER_PILOT_CONFIG": "@SCRATCH@/evil.toml"}
+    run = run_hostile(site, site.config(), job_ad(cluster=122, extra=_ad_environment(job_env)),
+                      job_env, {"evil.toml": evil})
+    _assert_refused(run, 202, "evil.toml is not trusted", "belongs to uid")
+    # root-owned but writable by others, or reached through a job-owned directory
+    loose = site.base / "loose.toml"
+    loose.write_text(site.config().read_text())
+    loose.chmod(0o666)
+    run = run_hostile(site, None, job_ad(cluster=122), {"BROKER_PILOT_CONFIG": str(loose)}, {})
+    _assert_refused(run, 202, "can be written by its group or others")
+    job_env = {"BROKER_PILOT_CONFIG": "@SCRATCH@/conf/link.toml"}
+    run = run_hostile(site, None, job_ad(cluster=122), job_env, {"conf/placeholder": ""})
+    _assert_refused(run, 202, "does not exist")
+    assert _audit_rows(site, "submit.example.org#122.0#1700000000") == []
+
+
+def test_job_command_is_never_read_as_pilot_options(site: Site) -> None:
+    # The job chooses Cmd, which the starter passes first: "--job-ad FORGED" must be
+    # the job's command line, not a job ad of the job's making.
+    forged = job_ad(cluster=123)
+    run = run_hostile(site, site.config(), job_ad(cluster=124), {}, {"forged.ad": forged},
+                      "--job-ad", "@SCRATCH@/forged.ad", str(site.payload), "unused")
+    assert run.result.returncode != 0
+    assert _audit_rows(site, "submit.example.org#123.0#1700000000") == []
+
+
+def test_wrapper_error_file_aimed_at_other_files_is_not_written(site: Site) -> None:
+    # The job may set _CONDOR_WRAPPER_ERROR_FILE: the pilot (root) must not follow a
+    # link to a system file, append to a file that has content, or block on a FIFO.
+    victim = site.base / "victim.conf"
+    victim.write_text("root's file\n")
+    aim = Path(tempfile.mkdtemp(prefix="aim-", dir=site.base))
+    (aim / "symlink").symlink_to(victim)
+    (aim / "full").write_text("earlier content\n")
+    os.link(victim, aim / "hardlink")
+    os.mkfifo(aim / "fifo")
+    for name in ("symlink", "full", "hardlink", "fifo"):
+        run = run_hostile(site, site.config(), job_ad(owner_dn=None, cluster=125),
+                          {"_CONDOR_WRAPPER_ERROR_FILE": str(aim / name)}, {})
+        assert run.result.returncode == 201, run.result.stderr
+        assert "BrokerOwner" in run.result.stderr
+        assert "not writing to the wrapper error file" in run.result.stderr, name
+    assert victim.read_text() == "root's file\n"
+    assert (aim / "full").read_text() == "earlier content\n"
+    # the launcher's own refusal obeys the same rule
+    run = run_hostile(site, site.config(), job_ad(cluster=125),
+                      {"_CONDOR_WRAPPER_ERROR_FILE": str(aim / "symlink"), "LD_PRELOAD": "x"}, {})
+    assert run.result.returncode == 202
+    assert "not writing to the wrapper error file" in run.result.stderr
+    assert victim.read_text() == "root's file\n"

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import htcondor2
 import pytest
 
@@ -64,6 +68,15 @@ def test_no_queue_statement_appends_the_block() -> None:
          "credential_env", "X509_USER_PROXY"),
         ("executable = a\nenv = BEARER_TOKEN_FILE=/t;A=1\nqueue\n", "credential_env",
          "BEARER_TOKEN_FILE"),
+        ('executable = a\nenvironment = "A=1 PYTHONPATH=/home/a/lib"\nqueue\n', "pilot_env",
+         "PYTHONPATH"),
+        ("executable = a\nenv = LD_PRELOAD=/home/a/x.so\nqueue\n", "pilot_env", "LD_PRELOAD"),
+        ('executable = a\nenvironment = "BROKER_PILOT_CONFIG=/home/a/p.toml"\nqueue\n',
+         "pilot_env", "BROKER_PILOT_CONFIG"),
+        ('executable = a\nenvironment = "pythonhome=/x GCONV_PATH=/y"\nqueue\n', "pilot_env",
+         "GCONV_PATH, pythonhome"),
+        ("executable = a\nenv = OPENSSL_CONF=/home/a/engine.cnf\nqueue\n", "pilot_env",
+         "inside your executable"),
         ("executable = a\nx509userproxy = /tmp/x509up_u1\nqueue\n", "proxy_shipped",
          "x509userproxy"),
         ("executable = a\nuse_x509userproxy = true\nqueue\n", "proxy_shipped", "broker"),
@@ -102,3 +115,16 @@ def test_no_schedd_is_a_clear_system_failure() -> None:
         submit_to_schedd(result)
     assert err.value.reason == "no_schedd"
     assert "--dry-run" in err.value.message
+
+
+def test_broker_submit_refuses_pilot_variables_before_asking_the_broker(tmp_path: Path) -> None:
+    job = tmp_path / "job.sub"
+    job.write_text('executable = /bin/true\nenvironment = "PYTHONPATH=/home/a/lib A=1"\nqueue\n')
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "broker-submit"), str(job), "-k", "default",
+         "--dry-run", "-s", "localhost:1"],
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}, capture_output=True, text=True,
+        timeout=60, check=False)
+    assert result.returncode == 1, result.stderr
+    assert "PYTHONPATH" in result.stderr and "inside your executable" in result.stderr
+    assert "Traceback" not in result.stderr
