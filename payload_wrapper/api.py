@@ -364,7 +364,7 @@ def choose_containment(settings: WrapperSettings, mapping: AccountMapping | None
     if dedicated:
         return "uid"
     raise WrapperSystemError(
-        (f"containment = \"uid\" is configured" if wanted == "uid"
+        ("containment = \"uid\" is configured" if wanted == "uid"
          else f"no cgroup is available ({why_not_cgroup})")
         + ", and killing by uid is only safe for an account that belongs to the job (a pool "
         "lease through gridmapdir, or kill_all_target_processes = true for an account used "
@@ -667,7 +667,7 @@ def _finish(job: PreparedJob, reason: str | None) -> str | None:
             elif s.mode == "sudo":
                 pilot = job.pilot_uid if job.pilot_uid is not None else os.getuid()
                 _sudo_helper(job, "finish", str(job.job_dir), str(pilot), str(job.egg_cache))
-        except Exception as exc:  # noqa: BLE001 - reported; the epilogue must still run
+        except Exception as exc:
             problems.append(f"cleaning up the job directory failed: {exc}")
         finally:
             for leftover in (job.spec_path, job.started_path):

@@ -41,7 +41,14 @@ from typing import Any
 
 from payload_wrapper.errors import ClientError, WrapperError, WrapperSystemError
 
-__all__ = ["CONTAINMENTS", "MODES", "WrapperSettings", "load_config_file", "merge_settings", "parse_umask"]
+__all__ = [
+    "CONTAINMENTS",
+    "MODES",
+    "WrapperSettings",
+    "load_config_file",
+    "merge_settings",
+    "parse_umask",
+]
 
 MODES = ("setuid", "sudo", "none")
 CONTAINMENTS = ("auto", "cgroup", "uid", "session")
@@ -83,7 +90,7 @@ class WrapperSettings:
     sudo_helper: str = field(default_factory=_default_helper)
     containment: str = "auto"  # auto | cgroup | uid | session; see payload_wrapper.containment
     cgroup_parent: Path | None = None  # None: the wrapper's own cgroup
-    state_dir: Path | None = None  # None: /run/payload-wrapper (root), else /tmp/payload-wrapper-UID
+    state_dir: Path | None = None  # None: /run/payload-wrapper (root) or /tmp/payload-wrapper-UID
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

@@ -293,33 +293,43 @@ def kill_uid(uid: int, gid: int) -> int:
     if uid == 0:
         raise WrapperSystemError("refusing to kill every process of uid 0")
     seen: set[int] = set()
+    # A scan of /proc can miss a process that changes its pid while the scan runs,
+    # so the kill never waits for a scan to find something: kill first, then look.
     for _ in range(_UID_ROUNDS):
+        seen.update(pid for pid in uid_processes(uid) if pid != os.getpid())
+        _kill_all_as(uid, gid)
+        time.sleep(0.005)
         alive = [pid for pid in uid_processes(uid) if pid != os.getpid()]
         if not alive:
             return len(seen)
         seen.update(alive)
-        if os.getuid() == uid and os.geteuid() == uid:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(-1, signal.SIGKILL)  # spares the caller itself
-        else:
-            pid = os.fork()
-            if pid == 0:  # pragma: no cover - child
-                code = 1
-                try:
-                    os.setgroups([])
-                    os.setresgid(gid, gid, gid)
-                    os.setresuid(uid, uid, uid)
-                    os.kill(-1, signal.SIGKILL)
-                    code = 0
-                finally:
-                    os._exit(code)
-            _, status = os.waitpid(pid, 0)
-            if os.waitstatus_to_exitcode(status) not in (0, 1):
-                raise WrapperSystemError("the uid-wide kill helper process failed")
-        time.sleep(0.005)
     raise WrapperSystemError(
         f"processes of uid {uid} survived repeated kill(-1); check the node (D-state processes?)"
     )
+
+
+def _kill_all_as(uid: int, gid: int) -> None:
+    """``kill(-1, SIGKILL)`` with the identity of ``uid`` (ourselves, or a forked child)."""
+    if os.getuid() == uid and os.geteuid() == uid:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(-1, signal.SIGKILL)  # spares the caller itself
+        return
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        code = 1
+        try:
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+            os.kill(-1, signal.SIGKILL)
+            code = 0
+        except ProcessLookupError:
+            code = 0  # nothing to signal
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise WrapperSystemError("the uid-wide kill helper process failed")
 
 
 # --------------------------------------------------------------------------- one owner per uid

@@ -484,19 +484,19 @@ def claim_default_proxy_path(uid: int, gid: int, *, attempts: int = 5) -> str | 
             if stat.S_ISREG(st.st_mode) and st.st_uid == uid and st.st_nlink == 1:
                 return note  # the target's own file
             if os.geteuid() != 0:
+                kind = "a link" if stat.S_ISLNK(st.st_mode) else f"mode {st.st_mode:o}"
                 raise WrapperSystemError(
                     f"{path} exists but is not a private file of uid {uid} (owner uid "
-                    f"{st.st_uid}, {'a link' if stat.S_ISLNK(st.st_mode) else 'mode %o' % st.st_mode}"
-                    "); another local user may have planted it to catch a proxy, so the "
-                    "payload is not started: ask the admin to remove it",
+                    f"{st.st_uid}, {kind}); another local user may have planted it to catch a "
+                    "proxy, so the payload is not started: ask the admin to remove it",
                     reason="planted_proxy_path",
                 )
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
             note = f"removed {path} planted by uid {st.st_uid}"
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         0o600)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(path, flags, 0o600)
         except FileExistsError:
             continue  # somebody raced us; look again
         except OSError as exc:
