@@ -32,7 +32,8 @@ pytestmark = [pytest.mark.root, needs_root]
 
 WRAPPER = str(Path(sys.executable).parent / "payload-wrapper")
 
-# Forks, and the parent exits at once: one process alive at a time, a new pid every hop.
+# Forks, and the parent exits at once: one process alive at a time, a new pid every hop,
+# each in a new session (so neither the process group nor the session finds it).
 HOPPER_C = r"""
 #include <stdlib.h>
 #include <unistd.h>
@@ -42,6 +43,7 @@ int main(int argc, char **argv) {
         if (pause) usleep(pause);
         pid_t pid = fork();
         if (pid > 0) _exit(0);
+        if (pid == 0) setsid();
         if (pid < 0) usleep(1000);
     }
 }
@@ -171,7 +173,7 @@ def test_two_owners_never_share_an_account(
         assert api.run_payload(settings, place.proxy, ["/bin/true"], job_id="alice2") == 0
     finally:
         gate.touch()
-        out, err = first.communicate(timeout=30)
+        _, err = first.communicate(timeout=30)
     assert first.returncode == 0, err
     # Once the first owner is gone, another owner may use the account.
     assert api.run_payload(settings, bob, ["/bin/true"], job_id="bob2") == 0
