@@ -43,7 +43,13 @@ from broker.trustdir import default_ca_dir, default_vomsdir, load_ca_dir
 from payload_wrapper import sandbox as sb
 from payload_wrapper.audit import AuditRecord, write_audit
 from payload_wrapper.config import WrapperSettings
-from payload_wrapper.containment import JobCgroup, UidLock, cgroup_parent, default_state_dir
+from payload_wrapper.containment import (
+    JobCgroup,
+    UidLock,
+    cgroup_parent,
+    default_state_dir,
+)
+from payload_wrapper.containment import kill_uid as kill_uid_processes
 from payload_wrapper.environment import PayloadPaths, build_environment
 from payload_wrapper.errors import (
     EXIT_SYSTEM,
@@ -569,11 +575,13 @@ def _execute(job: PreparedJob) -> int:
             with contextlib.suppress(WrapperError, OSError, subprocess.SubprocessError):
                 _sudo_helper(job, "killall" if uid_wide else "kill", *([] if uid_wide else [me]))
 
-    kill_uid: tuple[int, int] | None = None
-    if s.mode == "setuid" and (uid_wide or (
-            s.kill_all_target_processes and job.uid_lock is not None
-            and job.uid_lock.sole_holder())):
-        kill_uid = (job.run_as.uid, job.run_as.gid)
+    def kill_uid() -> int:
+        # Decided after the payload's exit: only when no other job holds the account now.
+        lock = job.uid_lock
+        if uid_wide or (s.kill_all_target_processes and lock is not None and lock.sole_holder()):
+            return kill_uid_processes(job.run_as.uid, job.run_as.gid)
+        return 0
+
     cgroup: JobCgroup | None = None
     try:
         if job.containment == "cgroup":
@@ -588,7 +596,8 @@ def _execute(job: PreparedJob) -> int:
             spec, mode=s.mode, timeout=s.payload_timeout, grace=s.kill_grace,
             heartbeat=lambda: _heartbeat(job),
             heartbeat_every=min(300.0, s.lease_expiry / 4), sudo_prefix=sudo_prefix,
-            kill_uid=kill_uid, remote_kill=remote_kill, cgroup=cgroup,
+            kill_uid=kill_uid if s.mode == "setuid" else None, remote_kill=remote_kill,
+            cgroup=cgroup,
             reap_uid=job.run_as.uid if s.mode == "setuid" else None,
         )
         code, reason = _interpret(job, result)

@@ -357,7 +357,7 @@ def run_tracked(
     heartbeat: Callable[[], None] | None = None,
     heartbeat_every: float = 300.0,
     sudo_prefix: Sequence[str] | None = None,
-    kill_uid: tuple[int, int] | None = None,
+    kill_uid: Callable[[], int] | None = None,
     remote_kill: Callable[[], None] | None = None,
     cgroup: JobCgroup | None = None,
     reap_uid: int | None = None,
@@ -365,8 +365,8 @@ def run_tracked(
     """Start the payload, wait for it (forwarding signals), then kill what it left behind.
 
     ``cgroup``: the payload joins it before exec and everything in it is killed
-    with ``cgroup.kill`` afterwards. ``kill_uid`` (uid, gid): every process of
-    that uid is killed afterwards (only for an account the job has to itself).
+    with ``cgroup.kill`` afterwards. ``kill_uid``: called afterwards to kill every
+    process of the target uid when that is safe (it decides; returns how many).
     ``reap_uid``: zombies of that uid re-parented to us are reaped while the
     payload runs, so a payload forking in a loop cannot fill the pid table.
     """
@@ -410,7 +410,7 @@ def run_tracked(
         if remote_kill is not None:
             remote_kill()
         if kill_uid is not None:
-            leftovers += kill_uid_processes(*kill_uid)
+            leftovers += kill_uid()
         # Descendants and the process group (all that is left without a cgroup); reaps zombies.
         leftovers += kill_job_processes(pgid=pgid, uid=None, grace=grace)
     return RunResult(returncode, timed_out, leftovers=leftovers)
