@@ -16,16 +16,20 @@ Modes
 
 Tracking
 --------
-The wrapper makes itself a *child subreaper* (``prctl(PR_SET_CHILD_SUBREAPER)``)
+The job's processes are contained by the mechanism :mod:`payload_wrapper.containment`
+describes (a cgroup v2 per job, a uid-wide ``kill(-1)`` for an account the job has to
+itself, or the ``/proc`` scan below); :func:`run_tracked` takes what the caller chose.
+
+The wrapper also makes itself a *child subreaper* (``prctl(PR_SET_CHILD_SUBREAPER)``)
 before starting the payload. An orphaned process is then re-parented to the
 wrapper rather than to init, so a payload that double-forks and calls
 ``setsid`` (leaving the process group and the session) still descends from the
-wrapper. After the payload exits (or times out) the wrapper scans ``/proc``,
+wrapper, and its zombies are reaped while the payload runs. After the payload
+exits (or times out) the wrapper kills the cgroup, then scans ``/proc``,
 signals every descendant (SIGTERM, then SIGKILL after a grace period, repeated
-until nothing is left) and reaps them. With ``kill_all_target_processes`` (for
-accounts dedicated to one job, like a leased pool account that a DN never
-shares) every process of the target uid is killed as well, which also catches
-processes started outside the tree (``at``, ``systemd-run``).
+until nothing is left) and reaps them. A scan alone can miss a process that
+changes its pid between the listing and the kill, which is why it is only the
+last line of defence (containment ``session``).
 
 A consequence: one process runs one job at a time (the CLI, or one
 ``broker-pilot`` per job), since every descendant counts as part of the job.
