@@ -55,6 +55,7 @@ __all__ = [
     "cgroup_parent",
     "default_state_dir",
     "find_cgroup2_mount",
+    "kernel_version",
     "kill_uid",
     "own_cgroup",
     "uid_processes",
@@ -122,7 +123,22 @@ def cgroup_parent(configured: Path | None) -> Path:
         parent = mount / own.lstrip("/")
     if not (parent / "cgroup.procs").exists():
         raise WrapperSystemError(f"{parent} is not a cgroup v2 directory", reason="no_cgroup")
+    if kernel_version(os.uname().release) < (5, 16):
+        raise WrapperSystemError(
+            f"Linux {os.uname().release} checks cgroup.procs writes against the writer, not the "
+            "opener (5.16 or later is needed for a switched payload to join its cgroup)",
+            reason="no_cgroup",
+        )
     return parent
+
+
+def kernel_version(release: str) -> tuple[int, int]:
+    """``(major, minor)`` of a ``uname -r`` string such as ``6.1.0-18-amd64``; (0, 0) if odd."""
+    parts = release.split(".")
+    try:
+        return int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) or 0)
+    except (IndexError, ValueError):
+        return (0, 0)
 
 
 @dataclass

@@ -162,7 +162,7 @@ def attacks(pki: GridPki, base: Path) -> Iterator[tuple[str, Callable[[Outcome],
             if (place / "work" / "job-own2" / "ran").exists():
                 outcome.fail("ACCEPTED: a second owner ran under the account of a running job")
             elif second.returncode == 202 and "another owner" in second.stderr:
-                outcome.note("second owner refused: " + second.stderr.strip()[-120:])
+                outcome.note("second owner refused: " + second.stderr.strip()[:160])
             else:
                 outcome.fail(f"second owner: exit {second.returncode} {second.stderr[-160:]}")
         finally:
