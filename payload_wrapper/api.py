@@ -12,9 +12,11 @@ or, when the pilot must refresh the proxy while the payload runs::
     code = execute(job)                                          # never raises; audits
 
 Order of work (fail closed: nothing runs unless every step before the switch
-succeeded): check the proxy file and chain -> ban list and mapping -> build
-the environment -> create the sandbox -> switch and run -> kill leftovers ->
-epilogue -> make outputs readable by the pilot -> audit line -> exit code.
+succeeded): check the proxy file and chain -> ban list and mapping -> choose
+the containment and take the account's one-owner lock -> build the environment
+-> create the sandbox -> (job cgroup) switch and run -> kill everything of the
+job -> make outputs readable by the pilot -> epilogue -> audit line -> exit code.
+Every step after the run happens whatever the one before it did.
 """
 
 from __future__ import annotations
