@@ -58,6 +58,7 @@ __all__ = [
     "kernel_version",
     "kill_uid",
     "own_cgroup",
+    "reap_stale_cgroups",
     "uid_processes",
 ]
 
@@ -154,6 +155,7 @@ class JobCgroup:
         if os.geteuid() != 0:
             raise WrapperSystemError("a cgroup per job needs the wrapper to run as root",
                                      reason="no_cgroup")
+        reap_stale_cgroups(parent)
         path = parent / f"{_CGROUP_NAME}{os.getpid()}-{secrets.token_hex(6)}"
         try:
             os.mkdir(path, 0o755)
@@ -258,6 +260,34 @@ class JobCgroup:
                     ) from exc
                 time.sleep(0.02)
         raise WrapperSystemError(f"the job's cgroup {self.path} stays busy; it was left behind")
+
+
+def reap_stale_cgroups(parent: Path) -> list[Path]:
+    """Kill and remove job cgroups whose wrapper is gone (it was SIGKILLed, say).
+
+    A job cgroup is named ``payload-wrapper-<wrapper pid>-<random>``; when no
+    process has that pid any more, nothing will ever clean it up but us. A live
+    pid (even a reused one) is left alone. Best effort: returns what was removed.
+    """
+    removed: list[Path] = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    for name in names:
+        if not name.startswith(_CGROUP_NAME):
+            continue
+        pid_text = name[len(_CGROUP_NAME):].split("-", 1)[0]
+        if not pid_text.isdigit() or Path(f"/proc/{pid_text}").exists():
+            continue
+        stale = JobCgroup(parent / name, -1)
+        try:
+            stale.kill(timeout=5.0)
+            stale.remove()
+        except (WrapperSystemError, OSError):
+            continue
+        removed.append(stale.path)
+    return removed
 
 
 # --------------------------------------------------------------------------- by uid

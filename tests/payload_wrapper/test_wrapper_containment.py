@@ -21,7 +21,13 @@ from pathlib import Path
 import pytest
 
 from payload_wrapper import api
-from payload_wrapper.containment import kill_uid, uid_processes
+from payload_wrapper.containment import (
+    JobCgroup,
+    cgroup_parent,
+    kill_uid,
+    reap_stale_cgroups,
+    uid_processes,
+)
 from payload_wrapper.errors import WrapperSystemError
 from payload_wrapper.sandbox import default_proxy_path, grant_read
 from tests.prerequisites import require_tools
@@ -310,3 +316,35 @@ def test_planted_default_proxy_path_never_receives_a_proxy(
     assert "PRIVATE KEY" not in caught and caught == "", "the proxy went to the attacker's file"
     assert not still_planted and not leftover
     assert "planted by uid" in str(audit_lines(place)[-1]["planted"])
+
+
+def test_cgroup_of_a_killed_wrapper_is_reaped_by_the_next() -> None:
+    parent = cgroup_parent(None)
+    gone = subprocess.Popen(["/bin/true"])
+    gone.wait()  # a pid that no longer exists: the "wrapper" that was SIGKILLed
+    stale = parent / f"payload-wrapper-{gone.pid}-test"
+    stale.mkdir()
+    orphan = subprocess.Popen(["/bin/sleep", "300"])
+    try:
+        (stale / "cgroup.procs").write_text(str(orphan.pid))
+        job = JobCgroup.create(parent)
+        job.remove()
+        assert orphan.wait(10) == -9
+        assert not stale.exists()
+    finally:
+        if orphan.poll() is None:
+            orphan.kill()
+            orphan.wait()
+        if stale.exists():
+            stale.rmdir()
+
+
+def test_live_wrappers_cgroup_is_left_alone() -> None:
+    parent = cgroup_parent(None)
+    live = parent / f"payload-wrapper-{os.getpid()}-test"
+    live.mkdir()
+    try:
+        assert live not in reap_stale_cgroups(parent)
+        assert live.exists()
+    finally:
+        live.rmdir()
