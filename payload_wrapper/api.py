@@ -12,9 +12,11 @@ or, when the pilot must refresh the proxy while the payload runs::
     code = execute(job)                                          # never raises; audits
 
 Order of work (fail closed: nothing runs unless every step before the switch
-succeeded): check the proxy file and chain -> ban list and mapping -> build
-the environment -> create the sandbox -> switch and run -> kill leftovers ->
-epilogue -> make outputs readable by the pilot -> audit line -> exit code.
+succeeded): check the proxy file and chain -> ban list and mapping -> choose
+the containment and take the account's one-owner lock -> build the environment
+-> create the sandbox -> (job cgroup) switch and run -> kill everything of the
+job -> make outputs readable by the pilot -> epilogue -> audit line -> exit code.
+Every step after the run happens whatever the one before it did.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import json
 import os
 import pwd
 import secrets
+import stat
 import subprocess
 import sys
 import threading
@@ -42,6 +45,13 @@ from broker.trustdir import default_ca_dir, default_vomsdir, load_ca_dir
 from payload_wrapper import sandbox as sb
 from payload_wrapper.audit import AuditRecord, write_audit
 from payload_wrapper.config import WrapperSettings
+from payload_wrapper.containment import (
+    JobCgroup,
+    UidLock,
+    cgroup_parent,
+    default_state_dir,
+)
+from payload_wrapper.containment import kill_uid as kill_uid_processes
 from payload_wrapper.environment import PayloadPaths, build_environment
 from payload_wrapper.errors import (
     EXIT_SYSTEM,
@@ -61,7 +71,14 @@ from payload_wrapper.mapping import (
     parse_gridmapfile,
 )
 from payload_wrapper.mapping import Mapping as AccountMapping
-from payload_wrapper.switch import LaunchSpec, RunResult, run_epilogue, run_tracked, sudo_argv
+from payload_wrapper.switch import (
+    STARTED_LINE,
+    LaunchSpec,
+    RunResult,
+    run_epilogue,
+    run_tracked,
+    sudo_argv,
+)
 
 __all__ = [
     "Identity",
@@ -110,7 +127,11 @@ class PreparedJob:
     caller_uid: int
     audit: AuditRecord
     sandbox: sb.Sandbox | None = None  # setuid and none modes
-    spec_path: Path | None = None  # sudo mode
+    spec_path: Path | None = None  # sudo mode: in the pilot's workdir, read-only for the target
+    started_path: Path | None = None  # sudo mode: the FIFO the helper writes before exec
+    started_fd: int = -1  # its read end, opened before sudo runs
+    containment: str = "session"  # cgroup | uid | session (the mechanism chosen)
+    uid_lock: UidLock | None = None  # one owner per uid while the job lives
     _lock: threading.Lock = field(default_factory=threading.Lock)
     finished: bool = False
 
@@ -291,6 +312,89 @@ def _prepare(
     audit.account, audit.uid = run_as.name, run_as.uid
     audit.rule = mapping.rule if mapping else "none (no mapping configured)"
 
+    containment = choose_containment(settings, mapping)
+    audit.containment = containment
+    uid_lock = None
+    if switching:
+        uid_lock = UidLock.acquire(
+            settings.state_dir or default_state_dir(), run_as.uid, identity.dn,
+            account=run_as.name, exclusive=containment == "uid",
+        )
+    try:
+        job = _prepare_job(settings, command, job_id, caller_env, audit, identity, mapping,
+                           run_as, pem)
+    except BaseException:
+        if uid_lock is not None:
+            uid_lock.release()
+        raise
+    job.containment, job.uid_lock = containment, uid_lock
+    return job
+
+
+def choose_containment(settings: WrapperSettings, mapping: AccountMapping | None) -> str:
+    """The mechanism that will contain the job's processes (fail closed; see the docs).
+
+    ``auto``: a cgroup when the wrapper can make one (root, cgroup v2 with
+    cgroup.kill); otherwise a uid-wide kill when the account belongs to the job
+    (a pool lease, or ``kill_all_target_processes``), holding the account
+    exclusively; otherwise the payload is not started. ``session`` must be chosen
+    explicitly. In mode none nothing is switched: a cgroup when possible, else session.
+    """
+    wanted = settings.containment
+    if wanted == "session":
+        return "session"
+    why_not_cgroup = None
+    if settings.mode == "sudo":
+        why_not_cgroup = "mode sudo cannot create cgroups (the wrapper is not root)"
+    elif os.geteuid() != 0:
+        why_not_cgroup = "the wrapper does not run as root"
+    else:
+        try:
+            cgroup_parent(settings.cgroup_parent)
+        except WrapperSystemError as exc:
+            why_not_cgroup = exc.message
+    if wanted in ("auto", "cgroup") and why_not_cgroup is None:
+        return "cgroup"
+    if wanted == "cgroup":
+        raise WrapperSystemError(
+            f"containment = \"cgroup\" is configured, but {why_not_cgroup}; the payload was "
+            "not started", reason="no_containment",
+        )
+    if settings.mode == "none":
+        if wanted == "uid":
+            raise WrapperSystemError(
+                "containment = \"uid\" needs a switched account (mode setuid or sudo)",
+                reason="no_containment",
+            )
+        return "session"
+    dedicated = (mapping is not None and mapping.lease is not None) or \
+        settings.kill_all_target_processes
+    if dedicated:
+        return "uid"
+    raise WrapperSystemError(
+        ("containment = \"uid\" is configured" if wanted == "uid"
+         else f"no cgroup is available ({why_not_cgroup})")
+        + ", and killing by uid is only safe for an account that belongs to the job (a pool "
+        "lease through gridmapdir, or kill_all_target_processes = true for an account used "
+        "by nothing else); the payload was not started. Use pool accounts, or set "
+        "containment = \"session\" to accept a /proc scan that a payload forking in a "
+        "loop can escape",
+        reason="no_containment",
+    )
+
+
+def _prepare_job(
+    settings: WrapperSettings,
+    command: Sequence[str],
+    job_id: str,
+    caller_env: Mapping[str, str] | None,
+    audit: AuditRecord,
+    identity: Identity,
+    mapping: AccountMapping | None,
+    run_as: Account,
+    pem: bytes,
+) -> PreparedJob:
+    caller_uid = audit.caller_uid
     workdir = (settings.workdir or Path.cwd()).absolute()
     job_dir = workdir / sb.job_dir_name(job_id)
     egg = sb.egg_cache_path()
@@ -313,7 +417,16 @@ def _prepare(
         pilot_uid=pilot_uid, caller_uid=caller_uid, audit=audit,
     )
     if settings.mode == "sudo":
-        _prepare_sudo(job, workdir, pem)
+        try:
+            _prepare_sudo(job, workdir, pem)
+        except BaseException:
+            if job.started_fd >= 0:
+                os.close(job.started_fd)
+            for leftover in (job.spec_path, job.started_path):
+                if leftover is not None:
+                    with contextlib.suppress(OSError):
+                        leftover.unlink()
+            raise
     else:
         job.sandbox = sb.create_sandbox(
             workdir, job_id, uid=run_as.uid, gid=run_as.gid, pem=pem,
@@ -323,7 +436,12 @@ def _prepare(
 
 
 def _prepare_sudo(job: PreparedJob, workdir: Path, pem: bytes) -> None:
-    """The pilot's half of the sandbox; the helper (as the target) makes the rest."""
+    """The pilot's half of the sandbox; the helper (as the target) makes the rest.
+
+    The spec and the "started" FIFO live in the pilot's workdir, which the
+    target cannot write, under unguessable names (the workdir is not listable
+    by others); nothing the payload can create decides the wrapper's verdict.
+    """
     sb.check_workdir(workdir, target_uid=job.run_as.uid)
     os.mkdir(job.job_dir, 0o700)
     fd = os.open(job.job_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
@@ -331,18 +449,36 @@ def _prepare_sudo(job: PreparedJob, workdir: Path, pem: bytes) -> None:
         sb.add_acl_user(fd, job.run_as.uid, read=True, write=True, execute=True)
     finally:
         os.close(fd)
+    token = secrets.token_hex(16)
+    job.started_path = workdir / f".started-{job.job_id}-{token}"
+    os.mkfifo(job.started_path, 0o600)
+    job.started_fd = os.open(job.started_path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    if not stat.S_ISFIFO(os.fstat(job.started_fd).st_mode):
+        raise WrapperSystemError(f"{job.started_path} is not the FIFO the wrapper made")
+    sb.add_acl_user(job.started_fd, job.run_as.uid, read=False, write=True, execute=False)
     spec = {
         "job_dir": str(job.job_dir), "proxy_pem": pem.decode("ascii"),
-        "egg_cache": str(job.egg_cache),
+        "egg_cache": str(job.egg_cache), "started": str(job.started_path),
         "env": job.env, "argv": list(job.command), "umask": job.settings.umask,
     }
-    job.spec_path = job.job_dir / ".spec.json"
+    job.spec_path = workdir / f".spec-{job.job_id}-{token}.json"
     fd = os.open(job.spec_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
         os.write(fd, json.dumps(spec).encode())
         sb.add_acl_user(fd, job.run_as.uid, read=True, write=False, execute=False)
     finally:
         os.close(fd)
+
+
+def _helper_started(job: PreparedJob) -> bool:
+    """Whether the sudo helper wrote its line before exec (read once, after the payload's exit)."""
+    if job.started_fd < 0:
+        return False
+    try:
+        first = os.read(job.started_fd, len(STARTED_LINE))
+    except BlockingIOError:
+        first = b""
+    return first == STARTED_LINE
 
 
 # --------------------------------------------------------------------------- refresh
@@ -430,6 +566,8 @@ def _execute(job: PreparedJob) -> int:
     reason: str | None = None
     sudo_prefix = None
     remote_kill = None
+    switched = s.mode != "none"
+    uid_wide = job.containment == "uid"
     if s.mode == "sudo":
         assert job.spec_path is not None
         sudo_prefix = sudo_argv(s.sudo, s.sudo_helper, job.run_as.name, "run", str(job.spec_path))
@@ -437,25 +575,54 @@ def _execute(job: PreparedJob) -> int:
 
         def remote_kill() -> None:
             with contextlib.suppress(WrapperError, OSError, subprocess.SubprocessError):
-                _sudo_helper(job, "kill", me)
+                _sudo_helper(job, "killall" if uid_wide else "kill", *([] if uid_wide else [me]))
 
-    kill_uid = job.run_as.uid if (s.kill_all_target_processes and s.mode == "setuid") else None
+    def kill_uid() -> int:
+        # Decided after the payload's exit: only when no other job holds the account now.
+        lock = job.uid_lock
+        if uid_wide or (s.kill_all_target_processes and lock is not None and lock.sole_holder()):
+            return kill_uid_processes(job.run_as.uid, job.run_as.gid)
+        return 0
+
+    cgroup: JobCgroup | None = None
     try:
+        if job.containment == "cgroup":
+            cgroup = JobCgroup.create(cgroup_parent(s.cgroup_parent))
+            job.audit.extra["cgroup"] = str(cgroup.path)
+        if s.mode == "setuid":
+            note = sb.claim_default_proxy_path(job.run_as.uid, job.run_as.gid)
+            if note:
+                job.audit.extra["planted"] = note
         _heartbeat(job)
         result = run_tracked(
             spec, mode=s.mode, timeout=s.payload_timeout, grace=s.kill_grace,
             heartbeat=lambda: _heartbeat(job),
             heartbeat_every=min(300.0, s.lease_expiry / 4), sudo_prefix=sudo_prefix,
-            kill_uid=kill_uid, remote_kill=remote_kill,
+            kill_uid=kill_uid if s.mode == "setuid" else None, remote_kill=remote_kill,
+            cgroup=cgroup,
+            reap_uid=job.run_as.uid if s.mode == "setuid" else None,
         )
         code, reason = _interpret(job, result)
     except BrokerError as exc:
         code, reason = exit_code_for(exc), exc.message
-    except OSError as exc:
+    except Exception as exc:  # never a traceback: the audit line and the epilogue must follow
         code, reason = EXIT_SYSTEM, f"running the payload failed: {exc}"
     finally:
+        problems = [reason] if reason else []
+        if cgroup is not None:
+            try:
+                cgroup.kill()  # again: nothing may outlive the job, even after an error
+                cgroup.remove()
+            except (BrokerError, OSError) as exc:
+                problems.append(f"cleaning up the job's cgroup failed: {exc}")
         _heartbeat(job)
-        reason = _finish(job, reason)
+        reason = _finish(job, "; ".join(problems) or None)
+        if switched and job.uid_lock is not None:
+            if job.uid_lock.sole_holder():
+                # The account is nobody else's now: a proxy left at the default path must
+                # not reach whoever is mapped to it next.
+                sb.remove_default_proxy_path(job.run_as.uid)
+            job.uid_lock.release()
     if reason:
         say(reason)
     job.audit.end = datetime.now(UTC)
@@ -470,7 +637,7 @@ def _execute(job: PreparedJob) -> int:
 def _interpret(job: PreparedJob, result: RunResult) -> tuple[int, str | None]:
     if result.returncode is None:
         return result.exit_code_hint or EXIT_SYSTEM, result.exec_error
-    if job.spec_path is not None and job.spec_path.exists():
+    if job.settings.mode == "sudo" and not _helper_started(job):
         return EXIT_SYSTEM, (
             f"sudo or the helper failed before the payload started (status {result.returncode}); "
             "check the sudoers rule in docs/payload-wrapper.md"
@@ -487,7 +654,10 @@ def _interpret(job: PreparedJob, result: RunResult) -> tuple[int, str | None]:
 
 
 def _finish(job: PreparedJob, reason: str | None) -> str | None:
-    """Epilogue, proxy removal, output access; problems are appended to ``reason``."""
+    """Epilogue, proxy removal, output access; problems are appended to ``reason``.
+
+    Each step runs whatever happened in the one before; the epilogue always runs.
+    """
     problems = [reason] if reason else []
     s = job.settings
     with job._lock:
@@ -498,15 +668,26 @@ def _finish(job: PreparedJob, reason: str | None) -> str | None:
                 job.sandbox.remove_egg_cache()
                 job.sandbox.close()
                 if job.pilot_uid is not None:
-                    sb.grant_read(job.job_dir, pilot_uid=job.pilot_uid, owner_uid=job.run_as.uid)
+                    granted = sb.grant_read(job.job_dir, pilot_uid=job.pilot_uid,
+                                            owner_uid=job.run_as.uid)
+                    if granted.limited:
+                        problems.append(
+                            f"outputs were made readable only in part: the job directory has "
+                            f"{granted.limited}"
+                        )
             elif s.mode == "sudo":
                 pilot = job.pilot_uid if job.pilot_uid is not None else os.getuid()
                 _sudo_helper(job, "finish", str(job.job_dir), str(pilot), str(job.egg_cache))
-                if job.spec_path is not None:
-                    with contextlib.suppress(OSError):
-                        job.spec_path.unlink()
-        except (BrokerError, OSError) as exc:
+        except Exception as exc:
             problems.append(f"cleaning up the job directory failed: {exc}")
+        finally:
+            for leftover in (job.spec_path, job.started_path):
+                if leftover is not None:
+                    with contextlib.suppress(OSError):
+                        leftover.unlink()
+            if job.started_fd >= 0:
+                os.close(job.started_fd)
+                job.started_fd = -1
     if s.epilogue:
         env = {
             "PATH": s.path, "PAYLOAD_WRAPPER_JOB_ID": job.job_id,

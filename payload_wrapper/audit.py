@@ -4,8 +4,11 @@ Fields: ``job_id``, ``dn``, ``fqans``, ``account``, ``uid``, ``mode``,
 ``start``, ``end`` (ISO 8601, UTC), ``exit`` (the wrapper's exit code),
 ``payload_exit`` (the payload's own status, when it ran), ``reason`` (the
 sentence shown to the job owner when the wrapper refused or failed),
-``caller_uid``, ``rule`` (which mapping rule chose the account) and
-``leftovers`` (processes killed after the payload's exit).
+``caller_uid``, ``rule`` (which mapping rule chose the account),
+``leftovers`` (processes killed after the payload's exit) and ``containment``
+(how the job's processes were contained: ``cgroup``, ``uid`` or ``session``);
+``cgroup`` (the job's cgroup) and ``planted`` (a planted ``/tmp/x509up_u<uid>``
+that was removed) when they apply.
 
 The line is written with one ``write(2)`` on an ``O_APPEND`` descriptor, so
 concurrent wrappers never interleave inside a line.
@@ -40,6 +43,7 @@ class AuditRecord:
     payload_exit: int | None = None
     reason: str | None = None
     leftovers: int = 0
+    containment: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
     def to_line(self) -> str:

@@ -16,6 +16,9 @@ Every flag has a key of the same name (dashes become underscores) in the
     epilogue = ["/usr/libexec/site-epilogue"]   # config only: a trusted command
     epilogue_timeout = 300
     audit_log = "/var/log/payload-wrapper/audit.log"
+    containment = "auto"       # auto | cgroup | uid | session (payload_wrapper.containment)
+    cgroup_parent = "/sys/fs/cgroup/pilot.slice"   # default: the wrapper's own cgroup
+    state_dir = "/run/payload-wrapper"             # one-owner-per-uid locks
 
 Merging rules: a scalar flag replaces the file's value; ``keep_env`` and
 ``ban`` are the union of both; ``set_env`` takes the file's values and then
@@ -38,9 +41,17 @@ from typing import Any
 
 from payload_wrapper.errors import ClientError, WrapperError, WrapperSystemError
 
-__all__ = ["MODES", "WrapperSettings", "load_config_file", "merge_settings", "parse_umask"]
+__all__ = [
+    "CONTAINMENTS",
+    "MODES",
+    "WrapperSettings",
+    "load_config_file",
+    "merge_settings",
+    "parse_umask",
+]
 
 MODES = ("setuid", "sudo", "none")
+CONTAINMENTS = ("auto", "cgroup", "uid", "session")
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 DEFAULT_LEASE_EXPIRY = 2 * 24 * 3600.0
 
@@ -77,11 +88,19 @@ class WrapperSettings:
     kill_all_target_processes: bool = False  # only for accounts dedicated to this job
     sudo: str = "/usr/bin/sudo"
     sudo_helper: str = field(default_factory=_default_helper)
+    containment: str = "auto"  # auto | cgroup | uid | session; see payload_wrapper.containment
+    cgroup_parent: Path | None = None  # None: the wrapper's own cgroup
+    state_dir: Path | None = None  # None: /run/payload-wrapper (root) or /tmp/payload-wrapper-UID
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ClientError(
                 f"unknown mode {self.mode!r}; use one of {', '.join(MODES)}", reason="bad_mode"
+            )
+        if self.containment not in CONTAINMENTS:
+            raise ClientError(
+                f"unknown containment {self.containment!r}; use one of {', '.join(CONTAINMENTS)}",
+                reason="bad_containment",
             )
         if not self.umask & 0o002:
             raise ClientError(
@@ -141,9 +160,10 @@ def parse_umask(value: str | int) -> int:
     return number
 
 
-_PATH_KEYS = {"gridmapfile", "gridmapdir", "ban_file", "workdir", "ca_dir", "vomsdir", "audit_log"}
+_PATH_KEYS = {"gridmapfile", "gridmapdir", "ban_file", "workdir", "ca_dir", "vomsdir", "audit_log",
+              "cgroup_parent", "state_dir"}
 _FLOAT_KEYS = {"lease_expiry", "payload_timeout", "epilogue_timeout", "kill_grace"}
-_STR_KEYS = {"mode", "account", "path", "pilot_account", "sudo", "sudo_helper"}
+_STR_KEYS = {"mode", "account", "path", "pilot_account", "sudo", "sudo_helper", "containment"}
 _LIST_KEYS = {"keep_env", "ban", "epilogue"}
 _KNOWN = {f.name for f in fields(WrapperSettings)} | {"job_id", "config"}
 

@@ -40,7 +40,6 @@ import secrets
 import shutil
 import stat
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,16 +49,22 @@ from payload_wrapper.errors import ClientError, WrapperSystemError
 
 __all__ = [
     "EGG_ROOT",
+    "GRANT_MAX_DEPTH",
+    "GRANT_MAX_ENTRIES",
     "PROXY_NAME",
+    "GrantResult",
     "Sandbox",
     "add_acl_user",
     "check_workdir",
+    "claim_default_proxy_path",
     "create_egg_cache",
     "create_sandbox",
+    "default_proxy_path",
     "egg_cache_path",
     "grant_read",
     "install_proxy",
     "job_dir_name",
+    "remove_default_proxy_path",
 ]
 
 EGG_ROOT = Path("/tmp")  # noqa: S108 - deliberately /tmp itself, not $TMPDIR
@@ -346,51 +351,173 @@ def add_acl_user(fd: int, uid: int, *, read: bool, write: bool, execute: bool) -
         ) from exc
 
 
-def _walk_fds(dir_fd: int) -> Iterator[tuple[int, os.stat_result]]:
-    """Every entry below ``dir_fd`` as (open fd, stat); links are not followed."""
-    for entry in os.scandir(dir_fd):
-        try:
-            fd = os.open(entry.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                         dir_fd=dir_fd)
-        except OSError:
-            continue  # a link (ELOOP), a socket, or gone: nothing to grant
-        try:
-            st = os.fstat(fd)
-            yield fd, st
-            if stat.S_ISDIR(st.st_mode):
-                yield from _walk_fds(fd)
-        finally:
-            os.close(fd)
+#: Bounds on the output walk: a payload controls its job directory, so the walk
+#: must not let it decide how much work (or how many open descriptors) the wrapper spends.
+GRANT_MAX_DEPTH = 128
+GRANT_MAX_ENTRIES = 200_000
 
 
-def grant_read(job_dir: Path, *, pilot_uid: int, owner_uid: int) -> int:
+@dataclass
+class GrantResult:
+    """What :func:`grant_read` did; ``limited`` names a bound that stopped it, if any."""
+
+    granted: int = 0
+    visited: int = 0
+    limited: str | None = None
+
+
+def _open_entry(name: str, dir_fd: int) -> int | None:
+    try:
+        return os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                       dir_fd=dir_fd)
+    except OSError:
+        return None  # a link (ELOOP), a socket, a FIFO with no writer, or gone
+
+
+def grant_read(
+    job_dir: Path,
+    *,
+    pilot_uid: int,
+    owner_uid: int,
+    max_depth: int = GRANT_MAX_DEPTH,
+    max_entries: int = GRANT_MAX_ENTRIES,
+) -> GrantResult:
     """Let ``pilot_uid`` read the payload's outputs (like ``setfacl -R -m u:PILOT:rX``).
 
     Runs after every process of the job is gone. Only regular files and
     directories owned by the payload's account are touched, and files with more
     than one link are skipped, so a payload cannot trick the wrapper into
-    opening up a file it merely linked into its job directory. Returns how many
-    entries were granted.
+    opening up a file it merely linked into its job directory.
+
+    The walk is iterative (an explicit stack, no recursion), never follows a
+    link (every entry is opened with O_NOFOLLOW relative to its parent's
+    descriptor) and is bounded: at most ``max_depth`` directories deep (so at
+    most that many descriptors are open) and ``max_entries`` entries in all.
+    Hitting a bound is reported in the result, never an exception.
     """
-    count = 0
+    result = GrantResult()
     try:
         top = os.open(job_dir, _DIR_FLAGS)
     except OSError as exc:
         raise WrapperSystemError(
             f"cannot open {job_dir} to grant read access: {exc.strerror}"
         ) from exc
+    # Each frame: an open directory and the names in it still to visit.
+    stack: list[tuple[int, list[str]]] = []
     try:
-        for fd, st in _walk_fds(top):
-            if st.st_uid != owner_uid:
+        stack.append((top, _names(top)))
+        while stack:
+            dir_fd, pending = stack[-1]
+            if not pending:
+                os.close(dir_fd)
+                stack.pop()
                 continue
-            if stat.S_ISDIR(st.st_mode):
-                add_acl_user(fd, pilot_uid, read=True, write=False, execute=True)
-            elif stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
-                add_acl_user(fd, pilot_uid, read=True, write=False,
-                             execute=bool(st.st_mode & 0o111))
-            else:
+            name = pending.pop()
+            if result.visited >= max_entries:
+                result.limited = f"more than {max_entries} entries"
+                break
+            result.visited += 1
+            fd = _open_entry(name, dir_fd)
+            if fd is None:
                 continue
-            count += 1
+            keep = False
+            try:
+                st = os.fstat(fd)
+                if st.st_uid != owner_uid:
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    add_acl_user(fd, pilot_uid, read=True, write=False, execute=True)
+                    result.granted += 1
+                    if len(stack) >= max_depth:
+                        result.limited = f"directories nested deeper than {max_depth} levels"
+                        continue
+                    stack.append((fd, _names(fd)))
+                    keep = True
+                elif stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+                    add_acl_user(fd, pilot_uid, read=True, write=False,
+                                 execute=bool(st.st_mode & 0o111))
+                    result.granted += 1
+            finally:
+                if not keep:
+                    os.close(fd)
     finally:
-        os.close(top)
-    return count
+        for dir_fd, _ in stack:
+            os.close(dir_fd)
+    return result
+
+
+def _names(dir_fd: int) -> list[str]:
+    try:
+        with os.scandir(dir_fd) as entries:
+            return [e.name for e in entries]
+    except OSError:
+        return []
+
+
+# --------------------------------------------------------------------------- /tmp/x509up_u<uid>
+
+
+def default_proxy_path(uid: int) -> Path:
+    """Where grid tools look for a proxy when X509_USER_PROXY is unset."""
+    return Path(f"/tmp/x509up_u{uid}")  # noqa: S108 - the grid convention, guarded below
+
+
+def claim_default_proxy_path(uid: int, gid: int, *, attempts: int = 5) -> str | None:
+    """Make ``/tmp/x509up_u<uid>`` an empty 0600 file of ``uid`` before the payload starts.
+
+    Anything else found there (a link, a file of another account, a file with
+    several links) was planted: another local user could read whatever a grid
+    tool of the payload writes through it. As root, the planted entry is removed
+    and the name claimed with O_EXCL|O_NOFOLLOW for the target (in sticky /tmp
+    nobody else can then replace it); as the target itself (sudo mode) the
+    entry cannot be removed and the job is refused. Returns a note for the
+    audit when something was removed.
+    """
+    path = default_proxy_path(uid)
+    note = None
+    for _ in range(attempts):
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            st = None
+        if st is not None:
+            if stat.S_ISREG(st.st_mode) and st.st_uid == uid and st.st_nlink == 1:
+                return note  # the target's own file
+            if os.geteuid() != 0:
+                kind = "a link" if stat.S_ISLNK(st.st_mode) else f"mode {st.st_mode:o}"
+                raise WrapperSystemError(
+                    f"{path} exists but is not a private file of uid {uid} (owner uid "
+                    f"{st.st_uid}, {kind}); another local user may have planted it to catch a "
+                    "proxy, so the payload is not started: ask the admin to remove it",
+                    reason="planted_proxy_path",
+                )
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            note = f"removed {path} planted by uid {st.st_uid}"
+        try:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(path, flags, 0o600)
+        except FileExistsError:
+            continue  # somebody raced us; look again
+        except OSError as exc:
+            raise WrapperSystemError(f"cannot create {path}: {exc.strerror}") from exc
+        try:
+            if (uid, gid) != (os.geteuid(), os.getegid()):
+                os.fchown(fd, uid, gid)
+            os.fchmod(fd, 0o600)
+        finally:
+            os.close(fd)
+        return note
+    raise WrapperSystemError(
+        f"{path} keeps being re-created by another account; the payload is not started",
+        reason="planted_proxy_path",
+    )
+
+
+def remove_default_proxy_path(uid: int) -> None:
+    """After a job on an account it had to itself: a proxy left there must not reach the next."""
+    path = default_proxy_path(uid)
+    with contextlib.suppress(OSError):
+        st = os.lstat(path)
+        if os.geteuid() == 0 or st.st_uid == os.geteuid():
+            os.unlink(path)

@@ -16,16 +16,20 @@ Modes
 
 Tracking
 --------
-The wrapper makes itself a *child subreaper* (``prctl(PR_SET_CHILD_SUBREAPER)``)
+The job's processes are contained by the mechanism :mod:`payload_wrapper.containment`
+describes (a cgroup v2 per job, a uid-wide ``kill(-1)`` for an account the job has to
+itself, or the ``/proc`` scan below); :func:`run_tracked` takes what the caller chose.
+
+The wrapper also makes itself a *child subreaper* (``prctl(PR_SET_CHILD_SUBREAPER)``)
 before starting the payload. An orphaned process is then re-parented to the
 wrapper rather than to init, so a payload that double-forks and calls
 ``setsid`` (leaving the process group and the session) still descends from the
-wrapper. After the payload exits (or times out) the wrapper scans ``/proc``,
+wrapper, and its zombies are reaped while the payload runs. After the payload
+exits (or times out) the wrapper kills the cgroup, then scans ``/proc``,
 signals every descendant (SIGTERM, then SIGKILL after a grace period, repeated
-until nothing is left) and reaps them. With ``kill_all_target_processes`` (for
-accounts dedicated to one job, like a leased pool account that a DN never
-shares) every process of the target uid is killed as well, which also catches
-processes started outside the tree (``at``, ``systemd-run``).
+until nothing is left) and reaps them. A scan alone can miss a process that
+changes its pid between the listing and the kill, which is why it is only the
+last line of defence (containment ``session``).
 
 A consequence: one process runs one job at a time (the CLI, or one
 ``broker-pilot`` per job), since every descendant counts as part of the job.
@@ -49,6 +53,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
+from payload_wrapper.containment import JobCgroup
+from payload_wrapper.containment import kill_uid as kill_uid_processes
 from payload_wrapper.errors import (
     EXIT_EXEC_FAILED,
     EXIT_NOT_FOUND,
@@ -59,6 +65,7 @@ from payload_wrapper.mapping import Account
 
 __all__ = [
     "FORWARDED_SIGNALS",
+    "STARTED_LINE",
     "LaunchSpec",
     "ProcInfo",
     "RunResult",
@@ -76,6 +83,8 @@ FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _PR_SET_CHILD_SUBREAPER = 36
 _PR_GET_CHILD_SUBREAPER = 37
 _KILL_ROUNDS = 50
+STARTED_LINE = b"started\n"  # the sudo helper's word that exec follows
+_REAP_EVERY = 0.25  # seconds between reaping the job's orphaned zombies
 
 
 # --------------------------------------------------------------------------- /proc
@@ -153,7 +162,7 @@ def kill_job_processes(
     grace: float = 2.0,
     exclude: Sequence[int] = (),
 ) -> int:
-    """SIGTERM, then SIGKILL, every process of the job until none is left; returns the count.
+    """SIGTERM, then SIGKILL, every process of the job until none is left; returns how many.
 
     The job is: the descendants of ``root`` (default: this process), the
     process group ``pgid``, and, when ``uid`` is given, every process of that
@@ -163,7 +172,8 @@ def kill_job_processes(
     skip = {os.getpid(), *exclude}
     if uid == 0:
         raise WrapperSystemError("refusing to kill every process of uid 0")
-    seen: set[int] = set()
+    seen: set[int] = set()  # every pid found (zombies included), to reap
+    killed: set[int] = set()  # the live ones that were signalled
 
     def round_(sig: int) -> int:
         alive = 0
@@ -171,6 +181,7 @@ def kill_job_processes(
             seen.add(p.pid)
             if p.alive:
                 alive += 1
+                killed.add(p.pid)
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(p.pid, sig)
         _reap(seen)
@@ -195,7 +206,7 @@ def kill_job_processes(
                 "processes on a hung filesystem?)"
             )
     _reap(seen)
-    return len(seen)
+    return len(killed)
 
 
 def _reap(pids: set[int]) -> None:
@@ -275,8 +286,26 @@ def sudo_argv(sudo: str, helper: str, account: str, *args: str) -> list[str]:
     return [sudo, "-n", "-u", account, "--", helper, "helper", *args]
 
 
+def _in_child(
+    account: Account | None, cgroup: JobCgroup | None
+) -> Callable[[], None] | None:
+    """What the child runs after the switch and before exec: join the cgroup, verify ids."""
+    verify = _verify_switched(account) if account is not None else None
+    if verify is None and cgroup is None:
+        return None
+
+    def run() -> None:
+        if cgroup is not None:
+            cgroup.enter()  # through the descriptor root opened: allowed after the switch
+        if verify is not None:
+            verify()
+
+    return run
+
+
 def _start(
-    spec: LaunchSpec, mode: str, sudo_prefix: Sequence[str] | None
+    spec: LaunchSpec, mode: str, sudo_prefix: Sequence[str] | None,
+    cgroup: JobCgroup | None = None,
 ) -> subprocess.Popen[bytes]:
     if mode == "setuid":
         assert spec.account is not None
@@ -288,7 +317,7 @@ def _start(
             user=spec.account.uid,
             group=spec.account.gid,
             extra_groups=list(spec.account.groups),
-            preexec_fn=_verify_switched(spec.account),  # runs after the switch
+            preexec_fn=_in_child(spec.account, cgroup),  # runs after the switch
             start_new_session=True,
             close_fds=True,
         )
@@ -301,7 +330,7 @@ def _start(
         )
     return subprocess.Popen(
         list(spec.argv), env=dict(spec.env), cwd=spec.cwd, umask=spec.umask,
-        start_new_session=True, close_fds=True,
+        start_new_session=True, close_fds=True, preexec_fn=_in_child(None, cgroup),
     )
 
 
@@ -332,17 +361,27 @@ def run_tracked(
     heartbeat: Callable[[], None] | None = None,
     heartbeat_every: float = 300.0,
     sudo_prefix: Sequence[str] | None = None,
-    kill_uid: int | None = None,
+    kill_uid: Callable[[], int] | None = None,
     remote_kill: Callable[[], None] | None = None,
+    cgroup: JobCgroup | None = None,
+    reap_uid: int | None = None,
 ) -> RunResult:
-    """Start the payload, wait for it (forwarding signals), then kill what it left behind."""
+    """Start the payload, wait for it (forwarding signals), then kill what it left behind.
+
+    ``cgroup``: the payload joins it before exec and everything in it is killed
+    with ``cgroup.kill`` afterwards. ``kill_uid``: called afterwards to kill every
+    process of the target uid when that is safe (it decides; returns how many).
+    ``reap_uid``: zombies of that uid re-parented to us are reaped while the
+    payload runs, so a payload forking in a loop cannot fill the pid table.
+    """
     with subreaper():
         try:
-            proc = _start(spec, mode, sudo_prefix)
+            proc = _start(spec, mode, sudo_prefix, cgroup)
         except subprocess.SubprocessError as exc:
             raise WrapperSystemError(
-                f"the identity switch to {spec.account.name if spec.account else '?'} could not "
-                f"be verified ({exc}); the payload was not started"
+                f"the identity switch to {spec.account.name if spec.account else '?'} (or "
+                f"joining the job's cgroup) could not be verified ({exc}); the payload was "
+                "not started"
             ) from exc
         except FileNotFoundError as exc:
             return RunResult(None, False, f"{spec.argv[0]}: command not found ({exc.strerror})",
@@ -361,7 +400,7 @@ def run_tracked(
 
         timed_out = False
         with _forward_signals(forward):
-            timed_out = _wait(proc, timeout, heartbeat, heartbeat_every)
+            timed_out = _wait(proc, timeout, heartbeat, heartbeat_every, reap_uid)
             if timed_out:
                 forward(signal.SIGTERM)
                 try:
@@ -369,10 +408,46 @@ def run_tracked(
                 except subprocess.TimeoutExpired:
                     forward(signal.SIGKILL)
             returncode = proc.wait()
+        leftovers = 0
+        if cgroup is not None:
+            leftovers += cgroup.kill(timeout=max(10.0, 5 * grace))
         if remote_kill is not None:
             remote_kill()
-        leftovers = kill_job_processes(pgid=pgid, uid=kill_uid, grace=grace)
+        if kill_uid is not None:
+            leftovers += kill_uid()
+        # Descendants and the process group (all that is left without a cgroup); reaps zombies.
+        leftovers += kill_job_processes(pgid=pgid, uid=None, grace=grace)
     return RunResult(returncode, timed_out, leftovers=leftovers)
+
+
+def _reap_orphans(exclude: int, uid: int) -> None:
+    """Reap zombie children of ``uid`` (orphans of the job re-parented to us), except one."""
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return
+    for tid in tasks:
+        try:
+            with open(f"/proc/self/task/{tid}/children", "rb") as handle:
+                pids = [int(x) for x in handle.read().split()]
+        except (OSError, ValueError):
+            continue
+        for pid in pids:
+            if pid == exclude:
+                continue
+            info = _read_proc(pid)
+            if info is None or info.alive:
+                continue
+            try:
+                with open(f"/proc/{pid}/status", "rb") as handle:
+                    real_uid = next(
+                        int(line.split()[1]) for line in handle if line.startswith(b"Uid:")
+                    )
+            except (OSError, StopIteration, ValueError):
+                continue
+            if real_uid == uid:
+                with contextlib.suppress(ChildProcessError, OSError):
+                    os.waitpid(pid, os.WNOHANG)
 
 
 def _wait(
@@ -380,6 +455,7 @@ def _wait(
     timeout: float | None,
     heartbeat: Callable[[], None] | None,
     every: float,
+    reap_uid: int | None = None,
 ) -> bool:
     """Wait for ``proc`` through a pidfd (no polling latency); True when it timed out."""
     pidfd = os.pidfd_open(proc.pid)
@@ -393,8 +469,12 @@ def _wait(
             limit = next_beat - now
             if timeout is not None:
                 limit = min(limit, start + timeout - now)
+            if reap_uid is not None:
+                limit = min(limit, _REAP_EVERY)
             if poller.poll(max(0, int(limit * 1000) + 1)):
                 return False
+            if reap_uid is not None:
+                _reap_orphans(proc.pid, reap_uid)
             now = time.monotonic()
             if timeout is not None and now - start >= timeout:
                 return True
@@ -446,6 +526,7 @@ def helper_main(argv: Sequence[str]) -> int:
 
     ``run SPEC``      create HOME/TMPDIR/proxy/egg cache from the JSON spec and exec the payload
     ``kill PID``      kill this account's processes that descend from the wrapper PID
+    ``killall``       kill every process of this account (containment uid only)
     ``finish DIR UID EGG``  remove DIR/proxy/x509up and the egg cache EGG, then give
                       UID read access to the outputs below DIR
     ``refresh DIR FILE``  replace DIR/x509up with the content of FILE
@@ -459,6 +540,10 @@ def helper_main(argv: Sequence[str]) -> int:
         if len(argv) == 2 and argv[0] == "kill":
             kill_job_processes(root=int(argv[1]), uid=None, grace=1.0,
                                exclude=[os.getppid()])
+            return 0
+        if len(argv) == 1 and argv[0] == "killall":
+            # Only asked for when the account belongs to this job alone (containment uid).
+            kill_uid_processes(os.getuid(), os.getgid())
             return 0
         if len(argv) == 4 and argv[0] == "finish":
             job_dir = Path(argv[1])
@@ -500,13 +585,20 @@ def _helper_run(spec_path: Path) -> int:
     finally:
         os.close(fd)
     sandbox.create_egg_cache(Path(spec["egg_cache"]), os.getuid(), os.getgid())
+    sandbox.claim_default_proxy_path(os.getuid(), os.getgid())
     env = {str(k): str(v) for k, v in spec["env"].items()}
     argv = [str(a) for a in spec["argv"]]
     os.umask(int(spec["umask"]))
     os.chdir(job_dir)
-    # Removing the spec tells the wrapper the helper got as far as exec: a spec
-    # still present after exit means sudo or the set-up failed (202), not the payload.
-    spec_path.unlink()
+    # Tell the wrapper the set-up is done and exec follows: one line into the FIFO
+    # the wrapper created (in its own directory) and reads after the payload's exit.
+    # Only the first line counts, and nothing of the payload exists before this write,
+    # so no file or message of the payload can change the wrapper's verdict.
+    started = os.open(spec["started"], os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        os.write(started, STARTED_LINE)
+    finally:
+        os.close(started)
     try:
         os.execvpe(argv[0], argv, env)  # noqa: S606 - argv list, no shell
     except FileNotFoundError:
