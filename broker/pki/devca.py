@@ -4,7 +4,8 @@ One CA signs a host certificate (``localhost`` / 127.0.0.1 / ::1), user
 certificates, pilot certificates and a VOMS signer.  The CA directory contents
 follow the ``X509_CERT_DIR`` layout Globus expects: ``<new-style hash>.0``, a
 ``.signing_policy`` whose ``cond_subjects`` covers the issued names, the same namespace
-as ``.namespaces`` (EUGridPMA form) and a CRL as ``<hash>.r0``.  :mod:`broker.devpki` writes it all to disk.
+as ``.namespaces`` (EUGridPMA form) and a CRL as ``<hash>.r0``.  :mod:`broker.devpki`
+writes it all to disk.
 """
 
 from __future__ import annotations

@@ -215,8 +215,8 @@ def parse_namespaces(text: str, filename: str) -> dict[str, tuple[SubjectRule, .
             words = [t for t, _ in statement]
             if (len(statement) < 6 or words[0].upper() != "TO" or words[1].upper() != "ISSUER"
                     or words[3].upper() not in ("PERMIT", "DENY")
-                    or words[4].upper() != "SUBJECT" or statement[2][1] is False
-                    and words[2].upper() != SELF or not statement[5][1]):
+                    or words[4].upper() != "SUBJECT" or (statement[2][1] is False
+                    and words[2].upper() != SELF) or not statement[5][1]):
                 raise NamespaceFileError(
                     f"{where}: expected 'TO Issuer \"<CA DN>\"|SELF PERMIT|DENY Subject "
                     f"\"<regex>\"', got {line!r}")

@@ -62,12 +62,13 @@ class TrustStore:
         ca_dn = slash_from_name(ca.subject)
         subject = slash_from_name(cert.subject)
         namespace = self.namespace_of(ca)
-        if namespace is None or not namespace.constrained and namespace.error is None:
+        if namespace is None or (not namespace.constrained and namespace.error is None):
             if self.accept_unconstrained:
                 return None
             return (f"the CA {ca_dn} has no namespace (neither a .signing_policy nor a "
                     f".namespaces file names it in the CA directory), so {subject} issued by "
-                    "it is not accepted")
+                    "it is not accepted; install the CA's namespace files, or set "
+                    "BROKER_ACCEPT_CA_WITHOUT_NAMESPACE=1 to accept such CAs (docs/trust.md)")
         why = namespace.violation(subject)
         if why is None:
             return None

@@ -200,8 +200,9 @@ def test_ca_without_namespace_switch(grid_pki: GridPki, tmp_path: Path,
     monkeypatch.delenv("BROKER_ACCEPT_CA_WITHOUT_NAMESPACE", raising=False)
     with pytest.raises(ChainError) as err:
         validate_chain(alice.chain, load_ca_dir(ca_dir), now=grid_pki.now)
-    assert err.value.reason == "namespace" and "BROKER_ACCEPT" not in ""  # message checked below
+    assert err.value.reason == "namespace"
     assert "has no namespace" in err.value.message
+    assert "BROKER_ACCEPT_CA_WITHOUT_NAMESPACE" in err.value.message
     monkeypatch.setenv("BROKER_ACCEPT_CA_WITHOUT_NAMESPACE", "1")
     validate_chain(alice.chain, load_ca_dir(ca_dir), now=grid_pki.now)
     monkeypatch.setenv("BROKER_ACCEPT_CA_WITHOUT_NAMESPACE", "perhaps")
@@ -217,7 +218,8 @@ def test_ca_without_namespace_switch(grid_pki: GridPki, tmp_path: Path,
 def test_shipped_ban_covers_owners() -> None:
     """The finding: the example ban matched requesters only, so a pilot still got the banned
     user's stored credential."""
-    policy = load_policy({p.name: p.read_text() for p in sorted((REPO / "policies").glob("*.toml"))})
+    files = sorted((REPO / "policies").glob("*.toml"))
+    policy = load_policy({p.name: p.read_text() for p in files})
     banned = "/DC=org/DC=example/OU=People/CN=Mallory"
     pilot = "/DC=org/DC=example/OU=Robots/CN=pilot3"
     ok = Request(action=Action.RETRIEVE, requester_dn=pilot,

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import dataclasses
-
 from datetime import timedelta
 
 import pytest
@@ -12,7 +11,6 @@ from broker.errors import ChainError
 from broker.pki.chain import validate_chain
 from broker.pki.devca import issue_certificate, make_ca, make_crl
 from broker.pki.proxy import DRAFT_PROXY_CERT_INFO_OID, ProxyType, new_proxy
-from broker.pki.trust import TrustStore
 from tests.pkifixtures import GridPki, forge_proxy
 
 

@@ -20,7 +20,8 @@ CA = "/DC=org/DC=example/CN=Example CA"
 ROGUE_DN = "/DC=org/DC=rogue/CN=Rogue CA"
 
 
-def _refusal(chain: tuple[x509.Certificate, ...], trust: TrustStore, grid_pki: GridPki) -> ChainError:
+def _refusal(chain: tuple[x509.Certificate, ...], trust: TrustStore,
+             grid_pki: GridPki) -> ChainError:
     with pytest.raises(ChainError) as err:
         validate_chain(chain, trust, now=grid_pki.now)
     return err.value
@@ -163,8 +164,8 @@ def test_policy_naming_another_ca_does_not_count(grid_pki: GridPki) -> None:
     h = subject_hash(rogue.cert)
     files = {k: v for k, v in ca_files(rogue.cert).items() if k.endswith(".0")}
     files[f"{h}.signing_policy"] = (
-        "access_id_CA X509 '/DC=org/DC=example/CN=Example Dev CA'\n"
-        "pos_rights globus CA:sign\ncond_subjects globus '\"/*\"'\n").encode()
+        b"access_id_CA X509 '/DC=org/DC=example/CN=Example Dev CA'\n"
+        b"pos_rights globus CA:sign\ncond_subjects globus '\"/*\"'\n")
     fake = issue_certificate(rogue, "/DC=org/DC=example/CN=Alice", now=grid_pki.now)
     assert _refusal(fake.chain, TrustStore.from_files(files), grid_pki).reason == "namespace"
 
