@@ -29,7 +29,7 @@ When a CA has both files, a name must satisfy both. The parsers raise
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from broker.errors import BrokerError, ConfigError
@@ -72,11 +72,15 @@ def _glob_regex(glob: str) -> re.Pattern[str]:
 
 
 def _canonical_dn(text: str, where: str) -> str:
+    """The CA name as :func:`slash_from_name` prints it (aliases such as ``Email``
+    normalised); a name with attribute types this module does not know is kept as written."""
+    if not text.startswith("/"):
+        raise NamespaceFileError(f"{where}: the CA name {text!r} is not a valid DN in the "
+                                 "/-separated form")
     try:
         return slash_from_name(name_from_slash(text))
-    except BrokerError as exc:
-        raise NamespaceFileError(f"{where}: the CA name {text!r} is not a valid DN: "
-                                 f"{exc.message}") from exc
+    except BrokerError:
+        return text
 
 
 def _strip_comment(line: str) -> str:
@@ -323,9 +327,3 @@ def check_files(files: Mapping[str, bytes]) -> list[str]:
         except NamespaceFileError as exc:
             problems.append(exc.message)
     return problems
-
-
-def namespace_files(hash_names: Sequence[str]) -> tuple[str, ...]:
-    """The file names a CA with these hashes may ship."""
-    return tuple(f"{h}{s}" for h in hash_names for s in (SIGNING_POLICY_SUFFIX,
-                                                          NAMESPACES_SUFFIX))

@@ -229,3 +229,20 @@ def test_voms_signer_outside_its_ca_namespace_is_untrusted(grid_pki: GridPki) ->
     with pytest.raises(VomsError) as err:
         validate_chain(proxy.chain, narrow, now=now, vomsdir=vomsdir)
     assert "voms.example.org" in err.value.message and "namespace" in err.value.message
+
+
+def test_igtf_style_files_parse() -> None:
+    """The shape IGTF distributes: headers, leading blanks, alternations, unknown DN types."""
+    namespaces = (
+        "##############################################################\n"
+        "#NAMESPACES-VERSION: 1.0\n#\n# CA alias    : example-medium\n#\n"
+        'TO Issuer "/C=NL/O=Example/CN=Example medium-security CA" \\\n'
+        '  PERMIT Subject "/O=dutchgrid/O=(users|hosts|robots)/.*"\n')
+    rules = parse_namespaces(namespaces, "1a2b3c4d.namespaces")[
+        "/C=NL/O=Example/CN=Example medium-security CA"]
+    assert rules[0].matches("/O=dutchgrid/O=users/O=nikhef/CN=Some Body")
+    assert not rules[0].matches("/O=dutchgrid/O=admins/CN=x")
+    policy = (" # EACL\n access_id_CA      X509         '/C=NL/O=Example/unstructuredName=x'\n"
+              " pos_rights        globus        CA:sign\n"
+              " cond_subjects     globus       '\"/O=dutchgrid/*\"'\n")
+    assert list(parse_signing_policy(policy, "f")) == ["/C=NL/O=Example/unstructuredName=x"]
