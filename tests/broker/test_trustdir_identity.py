@@ -21,7 +21,7 @@ from broker.errors import (
     CredentialError,
     NotFound,
 )
-from broker.pki.devca import make_crl, subject_hash
+from broker.pki.devca import ca_files, issue_certificate, make_ca, make_crl, subject_hash
 from broker.pki.dn import slash_from_name
 from broker.pki.loading import chain_to_pem, key_to_pem
 from broker.pki.proxy import ProxyType, generate_key, load_csr, make_csr, new_proxy, sign_request
@@ -120,6 +120,29 @@ def test_stored_chain_with_independent_proxy_is_not_served(service: BrokerServic
     with pytest.raises(CredentialError) as err:
         service.retrieve(pilot, csr_pem=_csr(), username="alice")
     assert err.value.reason == "independent_proxy"
+
+
+def test_stored_chain_outside_its_ca_namespace_is_not_served(
+        service: BrokerService, grid_pki: GridPki, trust_box: dict[str, TrustStore]) -> None:
+    """Retrieval re-verifies the stored chain: a second CA's "Alice" stored before the
+    namespace rule (or written behind the broker's back) is not handed out."""
+    rogue = make_ca(now=grid_pki.now, dn="/DC=org/DC=rogue/CN=Rogue CA")
+    files = {**grid_pki.pki.ca_directory(), **ca_files(rogue.cert, ("/DC=org/DC=rogue/*",))}
+    trust_box["trust"] = TrustStore.from_files(files)
+    fake = new_proxy(issue_certificate(rogue, ALICE, now=grid_pki.now),
+                     now=grid_pki.now, lifetime=timedelta(hours=6))
+    now = service.now()
+    assert fake.key is not None
+    service.store.put_credential(
+        owner_dn=ALICE, username="alice", name="default", private_key_pem=key_to_pem(fake.key),
+        certificate_chain=chain_to_pem(fake.chain).decode(), description=None,
+        retrievers=(), trusted_retrievers=(), renewers=(), max_lifetime_seconds=3600,
+        limited=False, passphrase=None, consume_pending=None,
+        not_after=now + timedelta(hours=5), now=now, audit=None)
+    pilot = service.authenticate_chain(list(grid_pki.user("pilot").chain))
+    with pytest.raises(CredentialError) as err:
+        service.retrieve(pilot, csr_pem=_csr(), username="alice")
+    assert err.value.reason == "namespace" and "Rogue CA" in err.value.message
 
 
 # ----------------------------------------------------------------- revocation
