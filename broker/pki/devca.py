@@ -18,11 +18,11 @@ from ipaddress import IPv4Address, IPv6Address
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from OpenSSL import crypto
 
 from broker.pki.dn import name_from_slash, slash_from_name
 from broker.pki.loading import Credential, PrivateKey
 from broker.pki.proxy import generate_key
+from broker.pki.trust import subject_hash as subject_hash  # re-exported for callers
 
 BASE_DN = "/DC=org/DC=example"
 CA_DN = f"{BASE_DN}/CN=Example Dev CA"
@@ -30,11 +30,6 @@ HOST_DN = f"{BASE_DN}/CN=localhost"
 VOMS_DN = f"{BASE_DN}/CN=voms.example.org"
 VOMS_HOST = "voms.example.org"
 VOMS_PORT = 15001
-
-
-def subject_hash(cert: x509.Certificate) -> str:
-    """OpenSSL's new-style subject hash (``openssl x509 -subject_hash``) as 8 hex digits."""
-    return f"{crypto.X509.from_cryptography(cert).subject_name_hash() & 0xFFFFFFFF:08x}"
 
 
 def _ski(key: PrivateKey) -> x509.SubjectKeyIdentifier:
