@@ -1,8 +1,9 @@
 """``broker serve``: gunicorn with mutual TLS that accepts RFC 3820 proxies.
 
 gunicorn calls the ``ssl_context`` server hook for every connection; the hook
-returns a context built once per worker (rebuilt every minute so that CRL and
-CA-directory updates take effect) with:
+returns a context built once per worker (rebuilt when the CA directory changes,
+noticed within ``broker.trustdir.RELOAD_INTERVAL`` seconds, the same bound as the
+service's trust store and the MyProxy endpoint) with:
 
 * client certificates required, verified against the CA directory (``capath``);
 * ``VERIFY_ALLOW_PROXY_CERTS``, without which OpenSSL refuses every proxy;
@@ -24,10 +25,10 @@ from gunicorn.app.base import BaseApplication
 from gunicorn.workers.gthread import ThreadWorker
 
 from broker.config import ServerConfig
+from broker.trustdir import CaDirWatch
 
 log = logging.getLogger("broker.server")
 
-_CONTEXT_TTL = 60.0
 # A client must deliver its request head (TLS handshake included) within this many seconds,
 # and the whole exchange must end within REQUEST_DEADLINE: gunicorn's gthread worker has no
 # read timeout of its own, so a slow-loris client could hold a worker thread forever.
@@ -133,17 +134,29 @@ def make_server_context(config: ServerConfig, *, max_tls: str = "") -> ssl.SSLCo
 
 
 class _ContextCache:
+    """The worker's TLS context, rebuilt when the CA directory changes (one reload path with
+    :class:`broker.trustdir.ReloadingTrustStore`)."""
+
     def __init__(self, config: ServerConfig) -> None:
         self._config = config
         self._lock = threading.Lock()
         self._ctx: ssl.SSLContext | None = None
-        self._built = 0.0
+        self._watch: CaDirWatch | None = None  # made in the worker, after the fork
+        self._version = -1
 
     def get(self) -> ssl.SSLContext:
         with self._lock:
-            if self._ctx is None or time.monotonic() - self._built > _CONTEXT_TTL:
-                self._ctx = make_server_context(self._config)
-                self._built = time.monotonic()
+            if self._watch is None:
+                self._watch = CaDirWatch(self._config.ca_dir)
+            version = self._watch.version()
+            if self._ctx is None or version != self._version:
+                try:
+                    self._ctx = make_server_context(self._config)
+                except (OSError, ssl.SSLError):
+                    if self._ctx is None:
+                        raise
+                    log.exception("could not rebuild the TLS context; keeping the old one")
+                self._version = version
             return self._ctx
 
 

@@ -326,15 +326,19 @@ class BrokerService:
         now = self.now()
         key = hashlib.sha256(b"".join(c.public_bytes(serialization.Encoding.DER)
                                       for c in chain)).digest()
-        info: ChainInfo | None = self._chain_cache.get(key)
+        # A verdict holds only for the trust store it was reached with: a reloaded CA
+        # directory (new CRL, removed CA) is a new store object and voids every cached one.
+        trust = self.trust
+        cached: tuple[TrustStore, ChainInfo] | None = self._chain_cache.get(key)
+        info = cached[1] if cached is not None and cached[0] is trust else None
         if info is None or info.not_after <= now:
             try:
-                info = validate_chain(chain, self.trust, now=now, vomsdir=self.vomsdir)
+                info = validate_chain(chain, trust, now=now, vomsdir=self.vomsdir)
             except ChainError as exc:
                 raise AuthenticationError(
                     f"the client certificate chain was refused: {exc.message}", reason=exc.reason
                 ) from exc
-            self._chain_cache.put(key, info, ttl=60.0)
+            self._chain_cache.put(key, (trust, info), ttl=60.0)
         return Requester(
             dn=info.identity, fqans=info.fqans, limited=info.limited, chain_info=info,
             client_address=client_address, endpoint=endpoint,
@@ -390,18 +394,25 @@ class BrokerService:
         """The verified FQANs of a stored chain; raises CredentialError when it no longer
         verifies (a revoked user, a CA removed from the CA directory)."""
         key = (record.id, record.updated_at)
+        trust = self.trust
         cached = self._owner_cache.get(key)
-        if cached is not None:
-            return tuple(cached)
+        if cached is not None and cached[0] is trust:
+            return tuple(cached[1])
         chain = load_certificates(record.certificate_chain.encode())
         try:
-            info = validate_chain(chain, self.trust, now=self.now(), vomsdir=self.vomsdir)
+            info = validate_chain(chain, trust, now=self.now(), vomsdir=self.vomsdir)
         except ChainError as exc:
             raise CredentialError(
                 f"the stored credential {record.username}/{record.name} no longer verifies: "
                 f"{exc.message}", reason=exc.reason) from exc
-        # Short-lived, so that a new CRL or a removed CA takes effect within a minute.
-        self._owner_cache.put(key, info.fqans, ttl=60.0)
+        if info.independent:
+            # Stored before delegation refused independent proxies (or written behind our back).
+            raise CredentialError(
+                f"the stored credential {record.username}/{record.name} holds an independent "
+                f"proxy ({info.identity}), which is not a credential of {record.owner_dn}",
+                reason="independent_proxy")
+        # Tied to the trust store: a reloaded CA directory (new CRL) voids it at once.
+        self._owner_cache.put(key, (trust, info.fqans), ttl=60.0)
         return info.fqans
 
     def credential(self, username: str, name: str = DEFAULT_CREDENTIAL) -> CredentialRecord:
@@ -513,6 +524,11 @@ class BrokerService:
         except ChainError as exc:
             raise ChainError(f"the delegated chain does not verify: {exc.message}",
                              reason=exc.reason) from exc
+        if info.independent:
+            raise ChainError(
+                f"the delegated chain holds an independent proxy ({info.identity}), which "
+                f"carries none of {info.end_entity}'s rights; delegate an impersonation proxy",
+                reason="independent_proxy")
         if info.identity != requester.dn:
             raise AuthorizationError(
                 f"the delegated chain belongs to {info.identity}, but you authenticated as "

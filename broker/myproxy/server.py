@@ -54,13 +54,13 @@ from broker.errors import BrokerError, ProtocolError
 from broker.myproxy import codec
 from broker.myproxy.handler import MessageKind, Session, Settings
 from broker.service import BrokerService, Requester
+from broker.trustdir import CaDirWatch
 
 log = logging.getLogger("broker.myproxy")
 
 DEFAULT_MAX_CONNECTIONS = 32
 DEFAULT_REQUEST_SIZE_LIMIT = 1 << 20  # MyProxy's request_size_limit default
 DEFAULT_REQUEST_TIMEOUT = 120.0  # MyProxy's request_timeout default
-_CONTEXT_TTL = 60.0  # rebuild the TLS context so CA/CRL updates take effect
 _MAX_TRUST_FILE = 1 << 20
 
 
@@ -124,17 +124,21 @@ def read_trust_files(ca_dir: str) -> dict[str, bytes]:
 
 
 class _TrustCache:
-    def __init__(self, ca_dir: str) -> None:
+    """The CA directory's files for GET_TRUSTROOTS, re-read when the directory changes."""
+
+    def __init__(self, ca_dir: str, watch: CaDirWatch) -> None:
         self._ca_dir = ca_dir
+        self._watch = watch
         self._lock = threading.Lock()
         self._files: dict[str, bytes] = {}
-        self._read = -_CONTEXT_TTL
+        self._version = -1
 
     def __call__(self) -> Mapping[str, bytes]:
         with self._lock:
-            if time.monotonic() - self._read > _CONTEXT_TTL:
+            version = self._watch.version()
+            if version != self._version:
                 self._files = read_trust_files(self._ca_dir)
-                self._read = time.monotonic()
+                self._version = version
             return self._files
 
 
@@ -250,9 +254,12 @@ class MyProxyServer:
         self.service = service
         self.settings = settings
         self.handler_settings = handler_settings or Settings()
+        # One reload path with the service's trust store (broker.trustdir): the context and
+        # the trust-root files follow the CA directory within RELOAD_INTERVAL seconds.
+        self._watch = CaDirWatch(settings.ca_dir)
         self._context = make_context(settings)
-        self._context_built = time.monotonic()
-        self._trust = _TrustCache(settings.ca_dir)
+        self._context_version = self._watch.version()
+        self._trust = _TrustCache(settings.ca_dir, self._watch)
         self._slots = threading.BoundedSemaphore(settings.max_connections)
         self._pool = ThreadPoolExecutor(max_workers=settings.max_connections,
                                         thread_name_prefix="myproxy")
@@ -265,12 +272,13 @@ class MyProxyServer:
         return host, port
 
     def _ctx(self) -> ssl.SSLContext:
-        if time.monotonic() - self._context_built > _CONTEXT_TTL:
+        version = self._watch.version()
+        if version != self._context_version:
             try:
                 self._context = make_context(self.settings)
             except (OSError, ssl.SSLError):
                 log.exception("could not rebuild the MyProxy TLS context; keeping the old one")
-            self._context_built = time.monotonic()
+            self._context_version = version
         return self._context
 
     def serve(self, stop: threading.Event, *, should_stop: Callable[[], bool] | None = None

@@ -11,7 +11,15 @@ and gives every refusal a reason code and a sentence:
 * limited proxies: only limited proxies may be issued by a limited one;
 * validity of every certificate at ``now``; revocation of the end-entity (and
   intermediate CA) certificates against the CRLs of the trust store;
+* names: every subject and issuer name must have a one-to-one slash form
+  (:func:`broker.pki.dn.slash_ambiguity`), since identities are compared as slash strings;
+* namespaces: every CA-issued certificate (end entity, intermediate CA) must lie in its
+  issuing CA's ``.signing_policy`` / ``.namespaces`` namespace (:mod:`broker.pki.namespace`);
 * VOMS attribute certificates in the chain, when a vomsdir is given.
+
+The identity of a chain is its end-entity subject, except below an *independent* proxy
+(which carries none of its issuer's rights): then it is the subject of the topmost
+independent proxy, and the chain carries no VOMS attributes.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from cryptography.x509.oid import NameOID
 from OpenSSL import crypto
 
 from broker.errors import ChainError
-from broker.pki.dn import slash_from_name
+from broker.pki.dn import slash_ambiguity, slash_from_name
 from broker.pki.proxy import (
     DRAFT_PROXY_CERT_INFO_OID,
     ProxyInfo,
@@ -52,6 +60,12 @@ class ChainInfo:
     not_after: datetime  # earliest notAfter of the chain's end-entity and proxies
     fqans: tuple[str, ...] = ()
     voms: tuple[VomsAttributes, ...] = ()  # one per verified AC
+    end_entity: str = ""  # slash form of the end-entity subject (= identity unless independent)
+
+    @property
+    def independent(self) -> bool:
+        """True when an independent proxy in the chain made the identity its own subject."""
+        return ProxyType.INDEPENDENT in self.proxy_types
 
     @property
     def proxy_depth(self) -> int:
@@ -221,6 +235,31 @@ def _crl_signature_ok(crl: x509.CertificateRevocationList, ca: x509.Certificate)
     return False
 
 
+def _check_names(certs: Sequence[x509.Certificate]) -> None:
+    for cert in certs:
+        for which, name in (("subject", cert.subject), ("issuer", cert.issuer)):
+            why = slash_ambiguity(name)
+            if why is not None:
+                raise _fail(
+                    "ambiguous_name",
+                    f"the certificate {_describe(cert)} is refused: its {which} name cannot be "
+                    f"told apart from another name in the /-separated form ({why})",
+                )
+
+
+def _check_namespaces(
+    verified: Sequence[x509.Certificate], first: int, trust: TrustStore
+) -> None:
+    """Each CA-issued certificate from ``verified[first]`` up must be in its issuer's namespace."""
+    for index in range(first, len(verified) - 1):
+        cert, ca = verified[index], verified[index + 1]
+        if _is_self_issued(cert):
+            continue
+        why = trust.namespace_violation(cert, ca)
+        if why is not None:
+            raise _fail("namespace", why)
+
+
 def _check_revocation(
     certs: Sequence[x509.Certificate], trust: TrustStore, now: datetime
 ) -> None:
@@ -312,6 +351,7 @@ def validate_chain(
         raise _fail("empty_chain", "no certificate was presented")
     if len(chain) > MAX_CHAIN_LENGTH:
         raise _fail("chain_too_long", f"the chain has more than {MAX_CHAIN_LENGTH} certificates")
+    _check_names(chain)
     infos = _classify(chain)
     _check_proxy_rules(chain, infos)
     _check_times(chain, now)
@@ -319,18 +359,24 @@ def validate_chain(
     eec = chain[len(infos)] if len(infos) < len(chain) else None
     if eec is None:  # _check_proxy_rules guarantees a parent for each proxy
         raise _fail("incomplete_chain", "the chain holds no end-entity certificate")
+    _check_names(verified)
     _check_times(verified, now)
+    _check_namespaces(verified, len(infos), trust)
     _check_revocation(verified[len(infos):], trust, now)
     not_after = min(c.not_valid_after_utc for c in chain[: len(infos) + 1])
+    # An independent proxy starts a new identity: the topmost one names the holder.
+    independent = [i for i, info in enumerate(infos) if info.type is ProxyType.INDEPENDENT]
+    identity_cert = chain[independent[-1]] if independent else eec
     fqans: tuple[str, ...] = ()
     voms: tuple[VomsAttributes, ...] = ()
-    if vomsdir is not None:
+    if vomsdir is not None and not independent:
         attrs = verify_chain_acs(list(chain), eec, vomsdir, trust, now)
         voms = tuple(attrs)
         fqans = tuple(f for a in attrs for f in a.fqans)
     return ChainInfo(
-        identity=slash_from_name(eec.subject),
-        identity_cert=eec,
+        identity=slash_from_name(identity_cert.subject),
+        identity_cert=identity_cert,
+        end_entity=slash_from_name(eec.subject),
         leaf_subject=slash_from_name(chain[0].subject),
         proxy_types=tuple(i.type for i in infos if i.type is not None),
         path_length=infos[0].path_length if infos else None,

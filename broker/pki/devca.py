@@ -3,8 +3,9 @@
 One CA signs a host certificate (``localhost`` / 127.0.0.1 / ::1), user
 certificates, pilot certificates and a VOMS signer.  The CA directory contents
 follow the ``X509_CERT_DIR`` layout Globus expects: ``<new-style hash>.0``, a
-``.signing_policy`` whose ``cond_subjects`` covers the issued names, and a CRL as
-``<hash>.r0``.  :mod:`broker.devpki` writes it all to disk.
+``.signing_policy`` whose ``cond_subjects`` covers the issued names, the same namespace
+as ``.namespaces`` (EUGridPMA form) and a CRL as ``<hash>.r0``.  :mod:`broker.devpki`
+writes it all to disk.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ from ipaddress import IPv4Address, IPv6Address
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from OpenSSL import crypto
 
 from broker.pki.dn import name_from_slash, slash_from_name
 from broker.pki.loading import Credential, PrivateKey
 from broker.pki.proxy import generate_key
+from broker.pki.trust import subject_hash as subject_hash  # re-exported for callers
 
 BASE_DN = "/DC=org/DC=example"
 CA_DN = f"{BASE_DN}/CN=Example Dev CA"
@@ -29,11 +30,6 @@ HOST_DN = f"{BASE_DN}/CN=localhost"
 VOMS_DN = f"{BASE_DN}/CN=voms.example.org"
 VOMS_HOST = "voms.example.org"
 VOMS_PORT = 15001
-
-
-def subject_hash(cert: x509.Certificate) -> str:
-    """OpenSSL's new-style subject hash (``openssl x509 -subject_hash``) as 8 hex digits."""
-    return f"{crypto.X509.from_cryptography(cert).subject_name_hash() & 0xFFFFFFFF:08x}"
 
 
 def _ski(key: PrivateKey) -> x509.SubjectKeyIdentifier:
@@ -150,6 +146,34 @@ def signing_policy(ca: x509.Certificate, namespaces: Sequence[str] = (f"{BASE_DN
     )
 
 
+def namespaces_text(ca: x509.Certificate, namespaces: Sequence[str] = (f"{BASE_DN}/*",)) -> str:
+    """The EUGridPMA ``.namespaces`` text for the same globs as :func:`signing_policy`."""
+    lines = [f"# namespace of {slash_from_name(ca.subject)}"]
+    for glob in namespaces:
+        regex = "".join(".*" if c == "*" else "." if c == "?" else
+                        ("\\" + c if c in ".^$+()[]{}|\\" else c) for c in glob)
+        lines.append(f'TO Issuer "{slash_from_name(ca.subject)}" \\\n'
+                     f'  PERMIT Subject "{regex}"')
+    return "\n".join(lines) + "\n"
+
+
+def ca_files(ca: x509.Certificate, namespaces: Sequence[str] = (f"{BASE_DN}/*",),
+             crl: x509.CertificateRevocationList | None = None) -> dict[str, bytes]:
+    """``{file name: content}`` of one CA in a CA directory: certificate, both namespace
+    files (for ``namespaces`` globs), and the CRL when given."""
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    h = subject_hash(ca)
+    files = {
+        f"{h}.0": ca.public_bytes(Encoding.PEM),
+        f"{h}.signing_policy": signing_policy(ca, namespaces).encode(),
+        f"{h}.namespaces": namespaces_text(ca, namespaces).encode(),
+    }
+    if crl is not None:
+        files[f"{h}.r0"] = crl.public_bytes(Encoding.PEM)
+    return files
+
+
 def lsc_text(signer: x509.Certificate, ca: x509.Certificate) -> str:
     """A vomsdir ``<host>.lsc`` entry: the signer DN, then its CA DN."""
     return f"{slash_from_name(signer.subject)}\n{slash_from_name(ca.subject)}\n"
@@ -168,16 +192,7 @@ class DevPki:
 
     def ca_directory(self) -> dict[str, bytes]:
         """``{file name: content}`` for the CA directory."""
-        from cryptography.hazmat.primitives.serialization import Encoding
-
-        h = subject_hash(self.ca.cert)
-        files = {
-            f"{h}.0": self.ca.cert.public_bytes(Encoding.PEM),
-            f"{h}.signing_policy": signing_policy(self.ca.cert).encode(),
-        }
-        if self.crl is not None:
-            files[f"{h}.r0"] = self.crl.public_bytes(Encoding.PEM)
-        return files
+        return ca_files(self.ca.cert, crl=self.crl)
 
     def vomsdir(self) -> dict[str, bytes]:
         return {f"{self.vo}/{VOMS_HOST}.lsc": lsc_text(self.voms.cert, self.ca.cert).encode()}

@@ -80,6 +80,38 @@ def slash_from_name(name: x509.Name) -> str:
     return "".join(parts)
 
 
+# A value holding "/" then "X=" would read as a second attribute in the slash form; a
+# literal "\\xHH" would read as an escaped byte. Either makes two names print alike.
+_SLASH_TYPE_IN_VALUE = re.compile(r"/[^/]*=")
+_ESCAPE_IN_VALUE = re.compile(r"\\x[0-9A-Fa-f]{2}")
+
+
+def slash_ambiguity(name: x509.Name) -> str | None:
+    """Why ``name``'s slash form could be mistaken for another name's, or None.
+
+    The slash form is what identities are compared by (policies, owners, grid-mapfiles),
+    so a name is refused when its rendering is not one-to-one: a multi-valued RDN
+    (``/CN=A/O=B`` would equal two single RDNs), a value with a control character (NUL
+    included), a value holding ``/`` followed later by ``=`` (``DC=example/CN=Alice``
+    would read as two attributes) or a literal ``\\xHH`` (would read as an escaped byte).
+    """
+    for rdn in name.rdns:
+        attrs = list(rdn)
+        if len(attrs) != 1:
+            types = "+".join(_type_name(a.oid) for a in attrs)
+            return f"it has a multi-valued name component ({types})"
+        attr = attrs[0]
+        value = attr.value if isinstance(attr.value, str) else attr.value.decode("latin-1")
+        label = _type_name(attr.oid)
+        if any(ord(c) < 32 or ord(c) == 127 for c in value):
+            return f"its {label} value holds a control character"
+        if _SLASH_TYPE_IN_VALUE.search(value):
+            return f"its {label} value holds '/' followed by '=' ({_escape_value(value)!r})"
+        if _ESCAPE_IN_VALUE.search(value):
+            return f"its {label} value holds a literal \\x escape"
+    return None
+
+
 def name_from_slash(text: str) -> x509.Name:
     """Parse the slash form into a :class:`x509.Name` (one attribute per RDN).
 

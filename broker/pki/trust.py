@@ -2,8 +2,12 @@
 
 Pure: the caller reads the directory (``broker.trustdir``) and passes the file
 contents in.  In that layout CA certificates are ``<hash>.0`` (``.1``… on hash
-collisions) and CRLs are ``<hash>.r0``; other files (``.signing_policy``,
-``.namespaces``, ``.info``) are ignored here.
+collisions), CRLs are ``<hash>.r0`` and each CA's namespace is in
+``<hash>.signing_policy`` and/or ``<hash>.namespaces`` (:mod:`broker.pki.namespace`);
+other files (``.info``, ``.crl_url``) are ignored.
+
+A CA that ships neither namespace file issues nothing this broker accepts, unless the
+store is built with ``accept_unconstrained=True`` (docs/trust.md).
 """
 
 from __future__ import annotations
@@ -13,8 +17,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from OpenSSL import crypto
 
 from broker.errors import PemError
+from broker.pki.dn import slash_from_name
+from broker.pki.namespace import CaNamespace, ca_namespace, check_files
 
 _CERT_FILE = re.compile(r"^[0-9a-f]{8}\.[0-9]+$")
 _CRL_FILE = re.compile(r"^[0-9a-f]{8}\.r[0-9]+$")
@@ -26,6 +34,10 @@ class TrustStore:
 
     cas: tuple[x509.Certificate, ...]
     crls: tuple[x509.CertificateRevocationList, ...] = ()
+    # Keyed by the CA certificate's DER; a CA missing here has no namespace files.
+    namespaces: Mapping[bytes, CaNamespace] = field(default_factory=dict)
+    accept_unconstrained: bool = False
+    problems: tuple[str, ...] = ()  # malformed namespace files (file:line: ...)
     _by_subject: dict[bytes, list[x509.Certificate]] = field(
         default_factory=dict, compare=False, repr=False
     )
@@ -41,9 +53,31 @@ class TrustStore:
     def crls_for(self, ca: x509.Certificate) -> list[x509.CertificateRevocationList]:
         return [crl for crl in self.crls if crl.issuer == ca.subject]
 
+    def namespace_of(self, ca: x509.Certificate) -> CaNamespace | None:
+        return self.namespaces.get(ca.public_bytes(Encoding.DER))
+
+    def namespace_violation(self, cert: x509.Certificate, ca: x509.Certificate) -> str | None:
+        """None when ``ca`` may issue ``cert``'s subject name, else a sentence saying why not
+        (naming the CA and its namespace)."""
+        ca_dn = slash_from_name(ca.subject)
+        subject = slash_from_name(cert.subject)
+        namespace = self.namespace_of(ca)
+        if namespace is None or (not namespace.constrained and namespace.error is None):
+            if self.accept_unconstrained:
+                return None
+            return (f"the CA {ca_dn} has no namespace (neither a .signing_policy nor a "
+                    f".namespaces file names it in the CA directory), so {subject} issued by "
+                    "it is not accepted; install the CA's namespace files, or set "
+                    "BROKER_ACCEPT_CA_WITHOUT_NAMESPACE=1 to accept such CAs (docs/trust.md)")
+        why = namespace.violation(subject)
+        if why is None:
+            return None
+        return f"the CA {ca_dn} may not issue {subject}: {why}"
 
     @classmethod
-    def from_files(cls, files: Mapping[str, bytes]) -> TrustStore:
+    def from_files(
+        cls, files: Mapping[str, bytes], *, accept_unconstrained: bool = False
+    ) -> TrustStore:
         """Build a store from ``{file name: content}`` of a CA directory."""
         cas: list[x509.Certificate] = []
         crls: list[x509.CertificateRevocationList] = []
@@ -61,4 +95,15 @@ class TrustStore:
                     crls.append(x509.load_pem_x509_crl(data))
                 except ValueError as exc:
                     raise PemError(f"CRL file {name} does not hold a PEM CRL: {exc}") from exc
-        return cls(cas=tuple(cas), crls=tuple(crls))
+        namespaces: dict[bytes, CaNamespace] = {}
+        for ca in cas:
+            namespaces[ca.public_bytes(Encoding.DER)] = ca_namespace(
+                slash_from_name(ca.subject), subject_hash(ca), files)
+        return cls(cas=tuple(cas), crls=tuple(crls), namespaces=namespaces,
+                   accept_unconstrained=accept_unconstrained,
+                   problems=tuple(check_files(files)))
+
+
+def subject_hash(cert: x509.Certificate) -> str:
+    """OpenSSL's subject hash (``openssl x509 -subject_hash``), the CA directory's file stem."""
+    return f"{crypto.X509.from_cryptography(cert).subject_name_hash() & 0xFFFFFFFF:08x}"

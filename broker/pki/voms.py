@@ -738,6 +738,13 @@ def _check_not_revoked(child: x509.Certificate, ca: x509.Certificate,
                              f"is revoked by {slash_from_name(ca.subject)}")
 
 
+def _check_namespace(child: x509.Certificate, ca: x509.Certificate, trust: TrustStore,
+                     label: str) -> None:
+    why = trust.namespace_violation(child, ca)
+    if why is not None:
+        raise _untrusted(label, why)
+
+
 def _signer_path(signer: x509.Certificate, embedded: Sequence[x509.Certificate],
                  trust: TrustStore, now: datetime, label: str) -> list[x509.Certificate]:
     """The signer, any embedded intermediates, then the trust anchor that issued the last."""
@@ -748,12 +755,14 @@ def _signer_path(signer: x509.Certificate, embedded: Sequence[x509.Certificate],
         for ca in trust.issuers_of(current):
             if _signed_by(current, ca):
                 _check_time(ca, now, label)
+                _check_namespace(current, ca, trust, label)
                 _check_not_revoked(current, ca, trust, label)
                 return [*path, ca]
         nexts = [c for c in embedded
                  if c != current and c not in path and _is_ca(c) and _signed_by(current, c)]
         if not nexts:
             break
+        _check_namespace(current, nexts[0], trust, label)
         current = nexts[0]
         path.append(current)
     raise _untrusted(

@@ -13,7 +13,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from broker.errors import ConfigError, CredentialError, InputError
 from broker.onlineca import OnlineCa
 from broker.pki.chain import validate_chain
-from broker.pki.devca import issue_certificate, make_ca
+from broker.pki.devca import ca_files, issue_certificate, make_ca
 from broker.pki.dn import slash_from_name
 from broker.pki.loading import Credential, key_to_pem
 from broker.pki.proxy import generate_key, make_csr, new_proxy
@@ -34,7 +34,7 @@ def online(ca: Credential) -> OnlineCa:
 
 
 def _trust(ca: Credential) -> TrustStore:
-    return TrustStore(cas=(ca.cert,))
+    return TrustStore.from_files(ca_files(ca.cert, ("/DC=org/DC=example/*",)))
 
 
 def test_issue_for_a_username(online: OnlineCa, ca: Credential) -> None:

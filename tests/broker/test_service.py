@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -208,7 +209,6 @@ def test_revoked_owner_cannot_be_retrieved_once_the_crl_arrives(
         grid_pki: GridPki, tmp_path: Path, clock: Clock) -> None:
     from broker.errors import CredentialError
     from broker.pki.devca import make_crl
-    from broker.pki.trust import TrustStore
 
     url = default_sqlite_url(tmp_path)
     migrate(url)
@@ -220,7 +220,7 @@ def test_revoked_owner_cannot_be_retrieved_once_the_crl_arrives(
         svc.retrieve(who(svc, grid_pki, "pilot"), csr_pem=csr(), username="alice")
         crl = make_crl(grid_pki.pki.ca, now=clock.now,
                        revoked_serials=[grid_pki.user("alice").cert.serial_number])
-        current["trust"] = TrustStore(cas=(grid_pki.pki.ca.cert,), crls=(crl,))
+        current["trust"] = dataclasses.replace(grid_pki.trust, crls=(crl,))
         clock.now += timedelta(minutes=2)  # past the one-minute cache of the stored chain
         with pytest.raises(CredentialError) as err:
             svc.retrieve(who(svc, grid_pki, "pilot"), csr_pem=csr(), username="alice")

@@ -37,7 +37,7 @@ def test_dev_pki_layout_and_permissions(pki: Path) -> None:
     for name in ("ca", "host", "voms", "alice", "bob", "pilot"):
         assert (pki / f"{name}.key").stat().st_mode & 0o777 == 0o600
     names = sorted(p.name for p in (pki / "certificates").iterdir())
-    assert [n.split(".")[1] for n in names] == ["0", "r0", "signing_policy"]
+    assert [n.split(".")[1] for n in names] == ["0", "namespaces", "r0", "signing_policy"]
     assert (pki / "vomsdir" / "atlas" / "voms.example.org.lsc").read_text().splitlines() == [
         "/DC=org/DC=example/CN=voms.example.org", "/DC=org/DC=example/CN=Example Dev CA"]
     again = _run("dev-pki", str(pki))

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 from datetime import timedelta
 
 import pytest
@@ -10,7 +11,6 @@ from broker.errors import ChainError
 from broker.pki.chain import validate_chain
 from broker.pki.devca import issue_certificate, make_ca, make_crl
 from broker.pki.proxy import DRAFT_PROXY_CERT_INFO_OID, ProxyType, new_proxy
-from broker.pki.trust import TrustStore
 from tests.pkifixtures import GridPki, forge_proxy
 
 
@@ -58,7 +58,7 @@ def test_revoked_eec(grid_pki: GridPki) -> None:
     now = grid_pki.now
     bob = grid_pki.user("bob")
     crl = make_crl(grid_pki.pki.ca, now=now, revoked_serials=[bob.cert.serial_number])
-    trust = TrustStore(cas=(grid_pki.pki.ca.cert,), crls=(crl,))
+    trust = dataclasses.replace(grid_pki.trust, crls=(crl,))
     proxy = new_proxy(bob, now=now, lifetime=timedelta(hours=1))
     assert _reason(proxy.chain, trust, now) == "revoked"
     # alice, not on the CRL, still passes with the same store

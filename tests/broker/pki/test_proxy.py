@@ -80,7 +80,10 @@ def test_ec_keys_and_independent(grid_pki: GridPki) -> None:
                       proxy_type=ProxyType.INDEPENDENT, key=generate_key("ec"))
     assert isinstance(proxy.key, ec.EllipticCurvePrivateKey)
     info = validate_chain(proxy.chain, grid_pki.trust, now=now)
-    assert info.identity == "/DC=org/DC=example/CN=Bob"
+    # An independent proxy carries none of Bob's rights: it is its own identity.
+    assert info.identity == slash_from_name(proxy.cert.subject) != "/DC=org/DC=example/CN=Bob"
+    assert info.end_entity == "/DC=org/DC=example/CN=Bob"
+    assert info.independent
     assert info.proxy_types == (ProxyType.INDEPENDENT,)
 
 
