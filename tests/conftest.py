@@ -9,6 +9,7 @@ import os
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from tests.prerequisites import (
     in_ci,
@@ -17,6 +18,13 @@ from tests.prerequisites import (
 
 # Fixture plugins shared by several test packages (see each module's docstring).
 pytest_plugins = ["tests.pgcluster"]
+
+# --------------------------------------------------------------------------- hypothesis
+
+# Property tests judge correctness, not speed: on two shared cores Hypothesis's
+# per-example deadline and its "input generation is slow" check fail for load alone.
+settings.register_profile("broker", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("broker")
 
 # --------------------------------------------------------------------------- process state
 
