@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from broker.errors import AuthenticationError, AuthorizationError, NotFound, TooManyAttempts
 from broker.devpki import OWNERS_RULE, policy_rule
+from broker.errors import AuthenticationError, AuthorizationError, NotFound, TooManyAttempts
 from broker.pki.loading import Credential, chain_to_pem
 from broker.pki.proxy import (
     ProxyType,
