@@ -771,6 +771,19 @@ class BrokerService:
                         reason="pam_user_mismatch"))
             else:
                 auth = AuthMethod.CERTIFICATE
+            if record.not_after <= self.now():
+                # An expired chain no longer verifies (so it has no FQANs to offer the
+                # policy); the owner and the parties the policy lets in are told it expired.
+                probe = self._decide(requester, action, owner_dn=record.owner_dn,
+                                     name=record.name, username=record.username,
+                                     job_id=job_id, auth=auth,
+                                     owner_policy=_owner_policy(record))
+                if not probe.allowed:
+                    raise _Concealed(AuthorizationError(probe.message, reason=probe.reason))
+                raise CredentialError(
+                    f"the credential {record.username}/{record.name} expired at "
+                    f"{record.not_after:%Y-%m-%d %H:%M:%S} UTC; its owner must delegate a new "
+                    f"one (broker-init -k {record.name})", reason="expired")
             decision = self.decide(requester, record, action, auth, job_id=job_id)
             if not decision.allowed:
                 # No right on the credential: the answer must not tell it exists.

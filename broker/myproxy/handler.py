@@ -313,9 +313,10 @@ class Session:
         except AuthenticationError as exc:
             raise Refusal(f"renewal authentication failed: {exc.message}") from None
         if proven.dn != record.owner_dn:
+            # The owner's DN is not told: the requester may have no right on the credential.
             raise Refusal(
                 f"renewal authentication failed: the proxy presented with -a belongs to "
-                f"{proven.dn}, not to the credential's owner {record.owner_dn}")
+                f"{proven.dn}, not to the credential's owner")
         assert proven.dn is not None
         # A limited proof of possession yields a limited proxy: renewal never widens rights.
         self._renewal_limited = proven.limited

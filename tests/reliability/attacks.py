@@ -231,9 +231,10 @@ def all_attacks(pki: GridPki, base: Path, sizes: Any, rng: random.Random, *,
             outcome.tried += 1
 
     yield "attack server clean shutdown", finish
-    from tests.reliability import wrapper_attacks
+    from tests.reliability import protocol_attacks, wrapper_attacks
 
     yield from wrapper_attacks.attacks(pki, base)
+    yield from protocol_attacks.attacks(pki, base)
 
 
 def _voms_proxy(pki: GridPki, *, holder: x509.Certificate, signer: Credential) -> Credential:
