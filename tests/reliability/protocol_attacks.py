@@ -124,6 +124,7 @@ def attacks(pki: GridPki, base: Path) -> Iterator[tuple[str, Callable[[Outcome],
         proxy = write_proxy_file(work / "alice-limited.pem", new_proxy(
             pki.load("alice"), now=datetime.now(UTC), lifetime=timedelta(hours=1),
             proxy_type=ProxyType.LIMITED))
+        early = 0
         for i in range(5):
             outcome.tried += 1
             try:
@@ -133,7 +134,10 @@ def attacks(pki: GridPki, base: Path) -> Iterator[tuple[str, Callable[[Outcome],
             except BrokerError as exc:
                 if exc.reason != "limited_requester":
                     outcome.fail(f"limited proxy refused with {exc.reason}, not early")
-        outcome.note("5 delegations started with a limited proxy: refused (limited_requester)")
+                else:
+                    early += 1
+        outcome.note(f"5 delegations started with a limited proxy: {early} refused at once "
+                     "(limited_requester)")
 
     def pending_purge(outcome: Outcome) -> None:
         svc, clock = local()
