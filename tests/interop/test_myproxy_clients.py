@@ -361,7 +361,7 @@ def broker_serve(grid_pki: GridPki, tmp_path: Path) -> Iterator[tuple[int, int]]
          "--policy-dir", str(policies), "--bind", f"127.0.0.1:{rest}",
          "--myproxy-bind", f"127.0.0.1:{wire}", "--host-cert", str(grid_pki.root / "host.pem"),
          "--host-key", str(grid_pki.root / "host.key"), "--ca-dir", str(grid_pki.ca_dir),
-         "--vomsdir", str(grid_pki.vomsdir), "--workers", "1"],
+         "--vomsdir", str(grid_pki.vomsdir), "--workers", "1", "--username-binding", "none"],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "serve.log", "wb"),
     )
     try:
