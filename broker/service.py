@@ -824,7 +824,9 @@ class BrokerService:
             if attempt is not None:
                 self._finish_passphrase_attempt(attempt, failed=True)
             self._record_failure(requester, action.value, hidden.real, **where)
-            raise (hidden.public or _not_found(username, owner_dn, name)) from None
+            raise (hidden.public or _not_found(
+                username or (record.username if record and not owner_dn else None), owner_dn,
+                name if record is None else record.name)) from None
         except BrokerError as exc:
             if attempt is not None:
                 self._finish_passphrase_attempt(
@@ -1025,9 +1027,10 @@ class BrokerService:
         record = self._find(username=username, owner_dn=None, name=name)
         where["owner_dn"] = record.owner_dn
         if record.owner_dn != requester.dn:
-            raise AuthorizationError(
+            # Someone else's credential: answered as a missing one (the audit keeps why).
+            raise _Concealed(AuthorizationError(
                 f"Credentials not owned by {requester.dn}: {record.username}/{record.name} "
-                "is not yours", reason="not_owner")
+                "is not yours", reason="not_owner"))
         return record
 
     def _reserve_passphrase_attempt(self, requester: Requester,
@@ -1071,6 +1074,9 @@ class BrokerService:
             deleted = self.store.delete_credential(
                 username, name, owner_dn=requester.dn,
                 audit=self._audit(requester, "destroy", "allow", reason="destroyed", **where))
+        except _Concealed as hidden:
+            self._record_failure(requester, "destroy", hidden.real, **where)
+            raise _not_found(username, None, name) from None
         except BrokerError as exc:
             self._record_failure(requester, "destroy", exc, **where)
             raise
@@ -1098,6 +1104,9 @@ class BrokerService:
                 raise
             if attempt is not None:
                 self._finish_passphrase_attempt(attempt, failed=False)
+        except _Concealed as hidden:
+            self._record_failure(requester, "change-passphrase", hidden.real, **where)
+            raise _not_found(username, None, name) from None
         except BrokerError as exc:
             self._record_failure(requester, "change-passphrase", exc, **where)
             raise

@@ -421,10 +421,16 @@ def test_refusals_do_not_reveal_credentials_to_parties_without_a_right(
                              passphrase="not-it-123")
         replies.append((perr.value.reason, perr.value.message))
     assert replies[0] == replies[1] == ("invalid_passphrase", "invalid credential passphrase")
-    # not the owner: no owner DN in the refusal
-    with pytest.raises(AuthorizationError) as derr:
+    # not the owner: destroy and change-passphrase answer as for a missing credential
+    with pytest.raises(NotFound) as derr:
         service.destroy(bob, username="alice")
-    assert ALICE not in derr.value.message
+    assert derr.value.message == "no credential 'default' for user 'alice'"
+    with pytest.raises(NotFound):
+        service.change_passphrase(bob, username="alice", name="pp", old="x", new="new-pass-12")
+    # a passphrase over MyProxy, where the record is looked up first, gets the same answer
+    with pytest.raises(NotFound) as merr:
+        service.authorize_retrieval(bob, record=service.credential("alice"))
+    assert merr.value.message == "no credential 'default' for user 'alice'"
     # the audit trail keeps the real reasons
     reasons = [r.reason or "" for r in service.store.query_audit(username="alice")]
     assert any(r.startswith("no_passphrase_set:") for r in reasons)

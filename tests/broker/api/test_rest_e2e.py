@@ -66,9 +66,10 @@ def test_delegate_then_pilot_retrieves_real_proxy(any_broker: RunningBroker,
 
 def test_bob_cannot_destroy_or_overwrite(any_broker: RunningBroker) -> None:
     _delegate(any_broker)
-    with pytest.raises(AuthorizationError) as err:
+    # someone else's credential is answered as a missing one (issue 18)
+    with pytest.raises(NotFound) as err:
         any_broker.client("bob").destroy(username="alice")
-    assert "not owned" in err.value.message
+    assert err.value.message == "no credential 'default' for user 'alice'"
     with pytest.raises(Conflict):
         _delegate(any_broker, "bob", username="alice")
     # alice's credential is intact and still hers
