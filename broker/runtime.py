@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 from dataclasses import dataclass
@@ -102,6 +103,8 @@ def start_housekeeping(service: BrokerService, stop: threading.Event,
 
     thread = threading.Thread(target=loop, name="broker-housekeeping", daemon=True)
     thread.start()
+    # A worker that exits normally writes the refusal counts of its open windows.
+    atexit.register(service.flush_refusals)
     return thread
 
 

@@ -425,6 +425,10 @@ class BrokerService:
             log.info("purged %d expired pending delegations", purged["pending"])
         return purged
 
+    def flush_refusals(self) -> None:
+        """Write the aggregated refusal rows of every open window (at process exit)."""
+        self._flush_refusals(self.now(), force=True)
+
     def _flush_refusals(self, now: datetime, *, force: bool) -> None:
         for event, count in self._refusals.due(now, force=force):
             try:

@@ -457,3 +457,27 @@ def test_unauthenticated_refusals_are_aggregated(store: Store, grid_pki: GridPki
         with pytest.raises(NotFound):
             svc.retrieve(bob, csr_pem=csr(), username="nobody-here")
     assert len(store.query_audit(username="nobody-here")) == 5
+
+
+def test_housekeeping_totals_are_in_the_metrics(store: Store, grid_pki: GridPki,
+                                                clock: Clock) -> None:
+    from broker.api.app import create_app
+
+    svc = _service(store, grid_pki, clock)
+    svc.start_delegation(who(svc, grid_pki, "alice"), DelegationOptions(username="alice"))
+    anonymous = Requester(dn=None, endpoint="myproxy", client_address="203.0.113.6")
+    for _ in range(3):
+        with pytest.raises(NotFound):
+            svc.retrieve(anonymous, csr_pem=csr(), username="ghost")
+    clock.now += timedelta(minutes=11)
+    svc.maintain()
+    text = create_app(svc).test_client().get("/metrics").get_data(as_text=True)
+    assert 'broker_housekeeping_total{what="pending_purged"} 1.0' in text
+    assert 'broker_housekeeping_total{what="refusals_aggregated"} 2.0' in text
+    # at exit, a window still open is written with its count
+    for _ in range(4):
+        with pytest.raises(NotFound):
+            svc.retrieve(anonymous, csr_pem=csr(), username="ghost")
+    svc.flush_refusals()
+    reasons = [r.reason or "" for r in store.query_audit(username="ghost")]
+    assert sum(r.startswith("aggregated: 3 more") for r in reasons) == 1

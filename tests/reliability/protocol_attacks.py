@@ -366,12 +366,12 @@ def attacks(pki: GridPki, base: Path) -> Iterator[tuple[str, Callable[[Outcome],
                 outcome.fail("the protocol broker logged an unexpected error (a 500 path)")
         shutil.rmtree(work, ignore_errors=True)
 
-    yield "pending delegations: per-user cap, limited refused early", pending_flood
-    yield "pending delegations: purged on schedule, counted", pending_purge
-    yield "database file outside the state dir is 0600", database_mode
-    yield "renewal: challenge single-use across workers", renewal_replay
+    yield "pending: per-user cap, limited refused", pending_flood
+    yield "pending: purged on schedule, counted", pending_purge
+    yield "DB file outside state dir is 0600", database_mode
+    yield "renewal: single-use across workers", renewal_replay
     yield "renewal: retrieval caps apply", renewal_caps
-    yield "passphrase throttle under concurrency", passphrase_race
+    yield "passphrase throttle, concurrent", passphrase_race
     yield "username squatting (binding dn)", squatting
     yield "enumeration by refusal texts", enumeration
     yield "anonymous audit flood aggregated", audit_flood
