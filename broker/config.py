@@ -35,6 +35,10 @@ unless told otherwise.
     delegation_key = "rsa"                # or "ec"
     passphrase_failures = 5               # wrong passphrases per credential and address ...
     passphrase_failure_minutes = 10       # ... within this window; then refused (0 = no limit)
+    max_pending_per_user = 10             # unexpired pending delegations per DN (0 = no cap)
+    housekeeping_seconds = 60             # purge expired pending rows etc. this often
+    refusal_audit_seconds = 60            # unauthenticated refusals: 1 row + 1 count row per window
+    username_binding = "dn"               # "dn": username = owner's DN-derived name; "none"
 """
 
 from __future__ import annotations
@@ -71,6 +75,12 @@ class ServerConfig:
     delegation_key: str = "rsa"
     passphrase_failures: int = 5
     passphrase_failure_minutes: float = 10.0
+    max_pending_per_user: int = 10
+    housekeeping_seconds: float = 60.0
+    refusal_audit_seconds: float = 60.0
+    # New deployments bind usernames to identities; existing sites that rely on free
+    # usernames set "none" (see docs/myproxy.md, "Usernames").
+    username_binding: str = "dn"
     log_level: str = "info"
     # PAM logins and the online CA (see broker.pam_auth, broker.onlineca).
     pam_service: str = ""
@@ -146,6 +156,15 @@ def load_config(path: str | None, overrides: dict[str, Any]) -> ServerConfig:
         raise ConfigError("passphrase_failures must be between 0 (no limit) and 10000")
     if not 0 < config.passphrase_failure_minutes <= 24 * 60:
         raise ConfigError("passphrase_failure_minutes must be between 0 and 1440")
+    if not 0 <= config.max_pending_per_user <= 100_000:
+        raise ConfigError("max_pending_per_user must be between 0 (no cap) and 100000")
+    if not 1 <= config.housekeeping_seconds <= 24 * 3600:
+        raise ConfigError("housekeeping_seconds must be between 1 and 86400")
+    if not 0 <= config.refusal_audit_seconds <= 3600:
+        raise ConfigError("refusal_audit_seconds must be between 0 (a row each) and 3600")
+    if config.username_binding not in ("dn", "none"):
+        raise ConfigError("username_binding must be 'dn' (the username is the owner's "
+                          "DN-derived name) or 'none' (first come, first served)")
     if config.max_tls not in ("", "1.2", "1.3"):
         raise ConfigError("max_tls must be '1.2', '1.3' or empty")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 from dataclasses import dataclass
@@ -88,6 +89,25 @@ def build_pam(config: ServerConfig, trust: TrustStore) -> tuple[PamSettings | No
     return pam, online_ca
 
 
+def start_housekeeping(service: BrokerService, stop: threading.Event,
+                       interval: float) -> threading.Thread:
+    """Run :meth:`BrokerService.maintain` every ``interval`` seconds in a daemon thread of
+    this process (each worker and the MyProxy child have one; the deletes are idempotent)."""
+
+    def loop() -> None:
+        while not stop.wait(interval):
+            try:
+                service.maintain()
+            except Exception:  # a database outage must not end the loop
+                log.exception("housekeeping failed; retrying in %.0f s", interval)
+
+    thread = threading.Thread(target=loop, name="broker-housekeeping", daemon=True)
+    thread.start()
+    # A worker that exits normally writes the refusal counts of its open windows.
+    atexit.register(service.flush_refusals)
+    return thread
+
+
 def build_runtime(config: ServerConfig) -> Runtime:
     keys = load_master_keys(config.master_key_file)
     store = Store(make_engine(config.database_url), keys)
@@ -108,9 +128,13 @@ def build_runtime(config: ServerConfig) -> Runtime:
             delegation_key=config.delegation_key,
             passphrase_failures=config.passphrase_failures,
             passphrase_failure_window=timedelta(minutes=config.passphrase_failure_minutes),
+            max_pending_per_user=config.max_pending_per_user,
+            username_binding=config.username_binding,
+            refusal_audit_window=timedelta(seconds=config.refusal_audit_seconds),
         ),
     )
     stop = threading.Event()
+    start_housekeeping(service, stop, config.housekeeping_seconds)
     pam, online_ca = build_pam(config, trust())
     return Runtime(config=config, service=service, policy=policy, stop=stop, pam=pam,
                    online_ca=online_ca)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import re
 import secrets
 import threading
 import time
@@ -77,7 +78,7 @@ from broker.policy import (
     validate_owner_policy,
 )
 from broker.store import AuditEvent, CredentialRecord, Store
-from broker.store.crypto import INVALID_PASSPHRASE_REASON
+from broker.store.crypto import INVALID_PASSPHRASE, INVALID_PASSPHRASE_REASON
 
 log = logging.getLogger("broker.service")
 
@@ -86,6 +87,8 @@ DEFAULT_STORED_LIFETIME = timedelta(hours=168)  # broker-init / myproxy-init -c
 DEFAULT_PROXY_LIFETIME = timedelta(hours=12)  # broker-init / myproxy-init -t
 MIN_PROXY_LIFETIME = timedelta(minutes=5)
 RENEWAL_CHALLENGE_TTL = timedelta(minutes=5)
+CHALLENGE_SECRET_NAME = "renewal-challenge-hmac"  # noqa: S105 - a row name, not a secret
+USERNAME_BINDINGS = ("dn", "none")
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,14 @@ class ServiceConfig:
     # within the window, further attempts are refused (429) without trying them.
     passphrase_failures: int = 5
     passphrase_failure_window: timedelta = timedelta(minutes=10)
+    # Unexpired pending delegations one requester may hold (each is a server-made key).
+    max_pending_per_user: int = 10
+    # "dn": a credential may be stored only under the username derived from its owner's
+    # DN (see dn_username); "none": first come, first served (the old behaviour).
+    username_binding: str = "none"
+    # Refusals of unauthenticated clients: the first per (endpoint, address, action,
+    # reason) and window is written as it is, the rest are counted into one row.
+    refusal_audit_window: timedelta = timedelta(seconds=60)
 
 
 @dataclass(frozen=True)
@@ -279,6 +290,78 @@ def _owner_policy(record: CredentialRecord) -> OwnerPolicy | None:
     )
 
 
+class _RefusalAggregator:
+    """Rate-limits audit rows of unauthenticated refusals without losing their count.
+
+    Per key (endpoint, client address, action, reason code) the first refusal of a
+    window is written at once; later ones only increment a counter, and when the window
+    has passed one row says how many there were (``reason`` starts with
+    ``aggregated:``). Per process: with N workers at most N rows per key and window."""
+
+    def __init__(self, window: timedelta, max_keys: int = 10_000) -> None:
+        self._window = window
+        self._max_keys = max_keys
+        self._lock = threading.Lock()
+        # key -> [window start, suppressed count, last suppressed event]
+        self._open: dict[tuple[Any, ...], list[Any]] = {}
+        self._overdue: list[tuple[AuditEvent, int, datetime]] = []
+
+    def admit(self, event: AuditEvent, reason: str, now: datetime) -> bool:
+        if self._window <= timedelta(0):
+            return True
+        key = (event.endpoint, event.client_address, event.action, reason)
+        with self._lock:
+            entry = self._open.get(key)
+            if entry is None or now - entry[0] >= self._window:
+                if entry is not None and entry[1]:
+                    self._overdue.append((entry[2], entry[1], entry[0]))
+                if entry is None and len(self._open) >= self._max_keys:
+                    return True  # never drop the count: write the row itself
+                self._open[key] = [now, 0, None]
+                return True
+            entry[1] += 1
+            entry[2] = event
+            return False
+
+    def due(self, now: datetime, *, force: bool) -> list[tuple[AuditEvent, int]]:
+        """Summary rows for windows that ended (all of them with ``force``)."""
+        with self._lock:
+            rows = list(self._overdue)
+            self._overdue.clear()
+            for key, entry in list(self._open.items()):
+                if force or now - entry[0] >= self._window:
+                    if entry[1]:
+                        rows.append((entry[2], entry[1], entry[0]))
+                    del self._open[key]
+        out = []
+        for event, count, start in rows:
+            seconds = int(self._window.total_seconds())
+            out.append((AuditEvent(
+                action=event.action, decision=event.decision, endpoint=event.endpoint,
+                time=event.time, requester_dn=event.requester_dn, owner_dn=event.owner_dn,
+                username=event.username, credential_name=event.credential_name,
+                client_address=event.client_address, request_id=event.request_id,
+                reason=f"aggregated: {count} more refusals like this one from "
+                       f"{event.client_address or 'an unknown address'} in the {seconds} s "
+                       f"after {start:%Y-%m-%d %H:%M:%S} UTC; the last: {event.reason}"[:4000],
+            ), count))
+        return out
+
+
+_USERNAME_CHARS = re.compile(r"[^a-z0-9._-]+")
+
+
+def dn_username(dn: str) -> str | None:
+    """The username a DN may store credentials under with ``username_binding = "dn"``:
+    its last CN, lower-cased, with runs of other characters than a-z 0-9 . _ - made one
+    "-" (``/DC=org/CN=Alice Smith`` -> ``alice-smith``). None when the DN has no CN."""
+    cns = [part[3:] for part in dn.split("/") if part.upper().startswith("CN=")]
+    if not cns:
+        return None
+    name = _USERNAME_CHARS.sub("-", cns[-1].lower()).strip("-.")
+    return name or None
+
+
 class BrokerService:
     """The broker's use cases; one instance per server process, thread-safe."""
 
@@ -302,7 +385,56 @@ class BrokerService:
         # Expiry follows the service's clock, so that tests can move time forward.
         self._chain_cache = _Lru(4096, lambda: self.now().timestamp())
         self._owner_cache = _Lru(4096, lambda: self.now().timestamp())
-        self._challenge_secret = challenge_secret or secrets.token_bytes(32)
+        # Shared by every worker and node through the database (created once), so a
+        # challenge one worker issues verifies in another; tests may inject their own.
+        self._challenge_secret_value = challenge_secret
+        self._secret_lock = threading.Lock()
+        self._counters: dict[str, int] = {"pending_purged": 0, "challenges_purged": 0,
+                                          "passphrase_attempts_purged": 0,
+                                          "refusals_aggregated": 0}
+        self._refusals = _RefusalAggregator(self.config.refusal_audit_window)
+
+    @property
+    def _challenge_secret(self) -> bytes:
+        with self._secret_lock:
+            if self._challenge_secret_value is None:
+                self._challenge_secret_value = self.store.shared_secret(CHALLENGE_SECRET_NAME)
+            return self._challenge_secret_value
+
+    def counters(self) -> dict[str, int]:
+        """Running totals of this process's housekeeping (for /metrics)."""
+        with self._secret_lock:
+            return dict(self._counters)
+
+    def _count(self, key: str, amount: int) -> None:
+        with self._secret_lock:
+            self._counters[key] = self._counters.get(key, 0) + amount
+
+    def maintain(self) -> dict[str, int]:
+        """Housekeeping, run on a schedule by the runtime (every process): remove expired
+        pending delegations (each an encrypted private key), answered challenges and old
+        passphrase attempts, and write the aggregated refusal rows that are due."""
+        now = self.now()
+        horizon = now - max(self.config.passphrase_failure_window, timedelta(minutes=1))
+        purged = self.store.purge_expired(now, attempts_before=horizon)
+        self._count("pending_purged", purged.get("pending", 0))
+        self._count("challenges_purged", purged.get("challenges", 0))
+        self._count("passphrase_attempts_purged", purged.get("attempts", 0))
+        self._flush_refusals(now, force=False)
+        if purged.get("pending"):
+            log.info("purged %d expired pending delegations", purged["pending"])
+        return purged
+
+    def flush_refusals(self) -> None:
+        """Write the aggregated refusal rows of every open window (at process exit)."""
+        self._flush_refusals(self.now(), force=True)
+
+    def _flush_refusals(self, now: datetime, *, force: bool) -> None:
+        for event, count in self._refusals.due(now, force=force):
+            try:
+                self.store.add_audit(event)
+            except BrokerError:
+                log.exception("could not write an aggregated refusal row (%d refusals)", count)
 
     def now(self) -> datetime:
         return self._clock()
@@ -368,12 +500,20 @@ class BrokerService:
         )
 
     def _record_failure(
-        self, requester: Requester, action: str, exc: BrokerError, **where: Any
+        self, requester: Requester, action: str, exc: BrokerError, *,
+        unauthenticated: bool = False, **where: Any
     ) -> None:
         decision = "deny" if isinstance(exc, AuthorizationError | AuthenticationError) else "error"
+        event = self._audit(requester, action, decision,
+                            reason=f"{exc.reason}: {exc.message}", **where)
+        if unauthenticated or (requester.dn is None and requester.pam_user is None):
+            # Nobody is accountable for these, so one client could write rows as fast as
+            # it can connect: the first of a kind per window is written, the rest counted.
+            if not self._refusals.admit(event, exc.reason, self.now()):
+                self._count("refusals_aggregated", 1)
+                return
         try:
-            self.store.add_audit(self._audit(requester, action, decision,
-                                             reason=f"{exc.reason}: {exc.message}", **where))
+            self.store.add_audit(event)
         except BrokerError:
             log.exception("could not write the audit row for a refused %s", action)
 
@@ -442,6 +582,19 @@ class BrokerService:
             return matches[0]
         raise InputError("name the credential's owner: a username or the owner's DN")
 
+    def _check_username_binding(self, requester: Requester, username: str) -> None:
+        """With ``username_binding = "dn"`` the username is the owner's DN-derived name, so
+        nobody can store a credential under another person's username."""
+        if self.config.username_binding != "dn" or requester.dn is None:
+            return
+        bound = dn_username(requester.dn)
+        if username != bound:
+            raise AuthorizationError(
+                f"this broker binds usernames to identities: {requester.dn} may store "
+                + (f"credentials only under the username {bound!r} (-l {bound}), not "
+                   f"{username!r}" if bound else "no credential (its DN has no CN)"),
+                reason="username_binding")
+
     def _check_options(self, options: DelegationOptions) -> None:
         validate_component(options.username, what="username")
         validate_component(options.name, what="credential name")
@@ -464,11 +617,17 @@ class BrokerService:
 
     def start_delegation(self, requester: Requester, options: DelegationOptions) -> PendingInfo:
         """Make a key and CSR for the requester to sign (the key never leaves the server)."""
-        where = {"owner_dn": requester.dn, "username": options.username, "name": options.name}
+        where: dict[str, Any] = {"owner_dn": requester.dn, "username": options.username,
+                                 "name": options.name}
         try:
             if requester.dn is None:
                 raise AuthenticationError("delegation needs a client certificate or proxy")
+            if requester.limited and not self.config.accept_limited:
+                # Refused before a key is made and a pending row is written: the chain it
+                # would sign is limited, and this broker would refuse it at the end anyway.
+                _refuse_limited(requester, "start a delegation on this broker")
             self._check_options(options)
+            self._check_username_binding(requester, options.username)
             decision = self._decide(requester, Action.DELEGATE, owner_dn=requester.dn,
                                     owner_fqans=requester.fqans, name=options.name,
                                     username=options.username)
@@ -481,6 +640,7 @@ class BrokerService:
                 ttl=self.config.pending_ttl,
                 audit=self._audit(requester, "delegate-start", "allow",
                                   reason=decision.reason, **where),
+                max_live=self.config.max_pending_per_user or None,
             )
         except BrokerError as exc:
             self._record_failure(requester, "delegate-start", exc, **where)
@@ -570,11 +730,13 @@ class BrokerService:
         self, requester: Requester, options: DelegationOptions, credential: Credential,
     ) -> CredentialSummary:
         """Store a whole credential (MyProxy STORE): the client hands over chain and key."""
-        where = {"owner_dn": requester.dn, "username": options.username, "name": options.name}
+        where: dict[str, Any] = {"owner_dn": requester.dn, "username": options.username,
+                                 "name": options.name}
         try:
             if requester.dn is None or credential.key is None:
                 raise AuthenticationError("storing a credential needs a client certificate")
             self._check_options(options)
+            self._check_username_binding(requester, options.username)
             self._decide(requester, Action.DELEGATE, owner_dn=requester.dn,
                          owner_fqans=requester.fqans, name=options.name,
                          username=options.username).raise_if_denied()
@@ -606,29 +768,13 @@ class BrokerService:
         """
         where: dict[str, Any] = {"owner_dn": owner_dn, "username": username, "name": name,
                                  "job_id": job_id}
+        attempt: int | None = None
         try:
             if job_id is not None:
                 _check_job_id(job_id)
             if record is None:
                 record = self._find(username=username, owner_dn=owner_dn, name=name)
             where.update(owner_dn=record.owner_dn, username=record.username, name=record.name)
-            if _authz_owner is not None and _authz_owner != record.owner_dn:
-                raise AuthorizationError(
-                    f"the proxy presented for renewal belongs to {_authz_owner}, not to the "
-                    f"credential's owner {record.owner_dn}", reason="renewal_identity")
-            now = self.now()
-            if record.not_after <= now:
-                raise CredentialError(
-                    f"the credential {record.username}/{record.name} expired at "
-                    f"{record.not_after:%Y-%m-%d %H:%M:%S} UTC; its owner must delegate a new "
-                    f"one (broker-init -k {record.name})", reason="expired")
-            if passphrase is not None and not record.passphrase_protected:
-                # A passphrase proves nothing about a credential stored without one
-                # (myproxy-init -n, broker-init without -S): it must not open it.
-                raise AuthenticationError(
-                    f"the credential {record.username}/{record.name} has no passphrase, so a "
-                    "passphrase cannot retrieve it; authenticate with a certificate instead",
-                    reason="no_passphrase_set")
             if action is Action.RENEW:
                 auth = AuthMethod.CERTIFICATE
             elif passphrase is not None:
@@ -639,23 +785,72 @@ class BrokerService:
                 # pam:USERGLOB patterns see the credential's username: so a PAM
                 # requester may only open credentials stored under its own username.
                 if requester.pam_user != record.username:
-                    raise AuthorizationError(
+                    raise _Concealed(AuthorizationError(
                         f"PAM user {requester.pam_user!r} may only retrieve credentials stored "
                         f"under the username {requester.pam_user!r}, not {record.username!r}",
-                        reason="pam_user_mismatch")
+                        reason="pam_user_mismatch"))
             else:
                 auth = AuthMethod.CERTIFICATE
+            if record.not_after <= self.now():
+                # An expired chain no longer verifies (so it has no FQANs to offer the
+                # policy); the owner and the parties the policy lets in are told it expired.
+                probe = self._decide(requester, action, owner_dn=record.owner_dn,
+                                     name=record.name, username=record.username,
+                                     job_id=job_id, auth=auth,
+                                     owner_policy=_owner_policy(record))
+                if not probe.allowed:
+                    raise _Concealed(AuthorizationError(probe.message, reason=probe.reason))
+                raise CredentialError(
+                    f"the credential {record.username}/{record.name} expired at "
+                    f"{record.not_after:%Y-%m-%d %H:%M:%S} UTC; its owner must delegate a new "
+                    f"one (broker-init -k {record.name})", reason="expired")
             decision = self.decide(requester, record, action, auth, job_id=job_id)
-            decision.raise_if_denied()
+            if not decision.allowed:
+                # No right on the credential: the answer must not tell it exists.
+                raise _Concealed(AuthorizationError(decision.message, reason=decision.reason))
+            if _authz_owner is not None and _authz_owner != record.owner_dn:
+                raise AuthorizationError(
+                    f"the proxy presented for renewal belongs to {_authz_owner}, not to the "
+                    "credential's owner", reason="renewal_identity")
             if record.passphrase_protected and passphrase is None and action is Action.RETRIEVE:
                 raise AuthenticationError(
                     f"the credential {record.username}/{record.name} is protected by a passphrase;"
                     " supply it to retrieve", reason="passphrase_required")
             if passphrase is not None:
-                self._throttle_passphrase(requester, record)
-            key = load_private_key(self.store.decrypt_private_key(record, passphrase))
+                # Reserved before scrypt runs, so concurrent guesses cannot pass the limit.
+                attempt = self._reserve_passphrase_attempt(requester, record)
+                if not record.passphrase_protected:
+                    # A passphrase proves nothing about a credential stored without one
+                    # (myproxy-init -n, broker-init without -S): it must not open it. To
+                    # the client this is a wrong passphrase (and counts as one).
+                    raise _Concealed(AuthenticationError(
+                        f"the credential {record.username}/{record.name} has no passphrase, "
+                        "so a passphrase cannot retrieve it", reason="no_passphrase_set"),
+                        public=AuthenticationError(INVALID_PASSPHRASE,
+                                                   reason=INVALID_PASSPHRASE_REASON))
+            key_pem = self.store.decrypt_private_key(record, passphrase)
+            if attempt is not None:
+                self._finish_passphrase_attempt(attempt, failed=False)
+                attempt = None
+            now = self.now()
+            if record.not_after <= now:
+                raise CredentialError(
+                    f"the credential {record.username}/{record.name} expired at "
+                    f"{record.not_after:%Y-%m-%d %H:%M:%S} UTC; its owner must delegate a new "
+                    f"one (broker-init -k {record.name})", reason="expired")
+            key = load_private_key(key_pem)
             chain = tuple(load_certificates(record.certificate_chain.encode()))
+        except _Concealed as hidden:
+            if attempt is not None:
+                self._finish_passphrase_attempt(attempt, failed=True)
+            self._record_failure(requester, action.value, hidden.real, **where)
+            raise (hidden.public or _not_found(
+                username or (record.username if record and not owner_dn else None), owner_dn,
+                name if record is None else record.name)) from None
         except BrokerError as exc:
+            if attempt is not None:
+                self._finish_passphrase_attempt(
+                    attempt, failed=exc.reason == INVALID_PASSPHRASE_REASON)
             self._record_failure(requester, action.value, exc, **where)
             raise
         return RetrievalGrant(record=record, decision=decision, action=action, job_id=job_id,
@@ -686,10 +881,21 @@ class BrokerService:
                 caps.append(timedelta(seconds=record.max_lifetime_seconds))
             if decision.max_lifetime:
                 caps.append(timedelta(seconds=decision.max_lifetime))
+            retrieval_limited = False
+            if grant.action is Action.RENEW:
+                # Renewal must not yield more than retrieval by the same requester would:
+                # the site's retrieval caps (lifetime, limited) apply to it as well.
+                as_retrieval = self.decide(requester, record, Action.RETRIEVE,
+                                           AuthMethod.CERTIFICATE, job_id=grant.job_id)
+                if as_retrieval.allowed:
+                    retrieval_limited = as_retrieval.limited
+                    if as_retrieval.max_lifetime:
+                        caps.append(timedelta(seconds=as_retrieval.max_lifetime))
             granted = min(caps)
             if granted <= timedelta(0):
                 raise CredentialError("the credential has no lifetime left", reason="expired")
-            make_limited = limited or requester.limited or decision.limited or record.limited
+            make_limited = (limited or requester.limited or decision.limited or record.limited
+                            or retrieval_limited)
             proxy_type = ProxyType.LIMITED if make_limited else ProxyType.IMPERSONATION
             issued = sign_request(grant.issuer, csr, now=now, lifetime=granted,
                                   proxy_type=proxy_type)
@@ -774,6 +980,10 @@ class BrokerService:
             raise AuthenticationError(f"the proxy presented for renewal is not valid: "
                                       f"{exc.message}", reason=exc.reason) from exc
         verify_signature(chain[0], challenge.encode(), signature)
+        # Single use, across worker processes and nodes: the nonce is recorded in the
+        # database, and a second answer to the same challenge is refused.
+        self.store.use_challenge(
+            nonce, expires_at=datetime.fromtimestamp(int(issued), UTC) + RENEWAL_CHALLENGE_TTL)
         return info
 
     def renew(
@@ -837,30 +1047,41 @@ class BrokerService:
         record = self._find(username=username, owner_dn=None, name=name)
         where["owner_dn"] = record.owner_dn
         if record.owner_dn != requester.dn:
-            raise AuthorizationError(
+            # Someone else's credential: answered as a missing one (the audit keeps why).
+            raise _Concealed(AuthorizationError(
                 f"Credentials not owned by {requester.dn}: {record.username}/{record.name} "
-                f"belongs to {record.owner_dn}", reason="not_owner")
+                "is not yours", reason="not_owner"))
         return record
 
-    def _throttle_passphrase(self, requester: Requester, record: CredentialRecord) -> None:
-        """Refuse, without trying it, a passphrase for a credential that already got too many
-        wrong ones from the same client address within the window. The failures are counted
-        in the audit trail, so the limit holds across worker processes, both endpoints and
-        restarts; scrypt is not run for refused attempts."""
+    def _reserve_passphrase_attempt(self, requester: Requester,
+                                    record: CredentialRecord) -> int | None:
+        """Reserve one passphrase try for a credential from the requester's address, or
+        refuse it (TooManyAttempts) when the failed and running tries from there within the
+        window reach the limit. Count and reservation are one serialised transaction in
+        the database, so the limit holds across threads, worker processes, both endpoints
+        and restarts, and scrypt never runs for a refused try. None: no limit configured."""
         limit, window = self.config.passphrase_failures, self.config.passphrase_failure_window
         if limit <= 0:
-            return
-        failures = self.store.count_audit(
+            return None
+        attempt, failures = self.store.reserve_passphrase_attempt(
             username=record.username, credential_name=record.name,
-            client_address=requester.client_address,
-            reason_prefix=f"{INVALID_PASSPHRASE_REASON}:", since=self.now() - window)
-        if failures >= limit:
+            client_address=requester.client_address, since=self.now() - window, limit=limit,
+            now=self.now())
+        if attempt is None:
             minutes = max(1, int(window.total_seconds() // 60))
             raise TooManyAttempts(
                 f"{failures} wrong passphrases for {record.username}/{record.name} from "
                 f"{requester.client_address or 'this client'} in the last {minutes} minutes; "
                 f"no more passphrases are tried from there until the oldest of them is "
                 f"{minutes} minutes old")
+        return attempt
+
+    def _finish_passphrase_attempt(self, attempt: int, *, failed: bool) -> None:
+        try:
+            self.store.finish_passphrase_attempt(attempt, failed=failed)
+        except BrokerError:
+            # The reservation stays "pending" and keeps counting: fails closed.
+            log.exception("could not record the outcome of passphrase attempt %d", attempt)
 
     def destroy(self, requester: Requester, *, username: str, name: str = DEFAULT_CREDENTIAL
                 ) -> CredentialSummary:
@@ -873,6 +1094,9 @@ class BrokerService:
             deleted = self.store.delete_credential(
                 username, name, owner_dn=requester.dn,
                 audit=self._audit(requester, "destroy", "allow", reason="destroyed", **where))
+        except _Concealed as hidden:
+            self._record_failure(requester, "destroy", hidden.real, **where)
+            raise _not_found(username, None, name) from None
         except BrokerError as exc:
             self._record_failure(requester, "destroy", exc, **where)
             raise
@@ -885,13 +1109,24 @@ class BrokerService:
         try:
             record = self._owned(requester, username, name, "change a credential's passphrase",
                                  where)
-            if old is not None and record.passphrase_protected:
-                self._throttle_passphrase(requester, record)
-            updated = self.store.change_passphrase(
-                username, name, old_passphrase=old, new_passphrase=new, owner_dn=requester.dn,
-                now=self.now(),
-                audit=self._audit(requester, "change-passphrase", "allow", reason="changed",
-                                  **where))
+            attempt = (self._reserve_passphrase_attempt(requester, record)
+                       if old is not None and record.passphrase_protected else None)
+            try:
+                updated = self.store.change_passphrase(
+                    username, name, old_passphrase=old, new_passphrase=new,
+                    owner_dn=requester.dn, now=self.now(),
+                    audit=self._audit(requester, "change-passphrase", "allow", reason="changed",
+                                      **where))
+            except BrokerError as exc:
+                if attempt is not None:
+                    self._finish_passphrase_attempt(
+                        attempt, failed=exc.reason == INVALID_PASSPHRASE_REASON)
+                raise
+            if attempt is not None:
+                self._finish_passphrase_attempt(attempt, failed=False)
+        except _Concealed as hidden:
+            self._record_failure(requester, "change-passphrase", hidden.real, **where)
+            raise _not_found(username, None, name) from None
         except BrokerError as exc:
             self._record_failure(requester, "change-passphrase", exc, **where)
             raise
@@ -916,7 +1151,7 @@ class BrokerService:
         requester = Requester(dn=_claimed_identity(chain), pam_user=pam_user,
                               client_address=client_address, endpoint=endpoint,
                               request_id=request_id or uuid.uuid4().hex)
-        self._record_failure(requester, action, exc, **where)
+        self._record_failure(requester, action, exc, unauthenticated=True, **where)
 
     def record_event(self, requester: Requester, action: str, *, reason: str,
                      **where: Any) -> None:
@@ -953,6 +1188,24 @@ class BrokerService:
 
 
 _JOB_ID_MAX = 256
+
+
+class _Concealed(Exception):
+    """A refusal whose real reason goes to the audit trail only; the client gets
+    ``public`` (default: the same answer as for a credential that does not exist)."""
+
+    def __init__(self, real: BrokerError, *, public: BrokerError | None = None) -> None:
+        super().__init__(real.message)
+        self.real = real
+        self.public = public
+
+
+def _not_found(username: str | None, owner_dn: str | None, name: str) -> NotFound:
+    """Exactly what :meth:`BrokerService._find` says when nothing matches the request."""
+    if username:
+        return NotFound(f"no credential {name!r} for user {username!r}")
+    return NotFound(f"no credential named {name!r} is stored for {owner_dn}; the owner can "
+                    f"store one with: broker-init -k {name}")
 
 
 def _refuse_limited(requester: Requester, what: str) -> None:

@@ -85,7 +85,9 @@ def start_broker(pki: GridPki, base: Path, *, database_url: str = "",
         "--bind", f"127.0.0.1:{port}", "--host-cert", str(pki.cert_path("host")),
         "--host-key", str(pki.key_path("host")), "--ca-dir", str(pki.ca_dir),
         "--vomsdir", str(pki.vomsdir), "--policy-dir", str(policy_dir),
-        "--workers", str(workers), *extra,
+        # The tests store credentials under free usernames; a test of the binding
+        # passes "--username-binding", "dn" in extra (the later flag wins).
+        "--workers", str(workers), "--username-binding", "none", *extra,
     ]
     if database_url:
         argv += ["--database-url", database_url]

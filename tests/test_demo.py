@@ -16,7 +16,8 @@ def test_demo_runs_end_to_end_and_leaves_nothing() -> None:
                             text=True, timeout=300, stdin=subprocess.DEVNULL)
     out = result.stdout
     assert result.returncode == 0, out[-3000:] + result.stderr[-3000:]
-    assert "(refused as expected, exit 3)" in out
+    # no right on the credential: the not-found answer (exit 4), as for a missing one
+    assert "(refused as expected, exit 4)" in out
     # two jobs ran, each with its owner's proxy
     assert out.count("output.txt") == 2
     assert "proxy   : /DC=org/DC=example/CN=Alice/CN=" in out

@@ -63,6 +63,23 @@ def _peer_chain() -> list[x509.Certificate] | None:
     return [x509.load_der_x509_certificate(d) for d in ders]
 
 
+class _HousekeepingCollector:
+    """The service's housekeeping totals (purged pending delegations, aggregated
+    refusals, ...) as counters, read at scrape time."""
+
+    def __init__(self, service: BrokerService) -> None:
+        self._service = service
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily
+
+        family = CounterMetricFamily("broker_housekeeping", "Housekeeping totals of this "
+                                     "worker process", labels=["what"])
+        for what, value in sorted(self._service.counters().items()):
+            family.add_metric([what], value)
+        yield family
+
+
 class _Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -145,6 +162,7 @@ def create_app(service: BrokerService, *, pam: PamSettings | None = None,
     app = Flask("broker")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     metrics = _Metrics()
+    metrics.registry.register(_HousekeepingCollector(service))
 
     def requester() -> Requester:
         chain = _peer_chain()

@@ -32,6 +32,8 @@ _db_opt = click.option("--database-url", help="SQLAlchemy URL [SQLite in the sta
 @click.option("--workers", type=int)
 @click.option("--threads", type=int)
 @click.option("--max-tls", type=click.Choice(["1.2", "1.3"]))
+@click.option("--username-binding", type=click.Choice(["dn", "none"]),
+              help="dn: a credential's username must be its owner's DN-derived name [dn].")
 @reports_errors
 def serve(config_path: str | None, **flags: Any) -> None:
     """Run the broker (REST over mutual TLS; MyProxy protocol when --myproxy-bind is set)."""

@@ -102,11 +102,15 @@ def _shown(name: str) -> str:
     return "" if name == DEFAULT_CREDENTIAL else name
 
 
-def _not_found(username: str, cred_name: str | None) -> Refusal:
+class _Missing(Refusal):
+    """No such credential (MyProxy's wording)."""
+
+
+def _not_found(username: str, cred_name: str | None, *, audited: bool = False) -> Refusal:
     if cred_name:
-        return Refusal(f'No credentials exist with username "{username}" and credential name '
-                       f'"{cred_name}".')
-    return Refusal(f'No credentials exist for username "{username}".')
+        return _Missing(f'No credentials exist with username "{username}" and credential '
+                        f'name "{cred_name}".', audited=audited)
+    return _Missing(f'No credentials exist for username "{username}".', audited=audited)
 
 
 def _not_owned(exc: AuthorizationError, dn: str) -> Refusal:
@@ -239,30 +243,33 @@ class Session:
     # ------------------------------------------------------------------ GET (0)
 
     def _get(self, request: codec.Request) -> None:
-        record = self._find(request.username, request.cred_name)
         requester = self.requester
         passphrase = request.passphrase or None
+        try:
+            record = self._find(request.username, request.cred_name)
+        except _Missing:
+            # A missing credential is answered as one the requester has no right on, so a
+            # GET does not tell which usernames exist (a typo shows the same refusal).
+            raise Refusal(BAD_PASSWORD if passphrase is not None else NO_PASSPHRASE) from None
         action = Action.RETRIEVE
         authz_owner: str | None = None
-        # MyProxy's order of questions, so that refusals carry the reference wording.
-        if passphrase is not None:
-            if not record.passphrase_protected:
-                # Stored without a passphrase (myproxy-init -n/-Z/-R): a passphrase proves
-                # nothing, so it must not open the credential (MyProxy: the same refusal).
+        # MyProxy's order of questions, so that refusals carry the reference wording. A
+        # passphrase, even for a credential stored without one (myproxy-init -n/-Z/-R), goes
+        # to the service, which refuses that as a wrong passphrase (and counts it as one).
+        if passphrase is None:
+            if requester.dn is None:
                 raise Refusal(NO_PASSPHRASE)
-        elif requester.dn is None:
-            raise Refusal(NO_PASSPHRASE)
-        elif self._allowed(record, Action.RETRIEVE, AuthMethod.CERTIFICATE):
-            if record.passphrase_protected:
-                raise Refusal(INVALID_PASSPHRASE)
-        elif self._allowed(record, Action.RENEW, AuthMethod.CERTIFICATE) and not (
-                record.passphrase_protected):
-            authz_owner = self._renewal_challenge(record)
-            action = Action.RENEW
-        elif record.passphrase_protected:
-            raise Refusal(INVALID_PASSPHRASE)
-        else:
-            raise Refusal(NO_PASSPHRASE)
+            if self._allowed(record, Action.RETRIEVE, AuthMethod.CERTIFICATE):
+                if record.passphrase_protected:
+                    raise Refusal(INVALID_PASSPHRASE)
+            elif self._allowed(record, Action.RENEW, AuthMethod.CERTIFICATE) and not (
+                    record.passphrase_protected):
+                authz_owner = self._renewal_challenge(record)
+                action = Action.RENEW
+            else:
+                # No right: the same answer whether or not the credential has a passphrase
+                # (and whether it exists at all, see above).
+                raise Refusal(NO_PASSPHRASE)
         try:
             # All checks and the one passphrase derivation happen here, before the OK.
             grant = self.service.authorize_retrieval(
@@ -274,6 +281,9 @@ class Session:
             if passphrase is not None:
                 raise Refusal(BAD_PASSWORD, audited=True) from None
             raise Refusal(exc.message, audited=True) from None
+        except NotFound:  # no right on it (the service audited why): as a missing one
+            raise Refusal(BAD_PASSWORD if passphrase is not None else NO_PASSPHRASE,
+                          audited=True) from None
         except BrokerError as exc:
             raise Refusal(exc.message, audited=True) from None
 
@@ -313,9 +323,10 @@ class Session:
         except AuthenticationError as exc:
             raise Refusal(f"renewal authentication failed: {exc.message}") from None
         if proven.dn != record.owner_dn:
+            # The owner's DN is not told: the requester may have no right on the credential.
             raise Refusal(
                 f"renewal authentication failed: the proxy presented with -a belongs to "
-                f"{proven.dn}, not to the credential's owner {record.owner_dn}")
+                f"{proven.dn}, not to the credential's owner")
         assert proven.dn is not None
         # A limited proof of possession yields a limited proxy: renewal never widens rights.
         self._renewal_limited = proven.limited
@@ -426,6 +437,8 @@ class Session:
         record = self._find(request.username, request.cred_name)
         try:
             self.service.destroy(self.requester, username=record.username, name=record.name)
+        except NotFound:  # someone else's: told as missing (the service audited why)
+            raise _not_found(request.username, request.cred_name, audited=True) from None
         except AuthorizationError as exc:
             raise _not_owned(exc, dn) from None
         self.channel.send(codec.ok())
@@ -444,6 +457,8 @@ class Session:
             raise Refusal(exc.message, audited=True) from None
         except AuthenticationError:
             raise Refusal(BAD_PASSWORD, audited=True) from None
+        except NotFound:  # someone else's: told as missing (the service audited why)
+            raise _not_found(request.username, request.cred_name, audited=True) from None
         except AuthorizationError as exc:
             raise _not_owned(exc, dn) from None
         self.channel.send(codec.ok())

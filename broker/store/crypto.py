@@ -259,7 +259,9 @@ def load_master_keys(path: str | os.PathLike[str]) -> MasterKeyRing:
     """Read and check a key file: regular file, ours, mode 0600 or stricter."""
     target = Path(path)
     try:
-        fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer and
+        # hang start-up; the type check below then refuses anything but a regular file.
+        fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
         raise ConfigError(
             f"the master key file {target} does not exist; create it with "
@@ -275,7 +277,10 @@ def load_master_keys(path: str | os.PathLike[str]) -> MasterKeyRing:
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"the master key file {target} is not a regular file")
+            raise ConfigError(
+                f"the master key file {target} is not a regular file (a FIFO, device or "
+                "directory); point the configuration at the key file itself")
+        os.set_blocking(fd, True)
         if st.st_uid != os.geteuid():
             raise ConfigError(
                 f"the master key file {target} is owned by uid {st.st_uid}, not by the "

@@ -80,6 +80,7 @@ def make_engine(url: str | URL, **engine_kwargs: Any) -> Engine:
             # database; a store must be a file.
             raise ConfigError("the SQLite store needs a file path, not an in-memory database")
         Path(database).parent.mkdir(parents=True, exist_ok=True)
+        _create_private_database_file(Path(database))
         engine = create_engine(parsed, **engine_kwargs)
         _configure_sqlite(engine)
         return engine
@@ -94,6 +95,24 @@ def make_engine(url: str | URL, **engine_kwargs: Any) -> Engine:
     raise ConfigError(
         f"unsupported database {safe_url(parsed)!r}; use sqlite:///path or postgresql+psycopg://"
     )
+
+
+def _create_private_database_file(path: Path) -> None:
+    """Create a missing SQLite file as mode 0600 before SQLite does it with the umask
+    (0644 usually): it holds the encrypted keys and the audit trail. SQLite gives its
+    -wal and -shm files the database file's mode, so those follow. An existing file is
+    left as it is (its mode is the administrator's choice)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+    except FileExistsError:
+        return
+    except OSError as exc:
+        raise ConfigError(f"cannot create the SQLite database {path}: {exc.strerror}") from None
+    try:
+        os.fchmod(fd, 0o600)  # the umask may have removed bits, never added them; be explicit
+    finally:
+        os.close(fd)
 
 
 def _configure_sqlite(engine: Engine) -> None:

@@ -11,6 +11,15 @@ Three tables:
     for the CSR, encrypted the same way, until the signed chain comes back.
 ``audit_events``
     An append-only trail of every decision.
+``service_secrets``
+    Random secrets every worker process and node must share (the key that
+    authenticates renewal challenges), created once by whoever comes first.
+``used_challenges``
+    Renewal challenges already answered, kept until they would have expired
+    anyway: a challenge is single-use across processes and nodes.
+``passphrase_attempts``
+    Passphrase tries in progress or failed, per credential and client address:
+    the throttle reserves a row before it runs scrypt.
 
 The schema is created and changed only by the Alembic migrations in
 ``broker/store/migrations``; these models are what the code reads and writes,
@@ -141,7 +150,12 @@ class Credential(EnvelopeColumns, Base):
 
 class PendingDelegationRow(EnvelopeColumns, Base):
     __tablename__ = "pending_delegations"
-    __table_args__ = (Index(None, "expires_at"), Index(None, "master_key_id"))
+    __table_args__ = (
+        Index(None, "expires_at"),
+        Index(None, "master_key_id"),
+        # the per-requester cap counts a requester's live rows
+        Index(None, "requester_dn", "expires_at"),
+    )
 
     id: Mapped[str] = mapped_column(String(PENDING_ID_LENGTH), primary_key=True)
     requester_dn: Mapped[str] = mapped_column(String(DN_LENGTH), nullable=False)
@@ -178,3 +192,34 @@ class AuditEventRow(Base):
     client_address: Mapped[str | None] = mapped_column(String(255), nullable=True)
     request_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
     endpoint: Mapped[str] = mapped_column(String(16), nullable=False)
+
+
+class ServiceSecretRow(Base):
+    __tablename__ = "service_secrets"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+
+class UsedChallengeRow(Base):
+    __tablename__ = "used_challenges"
+    __table_args__ = (Index(None, "expires_at"),)
+
+    nonce: Mapped[str] = mapped_column(String(64), primary_key=True)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+
+class PassphraseAttemptRow(Base):
+    __tablename__ = "passphrase_attempts"
+    __table_args__ = (
+        CheckConstraint("state IN ('pending', 'failed')", name="state"),
+        Index(None, "username", "credential_name", "time"),
+    )
+
+    id: Mapped[int] = mapped_column(AuditId, primary_key=True, autoincrement=True)
+    username: Mapped[str] = mapped_column(String(USERNAME_LENGTH), nullable=False)
+    credential_name: Mapped[str] = mapped_column(String(CREDNAME_LENGTH), nullable=False)
+    client_address: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    time: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    state: Mapped[str] = mapped_column(String(16), nullable=False)

@@ -84,12 +84,13 @@ from typing import Any, TypeVar
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from sqlalchemy import Connection, Engine, delete, func, insert, select
+from sqlalchemy import Connection, Engine, delete, func, insert, select, text, update
 from sqlalchemy.engine import URL, Row
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from broker.errors import (
+    AuthenticationError,
     AuthorizationError,
     BrokerError,
     Conflict,
@@ -98,6 +99,7 @@ from broker.errors import (
     NotFound,
     PemError,
     StoreError,
+    TooManyAttempts,
 )
 from broker.store import crypto
 from broker.store.crypto import Envelope, MasterKeyRing
@@ -109,7 +111,10 @@ from broker.store.models import (
     AuditEventRow,
     Credential,
     EnvelopeColumns,
+    PassphraseAttemptRow,
     PendingDelegationRow,
+    ServiceSecretRow,
+    UsedChallengeRow,
 )
 
 DEFAULT_CREDENTIAL_NAME = "default"
@@ -522,6 +527,15 @@ class Store:
         with self._database_errors(), engine.begin() as conn:
             yield conn
 
+    def _serialise(self, session: Session, key: str) -> None:
+        """Serialise write transactions that share ``key`` (count-then-insert limits).
+
+        SQLite writers already run one at a time (BEGIN IMMEDIATE); PostgreSQL takes a
+        transaction-scoped advisory lock on a hash of the key."""
+        if self._engine.dialect.name == "postgresql":
+            session.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))"),
+                            {"k": key})
+
     def _now(self, now: datetime | None) -> datetime:
         return _aware(now if now is not None else self._clock(), "now")
 
@@ -848,7 +862,11 @@ class Store:
         now: datetime,
         ttl: timedelta = DEFAULT_PENDING_TTL,
         audit: AuditEvent | None = None,
+        max_live: int | None = None,
     ) -> PendingDelegation:
+        """With ``max_live``, refuse (TooManyAttempts, reason ``too_many_pending``) when the
+        requester already has that many unexpired pending delegations; counted and inserted
+        in one serialised transaction, so concurrent requests cannot overshoot."""
         requester_dn = _dn(requester_dn, "requester DN")
         username, name = _username(username), _credname(name)
         pem = _check_private_key(private_key_pem)
@@ -866,6 +884,19 @@ class Store:
             pem, crypto.pending_context(pending_id, requester_dn, username, name), ring
         )
         with self._transaction(write=True) as session:
+            if max_live is not None:
+                self._serialise(session, f"pending:{requester_dn}")
+                live = session.execute(
+                    select(func.count()).select_from(PendingDelegationRow).where(
+                        PendingDelegationRow.requester_dn == requester_dn,
+                        PendingDelegationRow.expires_at > moment)
+                ).scalar_one()
+                if live >= max_live:
+                    raise TooManyAttempts(
+                        f"{requester_dn} already has {live} delegations waiting for their "
+                        f"signed chain (at most {max_live}); finish or let them expire "
+                        f"({int(ttl.total_seconds() // 60)} minutes) before starting another",
+                        reason="too_many_pending")
             row = PendingDelegationRow(
                 id=pending_id,
                 requester_dn=requester_dn,
@@ -953,6 +984,113 @@ class Store:
                 delete(PendingDelegationRow).where(PendingDelegationRow.expires_at <= moment)
             )
             return int(getattr(result, "rowcount", 0) or 0)
+
+    def purge_expired(self, now: datetime, *, attempts_before: datetime) -> dict[str, int]:
+        """Remove expired pending delegations, answered challenges past their expiry and
+        passphrase attempts older than ``attempts_before``; how many of each."""
+        moment = self._now(now)
+        horizon = _aware(attempts_before, "attempts_before")
+        counts: dict[str, int] = {}
+        with self._transaction(write=True) as session:
+            for label, stmt in (
+                ("pending", delete(PendingDelegationRow)
+                 .where(PendingDelegationRow.expires_at <= moment)),
+                ("challenges", delete(UsedChallengeRow)
+                 .where(UsedChallengeRow.expires_at <= moment)),
+                ("attempts", delete(PassphraseAttemptRow)
+                 .where(PassphraseAttemptRow.time < horizon)),
+            ):
+                counts[label] = int(getattr(session.execute(stmt), "rowcount", 0) or 0)
+        return counts
+
+    def count_pending(self, requester_dn: str, *, now: datetime) -> int:
+        """Unexpired pending delegations of one requester."""
+        moment = self._now(now)
+        stmt = select(func.count()).select_from(PendingDelegationRow).where(
+            PendingDelegationRow.requester_dn == _dn(requester_dn, "requester DN"),
+            PendingDelegationRow.expires_at > moment)
+        with self._transaction(write=False) as session:
+            return int(session.execute(stmt).scalar_one())
+
+    # -- shared secrets and single-use challenges ----------------------------
+
+    def shared_secret(self, name: str, *, length: int = 32) -> bytes:
+        """The secret ``name`` every process of the deployment shares; the first caller
+        creates it (a primary key decides a race: the loser reads the winner's)."""
+        name = _text(name, "secret name", 64)
+        stmt = select(ServiceSecretRow.value).where(ServiceSecretRow.name == name)
+        for _ in range(2):
+            with self._core(write=False) as conn:
+                value = conn.execute(stmt).scalar_one_or_none()
+            if value is not None:
+                return bytes(value)
+            try:
+                with self._core(write=True) as conn:
+                    conn.execute(insert(ServiceSecretRow), {
+                        "name": name, "value": secrets.token_bytes(length),
+                        "created_at": self._now(None)})
+            except Conflict as exc:
+                if exc.reason != "race":
+                    raise
+        with self._core(write=False) as conn:
+            value = conn.execute(stmt).scalar_one_or_none()
+        if value is None:
+            raise StoreError(f"the shared secret {name!r} could not be created")
+        return bytes(value)
+
+    def use_challenge(self, nonce: str, *, expires_at: datetime) -> None:
+        """Mark a challenge answered; AuthenticationError (reason ``challenge_reused``) when
+        it was answered before, by any process."""
+        nonce = _text(nonce, "challenge nonce", 64)
+        try:
+            with self._core(write=True) as conn:
+                conn.execute(insert(UsedChallengeRow),
+                             {"nonce": nonce, "expires_at": _aware(expires_at, "expires_at")})
+        except Conflict as exc:
+            if exc.reason != "race":
+                raise
+            raise AuthenticationError(
+                "this renewal challenge was already used; ask for a new one",
+                reason="challenge_reused") from None
+
+    # -- passphrase attempts (the throttle) ----------------------------------
+
+    def reserve_passphrase_attempt(
+        self, *, username: str, credential_name: str, client_address: str | None,
+        since: datetime, limit: int, now: datetime,
+    ) -> tuple[int | None, int]:
+        """Count the tries for one credential from one address since ``since`` (failed
+        ones and ones still running) and, below ``limit``, reserve one more, all in one
+        serialised transaction. Returns (the reservation's id or None, the count before)."""
+        username, credential_name = _username(username), _credname(credential_name)
+        moment = self._now(now)
+        model = PassphraseAttemptRow
+        where = [model.username == username, model.credential_name == credential_name,
+                 model.time >= _aware(since, "since"),
+                 model.client_address.is_(None) if client_address is None
+                 else model.client_address == client_address]
+        with self._transaction(write=True) as session:
+            self._serialise(session, f"passphrase:{username}/{credential_name}")
+            count = int(session.execute(
+                select(func.count()).select_from(model).where(*where)).scalar_one())
+            if count >= limit:
+                return None, count
+            row = PassphraseAttemptRow(username=username, credential_name=credential_name,
+                                       client_address=client_address, time=moment,
+                                       state="pending")
+            session.add(row)
+            session.flush()
+            return int(row.id), count
+
+    def finish_passphrase_attempt(self, attempt_id: int, *, failed: bool) -> None:
+        """A reserved try ended: a failure keeps counting, a success frees its place."""
+        model = PassphraseAttemptRow
+        with self._transaction(write=True) as session:
+            if failed:
+                session.execute(update(model).where(model.id == attempt_id)
+                                .values(state="failed"))
+            else:
+                session.execute(delete(model).where(model.id == attempt_id))
 
     # -- audit -------------------------------------------------------------
 

@@ -162,9 +162,10 @@ def test_trusted_retrieval_cn_mode_without_passphrase(endpoint: Endpoint,
     assert "trusted retrieval policy: */CN=pilot" in info
     ok(mp(endpoint, ["myproxy-logon", "-n", "-l", "u-cn", "-o", str(tmp_path / "p.pem")],
           "pilot"))
-    # Stored without a passphrase: a passphrase must not open it.
+    # Stored without a passphrase: a passphrase must not open it (and the answer is that of
+    # a wrong passphrase, so it does not tell the credential has none).
     refused(mp(endpoint, ["myproxy-logon", "-S", "-l", "u-cn", "-o", str(tmp_path / "x")],
-               None, stdin="whatever-passphrase\n"), "authentication failed")
+               None, stdin="whatever-passphrase\n"), "Bad password")
 
 
 def test_unauthorized_pilots_are_refused(endpoint: Endpoint, tmp_path: Path) -> None:
@@ -177,9 +178,12 @@ def test_unauthorized_pilots_are_refused(endpoint: Endpoint, tmp_path: Path) -> 
     # pilot2 is named nowhere
     refused(mp(endpoint, ["myproxy-logon", "-n", "-l", "u-deny", "-o", out], "pilot2"),
             "no passphrase", "authentication failed")
-    # the pilot on a credential stored without -Z
+    # the pilot on a credential stored without -Z: no right, so not told it has a passphrase
     refused(mp(endpoint, ["myproxy-logon", "-n", "-l", "u-noz", "-o", out], "pilot"),
-            "invalid credential passphrase")
+            "no passphrase", "authentication failed")
+    # nor that a credential exists at all
+    refused(mp(endpoint, ["myproxy-logon", "-n", "-l", "u-never", "-o", out], "pilot"),
+            "no passphrase", "authentication failed")
     assert not Path(out).exists()
 
 
@@ -220,13 +224,17 @@ def test_limited_in_limited_out(endpoint: Endpoint, tmp_path: Path) -> None:
 
 def test_destroy(endpoint: Endpoint, tmp_path: Path) -> None:
     init(endpoint, "u-destroy", "-k", "gone")
+    # someone else's credential is answered as a missing one
     refused(mp(endpoint, ["myproxy-destroy", "-l", "u-destroy", "-k", "gone"], "bob"),
-            'Credentials not owned by "/DC=org/DC=example/CN=Bob".')
+            'No credentials exist with username "u-destroy" and credential name "gone".')
     text = ok(mp(endpoint, ["myproxy-destroy", "-l", "u-destroy", "-k", "gone"], "alice"))
     assert "was successfully removed" in text
+    # a GET does not tell a missing credential from a wrong passphrase
     refused(mp(endpoint, ["myproxy-logon", "-S", "-l", "u-destroy", "-k", "gone", "-o",
                           str(tmp_path / "x")], None, stdin=PASSPHRASE + "\n"),
-            'No credentials exist with username "u-destroy" and credential name "gone"')
+            "Bad password", "invalid credential passphrase")
+    refused(mp(endpoint, ["myproxy-destroy", "-l", "u-destroy", "-k", "gone"], "alice"),
+            'No credentials exist with username "u-destroy" and credential name "gone".')
 
 
 def test_change_passphrase(endpoint: Endpoint, tmp_path: Path) -> None:
@@ -361,7 +369,7 @@ def broker_serve(grid_pki: GridPki, tmp_path: Path) -> Iterator[tuple[int, int]]
          "--policy-dir", str(policies), "--bind", f"127.0.0.1:{rest}",
          "--myproxy-bind", f"127.0.0.1:{wire}", "--host-cert", str(grid_pki.root / "host.pem"),
          "--host-key", str(grid_pki.root / "host.key"), "--ca-dir", str(grid_pki.ca_dir),
-         "--vomsdir", str(grid_pki.vomsdir), "--workers", "1"],
+         "--vomsdir", str(grid_pki.vomsdir), "--workers", "1", "--username-binding", "none"],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "serve.log", "wb"),
     )
     try:

@@ -231,15 +231,17 @@ def all_attacks(pki: GridPki, base: Path, sizes: Any, rng: random.Random, *,
             outcome.tried += 1
 
     yield "attack server clean shutdown", finish
-    from tests.reliability import wrapper_attacks
+    from tests.reliability import (
+        identity_attacks,
+        pilot_attacks,
+        protocol_attacks,
+        wrapper_attacks,
+    )
 
     yield from wrapper_attacks.attacks(pki, base)
-    from tests.reliability import pilot_attacks
-
     yield from pilot_attacks.attacks(base)
-    from tests.reliability import identity_attacks
-
     yield from identity_attacks.attacks(pki, base, myproxy=myproxy)
+    yield from protocol_attacks.attacks(pki, base)
 
 
 def _voms_proxy(pki: GridPki, *, holder: x509.Certificate, signer: Credential) -> Credential:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from broker.devpki import OWNERS_RULE, policy_rule
-from broker.errors import AuthenticationError, AuthorizationError
+from broker.errors import AuthenticationError, NotFound
 from broker.pki.devca import VOMS_DN, issue_certificate, make_ca
 from broker.pki.loading import Credential
 from broker.pki.proxy import new_proxy
@@ -79,10 +79,10 @@ def test_pilots_with_the_fqan_retrieve(fqan_broker: RunningBroker, tmp_path: Pat
 
 
 def test_pilot_without_the_fqan_is_refused(fqan_broker: RunningBroker) -> None:
-    with pytest.raises(AuthorizationError) as err:
+    # no right: the answer for a missing credential; the audit row says why (issue 18)
+    with pytest.raises(NotFound) as err:
         fqan_broker.client("pilot").retrieve(username="alice", job_id="no-fqan")
-    assert err.value.reason == "no_matching_rule"
-    assert "/DC=org/DC=example/CN=pilot" in err.value.message
+    assert err.value.reason == "not_found"
     rows = _audit(fqan_broker, "--job-id", "no-fqan")
     assert [(r["decision"], r["requester"]) for r in rows] == [
         ("deny", "/DC=org/DC=example/CN=pilot")]
@@ -129,7 +129,7 @@ def test_policy_hot_reload(grid_pki: GridPki, tmp_path: Path) -> None:
     try:
         _delegate_alice(broker)
         bob = broker.client("bob")
-        with pytest.raises(AuthorizationError):
+        with pytest.raises(NotFound):
             bob.retrieve(username="alice")
         policy_file = broker.policy_dir / "10-test.toml"
 
@@ -139,7 +139,7 @@ def test_policy_hot_reload(grid_pki: GridPki, tmp_path: Path) -> None:
         def bob_allowed() -> bool:
             try:
                 bob.retrieve(username="alice")
-            except AuthorizationError:
+            except NotFound:
                 return False
             return True
 

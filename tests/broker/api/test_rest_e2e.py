@@ -66,9 +66,10 @@ def test_delegate_then_pilot_retrieves_real_proxy(any_broker: RunningBroker,
 
 def test_bob_cannot_destroy_or_overwrite(any_broker: RunningBroker) -> None:
     _delegate(any_broker)
-    with pytest.raises(AuthorizationError) as err:
+    # someone else's credential is answered as a missing one (issue 18)
+    with pytest.raises(NotFound) as err:
         any_broker.client("bob").destroy(username="alice")
-    assert "not owned" in err.value.message
+    assert err.value.message == "no credential 'default' for user 'alice'"
     with pytest.raises(Conflict):
         _delegate(any_broker, "bob", username="alice")
     # alice's credential is intact and still hers
@@ -81,9 +82,10 @@ def test_bob_cannot_destroy_or_overwrite(any_broker: RunningBroker) -> None:
 
 def test_unauthorized_and_limited(sqlite_broker: RunningBroker, tmp_path: Path) -> None:
     _delegate(sqlite_broker)
-    with pytest.raises(AuthorizationError) as err:
+    # no right on the credential: the same answer as for a missing one (issue 18)
+    with pytest.raises(NotFound) as err:
         sqlite_broker.client("bob").retrieve(username="alice")
-    assert err.value.reason == "no_matching_rule"
+    assert err.value.reason == "not_found"
     # a limited pilot proxy gets a limited proxy back
     pilot = sqlite_broker.pki.load("pilot")
     limited = new_proxy(pilot, now=datetime.now(UTC), lifetime=timedelta(hours=1),
@@ -268,8 +270,8 @@ def test_cli_round_trip(sqlite_broker: RunningBroker, tmp_path: Path) -> None:
     denied = subprocess.run([str(bin_dir / "broker-logon"), "--cert", str(pki.cert_path("bob")),
                              "--key", str(pki.key_path("bob")), "-l", "alice", "-k", "cli",
                              "-o", str(tmp_path / "bob")], env=env, capture_output=True, text=True)
-    assert denied.returncode == 3
-    assert "Traceback" not in denied.stderr and "denied" in denied.stderr
+    assert denied.returncode == 4  # no right: told what a missing credential is told
+    assert "Traceback" not in denied.stderr and "no credential 'cli'" in denied.stderr
     missing = subprocess.run([str(bin_dir / "broker-logon"), "--cert", str(pki.cert_path("pilot")),
                               "--key", str(pki.key_path("pilot")), "-l", "alice", "-k", "nope",
                               "-o", str(tmp_path / "n")], env=env, capture_output=True, text=True)

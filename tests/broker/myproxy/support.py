@@ -85,6 +85,8 @@ def make_config(tmp: Path, pki: GridPki, **changes: Any) -> ServerConfig:
         "ca_dir": str(pki.ca_dir),
         "vomsdir": str(pki.vomsdir),
         "myproxy_bind": "127.0.0.1:0",
+        # the tests store under free usernames (r-basic, u-renew, ...)
+        "username_binding": "none",
     }
     values.update(changes)
     config = ServerConfig(**values).resolved()
