@@ -12,27 +12,46 @@ CA-directory updates take effect) with:
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import functools
 import heapq
+import json
 import logging
+import selectors
 import socket
 import ssl
 import threading
 import time
 from typing import Any
 
+from gunicorn import http as gunicorn_http
+from gunicorn import sock as gunicorn_sock
+from gunicorn import util as gunicorn_util
 from gunicorn.app.base import BaseApplication
-from gunicorn.workers.gthread import ThreadWorker
+from gunicorn.workers.gthread import TConn, ThreadWorker
 
 from broker.config import ServerConfig
 
 log = logging.getLogger("broker.server")
 
 _CONTEXT_TTL = 60.0
-# A client must deliver its request head (TLS handshake included) within this many seconds,
-# and the whole exchange must end within REQUEST_DEADLINE: gunicorn's gthread worker has no
-# read timeout of its own, so a slow-loris client could hold a worker thread forever.
+# A client must deliver its request head (TLS handshake included) within HEAD_DEADLINE
+# seconds of connecting (or, on a kept-alive connection, of sending its first byte), and its
+# body within BODY_DEADLINE after the head. Both are waited for in the worker's event loop
+# (see _IncomingStage): a thread of the bounded pool is only given a request that has fully
+# arrived, so idle, silent or trickling clients hold a file descriptor and a buffer, never a
+# thread. REQUEST_DEADLINE bounds the rest (the application and the response) per request.
 HEAD_DEADLINE = 3.0
+BODY_DEADLINE = 5.0
 REQUEST_DEADLINE = 30.0
+# Connections one client address may have in the incoming stage of one worker; more are
+# closed at accept. (Served connections do not count: they already sent a whole request.)
+PER_ADDRESS_INCOMING = 64
+# Largest head buffered in the incoming stage; gunicorn refuses longer ones anyway.
+MAX_HEAD = 64 * 1024
+# Largest body buffered; the API refuses bodies over 128 KiB with 413 (broker.api.app).
+MAX_PREREAD_BODY = 256 * 1024
 
 
 def _cut(conn: Any) -> None:
@@ -97,21 +116,224 @@ class _Watchdog:
 _WATCHDOG = _Watchdog()
 
 
+def _json_error(status: int, reason: str, error: str, message: str) -> bytes:
+    body = json.dumps({"error": error, "message": message}).encode()
+    head = (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
+    return head.encode("latin-1") + body
+
+
+def _write_json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None:
+    """Replaces gunicorn's HTML error page (bad request line, header limits...) with JSON."""
+    error = {400: "bad_request", 403: "forbidden", 414: "uri_too_long",
+             431: "headers_too_large", 501: "not_implemented"}.get(status_int, "http_error")
+    message = mesg or reason
+    gunicorn_util.write_nonblock(sock, _json_error(status_int, reason, error, message))
+
+
+def _head_framing(head: bytes) -> tuple[int | None, tuple[int, str, str, str] | None]:
+    """Content-Length of a request head, or the refusal to send instead of waiting for a body.
+
+    Bodies are framed by Content-Length only: every client of this API sends one, and a
+    length known up front is what lets the whole body be waited for outside the pool.
+    """
+    length: int | None = None
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name == b"transfer-encoding":
+            return None, (411, "Length Required", "length_required",
+                          "send the request body with a Content-Length header (no chunked "
+                          "transfer coding)")
+        if name == b"content-length":
+            text = value.strip()
+            if not text.isdigit() or len(text) > 12 or (length is not None
+                                                         and length != int(text)):
+                return None, (400, "Bad Request", "bad_request", "invalid Content-Length")
+            length = int(text)
+    if length is not None and length > MAX_PREREAD_BODY:
+        return None, (413, "Content Too Large", "too_large",
+                      f"the request body is larger than {MAX_PREREAD_BODY} bytes")
+    return length or 0, None
+
+
+class _Incoming:
+    """A connection waiting in the worker's event loop for its whole request."""
+
+    __slots__ = ("buf", "conn", "deadline", "handshaken", "host", "need")
+
+    def __init__(self, conn: Any, host: str, *, handshaken: bool, deadline: float) -> None:
+        self.conn = conn
+        self.host = host
+        self.handshaken = handshaken
+        self.deadline = deadline
+        self.buf = bytearray()
+        self.need: int | None = None  # head + body length, once the head is complete
+
+
 class DeadlineThreadWorker(ThreadWorker):  # type: ignore[misc]
-    """gthread with deadlines per request: HEAD_DEADLINE for the head, REQUEST_DEADLINE in all."""
+    """gthread whose pool threads only ever get requests that have fully arrived.
+
+    gthread hands every new connection to a pool thread, which then does the TLS handshake
+    and reads the request with blocking calls: 16 threads x 2 workers could be held by as
+    many idle, silent or trickling clients (the thread waits up to 5 s for a first byte, and
+    reads a trickled body for as long as the client likes). Here the worker's own event loop
+    does the handshake and buffers the head and the Content-Length body without blocking,
+    under HEAD_DEADLINE and BODY_DEADLINE, with at most PER_ADDRESS_INCOMING such connections
+    per client address; kept-alive connections come back through the same stage.
+    """
+
+    def init_process(self) -> None:
+        self._incoming: dict[int, _Incoming] = {}
+        self._per_address: dict[str, int] = {}
+        # gunicorn writes its own errors (bad request line, oversized headers) as HTML.
+        gunicorn_util.write_error = _write_json_error
+        super().init_process()
+
+    # ------------------------------------------------------------ the incoming stage
+
+    def accept(self, listener: Any) -> None:
+        try:
+            client_sock, client_addr = listener.accept()
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
+                raise
+            return
+        host = client_addr[0] if isinstance(client_addr, tuple) else ""
+        if self._per_address.get(host, 0) >= PER_ADDRESS_INCOMING:
+            log.warning("closing a connection from %s: %d connections from there have not "
+                        "sent a whole request yet", host, PER_ADDRESS_INCOMING)
+            client_sock.close()
+            return
+        self.nr_conns += 1
+        try:
+            client_sock.setblocking(False)
+            client_sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            tls = gunicorn_sock.ssl_wrap_socket(client_sock, self.cfg)
+            conn = TConn(self.cfg, tls, client_addr, listener.getsockname())
+        except (OSError, ssl.SSLError):
+            self.nr_conns -= 1
+            client_sock.close()
+            return
+        self._stage(_Incoming(conn, host, handshaken=False,
+                              deadline=time.monotonic() + HEAD_DEADLINE))
+
+    def on_client_socket_readable(self, conn: Any, client: Any) -> None:
+        # A kept-alive connection's next request goes through the incoming stage as well.
+        self.poller.unregister(client)
+        self.keepalived_conns.remove(conn)
+        host = conn.client[0] if isinstance(conn.client, tuple) else ""
+        self._stage(_Incoming(conn, host, handshaken=True,
+                              deadline=time.monotonic() + HEAD_DEADLINE))
+
+    def _stage(self, inc: _Incoming) -> None:
+        sock = inc.conn.sock
+        self._incoming[id(inc)] = inc
+        self._per_address[inc.host] = self._per_address.get(inc.host, 0) + 1
+        try:
+            self.poller.register(sock, selectors.EVENT_READ, functools.partial(self._step, inc))
+        except (OSError, ValueError):
+            self._drop(inc)
+            return
+        self._step(inc, sock)
+
+    def _unstage(self, inc: _Incoming) -> None:
+        if self._incoming.pop(id(inc), None) is None:
+            return
+        left = self._per_address.get(inc.host, 1) - 1
+        if left > 0:
+            self._per_address[inc.host] = left
+        else:
+            self._per_address.pop(inc.host, None)
+        with contextlib.suppress(OSError, KeyError, ValueError):
+            self.poller.unregister(inc.conn.sock)
+
+    def _drop(self, inc: _Incoming, answer: bytes = b"") -> None:
+        self._unstage(inc)
+        if answer:
+            with contextlib.suppress(OSError, ssl.SSLError):
+                inc.conn.sock.send(answer)
+        self.nr_conns -= 1
+        inc.conn.close()
+
+    def _wait_for(self, inc: _Incoming, events: int) -> None:
+        with contextlib.suppress(OSError, KeyError, ValueError):
+            self.poller.modify(inc.conn.sock, events, functools.partial(self._step, inc))
+
+    def _step(self, inc: _Incoming, _fileobj: Any = None) -> None:
+        """Advance one connection as far as it goes without blocking."""
+        tls = inc.conn.sock
+        try:
+            if not inc.handshaken:
+                tls.do_handshake()
+                inc.handshaken = True
+            while inc.need is None or len(inc.buf) < inc.need:
+                chunk = tls.recv(65536)
+                if not chunk:
+                    self._drop(inc)
+                    return
+                inc.buf += chunk
+                if inc.need is None:
+                    self._head_done(inc)
+        except _Dropped:
+            return
+        except ssl.SSLWantReadError:
+            self._wait_for(inc, selectors.EVENT_READ)
+            return
+        except ssl.SSLWantWriteError:
+            self._wait_for(inc, selectors.EVENT_WRITE)
+            return
+        except (OSError, ssl.SSLError) as exc:
+            log.debug("connection from %s failed before its request: %s", inc.host, exc)
+            self._drop(inc)
+            return
+        self._unstage(inc)
+        conn = inc.conn
+        if conn.parser is None:
+            conn.parser = gunicorn_http.get_parser(self.cfg, tls, conn.client)
+        conn.parser.unreader.unread(bytes(inc.buf))
+        conn.initialized = True
+        conn.data_ready = True
+        self.enqueue_req(conn)
+
+    def _head_done(self, inc: _Incoming) -> None:
+        """Set ``need`` once the head is complete; raise _Dropped when it is refused."""
+        end = inc.buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(inc.buf) > MAX_HEAD:
+                self._drop(inc, _json_error(431, "Request Header Fields Too Large",
+                                            "headers_too_large",
+                                            f"the request head is longer than {MAX_HEAD} bytes"))
+                raise _Dropped
+            return
+        length, refusal = _head_framing(bytes(inc.buf[:end]))
+        if refusal is not None:
+            self._drop(inc, _json_error(*refusal))
+            raise _Dropped
+        assert length is not None
+        inc.need = end + 4 + length
+        inc.deadline = time.monotonic() + BODY_DEADLINE
+
+    def murder_pending(self) -> None:
+        super().murder_pending()
+        now = time.monotonic()
+        for inc in [i for i in self._incoming.values() if i.deadline <= now]:
+            log.info("closing the connection from %s: no whole request within the deadline "
+                     "(%s)", inc.host, "body" if inc.need is not None else "handshake and head")
+            self._drop(inc)
+
+    # ------------------------------------------------------------ in the pool
 
     def handle(self, conn: Any) -> Any:
-        conn.broker_deadline = _WATCHDOG.arm(conn, HEAD_DEADLINE)
+        conn.broker_deadline = _WATCHDOG.arm(conn, REQUEST_DEADLINE)
         try:
             return super().handle(conn)
         finally:
             _WATCHDOG.disarm(conn.broker_deadline)
 
-    def handle_request(self, req: Any, conn: Any) -> Any:
-        # The head has arrived: from here the longer deadline covers body and response.
-        _WATCHDOG.disarm(conn.broker_deadline)
-        conn.broker_deadline = _WATCHDOG.arm(conn, REQUEST_DEADLINE)
-        return super().handle_request(req, conn)
+
+class _Dropped(Exception):
+    """The incoming stage refused the connection while reading its head."""
 
 
 def make_server_context(config: ServerConfig, *, max_tls: str = "") -> ssl.SSLContext:
