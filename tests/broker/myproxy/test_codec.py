@@ -85,7 +85,8 @@ def test_integers_like_strtol_base_0(text: str, value: int) -> None:
 
 @pytest.mark.parametrize("text", ["-5", "-100", "-0x10"])
 def test_negative_lifetime_is_refused(text: str) -> None:
-    data = codec.format_request(Command.GET, "a").replace(b"LIFETIME=0", b"LIFETIME=" + text.encode())
+    data = codec.format_request(Command.GET, "a").replace(b"LIFETIME=0",
+                                                          b"LIFETIME=" + text.encode())
     with pytest.raises(ProtocolError, match="negative"):
         codec.parse_request(data)
 
