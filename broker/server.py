@@ -45,8 +45,8 @@ _CONTEXT_TTL = 60.0
 HEAD_DEADLINE = 3.0
 BODY_DEADLINE = 5.0
 REQUEST_DEADLINE = 30.0
-# Connections one client address may have in the incoming stage of one worker; more are
-# closed at accept. (Served connections do not count: they already sent a whole request.)
+# Connections one client address may have in the incoming stage of one worker; a newer one
+# closes the address's oldest. (Served connections do not count: they sent a whole request.)
 PER_ADDRESS_INCOMING = 64
 # Largest head buffered in the incoming stage; gunicorn refuses longer ones anyway.
 MAX_HEAD = 64 * 1024
@@ -184,8 +184,8 @@ class DeadlineThreadWorker(ThreadWorker):  # type: ignore[misc]
     """
 
     def init_process(self) -> None:
-        self._incoming: dict[int, _Incoming] = {}
-        self._per_address: dict[str, int] = {}
+        # Incoming connections by client address, oldest first (dicts keep insertion order).
+        self._incoming: dict[str, dict[int, _Incoming]] = {}
         # gunicorn writes its own errors (bad request line, oversized headers) as HTML.
         gunicorn_util.write_error = _write_json_error
         super().init_process()
@@ -200,11 +200,12 @@ class DeadlineThreadWorker(ThreadWorker):  # type: ignore[misc]
                 raise
             return
         host = client_addr[0] if isinstance(client_addr, tuple) else ""
-        if self._per_address.get(host, 0) >= PER_ADDRESS_INCOMING:
-            log.warning("closing a connection from %s: %d connections from there have not "
-                        "sent a whole request yet", host, PER_ADDRESS_INCOMING)
-            client_sock.close()
-            return
+        same = self._incoming.get(host, {})
+        if len(same) >= PER_ADDRESS_INCOMING:
+            # One peer cannot hold more; a new client behind the same address still gets in.
+            log.warning("%s has %d connections without a whole request; closing the oldest",
+                        host, len(same))
+            self._drop(next(iter(same.values())))
         self.nr_conns += 1
         try:
             client_sock.setblocking(False)
@@ -228,8 +229,7 @@ class DeadlineThreadWorker(ThreadWorker):  # type: ignore[misc]
 
     def _stage(self, inc: _Incoming) -> None:
         sock = inc.conn.sock
-        self._incoming[id(inc)] = inc
-        self._per_address[inc.host] = self._per_address.get(inc.host, 0) + 1
+        self._incoming.setdefault(inc.host, {})[id(inc)] = inc
         try:
             self.poller.register(sock, selectors.EVENT_READ, functools.partial(self._step, inc))
         except (OSError, ValueError):
@@ -238,13 +238,11 @@ class DeadlineThreadWorker(ThreadWorker):  # type: ignore[misc]
         self._step(inc, sock)
 
     def _unstage(self, inc: _Incoming) -> None:
-        if self._incoming.pop(id(inc), None) is None:
+        same = self._incoming.get(inc.host, {})
+        if same.pop(id(inc), None) is None:
             return
-        left = self._per_address.get(inc.host, 1) - 1
-        if left > 0:
-            self._per_address[inc.host] = left
-        else:
-            self._per_address.pop(inc.host, None)
+        if not same:
+            del self._incoming[inc.host]
         with contextlib.suppress(OSError, KeyError, ValueError):
             self.poller.unregister(inc.conn.sock)
 
@@ -317,7 +315,8 @@ class DeadlineThreadWorker(ThreadWorker):  # type: ignore[misc]
     def murder_pending(self) -> None:
         super().murder_pending()
         now = time.monotonic()
-        for inc in [i for i in self._incoming.values() if i.deadline <= now]:
+        late = [i for same in self._incoming.values() for i in same.values() if i.deadline <= now]
+        for inc in late:
             log.info("closing the connection from %s: no whole request within the deadline "
                      "(%s)", inc.host, "body" if inc.need is not None else "handshake and head")
             self._drop(inc)

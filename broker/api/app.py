@@ -28,7 +28,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, NotFound
 
 from broker.errors import (
     AuthenticationError,
@@ -168,7 +168,8 @@ def create_app(service: BrokerService, *, pam: PamSettings | None = None,
     app = Flask("broker")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     # Werkzeug answers "//v1/x" (merged slashes) and "/rule/" mismatches with a 308 redirect
-    # and an HTML body; this API has one spelling per path and answers everything else 404 JSON.
+    # and an HTML body; this API has one spelling per path and answers everything else 404 JSON
+    # (see _start: the matcher still ignores empty segments, so those are refused there).
     app.url_map.merge_slashes = False
     app.url_map.strict_slashes = False
     metrics = _Metrics()
@@ -191,10 +192,14 @@ def create_app(service: BrokerService, *, pam: PamSettings | None = None,
 
     @app.before_request
     def _start() -> None:
+        g.request_id = uuid.uuid4().hex
+        # gunicorn's PATH_INFO already has "//" folded away; the request line has not.
+        path = str(request.environ.get("RAW_URI") or request.path).partition("?")[0]
+        if "//" in path or (path.endswith("/") and path != "/"):
+            raise NotFound()
         # The request id in audit rows and logs is always made here: a client could otherwise
         # pick ids that collide with or impersonate other requests. A well-formed id the client
         # sent is logged beside ours so that the two can be matched.
-        g.request_id = uuid.uuid4().hex
         g.started = time.perf_counter()
         client_id = request.headers.get("X-Request-Id", "")
         if client_id:
