@@ -234,6 +234,8 @@ def all_attacks(pki: GridPki, base: Path, sizes: Any, rng: random.Random, *,
     from tests.reliability import wrapper_attacks
 
     yield from wrapper_attacks.attacks(pki, base)
+    from tests.reliability import availability_attacks
+    yield from availability_attacks.attacks(pki, base, myproxy=myproxy)
 
 
 def _voms_proxy(pki: GridPki, *, holder: x509.Certificate, signer: Credential) -> Credential:
