@@ -34,7 +34,7 @@ from tests.reliability.harness import Outcome, launch
 from tests.reliability.myproxy_client import MyProxyClient, MyProxyRefused
 
 BOUND_S = 1.0  # worst legitimate latency accepted while a flood is on
-PROBE_S = 3.0  # how long the legitimate client measures during a flood
+PROBE_S = 2.0  # how long the legitimate client measures during a flood
 
 
 def _p99(values: list[float]) -> float:
