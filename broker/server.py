@@ -134,6 +134,8 @@ def _write_json_error(sock: Any, status_int: int, reason: str, mesg: str) -> Non
 def _head_framing(head: bytes) -> tuple[int | None, tuple[int, str, str, str] | None]:
     """Content-Length of a request head, or the refusal to send instead of waiting for a body.
 
+    (An ``Expect: 100-continue`` line is handled by the caller.)
+
     Bodies are framed by Content-Length only: every client of this API sends one, and a
     length known up front is what lets the whole body be waited for outside the pool.
     """
@@ -206,6 +208,14 @@ class DeadlineThreadWorker(ThreadWorker):  # type: ignore[misc]
             log.warning("%s has %d connections without a whole request; closing the oldest",
                         host, len(same))
             self._drop(next(iter(same.values())))
+        elif self.nr_conns >= self.worker_connections - 1 and self._incoming:
+            # gunicorn stops accepting at worker_connections; idle peers from many addresses
+            # must not get it there: the connection waiting longest for its request goes.
+            oldest = min((i for s in self._incoming.values() for i in s.values()),
+                         key=lambda i: i.deadline)
+            log.warning("%d connections open; closing the one from %s that has waited "
+                        "longest for its request", self.nr_conns, oldest.host)
+            self._drop(oldest)
         self.nr_conns += 1
         try:
             client_sock.setblocking(False)
@@ -309,8 +319,29 @@ class DeadlineThreadWorker(ThreadWorker):  # type: ignore[misc]
             self._drop(inc, _json_error(*refusal))
             raise _Dropped
         assert length is not None
+        if length and len(inc.buf) < end + 4 + length:
+            end = self._continue(inc, end)
         inc.need = end + 4 + length
         inc.deadline = time.monotonic() + BODY_DEADLINE
+
+    @staticmethod
+    def _continue(inc: _Incoming, end: int) -> int:
+        """Answer ``Expect: 100-continue`` here (curl waits 1 s for it before sending a body).
+
+        The line is taken out of the head so that gunicorn does not send a second 100.
+        Returns the new end of the head.
+        """
+        lines = bytes(inc.buf[:end]).split(b"\r\n")
+        kept = [line for line in lines
+                if line.partition(b":")[0].strip().lower() != b"expect"
+                or line.partition(b":")[2].strip().lower() != b"100-continue"]
+        if len(kept) == len(lines) or not lines[0].endswith(b"HTTP/1.1"):
+            return end
+        head = b"\r\n".join(kept)
+        inc.buf[:end] = head
+        with contextlib.suppress(OSError, ssl.SSLError):
+            inc.conn.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return len(head)
 
     def murder_pending(self) -> None:
         super().murder_pending()

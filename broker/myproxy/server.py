@@ -358,10 +358,17 @@ class MyProxyServer:
     def _admit(self, conn: socket.socket, addr: Any) -> None:
         settings = self.settings
         if self._open_count() >= settings.max_open:
-            log.warning("closing a connection from %s: %d connections are open",
-                        addr[0], settings.max_open)
-            conn.close()
-            return
+            waiting = [a for same in self._arrivals.values() for a in same.values()]
+            if not waiting:  # every connection is being served: the newcomer must go
+                log.warning("closing a connection from %s: %d connections are open",
+                            addr[0], settings.max_open)
+                conn.close()
+                return
+            # Idle peers must not lock the door: the one waiting longest for its request goes.
+            oldest = min(waiting, key=lambda a: a.accepted)
+            log.warning("%d connections open; closing the one from %s that has waited "
+                        "longest for its request", settings.max_open, oldest.host)
+            self._drop(oldest)
         try:
             conn.setblocking(False)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

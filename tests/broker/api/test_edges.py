@@ -189,3 +189,20 @@ def test_one_address_cannot_fill_the_incoming_stage(broker: RunningBroker,
     finally:
         for s in flood:
             s.close()
+
+
+def test_expect_100_continue_is_answered_once(broker: RunningBroker) -> None:
+    body = json.dumps({"csr": "x" * 2000}).encode()
+    with _tls(broker) as tls:
+        tls.sendall(("POST /v1/retrievals HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+                     "Expect: 100-continue\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(body)}\r\n\r\n").encode())
+        tls.settimeout(0.8)  # curl waits 1 s for the 100 before sending anyway
+        assert tls.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        tls.settimeout(10)
+        tls.sendall(body)
+        answer = b""
+        while chunk := tls.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 4")  # no second 100; a refusal of the bad CSR
+    assert b"100 Continue" not in answer

@@ -467,3 +467,23 @@ def test_one_address_keeps_at_most_per_address_first_stage_connections(
         finally:
             for raw in raws:
                 raw.close()
+
+
+def test_a_full_server_closes_the_longest_waiting_connection(grid_pki: GridPki,
+                                                              tmp_path: Path) -> None:
+    with running_endpoint(tmp_path, grid_pki,
+                          overrides={"max_open": 4, "first_request_timeout": 30.0}) as ep:
+        raws = []
+        for _ in range(6):
+            raws.append(socket.create_connection((ep.host, ep.port)))
+            time.sleep(0.05)  # accepted in this order
+        try:
+            for raw in raws[:2]:
+                raw.settimeout(5)
+                assert raw.recv(10) == b""
+            started = time.monotonic()
+            test_get_trustroots_anonymous(ep)
+            assert time.monotonic() - started < 2
+        finally:
+            for raw in raws:
+                raw.close()
