@@ -39,7 +39,7 @@ _CONTEXT_TTL = 60.0
 # A client must deliver its request head (TLS handshake included) within HEAD_DEADLINE
 # seconds of connecting (or, on a kept-alive connection, of sending its first byte), and its
 # body within BODY_DEADLINE after the head. Both are waited for in the worker's event loop
-# (see _IncomingStage): a thread of the bounded pool is only given a request that has fully
+# (see DeadlineThreadWorker): a thread of the bounded pool is only given a request that has fully
 # arrived, so idle, silent or trickling clients hold a file descriptor and a buffer, never a
 # thread. REQUEST_DEADLINE bounds the rest (the application and the response) per request.
 HEAD_DEADLINE = 3.0

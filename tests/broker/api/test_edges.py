@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from broker.api.app import json_depth
 from broker.config import ServerConfig
 from tests.brokerserver import RunningBroker, start_broker
 from tests.pkifixtures import GridPki
@@ -103,6 +104,14 @@ def test_deeply_nested_json_is_a_400(broker: RunningBroker) -> None:
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body)
     assert status == 400, answer[:200]
     assert json.loads(answer)["error"] == "bad_json"
+
+
+@pytest.mark.parametrize(("raw", "depth"), [
+    (b"{}", 1), (b'{"a": [1, {"b": []}]}', 4), (b'{"a": "[[[[{{{{"}', 1),
+    (b'["\\"[[[", [[]]]', 3), (b"17", 0), (b"[" * 100, 100),
+])
+def test_json_depth_ignores_brackets_in_strings(raw: bytes, depth: int) -> None:
+    assert json_depth(raw) == depth
 
 
 def test_gunicorn_level_errors_are_json(broker: RunningBroker) -> None:
