@@ -52,6 +52,10 @@ PER_ADDRESS_INCOMING = 64
 MAX_HEAD = 64 * 1024
 # Largest body buffered; the API refuses bodies over 128 KiB with 413 (broker.api.app).
 MAX_PREREAD_BODY = 256 * 1024
+# After a refusal from the incoming stage (413, 411...), how long what the client still sends
+# is read and thrown away: closing with unread data would reset the connection, and the
+# client could lose the answer.
+DRAIN_SECONDS = 2.0
 
 
 def _cut(conn: Any) -> None:
@@ -162,7 +166,7 @@ def _head_framing(head: bytes) -> tuple[int | None, tuple[int, str, str, str] | 
 class _Incoming:
     """A connection waiting in the worker's event loop for its whole request."""
 
-    __slots__ = ("buf", "conn", "deadline", "handshaken", "host", "need")
+    __slots__ = ("buf", "conn", "deadline", "draining", "handshaken", "host", "need")
 
     def __init__(self, conn: Any, host: str, *, handshaken: bool, deadline: float) -> None:
         self.conn = conn
@@ -171,6 +175,7 @@ class _Incoming:
         self.deadline = deadline
         self.buf = bytearray()
         self.need: int | None = None  # head + body length, once the head is complete
+        self.draining = False  # refused: the rest of the request is read and dropped
 
 
 class DeadlineThreadWorker(ThreadWorker):  # type: ignore[misc]
@@ -256,13 +261,21 @@ class DeadlineThreadWorker(ThreadWorker):  # type: ignore[misc]
         with contextlib.suppress(OSError, KeyError, ValueError):
             self.poller.unregister(inc.conn.sock)
 
-    def _drop(self, inc: _Incoming, answer: bytes = b"") -> None:
+    def _drop(self, inc: _Incoming) -> None:
         self._unstage(inc)
-        if answer:
-            with contextlib.suppress(OSError, ssl.SSLError):
-                inc.conn.sock.send(answer)
         self.nr_conns -= 1
         inc.conn.close()
+
+    def _refuse(self, inc: _Incoming, answer: bytes) -> None:
+        """Answer from the stage, end our side, drain the client's for a moment; raise."""
+        sock = inc.conn.sock
+        with contextlib.suppress(OSError, ssl.SSLError):
+            sock.send(answer)
+            socket.socket.shutdown(sock, socket.SHUT_WR)
+        inc.draining = True
+        inc.buf.clear()
+        inc.deadline = time.monotonic() + DRAIN_SECONDS
+        raise _Refused
 
     def _wait_for(self, inc: _Incoming, events: int) -> None:
         with contextlib.suppress(OSError, KeyError, ValueError):
@@ -275,6 +288,10 @@ class DeadlineThreadWorker(ThreadWorker):  # type: ignore[misc]
             if not inc.handshaken:
                 tls.do_handshake()
                 inc.handshaken = True
+            while inc.draining:
+                if not tls.recv(65536):
+                    self._drop(inc)
+                    return
             while inc.need is None or len(inc.buf) < inc.need:
                 chunk = tls.recv(65536)
                 if not chunk:
@@ -283,7 +300,8 @@ class DeadlineThreadWorker(ThreadWorker):  # type: ignore[misc]
                 inc.buf += chunk
                 if inc.need is None:
                     self._head_done(inc)
-        except _Dropped:
+        except _Refused:  # refused: drain from the next readable event on
+            self._wait_for(inc, selectors.EVENT_READ)
             return
         except ssl.SSLWantReadError:
             self._wait_for(inc, selectors.EVENT_READ)
@@ -305,19 +323,17 @@ class DeadlineThreadWorker(ThreadWorker):  # type: ignore[misc]
         self.enqueue_req(conn)
 
     def _head_done(self, inc: _Incoming) -> None:
-        """Set ``need`` once the head is complete; raise _Dropped when it is refused."""
+        """Set ``need`` once the head is complete; raise _Refused when it is refused."""
         end = inc.buf.find(b"\r\n\r\n")
         if end < 0:
             if len(inc.buf) > MAX_HEAD:
-                self._drop(inc, _json_error(431, "Request Header Fields Too Large",
-                                            "headers_too_large",
-                                            f"the request head is longer than {MAX_HEAD} bytes"))
-                raise _Dropped
+                self._refuse(inc, _json_error(
+                    431, "Request Header Fields Too Large", "headers_too_large",
+                    f"the request head is longer than {MAX_HEAD} bytes"))
             return
         length, refusal = _head_framing(bytes(inc.buf[:end]))
         if refusal is not None:
-            self._drop(inc, _json_error(*refusal))
-            raise _Dropped
+            self._refuse(inc, _json_error(*refusal))
         assert length is not None
         if length and len(inc.buf) < end + 4 + length:
             end = self._continue(inc, end)
@@ -348,8 +364,10 @@ class DeadlineThreadWorker(ThreadWorker):  # type: ignore[misc]
         now = time.monotonic()
         late = [i for same in self._incoming.values() for i in same.values() if i.deadline <= now]
         for inc in late:
-            log.info("closing the connection from %s: no whole request within the deadline "
-                     "(%s)", inc.host, "body" if inc.need is not None else "handshake and head")
+            if not inc.draining:
+                log.info("closing the connection from %s: no whole request within the "
+                         "deadline (%s)", inc.host,
+                         "body" if inc.need is not None else "handshake and head")
             self._drop(inc)
 
     # ------------------------------------------------------------ in the pool
@@ -362,8 +380,8 @@ class DeadlineThreadWorker(ThreadWorker):  # type: ignore[misc]
             _WATCHDOG.disarm(conn.broker_deadline)
 
 
-class _Dropped(Exception):
-    """The incoming stage refused the connection while reading its head."""
+class _Refused(Exception):
+    """The incoming stage answered the request itself (a refusal); the connection drains."""
 
 
 def make_server_context(config: ServerConfig, *, max_tls: str = "") -> ssl.SSLContext:
