@@ -219,7 +219,7 @@ def test_expect_100_continue_is_answered_once(broker: RunningBroker) -> None:
 
 def test_an_oversize_body_gets_its_413_even_while_still_sending(broker: RunningBroker) -> None:
     body = b"x" * (2 << 20)
-    status, headers, answer = _exchange(broker, (
+    status, _, answer = _exchange(broker, (
         "POST /v1/retrievals HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body)
     assert status == 413
