@@ -5,6 +5,12 @@ clock; broker.policy itself stays pure. Files are ``*.toml`` directly in the
 directory (no recursion), applied in name order; names starting with "." are
 skipped because editors park swap and lock files there (emacs' ``.#x.toml``).
 
+Reloading waits for the files to settle: a change is applied only once the
+directory has looked the same for ``settle`` seconds (5 by default). An editor
+that rewrites a file in place leaves it truncated for a moment, and a truncated
+file can be valid TOML that simply lacks the deny rules further down; admins
+should still write a new file and rename it over the old one (policies/README.md).
+
 Reloading fails closed in the useful sense: a broken edit never replaces a
 working policy. The error is logged and ``last_error`` says what is wrong,
 while the last good PolicySet stays in force. Unsafe rules (see
@@ -33,6 +39,8 @@ from broker.policy import (
 )
 
 log = logging.getLogger(__name__)
+
+DEFAULT_SETTLE = 5.0
 
 # name, mtime_ns, ctime_ns, size, inode: an editor's atomic rename changes the
 # inode even when size and mtime happen to collide.
@@ -125,7 +133,9 @@ class PolicyDirectory:
 
     ``current()`` never touches the disk. Call ``reload_if_changed()`` per
     request or from :meth:`run_watcher` in a thread; ``min_interval`` seconds
-    bound how often it even looks (one ``listdir`` + ``stat`` per file).
+    bound how often it even looks (one ``listdir`` + ``stat`` per file). A
+    change takes effect at the first look after it has stayed unchanged for
+    ``settle`` seconds (by ``clock``).
     Thread-safe: reloads are serialised and the swap of the PolicySet is a
     single reference assignment.
     """
@@ -135,11 +145,13 @@ class PolicyDirectory:
         path: str | os.PathLike[str],
         *,
         min_interval: float = 0.0,
+        settle: float = DEFAULT_SETTLE,
         allow_unsafe: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.path = Path(path)
         self.min_interval = min_interval
+        self.settle = settle
         self.allow_unsafe = allow_unsafe
         self._clock = clock
         self._lock = threading.Lock()
@@ -149,6 +161,8 @@ class PolicyDirectory:
         self._current = read_policy_directory(self.path, allow_unsafe=allow_unsafe)
         self._fingerprint = fingerprint
         self._last_look = clock()
+        # A change seen but not applied yet: its fingerprint and when it was first seen.
+        self._pending: tuple[_Fingerprint, float] | None = None
 
     def current(self) -> PolicySet:
         """The policy in force: the last set of files that loaded cleanly."""
@@ -173,13 +187,23 @@ class PolicyDirectory:
                 self._record_failure(exc.message)
                 return False
             if fingerprint == self._fingerprint:
+                self._pending = None  # changed and changed back
                 return False
-            self._fingerprint = fingerprint
+            if self._pending is None or self._pending[0] != fingerprint:
+                self._pending = (fingerprint, now)  # still being written, perhaps
+            if now - self._pending[1] < self.settle:
+                return False
             try:
                 policy_set = read_policy_directory(self.path, allow_unsafe=self.allow_unsafe)
+                after = _fingerprint(self.path)
             except PolicyFileError as exc:
+                self._fingerprint, self._pending = fingerprint, None
                 self._record_failure(exc.message)
                 return False
+            if after != fingerprint:  # written to while we read: wait for it to settle again
+                self._pending = (after, now)
+                return False
+            self._fingerprint, self._pending = fingerprint, None
             self._current = policy_set
             self.last_error = None
             log.info("policy reloaded from %s: %s", self.path, policy_set.summary())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import re
 import ssl
 import time
 import uuid
@@ -27,7 +28,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, NotFound
 
 from broker.errors import (
     AuthenticationError,
@@ -44,7 +45,14 @@ from broker.service import BrokerService, DelegationOptions, Requester
 log = logging.getLogger("broker.api")
 
 MAX_BODY = 128 * 1024
+# No request of this API nests deeper than a few levels; the cap is checked on the raw bytes
+# before json.loads, whose recursion would otherwise fail (a 500) on "[[[[..." 60k deep.
+MAX_JSON_DEPTH = 32
 _MAX_HOURS = 24 * 366
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_JSON_BRACKETS = re.compile(rb"[\[\]{}]")
+# What a client's own X-Request-Id may contain to be logged beside the server's id.
+_CLIENT_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,64}")
 
 
 def _peer_chain() -> list[x509.Certificate] | None:
@@ -90,6 +98,18 @@ class _Metrics:
                                  buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1, 5))
 
 
+def json_depth(raw: bytes) -> int:
+    """How deep arrays and objects nest in ``raw`` (brackets inside strings do not count)."""
+    depth = deepest = 0
+    for match in _JSON_BRACKETS.finditer(_JSON_STRING.sub(b'""', raw)):
+        if match.group() in (b"[", b"{"):
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    return deepest
+
+
 def _json_body() -> dict[str, Any]:
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise PayloadTooLarge(f"the request body is larger than {MAX_BODY} bytes")
@@ -98,6 +118,9 @@ def _json_body() -> dict[str, Any]:
         raise PayloadTooLarge(f"the request body is larger than {MAX_BODY} bytes")
     if not raw:
         return {}
+    if json_depth(raw) > MAX_JSON_DEPTH:
+        raise InputError(f"the request body nests deeper than {MAX_JSON_DEPTH} levels",
+                         reason="bad_json")
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -161,6 +184,11 @@ def create_app(service: BrokerService, *, pam: PamSettings | None = None,
                online_ca: OnlineCa | None = None) -> Flask:
     app = Flask("broker")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
+    # Werkzeug answers "//v1/x" (merged slashes) and "/rule/" mismatches with a 308 redirect
+    # and an HTML body; this API has one spelling per path and answers everything else 404 JSON
+    # (see _start: the matcher still ignores empty segments, so those are refused there).
+    app.url_map.merge_slashes = False
+    app.url_map.strict_slashes = False
     metrics = _Metrics()
     metrics.registry.register(_HousekeepingCollector(service))
 
@@ -182,8 +210,19 @@ def create_app(service: BrokerService, *, pam: PamSettings | None = None,
 
     @app.before_request
     def _start() -> None:
-        g.request_id = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex
+        g.request_id = uuid.uuid4().hex
+        # gunicorn's PATH_INFO already has "//" folded away; the request line has not.
+        path = str(request.environ.get("RAW_URI") or request.path).partition("?")[0]
+        if "//" in path or (path.endswith("/") and path != "/"):
+            raise NotFound()
+        # The request id in audit rows and logs is always made here: a client could otherwise
+        # pick ids that collide with or impersonate other requests. A well-formed id the client
+        # sent is logged beside ours so that the two can be matched.
         g.started = time.perf_counter()
+        client_id = request.headers.get("X-Request-Id", "")
+        if client_id:
+            shown = client_id if _CLIENT_ID.fullmatch(client_id) else "(malformed)"
+            log.info("request %s: client request id %s", g.request_id, shown)
 
     @app.after_request
     def _finish(response: Response) -> Response:

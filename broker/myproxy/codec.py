@@ -78,7 +78,7 @@ class Request:
     command: Command
     username: str
     passphrase: str
-    lifetime: int  # seconds; negative values arrive as 0
+    lifetime: int  # seconds; 0 = the server's default (negative values are refused)
     new_phrase: str | None = None
     retriever: str | None = None
     renewer: str | None = None
@@ -191,7 +191,12 @@ def parse_request(data: bytes) -> Request:
     for value in (passphrase, new_phrase or ""):
         if len(value) > MAX_PASSPHRASE:
             raise ProtocolError(f"a passphrase is longer than {MAX_PASSPHRASE} characters")
-    lifetime = max(parse_int(fields["LIFETIME"], "LIFETIME"), 0) if "LIFETIME" in fields else 0
+    lifetime = parse_int(fields["LIFETIME"], "LIFETIME") if "LIFETIME" in fields else 0
+    if lifetime < 0:
+        # Refused with the first reply: read as "the default", a GET went on to wait for a CSR
+        # the client was not going to send.
+        raise ProtocolError(f"LIFETIME {lifetime} is negative; send the lifetime in seconds "
+                            "(0 for the server's default)")
     trusted = fields.get("TRUSTED_CERTS", "0").strip()
     return Request(
         command=command,

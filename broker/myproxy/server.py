@@ -10,10 +10,15 @@ Transport facts the real clients depend on (docs/myproxy.md has the detail):
 * each protocol message is one write (one TLS record); a reader takes a
   record, then whatever is immediately available, and stops at a NUL for text.
 
-Concurrency: one thread per connection from a bounded pool; when every thread
-is busy the acceptor waits (the kernel backlog holds newcomers). Each
-connection has a deadline and a byte budget; whatever a peer sends, the
-worst it gets is an ``ERROR=`` line and a closed socket.
+Concurrency: an event loop accepts every connection at once, does the TLS
+handshake without blocking and waits for the client's first request message
+(``first_request_timeout``, 5 s from the connection); only then does the
+connection go to a thread of the bounded pool. Idle, silent or slow peers so
+hold a file descriptor, never a thread, and cannot make the acceptor wait. Each
+client address has at most ``per_address`` connections in that first stage (a
+newer one closes its oldest), and each connection has a deadline and a byte
+budget; whatever a peer sends, the worst it gets is an ``ERROR=`` line and a
+closed socket.
 
 Process model: ``broker serve`` calls :func:`start_myproxy_in_master` before
 gunicorn forks, which starts ``python -m broker.myproxy.server`` as a child
@@ -33,6 +38,7 @@ import json
 import logging
 import os
 import select
+import selectors
 import signal
 import socket
 import ssl
@@ -61,6 +67,9 @@ log = logging.getLogger("broker.myproxy")
 DEFAULT_MAX_CONNECTIONS = 32
 DEFAULT_REQUEST_SIZE_LIMIT = 1 << 20  # MyProxy's request_size_limit default
 DEFAULT_REQUEST_TIMEOUT = 120.0  # MyProxy's request_timeout default
+DEFAULT_FIRST_REQUEST_TIMEOUT = 5.0  # handshake + flag + first request message
+DEFAULT_PER_ADDRESS = 32  # connections per client address still in the first stage
+DEFAULT_MAX_OPEN = 1024  # connections per process, first stage and served together
 _MAX_TRUST_FILE = 1 << 20
 
 
@@ -75,6 +84,9 @@ class EndpointSettings:
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     request_size_limit: int = DEFAULT_REQUEST_SIZE_LIMIT
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT
+    first_request_timeout: float = DEFAULT_FIRST_REQUEST_TIMEOUT
+    per_address: int = DEFAULT_PER_ADDRESS
+    max_open: int = DEFAULT_MAX_OPEN
 
     @classmethod
     def from_config(cls, config: ServerConfig, **overrides: Any) -> EndpointSettings:
@@ -192,6 +204,8 @@ class TlsChannel:
         while True:
             if buf and _complete(kind, buf):
                 break
+            if kind == "text" and buf and not self._more_now():
+                break  # bytes read ahead (the first stage) that ended with their record
             buf += self._recv_some()
             if kind == "text" and b"\0" not in buf and not self._more_now():
                 break  # MyProxyClient ends a text message with its record, not a NUL
@@ -245,8 +259,26 @@ def listen(settings: EndpointSettings) -> socket.socket:
     return sock
 
 
+class _Arrival:
+    """A connection in the first stage: TLS handshake, then the flag and the first message."""
+
+    __slots__ = ("accepted", "addr", "buf", "handshaken", "host", "nul_sent", "tls")
+
+    def __init__(self, tls: ssl.SSLSocket, addr: Any, accepted: float) -> None:
+        self.tls = tls
+        self.addr = addr
+        self.host = str(addr[0]) if isinstance(addr, tuple) else ""
+        self.accepted = accepted
+        self.buf = bytearray()
+        self.handshaken = False
+        self.nul_sent = False
+
+
 class MyProxyServer:
-    """Listening socket + bounded thread pool; :meth:`serve` until ``stop`` is set."""
+    """Listening socket, first-stage event loop and bounded thread pool.
+
+    :meth:`serve` until ``stop`` is set.
+    """
 
     def __init__(self, service: BrokerService, settings: EndpointSettings,
                  *, handler_settings: Settings | None = None,
@@ -260,11 +292,15 @@ class MyProxyServer:
         self._context = make_context(settings)
         self._context_version = self._watch.version()
         self._trust = _TrustCache(settings.ca_dir, self._watch)
-        self._slots = threading.BoundedSemaphore(settings.max_connections)
         self._pool = ThreadPoolExecutor(max_workers=settings.max_connections,
                                         thread_name_prefix="myproxy")
         self.sock = listener if listener is not None else listen(settings)
-        self.sock.settimeout(0.25)
+        self.sock.setblocking(False)
+        self._selector = selectors.DefaultSelector()
+        # First-stage connections by address, oldest first (dicts keep insertion order).
+        self._arrivals: dict[str, dict[int, _Arrival]] = {}
+        self._served = 0  # handed to the pool and not finished yet
+        self._served_lock = threading.Lock()
 
     @property
     def address(self) -> tuple[str, int]:
@@ -284,59 +320,185 @@ class MyProxyServer:
     def serve(self, stop: threading.Event, *, should_stop: Callable[[], bool] | None = None
               ) -> None:
         log.info("MyProxy endpoint listening on %s:%d", *self.address)
+        self._selector.register(self.sock, selectors.EVENT_READ, None)
         try:
             while not stop.is_set() and not (should_stop and should_stop()):
-                if not self._slots.acquire(timeout=0.25):
-                    continue
-                try:
-                    conn, addr = self.sock.accept()
-                except TimeoutError:
-                    self._slots.release()
-                    continue
-                except OSError:
-                    self._slots.release()
-                    if stop.is_set():
-                        break
-                    log.exception("accept failed")
-                    time.sleep(0.05)
-                    continue
-                try:
-                    self._pool.submit(self._connection, conn, addr)
-                except RuntimeError:  # pool shut down
-                    self._slots.release()
-                    conn.close()
+                for key, _ in self._selector.select(timeout=0.25):
+                    if key.data is None:
+                        self._accept_all(stop)
+                    else:
+                        self._step(key.data)
+                self._expire()
         finally:
             self.close()
 
     def close(self) -> None:
+        for arrivals in list(self._arrivals.values()):
+            for arrival in list(arrivals.values()):
+                self._drop(arrival)
+        with contextlib.suppress(OSError, KeyError, ValueError):
+            self._selector.unregister(self.sock)
         with contextlib.suppress(OSError):
             self.sock.close()
+        self._selector.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def _connection(self, conn: socket.socket, addr: Any) -> None:
+    # ------------------------------------------------------------ first stage
+
+    def _open_count(self) -> int:
+        with self._served_lock:
+            served = self._served
+        return served + sum(len(a) for a in self._arrivals.values())
+
+    def _accept_all(self, stop: threading.Event) -> None:
+        for _ in range(64):  # then let the others move too
+            try:
+                conn, addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return  # none left (or another process took it)
+            except OSError as exc:
+                if stop.is_set():
+                    return
+                log.warning("accept failed: %s", exc)
+                return
+            self._admit(conn, addr)
+
+    def _admit(self, conn: socket.socket, addr: Any) -> None:
+        settings = self.settings
+        if self._open_count() >= settings.max_open:
+            waiting = [a for same in self._arrivals.values() for a in same.values()]
+            if not waiting:  # every connection is being served: the newcomer must go
+                log.warning("closing a connection from %s: %d connections are open",
+                            addr[0], settings.max_open)
+                conn.close()
+                return
+            # Idle peers must not lock the door: the one waiting longest for its request goes.
+            oldest = min(waiting, key=lambda a: a.accepted)
+            log.warning("%d connections open; closing the one from %s that has waited "
+                        "longest for its request", settings.max_open, oldest.host)
+            self._drop(oldest)
         try:
-            self._serve_connection(conn, addr)
+            conn.setblocking(False)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            tls = self._ctx().wrap_socket(conn, server_side=True,
+                                          do_handshake_on_connect=False)
+        except (OSError, ssl.SSLError) as exc:
+            log.info("MyProxy connection from %s failed: %s", addr[0], exc)
+            conn.close()
+            return
+        arrival = _Arrival(tls, addr, time.monotonic())
+        same = self._arrivals.setdefault(arrival.host, {})
+        if len(same) >= settings.per_address:
+            # The address's oldest connection that has not sent a request yet makes room:
+            # one peer cannot hold more than per_address of them, and a new client behind
+            # the same address still gets in.
+            oldest = next(iter(same.values()))
+            log.info("MyProxy client %s has %d connections without a request; closing the "
+                     "oldest", arrival.host, len(same))
+            self._drop(oldest)
+            same = self._arrivals.setdefault(arrival.host, {})
+        same[id(arrival)] = arrival
+        self._selector.register(tls, selectors.EVENT_READ, arrival)
+        self._step(arrival)
+
+    def _forget(self, arrival: _Arrival) -> None:
+        same = self._arrivals.get(arrival.host)
+        if same is not None:
+            same.pop(id(arrival), None)
+            if not same:
+                del self._arrivals[arrival.host]
+        with contextlib.suppress(OSError, KeyError, ValueError):
+            self._selector.unregister(arrival.tls)
+
+    def _drop(self, arrival: _Arrival) -> None:
+        self._forget(arrival)
+        with contextlib.suppress(OSError):
+            arrival.tls.close()
+
+    def _expire(self) -> None:
+        cutoff = time.monotonic() - self.settings.first_request_timeout
+        for same in list(self._arrivals.values()):
+            for arrival in [a for a in same.values() if a.accepted <= cutoff]:
+                log.info("MyProxy client %s sent no request within %.0f s; closing",
+                         arrival.host, self.settings.first_request_timeout)
+                self._drop(arrival)
+
+    def _step(self, arrival: _Arrival) -> None:
+        """Advance a first-stage connection as far as it goes without blocking."""
+        tls = arrival.tls
+        try:
+            if not arrival.handshaken:
+                tls.do_handshake()
+                arrival.handshaken = True
+            if not arrival.nul_sent:
+                if tls.version() == "TLSv1.3":
+                    tls.send(b"\x00")  # what a GSI acceptor sends when it has nothing else
+                arrival.nul_sent = True
+            while True:
+                chunk = tls.recv(65536)
+                if not chunk:
+                    self._drop(arrival)
+                    return
+                arrival.buf += chunk
+                if len(arrival.buf) > self.settings.request_size_limit:
+                    log.info("MyProxy client %s: the request is larger than the server's "
+                             "request size limit", arrival.host)
+                    self._drop(arrival)
+                    return
+        except ssl.SSLWantReadError:
+            if not self._has_request(arrival.buf):
+                with contextlib.suppress(OSError, KeyError, ValueError):
+                    self._selector.modify(tls, selectors.EVENT_READ, arrival)
+                return
+        except ssl.SSLWantWriteError:
+            with contextlib.suppress(OSError, KeyError, ValueError):
+                self._selector.modify(tls, selectors.EVENT_WRITE, arrival)
+            return
+        except (OSError, ssl.SSLError) as exc:
+            log.info("MyProxy TLS handshake with %s failed: %s", arrival.host, exc)
+            self._drop(arrival)
+            return
+        self._forget(arrival)
+        with self._served_lock:
+            self._served += 1
+        try:
+            self._pool.submit(self._connection, arrival)
+        except RuntimeError:  # pool shut down
+            with self._served_lock:
+                self._served -= 1
+            tls.close()
+
+    @staticmethod
+    def _has_request(buf: bytearray) -> bool:
+        """Enough for a thread: the flag and (the start of) the first message, or junk."""
+        if not buf:
+            return False
+        if buf[:1] != codec.CLIENT_FLAG:
+            return True  # a missing or wrong flag: refused at once in the thread
+        return len(buf) > 1
+
+    # ------------------------------------------------------------ in the pool
+
+    def _connection(self, arrival: _Arrival) -> None:
+        try:
+            self._serve_connection(arrival)
         except Exception:  # a worker must never die silently or take the server down
-            log.exception("MyProxy connection from %s failed", addr)
+            log.exception("MyProxy connection from %s failed", arrival.addr)
         finally:
             with contextlib.suppress(OSError):
-                conn.close()
-            self._slots.release()
+                arrival.tls.close()
+            with self._served_lock:
+                self._served -= 1
 
-    def _serve_connection(self, conn: socket.socket, addr: Any) -> None:
+    def _serve_connection(self, arrival: _Arrival) -> None:
         settings = self.settings
-        deadline = time.monotonic() + settings.request_timeout
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn.settimeout(min(settings.request_timeout, 30.0))
-        try:
-            tls = self._ctx().wrap_socket(conn, server_side=True)
-        except (OSError, ssl.SSLError) as exc:
-            log.info("MyProxy TLS handshake with %s failed: %s", addr[0], exc)
-            return
+        tls, addr = arrival.tls, arrival.addr
+        deadline = arrival.accepted + settings.request_timeout
+        tls.setblocking(True)
         with tls:
-            if tls.version() == "TLSv1.3":
-                tls.sendall(b"\x00")  # what a GSI acceptor sends when it has nothing else
             channel = TlsChannel(tls, deadline=deadline, limit=settings.request_size_limit)
+            channel.pending = bytes(arrival.buf)
+            channel.budget -= len(arrival.buf)
             request_id = uuid.uuid4().hex
             try:
                 channel.recv_flag()

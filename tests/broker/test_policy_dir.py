@@ -42,7 +42,7 @@ def test_repository_examples_load() -> None:
 def test_hot_reload_and_broken_edit(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     site = tmp_path / "10-site.toml"
     write(site, rule("a", "/CN=a"))
-    directory = PolicyDirectory(tmp_path)
+    directory = PolicyDirectory(tmp_path, settle=0)
     assert allowed(directory, "/CN=a") and not allowed(directory, "/CN=b")
     assert directory.reload_if_changed() is False  # nothing changed
 
@@ -66,7 +66,7 @@ def test_hot_reload_and_broken_edit(tmp_path: Path, caplog: pytest.LogCaptureFix
 
 def test_new_and_removed_files_are_noticed(tmp_path: Path) -> None:
     write(tmp_path / "10.toml", rule("a", "/CN=a"))
-    directory = PolicyDirectory(tmp_path)
+    directory = PolicyDirectory(tmp_path, settle=0)
     write(tmp_path / "20.toml", rule("b", "/CN=b"))
     assert directory.reload_if_changed() and allowed(directory, "/CN=b")
     (tmp_path / "20.toml").unlink()
@@ -75,7 +75,7 @@ def test_new_and_removed_files_are_noticed(tmp_path: Path) -> None:
 
 def test_unsafe_edit_is_refused(tmp_path: Path) -> None:
     write(tmp_path / "10.toml", rule("a", "/CN=a"))
-    directory = PolicyDirectory(tmp_path)
+    directory = PolicyDirectory(tmp_path, settle=0)
     write(tmp_path / "10.toml", rule("open", "*"))
     assert directory.reload_if_changed() is False
     assert "any DN" in (directory.last_error or "")
@@ -87,12 +87,42 @@ def test_unsafe_edit_is_refused(tmp_path: Path) -> None:
 def test_min_interval_throttles_stat(tmp_path: Path) -> None:
     now = [100.0]
     write(tmp_path / "10.toml", rule("a", "/CN=a"))
-    directory = PolicyDirectory(tmp_path, min_interval=5.0, clock=lambda: now[0])
+    directory = PolicyDirectory(tmp_path, min_interval=5.0, settle=0, clock=lambda: now[0])
     write(tmp_path / "10.toml", rule("b", "/CN=b"))
     now[0] += 1
     assert directory.reload_if_changed() is False
     now[0] += 5
     assert directory.reload_if_changed() is True
+
+
+def deny(name: str, requester: str) -> str:
+    return rule(name, requester).replace('"allow"', '"deny"')
+
+
+def test_a_change_applies_only_once_settled(tmp_path: Path) -> None:
+    """A file rewritten in place is valid but truncated for a moment (the deny rule at its
+    end missing): that state must never be applied (issue 18), the finished file must."""
+    now = [100.0]
+    site = tmp_path / "10-site.toml"
+    full = rule("everyone", "/CN=*") + deny("not mallory", "/CN=mallory")
+    write(site, full)
+    directory = PolicyDirectory(tmp_path, allow_unsafe=True, clock=lambda: now[0])
+    assert directory.settle == 5.0  # the default
+    assert not allowed(directory, "/CN=mallory")
+
+    write(site, rule("everyone", "/CN=*"))  # the editor's first write: deny rule not there yet
+    for _ in range(4):  # 4 s of looks while the writer is still busy
+        assert directory.reload_if_changed() is False
+        assert not allowed(directory, "/CN=mallory")
+        now[0] += 1
+    write(site, full + deny("not b", "/CN=b"))  # the rest arrives (and one more rule)
+    for _ in range(4):
+        assert directory.reload_if_changed() is False  # the new state has not settled yet
+        assert allowed(directory, "/CN=b")
+        now[0] += 1
+    now[0] += 1
+    assert directory.reload_if_changed() is True
+    assert not allowed(directory, "/CN=b") and not allowed(directory, "/CN=mallory")
 
 
 def test_initial_failures_raise(tmp_path: Path) -> None:

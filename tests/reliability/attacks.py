@@ -232,6 +232,7 @@ def all_attacks(pki: GridPki, base: Path, sizes: Any, rng: random.Random, *,
 
     yield "attack server clean shutdown", finish
     from tests.reliability import (
+        availability_attacks,
         identity_attacks,
         pilot_attacks,
         protocol_attacks,
@@ -242,6 +243,7 @@ def all_attacks(pki: GridPki, base: Path, sizes: Any, rng: random.Random, *,
     yield from pilot_attacks.attacks(base)
     yield from identity_attacks.attacks(pki, base, myproxy=myproxy)
     yield from protocol_attacks.attacks(pki, base)
+    yield from availability_attacks.attacks(pki, base, myproxy=myproxy)
 
 
 def _voms_proxy(pki: GridPki, *, holder: x509.Certificate, signer: Credential) -> Credential:

@@ -133,7 +133,8 @@ def test_policy_hot_reload(grid_pki: GridPki, tmp_path: Path) -> None:
             bob.retrieve(username="alice")
         policy_file = broker.policy_dir / "10-test.toml"
 
-        # an edit that allows bob takes effect without a restart (min_interval is 2 s)
+        # an edit that allows bob takes effect without a restart (looks every 2 s, applies
+        # a change once it has stayed the same for 5 s)
         policy_file.write_text(FQAN_POLICY + BOB_RULE)
 
         def bob_allowed() -> bool:
@@ -145,7 +146,7 @@ def test_policy_hot_reload(grid_pki: GridPki, tmp_path: Path) -> None:
 
         started = time.monotonic()
         assert _wait_for(bob_allowed), "the edited policy never took effect"
-        assert time.monotonic() - started < 10
+        assert time.monotonic() - started < 12
 
         # a broken file is logged and the last good policy (bob allowed) stays in force
         (broker.policy_dir / "20-broken.toml").write_text("[[rule]\nname = 'oops'\n")

@@ -83,9 +83,16 @@ def test_integers_like_strtol_base_0(text: str, value: int) -> None:
     assert codec.parse_int(text, "LIFETIME") == value
 
 
-def test_negative_lifetime_is_zero() -> None:
-    data = codec.format_request(Command.GET, "a", lifetime=-100)
-    assert codec.parse_request(data).lifetime == 0
+@pytest.mark.parametrize("text", ["-5", "-100", "-0x10"])
+def test_negative_lifetime_is_refused(text: str) -> None:
+    data = codec.format_request(Command.GET, "a").replace(b"LIFETIME=0",
+                                                          b"LIFETIME=" + text.encode())
+    with pytest.raises(ProtocolError, match="negative"):
+        codec.parse_request(data)
+
+
+def test_zero_lifetime_is_the_default() -> None:
+    assert codec.parse_request(codec.format_request(Command.GET, "a")).lifetime == 0
 
 
 def test_response_bytes() -> None:

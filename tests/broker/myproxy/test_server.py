@@ -3,6 +3,7 @@ hostile input, limits, and the process wrapper."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -38,6 +39,7 @@ from tests.pkifixtures import GridPki
 def endpoint(grid_pki: GridPki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Endpoint]:
     with running_endpoint(tmp_path_factory.mktemp("myproxy-raw"), grid_pki,
                           overrides={"request_timeout": 3.0, "max_connections": 4,
+                                     "first_request_timeout": 2.0,
                                      "request_size_limit": 64 * 1024}) as ep:
         yield ep
 
@@ -420,3 +422,68 @@ def test_too_many_wrong_passphrases_get_a_clear_refusal(endpoint: Endpoint) -> N
     final, chain = get(endpoint, "r-guess")  # the right one, but not tried any more
     assert final.code is ResponseCode.ERROR and chain == []
     assert f"{limit} wrong passphrases for r-guess/default" in final.error
+
+
+def test_negative_lifetime_is_refused_at_once(endpoint: Endpoint) -> None:
+    put(endpoint, "r-negative")
+    c = client(endpoint, "pilot")
+    try:
+        started = time.monotonic()
+        response = c.request(Command.GET, "r-negative", PASSPHRASE, -5)
+        assert response.code is ResponseCode.ERROR and "negative" in response.error
+        assert time.monotonic() - started < 2
+    finally:
+        c.close()
+
+
+def test_idle_tls_peers_do_not_hold_the_pool(endpoint: Endpoint) -> None:
+    """Handshaken-but-silent clients wait outside the pool (4 threads here), then are closed."""
+    idle = [client(endpoint) for _ in range(12)]  # three times the pool, after the handshake
+    try:
+        started = time.monotonic()
+        test_get_trustroots_anonymous(endpoint)
+        assert time.monotonic() - started < 2
+        closed_by_server = 0
+        for c in idle:
+            c.sock.settimeout(10)
+            with contextlib.suppress(OSError):
+                closed_by_server += c.recv() == b""
+        assert closed_by_server == len(idle)  # after the first-request deadline
+    finally:
+        for c in idle:
+            c.close()
+
+
+def test_one_address_keeps_at_most_per_address_first_stage_connections(
+        grid_pki: GridPki, tmp_path: Path) -> None:
+    with running_endpoint(tmp_path, grid_pki,
+                          overrides={"per_address": 3, "first_request_timeout": 30.0}) as ep:
+        raws = [socket.create_connection((ep.host, ep.port)) for _ in range(5)]
+        try:
+            for raw in raws[:2]:  # the two oldest made room for the two newest
+                raw.settimeout(5)
+                assert raw.recv(10) == b""
+            test_get_trustroots_anonymous(ep)  # evicts the oldest one left: served at once
+        finally:
+            for raw in raws:
+                raw.close()
+
+
+def test_a_full_server_closes_the_longest_waiting_connection(grid_pki: GridPki,
+                                                              tmp_path: Path) -> None:
+    with running_endpoint(tmp_path, grid_pki,
+                          overrides={"max_open": 4, "first_request_timeout": 30.0}) as ep:
+        raws = []
+        for _ in range(6):
+            raws.append(socket.create_connection((ep.host, ep.port)))
+            time.sleep(0.05)  # accepted in this order
+        try:
+            for raw in raws[:2]:
+                raw.settimeout(5)
+                assert raw.recv(10) == b""
+            started = time.monotonic()
+            test_get_trustroots_anonymous(ep)
+            assert time.monotonic() - started < 2
+        finally:
+            for raw in raws:
+                raw.close()
