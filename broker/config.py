@@ -20,7 +20,7 @@ unless told otherwise.
     policy_dir = "/etc/broker/policies"
     master_key_file = "/var/lib/broker/master.key"
     workers = 2
-    threads = 16                          # per worker; I/O-bound, cheap (slow clients hold one)
+    threads = 16                          # per worker; only requests that fully arrived take one
     max_tls = ""                          # "1.2" caps the MyProxy endpoint at TLS 1.2
     pam_service = ""                      # PAM service for password logins ("" = off)
     pam_confdir = ""                      # tests/dev only: load the service from this dir

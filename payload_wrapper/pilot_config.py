@@ -33,7 +33,8 @@ a file the job wrote is refused (202), never read (:func:`trusted_config_path`).
     timeout_seconds = 30
     [wrapper]                        # payload-wrapper settings (docs/payload-wrapper.md)
     mode = "setuid"
-    account = "nobody"
+    gridmapfile = "/etc/grid-security/grid-mapfile"   # owners -> .pool accounts
+    gridmapdir = "/etc/grid-security/gridmapdir"      # one owner per pool account at a time
     umask = "0022"
 
 ``ca_dir``, ``vomsdir`` and ``workdir`` at the top level are also the
