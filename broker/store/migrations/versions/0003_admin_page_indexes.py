@@ -1,0 +1,32 @@
+"""Indexes for the admin page: audit rows by requester, credentials by expiry.
+
+The admin page filters the audit trail by requester DN and lists or counts the
+credentials that expire soon; without these two indexes both are full scans
+(1e6 audit rows, 1e5 credentials).
+
+Revision ID: 0003adminpage
+Revises: 0002
+Create Date: 2026-12-06
+"""
+
+from __future__ import annotations
+
+from alembic import op
+
+revision = "0003adminpage"
+down_revision: str | None = "0002"
+branch_labels: str | None = None
+depends_on: str | None = None
+
+_REQUESTER = "ix_audit_events_requester_dn"
+_NOT_AFTER = "ix_credentials_not_after"
+
+
+def upgrade() -> None:
+    op.create_index(_REQUESTER, "audit_events", ["requester_dn"])
+    op.create_index(_NOT_AFTER, "credentials", ["not_after"])
+
+
+def downgrade() -> None:
+    op.drop_index(_NOT_AFTER, table_name="credentials")
+    op.drop_index(_REQUESTER, table_name="audit_events")
