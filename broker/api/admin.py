@@ -258,6 +258,7 @@ def admin_blueprint(service: BrokerService, *, pam: PamSettings | None = None,
         session.permanent = True
         session["pam_user"] = username
         session["at"] = int(admin.now().timestamp())
+        session["csrf"] = secrets.token_urlsafe(32)  # a new token with the new session
         who = Requester(dn=None, pam_user=username, client_address=request.remote_addr,
                         endpoint="rest", request_id=g.get("request_id", ""))
         if admin.is_admin(who):
