@@ -84,7 +84,7 @@ def test_pam_login_sets_a_strict_session_cookie(admin_broker: AdminBroker) -> No
     # no certificate, no session: to the login form
     status, headers, _, _ = admin_broker.request("GET", "/admin/")
     assert status == 303 and headers["location"].endswith("/admin/login")
-    status, _, set_cookies, form = admin_broker.request("GET", "/admin/login")
+    status, _, set_cookies, _ = admin_broker.request("GET", "/admin/login")
     cookie = set_cookies[0]
     assert cookie.startswith("__Host-broker-admin=")
     flags = {part.strip().lower() for part in cookie.split(";")}

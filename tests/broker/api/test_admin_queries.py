@@ -12,8 +12,8 @@ import pytest
 from sqlalchemy import Engine, insert
 
 from broker.errors import InputError
-from broker.store import default_sqlite_url, make_engine, migrate
 from broker.store import admin_queries as q
+from broker.store import default_sqlite_url, make_engine, migrate
 from broker.store.models import AuditEventRow, Credential
 
 NOW = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
