@@ -27,6 +27,8 @@ from urllib.parse import urlencode
 
 from flask import (
     Blueprint,
+    Flask,
+    Request,
     Response,
     g,
     redirect,
@@ -36,6 +38,8 @@ from flask import (
     url_for,
 )
 from flask.blueprints import BlueprintSetupState
+from flask.sessions import SecureCookieSession, SecureCookieSessionInterface
+from itsdangerous import URLSafeTimedSerializer
 from werkzeug.wrappers import Response as WerkzeugResponse
 
 from broker.admin_service import AdminService, AdminSettings, ExplainQuery, split_lines
@@ -121,6 +125,25 @@ def _chart_bars(buckets: list[q.ChartBucket], width: int = 720,
     return bars, top, labels
 
 
+class _AdminSessions(SecureCookieSessionInterface):
+    """Flask's signed-cookie sessions, keyed by the admin session key, read per request
+    (so that every worker agrees, and a master-key rotation ends the sessions)."""
+
+    def __init__(self, key: Callable[[], bytes]) -> None:
+        self._key = key
+
+    def open_session(self, app: Flask, request: Request) -> SecureCookieSession | None:
+        if not request.path.startswith("/admin/"):
+            return None  # the REST API has no sessions: Flask uses a null one
+        return super().open_session(app, request)
+
+    def get_signing_serializer(self, app: Flask) -> URLSafeTimedSerializer | None:
+        return URLSafeTimedSerializer(
+            self._key(), salt=self.salt, serializer=self.serializer,
+            signer_kwargs={"key_derivation": self.key_derivation,
+                           "digest_method": self.digest_method})
+
+
 def admin_blueprint(service: BrokerService, *, pam: PamSettings | None = None,
                     settings: AdminSettings | None = None) -> Blueprint:
     """The admin pages under ``/admin``, bound to ``service``; see the module docstring."""
@@ -129,8 +152,9 @@ def admin_blueprint(service: BrokerService, *, pam: PamSettings | None = None,
 
     def _configure(state: BlueprintSetupState) -> None:
         app = state.app
+        assert isinstance(app, Flask)
+        app.session_interface = _AdminSessions(admin.session_key)
         app.config.update(
-            SECRET_KEY=admin.session_key(),
             SESSION_COOKIE_NAME="__Host-broker-admin",
             SESSION_COOKIE_SECURE=True,
             SESSION_COOKIE_HTTPONLY=True,

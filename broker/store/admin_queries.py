@@ -23,8 +23,7 @@ from sqlalchemy import (
     BigInteger,
     ColumnElement,
     Engine,
-    Integer,
-    and_,
+    bindparam,
     cast,
     extract,
     func,
@@ -114,10 +113,9 @@ def credential_page(
     if expiring_before is not None:
         stmt = stmt.where(_CRED.c.not_after < expiring_before)
     if after is not None:
-        stmt = stmt.where(or_(
-            _CRED.c.owner_dn > after.owner_dn,
-            and_(_CRED.c.owner_dn == after.owner_dn, _CRED.c.id > after.id),
-        ))
+        # (owner, id) > (a, b), spelt so that both planners see a range on owner_dn
+        stmt = stmt.where(_CRED.c.owner_dn >= after.owner_dn, or_(
+            _CRED.c.owner_dn > after.owner_dn, _CRED.c.id > after.id))
     stmt = stmt.order_by(_CRED.c.owner_dn, _CRED.c.id).limit(limit + 1)
     with engine.connect() as conn:
         found = conn.execute(stmt).all()
@@ -255,8 +253,12 @@ def activity_chart(engine: Engine, *, since: datetime, until: datetime,
                    bucket: timedelta) -> list[ChartBucket]:
     """Allowed retrievals and refusals per time bucket in ``[since, until)``.
 
-    One grouped range scan of ``ix_audit_events_time``; buckets are aligned to
-    multiples of ``bucket`` since the epoch and empty ones are filled with zeros.
+    Buckets are aligned to multiples of ``bucket`` since the epoch (the first and
+    last may be partly outside the range, which is then clipped). Allowed
+    retrievals are most of the trail, so they are counted per bucket, each count
+    one range of ``ix_audit_events_decision_action_time`` (no table rows read, no
+    per-row date arithmetic); refusals are few, so one grouped query over the
+    ``decision = 'deny'`` part of the same index gives all their buckets.
     """
     width = int(bucket.total_seconds())
     if width < 60:
@@ -265,22 +267,24 @@ def activity_chart(engine: Engine, *, since: datetime, until: datetime,
     last = (int(until.timestamp()) - 1) // width
     if last < first or last - first + 1 > MAX_CHART_BUCKETS:
         raise InputError(f"the chart covers 1 to {MAX_CHART_BUCKETS} buckets")
+    starts = [max(since, datetime.fromtimestamp(k * width, UTC)) for k in range(first, last + 1)]
+    ends = [*starts[1:], until]
+    allowed = (
+        select(func.count()).select_from(_AUDIT)
+        .where(_AUDIT.c.decision == "allow", _AUDIT.c.action.in_(RETRIEVAL_ACTIONS),
+               _AUDIT.c.time >= bindparam("start"), _AUDIT.c.time < bindparam("end"))
+    )
     key = _epoch_bucket(engine, width).label("bucket")
-    allowed = func.sum(cast(and_(_AUDIT.c.decision == "allow",
-                                 _AUDIT.c.action.in_(RETRIEVAL_ACTIONS)), Integer))
-    denied = func.sum(cast(_AUDIT.c.decision == "deny", Integer))
-    stmt = (
-        select(key, allowed.label("allowed"), denied.label("denied"))
-        .where(_AUDIT.c.time >= since, _AUDIT.c.time < until,
-               or_(_AUDIT.c.decision == "deny",
-                   and_(_AUDIT.c.decision == "allow", _AUDIT.c.action.in_(RETRIEVAL_ACTIONS))))
+    denied = (
+        select(key, func.count().label("n"))
+        .where(_AUDIT.c.decision == "deny", _AUDIT.c.time >= since, _AUDIT.c.time < until)
         .group_by(key)
     )
     with engine.connect() as conn:
-        counts = {int(r.bucket): (int(r.allowed or 0), int(r.denied or 0))
-                  for r in conn.execute(stmt)}
+        retrievals = [int(conn.execute(allowed, {"start": s, "end": e}).scalar_one())
+                      for s, e in zip(starts, ends, strict=True)]
+        refusals = {int(r.bucket): int(r.n) for r in conn.execute(denied)}
     return [
-        ChartBucket(datetime.fromtimestamp(k * width, UTC), *counts.get(k, (0, 0)))
-        for k in range(first, last + 1)
+        ChartBucket(datetime.fromtimestamp(k * width, UTC), retrievals[i], refusals.get(k, 0))
+        for i, k in enumerate(range(first, last + 1))
     ]
-

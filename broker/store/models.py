@@ -164,6 +164,7 @@ class AuditEventRow(Base):
         # recent failures for one credential (the passphrase throttle counts them)
         Index(None, "username", "credential_name", "time"),
         Index(None, "requester_dn"),  # the admin page's requester filter
+        Index(None, "decision", "action", "time"),  # the admin page's activity chart
     )
 
     id: Mapped[int] = mapped_column(AuditId, primary_key=True, autoincrement=True)
