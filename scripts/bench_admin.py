@@ -16,7 +16,8 @@ service writes them; 2 % refusals, job ids unique per 10 rows, 1000 requesters).
 Then every query the admin page runs (``broker.store.admin_queries``) is timed
 ``--repeat`` times on a warm cache; the report gives the median and the worst
 in milliseconds.  PostgreSQL is a throwaway cluster (scripts/bench_store.py's
-recipe) after ``VACUUM ANALYZE`` (the steady state autovacuum keeps).  Results: bench-out/admin.json.
+recipe), queried after ``VACUUM ANALYZE`` (the steady state autovacuum keeps).
+Results: bench-out/admin.json.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ every value (Jinja autoescaping): DNs, job ids and reasons are attacker-chosen.
 from __future__ import annotations
 
 import hmac
+import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,6 +58,8 @@ AUDIT_ACTIONS = (
 CHART_HOURS = (6, 24, 168, 720)
 _DN_MAX = 1024
 _FIELD_MAX = 255
+_MAX_ID = 2**62  # ids and cursors; larger numbers overflow the database's integers
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src 'self'; form-action 'self'; "
         "frame-ancestors 'none'; base-uri 'none'")
 
@@ -80,6 +83,8 @@ def _arg(name: str, max_len: int = _FIELD_MAX, source: Any = None) -> str | None
     value = value.strip()
     if len(value) > max_len:
         raise InputError(f"the field {name!r} is longer than {max_len} characters")
+    if _CONTROL.search(value):
+        raise InputError(f"the field {name!r} contains control characters")
     return value or None
 
 
@@ -87,8 +92,8 @@ def _int_arg(name: str) -> int | None:
     text = _arg(name, 20)
     if text is None:
         return None
-    if not text.isdigit():
-        raise InputError(f"the field {name!r} must be a positive whole number")
+    if not text.isascii() or not text.isdigit() or int(text) >= _MAX_ID:
+        raise InputError(f"the field {name!r} must be a positive whole number below {_MAX_ID}")
     return int(text)
 
 

@@ -16,12 +16,15 @@ admin pages); a page only says whether there is a next one.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import (
     BigInteger,
     ColumnElement,
+    Connection,
     Engine,
     bindparam,
     cast,
@@ -30,8 +33,10 @@ from sqlalchemy import (
     or_,
     select,
 )
+from sqlalchemy.exc import SQLAlchemyError
 
 from broker.errors import InputError
+from broker.store.engine import unavailable_error
 from broker.store.models import AuditEventRow, Credential
 
 MAX_PAGE_SIZE = 500
@@ -47,6 +52,16 @@ RETRIEVAL_ACTIONS = ("retrieve", "renew")
 def _utc(value: datetime) -> datetime:
     """Aware UTC, whatever the driver handed back."""
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+@contextmanager
+def _reading(engine: Engine) -> Iterator[Connection]:
+    """A read connection whose driver failures become the store's errors (no traceback)."""
+    try:
+        with engine.connect() as conn:
+            yield conn
+    except SQLAlchemyError as exc:
+        raise unavailable_error(engine, exc) from None
 
 
 def _check_limit(limit: int) -> int:
@@ -117,7 +132,7 @@ def credential_page(
         stmt = stmt.where(_CRED.c.owner_dn >= after.owner_dn, or_(
             _CRED.c.owner_dn > after.owner_dn, _CRED.c.id > after.id))
     stmt = stmt.order_by(_CRED.c.owner_dn, _CRED.c.id).limit(limit + 1)
-    with engine.connect() as conn:
+    with _reading(engine) as conn:
         found = conn.execute(stmt).all()
     rows = tuple(
         CredentialRow(
@@ -139,7 +154,7 @@ def credential_counts(engine: Engine, *, now: datetime, window: timedelta) -> Cr
 
     The two expiry counts are range scans of ``ix_credentials_not_after``."""
     soon = now + window
-    with engine.connect() as conn:
+    with _reading(engine) as conn:
         total = conn.execute(select(func.count()).select_from(_CRED)).scalar_one()
         expired = conn.execute(
             select(func.count()).select_from(_CRED).where(_CRED.c.not_after <= now)
@@ -214,7 +229,7 @@ def audit_page(engine: Engine, filters: AuditFilter, *, before: int | None = Non
     if before is not None:
         stmt = stmt.where(_AUDIT.c.id < before)
     stmt = stmt.order_by(_AUDIT.c.id.desc()).limit(limit + 1)
-    with engine.connect() as conn:
+    with _reading(engine) as conn:
         found = conn.execute(stmt).all()
     rows = tuple(
         AuditRow(
@@ -280,7 +295,7 @@ def activity_chart(engine: Engine, *, since: datetime, until: datetime,
         .where(_AUDIT.c.decision == "deny", _AUDIT.c.time >= since, _AUDIT.c.time < until)
         .group_by(key)
     )
-    with engine.connect() as conn:
+    with _reading(engine) as conn:
         retrievals = [int(conn.execute(allowed, {"start": s, "end": e}).scalar_one())
                       for s, e in zip(starts, ends, strict=True)]
         refusals = {int(r.bucket): int(r.n) for r in conn.execute(denied)}

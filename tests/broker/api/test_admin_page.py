@@ -138,6 +138,8 @@ def test_pam_user_outside_the_admin_group_is_refused(admin_broker: AdminBroker) 
     ("/admin/audit?before=-1", "must be a positive whole number"),
     ("/admin/audit?decision=maybe", "must be allow, deny or error"),
     ("/admin/audit?job_id=" + "j" * 300, "longer than 255 characters"),
+    ("/admin/audit?before=" + "9" * 19, "must be a positive whole number below"),
+    ("/admin/audit?owner=%2FCN%3Da%00b", "contains control characters"),
     ("/admin/?hours=5", "the chart covers"),
     ("/admin/?after_id=x&after_owner=%2FCN%3Da", "must be a positive whole number"),
 ])
