@@ -6,7 +6,11 @@ page costs the same at the first row as at the millionth:
 * credentials: ordered by ``(owner_dn, id)`` (index ``ix_credentials_owner_dn``;
   the "expiring soon" filter uses ``ix_credentials_not_after``);
 * audit rows: newest first by ``id`` (the primary key), filtered on indexed
-  columns (owner, requester, job id, time) or cheap ones (action, decision).
+  columns (owner, requester, job id, time) or cheap ones (action, decision);
+* the activity chart: index-only counts on ``(decision, action, time)``.
+
+Figures at 1e5 credentials and 1e6 audit rows: docs/performance.md
+("Admin page queries"), from ``scripts/bench admin``.
 
 Nothing here selects key material: the envelope columns of ``credentials``
 (ciphertext, wrapped data key, salt) are never read.  Counts of the whole audit
