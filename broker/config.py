@@ -43,6 +43,7 @@ unless told otherwise.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -164,8 +165,9 @@ def load_config(path: str | None, overrides: dict[str, Any]) -> ServerConfig:
         raise ConfigError("pam_confdir needs pam_service")
     if not 0 < config.online_ca_max_hours <= 24 * 31:
         raise ConfigError("online_ca_max_hours must be between 0 and 744")
-    if not config.admin_group or not config.admin_group.replace("-", "").replace("_", "").isalnum():
-        raise ConfigError("admin_group must be a policy group name (letters, digits, - and _)")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", config.admin_group):
+        raise ConfigError("admin_group must be a policy group name (letters, digits, '_', '.' "
+                          "and '-')")
     if not 0 < config.admin_expiring_hours <= 24 * 366:
         raise ConfigError("admin_expiring_hours must be between 0 and 8784")
     if not 0 < config.admin_session_minutes <= 24 * 60:
