@@ -28,6 +28,9 @@ unless told otherwise.
     online_ca_key = ""                    # its key, mode 0600
     online_ca_dn_template = "/DC=org/DC=example/CN={username}"
     online_ca_max_hours = 12
+    admin_group = "site-admins"           # policy [groups] entry allowed on the /admin page
+    admin_expiring_hours = 24             # the admin page marks credentials expiring this soon
+    admin_session_minutes = 30            # PAM login lifetime on the admin page
 
     [limits]
     max_stored_hours = 720
@@ -44,6 +47,7 @@ unless told otherwise.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -89,6 +93,10 @@ class ServerConfig:
     online_ca_key: str = ""
     online_ca_dn_template: str = "/DC=org/DC=example/CN={username}"
     online_ca_max_hours: float = 12.0
+    # The admin web page (see broker.api.admin).
+    admin_group: str = "site-admins"
+    admin_expiring_hours: float = 24.0
+    admin_session_minutes: float = 30.0
 
     def resolved(self) -> ServerConfig:
         """Fill the defaults that depend on the state directory."""
@@ -176,4 +184,11 @@ def load_config(path: str | None, overrides: dict[str, Any]) -> ServerConfig:
         raise ConfigError("pam_confdir needs pam_service")
     if not 0 < config.online_ca_max_hours <= 24 * 31:
         raise ConfigError("online_ca_max_hours must be between 0 and 744")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", config.admin_group):
+        raise ConfigError("admin_group must be a policy group name (letters, digits, '_', '.' "
+                          "and '-')")
+    if not 0 < config.admin_expiring_hours <= 24 * 366:
+        raise ConfigError("admin_expiring_hours must be between 0 and 8784")
+    if not 0 < config.admin_session_minutes <= 24 * 60:
+        raise ConfigError("admin_session_minutes must be between 0 and 1440")
     return config.resolved()

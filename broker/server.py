@@ -476,4 +476,7 @@ class BrokerApplication(BaseApplication):  # type: ignore[misc]
         from broker.runtime import build_runtime
 
         runtime = build_runtime(self.broker_config)
-        return create_app(runtime.service, pam=runtime.pam, online_ca=runtime.online_ca)
+        from broker.admin_service import AdminSettings
+
+        return create_app(runtime.service, pam=runtime.pam, online_ca=runtime.online_ca,
+                          admin=AdminSettings.from_config(runtime.config))

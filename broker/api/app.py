@@ -30,6 +30,7 @@ from prometheus_client import (
 )
 from werkzeug.exceptions import HTTPException, NotFound
 
+from broker.admin_service import AdminSettings
 from broker.errors import (
     AuthenticationError,
     BrokerError,
@@ -181,7 +182,7 @@ def _bool(body: dict[str, Any], key: str) -> bool:
 
 
 def create_app(service: BrokerService, *, pam: PamSettings | None = None,
-               online_ca: OnlineCa | None = None) -> Flask:
+               online_ca: OnlineCa | None = None, admin: AdminSettings | None = None) -> Flask:
     app = Flask("broker")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     # Werkzeug answers "//v1/x" (merged slashes) and "/rule/" mismatches with a 308 redirect
@@ -383,4 +384,8 @@ def create_app(service: BrokerService, *, pam: PamSettings | None = None,
 
         app.register_blueprint(pam_blueprint(service, pam, online_ca))
 
+    # The read-only admin page (/admin/), for the policy's admin group only.
+    from broker.api.admin import admin_blueprint
+
+    app.register_blueprint(admin_blueprint(service, pam=pam, settings=admin))
     return app

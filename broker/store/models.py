@@ -130,6 +130,7 @@ class Credential(EnvelopeColumns, Base):
         UniqueConstraint("username", "name"),
         Index(None, "owner_dn"),
         Index(None, "master_key_id"),
+        Index(None, "not_after"),  # the admin page's "expiring soon"
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -176,6 +177,8 @@ class AuditEventRow(Base):
         Index(None, "time"),
         # recent failures for one credential (the passphrase throttle counts them)
         Index(None, "username", "credential_name", "time"),
+        Index(None, "requester_dn"),  # the admin page's requester filter
+        Index(None, "decision", "action", "time"),  # the admin page's activity chart
     )
 
     id: Mapped[int] = mapped_column(AuditId, primary_key=True, autoincrement=True)

@@ -26,8 +26,8 @@ def _flask_routes() -> set[tuple[str, str]]:
     app = create_app(object())  # type: ignore[arg-type]  # create_app only stores the service
     routes = set()
     for rule in app.url_map.iter_rules():
-        if rule.endpoint == "static":
-            continue
+        if rule.endpoint == "static" or rule.endpoint.startswith("admin."):
+            continue  # the admin page is HTML for browsers (docs/admin.md), not REST
         path = re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", rule.rule)
         for method in (rule.methods or set()) - IGNORED_METHODS:
             routes.add((method.lower(), path))
