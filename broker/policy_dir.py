@@ -6,7 +6,8 @@ directory (no recursion), applied in name order; names starting with "." are
 skipped because editors park swap and lock files there (emacs' ``.#x.toml``).
 
 Reloading waits for the files to settle: a change is applied only once the
-directory has looked the same for ``settle`` seconds (5 by default). An editor
+directory has not changed for ``settle`` seconds (5 by default; judged by the
+files' change times, so all workers switch together). An editor
 that rewrites a file in place leaves it truncated for a moment, and a truncated
 file can be valid TOML that simply lacks the deny rules further down; admins
 should still write a new file and rename it over the old one (policies/README.md).
@@ -135,7 +136,8 @@ class PolicyDirectory:
     request or from :meth:`run_watcher` in a thread; ``min_interval`` seconds
     bound how often it even looks (one ``listdir`` + ``stat`` per file). A
     change takes effect at the first look after it has stayed unchanged for
-    ``settle`` seconds (by ``clock``).
+    ``settle`` seconds: by the files' change times (``wall_clock``), so that every
+    worker applies it together, or by this object's own looks (``clock``).
     Thread-safe: reloads are serialised and the swap of the PolicySet is a
     single reference assignment.
     """
@@ -148,12 +150,14 @@ class PolicyDirectory:
         settle: float = DEFAULT_SETTLE,
         allow_unsafe: bool = False,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.path = Path(path)
         self.min_interval = min_interval
         self.settle = settle
         self.allow_unsafe = allow_unsafe
         self._clock = clock
+        self._wall_clock = wall_clock
         self._lock = threading.Lock()
         self.last_error: str | None = None
         fingerprint = _fingerprint(self.path)
@@ -191,7 +195,7 @@ class PolicyDirectory:
                 return False
             if self._pending is None or self._pending[0] != fingerprint:
                 self._pending = (fingerprint, now)  # still being written, perhaps
-            if now - self._pending[1] < self.settle:
+            if now - self._pending[1] < self.settle and not self._stable_on_disk(fingerprint):
                 return False
             try:
                 policy_set = read_policy_directory(self.path, allow_unsafe=self.allow_unsafe)
@@ -210,6 +214,24 @@ class PolicyDirectory:
             return True
         finally:
             self._lock.release()
+
+    def _stable_on_disk(self, fingerprint: _Fingerprint) -> bool:
+        """True when nothing in the directory changed for ``settle`` seconds by the file times.
+
+        Every process (each gunicorn worker, each node on shared storage) then applies
+        the same edit at the same moment, however late it first looks; a process's own
+        observation window only decides when the times cannot be trusted (a clock ahead
+        of ours).
+        """
+        try:
+            newest = os.stat(self.path).st_mtime_ns  # renames and removals
+        except OSError:
+            return False
+        for _name, _mtime, ctime, _size, _inode in fingerprint:
+            if ctime < 0:
+                return False  # vanished while we looked: still being edited
+            newest = max(newest, ctime)
+        return 0 <= self._wall_clock() - newest / 1e9 - self.settle
 
     def _record_failure(self, message: str) -> None:
         if message != self.last_error:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,32 @@ def test_a_change_applies_only_once_settled(tmp_path: Path) -> None:
     now[0] += 1
     assert directory.reload_if_changed() is True
     assert not allowed(directory, "/CN=b") and not allowed(directory, "/CN=mallory")
+
+
+def test_workers_apply_a_settled_change_together(tmp_path: Path) -> None:
+    """Each gunicorn worker has its own PolicyDirectory; one that first looks late must not
+    serve the old policy for another settle interval (the shipped ban reached one worker
+    5 s before the other). The files' change time decides, the same for every worker."""
+    site = tmp_path / "10-site.toml"
+    write(site, rule("everyone", "/CN=*"))
+    wall = [time.time()]
+    early_clock, late_clock = [0.0], [0.0]
+    early = PolicyDirectory(tmp_path, allow_unsafe=True, clock=lambda: early_clock[0],
+                            wall_clock=lambda: wall[0])
+    late = PolicyDirectory(tmp_path, allow_unsafe=True, clock=lambda: late_clock[0],
+                           wall_clock=lambda: wall[0])
+    write(site, rule("everyone", "/CN=*") + deny("not mallory", "/CN=mallory"))
+    wall[0] = time.time()
+    assert early.reload_if_changed() is False  # just written: not settled for anyone
+    wall[0] += 3
+    early_clock[0] += 3
+    assert early.reload_if_changed() is False
+    wall[0] += 2.5  # 5.5 s after the write; `late` looks for the first time now
+    early_clock[0] += 2.5
+    late_clock[0] += 5.5
+    assert late.reload_if_changed() is True
+    assert early.reload_if_changed() is True
+    assert not allowed(late, "/CN=mallory") and not allowed(early, "/CN=mallory")
 
 
 def test_initial_failures_raise(tmp_path: Path) -> None:

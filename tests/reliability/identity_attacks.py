@@ -32,6 +32,7 @@ from broker.errors import BrokerError
 from broker.pki.devca import ca_files, issue_certificate, make_ca, make_crl, subject_hash
 from broker.pki.loading import Credential
 from broker.pki.proxy import ProxyType, csr_to_pem, generate_key, make_csr, new_proxy, sign_request
+from broker.policy_dir import DEFAULT_SETTLE
 from broker.trustdir import RELOAD_INTERVAL
 from tests.brokerserver import RunningBroker
 from tests.pkifixtures import GridPki, write_proxy_file
@@ -200,17 +201,19 @@ def _banned_owner(world: _World, a: _Attack) -> None:
     assert any("CN=Mallory*\"]" in line for line in lines)
     (b.policy_dir / "05-site.toml").write_text("\n".join(lines) + "\n")
     written = time.monotonic()
-    # Each worker re-reads the policy directory at most every 2 s, on a request.
-    deadline = written + 15
+    # Each worker applies a changed policy directory once it has been stable for
+    # DEFAULT_SETTLE seconds, looking at most every 2 s, on a request.
+    settled = DEFAULT_SETTLE + 2.5
+    deadline = written + settled + 15
     while time.monotonic() < deadline:
         try:  # starting a delegation asks the policy; the ban denies it
             mallory.call("POST", "/v1/delegations", {"username": "mallory", "name": "probe"})
         except BrokerError:
-            if time.monotonic() - written > 2.5:
+            if time.monotonic() - written > settled:
                 break
         time.sleep(0.3)
     else:
-        a.outcome.fail("the ban file was not picked up within 15 s")
+        a.outcome.fail(f"the ban file was not picked up within {deadline - written:.0f} s")
         return
     pilot = world.pki.load("pilot")
     for attempt in range(4):  # fresh connections: both workers
