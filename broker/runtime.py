@@ -110,6 +110,10 @@ def build_runtime(config: ServerConfig) -> Runtime:
             passphrase_failure_window=timedelta(minutes=config.passphrase_failure_minutes),
         ),
     )
+    if config.tokens is not None and config.tokens.issuers:
+        from broker.tokens import IssuerDirectory
+
+        service.use_tokens(IssuerDirectory(config.tokens))
     stop = threading.Event()
     pam, online_ca = build_pam(config, trust())
     return Runtime(config=config, service=service, policy=policy, stop=stop, pam=pam,
