@@ -107,7 +107,7 @@ def verify_bearer(raw: str, settings: TokenSettings, directory: IssuerDirectory,
     subject = claims.get("sub")
     if not isinstance(subject, str) or not subject or len(subject) > 512:
         raise _reject("its subject (sub) is missing or too long", "token_claims")
-    if "wlcg.ver" in claims:
+    if isinstance(claims.get("wlcg.ver"), str):
         scopes = _strings(claims.get("scope"), "scope")
     elif str(claims.get("ver", "")).startswith("scitoken:") or "scp" in claims:
         scopes = _strings(claims.get("scope", claims.get("scp")), "scope")

@@ -140,6 +140,7 @@ class TestIssuer:
         if groups is not None:
             claims["wlcg.groups"] = groups
         claims.update(extra)
+        claims = {k: v for k, v in claims.items() if v is not None}  # None: leave the claim out
         signer = key or (self.ec if alg.startswith("ES") else self.rsa)
         head = {"alg": alg, "kid": signer.kid, "typ": "JWT", **(header or {})}
         return jwt.encode(head, claims, signer, algorithms=[alg])
