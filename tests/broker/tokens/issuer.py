@@ -30,7 +30,7 @@ from joserfc.jwk import ECKey, RSAKey
 from werkzeug.serving import make_server
 
 CLIENT_ID = "credential-broker"
-CLIENT_SECRET = "broker-secret"  # noqa: S105 - test issuer
+CLIENT_SECRET = "broker-secret"
 AUDIENCE = "https://broker.test"
 
 
@@ -153,7 +153,7 @@ class TestIssuer:
 
     # ------------------------------------------------------------------ app
 
-    def _make_app(self) -> Flask:  # noqa: C901 - one closure per endpoint
+    def _make_app(self) -> Flask:
         app = Flask("test-issuer")
         state = self.state
         client = Client(CLIENT_ID, CLIENT_SECRET, self.scopes)
