@@ -180,7 +180,7 @@ class TestIssuer:
                     entry = RefreshToken(token["refresh_token"], old.user, old.scope, old.family)
                 else:
                     entry = RefreshToken(token["refresh_token"], str(req.user),
-                                         req.payload.scope or "", token["refresh_token"])
+                                         token.get("scope") or "", token["refresh_token"])
                 state.refresh[entry.token] = entry
 
         server = AuthorizationServer(app, query_client=lambda cid: client
