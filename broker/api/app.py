@@ -336,7 +336,8 @@ def create_app(service: BrokerService, *, pam: PamSettings | None = None,
 
         app.register_blueprint(pam_blueprint(service, pam, online_ca))
 
-    if getattr(service, "token_directory", None) is not None:  # bearer tokens and the token broker (issue 16)
+    # Bearer tokens and the token broker (issue 16), when [tokens] issuers are configured.
+    if getattr(service, "token_directory", None) is not None:
         from broker.api.token_routes import token_blueprint
 
         app.register_blueprint(token_blueprint(service, requester, _json_body))
