@@ -237,6 +237,9 @@ def all_attacks(pki: GridPki, base: Path, sizes: Any, rng: random.Random, *,
     from tests.reliability import pilot_attacks
 
     yield from pilot_attacks.attacks(base)
+    from tests.reliability import token_attacks
+
+    yield from token_attacks.attacks(pki, base)
 
 
 def _voms_proxy(pki: GridPki, *, holder: x509.Certificate, signer: Credential) -> Credential:

@@ -10,6 +10,7 @@ the browser) and mint arbitrary tokens with :meth:`TestIssuer.mint`.
 
 from __future__ import annotations
 
+import logging
 import secrets
 import threading
 import time
@@ -113,6 +114,7 @@ class TestIssuer:
         self.scopes = "openid offline_access compute.read compute.modify storage.read:/ " \
                       "storage.create:/ wlcg.groups"
         self.app = self._make_app()
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
         self._server = make_server("127.0.0.1", 0, self.app, threaded=True)
         self.url = f"http://127.0.0.1:{self._server.server_port}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
