@@ -107,8 +107,9 @@ class BrokerClient:
                                            timeout=self.timeout)
         payload = json.dumps(body).encode() if body is not None else None
         headers = {"Content-Type": "application/json"} if payload is not None else {}
-        if self.bearer_token_file:
-            token = read_private_file(self.bearer_token_file, require_owner=os.getuid(),
+        bearer_file = getattr(self, "bearer_token_file", None)  # subclasses may not set it
+        if bearer_file:
+            token = read_private_file(bearer_file, require_owner=os.getuid(),
                                       max_size=16384).decode("ascii", "replace").strip()
             headers["Authorization"] = f"Bearer {token}"
         try:
