@@ -1026,6 +1026,13 @@ class BrokerService:
                                  reason="bad_refresh_token")
             for scope in scopes:
                 _check_scope(scope)
+            # A username names one person: refuse it when its proxies belong to another DN
+            # (a job of that user must never be handed someone else's token).
+            others = {r.owner_dn for r in self.store.list_credentials(username=username)}
+            if others - {requester.dn}:
+                raise AuthorizationError(
+                    f"the username {username!r} holds credentials of another owner; store the "
+                    "refresh token under your own username", reason="not_owner")
             self._decide(requester, Action.DELEGATE, owner_dn=requester.dn,
                          owner_fqans=requester.fqans, name=f"token:{config.name}",
                          username=username).raise_if_denied()

@@ -291,8 +291,13 @@ class Pilot:
         if cfg.job_token_audience:
             body["audience"] = cfg.job_token_audience
         result = self.client.call("POST", "/v1/tokens/access", body)
-        token = result.get("access_token") if isinstance(result, dict) else None
-        expires = result.get("expires_in") if isinstance(result, dict) else None
+        if not isinstance(result, dict) or result.get("owner") != ad.owner_dn:
+            owner = result.get("owner") if isinstance(result, dict) else None
+            raise AuthorizationDenied(
+                f"the broker's job token belongs to {owner}, not to the job owner "
+                f"{ad.owner_dn}", reason="wrong_identity")
+        token = result.get("access_token")
+        expires = result.get("expires_in")
         if not isinstance(token, str) or not isinstance(expires, int) or expires <= 0:
             raise AuthorizationDenied("the broker's token answer has no usable access token",
                                       reason="bad_token")

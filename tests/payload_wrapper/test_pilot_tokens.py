@@ -191,6 +191,21 @@ def test_scope_escalation_by_the_pilot_config_fails_closed(token_site: TokenSite
     assert sorted(site.workdir.glob("job-*")) == before  # refused before any sandbox
 
 
+def test_job_token_of_another_owner_is_refused(token_site: TokenSite) -> None:
+    site = token_site
+    bob = site.broker.client("bob")
+    bob.call("POST", "/v1/tokens/refresh-tokens", {
+        "issuer": "test", "username": "carol",
+        "refresh_token": site.issuer.issue_refresh_token("bob-sub", "compute.read")})
+    # alice's job, submitted as "carol": the proxy is alice's, the token would be bob's
+    config = site.config(bind_submitter=False)
+    result, marker, scratch = run_as_starter(site, config, job_ad(cluster=304,
+                                                                  submitter="carol"))
+    assert result.returncode != 0 and not marker.exists()
+    error = (scratch / ".wrapper_error").read_text()
+    assert "belongs to /DC=org/DC=example/CN=Bob" in error, error
+
+
 def _b64(text: str) -> bytes:
     import base64
 

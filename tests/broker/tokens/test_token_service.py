@@ -226,6 +226,15 @@ def test_only_certificate_owners_store_refresh_tokens(service: BrokerService,
                                     username="alice", refresh_token="x")
 
 
+def test_username_of_another_owner_is_refused(service: BrokerService, grid_pki: GridPki,
+                                              issuer: TestIssuer) -> None:
+    delegate(service, grid_pki)  # "alice" holds alice's proxy
+    with pytest.raises(AuthorizationError) as err:
+        service.store_refresh_token(who(service, grid_pki, "bob"), issuer="test",
+                                    username="alice", refresh_token="bobs-token")
+    assert err.value.reason == "not_owner"
+
+
 def test_master_key_rotation_rewraps_refresh_tokens(service: BrokerService,
                                                     grid_pki: GridPki, issuer: TestIssuer,
                                                     tmp_path: Path) -> None:
