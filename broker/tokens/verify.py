@@ -9,8 +9,9 @@ The cryptography is joserfc's; this module decides *what* is acceptable:
 * ``aud`` contains one of the issuer's configured audiences;
 * ``exp`` is required and in the future, ``nbf`` / ``iat`` not in the future
   (with ``leeway_seconds`` of clock skew); ``sub`` is required;
-* the token follows a profile: ``wlcg.ver`` (WLCG, ``scope`` string) or a SciTokens ``ver``
-  / ``scp``; groups come from ``wlcg.groups``.
+* the token follows a profile: ``wlcg.ver`` (WLCG, ``scope`` string), SciTokens 2.0
+  (``ver: scitoken:2.0``), SciTokens 1.0 (a ``scope`` string, no ``ver``) or ``scp``; groups
+  come from ``wlcg.groups``.
 
 Failures raise :class:`TokenRejected` (HTTP 401) with a reason naming the check.
 """
@@ -109,7 +110,8 @@ def verify_bearer(raw: str, settings: TokenSettings, directory: IssuerDirectory,
         raise _reject("its subject (sub) is missing or too long", "token_claims")
     if isinstance(claims.get("wlcg.ver"), str):
         scopes = _strings(claims.get("scope"), "scope")
-    elif str(claims.get("ver", "")).startswith("scitoken:") or "scp" in claims:
+    elif (str(claims.get("ver", "")).startswith("scitoken:") or "scp" in claims
+          or isinstance(claims.get("scope"), str)):  # SciTokens 2.0, or 1.0 (no "ver")
         scopes = _strings(claims.get("scope", claims.get("scp")), "scope")
     else:
         raise _reject("it follows neither the WLCG token profile (wlcg.ver) nor SciTokens "
