@@ -158,3 +158,32 @@ def test_broker_init_device_flow_then_job_access_token(
                          "scopes": ["storage.read:/cms"], "job_id": "cluster.3"},
                         token=pilot_token)
     assert status == 503 and "test" in body["message"], body
+
+
+def test_broker_init_refresh_token_from_a_file(token_broker: RunningBroker, issuer: TestIssuer,
+                                                grid_pki: GridPki, tmp_path: Path) -> None:
+    bin_dir = Path(sys.executable).parent
+    token_file = tmp_path / "refresh.token"
+    token_file.write_text(issuer.issue_refresh_token("alice-sub", "compute.read") + "\n")
+    token_file.chmod(0o644)
+    argv = [str(bin_dir / "broker-init"), "--cert", str(grid_pki.cert_path("alice")),
+            "--key", str(grid_pki.key_path("alice")), "-l", "alice", "--token-issuer", "test",
+            "--refresh-token-file", str(token_file), "--scope", "compute.read"]
+    loose = subprocess.run(argv, env=token_broker.cli_env(), capture_output=True, text=True,
+                           timeout=60, check=False)
+    assert loose.returncode != 0 and "refresh.token" in loose.stderr, loose.stderr
+    assert "Traceback" not in loose.stderr
+    token_file.chmod(0o600)
+    done = subprocess.run(argv, env=token_broker.cli_env(), capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "refresh token for alice at issuer test" in done.stdout
+    unknown = subprocess.run([*argv[:-4], "--token-issuer", "nope", "--refresh-token-file",
+                              str(token_file)], env=token_broker.cli_env(),
+                             capture_output=True, text=True, timeout=60, check=False)
+    assert unknown.returncode != 0 and "unknown token issuer" in unknown.stderr, unknown.stderr
+    pilot_token = issuer.mint(sub="glidein-9", groups=["/cms/pilots"])
+    status, body = call(token_broker, "POST", "/v1/tokens/access",
+                        {"issuer": "test", "username": "alice", "job_id": "c.9",
+                         "scopes": ["compute.read"]}, token=pilot_token)
+    assert status == 200 and body["owner"].endswith("CN=Alice"), body
