@@ -26,6 +26,7 @@ from typing import Any
 import requests
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
+from urllib3.exceptions import HTTPError as Urllib3Error  # raised by reading the raw body
 
 from broker.errors import ConfigError
 from broker.tokens.errors import IssuerUnavailable, RefreshTokenRevoked, ScopeNotAllowed
@@ -96,8 +97,11 @@ class IssuerDirectory:
         try:
             response = self._session.request(method, url, timeout=(timeout, timeout),
                                               allow_redirects=False, stream=True, **kwargs)
-            body = response.raw.read(_MAX_RESPONSE + 1, decode_content=True)
-        except requests.RequestException as exc:
+            try:
+                body = response.raw.read(_MAX_RESPONSE + 1, decode_content=True)
+            finally:
+                response.close()
+        except (requests.RequestException, Urllib3Error, OSError) as exc:
             raise IssuerUnavailable(
                 f"issuer {issuer.name} ({issuer.issuer}) is unreachable ({what} {url}): "
                 f"{type(exc).__name__}", reason="issuer_unavailable") from None
