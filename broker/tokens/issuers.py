@@ -96,7 +96,8 @@ class IssuerDirectory:
         timeout = self.settings.http_timeout_seconds
         try:
             response = self._session.request(method, url, timeout=(timeout, timeout),
-                                              allow_redirects=False, stream=True, **kwargs)
+                                              allow_redirects=False, stream=True,
+                                              verify=issuer.ca_bundle or True, **kwargs)
             try:
                 body = response.raw.read(_MAX_RESPONSE + 1, decode_content=True)
             finally:

@@ -15,6 +15,8 @@
     client_id = "credential-broker"               # the broker's client at this issuer
     client_secret_file = "/etc/broker/cms.secret" # (refresh grant; empty for a public client)
     job_scopes = ["compute.read", "storage.read:/"]   # the most a job access token may carry
+    ca_bundle = ""                                # PEM CA file for the issuer's https (default:
+                                                  # the CA bundle requests ships, certifi)
     insecure_loopback_http = false                # tests/dev only: http:// on 127.0.0.1 / ::1
 
 Production issuers must be ``https://``. Plain HTTP is accepted only for a
@@ -46,6 +48,7 @@ class IssuerConfig:
     client_secret_file: str = ""
     job_scopes: tuple[str, ...] = ()
     insecure_loopback_http: bool = False
+    ca_bundle: str = ""
 
     def client_secret(self) -> str | None:
         if not self.client_secret_file:
@@ -105,7 +108,7 @@ def _strings(value: Any, what: str) -> tuple[str, ...]:
 
 
 _ISSUER_KEYS = {"name", "issuer", "audience", "jwks_file", "client_id", "client_secret_file",
-                "job_scopes", "insecure_loopback_http"}
+                "job_scopes", "insecure_loopback_http", "ca_bundle"}
 
 
 def parse_issuer(raw: Any, where: str) -> IssuerConfig:
@@ -127,7 +130,7 @@ def parse_issuer(raw: Any, where: str) -> IssuerConfig:
     if not audience:
         raise ConfigError(f"{where}: audience must name at least one accepted 'aud' value")
     text: dict[str, str] = {}
-    for key in ("jwks_file", "client_id", "client_secret_file"):
+    for key in ("jwks_file", "client_id", "client_secret_file", "ca_bundle"):
         value = raw.get(key, "")
         if not isinstance(value, str):
             raise ConfigError(f"{where}: {key} must be a string")

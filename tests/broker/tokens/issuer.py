@@ -104,7 +104,8 @@ class IssuerState:
 class TestIssuer:
     __test__ = False
 
-    def __init__(self, *, access_lifetime: int = 600) -> None:
+    def __init__(self, *, access_lifetime: int = 600,
+                 tls: tuple[str, str] | None = None) -> None:
         self.rsa = RSAKey.generate_key(2048, parameters={"kid": "rsa-" + secrets.token_hex(4),
                                                          "use": "sig", "alg": "RS256"})
         self.ec = ECKey.generate_key("P-256", parameters={"kid": "ec-" + secrets.token_hex(4),
@@ -115,8 +116,16 @@ class TestIssuer:
                       "storage.create:/ wlcg.groups"
         self.app = self._make_app()
         logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
-        self._server = make_server("127.0.0.1", 0, self.app, threaded=True)
-        self.url = f"http://127.0.0.1:{self._server.server_port}"
+        context = None
+        if tls is not None:  # (certificate, key) files: serve https
+            import ssl
+
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+        self._server = make_server("127.0.0.1", 0, self.app, threaded=True,
+                                   ssl_context=context)
+        scheme = "https" if tls is not None else "http"
+        self.url = f"{scheme}://127.0.0.1:{self._server.server_port}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     def start(self) -> TestIssuer:

@@ -23,6 +23,7 @@ from broker.tokens import (
 )
 from tests.broker.tokens.conftest import issuer_config
 from tests.broker.tokens.issuer import AUDIENCE, TestIssuer
+from tests.pkifixtures import GridPki
 
 
 def _now() -> int:
@@ -173,3 +174,22 @@ def test_settings_refuse_plain_http_without_the_flag() -> None:
                                            "insecure_loopback_http": True}]})
     ok = parse_token_settings({"issuers": [{**base, "insecure_loopback_http": True}]})
     assert ok.issuers[0].issuer == "http://127.0.0.1:1/"
+
+
+def test_https_issuer_needs_a_trusted_certificate(grid_pki: GridPki, tmp_path: Path) -> None:
+    tls = TestIssuer(tls=(str(grid_pki.cert_path("host")), str(grid_pki.key_path("host"))))
+    tls.start()
+    try:
+        ca_file = next(grid_pki.ca_dir.glob("*.0"))
+        trusted = TokenSettings(issuers=(issuer_config(tls, tmp_path, ca_bundle=str(ca_file),
+                                                       insecure_loopback_http=False),))
+        claims = verify_bearer(tls.mint(sub="over-tls"), trusted, IssuerDirectory(trusted),
+                               now=_now())
+        assert claims.subject == "over-tls"
+        # without the site's CA the issuer's certificate is not trusted: 503, not accepted
+        untrusted = TokenSettings(issuers=(issuer_config(tls, tmp_path,
+                                                         insecure_loopback_http=False),))
+        with pytest.raises(IssuerUnavailable, match="unreachable"):
+            verify_bearer(tls.mint(), untrusted, IssuerDirectory(untrusted), now=_now())
+    finally:
+        tls.stop()
