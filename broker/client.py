@@ -83,16 +83,21 @@ def parse_server(server: str | None) -> tuple[str, int]:
 
 class BrokerClient:
     def __init__(self, server: str | None, identity: ClientIdentity, *, ca_dir: str,
-                 timeout: float = 30.0) -> None:
+                 timeout: float = 30.0, bearer_token_file: str | None = None) -> None:
         self.host, self.port = parse_server(server)
         self.identity = identity
         self.timeout = timeout
-        read_private_file(identity.key, require_owner=os.getuid())  # 0600 and ours, or refuse
+        # A bearer token (WLCG discovery: a file, re-read for every call so that an
+        # external agent may renew it); with one, the certificate may be left out.
+        self.bearer_token_file = bearer_token_file
+        if identity.cert or not bearer_token_file:
+            read_private_file(identity.key, require_owner=os.getuid())  # 0600 and ours
         ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         try:
             ctx.load_verify_locations(capath=ca_dir)
-            ctx.load_cert_chain(identity.cert, identity.key)
+            if identity.cert or not bearer_token_file:
+                ctx.load_cert_chain(identity.cert, identity.key)
         except (ssl.SSLError, OSError) as exc:
             raise ConfigError(f"cannot load the client credential or CA directory: {exc}") from exc
         self._ctx = ctx
@@ -102,6 +107,11 @@ class BrokerClient:
                                            timeout=self.timeout)
         payload = json.dumps(body).encode() if body is not None else None
         headers = {"Content-Type": "application/json"} if payload is not None else {}
+        bearer_file = getattr(self, "bearer_token_file", None)  # subclasses may not set it
+        if bearer_file:
+            token = read_private_file(bearer_file, require_owner=os.getuid(),
+                                      max_size=16384).decode("ascii", "replace").strip()
+            headers["Authorization"] = f"Bearer {token}"
         try:
             conn.request(method, path, body=payload, headers=headers)
             response = conn.getresponse()

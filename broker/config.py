@@ -42,6 +42,12 @@ unless told otherwise.
     housekeeping_seconds = 60             # purge expired pending rows etc. this often
     refusal_audit_seconds = 60            # unauthenticated refusals: 1 row + 1 count row per window
     username_binding = "dn"               # "dn": username = owner's DN-derived name; "none"
+
+    [tokens]                              # bearer tokens; see broker/tokens/settings.py
+    [[tokens.issuers]]
+    name = "cms"
+    issuer = "https://cms-auth.example.org/"
+    audience = ["https://broker.example.org"]
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ from typing import Any
 
 from broker.errors import ConfigError
 from broker.store.engine import default_sqlite_url
+from broker.tokens.settings import TokenSettings, parse_token_settings
 
 DEFAULT_BIND = "127.0.0.1:8443"
 
@@ -97,6 +104,14 @@ class ServerConfig:
     admin_group: str = "site-admins"
     admin_expiring_hours: float = 24.0
     admin_session_minutes: float = 30.0
+    # Bearer-token issuers ([tokens] in broker.toml); None = tokens off.
+    tokens: TokenSettings | None = None
+
+    @property
+    def certificate_optional(self) -> bool:
+        """Client certificates become optional at the TLS handshake only for PAM logins and
+        bearer tokens; every other route still demands a verified chain."""
+        return bool(self.pam_service) or bool(self.tokens and self.tokens.issuers)
 
     def resolved(self) -> ServerConfig:
         """Fill the defaults that depend on the state directory."""
@@ -145,7 +160,9 @@ def load_config(path: str | None, overrides: dict[str, Any]) -> ServerConfig:
                 if key not in known:
                     raise ConfigError(f"{path}: unknown setting {key!r} in [{section}]")
                 values[key] = value
-        unknown = set(raw) - {"server", "limits"}
+        if "tokens" in raw:
+            values["tokens"] = parse_token_settings(raw["tokens"], f"{path}: [tokens]")
+        unknown = set(raw) - {"server", "limits", "tokens"}
         if unknown:
             raise ConfigError(f"{path}: unknown section(s) {', '.join(sorted(unknown))}")
     values.update({k: v for k, v in overrides.items() if v is not None})

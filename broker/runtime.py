@@ -133,6 +133,10 @@ def build_runtime(config: ServerConfig) -> Runtime:
             refusal_audit_window=timedelta(seconds=config.refusal_audit_seconds),
         ),
     )
+    if config.tokens is not None and config.tokens.issuers:
+        from broker.tokens import IssuerDirectory
+
+        service.use_tokens(IssuerDirectory(config.tokens))
     stop = threading.Event()
     start_housekeeping(service, stop, config.housekeeping_seconds)
     pam, online_ca = build_pam(config, trust())

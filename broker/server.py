@@ -396,7 +396,8 @@ def make_server_context(config: ServerConfig, *, max_tls: str = "") -> ssl.SSLCo
     # client certificate becomes optional at the handshake (one that is sent must
     # still verify); every other route still refuses a request without a verified
     # chain (broker.api.app requester(), fail closed).
-    ctx.verify_mode = ssl.CERT_OPTIONAL if config.pam_service else ssl.CERT_REQUIRED
+    # The same holds for pilots with bearer tokens when [tokens] issuers are configured.
+    ctx.verify_mode = ssl.CERT_OPTIONAL if config.certificate_optional else ssl.CERT_REQUIRED
     ctx.verify_flags |= ssl.VERIFY_ALLOW_PROXY_CERTS
     ctx.options |= ssl.OP_NO_TICKET
     ctx.num_tickets = 0
@@ -452,7 +453,7 @@ class BrokerApplication(BaseApplication):  # type: ignore[misc]
             "worker_class": "broker.server.DeadlineThreadWorker",
             "certfile": cfg.host_cert,
             "keyfile": cfg.host_key,
-            "cert_reqs": ssl.CERT_OPTIONAL if cfg.pam_service else ssl.CERT_REQUIRED,
+            "cert_reqs": ssl.CERT_OPTIONAL if cfg.certificate_optional else ssl.CERT_REQUIRED,
             "ssl_context": ssl_context,
             "timeout": 30,
             "graceful_timeout": 10,

@@ -74,11 +74,18 @@ from broker.policy import (
     OwnerPolicy,
     PolicySet,
     Request,
+    TokenClaims,
     evaluate,
+    scope_covers,
     validate_owner_policy,
 )
 from broker.store import AuditEvent, CredentialRecord, Store
 from broker.store.crypto import INVALID_PASSPHRASE, INVALID_PASSPHRASE_REASON
+from broker.store.tokens import RefreshTokenRecord, RefreshTokenStore
+from broker.tokens.errors import ScopeNotAllowed
+from broker.tokens.issuers import DeviceAuthorization, IssuerDirectory, TokenResponse
+from broker.tokens.settings import IssuerConfig
+from broker.tokens.verify import verify_bearer
 
 log = logging.getLogger("broker.service")
 
@@ -103,9 +110,12 @@ class Requester:
     endpoint: str = "rest"
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     pam_user: str | None = None
+    token: TokenClaims | None = None  # a verified bearer token (see authenticate_bearer)
 
     @property
     def label(self) -> str:
+        if self.token is not None:
+            return self.token.label
         return self.dn or (f"PAM user {self.pam_user}" if self.pam_user else "an anonymous client")
 
 
@@ -486,6 +496,8 @@ class BrokerService:
     ) -> AuditEvent:
         requester_dn = requester.dn or (f"pam:{requester.pam_user}" if requester.pam_user
                                         else None)
+        if requester.token is not None:
+            requester_dn = requester.token.label
         # Refused requests carry whatever the client sent (NUL, control characters, huge
         # names); the row must still be written, so such text is escaped and shortened.
         return AuditEvent(
@@ -527,6 +539,7 @@ class BrokerService:
             action=action, requester_dn=requester.dn, owner_dn=owner_dn,
             requester_fqans=requester.fqans, owner_fqans=tuple(owner_fqans), auth=auth,
             credential=_policy_name(name), job_id=job_id, username=username,
+            token=requester.token if auth is AuthMethod.TOKEN else None,
         )
         return evaluate(self._policy(), request, owner_policy)
 
@@ -789,6 +802,8 @@ class BrokerService:
                         f"PAM user {requester.pam_user!r} may only retrieve credentials stored "
                         f"under the username {requester.pam_user!r}, not {record.username!r}",
                         reason="pam_user_mismatch"))
+            elif requester.token is not None:
+                auth = AuthMethod.TOKEN
             else:
                 auth = AuthMethod.CERTIFICATE
             if record.not_after <= self.now():
@@ -1185,6 +1200,233 @@ class BrokerService:
         """One cheap indexed query; raises StoreUnavailable when the database is down."""
         self.store.list_credentials(username="healthz-probe")
 
+    # ------------------------------------------------------------------ bearer tokens
+    # Issue 16: pilots authenticate with WLCG / SciTokens bearer tokens, and owners store
+    # OAuth2 refresh tokens from which the broker mints short per-job access tokens.
+    # Everything below is inert until :meth:`use_tokens` is called (``[tokens]`` issuers).
+
+    def use_tokens(self, directory: IssuerDirectory) -> None:
+        """Accept bearer tokens from ``directory``'s issuers and broker their access tokens."""
+        self._token_directory = directory
+        self._refresh_tokens = RefreshTokenStore(self.store)
+        self._access_tokens = _Lru(4096, lambda: self.now().timestamp())
+        self._token_locks: dict[tuple[str, str], threading.Lock] = {}
+        self._token_locks_guard = threading.Lock()
+
+    @property
+    def token_directory(self) -> IssuerDirectory | None:
+        return getattr(self, "_token_directory", None)
+
+    def _token_issuer(self, issuer: str) -> tuple[IssuerDirectory, IssuerConfig]:
+        directory = self.token_directory
+        if directory is None:
+            raise AuthenticationError(
+                "this broker has no token issuers configured ([tokens] in broker.toml)",
+                reason="tokens_disabled")
+        config = directory.settings.by_name(issuer) if isinstance(issuer, str) else None
+        if config is None:
+            known = ", ".join(i.name for i in directory.settings.issuers)
+            raise NotFound(f"unknown token issuer {str(issuer)[:200]!r}; this broker knows: "
+                           f"{known}", reason="unknown_issuer")
+        return directory, config
+
+    def authenticate_bearer(
+        self, token: str, *, client_address: str | None = None, endpoint: str = "rest",
+        request_id: str | None = None,
+    ) -> Requester:
+        """Verify a bearer token (signature, issuer, audience, times, profile); the
+        requester it yields has no DN, only the token's claims."""
+        request_id = request_id or uuid.uuid4().hex
+        try:
+            directory = self.token_directory
+            if directory is None:
+                raise AuthenticationError(
+                    "this broker accepts no bearer tokens (no [tokens] issuers configured); "
+                    "authenticate with a certificate or proxy", reason="tokens_disabled")
+            claims = verify_bearer(token, directory.settings, directory,
+                                   now=int(self.now().timestamp()))
+        except BrokerError as exc:
+            self.record_refused_authentication(exc, client_address=client_address,
+                                               endpoint=endpoint, request_id=request_id)
+            raise
+        return Requester(dn=None, token=claims, client_address=client_address,
+                         endpoint=endpoint, request_id=request_id)
+
+    def store_refresh_token(
+        self, requester: Requester, *, issuer: str, username: str, refresh_token: str,
+        scopes: Sequence[str] = (),
+    ) -> RefreshTokenRecord:
+        """The owner (by certificate) stores its refresh token for ``issuer`` under
+        ``username``; the policy's ``delegate`` rules decide, credential name
+        ``token:ISSUER``."""
+        where: dict[str, Any] = {"username": username, "name": f"token:{issuer}"[:128],
+                                 "owner_dn": requester.dn}
+        try:
+            if requester.dn is None or requester.token is not None:
+                raise AuthenticationError(
+                    "to store a refresh token you need a client certificate or proxy",
+                    reason="certificate_required")
+            _refuse_limited(requester, "store a refresh token")
+            validate_component(username, what="username")
+            _, config = self._token_issuer(issuer)
+            where["name"] = f"token:{config.name}"
+            if (not isinstance(refresh_token, str) or not 0 < len(refresh_token) <= 8192
+                    or not refresh_token.isascii() or not refresh_token.isprintable()
+                    or " " in refresh_token):
+                raise InputError("the refresh token must be 1..8192 printable ASCII characters",
+                                 reason="bad_refresh_token")
+            for scope in scopes:
+                _check_scope(scope)
+            # A username names one person: refuse it when its proxies belong to another DN
+            # (a job of that user must never be handed someone else's token).
+            others = {r.owner_dn for r in self.store.list_credentials(username=username)}
+            if others - {requester.dn}:
+                raise AuthorizationError(
+                    f"the username {username!r} holds credentials of another owner; store the "
+                    "refresh token under your own username", reason="not_owner")
+            self._decide(requester, Action.DELEGATE, owner_dn=requester.dn,
+                         owner_fqans=requester.fqans, name=f"token:{config.name}",
+                         username=username).raise_if_denied()
+            record = self._refresh_tokens.put(
+                owner_dn=requester.dn, username=username, issuer=config.name,
+                token=refresh_token, scopes=tuple(scopes), now=self.now())
+            self.store.add_audit(self._audit(
+                requester, "store-refresh-token", "allow",
+                reason=f"refresh token for issuer {config.name} stored", **where))
+        except BrokerError as exc:
+            self._record_failure(requester, "store-refresh-token", exc, **where)
+            raise
+        return record
+
+    def start_token_device_flow(
+        self, requester: Requester, *, issuer: str, scopes: Sequence[str] = (),
+    ) -> DeviceAuthorization:
+        """Begin the OAuth2 device-code flow with the broker's client at ``issuer`` (the
+        refresh token must belong to the broker's client, which alone can redeem it)."""
+        if requester.dn is None or requester.token is not None:
+            raise AuthenticationError(
+                "to store a refresh token you need a client certificate or proxy",
+                reason="certificate_required")
+        directory, config = self._token_issuer(issuer)
+        for scope in scopes:
+            _check_scope(scope)
+        wanted = tuple(scopes) or ("offline_access", *config.job_scopes)
+        return directory.start_device_flow(config, wanted)
+
+    def poll_token_device_flow(
+        self, requester: Requester, *, issuer: str, username: str, device_code: str,
+    ) -> RefreshTokenRecord | str:
+        """Poll the issuer once; the stored refresh token's record, or the pending state
+        (``authorization_pending`` / ``slow_down``). A denied or expired flow is an error."""
+        directory, config = self._token_issuer(issuer)
+        if not isinstance(device_code, str) or not 0 < len(device_code) <= 1024:
+            raise InputError("bad device_code", reason="bad_field")
+        device = DeviceAuthorization(device_code=device_code, user_code="",
+                                     verification_uri="", verification_uri_complete=None,
+                                     expires_in=0, interval=0)
+        result = directory.poll_device_flow(config, device)
+        if isinstance(result, str):
+            if result in ("authorization_pending", "slow_down"):
+                return result
+            raise AuthorizationError(
+                f"issuer {config.name} ended the device flow: {result}; run `broker-init "
+                f"--token-issuer {config.name}` again", reason="device_flow_failed")
+        if result.refresh_token is None:
+            raise AuthorizationError(
+                f"issuer {config.name} returned no refresh token (was offline_access granted?)",
+                reason="no_refresh_token")
+        scopes = tuple(result.scope.split()) if result.scope else ()
+        return self.store_refresh_token(requester, issuer=config.name, username=username,
+                                        refresh_token=result.refresh_token, scopes=scopes)
+
+    def _token_lock(self, key: tuple[str, str]) -> threading.Lock:
+        with self._token_locks_guard:
+            return self._token_locks.setdefault(key, threading.Lock())
+
+    def issue_access_token(
+        self, requester: Requester, *, username: str, issuer: str,
+        scopes: Sequence[str] = (), audience: str | None = None, job_id: str | None = None,
+    ) -> AccessToken:
+        """A short access token for a job, from the owner's stored refresh token.
+
+        The policy decides as for a retrieval (action ``retrieve``, credential name
+        ``token:ISSUER``, auth ``token`` or ``certificate``); the scopes are narrowed to the
+        issuer's ``job_scopes`` and to the stored grant; the refresh happens under the row
+        lock and a rotated refresh token is stored re-encrypted. An access token minted for
+        the same owner, scopes and audience is reused while more than half of its life is
+        left (this throttles calls to the issuer).
+        """
+        where: dict[str, Any] = {"username": username, "name": f"token:{issuer}"[:128],
+                                 "job_id": job_id}
+        try:
+            if requester.dn is None and requester.token is None:
+                raise AuthenticationError("a token request needs a certificate or bearer token",
+                                          reason="no_identity")
+            if job_id is not None:
+                _check_job_id(job_id)
+            validate_component(username, what="username")
+            directory, config = self._token_issuer(issuer)
+            where["name"] = f"token:{config.name}"
+            record = self._refresh_tokens.get(username, config.name)
+            if record is None:
+                raise NotFound(
+                    f"{username} has stored no refresh token for issuer {config.name}; the owner "
+                    f"must run `broker-init --token-issuer {config.name}`",
+                    reason="no_refresh_token")
+            where["owner_dn"] = record.owner_dn
+            auth = AuthMethod.TOKEN if requester.token is not None else AuthMethod.CERTIFICATE
+            decision = self._decide(requester, Action.RETRIEVE, owner_dn=record.owner_dn,
+                                    name=f"token:{config.name}", username=username,
+                                    job_id=job_id, auth=auth)
+            decision.raise_if_denied()
+            wanted = _narrow_scopes(config, record, tuple(scopes))
+            if audience is not None and (not 0 < len(audience) <= 1024
+                                         or not audience.isprintable()):
+                raise InputError("the audience must be 1..1024 printable characters",
+                                 reason="bad_field")
+            key = (username, config.name, wanted, audience)
+            access: AccessToken | None = self._access_tokens.get(key)
+            if access is None:
+                with self._token_lock((username, config.name)):
+                    access = self._access_tokens.get(key)
+                    if access is None:
+                        access = self._refresh_access_token(directory, config, record, wanted,
+                                                            audience)
+                        life = (access.expires_at - self.now()).total_seconds()
+                        if life > 0:
+                            self._access_tokens.put(key, access, ttl=life / 2)
+            self.store.add_audit(self._audit(
+                requester, "retrieve-token", "allow",
+                reason=f"{decision.reason}: {decision.rule.name if decision.rule else ''}; "
+                       f"scopes {' '.join(wanted)}", **where))
+        except BrokerError as exc:
+            self._record_failure(requester, "retrieve-token", exc, **where)
+            raise
+        return access
+
+    def _refresh_access_token(
+        self, directory: IssuerDirectory, config: IssuerConfig, record: RefreshTokenRecord,
+        scopes: tuple[str, ...], audience: str | None,
+    ) -> AccessToken:
+        def use(refresh_token: str) -> tuple[str | None, TokenResponse]:
+            response = directory.refresh(config, refresh_token, scopes=scopes,
+                                         audience=audience)
+            return response.refresh_token, response
+
+        now = self.now()
+        response = self._refresh_tokens.redeem(record.username, config.name, now, use)
+        granted = tuple(response.scope.split()) if response.scope else scopes
+        extra = [s for s in granted if not any(scope_covers(w, s) for w in scopes)]
+        if extra:
+            # The issuer gave more than asked: do not pass it on to a job.
+            raise ScopeNotAllowed(
+                f"issuer {config.name} granted scopes that were not asked for "
+                f"({' '.join(extra)}); refusing the token", reason="scope_not_allowed")
+        lifetime = timedelta(seconds=min(response.expires_in or 1200, 24 * 3600))
+        return AccessToken(token=response.access_token, issuer=config.name,
+                           owner_dn=record.owner_dn, username=record.username,
+                           scopes=granted, audience=audience, expires_at=now + lifetime)
+
 
 
 _JOB_ID_MAX = 256
@@ -1266,3 +1508,50 @@ def sign_challenge(key: Any, message: bytes) -> bytes:
     if isinstance(key, ec.EllipticCurvePrivateKey):
         return key.sign(message, ec.ECDSA(hashes.SHA256()))
     raise InputError("unsupported key type for the renewal proof")
+
+
+# ---------------------------------------------------------------------- bearer tokens (issue 16)
+
+_SCOPE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-:/")
+
+
+@dataclass(frozen=True)
+class AccessToken:
+    """An access token minted for a job from a stored refresh token."""
+
+    token: str = field(repr=False)
+    issuer: str
+    owner_dn: str
+    username: str
+    scopes: tuple[str, ...]
+    audience: str | None
+    expires_at: datetime
+
+
+def _check_scope(scope: str) -> None:
+    if not isinstance(scope, str) or not 0 < len(scope) <= 256 or not set(scope) <= _SCOPE_CHARS:
+        raise InputError(f"bad scope {str(scope)[:100]!r}: scopes use letters, digits and "
+                         "'_.-:/', e.g. compute.read or storage.read:/cms", reason="bad_scope")
+
+
+def _narrow_scopes(config: IssuerConfig, record: RefreshTokenRecord,
+                   requested: tuple[str, ...]) -> tuple[str, ...]:
+    """The scopes a job may get: every one must be within the site's ``job_scopes`` for the
+    issuer and within the stored grant (when the grant's scopes are known)."""
+    if not config.job_scopes:
+        raise ScopeNotAllowed(
+            f"issuer {config.name} has no job_scopes configured, so this broker gives jobs no "
+            "access tokens from it", reason="scope_not_allowed")
+    wanted = requested or config.job_scopes
+    for scope in wanted:
+        _check_scope(scope)
+        if not any(scope_covers(allowed, scope) for allowed in config.job_scopes):
+            raise ScopeNotAllowed(
+                f"the scope {scope!r} is beyond what jobs may get from issuer {config.name} "
+                f"({' '.join(config.job_scopes)})", reason="scope_not_allowed")
+        if record.scopes and not any(scope_covers(granted, scope) for granted in record.scopes):
+            raise ScopeNotAllowed(
+                f"the refresh token {record.username} stored for issuer {config.name} was not "
+                f"granted {scope!r} (it has {' '.join(record.scopes)})",
+                reason="scope_not_allowed")
+    return tuple(dict.fromkeys(wanted))

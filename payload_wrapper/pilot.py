@@ -71,6 +71,7 @@ from payload_wrapper.errors import (
     exit_code_for,
 )
 from payload_wrapper.pilot_config import PilotConfig, load_pilot_config
+from payload_wrapper.tokenfile import TokenFile, place_token
 
 __all__ = [
     "KeySource",
@@ -215,6 +216,8 @@ class StartedJob:
     prepared: PreparedJob
     lifetime: float  # seconds of the proxy handed to the payload
     rule: str  # the allowed_owners entry that admitted the owner
+    token: TokenFile | None = None  # the payload's BEARER_TOKEN_FILE (job_token_issuer)
+    token_lifetime: float = 0.0
 
 
 def local_job_id(job_id: str) -> str:
@@ -245,7 +248,8 @@ class Pilot:
         if self._client is None:
             cfg = self.config
             self._client = BrokerClient(cfg.broker_url, ClientIdentity(cert=cfg.cert, key=cfg.key),
-                                        ca_dir=str(cfg.ca_dir), timeout=cfg.timeout_seconds)
+                                        ca_dir=str(cfg.ca_dir), timeout=cfg.timeout_seconds,
+                                        bearer_token_file=cfg.token_file)
         return self._client
 
     # ----------------------------------------------------------------- retrieval
@@ -273,6 +277,31 @@ class Pilot:
                 say(f"{exc.message}; retrying in {cfg.retry_delay_seconds:g} s")
                 time.sleep(cfg.retry_delay_seconds)
         raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+    def job_token(self, ad: JobAd) -> tuple[str, float]:
+        """An access token for the job from the owner's stored refresh token: (token, seconds
+        it is valid). Asked with the job id, under the ad's Owner as username."""
+        cfg = self.config
+        if not ad.submitter:
+            raise AuthorizationDenied("the job ad has no Owner, so no job token can be asked "
+                                      "for (the refresh token is stored under a username)",
+                                      reason="no_submitter")
+        body: dict[str, Any] = {"issuer": cfg.job_token_issuer, "username": ad.submitter,
+                                "scopes": list(cfg.job_token_scopes), "job_id": ad.job_id}
+        if cfg.job_token_audience:
+            body["audience"] = cfg.job_token_audience
+        result = self.client.call("POST", "/v1/tokens/access", body)
+        if not isinstance(result, dict) or result.get("owner") != ad.owner_dn:
+            owner = result.get("owner") if isinstance(result, dict) else None
+            raise AuthorizationDenied(
+                f"the broker's job token belongs to {owner}, not to the job owner "
+                f"{ad.owner_dn}", reason="wrong_identity")
+        token = result.get("access_token")
+        expires = result.get("expires_in")
+        if not isinstance(token, str) or not isinstance(expires, int) or expires <= 0:
+            raise AuthorizationDenied("the broker's token answer has no usable access token",
+                                      reason="bad_token")
+        return token, float(expires)
 
     def _explain(self, ad: JobAd, exc: BrokerError) -> BrokerError:
         """Add the next step for the failures users meet most."""
@@ -311,6 +340,9 @@ class Pilot:
                 reason="wrong_identity")
         if rule is None:
             rule = self._check_fqans(cred, ad.owner_dn)
+        job_token: tuple[str, float] | None = None
+        if cfg.job_token_issuer:  # asked before the sandbox exists: a refusal leaves nothing
+            job_token = self.job_token(ad)
         pem = credential_to_pem(cred)
         environ = dict(os.environ) if environ is None else environ
         settings = cfg.wrapper_settings(
@@ -327,8 +359,12 @@ class Pilot:
         finally:
             with contextlib.suppress(OSError):
                 proxy_path.unlink()
-        return StartedJob(ad=ad, prepared=prepared, lifetime=float(result["lifetime"]),
-                          rule=rule)
+        started = StartedJob(ad=ad, prepared=prepared, lifetime=float(result["lifetime"]),
+                             rule=rule)
+        if job_token is not None:
+            started.token = place_token(prepared, job_token[0])
+            started.token_lifetime = job_token[1]
+        return started
 
     def _check_fqans(self, cred: Credential, dn: str) -> str:
         from broker.pki.chain import validate_chain
@@ -368,10 +404,17 @@ class Pilot:
         """Step 6: run the payload with the proxy kept fresh; returns the exit code."""
         refresher = Refresher(self, job)
         refresher.start()
+        token_refresher = TokenRefresher(self, job) if job.token is not None else None
+        if token_refresher is not None:
+            token_refresher.start()
         try:
             return execute(job.prepared)
         finally:
             refresher.stop()
+            if token_refresher is not None:
+                token_refresher.stop()
+            if job.token is not None:
+                job.token.remove()
 
 
 class Refresher:
@@ -428,6 +471,49 @@ class Refresher:
             delay = self._delay(lifetime)
             say(f"refreshed the payload's proxy (valid {lifetime:.0f} s; next refresh in "
                 f"{delay:g} s)")
+
+
+class TokenRefresher:
+    """Replaces the payload's bearer token at ``refresh_fraction`` of its life (daemon thread);
+    like :class:`Refresher`, a failure is reported and retried, never fatal."""
+
+    def __init__(self, pilot: Pilot, job: StartedJob) -> None:
+        self.pilot, self.job = pilot, job
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="token-refresh", daemon=True)
+        self.refreshed = 0
+
+    def _delay(self, lifetime: float) -> float:
+        cfg = self.pilot.config
+        if cfg.refresh_interval_seconds is not None:
+            return cfg.refresh_interval_seconds
+        return max(1.0, cfg.refresh_fraction * lifetime)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.pilot.config.timeout_seconds + 5)
+
+    def _loop(self) -> None:
+        token_file = self.job.token
+        assert token_file is not None
+        delay = self._delay(self.job.token_lifetime)
+        while not self._stop.wait(delay):
+            try:
+                token, lifetime = self.pilot.job_token(self.job.ad)
+                if self._stop.is_set():
+                    return
+                token_file.write(token)
+            except Exception as exc:  # never let the thread die silently
+                delay = self.pilot.config.refresh_retry_seconds
+                if not self._stop.is_set():
+                    say(f"refreshing the payload's token failed ({exc}); retrying in "
+                        f"{delay:g} s")
+                continue
+            self.refreshed += 1
+            delay = self._delay(lifetime)
 
 
 # --------------------------------------------------------------------------- command line

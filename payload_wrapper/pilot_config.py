@@ -31,6 +31,11 @@ a file the job wrote is refused (202), never read (:func:`trusted_config_path`).
     retrieve_attempts = 2            # only for "broker unreachable"
     retry_delay_seconds = 2
     timeout_seconds = 30
+    token_file = "/var/lib/broker-pilot/pilot.token"  # the pilot's own bearer token for the
+                                     # broker (instead of, or besides, cert/key; 0600, re-read)
+    job_token_issuer = "cms"         # also give each payload an access token (BEARER_TOKEN_FILE)
+    job_token_scopes = ["compute.read"]   # what the job asks for (the broker narrows it)
+    job_token_audience = "https://ce.example.org"   # optional
     [wrapper]                        # payload-wrapper settings (docs/payload-wrapper.md)
     mode = "setuid"
     gridmapfile = "/etc/grid-security/grid-mapfile"   # owners -> .pool accounts
@@ -88,6 +93,10 @@ class PilotConfig:
     retry_delay_seconds: float = 2.0
     timeout_seconds: float = 30.0
     wrapper_file: Mapping[str, Any] = field(default_factory=dict)
+    token_file: str | None = None  # the pilot's own bearer token for the broker
+    job_token_issuer: str | None = None  # per-job access tokens from this broker issuer
+    job_token_scopes: tuple[str, ...] = ()
+    job_token_audience: str | None = None
 
     @property
     def dn_owners(self) -> tuple[str, ...]:
@@ -216,7 +225,8 @@ def _text(data: Mapping[str, Any], name: str, source: str, default: str | None =
 _KNOWN = {"broker_url", "cert", "key", "proxy", "ca_dir", "vomsdir", "allowed_owners", "workdir",
           "key_type", "rsa_pool_dir", "bind_submitter", "lifetime_hours", "refresh_fraction",
           "refresh_interval_seconds", "refresh_retry_seconds", "retrieve_attempts",
-          "retry_delay_seconds", "timeout_seconds", "wrapper"}
+          "retry_delay_seconds", "timeout_seconds", "wrapper", "token_file", "job_token_issuer",
+          "job_token_scopes", "job_token_audience"}
 
 
 def parse_pilot_config(data: Mapping[str, Any], *, source: str = "pilot.toml",
@@ -230,6 +240,8 @@ def parse_pilot_config(data: Mapping[str, Any], *, source: str = "pilot.toml",
         raise _bad(source, "give either proxy or cert and key, not both")
     if "proxy" in data:
         cert = key = _text(data, "proxy", source)
+    elif "token_file" in data and "cert" not in data and "key" not in data:
+        cert = key = ""  # a token-only pilot
     else:
         cert = _text(data, "cert", source)
         key = _text(data, "key", source)
@@ -257,7 +269,17 @@ def parse_pilot_config(data: Mapping[str, Any], *, source: str = "pilot.toml",
     pool = data.get("rsa_pool_dir")
     if pool is not None and (not isinstance(pool, str) or not pool):
         raise _bad(source, "rsa_pool_dir must be a directory path")
+    tokens: dict[str, Any] = {}
+    for name in ("token_file", "job_token_issuer", "job_token_audience"):
+        if name in data:
+            tokens[name] = _text(data, name, source)
+    scopes = data.get("job_token_scopes", [])
+    if not isinstance(scopes, list) or not all(isinstance(x, str) and x for x in scopes):
+        raise _bad(source, "job_token_scopes must be a list of scopes")
+    if scopes and "job_token_issuer" not in data:
+        raise _bad(source, "job_token_scopes needs job_token_issuer")
     return PilotConfig(
+        **tokens, job_token_scopes=tuple(scopes),
         broker_url=broker_url, cert=cert, key=key,
         ca_dir=Path(_text(data, "ca_dir", source, "/etc/grid-security/certificates")),
         vomsdir=Path(_text(data, "vomsdir", source, "/etc/grid-security/vomsdir")),

@@ -193,7 +193,13 @@ def create_app(service: BrokerService, *, pam: PamSettings | None = None,
     metrics = _Metrics()
     metrics.registry.register(_HousekeepingCollector(service))
 
-    def requester() -> Requester:
+    def requester(*, bearer: bool = False) -> Requester:
+        if bearer:  # only routes that accept pilots' bearer tokens (broker.api.token_routes)
+            from broker.api.token_routes import bearer_requester
+
+            who = bearer_requester(service)
+            if who is not None:
+                return who
         chain = _peer_chain()
         if not chain:
             raise AuthenticationError(
@@ -276,7 +282,11 @@ def create_app(service: BrokerService, *, pam: PamSettings | None = None,
 
     @app.get("/v1/whoami")
     def whoami() -> Response:
-        who = requester()
+        who = requester(bearer=True)
+        if who.token is not None:
+            return jsonify({"identity": who.label, "token": {
+                "issuer": who.token.issuer, "subject": who.token.subject,
+                "groups": list(who.token.groups), "scopes": list(who.token.scopes)}})
         return jsonify({"identity": who.dn, "fqans": list(who.fqans), "limited": who.limited})
 
     @app.post("/v1/delegations")
@@ -317,7 +327,7 @@ def create_app(service: BrokerService, *, pam: PamSettings | None = None,
 
     @app.post("/v1/retrievals")
     def retrieve() -> Response:
-        who = requester()
+        who = requester(bearer=True)
         body = _json_body()
         issued = service.retrieve(
             who, csr_pem=_pem(body, "csr"), lifetime=_lifetime(body),
@@ -388,4 +398,11 @@ def create_app(service: BrokerService, *, pam: PamSettings | None = None,
     from broker.api.admin import admin_blueprint
 
     app.register_blueprint(admin_blueprint(service, pam=pam, settings=admin))
+
+    # Bearer tokens and the token broker (issue 16), when [tokens] issuers are configured.
+    if getattr(service, "token_directory", None) is not None:
+        from broker.api.token_routes import token_blueprint
+
+        app.register_blueprint(token_blueprint(service, requester, _json_body))
+
     return app

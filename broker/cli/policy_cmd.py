@@ -24,6 +24,7 @@ from broker.policy import (
     Decision,
     OwnerPolicy,
     Request,
+    TokenClaims,
     evaluate,
     format_duration,
     unsafe_rules,
@@ -113,6 +114,13 @@ def check_cmd(directory: Path | None) -> None:
     help="How the requester authenticated.",
 )
 @click.option("--username", default=None, help="PAM username (with --auth pam).")
+@click.option("--token-issuer", default=None, metavar="URL",
+              help="Bearer token issuer ('iss'); implies --auth token.")
+@click.option("--token-subject", default=None, metavar="SUB", help="Bearer token 'sub'.")
+@click.option("--token-group", "token_groups", multiple=True, metavar="GROUP",
+              help="Bearer token wlcg.groups entry (repeat).")
+@click.option("--token-scope", "token_scopes", multiple=True, metavar="SCOPE",
+              help="Bearer token scope (repeat).")
 @click.option(
     "--retrievers",
     "owner_retrievers",
@@ -146,6 +154,10 @@ def explain_cmd(
     job_id: str | None,
     auth: str,
     username: str | None,
+    token_issuer: str | None,
+    token_subject: str | None,
+    token_groups: tuple[str, ...],
+    token_scopes: tuple[str, ...],
     owner_retrievers: tuple[str, ...],
     owner_trusted: tuple[str, ...],
     owner_renewers: tuple[str, ...],
@@ -156,6 +168,13 @@ def explain_cmd(
 
     Exit 0 when allowed, 3 when denied, 1 on bad input or broken policy files.
     """
+    token = None
+    if token_issuer is not None or token_subject is not None:
+        if not token_issuer or not token_subject:
+            _fail("--token-issuer and --token-subject go together")
+            return
+        token = TokenClaims(token_issuer, token_subject, token_groups, token_scopes)
+        auth = AuthMethod.TOKEN.value
     try:
         request = Request(
             action=Action(action),
@@ -168,6 +187,7 @@ def explain_cmd(
             credential="" if credential == "default" else credential,
             job_id=job_id,
             username=username,
+            token=token,
         )
         policy_set = read_policy_directory(_policy_dir(directory), allow_unsafe=True)
     except BrokerError as exc:

@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -19,7 +20,7 @@ import click
 from broker.cli.common import format_timedelta, reports_errors, run_command, utcnow
 from broker.client import BrokerClient, ClientIdentity
 from broker.errors import InputError
-from broker.fileio import write_private_file
+from broker.fileio import read_private_file, write_private_file
 from broker.pki.loading import Credential, credential_to_pem
 from broker.trustdir import default_ca_dir
 
@@ -99,6 +100,13 @@ common_name = click.option("-k", "--credname", default="default", show_default=T
 @click.option("--pam", "use_pam", is_flag=True,
               help="No grid certificate: log in with your site password (-S: from stdin); the "
                    "broker's online CA certifies a key made here, and a proxy of it is stored.")
+@click.option("--token-issuer", metavar="NAME",
+              help="Store an OAuth2 refresh token for this issuer instead of a proxy (the "
+                   "device-code flow: open the URL shown and approve).")
+@click.option("--refresh-token-file", type=click.Path(dir_okay=False),
+              help="With --token-issuer: store the refresh token in this file (mode 0600).")
+@click.option("--scope", "scopes", multiple=True,
+              help="With --token-issuer: scopes to ask for / that the token holds (repeat).")
 @common_ca
 @click.option("--json", "as_json", is_flag=True)
 @reports_errors
@@ -106,8 +114,15 @@ def init_cmd(server: str | None, username: str | None, credname: str, hours: flo
              proxy_hours: float, retrievers: tuple[str, ...], trusted: tuple[str, ...],
              renewers: tuple[str, ...], description: str | None, stdin_pass: bool,
              want_pass: bool, proxy: str | None, cert: str | None, key: str | None,
-             use_pam: bool, ca_dir: str | None, as_json: bool) -> None:
+             use_pam: bool, token_issuer: str | None, refresh_token_file: str | None,
+             scopes: tuple[str, ...], ca_dir: str | None, as_json: bool) -> None:
     """Delegate a proxy to the broker; your private key never leaves this machine."""
+    if token_issuer is not None or refresh_token_file is not None:
+        if token_issuer is None:
+            raise InputError("--refresh-token-file needs --token-issuer NAME")
+        _init_token(_client(server, ca_dir, proxy, cert, key), token_issuer,
+                    username or _default_username(), refresh_token_file, scopes, as_json)
+        return
     if use_pam:
         client, credential = _online_ca_client(server, ca_dir, username or _default_username(),
                                                stdin_pass)
@@ -135,6 +150,46 @@ def init_cmd(server: str | None, username: str | None, credname: str, hours: flo
         passphrase=passphrase, now=utcnow(),
     )
     _report_init(result, client, as_json)
+
+
+def _init_token(client: BrokerClient, issuer: str, username: str, token_file: str | None,
+                scopes: tuple[str, ...], as_json: bool) -> None:
+    """broker-init --token-issuer: store a refresh token, from a file or the device flow."""
+    if token_file is not None:
+        token = read_private_file(token_file, require_owner=os.getuid(), max_size=16384)
+        try:
+            text = token.decode("ascii").strip()
+        except UnicodeDecodeError:
+            raise InputError(f"{token_file} does not hold an ASCII refresh token") from None
+        result = client.call("POST", "/v1/tokens/refresh-tokens", {
+            "issuer": issuer, "username": username, "refresh_token": text,
+            "scopes": list(scopes)})
+    else:
+        device = client.call("POST", "/v1/tokens/device", {"issuer": issuer,
+                                                           "scopes": list(scopes)})
+        where = device.get("verification_uri_complete") or device.get("verification_uri")
+        click.echo(f"To let the broker obtain tokens for you from {issuer}, open\n  {where}\n"
+                   f"and enter the code {device.get('user_code')}. Waiting...", err=True)
+        deadline = time.monotonic() + float(device.get("expires_in") or 600)
+        interval = max(1.0, float(device.get("interval") or 5))
+        while True:
+            result = client.call("POST", "/v1/tokens/device/poll", {
+                "issuer": issuer, "username": username,
+                "device_code": device.get("device_code")})
+            if result.get("status") == "slow_down":
+                interval += 5
+            elif result.get("status") != "authorization_pending":
+                break
+            if time.monotonic() + interval > deadline:
+                raise InputError(f"the code was not approved in time; run `broker-init "
+                                 f"--token-issuer {issuer}` again")
+            time.sleep(interval)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(f"A refresh token for {result.get('username')} at issuer {result.get('issuer')} "
+               f"(scopes: {' '.join(result.get('scopes') or []) or 'as granted'}) is now "
+               f"stored on {client.host}:{client.port}.")
 
 
 def _report_init(result: dict[str, Any], client: BrokerClient, as_json: bool) -> None:

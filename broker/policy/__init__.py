@@ -43,7 +43,13 @@ from broker.policy._model import (
     TraceEntry,
     validate_dn,
 )
-from broker.policy._patterns import PatternError, Subject, parse_pattern
+from broker.policy._patterns import (
+    PatternError,
+    Subject,
+    TokenClaims,
+    parse_pattern,
+    scope_covers,
+)
 
 __all__ = [
     "REASON_ALLOWED",
@@ -67,6 +73,7 @@ __all__ = [
     "Rule",
     "RuleRef",
     "Subject",
+    "TokenClaims",
     "TraceEntry",
     "check_policy_files",
     "compile_owner_entries",
@@ -78,6 +85,7 @@ __all__ = [
     "parse_duration",
     "parse_fqan",
     "parse_pattern",
+    "scope_covers",
     "sort_file_names",
     "sort_issues",
     "unsafe_rule_message",

@@ -30,9 +30,11 @@ class AuthMethod(StrEnum):
     ``certificate``: a client certificate and nothing else (MyProxy's "trusted
     retrieval", no passphrase). ``passphrase``: the credential's passphrase,
     with or without a certificate. ``pam``: a username and password checked
-    through PAM, with or without a certificate.
+    through PAM, with or without a certificate. ``token``: a verified bearer
+    token (WLCG / SciTokens JWT) from a configured issuer, no certificate.
     """
 
     CERTIFICATE = "certificate"
     PASSPHRASE = "passphrase"  # noqa: S105 - a method name, not a secret
     PAM = "pam"
+    TOKEN = "token"  # noqa: S105 - a verified OAuth2/WLCG bearer token, not a secret

@@ -239,7 +239,8 @@ def _owner_list(
 ) -> tuple[str, str, tuple[str, ...] | None] | None:
     """Which of the owner's lists governs this request: (key, human name, entries)."""
     if request.action is Action.RETRIEVE:
-        if request.auth is AuthMethod.CERTIFICATE:
+        if request.auth in (AuthMethod.CERTIFICATE, AuthMethod.TOKEN):
+            # A bearer token, like a certificate, retrieves without the passphrase.
             return "trusted_retrievers", "trusted retrievers", owner_policy.trusted_retrievers
         return "retrievers", "retrievers", owner_policy.retrievers
     if request.action is Action.RENEW:
@@ -366,6 +367,8 @@ def unsafe_rule_message(rule: Rule) -> str:
 
 
 def _describe_requester(request: Request) -> str:
+    if request.token is not None:
+        return f"bearer token {request.token.issuer}#{request.token.subject}"
     if request.auth is AuthMethod.PAM:
         base = f"PAM user {request.username!r}"
         return f"{base} ({request.requester_dn})" if request.requester_dn else base
@@ -410,4 +413,11 @@ def _explain_hint(request: Request) -> str:
         parts += ["--auth", str(request.auth)]
     if request.username:
         parts += ["--username", request.username]
+    if request.token is not None:
+        parts += ["--token-issuer", request.token.issuer, "--token-subject",
+                  request.token.subject]
+        for group in request.token.groups:
+            parts += ["--token-group", group]
+        for scope in request.token.scopes:
+            parts += ["--token-scope", scope]
     return shlex.join(parts)

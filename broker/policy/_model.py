@@ -11,7 +11,7 @@ from broker.errors import AuthorizationError, InputError, NameError_
 from broker.policy._duration import format_duration
 from broker.policy._enums import Action, AuthMethod, Effect
 from broker.policy._fqan import Fqan, FqanError, parse_fqan
-from broker.policy._patterns import Matcher, Subject
+from broker.policy._patterns import Matcher, Subject, TokenClaims
 
 # A slash-form DN: "/attr=value" repeated. Values may contain "/" (hostnames
 # in service DNs do), so only the leading "/X=" shape and the absence of
@@ -60,6 +60,7 @@ class Request:
     credential: str = ""
     job_id: str | None = None
     username: str | None = None
+    token: TokenClaims | None = None  # the verified bearer token (auth = token)
     requester: Subject = field(init=False, repr=False, compare=False)
     owner: Subject = field(init=False, repr=False, compare=False)
 
@@ -82,6 +83,9 @@ class Request:
         elif auth is AuthMethod.CERTIFICATE:
             raise InputError("a certificate-authenticated request needs the requester's DN")
         validate_dn(self.owner_dn, what="owner DN")
+        if (auth is AuthMethod.TOKEN) != (self.token is not None):
+            raise InputError("a token-authenticated request needs the token's claims, and "
+                             "only such a request may carry them")
         if auth is AuthMethod.PAM and not self.username:
             raise InputError("a PAM-authenticated request needs the username")
         if self.job_id is not None and not self.job_id.strip():
@@ -101,6 +105,7 @@ class Request:
                 auth=auth,
                 username=self.username if auth is AuthMethod.PAM else None,
                 owner_dn=self.owner_dn,
+                token=self.token,
             ),
         )
         object.__setattr__(

@@ -15,6 +15,13 @@ Forms (see policies/README.md for the administrator's view):
 ``anonymous``                      requester presented no certificate.
 ``self``                           requester's DN is the credential owner's DN (for the owner's own
                                    delegate/info/destroy rules).
+``token:ISSUER#SUBGLOB``           requester authenticated with a bearer token from ISSUER (the
+                                   exact ``iss``) whose ``sub`` matches SUBGLOB (``*``, ``?``).
+``token-group:/g[/sub]``           bearer token whose ``wlcg.groups`` holds /g or a subgroup of it;
+``token-group:ISSUER#/g``          the second form also pins the issuer.
+``scope:NAME[:/path]``             bearer token granting NAME (with a path: the same or a
+                                   broader path, e.g. token scope ``storage.read:/`` matches
+                                   ``scope:storage.read:/cms``).
 
 Everything is compiled once, at load time; matching is then a dict lookup or
 one precompiled ``re`` call.
@@ -58,6 +65,20 @@ class PatternError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
+class TokenClaims:
+    """What a verified bearer token says about its holder (the token layer verified it)."""
+
+    issuer: str
+    subject: str
+    groups: tuple[str, ...] = ()
+    scopes: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        return f"token:{self.issuer}#{self.subject}"
+
+
+@dataclass(frozen=True, slots=True)
 class Subject:
     """Who is being matched: the requester (with auth) or a credential owner (auth None)."""
 
@@ -67,6 +88,8 @@ class Subject:
     username: str | None = None
     # Set on requester subjects only, so that the `self` pattern can compare.
     owner_dn: str | None = None
+    # Set only when the requester authenticated with a bearer token.
+    token: TokenClaims | None = None
 
 
 # Patterns come from users (owner policies via broker-init -r/-Z/-R and myproxy-init -x), and
@@ -223,8 +246,9 @@ class AnonymousSubject:
     text: str = "anonymous"
 
     def matches(self, subject: Subject) -> bool:
-        # Only a requester can be anonymous; owners always have a DN.
-        return subject.auth is not None and subject.dn is None
+        # Only a requester can be anonymous; owners always have a DN. A token holder
+        # is identified by its token, so it is not anonymous.
+        return subject.auth is not None and subject.dn is None and subject.token is None
 
     def index_key(self) -> tuple[str, str]:
         return ("anonymous", "")
@@ -242,6 +266,74 @@ class SelfSubject:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenSubjectPattern:
+    text: str
+    issuer: str
+    _regex: _Matcher | None  # None: exact subject
+
+    def matches(self, subject: Subject) -> bool:
+        token = subject.token
+        if token is None or token.issuer != self.issuer:
+            return False
+        if self._regex is None:
+            return token.subject == self.text.rpartition("#")[2]
+        return self._regex.fullmatch(token.subject) is not None
+
+    def index_key(self) -> tuple[str, str]:
+        return ("always", "")
+
+
+def _group_within(group: str, parent: str) -> bool:
+    return group == parent or (parent == "/" and group.startswith("/")) or group.startswith(
+        parent + "/")
+
+
+@dataclass(frozen=True, slots=True)
+class TokenGroupPattern:
+    text: str
+    group: str
+    issuer: str | None
+
+    def matches(self, subject: Subject) -> bool:
+        token = subject.token
+        if token is None or (self.issuer is not None and token.issuer != self.issuer):
+            return False
+        return any(_group_within(g, self.group) for g in token.groups)
+
+    def index_key(self) -> tuple[str, str]:
+        return ("always", "")
+
+
+def scope_covers(granted: str, wanted: str) -> bool:
+    """Does the token scope ``granted`` include ``wanted``? Same name; for path scopes
+    (``storage.read:/a``) the granted path must be the wanted one or a parent of it."""
+    g_name, g_sep, g_path = granted.partition(":")
+    w_name, w_sep, w_path = wanted.partition(":")
+    if g_name != w_name:
+        return False
+    if not g_sep and not w_sep:
+        return True
+    if not g_sep or not w_sep:
+        return False
+    g_path = g_path.rstrip("/") or "/"
+    w_path = w_path.rstrip("/") or "/"
+    return g_path == "/" or w_path == g_path or w_path.startswith(g_path + "/")
+
+
+@dataclass(frozen=True, slots=True)
+class ScopePattern:
+    text: str
+    scope: str
+
+    def matches(self, subject: Subject) -> bool:
+        token = subject.token
+        return token is not None and any(scope_covers(s, self.scope) for s in token.scopes)
+
+    def index_key(self) -> tuple[str, str]:
+        return ("always", "")
+
+
+@dataclass(frozen=True, slots=True)
 class GroupRef:
     """An unresolved ``group:NAME``; the loader replaces it by the group's members."""
 
@@ -251,6 +343,7 @@ class GroupRef:
 
 Leaf = (
     DnGlob | DnRegex | FqanPattern | PamPattern | PassphraseSubject | AnonymousSubject | SelfSubject
+    | TokenSubjectPattern | TokenGroupPattern | ScopePattern
 )
 Parsed = Leaf | GroupRef
 
@@ -282,7 +375,8 @@ def parse_pattern(text: str, *, context: PatternContext = "requester") -> Parsed
         raise PatternError(f"pattern is longer than {MAX_PATTERN_LENGTH} characters")
 
     if context == "owner" and (
-        text in ("passphrase", "anonymous", "self") or text.startswith("pam:")
+        text in ("passphrase", "anonymous", "self")
+        or text.startswith(("pam:", "token:", "token-group:", "scope:"))
     ):
         raise PatternError(
             f'"{text}" describes how a requester authenticates; it cannot match a '
@@ -313,18 +407,53 @@ def parse_pattern(text: str, *, context: PatternContext = "requester") -> Parsed
         if not user_glob:
             raise PatternError('empty username pattern after "pam:" (use "pam:*" for any user)')
         return PamPattern(text, compile_linear(glob_to_regex(user_glob), dotall=True))
+    if text.startswith(("token:", "token-group:", "scope:")):
+        return _parse_token_pattern(text)
     if text[0] in "/*?":
         return _compile_dn_glob(text)
     prefix = _PREFIX_RE.match(text)
     if prefix and "=" not in prefix.group(1):
         raise PatternError(
             f'unknown pattern kind "{prefix.group(0)}" in "{text}"; use a DN glob, '
-            're:, fqan:, group:, pam:, "passphrase", "anonymous" or "self"'
+            're:, fqan:, group:, pam:, token:, token-group:, scope:, "passphrase", '
+            '"anonymous" or "self"'
         )
     raise PatternError(
         f'"{text}" is not a DN pattern: write DNs in the OpenSSL slash form, '
         'e.g. "/DC=org/DC=example/CN=Alice" (a leading "*" is also fine)'
     )
+
+
+_SCOPE_RE = re.compile(r"[A-Za-z0-9_.\-]+(:/[\x21-\x7e]*)?")
+_TOKEN_GROUP_RE = re.compile(r"/[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*|/")
+
+
+def _parse_token_pattern(text: str) -> TokenSubjectPattern | TokenGroupPattern | ScopePattern:
+    kind, _, body = text.partition(":")
+    if kind == "scope":
+        if not _SCOPE_RE.fullmatch(body):
+            raise PatternError(
+                f'bad scope pattern "{text}": write "scope:NAME" or "scope:NAME:/path", '
+                'e.g. "scope:compute.read" or "scope:storage.read:/cms"')
+        return ScopePattern(text, body)
+    if kind == "token-group":
+        issuer, sep, group = body.rpartition("#")
+        if not _TOKEN_GROUP_RE.fullmatch(group) or (sep and not issuer):
+            raise PatternError(
+                f'bad token group pattern "{text}": write "token-group:/vo/group" or '
+                '"token-group:ISSUER#/vo/group" (no wildcards; subgroups match)')
+        return TokenGroupPattern(text, group, issuer if sep else None)
+    issuer, sep, sub = body.rpartition("#")
+    if not sep or not issuer or not sub:
+        raise PatternError(
+            f'bad token pattern "{text}": write "token:ISSUER#SUBJECT" with the exact issuer '
+            'URL; SUBJECT may use "*" and "?" (e.g. "token:https://iam.example#*")')
+    if any(c in issuer for c in "*?"):
+        raise PatternError(f'"{text}": the issuer of a token: pattern takes no wildcards')
+    regex = None
+    if any(c in sub for c in "*?"):
+        regex = compile_linear(glob_to_regex(sub), dotall=True)
+    return TokenSubjectPattern(text, issuer, regex)
 
 
 def _compile_dn_glob(text: str) -> DnGlob:

@@ -5,6 +5,7 @@ the API) and never touches SQLAlchemy directly. Tables are created only by
 :func:`migrate`.
 """
 
+from broker.store import tokens as _tokens  # noqa: F401 - registers the refresh_tokens table
 from broker.store.crypto import (
     Envelope,
     MasterKeyRing,

@@ -603,6 +603,10 @@ class Store:
                 stmt = select(model.master_key_id, func.count()).group_by(model.master_key_id)
                 for key_id, count in session.execute(stmt):
                     counts[key_id] = counts.get(key_id, 0) + int(count)
+        from broker.store.tokens import RefreshTokenStore  # refresh tokens use the same keys
+
+        for key_id, count in RefreshTokenStore(self).master_key_ids_in_use().items():
+            counts[key_id] = counts.get(key_id, 0) + count
         return counts
 
     def rewrap_batch(self, batch_size: int = 100) -> int:
@@ -639,6 +643,10 @@ class Store:
                     )
                     _store_envelope(pending, envelope)
                     done += 1
+        if done < batch_size:  # stored refresh tokens (broker.store.tokens), same keys
+            from broker.store.tokens import RefreshTokenStore
+
+            done += RefreshTokenStore(self).rewrap_batch(batch_size - done)
         return done
 
     # -- credentials -------------------------------------------------------

@@ -236,6 +236,7 @@ def all_attacks(pki: GridPki, base: Path, sizes: Any, rng: random.Random, *,
         identity_attacks,
         pilot_attacks,
         protocol_attacks,
+        token_attacks,
         wrapper_attacks,
     )
 
@@ -244,6 +245,7 @@ def all_attacks(pki: GridPki, base: Path, sizes: Any, rng: random.Random, *,
     yield from identity_attacks.attacks(pki, base, myproxy=myproxy)
     yield from protocol_attacks.attacks(pki, base)
     yield from availability_attacks.attacks(pki, base, myproxy=myproxy)
+    yield from token_attacks.attacks(pki, base)
 
 
 def _voms_proxy(pki: GridPki, *, holder: x509.Certificate, signer: Credential) -> Credential:
