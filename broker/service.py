@@ -68,6 +68,7 @@ from broker.pki.proxy import (
 from broker.pki.trust import TrustStore
 from broker.pki.voms import VomsDir
 from broker.policy import (
+    REASON_JOB_ID,
     Action,
     AuthMethod,
     Decision,
@@ -821,6 +822,10 @@ class BrokerService:
                     f"one (broker-init -k {record.name})", reason="expired")
             decision = self.decide(requester, record, action, auth, job_id=job_id)
             if not decision.allowed:
+                if decision.reason == REASON_JOB_ID:
+                    # A rule admits this requester for the credential; only the job id is
+                    # missing. It has a right here, and the pilot developer needs the reason.
+                    decision.raise_if_denied()
                 # No right on the credential: the answer must not tell it exists.
                 raise _Concealed(AuthorizationError(decision.message, reason=decision.reason))
             if _authz_owner is not None and _authz_owner != record.owner_dn:

@@ -181,6 +181,10 @@ def _bool(body: dict[str, Any], key: str) -> bool:
     return value
 
 
+# The only paths that end in "/": the root and the admin page's index (a browser address).
+_SLASH_PATHS = frozenset({"/", "/admin/"})
+
+
 def create_app(service: BrokerService, *, pam: PamSettings | None = None,
                online_ca: OnlineCa | None = None, admin: AdminSettings | None = None) -> Flask:
     app = Flask("broker")
@@ -220,7 +224,7 @@ def create_app(service: BrokerService, *, pam: PamSettings | None = None,
         g.request_id = uuid.uuid4().hex
         # gunicorn's PATH_INFO already has "//" folded away; the request line has not.
         path = str(request.environ.get("RAW_URI") or request.path).partition("?")[0]
-        if "//" in path or (path.endswith("/") and path != "/"):
+        if "//" in path or (path.endswith("/") and path not in _SLASH_PATHS):
             raise NotFound()
         # The request id in audit rows and logs is always made here: a client could otherwise
         # pick ids that collide with or impersonate other requests. A well-formed id the client
