@@ -101,8 +101,9 @@ def test_token_pilot_retrieves_a_proxy_and_is_audited(service: BrokerService,
         service.retrieve(requester, csr_pem=csr, username="alice")
     assert err.value.reason == "job_id_required"
     # a token without the pilots group: denied, and audited as that token
+    # (told "not found", as for a credential that does not exist: no right, no hint)
     stranger = pilot(service, issuer, groups=["/cms/users"])
-    with pytest.raises(AuthorizationError):
+    with pytest.raises(NotFound):
         service.retrieve(stranger, csr_pem=csr, username="alice", job_id="j")
     assert any(r.decision == "deny" and r.requester_dn == f"token:{issuer.url}#glidein-1"
                for r in _audit(service))
