@@ -60,11 +60,11 @@ from broker.pki.dn import slash_from_name
 from broker.pki.loading import Credential, credential_to_pem, key_to_pem, load_private_key
 from broker.pki.proxy import generate_key, proxy_info
 from broker.policy import FqanError, Subject, parse_fqan, parse_pattern
-from payload_wrapper.api import PreparedJob, execute, prepare, refresh_proxy
+from payload_wrapper import staging
+from payload_wrapper.api import PreparedJob, abandon, execute, prepare, refresh_proxy
 from payload_wrapper.environment import RESERVED_NAMES, is_refused
 from payload_wrapper.errors import (
     EXIT_CLIENT,
-    EXIT_DENIED,
     EXIT_SYSTEM,
     AuthorizationDenied,
     WrapperSystemError,
@@ -215,7 +215,51 @@ class StartedJob:
     prepared: PreparedJob
     lifetime: float  # seconds of the proxy handed to the payload
     rule: str  # the allowed_owners entry that admitted the owner
+    scratch: Scratch | None = None  # the starter's scratch dir when the job's files are staged
 
+
+@dataclass
+class Scratch:
+    """The starter's scratch directory (open) and what was copied from it into the job dir."""
+
+    path: str
+    fd: int
+    slot_uid: int
+    slot_gid: int
+    inputs: dict[str, tuple[int, int, int]]
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def starter_scratch(environ: Mapping[str, str]) -> tuple[int, os.stat_result] | None:
+    """The scratch directory to stage through, or None (with a note) when there is none.
+
+    Only the starter's layout qualifies: ``_CONDOR_SCRATCH_DIR`` is the working
+    directory the pilot was started in (the starter's chdir, which the job cannot
+    choose), it is not a link, nobody but its owner can write it, and as root it is
+    not root's own (a slot user owns a real one).
+    """
+    path = environ.get("_CONDOR_SCRATCH_DIR")
+    if not path or not os.path.isabs(path):
+        return None
+    fd, st = staging.open_scratch(path)
+    try:
+        here = os.stat(".")
+    except OSError:
+        here = None
+    why = None
+    if here is None or (here.st_dev, here.st_ino) != (st.st_dev, st.st_ino):
+        why = "it is not the working directory the starter started the pilot in"
+    elif os.geteuid() == 0 and st.st_uid == 0:
+        why = "it belongs to root, not to a slot user"
+    if why is not None:
+        os.close(fd)
+        say(f"not copying files between {_one_line(path)} and the job directory: {why}")
+        return None
+    return fd, st
 
 def local_job_id(job_id: str) -> str:
     """A path-safe, unique name for the wrapper's job directory derived from the job id."""
@@ -320,15 +364,97 @@ class Pilot:
         proxy_dir = make_private_dir(cfg.workdir / ".broker-pilot")
         local_id = local_job_id(ad.job_id)
         proxy_path = proxy_dir / f"proxy-{local_id}.pem"
+        found = starter_scratch(environ)
+        scratch = None if found is None else Scratch(
+            path=environ["_CONDOR_SCRATCH_DIR"], fd=found[0], slot_uid=found[1].st_uid,
+            slot_gid=found[1].st_gid, inputs={})
+        try:
+            return self._prepare_and_stage(ad, command, settings, proxy_path, pem, local_id,
+                                           environ, scratch, result, rule)
+        except BaseException:
+            if scratch is not None:
+                scratch.close()
+            raise
+
+    def _prepare_and_stage(self, ad: JobAd, command: Sequence[str], settings: Any,
+                           proxy_path: Path, pem: bytes, local_id: str,
+                           environ: dict[str, str],
+                           scratch: Scratch | None, result: dict[str, Any],
+                           rule: str) -> StartedJob:
+        workdir = Path(settings.workdir or Path.cwd()).absolute()
+        job_dir = workdir / f"job-{local_id}"
+        shown = command[0]
+        argv = list(command)
+        if scratch is not None:
+            argv[0] = _staged_command(argv[0], scratch, job_dir)
         write_private_file(proxy_path, pem, mode=0o600)
         try:
-            prepared = prepare(settings, proxy_path, list(command), job_id=local_id,
+            prepared = prepare(settings, proxy_path, argv, job_id=local_id,
                                now=self.clock(), caller_env=environ)
         finally:
             with contextlib.suppress(OSError):
                 proxy_path.unlink()
+        prepared.shown_command = shown
+        if scratch is not None:
+            try:
+                scratch.inputs = self._stage_in(prepared, scratch)
+            except BrokerError as exc:
+                abandon(prepared, exc)
+                raise
         return StartedJob(ad=ad, prepared=prepared, lifetime=float(result["lifetime"]),
-                          rule=rule)
+                          rule=rule, scratch=scratch)
+
+    def _limits(self) -> staging.Limits:
+        return staging.Limits(files=self.config.stage_max_files,
+                              bytes=self.config.stage_max_bytes)
+
+    def _stage_in(self, job: PreparedJob, scratch: Scratch) -> dict[str, tuple[int, int, int]]:
+        try:
+            dfd = os.open(job.job_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError as exc:
+            raise WrapperSystemError(f"cannot open the job directory {job.job_dir}: "
+                                     f"{exc.strerror}") from None
+        try:
+            staged = staging.stage_in(scratch.fd, dfd, slot_uid=scratch.slot_uid,
+                                      uid=job.run_as.uid, gid=job.run_as.gid,
+                                      limits=self._limits())
+        finally:
+            os.close(dfd)
+        for note in staged.notes:
+            say(f"input {_one_line(note)}")
+        return staged.copies
+
+    def stage_out(self, job: StartedJob) -> str | None:
+        """Copy the payload's outputs into the scratch directory; returns a problem or None."""
+        scratch = job.scratch
+        if scratch is None:
+            return None
+        prepared = job.prepared
+        try:
+            dfd = os.open(prepared.job_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError as exc:
+            return f"the outputs could not be handed back: {exc.strerror}"
+        try:
+            staged = staging.stage_out(
+                dfd, scratch.fd, payload_uids={prepared.run_as.uid, os.geteuid()},
+                slot_uid=scratch.slot_uid, slot_gid=scratch.slot_gid,
+                requested=job.ad.transfer_output, inputs=scratch.inputs,
+                limits=self._limits())
+        except BrokerError as exc:
+            return f"the outputs were not handed back: {exc.message}"
+        except OSError as exc:
+            return f"handing the outputs back failed: {exc.strerror or exc}"
+        finally:
+            os.close(dfd)
+        for note in staged.notes:
+            say(f"output {_one_line(note)}")
+        if staged.over_limit:
+            return (f"only part of the outputs were handed back to {scratch.path}: they exceed "
+                    f"{staged.over_limit} (stage_max_files/stage_max_bytes)")
+        missing = [n for n in staged.notes if n.endswith("was not found in the job directory")]
+        if missing:
+            return f"not all of transfer_output_files were written: {'; '.join(missing[:3])}"
+        return None
 
     def _check_fqans(self, cred: Credential, dn: str) -> str:
         from broker.pki.chain import validate_chain
@@ -369,9 +495,21 @@ class Pilot:
         refresher = Refresher(self, job)
         refresher.start()
         try:
-            return execute(job.prepared)
+            code = execute(job.prepared)
         finally:
             refresher.stop()
+        try:
+            problem = self.stage_out(job)
+        finally:
+            if job.scratch is not None:
+                job.scratch.close()
+        if problem is not None:
+            reason = job.prepared.audit.reason
+            job.prepared.audit.reason = f"{reason}; {problem}" if reason else problem
+            say(problem)
+            if code == 0:
+                code = EXIT_SYSTEM
+        return code
 
 
 class Refresher:
@@ -430,6 +568,27 @@ class Refresher:
                 f"{delay:g} s)")
 
 
+def _staged_command(cmd: str, scratch: Scratch, job_dir: Path) -> str:
+    """Where the payload finds ``cmd`` when it is a file the starter put in the scratch dir."""
+    if "/" not in cmd:
+        return cmd  # looked up on PATH
+    full = os.path.normpath(cmd if os.path.isabs(cmd) else os.path.join(scratch.path, cmd))
+    top = os.path.normpath(scratch.path)
+    if not full.startswith(top + "/"):
+        return cmd
+    rel = full[len(top) + 1:]
+    parts = rel.split("/")
+    if parts[0] in staging.RESERVED_NAMES or parts[0] in staging.STARTER_FILES:
+        return cmd
+    try:
+        st = os.stat(rel, dir_fd=scratch.fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return str(job_dir / rel)  # fails there as "No such file", which is the truth
+    except OSError:
+        return cmd
+    return str(job_dir / rel) if stat.S_ISREG(st.st_mode) else cmd
+
+
 # --------------------------------------------------------------------------- command line
 
 
@@ -481,9 +640,20 @@ def write_error_file(line: str, error_file: str) -> str | None:
     return None
 
 
+def report_outcome(message: str, error_file: str | None, *, started: bool) -> None:
+    """A failure after ``prepare``: "not started" unless the payload ran."""
+    if not started:
+        report_failure(message, error_file)
+        return
+    _report_line(_one_line(f"broker-pilot: {message}"), error_file)
+
+
 def report_failure(message: str, error_file: str | None) -> None:
     """One sentence on stderr and, under HTCondor, in the wrapper error file."""
-    line = _one_line(f"broker-pilot: the job was not started: {message}")
+    _report_line(_one_line(f"broker-pilot: the job was not started: {message}"), error_file)
+
+
+def _report_line(line: str, error_file: str | None) -> None:
     sys.stderr.write(line + "\n")
     sys.stderr.flush()
     if error_file:
@@ -630,9 +800,11 @@ def run(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> int:
         f"(allowed by {job.rule!r})")
     code = pilot.run(job)
     reason = job.prepared.audit.reason
-    if code in (EXIT_CLIENT, EXIT_SYSTEM, EXIT_DENIED) and reason:
-        # The wrapper's own failure (the payload's 201-204 are reported as 204).
-        report_failure(reason, error_file)
+    if code != 0 and reason:
+        # Every outcome that is not simply the payload's own exit status: the wrapper's
+        # failures (201-203), exec failures (126/127), the time limit (124), the payload's
+        # own 201-204 reported as 204, outputs not handed back.
+        report_outcome(reason, error_file, started=job.prepared.audit.payload_exit is not None)
     return code
 
 

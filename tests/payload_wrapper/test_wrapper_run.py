@@ -250,7 +250,7 @@ def test_exit_codes(place: JobPlace, status: int, expected: int) -> None:
 def test_missing_command_gets_127(place: JobPlace) -> None:
     done = run_cli(place, "--account", "nobody", "--", "/no/such/payload")
     assert done.returncode == 127
-    assert "not found" in done.stderr
+    assert "cannot execute /no/such/payload: No such file or directory" in done.stderr
 
 
 def test_payload_timeout(place: JobPlace) -> None:
