@@ -22,10 +22,12 @@ import pytest
 
 from broker.pki.loading import load_certificates
 from broker.pki.proxy import chain_job_id
-from tests.payload_wrapper.conftest import make_account, needs_root  # noqa: F401 - fixture
+from tests.payload_wrapper import test_pilot
+from tests.payload_wrapper.conftest import needs_root
 from tests.payload_wrapper.test_pilot import Site, _audit_rows, job_ad
-from tests.payload_wrapper.test_pilot import site as site  # noqa: PLC0414 - the fixture
 from tests.pkifixtures import grid_pki  # noqa: F401 - fixture
+
+site = test_pilot.site  # the same broker-backed pilot node (a module-scoped fixture)
 
 pytestmark = [pytest.mark.root, needs_root]
 
