@@ -248,6 +248,10 @@ def _copy_entry(src_dir: int, name: str, dst_dir: int, rel: str, side: _Side, st
         staged.note(f"{rel}/ cannot be opened ({exc.strerror}): not copied")
         return
     try:
+        opened = os.fstat(sub)  # what was opened, not what lstat saw a moment before
+        if side.source_uids is not None and opened.st_uid not in side.source_uids:
+            staged.note(f"{rel}/ belongs to uid {opened.st_uid}, not to the job: not copied")
+            return
         try:
             out = _open_or_make_dir(name, dst_dir, st.st_mode, side)
         except OSError as exc:
