@@ -436,7 +436,7 @@ class Pilot:
             return f"the outputs could not be handed back: {exc.strerror}"
         try:
             staged = staging.stage_out(
-                dfd, scratch.fd, payload_uids={prepared.run_as.uid, os.geteuid()},
+                dfd, scratch.fd, payload_uids=_payload_uids(prepared),
                 slot_uid=scratch.slot_uid, slot_gid=scratch.slot_gid,
                 requested=job.ad.transfer_output, inputs=scratch.inputs,
                 limits=self._limits())
@@ -566,6 +566,15 @@ class Refresher:
             delay = self._delay(lifetime)
             say(f"refreshed the payload's proxy (valid {lifetime:.0f} s; next refresh in "
                 f"{delay:g} s)")
+
+
+def _payload_uids(job: PreparedJob) -> set[int]:
+    """Whose files in the job directory are outputs: the mapped account's, and in mode sudo
+    (an unprivileged pilot) the pilot's own copies of the inputs; never root's."""
+    uids = {job.run_as.uid}
+    if os.geteuid() != 0:
+        uids.add(os.geteuid())
+    return uids
 
 
 def _staged_command(cmd: str, scratch: Scratch, job_dir: Path) -> str:
