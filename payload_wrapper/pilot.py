@@ -16,13 +16,18 @@ For one job, in order, failing closed at every step before the payload starts:
 5. write the proxy 0600 into a private directory and hand it to the payload
    wrapper's :func:`~payload_wrapper.api.prepare`; the pilot's copy is removed
    as soon as the wrapper holds its own target-owned copy;
+   Under the starter, the job's transferred files are copied from the scratch
+   directory into the job directory for the mapped account (:mod:`payload_wrapper.staging`);
 6. :func:`~payload_wrapper.api.execute` the payload while a background thread
-   refreshes the proxy at ``refresh_fraction`` of its lifetime.
+   refreshes the proxy at ``refresh_fraction`` of its lifetime;
+7. hand the outputs back into the scratch directory, owned by the slot user.
 
 A failure before the payload starts is written to
 ``$_CONDOR_WRAPPER_ERROR_FILE`` (HTCondor puts it in the job's hold reason)
 and on stderr, and the exit status follows the wrapper's codes: 201 the job's
-or its owner's fault, 202 the node's or the broker's, 203 not allowed.
+or its owner's fault, 202 the node's or the broker's, 203 not allowed. So is
+every later outcome that is not simply the payload's own exit status (126/127
+when the mapped account cannot execute the command, 124, outputs not handed back).
 
 The starter runs this as root in an environment the job controls, so the
 entry point is the static launcher (:mod:`payload_wrapper.launcher`), which
@@ -506,7 +511,6 @@ class Pilot:
         if problem is not None:
             reason = job.prepared.audit.reason
             job.prepared.audit.reason = f"{reason}; {problem}" if reason else problem
-            say(problem)
             if code == 0:
                 code = EXIT_SYSTEM
         return code
