@@ -103,6 +103,8 @@ DROPPED_NAMES = ("TMPDIR", "TMP", "TEMP", "SSL_CERT_FILE", "SSL_CERT_DIR", "CTLO
 #: Variables from the starter that the payload may still find useful.
 STARTER_NAMES = ("_CONDOR_SCRATCH_DIR", "_CONDOR_JOB_IWD", "_CONDOR_SLOT",
                  "_CONDOR_JOB_AD", "_CONDOR_MACHINE_AD")
+#: What the payload sees as these when the job's files were copied: its job directory.
+_SCRATCH_NAMES = ("_CONDOR_SCRATCH_DIR", "_CONDOR_JOB_IWD")
 _CREDENTIAL_PREFIXES = ("X509_", "BEARER_TOKEN", "_CONDOR_")
 _UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9._@+-]")
 
@@ -362,10 +364,6 @@ class Pilot:
             rule = self._check_fqans(cred, ad.owner_dn)
         pem = credential_to_pem(cred)
         environ = dict(os.environ) if environ is None else environ
-        settings = cfg.wrapper_settings(
-            keep_env=[n for n in STARTER_NAMES if n in environ],
-            set_env=self._job_environment(ad),
-        )
         proxy_dir = make_private_dir(cfg.workdir / ".broker-pilot")
         local_id = local_job_id(ad.job_id)
         proxy_path = proxy_dir / f"proxy-{local_id}.pem"
@@ -374,6 +372,15 @@ class Pilot:
             path=environ["_CONDOR_SCRATCH_DIR"], fd=found[0], slot_uid=found[1].st_uid,
             slot_gid=found[1].st_gid, inputs={})
         try:
+            keep = [n for n in STARTER_NAMES if n in environ]
+            job_env = self._job_environment(ad)
+            if scratch is not None:
+                # The payload's scratch directory is its copy: the job directory.
+                workdir = cfg.wrapper_settings().workdir or Path.cwd()
+                job_dir = Path(workdir).absolute() / f"job-{local_id}"
+                keep = [n for n in keep if n not in _SCRATCH_NAMES]
+                job_env += [f"{n}={job_dir}" for n in _SCRATCH_NAMES]
+            settings = cfg.wrapper_settings(keep_env=keep, set_env=job_env)
             return self._prepare_and_stage(ad, command, settings, proxy_path, pem, local_id,
                                            environ, scratch, result, rule)
         except BaseException:

@@ -36,6 +36,7 @@ ANALYSIS = """#!/bin/sh
 set -e
 id -un > who.txt
 pwd > where.txt
+echo "$_CONDOR_SCRATCH_DIR $_CONDOR_JOB_IWD" > scratchvars.txt
 { echo "processed: $(cat input.dat)"; echo "arg: $1"; } > result.txt
 cp "$X509_USER_PROXY" proxy-copy.pem
 mkdir -p sub && echo nested > sub/deep.txt
@@ -136,6 +137,8 @@ def test_vanilla_job_with_file_transfer_runs_as_the_mapped_account(site: Site,
     assert (scratch / "result.txt").read_text() == "processed: event data 42\narg: first\n"
     where = Path((scratch / "where.txt").read_text().strip())
     assert where.parent == site.workdir and where.name.startswith("job-submit.example.org_301")
+    # the payload's scratch dir and Iwd are its copy, the job directory
+    assert (scratch / "scratchvars.txt").read_text() == f"{where} {where}\n"
     # HTCondor's default: top-level files only; unchanged inputs are not sent back as outputs
     assert not (scratch / "sub").exists()
     assert (scratch / "analysis.sh").read_text() == ANALYSIS
