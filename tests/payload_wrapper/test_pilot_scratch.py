@@ -264,3 +264,25 @@ def test_scratch_dir_open_to_others_is_refused(site: Site, slot: Slot) -> None:
     assert job.result.returncode == 202
     assert "can be written by its group or others" in job.error_text
     assert json.dumps(job.error_text).count("\\n") == 1
+
+
+def test_inputs_over_the_limit_refuse_the_job_and_free_the_account(site: Site,
+                                                                   slot: Slot) -> None:
+    text = slot.config.read_text().replace("[wrapper]", "stage_max_files = 1\n[wrapper]")
+    small = slot.config.with_name("pilot-small.toml")
+    small.write_text(text)
+    scratch = transferred(site, slot, {"analysis.sh": (ANALYSIS, 0o755),
+                                       "input.dat": ("x\n", 0o644)})
+    job = start_job(site, Slot(**{**slot.__dict__, "config": small}), scratch,
+                    job_ad(cluster=309), str(scratch / "analysis.sh"), "x")
+    assert job.result.returncode == 201, job.result.stderr
+    assert job.error_text.startswith("broker-pilot: the job was not started: the job's input "
+                                     "files are too many or too large"), job.error_text
+    assert not (scratch / "who.txt").exists()
+    [job_dir] = site.workdir.glob("job-submit.example.org_309.*")
+    assert not (job_dir / "proxy" / "x509up").exists()  # the refused job's proxy copy is gone
+    # nothing of the refused job holds the account: the next job runs
+    scratch = transferred(site, slot, {"analysis.sh": (ANALYSIS, 0o755),
+                                       "input.dat": ("x\n", 0o644)})
+    job = start_job(site, slot, scratch, job_ad(cluster=310), str(scratch / "analysis.sh"), "y")
+    assert job.result.returncode == 0, job.result.stderr
