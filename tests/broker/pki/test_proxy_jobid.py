@@ -103,3 +103,23 @@ def test_job_bound_proxy_accepted_by_openssl_globus_and_voms(
     text = run(["openssl", "x509", "-noout", "-text", "-in", str(path)])
     assert JOB_ID_OID.dotted_string in text.stdout
     assert JOB in text.stdout
+
+
+# --------------------------------------------------------------------------- the service
+
+from tests.broker import test_service as _svc  # noqa: E402 - the service fixtures
+
+service = _svc.service
+clock = _svc.clock
+
+
+@pytest.mark.parametrize("job_id", ["submit.example.org#9.0#1700000000", "j" * 256,
+                                    "job\u200eid", "ünïcode#1.0"])
+def test_audit_row_and_issued_proxy_name_the_same_job(service: _svc.BrokerService,
+                                                      grid_pki: GridPki, job_id: str) -> None:
+    _svc.delegate(service, grid_pki)
+    issued = service.retrieve(_svc.who(service, grid_pki, "pilot"), csr_pem=_svc.csr(),
+                              username="alice", job_id=job_id)
+    [row] = [r for r in service.store.query_audit(owner_dn=_svc.ALICE) if r.action == "retrieve"]
+    assert row.job_id is not None
+    assert chain_job_id(issued.chain) == row.job_id
