@@ -286,3 +286,34 @@ def test_inputs_over_the_limit_refuse_the_job_and_free_the_account(site: Site,
                                        "input.dat": ("x\n", 0o644)})
     job = start_job(site, slot, scratch, job_ad(cluster=310), str(scratch / "analysis.sh"), "y")
     assert job.result.returncode == 0, job.result.stderr
+
+
+def test_mode_sudo_job_with_file_transfer(site: Site, slot: Slot) -> None:
+    # The wrapper half of the glidein layout: the payload is started through sudo and the
+    # helper (sudo stands in as runuser), files are copied as in mode setuid.
+    import shutil
+    import site as pysite
+
+    runuser = shutil.which("runuser")
+    assert runuser is not None
+    shim = site.base / "sudo-shim"
+    shim.write_text('#!/bin/sh\n[ "$1" = -n ] && [ "$2" = -u ] && [ "$4" = -- ] || exit 1\n'
+                    f'account=$3\nshift 4\nexec {runuser} -u "$account" -- "$@"\n')
+    shim.chmod(0o755)
+    paths = [str(Path(__file__).resolve().parents[2]), *pysite.getsitepackages()]
+    helper = site.base / "sudo-helper"
+    helper.write_text(f"#!/usr/bin/python3\nimport sys\nsys.path[:0] = {paths!r}\n"
+                      "from payload_wrapper.switch import helper_main\n"
+                      "sys.exit(helper_main(sys.argv[2:]))\n")
+    helper.chmod(0o755)
+    text = slot.config.read_text().replace('mode = "setuid"', 'mode = "sudo"')
+    config = slot.config.with_name("pilot-sudo.toml")
+    config.write_text(text + f'sudo = "{shim}"\nsudo_helper = "{helper}"\n')
+    scratch = transferred(site, slot, {"analysis.sh": (ANALYSIS, 0o755),
+                                       "input.dat": ("sudo data\n", 0o644)})
+    job = start_job(site, Slot(**{**slot.__dict__, "config": config}), scratch,
+                    job_ad(cluster=311), str(scratch / "analysis.sh"), "s")
+    assert job.result.returncode == 0, job.result.stderr
+    assert (scratch / "who.txt").read_text().strip() == slot.mapped
+    assert (scratch / "result.txt").read_text() == "processed: sudo data\narg: s\n"
+    assert _owned(scratch / "result.txt", slot.slot_uid)
