@@ -918,7 +918,8 @@ class BrokerService:
                             or retrieval_limited)
             proxy_type = ProxyType.LIMITED if make_limited else ProxyType.IMPERSONATION
             issued = sign_request(grant.issuer, csr, now=now, lifetime=granted,
-                                  proxy_type=proxy_type)
+                                  proxy_type=proxy_type,
+                                  job_id=_audit_text(grant.job_id, 255))  # as audited
             self.store.add_audit(self._audit(
                 requester, grant.action.value, "allow",
                 reason=f"{decision.reason}: {decision.rule.name if decision.rule else ''}",

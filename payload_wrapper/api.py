@@ -72,6 +72,7 @@ from payload_wrapper.mapping import (
 )
 from payload_wrapper.mapping import Mapping as AccountMapping
 from payload_wrapper.switch import (
+    EXEC_FAILED_WORD,
     STARTED_LINE,
     LaunchSpec,
     RunResult,
@@ -83,7 +84,9 @@ from payload_wrapper.switch import (
 __all__ = [
     "Identity",
     "PreparedJob",
+    "abandon",
     "check_proxy",
+    "exec_failure_message",
     "execute",
     "prepare",
     "refresh_proxy",
@@ -132,6 +135,7 @@ class PreparedJob:
     started_fd: int = -1  # its read end, opened before sudo runs
     containment: str = "session"  # cgroup | uid | session (the mechanism chosen)
     uid_lock: UidLock | None = None  # one owner per uid while the job lives
+    shown_command: str | None = None  # argv[0] as the job named it (messages only)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     finished: bool = False
 
@@ -470,15 +474,35 @@ def _prepare_sudo(job: PreparedJob, workdir: Path, pem: bytes) -> None:
         os.close(fd)
 
 
-def _helper_started(job: PreparedJob) -> bool:
-    """Whether the sudo helper wrote its line before exec (read once, after the payload's exit)."""
+def _helper_started(job: PreparedJob) -> tuple[bool, tuple[int, str] | None]:
+    """Whether the sudo helper wrote its line before exec, and why exec failed if it says so.
+
+    Read once, after the payload's exit. The "exec-failed" line is believed only when the
+    payload's status is the code it names (see :func:`_interpret`).
+    """
     if job.started_fd < 0:
-        return False
+        return False, None
     try:
         first = os.read(job.started_fd, len(STARTED_LINE))
     except BlockingIOError:
         first = b""
-    return first == STARTED_LINE
+    if first != STARTED_LINE:
+        return False, None
+    try:
+        rest = os.read(job.started_fd, 512).decode("utf-8", "replace")
+    except BlockingIOError:
+        rest = ""
+    word, _, tail = rest.partition(" ")
+    code, _, why = tail.partition(" ")
+    if word == EXEC_FAILED_WORD and code in ("126", "127"):
+        return True, (int(code), why.splitlines()[0] if why else "")
+    return True, None
+
+
+def exec_failure_message(job: PreparedJob, why: str) -> str:
+    """One sentence for a payload that could not be started as the mapped account."""
+    shown = job.shown_command or (job.command[0] if job.command else "?")
+    return f"the mapped account {job.run_as.name} cannot execute {shown}: {why}"
 
 
 # --------------------------------------------------------------------------- refresh
@@ -636,12 +660,17 @@ def _execute(job: PreparedJob) -> int:
 
 def _interpret(job: PreparedJob, result: RunResult) -> tuple[int, str | None]:
     if result.returncode is None:
-        return result.exit_code_hint or EXIT_SYSTEM, result.exec_error
-    if job.settings.mode == "sudo" and not _helper_started(job):
-        return EXIT_SYSTEM, (
-            f"sudo or the helper failed before the payload started (status {result.returncode}); "
-            "check the sudoers rule in docs/payload-wrapper.md"
-        )
+        return (result.exit_code_hint or EXIT_SYSTEM,
+                exec_failure_message(job, result.exec_error or "exec failed"))
+    if job.settings.mode == "sudo":
+        started, failed = _helper_started(job)
+        if not started:
+            return EXIT_SYSTEM, (
+                f"sudo or the helper failed before the payload started (status "
+                f"{result.returncode}); check the sudoers rule in docs/payload-wrapper.md"
+            )
+        if failed is not None and failed[0] == result.returncode:
+            return failed[0], exec_failure_message(job, failed[1])
     if result.timed_out:
         return EXIT_TIMEOUT, (
             f"the payload ran longer than its time limit of {job.settings.payload_timeout:g} s "
@@ -700,6 +729,35 @@ def _finish(job: PreparedJob, reason: str | None) -> str | None:
         elif status:
             problems.append(f"the epilogue {s.epilogue[0]} exited with {status}")
     return "; ".join(problems) or None
+
+
+def abandon(job: PreparedJob, exc: BrokerError) -> int:
+    """Give up a prepared job that will not run (e.g. its inputs could not be staged).
+
+    Removes what :func:`prepare` made for the payload (proxy copy, egg cache, sudo
+    spec and FIFO), releases the account, audits the refusal; returns the exit code.
+    """
+    code = exit_code_for(exc)
+    with job._lock:
+        job.finished = True
+        if job.sandbox is not None:
+            with contextlib.suppress(OSError):
+                job.sandbox.remove_proxy()
+            job.sandbox.remove_egg_cache()
+            job.sandbox.close()
+        for leftover in (job.spec_path, job.started_path):
+            if leftover is not None:
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
+        if job.started_fd >= 0:
+            os.close(job.started_fd)
+            job.started_fd = -1
+    if job.uid_lock is not None:
+        job.uid_lock.release()
+    say(f"the payload was not started: {exc.message}")
+    job.audit.end, job.audit.exit, job.audit.reason = datetime.now(UTC), code, exc.message
+    _audit(job.settings, job.audit)
+    return code
 
 
 def _audit(settings: WrapperSettings, record: AuditRecord) -> None:

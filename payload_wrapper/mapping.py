@@ -129,6 +129,27 @@ def parse_ban_text(text: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+def ban_entry(text: str) -> str:
+    """A ban entry as the list compares it: a DN (``/DC=…/CN=…``) or an FQAN (``/vo/group``,
+    also written ``fqan:/vo/group`` as in policies and ``allowed_owners``).
+
+    Anything else is refused: an entry that could never match would ban nobody silently.
+    """
+    entry = text.strip()
+    if entry.lower().startswith("fqan:"):
+        fqan = entry[5:].strip()
+        if not is_fqan(fqan):
+            raise WrapperSystemError(
+                f"the ban entry {text!r} is not an FQAN: write fqan:/vo[/group][/Role=role]",
+                reason="bad_ban")
+        return fqan
+    if not entry.startswith("/") or entry == "/":
+        raise WrapperSystemError(
+            f"the ban entry {text!r} is neither a DN (/DC=org/.../CN=name) nor an FQAN "
+            "(/vo/group or fqan:/vo/group); it would ban nobody", reason="bad_ban")
+    return entry
+
+
 @dataclass(frozen=True)
 class BanList:
     """Banned DNs (compared without case) and FQANs (a group bans everything below it)."""
@@ -148,7 +169,7 @@ class BanList:
                 ) from None
             except (OSError, UnicodeDecodeError) as exc:
                 raise WrapperSystemError(f"cannot read the ban file {ban_file}: {exc}") from exc
-        return cls(tuple(items))
+        return cls(tuple(ban_entry(item) for item in items))
 
     @property
     def has_fqans(self) -> bool:

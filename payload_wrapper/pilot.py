@@ -16,13 +16,18 @@ For one job, in order, failing closed at every step before the payload starts:
 5. write the proxy 0600 into a private directory and hand it to the payload
    wrapper's :func:`~payload_wrapper.api.prepare`; the pilot's copy is removed
    as soon as the wrapper holds its own target-owned copy;
+   Under the starter, the job's transferred files are copied from the scratch
+   directory into the job directory for the mapped account (:mod:`payload_wrapper.staging`);
 6. :func:`~payload_wrapper.api.execute` the payload while a background thread
-   refreshes the proxy at ``refresh_fraction`` of its lifetime.
+   refreshes the proxy at ``refresh_fraction`` of its lifetime;
+7. hand the outputs back into the scratch directory, owned by the slot user.
 
 A failure before the payload starts is written to
 ``$_CONDOR_WRAPPER_ERROR_FILE`` (HTCondor puts it in the job's hold reason)
 and on stderr, and the exit status follows the wrapper's codes: 201 the job's
-or its owner's fault, 202 the node's or the broker's, 203 not allowed.
+or its owner's fault, 202 the node's or the broker's, 203 not allowed. So is
+every later outcome that is not simply the payload's own exit status (126/127
+when the mapped account cannot execute the command, 124, outputs not handed back).
 
 The starter runs this as root in an environment the job controls, so the
 entry point is the static launcher (:mod:`payload_wrapper.launcher`), which
@@ -60,11 +65,11 @@ from broker.pki.dn import slash_from_name
 from broker.pki.loading import Credential, credential_to_pem, key_to_pem, load_private_key
 from broker.pki.proxy import generate_key, proxy_info
 from broker.policy import FqanError, Subject, parse_fqan, parse_pattern
-from payload_wrapper.api import PreparedJob, execute, prepare, refresh_proxy
+from payload_wrapper import staging
+from payload_wrapper.api import PreparedJob, abandon, execute, prepare, refresh_proxy
 from payload_wrapper.environment import RESERVED_NAMES, is_refused
 from payload_wrapper.errors import (
     EXIT_CLIENT,
-    EXIT_DENIED,
     EXIT_SYSTEM,
     AuthorizationDenied,
     WrapperSystemError,
@@ -99,6 +104,8 @@ DROPPED_NAMES = ("TMPDIR", "TMP", "TEMP", "SSL_CERT_FILE", "SSL_CERT_DIR", "CTLO
 #: Variables from the starter that the payload may still find useful.
 STARTER_NAMES = ("_CONDOR_SCRATCH_DIR", "_CONDOR_JOB_IWD", "_CONDOR_SLOT",
                  "_CONDOR_JOB_AD", "_CONDOR_MACHINE_AD")
+#: What the payload sees as these when the job's files were copied: its job directory.
+_SCRATCH_NAMES = ("_CONDOR_SCRATCH_DIR", "_CONDOR_JOB_IWD")
 _CREDENTIAL_PREFIXES = ("X509_", "BEARER_TOKEN", "_CONDOR_")
 _UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9._@+-]")
 
@@ -218,7 +225,51 @@ class StartedJob:
     rule: str  # the allowed_owners entry that admitted the owner
     token: TokenFile | None = None  # the payload's BEARER_TOKEN_FILE (job_token_issuer)
     token_lifetime: float = 0.0
+    scratch: Scratch | None = None  # the starter's scratch dir when the job's files are staged
 
+
+@dataclass
+class Scratch:
+    """The starter's scratch directory (open) and what was copied from it into the job dir."""
+
+    path: str
+    fd: int
+    slot_uid: int
+    slot_gid: int
+    inputs: dict[str, tuple[int, int, int]]
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def starter_scratch(environ: Mapping[str, str]) -> tuple[int, os.stat_result] | None:
+    """The scratch directory to stage through, or None (with a note) when there is none.
+
+    Only the starter's layout qualifies: ``_CONDOR_SCRATCH_DIR`` is the working
+    directory the pilot was started in (the starter's chdir, which the job cannot
+    choose), it is not a link, nobody but its owner can write it, and as root it is
+    not root's own (a slot user owns a real one).
+    """
+    path = environ.get("_CONDOR_SCRATCH_DIR")
+    if not path or not os.path.isabs(path):
+        return None
+    fd, st = staging.open_scratch(path)
+    try:
+        here = os.stat(".")
+    except OSError:
+        here = None
+    why = None
+    if here is None or (here.st_dev, here.st_ino) != (st.st_dev, st.st_ino):
+        why = "it is not the working directory the starter started the pilot in"
+    elif os.geteuid() == 0 and st.st_uid == 0:
+        why = "it belongs to root, not to a slot user"
+    if why is not None:
+        os.close(fd)
+        say(f"not copying files between {_one_line(path)} and the job directory: {why}")
+        return None
+    return fd, st
 
 def local_job_id(job_id: str) -> str:
     """A path-safe, unique name for the wrapper's job directory derived from the job id."""
@@ -345,26 +396,117 @@ class Pilot:
             job_token = self.job_token(ad)
         pem = credential_to_pem(cred)
         environ = dict(os.environ) if environ is None else environ
-        settings = cfg.wrapper_settings(
-            keep_env=[n for n in STARTER_NAMES if n in environ],
-            set_env=self._job_environment(ad),
-        )
         proxy_dir = make_private_dir(cfg.workdir / ".broker-pilot")
         local_id = local_job_id(ad.job_id)
         proxy_path = proxy_dir / f"proxy-{local_id}.pem"
+        found = starter_scratch(environ)
+        scratch = None if found is None else Scratch(
+            path=environ["_CONDOR_SCRATCH_DIR"], fd=found[0], slot_uid=found[1].st_uid,
+            slot_gid=found[1].st_gid, inputs={})
+        try:
+            keep = [n for n in STARTER_NAMES if n in environ]
+            job_env = self._job_environment(ad)
+            if scratch is not None:
+                # The payload's scratch directory is its copy: the job directory.
+                workdir = cfg.wrapper_settings().workdir or Path.cwd()
+                job_dir = Path(workdir).absolute() / f"job-{local_id}"
+                keep = [n for n in keep if n not in _SCRATCH_NAMES]
+                job_env += [f"{n}={job_dir}" for n in _SCRATCH_NAMES]
+            settings = cfg.wrapper_settings(keep_env=keep, set_env=job_env)
+            return self._prepare_and_stage(ad, command, settings, proxy_path, pem, local_id,
+                                           environ, scratch, result, rule, job_token)
+        except BaseException:
+            if scratch is not None:
+                scratch.close()
+            raise
+
+    def _prepare_and_stage(self, ad: JobAd, command: Sequence[str], settings: Any,
+                           proxy_path: Path, pem: bytes, local_id: str,
+                           environ: dict[str, str],
+                           scratch: Scratch | None, result: dict[str, Any],
+                           rule: str, job_token: tuple[str, float] | None) -> StartedJob:
+        workdir = Path(settings.workdir or Path.cwd()).absolute()
+        job_dir = workdir / f"job-{local_id}"
+        shown = command[0]
+        argv = list(command)
+        if scratch is not None:
+            argv[0] = _staged_command(argv[0], scratch, job_dir)
         write_private_file(proxy_path, pem, mode=0o600)
         try:
-            prepared = prepare(settings, proxy_path, list(command), job_id=local_id,
+            prepared = prepare(settings, proxy_path, argv, job_id=local_id,
                                now=self.clock(), caller_env=environ)
         finally:
             with contextlib.suppress(OSError):
                 proxy_path.unlink()
+        prepared.shown_command = shown
+        if scratch is not None:
+            try:
+                scratch.inputs = self._stage_in(prepared, scratch)
+            except BrokerError as exc:
+                abandon(prepared, exc)
+                raise
         started = StartedJob(ad=ad, prepared=prepared, lifetime=float(result["lifetime"]),
-                             rule=rule)
+                             rule=rule, scratch=scratch)
         if job_token is not None:
-            started.token = place_token(prepared, job_token[0])
+            try:
+                started.token = place_token(prepared, job_token[0])
+            except BrokerError as exc:
+                abandon(prepared, exc)  # the sandbox goes, as for any failure before the start
+                raise
             started.token_lifetime = job_token[1]
         return started
+
+    def _limits(self) -> staging.Limits:
+        return staging.Limits(files=self.config.stage_max_files,
+                              bytes=self.config.stage_max_bytes)
+
+    def _stage_in(self, job: PreparedJob, scratch: Scratch) -> dict[str, tuple[int, int, int]]:
+        try:
+            dfd = os.open(job.job_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError as exc:
+            raise WrapperSystemError(f"cannot open the job directory {job.job_dir}: "
+                                     f"{exc.strerror}") from None
+        try:
+            staged = staging.stage_in(scratch.fd, dfd, slot_uid=scratch.slot_uid,
+                                      uid=job.run_as.uid, gid=job.run_as.gid,
+                                      limits=self._limits())
+        finally:
+            os.close(dfd)
+        for note in staged.notes:
+            say(f"input {_one_line(note)}")
+        return staged.copies
+
+    def stage_out(self, job: StartedJob) -> str | None:
+        """Copy the payload's outputs into the scratch directory; returns a problem or None."""
+        scratch = job.scratch
+        if scratch is None:
+            return None
+        prepared = job.prepared
+        try:
+            dfd = os.open(prepared.job_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError as exc:
+            return f"the outputs could not be handed back: {exc.strerror}"
+        try:
+            staged = staging.stage_out(
+                dfd, scratch.fd, payload_uids=_payload_uids(prepared),
+                slot_uid=scratch.slot_uid, slot_gid=scratch.slot_gid,
+                requested=job.ad.transfer_output, inputs=scratch.inputs,
+                limits=self._limits())
+        except BrokerError as exc:
+            return f"the outputs were not handed back: {exc.message}"
+        except OSError as exc:
+            return f"handing the outputs back failed: {exc.strerror or exc}"
+        finally:
+            os.close(dfd)
+        for note in staged.notes:
+            say(f"output {_one_line(note)}")
+        if staged.over_limit:
+            return (f"only part of the outputs were handed back to {scratch.path}: they exceed "
+                    f"{staged.over_limit} (stage_max_files/stage_max_bytes)")
+        missing = [n for n in staged.notes if n.endswith("was not found in the job directory")]
+        if missing:
+            return f"not all of transfer_output_files were written: {'; '.join(missing[:3])}"
+        return None
 
     def _check_fqans(self, cred: Credential, dn: str) -> str:
         from broker.pki.chain import validate_chain
@@ -408,13 +550,24 @@ class Pilot:
         if token_refresher is not None:
             token_refresher.start()
         try:
-            return execute(job.prepared)
+            code = execute(job.prepared)
         finally:
             refresher.stop()
             if token_refresher is not None:
                 token_refresher.stop()
             if job.token is not None:
                 job.token.remove()
+        try:
+            problem = self.stage_out(job)
+        finally:
+            if job.scratch is not None:
+                job.scratch.close()
+        if problem is not None:
+            reason = job.prepared.audit.reason
+            job.prepared.audit.reason = f"{reason}; {problem}" if reason else problem
+            if code == 0:
+                code = EXIT_SYSTEM
+        return code
 
 
 class Refresher:
@@ -516,6 +669,36 @@ class TokenRefresher:
             delay = self._delay(lifetime)
 
 
+def _payload_uids(job: PreparedJob) -> set[int]:
+    """Whose files in the job directory are outputs: the mapped account's, and in mode sudo
+    (an unprivileged pilot) the pilot's own copies of the inputs; never root's."""
+    uids = {job.run_as.uid}
+    if os.geteuid() != 0:
+        uids.add(os.geteuid())
+    return uids
+
+
+def _staged_command(cmd: str, scratch: Scratch, job_dir: Path) -> str:
+    """Where the payload finds ``cmd`` when it is a file the starter put in the scratch dir."""
+    if "/" not in cmd:
+        return cmd  # looked up on PATH
+    full = os.path.normpath(cmd if os.path.isabs(cmd) else os.path.join(scratch.path, cmd))
+    top = os.path.normpath(scratch.path)
+    if not full.startswith(top + "/"):
+        return cmd
+    rel = full[len(top) + 1:]
+    parts = rel.split("/")
+    if parts[0] in staging.RESERVED_NAMES or parts[0] in staging.STARTER_FILES:
+        return cmd
+    try:
+        st = os.stat(rel, dir_fd=scratch.fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return str(job_dir / rel)  # fails there as "No such file", which is the truth
+    except OSError:
+        return cmd
+    return str(job_dir / rel) if stat.S_ISREG(st.st_mode) else cmd
+
+
 # --------------------------------------------------------------------------- command line
 
 
@@ -567,9 +750,20 @@ def write_error_file(line: str, error_file: str) -> str | None:
     return None
 
 
+def report_outcome(message: str, error_file: str | None, *, started: bool) -> None:
+    """A failure after ``prepare``: "not started" unless the payload ran."""
+    if not started:
+        report_failure(message, error_file)
+        return
+    _report_line(_one_line(f"broker-pilot: {message}"), error_file)
+
+
 def report_failure(message: str, error_file: str | None) -> None:
     """One sentence on stderr and, under HTCondor, in the wrapper error file."""
-    line = _one_line(f"broker-pilot: the job was not started: {message}")
+    _report_line(_one_line(f"broker-pilot: the job was not started: {message}"), error_file)
+
+
+def _report_line(line: str, error_file: str | None) -> None:
     sys.stderr.write(line + "\n")
     sys.stderr.flush()
     if error_file:
@@ -716,9 +910,11 @@ def run(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> int:
         f"(allowed by {job.rule!r})")
     code = pilot.run(job)
     reason = job.prepared.audit.reason
-    if code in (EXIT_CLIENT, EXIT_SYSTEM, EXIT_DENIED) and reason:
-        # The wrapper's own failure (the payload's 201-204 are reported as 204).
-        report_failure(reason, error_file)
+    if code != 0 and reason:
+        # Every outcome that is not simply the payload's own exit status: the wrapper's
+        # failures (201-203), exec failures (126/127), the time limit (124), the payload's
+        # own 201-204 reported as 204, outputs not handed back.
+        report_outcome(reason, error_file, started=job.prepared.audit.payload_exit is not None)
     return code
 
 

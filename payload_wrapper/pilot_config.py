@@ -36,6 +36,8 @@ a file the job wrote is refused (202), never read (:func:`trusted_config_path`).
     job_token_issuer = "cms"         # also give each payload an access token (BEARER_TOKEN_FILE)
     job_token_scopes = ["compute.read"]   # what the job asks for (the broker narrows it)
     job_token_audience = "https://ce.example.org"   # optional
+    stage_max_files = 10000          # job files copied between scratch and job directory
+    stage_max_bytes = 17179869184    # (each way, per job)
     [wrapper]                        # payload-wrapper settings (docs/payload-wrapper.md)
     mode = "setuid"
     gridmapfile = "/etc/grid-security/grid-mapfile"   # owners -> .pool accounts
@@ -97,6 +99,8 @@ class PilotConfig:
     job_token_issuer: str | None = None  # per-job access tokens from this broker issuer
     job_token_scopes: tuple[str, ...] = ()
     job_token_audience: str | None = None
+    stage_max_files: int = 10_000  # the job's files copied in (and out) per job
+    stage_max_bytes: int = 16 << 30
 
     @property
     def dn_owners(self) -> tuple[str, ...]:
@@ -225,8 +229,8 @@ def _text(data: Mapping[str, Any], name: str, source: str, default: str | None =
 _KNOWN = {"broker_url", "cert", "key", "proxy", "ca_dir", "vomsdir", "allowed_owners", "workdir",
           "key_type", "rsa_pool_dir", "bind_submitter", "lifetime_hours", "refresh_fraction",
           "refresh_interval_seconds", "refresh_retry_seconds", "retrieve_attempts",
-          "retry_delay_seconds", "timeout_seconds", "wrapper", "token_file", "job_token_issuer",
-          "job_token_scopes", "job_token_audience"}
+          "retry_delay_seconds", "timeout_seconds", "stage_max_files", "stage_max_bytes",
+          "wrapper", "token_file", "job_token_issuer", "job_token_scopes", "job_token_audience"}
 
 
 def parse_pilot_config(data: Mapping[str, Any], *, source: str = "pilot.toml",
@@ -266,6 +270,12 @@ def parse_pilot_config(data: Mapping[str, Any], *, source: str = "pilot.toml",
     attempts = data.get("retrieve_attempts", 2)
     if isinstance(attempts, bool) or not isinstance(attempts, int) or not 1 <= attempts <= 10:
         raise _bad(source, "retrieve_attempts must be a whole number from 1 to 10")
+    stage: dict[str, int] = {}
+    for name, default in (("stage_max_files", 10_000), ("stage_max_bytes", 16 << 30)):
+        value = data.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise _bad(source, f"{name} must be a whole number of at least 1")
+        stage[name] = value
     pool = data.get("rsa_pool_dir")
     if pool is not None and (not isinstance(pool, str) or not pool):
         raise _bad(source, "rsa_pool_dir must be a directory path")
@@ -295,4 +305,5 @@ def parse_pilot_config(data: Mapping[str, Any], *, source: str = "pilot.toml",
         retry_delay_seconds=_number(data, "retry_delay_seconds", 2.0, source) or 2.0,
         timeout_seconds=_number(data, "timeout_seconds", 30.0, source) or 30.0,
         wrapper_file=dict(wrapper or {}),
+        stage_max_files=stage["stage_max_files"], stage_max_bytes=stage["stage_max_bytes"],
     )

@@ -64,6 +64,7 @@ from payload_wrapper.errors import (
 from payload_wrapper.mapping import Account
 
 __all__ = [
+    "EXEC_FAILED_WORD",
     "FORWARDED_SIGNALS",
     "STARTED_LINE",
     "LaunchSpec",
@@ -84,6 +85,7 @@ _PR_SET_CHILD_SUBREAPER = 36
 _PR_GET_CHILD_SUBREAPER = 37
 _KILL_ROUNDS = 50
 STARTED_LINE = b"started\n"  # the sudo helper's word that exec follows
+EXEC_FAILED_WORD = "exec-failed"  # its second line when exec failed: "exec-failed CODE WHY"
 _REAP_EVERY = 0.25  # seconds between reaping the job's orphaned zombies
 
 
@@ -258,7 +260,7 @@ class LaunchSpec:
 class RunResult:
     returncode: int | None  # None: the payload never started (exec failed)
     timed_out: bool
-    exec_error: str | None = None
+    exec_error: str | None = None  # why exec failed (strerror)
     exit_code_hint: int | None = None  # 126/127 when exec failed
     leftovers: int = 0  # processes killed after the payload's exit
 
@@ -384,14 +386,10 @@ def run_tracked(
                 "not started"
             ) from exc
         except FileNotFoundError as exc:
-            return RunResult(None, False, f"{spec.argv[0]}: command not found ({exc.strerror})",
+            return RunResult(None, False, exc.strerror or "No such file or directory",
                              EXIT_NOT_FOUND)
-        except PermissionError as exc:
-            return RunResult(None, False, f"{spec.argv[0]}: cannot execute ({exc.strerror})",
-                             EXIT_EXEC_FAILED)
         except OSError as exc:
-            return RunResult(None, False, f"{spec.argv[0]}: cannot execute ({exc.strerror})",
-                             EXIT_EXEC_FAILED)
+            return RunResult(None, False, exc.strerror or str(exc), EXIT_EXEC_FAILED)
         pgid = proc.pid  # start_new_session: the payload leads its own group
 
         def forward(signum: int) -> None:
@@ -594,14 +592,19 @@ def _helper_run(spec_path: Path) -> int:
     # the wrapper created (in its own directory) and reads after the payload's exit.
     # Only the first line counts, and nothing of the payload exists before this write,
     # so no file or message of the payload can change the wrapper's verdict.
+    # The descriptor stays open (close-on-exec) so that a failed exec can say why on a
+    # second line; a successful exec closes it.
     started = os.open(spec["started"], os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         os.write(started, STARTED_LINE)
+        try:
+            os.execvpe(argv[0], argv, env)  # noqa: S606 - argv list, no shell
+        except OSError as exc:
+            code = EXIT_NOT_FOUND if isinstance(exc, FileNotFoundError) else EXIT_EXEC_FAILED
+            why = (exc.strerror or str(exc)).replace("\n", " ")[:200]
+            with contextlib.suppress(OSError):
+                os.write(started, f"{EXEC_FAILED_WORD} {code} {why}\n".encode())
+            return _helper_fail(f"{argv[0]}: cannot execute ({why})", code)
     finally:
         os.close(started)
-    try:
-        os.execvpe(argv[0], argv, env)  # noqa: S606 - argv list, no shell
-    except FileNotFoundError:
-        return _helper_fail(f"{argv[0]}: command not found", EXIT_NOT_FOUND)
-    except OSError as exc:
-        return _helper_fail(f"{argv[0]}: cannot execute ({exc.strerror})", EXIT_EXEC_FAILED)
+    return EXIT_EXEC_FAILED  # pragma: no cover - execvpe returns only by raising

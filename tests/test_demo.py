@@ -18,8 +18,12 @@ def test_demo_runs_end_to_end_and_leaves_nothing() -> None:
     assert result.returncode == 0, out[-3000:] + result.stderr[-3000:]
     # no right on the credential: the not-found answer (exit 4), as for a missing one
     assert "(refused as expected, exit 4)" in out
-    # two jobs ran, each with its owner's proxy
-    assert out.count("output.txt") == 2
+    # two jobs ran, each with its owner's proxy, their outputs handed back into the
+    # scratch dirs (the slot user's)
+    assert out.count("output.txt (handed back into the scratch dir, owned by ") == 2
+    assert "input   : events of alice" in out and "input   : events of bob" in out
+    # a job's proxy names its job
+    assert "job id   : demo#0.0" in out
     assert "proxy   : /DC=org/DC=example/CN=Alice/CN=" in out
     assert "proxy   : /DC=org/DC=example/CN=Bob/CN=" in out
     # the audit trail names the pilot, its FQAN and both jobs
@@ -28,5 +32,5 @@ def test_demo_runs_end_to_end_and_leaves_nothing() -> None:
     assert "/DC=org/DC=example/CN=pilot (/atlas/Role=pilot/Capability=NULL)" in out
     # nothing left behind: no temp dir, no throwaway account
     assert set(Path("/tmp").glob("broker-demo.*")) == before
-    for user in ("bdemo-alice", "bdemo-bob"):
+    for user in ("bdemo-slot", "bdemopool01", "bdemopool02"):
         assert subprocess.run(["id", user], capture_output=True).returncode != 0

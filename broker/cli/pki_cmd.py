@@ -21,7 +21,7 @@ from broker.pki.loading import (
     load_credential,
     load_private_key,
 )
-from broker.pki.proxy import ProxyType, generate_key, new_proxy, proxy_info
+from broker.pki.proxy import ProxyType, chain_job_id, generate_key, new_proxy, proxy_info
 from broker.trustdir import default_ca_dir, default_vomsdir, load_ca_dir, load_vomsdir
 
 
@@ -177,6 +177,7 @@ def proxy_info_cmd(
         "not_after": info.not_after.isoformat(),
         "fqans": list(info.fqans),
         "vo": sorted({getattr(a, "vo", "") for a in info.voms}),
+        "job_id": chain_job_id(chain),
         "path": path,
     }
     if as_json:
@@ -193,3 +194,5 @@ def proxy_info_cmd(
         click.echo(f"VO       : {getattr(attrs, 'vo', '')} (issuer {getattr(attrs, 'issuer', '')})")
     for fqan in info.fqans:
         click.echo(f"attribute: {fqan}")
+    if result["job_id"] is not None:
+        click.echo(f"job id   : {result['job_id']}")

@@ -2,6 +2,13 @@
 
     broker-submit JOB.sub [-k CREDNAME] [--min-hours H] [--lifetime H] [--dry-run]
                   [-o FILE] [-s SERVER] [--ca-dir D] [--proxy F | --cert F --key F]
+                  [--pilot DN]... [--policy-dir DIR]
+
+With the site's pilot DNs (``--pilot``, or ``$BROKER_SUBMIT_PILOTS``, one DN per
+line) and its policy directory (``--policy-dir`` or ``$BROKER_POLICY_DIR``), it
+warns before submitting when neither the site policy nor the credential's own
+retriever lists would let any of those pilots retrieve the credential: the same
+decision ``broker policy explain --action retrieve`` shows.
 
 Exit codes as for the other commands (broker/cli/common.py): 1 a bad submit
 description, 2 no schedd / broker unreachable, 3 not authenticated,
@@ -10,6 +17,8 @@ description, 2 no schedd / broker unreachable, 3 not authenticated,
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import click
@@ -34,7 +43,8 @@ def check_credential(info: dict[str, object], name: str, min_hours: float) -> di
     mine = [c for c in creds if isinstance(c, dict) and c.get("name") == name
             and c.get("owner") == identity] if isinstance(creds, list) else []
     if not mine:
-        raise NotFound(f"you ({identity}) have no credential named {name!r} in the broker; "
+        you = f"you ({identity})" if isinstance(identity, str) and identity else "you"
+        raise NotFound(f"{you} have no credential named {name!r} in the broker; "
                        + _fix_hint(name), reason="no_credential")
     best = max(mine, key=lambda c: int(c.get("timeleft", 0)))
     left = int(best.get("timeleft", 0))
@@ -49,6 +59,50 @@ def check_credential(info: dict[str, object], name: str, min_hours: float) -> di
             f"supply; store it again without one (broker-init -k {name})",
             reason="passphrase_protected")
     return best
+
+
+def configured_pilots(given: Sequence[str], environ: Mapping[str, str]) -> list[str]:
+    """``--pilot`` values, else the DNs in ``$BROKER_SUBMIT_PILOTS`` (one per line)."""
+    if given:
+        return [p.strip() for p in given if p.strip()]
+    text = environ.get("BROKER_SUBMIT_PILOTS", "")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def pilot_warnings(owner: str, name: str, credential: Mapping[str, object],
+                   pilots: Sequence[str], policy_dir: Path) -> list[str]:
+    """Why no configured pilot may retrieve the credential (empty: at least one may).
+
+    The decision is the broker's own (:func:`broker.policy.evaluate` over the site policy
+    directory and the credential's retriever lists), as ``broker policy explain`` makes it.
+    """
+    from broker.policy import Action, AuthMethod, OwnerPolicy, Request, evaluate
+    from broker.policy_dir import read_policy_directory
+
+    policy_set = read_policy_directory(policy_dir, allow_unsafe=True)
+
+    def listed(key: str) -> tuple[str, ...] | None:
+        value = credential.get(key)
+        return tuple(str(v) for v in value) or None if isinstance(value, list) else None
+
+    retrievers, trusted, renewers = (listed("retrievers"), listed("trusted_retrievers"),
+                                     listed("renewers"))
+    owner_policy = None
+    if retrievers or trusted or renewers:
+        owner_policy = OwnerPolicy(retrievers=retrievers, trusted_retrievers=trusted,
+                                   renewers=renewers)
+    refusals = []
+    for pilot in pilots:
+        request = Request(action=Action.RETRIEVE, requester_dn=pilot, owner_dn=owner,
+                          auth=AuthMethod.CERTIFICATE,
+                          credential="" if name == "default" else name,
+                          job_id="broker-submit-check",
+                          username=str(credential.get("username") or "") or None)
+        decision = evaluate(policy_set, request, owner_policy)
+        if decision.allowed:
+            return []
+        refusals.append(f"{pilot}: {decision.message}")
+    return refusals
 
 
 @click.command("broker-submit")
@@ -68,11 +122,15 @@ def check_credential(info: dict[str, object], name: str, min_hours: float) -> di
 @click.option("--proxy", help="Authenticate with this proxy file [X509_USER_PROXY].")
 @click.option("--cert", help="Authenticate with this certificate.")
 @click.option("--key", help="Key for --cert.")
+@click.option("--pilot", "pilots", multiple=True, metavar="DN",
+              help="A pilot DN of the execute site (repeat) [BROKER_SUBMIT_PILOTS].")
+@click.option("--policy-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="The site's policy directory [BROKER_POLICY_DIR].")
 @reports_errors
 def submit_cmd(submit_file: Path, credname: str, min_hours: float, lifetime_hours: float | None,
                dry_run: bool, output: Path | None, schedd_name: str | None, server: str | None,
                ca_dir: str | None, proxy: str | None, cert: str | None,
-               key: str | None) -> None:
+               key: str | None, pilots: tuple[str, ...], policy_dir: Path | None) -> None:
     """Submit an HTCondor job whose pilot fetches your proxy from the broker."""
     try:
         text = submit_file.read_text(encoding="utf-8")
@@ -86,9 +144,10 @@ def submit_cmd(submit_file: Path, credname: str, min_hours: float, lifetime_hour
     try:
         info = client.info(name=credname)
     except NotFound:
-        info = {"identity": None, "credentials": []}
-    check_credential(info, credname, min_hours)
+        info = {"identity": _whoami(client), "credentials": []}
+    best = check_credential(info, credname, min_hours)
     owner = str(info["identity"])
+    _warn_about_pilots(owner, credname, best, pilots, policy_dir)
     augmented = augment_submit(text, owner_dn=owner, credential=credname,
                                lifetime_hours=lifetime_hours)
     if output is not None:
@@ -104,6 +163,42 @@ def submit_cmd(submit_file: Path, credname: str, min_hours: float, lifetime_hour
         click.echo(augmented.text, nl=False)
         raise
     click.echo(f"Submitted cluster {cluster} for {owner} (credential {credname!r}).")
+
+
+def _whoami(client: object) -> str | None:
+    try:
+        answer = client.call("GET", "/v1/whoami")  # type: ignore[attr-defined]
+    except BrokerError:
+        return None
+    identity = answer.get("identity") if isinstance(answer, dict) else None
+    return identity if isinstance(identity, str) and identity else None
+
+
+def _warn_about_pilots(owner: str, name: str, credential: Mapping[str, object],
+                       given: Sequence[str], policy_dir: Path | None) -> None:
+    pilots = configured_pilots(given, os.environ)
+    if not pilots:
+        return
+    directory = policy_dir or (Path(os.environ["BROKER_POLICY_DIR"])
+                               if os.environ.get("BROKER_POLICY_DIR") else None)
+    if directory is None:
+        click.echo("note: --pilot given without the site's policy directory (--policy-dir or "
+                   "BROKER_POLICY_DIR); not checking whether a pilot may retrieve", err=True)
+        return
+    try:
+        refusals = pilot_warnings(owner, name, credential, pilots, directory)
+    except BrokerError as exc:
+        click.echo(f"note: cannot check the pilots against the site policy: {exc.message}",
+                   err=True)
+        return
+    if refusals:
+        click.echo(f"warning: no configured pilot may retrieve your credential {name!r}, so the "
+                   "job will be held when it starts:", err=True)
+        for line in refusals:
+            click.echo(f"  {line}", err=True)
+        click.echo(f"  (store it with broker-init -k {name} -Z <pilot DN>, or ask the site "
+                   "to allow its pilots; details: broker policy explain --action retrieve "
+                   f"--requester <pilot DN> --owner '{owner}')", err=True)
 
 
 def main() -> None:

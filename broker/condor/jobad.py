@@ -51,6 +51,8 @@ class JobAd:
     submitter: str | None = None  # the ad's Owner: the schedd-authenticated account
     environment: tuple[tuple[str, str], ...] = ()
     owner_source: str = "BrokerOwner"  # or x509UserProxySubject
+    #: ``transfer_output_files`` (the ad's TransferOutput), None when not given
+    transfer_output: tuple[str, ...] | None = None
 
 
 def read_job_ad(path: str | os.PathLike[str]) -> JobAd:
@@ -161,9 +163,14 @@ def parse_job_ad(text: str) -> JobAd:
         old_style = _string(ad, "Env")
         if old_style:
             environment = _parse_old_environment(old_style)
+    outputs = _string(ad, "TransferOutput")
+    transfer_output = None
+    if outputs is not None:
+        transfer_output = tuple(n.strip() for n in outputs.split(",") if n.strip())
     return JobAd(owner_dn=owner, credential=credential, job_id=job_id,
                  lifetime_hours=lifetime, submitter=submitter or None,
-                 environment=tuple(environment), owner_source=source)
+                 environment=tuple(environment), owner_source=source,
+                 transfer_output=transfer_output)
 
 
 def parse_environment(text: str) -> list[tuple[str, str]]:

@@ -37,6 +37,12 @@ DRAFT_PROXY_CERT_INFO_OID = ObjectIdentifier("1.3.6.1.4.1.3536.1.222")
 INHERIT_ALL_OID = "1.3.6.1.5.5.7.21.1"
 INDEPENDENT_OID = "1.3.6.1.5.5.7.21.2"
 LIMITED_OID = "1.3.6.1.4.1.3536.1.1.1.9"
+#: The broker's job-binding extension: non-critical, its value a DER UTF8String holding
+#: the batch job id the proxy was issued for (an HTCondor GlobalJobId). The OID is in
+#: the ``2.25`` arc (ITU-T X.667: an OID made from a UUID, no registration needed), so
+#: it cannot collide with anyone else's; tools that do not know it ignore it.
+JOB_ID_OID = ObjectIdentifier("2.25.309585141664004713532870067774460027533")
+JOB_ID_MAX = 256  # as the service accepts
 
 BACKDATE = timedelta(minutes=5)
 MAX_CSR_SIZE = 64 * 1024
@@ -110,6 +116,43 @@ def proxy_info(cert: x509.Certificate) -> ProxyInfo | None:
     value = ext.value
     der = value.value if isinstance(value, x509.UnrecognizedExtension) else value.public_bytes()
     return decode_proxy_cert_info(der)
+
+
+def job_id_extension(job_id: str) -> x509.UnrecognizedExtension:
+    """The non-critical extension that binds a proxy to ``job_id`` (see :data:`JOB_ID_OID`)."""
+    if not job_id or len(job_id) > JOB_ID_MAX or any(ord(c) < 32 or ord(c) == 127
+                                                     for c in job_id):
+        raise InputError(f"a job id must be 1 to {JOB_ID_MAX} printable characters")
+    return x509.UnrecognizedExtension(JOB_ID_OID, core.UTF8String(job_id).dump())
+
+
+def proxy_job_id(cert: x509.Certificate) -> str | None:
+    """The job id a proxy was issued for, or None (no such extension, or not a UTF8String)."""
+    try:
+        ext = cert.extensions.get_extension_for_oid(JOB_ID_OID)
+    except x509.ExtensionNotFound:
+        return None
+    value = ext.value
+    if not isinstance(value, x509.UnrecognizedExtension):
+        return None
+    try:
+        parsed = core.UTF8String.load(value.value, strict=True)
+        text = parsed.native
+    except (ValueError, TypeError):
+        return None
+    return text if isinstance(text, str) else None
+
+
+def chain_job_id(chain: Sequence[x509.Certificate]) -> str | None:
+    """The job id of the proxy nearest the leaf that carries one (a proxy of a job's proxy
+    keeps naming that job)."""
+    for cert in chain:
+        if proxy_info(cert) is None:
+            return None
+        job_id = proxy_job_id(cert)
+        if job_id is not None:
+            return job_id
+    return None
 
 
 def generate_key(kind: str = "rsa", bits: int = 2048) -> PrivateKey:
@@ -288,14 +331,20 @@ def sign_request(
     lifetime: timedelta,
     proxy_type: ProxyType = ProxyType.IMPERSONATION,
     path_length: int | None = None,
+    job_id: str | None = None,
 ) -> tuple[x509.Certificate, ...]:
-    """Delegate: sign the CSR's public key into a proxy; returns the new chain, leaf first."""
+    """Delegate: sign the CSR's public key into a proxy; returns the new chain, leaf first.
+
+    ``job_id``: the proxy carries it in the non-critical job-binding extension
+    (:func:`job_id_extension`), so whoever holds the proxy can see which job it was for.
+    """
     public_key = csr.public_key()
     if not isinstance(public_key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
         raise CsrError(f"unsupported public key type {type(public_key).__name__}")
     cert = create_proxy(
         issuer, public_key, now=now, lifetime=lifetime, proxy_type=proxy_type,
         path_length=path_length,
+        extra_extensions=[job_id_extension(job_id)] if job_id is not None else (),
     )
     return (cert, *issuer.chain)
 

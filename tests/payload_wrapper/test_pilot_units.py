@@ -81,6 +81,9 @@ def test_config_from_the_environment_variable(tmp_path: Path,
         ({"proxy": "/p"}, "either proxy or cert"),
         ({"surprise": 1}, "unknown setting"),
         ({"broker_url": ""}, "broker_url"),
+        ({"stage_max_files": 0}, "stage_max_files must be a whole number"),
+        ({"stage_max_bytes": "1G"}, "stage_max_bytes must be a whole number"),
+        ({"stage_max_bytes": True}, "stage_max_bytes must be a whole number"),
     ],
 )
 def test_bad_settings_are_system_errors(changes: dict[str, Any], phrase: str) -> None:

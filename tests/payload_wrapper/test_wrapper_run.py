@@ -250,7 +250,7 @@ def test_exit_codes(place: JobPlace, status: int, expected: int) -> None:
 def test_missing_command_gets_127(place: JobPlace) -> None:
     done = run_cli(place, "--account", "nobody", "--", "/no/such/payload")
     assert done.returncode == 127
-    assert "not found" in done.stderr
+    assert "cannot execute /no/such/payload: No such file or directory" in done.stderr
 
 
 def test_payload_timeout(place: JobPlace) -> None:
@@ -354,3 +354,45 @@ def test_sigterm_is_forwarded(place: JobPlace) -> None:
     proc.terminate()
     assert proc.wait(30) == 7
     assert (place.job_dir("sig") / "term.txt").read_text() == "got\n"
+
+
+def _voms_proxy(place: JobPlace, fqan: str) -> Path:
+    from datetime import UTC, datetime, timedelta
+
+    from broker.fileio import write_private_file
+    from broker.pki.loading import credential_to_pem, load_cert_and_key
+    from broker.pki.proxy import new_proxy
+    from broker.pki.voms import make_ac_extension
+
+    root = place.pki.root
+    alice = load_cert_and_key((root / "alice.pem").read_bytes(), (root / "alice.key").read_bytes())
+    voms = load_cert_and_key((root / "voms.pem").read_bytes(), (root / "voms.key").read_bytes())
+    now = datetime.now(UTC)
+    ac = make_ac_extension(alice.cert, voms, vo="atlas", fqans=[fqan],
+                           uri="voms.example.org:15001", now=now, lifetime=timedelta(hours=2))
+    proxy = new_proxy(alice, now=now, lifetime=timedelta(hours=2), extra_extensions=[ac])
+    path = place.proxy.parent / "voms-proxy.pem"
+    write_private_file(path, credential_to_pem(proxy))
+    return path
+
+
+@pytest.mark.parametrize("entry", ["fqan:/atlas", "fqan:/atlas/Role=banned", "/atlas"])
+def test_ban_by_fqan_denies_the_payload(place: JobPlace, entry: str) -> None:
+    # Before the fix "--ban fqan:/atlas" was accepted and compared as a DN: nobody was banned.
+    place.proxy = _voms_proxy(place, "/atlas/Role=banned")
+    done = run_cli(place, "--account", "nobody", "--ban", entry, "--", "/bin/true")
+    assert done.returncode == 203, done.stderr
+    assert "banned" in done.stderr and "not started" in done.stderr
+    assert not list(place.workdir.iterdir())
+    # another VO's ban does not touch it
+    done = run_cli(place, "--account", "nobody", "--ban", "fqan:/cms", "--", "/bin/true")
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("entry", ["fqan:atlas", "CN=Mallory", "dn:/DC=org/CN=x", "fqan:/DC=org"])
+def test_ban_entry_that_could_never_match_is_refused(place: JobPlace, entry: str) -> None:
+    done = run_cli(place, "--account", "nobody", "--ban", entry, "--", "/bin/true")
+    assert done.returncode == 202, done.stderr
+    assert f"the ban entry {entry!r}" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not list(place.workdir.iterdir())

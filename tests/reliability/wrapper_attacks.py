@@ -21,7 +21,7 @@ from broker.fileio import write_private_file
 from broker.pki.loading import credential_to_pem
 from broker.pki.proxy import new_proxy
 from tests.pkifixtures import GridPki
-from tests.reliability import containment_attacks
+from tests.reliability import condor_attacks, containment_attacks
 from tests.reliability.harness import Outcome
 
 WRAPPER = str(Path(sys.executable).parent / "payload-wrapper")
@@ -173,3 +173,4 @@ def attacks(pki: GridPki, base: Path) -> Iterator[tuple[str, Callable[[Outcome],
     yield "payload: symlinked proxy target", need_root(symlink)
     # Containment cases (issues 18/19) live in their own module; all_attacks reaches them here.
     yield from containment_attacks.attacks(pki, base)
+    yield from condor_attacks.attacks(base)

@@ -97,3 +97,30 @@ def test_forged_voms_ac_rejected_by_proxy_info(pki: Path, tmp_path: Path) -> Non
     result = _run("proxy-info", str(out), env=_env(pki))
     assert result.returncode == 1
     assert "Traceback" not in result.stderr and result.stderr.startswith("error:")
+
+
+def test_proxy_info_shows_the_job_a_proxy_was_issued_for(pki: Path, tmp_path: Path) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from broker.pki.loading import Credential, credential_to_pem, load_cert_and_key
+    from broker.pki.proxy import generate_key, make_csr, sign_request
+
+    alice = load_cert_and_key((pki / "alice.pem").read_bytes(), (pki / "alice.key").read_bytes())
+    key = generate_key("ec")
+    job = "submit.example.org#7.0#1700000000"
+    chain = sign_request(alice, make_csr(key), now=datetime.now(UTC),
+                         lifetime=timedelta(hours=1), job_id=job)
+    out = tmp_path / "job.pem"
+    out.write_bytes(credential_to_pem(Credential(chain=chain, key=key)))
+    out.chmod(0o600)
+    data = json.loads(_run("proxy-info", str(out), "--json", env=_env(pki)).stdout)
+    assert data["job_id"] == job
+    text = _run("proxy-info", str(out), env=_env(pki)).stdout
+    assert f"job id   : {job}" in text
+    # a proxy made by hand names no job
+    plain = tmp_path / "plain.pem"
+    made = _run("proxy-init", "--cert", str(pki / "alice.pem"), "--key", str(pki / "alice.key"),
+                "--out", str(plain), env=_env(pki))
+    assert made.returncode == 0, made.stderr
+    assert json.loads(_run("proxy-info", str(plain), "--json", env=_env(pki)).stdout)["job_id"] \
+        is None
