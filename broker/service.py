@@ -24,6 +24,7 @@ import re
 import secrets
 import threading
 import time
+import unicodedata
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -351,6 +352,40 @@ class _RefusalAggregator:
 _USERNAME_CHARS = re.compile(r"[^a-z0-9._-]+")
 
 
+#: Longest username in UTF-8 bytes. MyProxy keeps usernames in a file name of the
+#: storage directory plus its request buffer; its test script uses a 1,171-character
+#: name. 1,500 bytes leave room for the credential name in a PostgreSQL btree key.
+MAX_USERNAME_BYTES = 1500
+# Characters that could break a log line or hide text: C0/C1 controls, DEL, Unicode
+# line/paragraph separators, bidi and other format characters.
+_UNSAFE_USERNAME_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+
+
+def validate_username(username: object) -> str:
+    """Return ``username`` if the broker accepts it as a username (a database key only).
+
+    MyProxy accepts any text as a username, DNs included (``myproxy-init -d``); so does
+    the broker, up to :data:`MAX_USERNAME_BYTES`. Refused: empty names, control, format
+    and separator characters (NUL, newlines, ESC, bidi overrides...), so a username is
+    safe in a log line and an ERROR message. Usernames never become file names.
+    """
+    if not isinstance(username, str):
+        raise InputError(f"the username must be text, not {type(username).__name__}",
+                         reason="bad_username")
+    if not username:
+        raise InputError("the username is empty; give one with -l", reason="bad_username")
+    size = len(username.encode("utf-8", "surrogatepass"))
+    if size > MAX_USERNAME_BYTES:
+        raise InputError(f"the username is {size} bytes long; the limit is "
+                         f"{MAX_USERNAME_BYTES}", reason="bad_username")
+    for char in username:
+        if unicodedata.category(char) in _UNSAFE_USERNAME_CATEGORIES:
+            raise InputError(f"the username contains the character U+{ord(char):04X}, which "
+                             "is not allowed (control, format or line separator)",
+                             reason="bad_username")
+    return username
+
+
 def dn_username(dn: str) -> str | None:
     """The username a DN may store credentials under with ``username_binding = "dn"``:
     its last CN, lower-cased, with runs of other characters than a-z 0-9 . _ - made one
@@ -564,7 +599,7 @@ class BrokerService:
     def _find(self, *, username: str | None, owner_dn: str | None, name: str) -> CredentialRecord:
         validate_component(name, what="credential name")
         if username:
-            validate_component(username, what="username")
+            validate_username(username)
             record = self.store.get_credential(username, name)
             if owner_dn and record.owner_dn != owner_dn:
                 raise NotFound(f"no credential {name!r} of {owner_dn} under username {username!r}")
@@ -588,7 +623,8 @@ class BrokerService:
         if self.config.username_binding != "dn" or requester.dn is None:
             return
         bound = dn_username(requester.dn)
-        if username != bound:
+        # myproxy-init -d: the owner's own DN is as bound to the owner as its CN.
+        if username != bound and username != requester.dn:
             raise AuthorizationError(
                 f"this broker binds usernames to identities: {requester.dn} may store "
                 + (f"credentials only under the username {bound!r} (-l {bound}), not "
@@ -596,7 +632,7 @@ class BrokerService:
                 reason="username_binding")
 
     def _check_options(self, options: DelegationOptions) -> None:
-        validate_component(options.username, what="username")
+        validate_username(options.username)
         validate_component(options.name, what="credential name")
         if options.stored_lifetime <= timedelta(0) or options.max_proxy_lifetime <= timedelta(0):
             raise InputError("credential and proxy lifetimes must be positive")
@@ -1013,7 +1049,7 @@ class BrokerService:
             if requester.dn is None:
                 raise AuthenticationError("info needs a client certificate or proxy")
             if username:
-                validate_component(username, what="username")
+                validate_username(username)
                 records = self.store.list_credentials(username=username)
             else:
                 records = self.store.list_credentials(owner_dn=requester.dn)

@@ -62,7 +62,7 @@ NAMING_CONVENTION = {
 
 # Column sizes shared with the validation in the repository.
 DN_LENGTH = 1024
-USERNAME_LENGTH = 255
+USERNAME_LENGTH = 1500  # bytes of UTF-8 at most (service.MAX_USERNAME_BYTES)
 CREDNAME_LENGTH = 255
 KEY_ID_LENGTH = 64
 PENDING_ID_LENGTH = 64

@@ -21,7 +21,7 @@ def test_models_and_migration_agree(db_url: str) -> None:
         assert diff == []
         with engine.connect() as conn:
             head = MigrationContext.configure(conn).get_current_revision()
-        assert head == "0003"
+        assert head == "m13_myproxy_usernames"
     finally:
         engine.dispose()
 

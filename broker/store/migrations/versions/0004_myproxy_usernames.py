@@ -1,0 +1,43 @@
+"""Usernames as MyProxy accepts them: DNs (``myproxy-init -d``) and long names.
+
+Widens every ``username`` column from 255 to 1,500 characters (the service
+limits a username to 1,500 bytes of UTF-8, which keeps the ``(username, name)``
+unique key within PostgreSQL's btree entry size).
+
+Revision ID: m13_myproxy_usernames
+Revises: 0003
+Create Date: 2026-12-06
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "m13_myproxy_usernames"
+down_revision: str | None = "0003"
+branch_labels: str | None = None
+depends_on: str | None = None
+
+_COLUMNS = (
+    ("credentials", False),
+    ("pending_delegations", False),
+    ("audit_events", True),
+    ("passphrase_attempts", False),
+)
+
+
+def _resize(old: int, new: int) -> None:
+    for table, nullable in _COLUMNS:
+        with op.batch_alter_table(table) as batch:
+            batch.alter_column("username", existing_type=sa.String(old), type_=sa.String(new),
+                               existing_nullable=nullable)
+
+
+def upgrade() -> None:
+    _resize(255, 1500)
+
+
+def downgrade() -> None:
+    # Fails on PostgreSQL if a longer username is stored: remove those rows first.
+    _resize(1500, 255)
