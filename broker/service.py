@@ -57,6 +57,7 @@ from broker.pki.loading import (
     key_to_pem,
     load_certificates,
     load_private_key,
+    public_keys_equal,
 )
 from broker.pki.proxy import (
     ProxyType,
@@ -739,6 +740,7 @@ class BrokerService:
         self, requester: Requester, options: DelegationOptions,
         chain: Sequence[x509.Certificate], info: ChainInfo, now: datetime, *,
         passphrase: str | None, consume_pending: str | None, key_pem: bytes | None,
+        owner_encrypted_key: bool = False,
     ) -> CredentialRecord:
         assert requester.dn is not None
         # The owner's -c (and the site's maximum) ends the credential before its chain does.
@@ -756,7 +758,7 @@ class BrokerService:
             trusted_retrievers=options.trusted_retrievers, renewers=options.renewers,
             max_lifetime_seconds=int(max_lifetime.total_seconds()), limited=info.limited,
             passphrase=passphrase or options.passphrase, consume_pending=consume_pending,
-            not_after=stored_until, now=now,
+            not_after=stored_until, now=now, owner_encrypted_key=owner_encrypted_key,
             audit=self._audit(requester, "delegate", "allow", reason="stored",
                               owner_dn=requester.dn, username=options.username,
                               name=options.name),
@@ -764,13 +766,21 @@ class BrokerService:
 
     def store_credential(
         self, requester: Requester, options: DelegationOptions, credential: Credential,
+        *, encrypted_key_pem: bytes | None = None,
     ) -> CredentialSummary:
-        """Store a whole credential (MyProxy STORE): the client hands over chain and key."""
+        """Store a whole credential (MyProxy STORE): the client hands over chain and key.
+
+        ``encrypted_key_pem``: the key as the owner encrypted it with its passphrase
+        (``credential.key`` is then None). It is kept encrypted inside the envelope and
+        opened only by a retrieval with that passphrase, as MyProxy does."""
         where: dict[str, Any] = {"owner_dn": requester.dn, "username": options.username,
                                  "name": options.name}
         try:
-            if requester.dn is None or credential.key is None:
+            if requester.dn is None or (credential.key is None) == (encrypted_key_pem is None):
                 raise AuthenticationError("storing a credential needs a client certificate")
+            if encrypted_key_pem is not None and options.passphrase is not None:
+                raise InputError("an encrypted key is stored without PASSPHRASE: its own "
+                                 "passphrase protects it")
             self._check_options(options)
             self._check_username_binding(requester, options.username)
             self._decide(requester, Action.DELEGATE, owner_dn=requester.dn,
@@ -778,9 +788,12 @@ class BrokerService:
                          username=options.username).raise_if_denied()
             now = self.now()
             info = self._check_delegated_chain(requester, credential.chain, now)
-            record = self._store_chain(requester, options, credential.chain, info, now,
-                                       passphrase=options.passphrase, consume_pending=None,
-                                       key_pem=key_to_pem(credential.key))
+            record = self._store_chain(
+                requester, options, credential.chain, info, now,
+                passphrase=options.passphrase, consume_pending=None,
+                key_pem=(encrypted_key_pem if credential.key is None
+                         else key_to_pem(credential.key)),
+                owner_encrypted_key=encrypted_key_pem is not None)
         except BrokerError as exc:
             self._record_failure(requester, "store", exc, **where)
             raise
@@ -876,6 +889,12 @@ class BrokerService:
                     f"one (broker-init -k {record.name})", reason="expired")
             key = load_private_key(key_pem)
             chain = tuple(load_certificates(record.certificate_chain.encode()))
+            if not public_keys_equal(key, chain[0]):
+                # A key its owner encrypted (MyProxy STORE) is first seen here.
+                raise CredentialError(
+                    f"the stored key of {record.username}/{record.name} does not belong to "
+                    "its certificate; the owner must store the credential again",
+                    reason="key_mismatch")
         except _Concealed as hidden:
             if attempt is not None:
                 self._finish_passphrase_attempt(attempt, failed=True)

@@ -13,9 +13,10 @@ certificate chain shows up as "server-side error: check server logs".
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Literal, Protocol
 
@@ -393,8 +394,21 @@ class Session:
         text = self.channel.recv("text")
         cut = text.find(b"\0")
         pem = text[:cut] if cut >= 0 else text
-        credential = _load_stored(pem, request.passphrase or None)
-        self.service.store_credential(self.requester, options, credential)
+        encrypted = _encrypted_key_block(pem)
+        if encrypted is not None and not request.passphrase:
+            # The key's own passphrase protects it, so "retrieve with the passphrase" is
+            # what the owner's -r list (or the site) says, not "nobody".
+            options = replace(options, retrievers=translate_policy(request.retriever) or ())
+            # The Debian client never sends PASSPHRASE with an encrypted key: MyProxy keeps
+            # the PEM as it is, and so does the broker (inside its envelope encryption);
+            # myproxy-logon's passphrase opens it at retrieval.
+            certs = load_certificates(pem, what="stored certificate")
+            self.service.store_credential(self.requester, options,
+                                          Credential(chain=tuple(certs), key=None),
+                                          encrypted_key_pem=encrypted)
+        else:
+            credential = _load_stored(pem, request.passphrase or None)
+            self.service.store_credential(self.requester, options, credential)
         self.channel.send(codec.ok())
 
     # ------------------------------------------------------------------ INFO (2)
@@ -489,6 +503,22 @@ def _verify(cert: x509.Certificate, message: bytes, signature: bytes,
     except InvalidSignature:
         raise Refusal("renewal authentication failed: the challenge signature does not "
                       "verify with the presented proxy's key") from None
+
+
+_KEY_BLOCK = re.compile(
+    rb"-----BEGIN (?:ENCRYPTED |RSA |EC )?PRIVATE KEY-----.*?"
+    rb"-----END (?:ENCRYPTED |RSA |EC )?PRIVATE KEY-----\r?\n?", re.DOTALL)
+
+
+def _encrypted_key_block(pem: bytes) -> bytes | None:
+    """The private key block of an upload if it is encrypted (PKCS#8 or Proc-Type)."""
+    match = _KEY_BLOCK.search(pem)
+    if match is None:
+        return None
+    block = match.group(0)
+    if block.startswith(b"-----BEGIN ENCRYPTED") or b"Proc-Type: 4,ENCRYPTED" in block:
+        return block
+    return None
 
 
 def _load_stored(pem: bytes, passphrase: str | None) -> Credential:

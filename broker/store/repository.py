@@ -267,6 +267,22 @@ def _check_private_key(pem: object) -> bytes:
     return data
 
 
+def _check_encrypted_key(pem: object) -> bytes:
+    """A PEM private key that needs a passphrase to load (its owner's)."""
+    if not isinstance(pem, bytes | bytearray):
+        raise PemError("the private key must be PEM bytes")
+    data = bytes(pem)
+    if len(data) > MAX_KEY_BYTES:
+        raise PemError("the private key PEM is too large")
+    try:
+        serialization.load_pem_private_key(data, password=None)
+    except TypeError:
+        return data  # encrypted, as expected
+    except (ValueError, UnsupportedAlgorithm):
+        raise PemError("the private key is not a readable PEM private key") from None
+    raise PemError("the private key PEM is not encrypted")
+
+
 def _check_chain(chain: object, private_key_pem: bytes | None) -> tuple[str, datetime]:
     """Normalise the chain to PEM certificates only; return it and its earliest expiry."""
     if not isinstance(chain, str):
@@ -662,7 +678,11 @@ class Store:
         not_after: datetime | None = None,
         now: datetime | None = None,
         audit: AuditEvent | None = None,
+        owner_encrypted_key: bool = False,
     ) -> CredentialRecord:
+        """Store a credential. ``owner_encrypted_key``: ``private_key_pem`` is encrypted
+        with the owner's passphrase (MyProxy STORE); it is kept as it is inside the
+        envelope and opened only by a retrieval that gives the passphrase."""
         owner_dn = _dn(owner_dn, "owner DN")
         username = _username(username)
         name = _credname(name)
@@ -683,8 +703,13 @@ class Store:
             _check_audit(audit)
         if (private_key_pem is None) == (consume_pending is None):
             raise InputError("give exactly one of private_key_pem and consume_pending")
-        if private_key_pem is not None:
-            key_pem: bytes | None = _check_private_key(private_key_pem)
+        if owner_encrypted_key:
+            if private_key_pem is None or passphrase is not None:
+                raise InputError("an owner-encrypted key comes as PEM, without a passphrase")
+            key_pem: bytes | None = _check_encrypted_key(private_key_pem)
+            chain, chain_end = _check_chain(certificate_chain, None)
+        elif private_key_pem is not None:
+            key_pem = _check_private_key(private_key_pem)
             chain, chain_end = _check_chain(certificate_chain, key_pem)
         else:
             key_pem = None
@@ -700,7 +725,9 @@ class Store:
         # Encrypting (scrypt with a passphrase) before BEGIN keeps the write
         # lock short; only a key taken from a pending row must be sealed inside.
         early_envelope = (
-            crypto.seal(key_pem, context, self._ring_for_encrypt(), passphrase)
+            crypto.seal_owner_encrypted(key_pem, context, self._ring_for_encrypt())
+            if key_pem is not None and owner_encrypted_key
+            else crypto.seal(key_pem, context, self._ring_for_encrypt(), passphrase)
             if key_pem is not None
             else None
         )
