@@ -146,6 +146,7 @@ class DelegationOptions:
     renewers: tuple[str, ...] = ()
     description: str | None = None
     passphrase: str | None = None
+    key_retrievers: tuple[str, ...] = ()  # MyProxy -E: who may download the key itself
 
     def to_params(self) -> dict[str, Any]:
         return {
@@ -283,12 +284,14 @@ def _policy_name(name: str) -> str:
 
 
 def _owner_policy(record: CredentialRecord) -> OwnerPolicy | None:
-    if not (record.retrievers or record.trusted_retrievers or record.renewers):
+    if not (record.retrievers or record.trusted_retrievers or record.renewers
+            or record.key_retrievers):
         return None
     return OwnerPolicy(
         retrievers=record.retrievers or None,
         trusted_retrievers=record.trusted_retrievers or None,
         renewers=record.renewers or None,
+        key_retrievers=record.key_retrievers or None,
     )
 
 
@@ -647,6 +650,7 @@ class BrokerService:
             retrievers=options.retrievers or None,
             trusted_retrievers=options.trusted_retrievers or None,
             renewers=options.renewers or None,
+            key_retrievers=options.key_retrievers or None,
         )
         validate_owner_policy(self._policy(), owner_policy)
 
@@ -756,6 +760,7 @@ class BrokerService:
             private_key_pem=key_pem, certificate_chain=chain_to_pem(chain).decode(),
             description=options.description, retrievers=options.retrievers,
             trusted_retrievers=options.trusted_retrievers, renewers=options.renewers,
+            key_retrievers=options.key_retrievers,
             max_lifetime_seconds=int(max_lifetime.total_seconds()), limited=info.limited,
             passphrase=passphrase or options.passphrase, consume_pending=consume_pending,
             not_after=stored_until, now=now, owner_encrypted_key=owner_encrypted_key,
@@ -910,6 +915,25 @@ class BrokerService:
             raise
         return RetrievalGrant(record=record, decision=decision, action=action, job_id=job_id,
                               issuer=Credential(chain=chain, key=key))
+
+    def release_key(self, requester: Requester, grant: RetrievalGrant, passphrase: str) -> bytes:
+        """MyProxy RETRIEVE: the stored chain and its key, the key encrypted under the
+        passphrase the requester proved. Only for a grant of ``retrieve-key`` (a distinct
+        policy action, never granted by an allow ``"*"``); audited like a retrieval."""
+        record = grant.record
+        where: dict[str, Any] = {"owner_dn": record.owner_dn, "username": record.username,
+                                 "name": record.name, "job_id": grant.job_id}
+        if grant.action is not Action.RETRIEVE_KEY or grant.issuer.key is None:
+            raise AuthorizationError("this grant does not release a private key",
+                                     reason="not_key_retrieval")
+        pem = chain_to_pem(grant.issuer.chain) + grant.issuer.key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(passphrase.encode()))
+        decision = grant.decision
+        self.store.add_audit(self._audit(
+            requester, Action.RETRIEVE_KEY.value, "allow",
+            reason=f"{decision.reason}: {decision.rule.name if decision.rule else ''}", **where))
+        return pem
 
     def issue(
         self, requester: Requester, grant: RetrievalGrant, *,

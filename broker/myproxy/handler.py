@@ -354,6 +354,8 @@ class Session:
             retrievers=(retrievers or ()) if passphrase else (NOBODY,),
             trusted_retrievers=trusted or (NOBODY,),
             renewers=renewers or (NOBODY,),
+            # MyProxy's default_key_retrievers "none": only the owner's -E list admits.
+            key_retrievers=translate_policy(request.key_retrievers) or (NOBODY,),
             description=request.cred_desc,
             passphrase=passphrase,
         )
@@ -480,9 +482,30 @@ class Session:
     # ------------------------------------------------------------------ RETRIEVE (6) / TRUST (7)
 
     def _retrieve_key(self, request: codec.Request) -> None:
-        raise Refusal(
-            "key retrieval (myproxy-retrieve) is not offered by this server: stored private "
-            "keys never leave the broker; use myproxy-logon to get a proxy instead")
+        """myproxy-retrieve: only where the site allows ``retrieve-key`` (none does by
+        default) and the owner listed the requester (-E), always with the passphrase."""
+        self._need_identity("key retrieval (myproxy-retrieve)")
+        passphrase = request.passphrase or None
+        try:
+            record = self._find(request.username, request.cred_name)
+        except _Missing:
+            raise Refusal(BAD_PASSWORD if passphrase is not None else NO_PASSPHRASE) from None
+        if passphrase is None:
+            raise Refusal(NO_PASSPHRASE)
+        try:
+            grant = self.service.authorize_retrieval(
+                self.requester, record=record, passphrase=passphrase,
+                action=Action.RETRIEVE_KEY)
+        except TooManyAttempts as exc:
+            raise Refusal(exc.message, audited=True) from None
+        except (AuthenticationError, NotFound):
+            raise Refusal(BAD_PASSWORD, audited=True) from None
+        except BrokerError as exc:
+            raise Refusal(exc.message, audited=True) from None
+        payload = self.service.release_key(self.requester, grant, passphrase)
+        self.channel.send(codec.ok(self._trust_lines() if request.trusted_certs else ()))
+        self.channel.send(payload + b"\0")
+        self.channel.send(codec.ok())
 
     def _trustroots(self, request: codec.Request) -> None:
         self.channel.send(codec.ok(self._trust_lines()))

@@ -244,6 +244,8 @@ def _owner_list(
         return "retrievers", "retrievers", owner_policy.retrievers
     if request.action is Action.RENEW:
         return "renewers", "renewers", owner_policy.renewers
+    if request.action is Action.RETRIEVE_KEY:
+        return "key_retrievers", "key retrievers", owner_policy.key_retrievers
     return None
 
 
@@ -328,7 +330,7 @@ def compile_owner_entries(
 def validate_owner_policy(policy_set: PolicySet, owner_policy: OwnerPolicy) -> None:
     """Raise InputError if any owner list entry is unusable (call it before storing)."""
     problems: list[str] = []
-    for key in ("retrievers", "trusted_retrievers", "renewers"):
+    for key in ("retrievers", "trusted_retrievers", "renewers", "key_retrievers"):
         entries: tuple[str, ...] | None = getattr(owner_policy, key)
         if entries is None:
             continue

@@ -194,6 +194,11 @@ class _FileReader:
                 issue("effect", f'effect must be "allow" or "deny", not {raw_effect!r}')
             else:
                 effect = Effect(raw_effect)
+        if (effect is Effect.ALLOW and Action.RETRIEVE_KEY in actions
+                and _names_star(item.get("action"))):
+            # Handing out the private key must be named: an allow "*" does not grant it
+            # (a deny "*" still forbids it).
+            actions = actions - {Action.RETRIEVE_KEY}
 
         requester = (
             self._patterns(item["requester"], keys.get("requester", at), label, "requester")
@@ -556,3 +561,8 @@ def load_policy(files: Mapping[str, str]) -> PolicySet:
     if policy_set is None:
         raise PolicyFileError(format_issues(issues))
     return policy_set
+
+
+def _names_star(raw: object) -> bool:
+    """Whether a rule's ``action`` value is or contains "*"."""
+    return raw == "*" or (isinstance(raw, list) and "*" in raw)

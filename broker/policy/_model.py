@@ -125,6 +125,7 @@ class OwnerPolicy:
     retrievers: tuple[str, ...] | None = None
     trusted_retrievers: tuple[str, ...] | None = None
     renewers: tuple[str, ...] | None = None
+    key_retrievers: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -142,6 +142,8 @@ class Credential(EnvelopeColumns, Base):
     retrievers: Mapped[list[str]] = mapped_column(JSON, nullable=False)
     trusted_retrievers: Mapped[list[str]] = mapped_column(JSON, nullable=False)
     renewers: Mapped[list[str]] = mapped_column(JSON, nullable=False)
+    # MyProxy's KEYRETRIEVERS (myproxy-store -E): who may download the key itself.
+    key_retrievers: Mapped[list[str]] = mapped_column(JSON, nullable=False, default=list)
     max_lifetime_seconds: Mapped[int | None] = mapped_column(Integer, nullable=True)
     limited: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)

@@ -152,6 +152,7 @@ class CredentialRecord:
     created_at: datetime
     updated_at: datetime
     envelope: Envelope = field(repr=False, compare=False)
+    key_retrievers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -394,6 +395,7 @@ def _credential_record(row: Credential | Row[Any]) -> CredentialRecord:
         retrievers=tuple(row.retrievers),
         trusted_retrievers=tuple(row.trusted_retrievers),
         renewers=tuple(row.renewers),
+        key_retrievers=tuple(row.key_retrievers or ()),
         max_lifetime_seconds=row.max_lifetime_seconds,
         limited=row.limited,
         passphrase_protected=row.passphrase_protected,
@@ -671,6 +673,7 @@ class Store:
         retrievers: Sequence[str] = (),
         trusted_retrievers: Sequence[str] = (),
         renewers: Sequence[str] = (),
+        key_retrievers: Sequence[str] = (),
         max_lifetime_seconds: int | None = None,
         limited: bool = False,
         passphrase: str | None = None,
@@ -691,6 +694,7 @@ class Store:
         retriever_list = _dn_list(retrievers, "retrievers")
         trusted_list = _dn_list(trusted_retrievers, "trusted_retrievers")
         renewer_list = _dn_list(renewers, "renewers")
+        key_retriever_list = _dn_list(key_retrievers, "key_retrievers")
         if max_lifetime_seconds is not None and (
             not isinstance(max_lifetime_seconds, int)
             or isinstance(max_lifetime_seconds, bool)
@@ -770,6 +774,7 @@ class Store:
                 row.retrievers = retriever_list
                 row.trusted_retrievers = trusted_list
                 row.renewers = renewer_list
+                row.key_retrievers = key_retriever_list
                 row.max_lifetime_seconds = max_lifetime_seconds
                 row.limited = bool(limited)
                 row.updated_at = moment

@@ -1,4 +1,6 @@
-"""Usernames as MyProxy accepts them: DNs (``myproxy-init -d``) and long names.
+"""Usernames as MyProxy accepts them (DNs, long names); owners' key-retriever lists.
+
+Adds ``credentials.key_retrievers`` (MyProxy's KEYRETRIEVERS, ``myproxy-store -E``).
 
 Widens every ``username`` column from 255 to 1,500 characters (the service
 limits a username to 1,500 bytes of UTF-8, which keeps the ``(username, name)``
@@ -36,8 +38,13 @@ def _resize(old: int, new: int) -> None:
 
 def upgrade() -> None:
     _resize(255, 1500)
+    with op.batch_alter_table("credentials") as batch:
+        batch.add_column(sa.Column("key_retrievers", sa.JSON(), nullable=False,
+                                   server_default="[]"))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("credentials") as batch:
+        batch.drop_column("key_retrievers")
     # Fails on PostgreSQL if a longer username is stored: remove those rows first.
     _resize(1500, 255)
