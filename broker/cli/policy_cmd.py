@@ -207,6 +207,54 @@ def _print_decision(decision: Decision) -> None:
         click.echo(f"  [{mark}] {entry.layer} {entry.effect} {entry.rule!r} {where}: {entry.why}")
 
 
+@policy.command("import-myproxy-config", cls=_InputCommand)
+@click.argument("config_file", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--dir", "directory", type=click.Path(path_type=Path), help=_DIR_HELP)
+@click.option("--file-name", default="50-myproxy.toml", show_default=True,
+              help="Name of the policy file written into the directory.")
+def import_myproxy_config_cmd(config_file: Path, directory: Path | None, file_name: str) -> None:
+    """Translate a myproxy-server.config into a policy file.
+
+    Every directive the broker can express becomes a rule; each one it cannot is
+    listed with its line number and the command exits 1 (the file is still written,
+    so the rest can be reviewed). The result is checked like `broker policy check`.
+    """
+    from broker.fileio import validate_component
+    from broker.myproxy.config_import import translate_config
+
+    try:
+        validate_component(file_name, what="policy file name")
+        text = config_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        _fail(f"cannot read {config_file}: {exc}")
+    except BrokerError as exc:
+        _fail(exc.message)
+    if not file_name.endswith(".toml"):
+        _fail(f"the policy file name {file_name!r} must end in .toml")
+    result = translate_config(text, source=config_file.name)
+    target = _policy_dir(directory)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        out = target / file_name
+        if out.exists():
+            _fail(f"{out} already exists; remove it or choose another --file-name")
+        out.write_text(result.toml, encoding="utf-8")
+    except OSError as exc:
+        _fail(f"cannot write the policy file: {exc}")
+    for line, directive, why in result.notes:
+        click.echo(f"{config_file}:{line}: note: {directive}: {why}")
+    _, issues = check_policy_directory(target)
+    for issue in issues:
+        click.echo(f"error: {issue}", err=True)
+    click.echo(f"wrote {out} ({result.directives} directives read)")
+    if result.unsupported:
+        for line, directive, why in result.unsupported:
+            click.echo(f"{config_file}:{line}: not imported: {directive}: {why}", err=True)
+        sys.exit(InputError.exit_code)
+    if issues:
+        sys.exit(InputError.exit_code)
+
+
 def main() -> None:
     policy()
 
