@@ -916,6 +916,16 @@ class BrokerService:
         return RetrievalGrant(record=record, decision=decision, action=action, job_id=job_id,
                               issuer=Credential(chain=chain, key=key))
 
+    def record_authenticated_only(self, requester: Requester, grant: RetrievalGrant) -> None:
+        """Audit a granted retrieval the client ended before asking for a proxy
+        (myproxy-logon -N): allowed, nothing issued."""
+        record = grant.record
+        self.store.add_audit(self._audit(
+            requester, grant.action.value, "allow",
+            reason="authenticated only (myproxy-logon -N): no proxy issued",
+            owner_dn=record.owner_dn, username=record.username, name=record.name,
+            job_id=grant.job_id))
+
     def release_key(self, requester: Requester, grant: RetrievalGrant, passphrase: str) -> bytes:
         """MyProxy RETRIEVE: the stored chain and its key, the key encrypted under the
         passphrase the requester proved. Only for a grant of ``retrieve-key`` (a distinct
@@ -1018,6 +1028,11 @@ class BrokerService:
             name=record.name, username=record.username, job_id=job_id, auth=auth,
             owner_policy=_owner_policy(record),
         )
+
+    def site_allows_any(self, action: Action) -> bool:
+        """Whether any allow rule of the site policy covers ``action`` (a site setting)."""
+        return any(rule.effect.value == "allow"
+                   for rule in self._policy().index[action].rules)
 
     def record_refusal(self, requester: Requester, action: str, exc: BrokerError,
                        **where: Any) -> None:

@@ -20,7 +20,12 @@ How each directive maps (see docs/myproxy.md for the full table):
   MyProxy endpoint applies when the owner set no list; other values are
   reported as not expressible.
 * ``allow_self_authorization true``: the owner may renew its own credential
-  (``renew`` for ``self``), which MyProxy otherwise refuses.
+  (``renew`` for ``self``). Without it, deny rules named after MyProxy's messages
+  ("self-authz not allowed for renewer" / "... trusted retriever") refuse the owner
+  as its own renewer or trusted retriever, and the MyProxy endpoint says so. The
+  stored chain's identity always equals the owner DN in the broker (chains of
+  another identity, independent proxies included, are refused at store), so "self"
+  compares the client with the stored credential's base subject, as MyProxy does.
 * ``cert_dir``: a note (exit 0): the broker serves its ``ca_dir`` as trust roots.
 * anything else (``passphrase_policy_program``, ``accepted_credentials_mapapp``,
   ``pam``, ``certificate_issuer_*``...): reported with its line number, exit 1.
@@ -141,6 +146,13 @@ def translate_config(text: str, source: str = "myproxy-server.config") -> Transl
     if self_authz:
         rules.append(_rule("allow_self_authorization: owners renew their own credentials",
                            ["renew"], ["self"], owner_list=True))
+    else:
+        # MyProxy refuses an owner as its own renewer or trusted retriever unless
+        # allow_self_authorization is true; the rule names are its error messages.
+        rules.append(_rule("self-authz not allowed for renewer", ["renew"], ["self"],
+                           effect="deny"))
+        rules.append(_rule("self-authz not allowed for trusted retriever", ["retrieve"],
+                           ["self"], auth=["certificate"], effect="deny"))
     if "authorized_key_retrievers" in lists:
         rules.append(_rule("authorized_key_retrievers: key retrieval with the passphrase",
                            ["retrieve-key"], _requesters(lists["authorized_key_retrievers"]),
@@ -156,11 +168,12 @@ def _requesters(values: list[str], *, passphrase: bool = False) -> list[str]:
 
 
 def _rule(name: str, actions: list[str], requesters: list[str], *,
-          auth: list[str] | None = None, owner_list: bool = False, line: int = 0) -> str:
+          auth: list[str] | None = None, owner_list: bool = False, line: int = 0,
+          effect: str = "allow") -> str:
     lines = ["[[rule]]", f"name = {json.dumps(name)}"]
     if line:
         lines.append(f"description = {json.dumps(f'myproxy-server.config line {line}')}")
-    lines += [f"action = {json.dumps(actions)}", 'effect = "allow"',
+    lines += [f"action = {json.dumps(actions)}", f"effect = {json.dumps(effect)}",
               f"requester = {json.dumps(requesters)}"]
     if auth:
         lines.append(f"auth = {json.dumps(auth)}")

@@ -40,7 +40,7 @@ from broker.myproxy import codec
 from broker.myproxy.codec import AuthMethodId, Command
 from broker.myproxy.policy_strings import NOBODY, render_policy, translate_policy
 from broker.pki.loading import Credential, chain_to_pem, load_certificates, public_keys_equal
-from broker.policy import Action, AuthMethod
+from broker.policy import REASON_DENY_RULE, REASON_JOB_ID, REASON_OWNER, Action, AuthMethod
 from broker.service import DEFAULT_CREDENTIAL, BrokerService, DelegationOptions, Requester
 from broker.store import CredentialRecord
 
@@ -53,6 +53,8 @@ MessageKind = Literal["text", "der", "chain", "auth"]
 BAD_PASSWORD = "Bad password\ninvalid credential passphrase"  # noqa: S105
 INVALID_PASSPHRASE = "invalid credential passphrase"  # noqa: S105
 NO_PASSPHRASE = "no passphrase\nauthentication failed"  # noqa: S105
+# What the server's channel says when the peer closes between messages.
+CLIENT_CLOSED = "the client closed the connection"
 
 
 class Channel(Protocol):
@@ -269,8 +271,9 @@ class Session:
                 action = Action.RENEW
             else:
                 # No right: the same answer whether or not the credential has a passphrase
-                # (and whether it exists at all, see above).
-                raise Refusal(NO_PASSPHRASE)
+                # (and whether it exists at all, see above), unless the requester is the
+                # owner or has a right the MyProxy endpoint cannot satisfy (job id).
+                raise self._certificate_refusal(record)
         try:
             # All checks and the one passphrase derivation happen here, before the OK.
             grant = self.service.authorize_retrieval(
@@ -289,7 +292,15 @@ class Session:
             raise Refusal(exc.message, audited=True) from None
 
         self.channel.send(codec.ok(self._trust_lines() if request.trusted_certs else ()))
-        csr_der = self.channel.recv("der")
+        try:
+            csr_der = self.channel.recv("der")
+        except ProtocolError as exc:
+            if exc.message != CLIENT_CLOSED:
+                raise
+            # myproxy-logon -N: it only wanted to know that the passphrase (or its
+            # certificate) is accepted, and closes after the OK. A success, not an error.
+            self.service.record_authenticated_only(requester, grant)
+            return
         lifetime = timedelta(seconds=request.lifetime) if request.lifetime > 0 else None
         if lifetime is not None and self.settings.max_lifetime is not None:
             lifetime = min(lifetime, self.settings.max_lifetime)
@@ -298,6 +309,34 @@ class Session:
         ders = [c.public_bytes(serialization.Encoding.DER) for c in issued.chain]
         self.channel.send(codec.encode_chain(ders))
         self.channel.send(codec.ok())
+
+    def _certificate_refusal(self, record: CredentialRecord) -> Refusal:
+        """Audit the policy's real reason for refusing a certificate-only GET and word it
+        for the wire: the reference's wording where it has one, and "no passphrase /
+        authentication failed" for a party that must not learn the credential exists."""
+        decisions = [self.service.decide(self.requester, record, action, AuthMethod.CERTIFICATE)
+                     for action in (Action.RETRIEVE, Action.RENEW)]
+        # The most telling of the two: a deny rule or a job id over "no rule".
+        order = [REASON_DENY_RULE, REASON_JOB_ID, REASON_OWNER]
+        decision = min(decisions, key=lambda d: order.index(d.reason) if d.reason in order
+                       else len(order))
+        rule = f" (rule {decision.rule.name!r})" if decision.rule else ""
+        self.service.record_refusal(
+            self.requester, Action.RETRIEVE.value,
+            AuthorizationError(f"{decision.message}", reason=decision.reason),
+            owner_dn=record.owner_dn, username=record.username, name=record.name)
+        dn = self.requester.dn
+        if decision.reason == REASON_JOB_ID:
+            # Only a party the site would let in learns this; MyProxy cannot send a job id.
+            return Refusal(f'"{dn}" not authorized by server\'s policy{rule}: a job id is '
+                           "required, which MyProxy cannot send; use broker-logon --job-id",
+                           audited=True)
+        if dn == record.owner_dn and decision.reason == REASON_DENY_RULE and decision.rule:
+            name = decision.rule.name
+            if name.startswith("self-authz"):
+                return Refusal(name, audited=True)  # the reference's own words
+            return Refusal(f'"{dn}" not authorized by server\'s policy{rule}', audited=True)
+        return Refusal(NO_PASSPHRASE, audited=True)
 
     def _allowed(self, record: CredentialRecord, action: Action, auth: AuthMethod) -> bool:
         # A probe (no audit): which of MyProxy's paths applies to this requester.
@@ -484,7 +523,12 @@ class Session:
     def _retrieve_key(self, request: codec.Request) -> None:
         """myproxy-retrieve: only where the site allows ``retrieve-key`` (none does by
         default) and the owner listed the requester (-E), always with the passphrase."""
-        self._need_identity("key retrieval (myproxy-retrieve)")
+        dn = self._need_identity("key retrieval (myproxy-retrieve)")
+        if not self.service.site_allows_any(Action.RETRIEVE_KEY):
+            # A site setting, the same for every credential: telling it reveals nothing.
+            raise Refusal(f'"{dn}" not authorized by server\'s authorized_key_retrievers '
+                          "policy: key retrieval (myproxy-retrieve) is not enabled on this "
+                          "server; use myproxy-logon to get a proxy")
         passphrase = request.passphrase or None
         try:
             record = self._find(request.username, request.cred_name)
