@@ -44,6 +44,7 @@ from broker.errors import (
     ChainError,
     CredentialError,
     InputError,
+    NameError_,
     NotFound,
     TooManyAttempts,
 )
@@ -374,19 +375,17 @@ def validate_username(username: object) -> str:
     safe in a log line and an ERROR message. Usernames never become file names.
     """
     if not isinstance(username, str):
-        raise InputError(f"the username must be text, not {type(username).__name__}",
-                         reason="bad_username")
+        raise NameError_(f"the username must be text, not {type(username).__name__}")
     if not username:
-        raise InputError("the username is empty; give one with -l", reason="bad_username")
+        raise NameError_("the username is empty; give one with -l")
     size = len(username.encode("utf-8", "surrogatepass"))
     if size > MAX_USERNAME_BYTES:
-        raise InputError(f"the username is {size} bytes long; the limit is "
-                         f"{MAX_USERNAME_BYTES}", reason="bad_username")
+        raise NameError_(f"the username is {size} bytes long; the limit is "
+                         f"{MAX_USERNAME_BYTES}")
     for char in username:
         if unicodedata.category(char) in _UNSAFE_USERNAME_CATEGORIES:
-            raise InputError(f"the username contains the character U+{ord(char):04X}, which "
-                             "is not allowed (control, format or line separator)",
-                             reason="bad_username")
+            raise NameError_(f"the username contains the character U+{ord(char):04X}, which "
+                             "is not allowed (control, format or line separator)")
     return username
 
 

@@ -314,8 +314,12 @@ class Session:
         """Audit the policy's real reason for refusing a certificate-only GET and word it
         for the wire: the reference's wording where it has one, and "no passphrase /
         authentication failed" for a party that must not learn the credential exists."""
+        # The path the owner opened (-R renewers rather than -Z) is the one to explain.
+        renewal_first = bool(record.renewers) and record.renewers != (NOBODY,)
+        actions = (Action.RENEW, Action.RETRIEVE) if renewal_first else (
+            Action.RETRIEVE, Action.RENEW)
         decisions = [self.service.decide(self.requester, record, action, AuthMethod.CERTIFICATE)
-                     for action in (Action.RETRIEVE, Action.RENEW)]
+                     for action in actions]
         # The most telling of the two: a deny rule or a job id over "no rule".
         order = [REASON_DENY_RULE, REASON_JOB_ID, REASON_OWNER]
         decision = min(decisions, key=lambda d: order.index(d.reason) if d.reason in order
