@@ -26,6 +26,7 @@ How each directive maps (see docs/myproxy.md for the full table):
   stored chain's identity always equals the owner DN in the broker (chains of
   another identity, independent proxies included, are refused at store), so "self"
   compares the client with the stored credential's base subject, as MyProxy does.
+* ``max_proxy_lifetime H``: ``max_lifetime = "Hh"`` on the retrieve and renew rules.
 * ``cert_dir``: a note (exit 0): the broker serves its ``ca_dir`` as trust roots.
 * anything else (``passphrase_policy_program``, ``accepted_credentials_mapapp``,
   ``pam``, ``certificate_issuer_*``...): reported with its line number, exit 1.
@@ -79,6 +80,7 @@ def translate_config(text: str, source: str = "myproxy-server.config") -> Transl
     unsupported: list[tuple[int, str, str]] = []
     notes: list[tuple[int, str, str]] = []
     self_authz = False
+    max_hours: int | None = None
     count = 0
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
@@ -101,6 +103,9 @@ def translate_config(text: str, source: str = "myproxy-server.config") -> Transl
         elif directive == "cert_dir":
             notes.append((number, directive, "the broker serves its ca_dir setting as trust "
                           "roots: point ca_dir at the same directory"))
+        elif directive == "max_proxy_lifetime" and len(values) == 1 and values[0].isdigit() \
+                and 0 < int(values[0]) <= 100_000:
+            max_hours = int(values[0])
         elif directive == "allow_self_authorization":
             self_authz = bool(values) and values[0].lower() in ("true", "yes", "1", "on")
         else:
@@ -134,18 +139,20 @@ def translate_config(text: str, source: str = "myproxy-server.config") -> Transl
     if "authorized_retrievers" in lists:
         rules.append(_rule("authorized_retrievers: retrieval with the passphrase", ["retrieve"],
                            _requesters(lists["authorized_retrievers"], passphrase=True),
-                           auth=["passphrase"], line=first_line["authorized_retrievers"]))
+                           auth=["passphrase"], line=first_line["authorized_retrievers"],
+                           max_hours=max_hours))
     if "trusted_retrievers" in lists:
         rules.append(_rule("trusted_retrievers: retrieval by certificate", ["retrieve"],
                            _requesters(lists["trusted_retrievers"]), auth=["certificate"],
-                           owner_list=True, line=first_line["trusted_retrievers"]))
+                           owner_list=True, line=first_line["trusted_retrievers"],
+                           max_hours=max_hours))
     if "authorized_renewers" in lists:
         rules.append(_rule("authorized_renewers: renewal", ["renew"],
                            _requesters(lists["authorized_renewers"]), owner_list=True,
-                           line=first_line["authorized_renewers"]))
+                           line=first_line["authorized_renewers"], max_hours=max_hours))
     if self_authz:
         rules.append(_rule("allow_self_authorization: owners renew their own credentials",
-                           ["renew"], ["self"], owner_list=True))
+                           ["renew"], ["self"], owner_list=True, max_hours=max_hours))
     else:
         # MyProxy refuses an owner as its own renewer or trusted retriever unless
         # allow_self_authorization is true; the rule names are its error messages.
@@ -169,7 +176,7 @@ def _requesters(values: list[str], *, passphrase: bool = False) -> list[str]:
 
 def _rule(name: str, actions: list[str], requesters: list[str], *,
           auth: list[str] | None = None, owner_list: bool = False, line: int = 0,
-          effect: str = "allow") -> str:
+          effect: str = "allow", max_hours: int | None = None) -> str:
     lines = ["[[rule]]", f"name = {json.dumps(name)}"]
     if line:
         lines.append(f"description = {json.dumps(f'myproxy-server.config line {line}')}")
@@ -179,6 +186,8 @@ def _rule(name: str, actions: list[str], requesters: list[str], *,
         lines.append(f"auth = {json.dumps(auth)}")
     if owner_list:
         lines.append("owner_list_required = true")
+    if max_hours is not None and effect == "allow" and set(actions) & {"retrieve", "renew"}:
+        lines.append(f'max_lifetime = "{max_hours}h"')
     return "\n".join(lines) + "\n"
 
 
