@@ -81,7 +81,11 @@ from broker.policy import (
     validate_owner_policy,
 )
 from broker.store import AuditEvent, CredentialRecord, Store
-from broker.store.crypto import INVALID_PASSPHRASE, INVALID_PASSPHRASE_REASON
+from broker.store.crypto import (
+    INVALID_PASSPHRASE,
+    INVALID_PASSPHRASE_REASON,
+    is_owner_encrypted,
+)
 
 log = logging.getLogger("broker.service")
 
@@ -885,6 +889,8 @@ class BrokerService:
             if attempt is not None:
                 self._finish_passphrase_attempt(attempt, failed=False)
                 attempt = None
+            if passphrase is not None and is_owner_encrypted(record.envelope):
+                self._reseal_owner_encrypted(record, passphrase)
             now = self.now()
             if record.not_after <= now:
                 raise CredentialError(
@@ -914,6 +920,19 @@ class BrokerService:
             raise
         return RetrievalGrant(record=record, decision=decision, action=action, job_id=job_id,
                               issuer=Credential(chain=chain, key=key))
+
+    def _reseal_owner_encrypted(self, record: CredentialRecord, passphrase: str) -> None:
+        """A key stored as its owner encrypted it (MyProxy STORE) is protected only by the
+        PEM's own key derivation (one MD5 round for Proc-Type PEMs). Once its passphrase is
+        known to be right, seal it again under the broker's scrypt layer; a failure leaves
+        the credential as it was (the retrieval goes on)."""
+        try:
+            self.store.change_passphrase(record.username, record.name,
+                                         old_passphrase=passphrase, new_passphrase=passphrase,
+                                         owner_dn=record.owner_dn)
+        except BrokerError as exc:
+            log.info("kept %s/%s as stored by its owner: %s", record.username, record.name,
+                     exc.message)
 
     def record_authenticated_only(self, requester: Requester, grant: RetrievalGrant) -> None:
         """Audit a granted retrieval the client ended before asking for a proxy

@@ -17,6 +17,7 @@ import pytest
 
 from broker.devpki import policy_rule
 from broker.myproxy.config_import import translate_config
+from broker.store.crypto import is_owner_encrypted
 from broker.store.repository import AuditRecord
 from tests.broker.myproxy.support import ALICE_DN, PASSPHRASE, Endpoint, running_endpoint
 from tests.interop.tools import need
@@ -123,6 +124,18 @@ def test_dn_as_username_myproxy_init_d(endpoint: Endpoint, tmp_path: Path) -> No
     assert out.exists()
 
 
+def test_dn_username_under_dn_binding(grid_pki: GridPki, tmp_path: Path) -> None:
+    with running_endpoint(tmp_path, grid_pki, username_binding="dn") as ep:
+        ok(mp(ep, ["myproxy-init", "-d", "-c", "2", "-t", "1", "-S"], "alice",
+              stdin=PASSPHRASE + "\n"))
+        ok(mp(ep, ["myproxy-init", "-l", "alice", "-c", "2", "-t", "1", "-S"], "alice",
+              stdin=PASSPHRASE + "\n"))
+        # someone else's DN is not the requester's to use
+        refused(mp(ep, ["myproxy-init", "-l", ALICE_DN, "-k", "b", "-c", "2", "-t", "1", "-S"],
+                   "bob",
+                   stdin=PASSPHRASE + "\n"), "binds usernames to identities")
+
+
 def test_long_username_as_the_reference_accepts(endpoint: Endpoint, tmp_path: Path) -> None:
     user = "alice." + "x" * 1165  # 1,171 characters, as in myproxy-test
     ok(mp(endpoint, ["myproxy-init", "-l", user, "-c", "2", "-t", "1", "-S"], "alice",
@@ -172,6 +185,11 @@ def test_store_encrypted_key_then_logon(endpoint: Endpoint, tmp_path: Path,
           None, stdin=PASSPHRASE + "\n"))
     described = ok(mp(endpoint, ["grid-proxy-info", "-all", "-file", str(out)], None))
     assert f"identity : {ALICE_DN}" in described
+    # once the passphrase proved right, the key is sealed again under the scrypt layer
+    record = endpoint.service.store.get_credential("u-store", name)
+    assert record.passphrase_protected and not is_owner_encrypted(record.envelope)
+    ok(mp(endpoint, ["myproxy-logon", "-S", "-l", "u-store", "-k", name, "-o",
+                     str(tmp_path / "p1.pem")], None, stdin=PASSPHRASE + "\n"))
     # the passphrase can be changed like any other
     ok(mp(endpoint, ["myproxy-change-pass-phrase", "-S", "-l", "u-store", "-k", name],
           "alice", stdin=f"{PASSPHRASE}\nnew-passphrase-2\n"))
