@@ -134,6 +134,13 @@ def check_cmd(directory: Path | None) -> None:
     metavar="PATTERN",
     help="Owner policy: renewers entry (repeat).",
 )
+@click.option(
+    "--key-retrievers",
+    "owner_key_retrievers",
+    multiple=True,
+    metavar="PATTERN",
+    help="Owner policy: key retrievers entry (MyProxy -E; repeat).",
+)
 @click.option("--dir", "directory", type=click.Path(path_type=Path), help=_DIR_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the decision as JSON.")
 def explain_cmd(
@@ -149,6 +156,7 @@ def explain_cmd(
     owner_retrievers: tuple[str, ...],
     owner_trusted: tuple[str, ...],
     owner_renewers: tuple[str, ...],
+    owner_key_retrievers: tuple[str, ...],
     directory: Path | None,
     as_json: bool,
 ) -> None:
@@ -179,11 +187,12 @@ def explain_cmd(
             err=True,
         )
     owner_policy = None
-    if owner_retrievers or owner_trusted or owner_renewers:
+    if owner_retrievers or owner_trusted or owner_renewers or owner_key_retrievers:
         owner_policy = OwnerPolicy(
             retrievers=owner_retrievers or None,
             trusted_retrievers=owner_trusted or None,
             renewers=owner_renewers or None,
+            key_retrievers=owner_key_retrievers or None,
         )
     decision = evaluate(policy_set, request, owner_policy, full_trace=True)
     if as_json:

@@ -213,3 +213,15 @@ def test_import_max_proxy_lifetime_caps_issuing_rules(tmp_path: Path) -> None:
     assert code == 0, err
     text = (tmp_path / "p" / "50-myproxy.toml").read_text()
     assert text.count('max_lifetime = "12h"') == 2
+
+
+def test_explain_key_retrieval_with_owner_list(tmp_path: Path) -> None:
+    config = tmp_path / "c.config"
+    config.write_text('authorized_key_retrievers "*"\ndefault_key_retrievers "none"\n')
+    assert run("import-myproxy-config", str(config), "--dir", str(tmp_path / "p"))[0] == 0
+    base = ["explain", "--dir", str(tmp_path / "p"), "--action", "retrieve-key", "--owner", BOB,
+            "--requester", PILOT, "--auth", "passphrase"]
+    code, out, _ = run(*base)
+    assert code == 3 and "owner_list_required" in out
+    code, out, _ = run(*base, "--key-retrievers", PILOT)
+    assert code == 0, out
