@@ -199,6 +199,7 @@ class CredentialSummary:
     passphrase_protected: bool
     created_at: datetime
     updated_at: datetime
+    key_retrievers: tuple[str, ...] = ()  # MyProxy -E (KEYRETRIEVERS)
 
     def to_json(self, now: datetime) -> dict[str, Any]:
         return {
@@ -227,6 +228,7 @@ def _summary(record: CredentialRecord) -> CredentialSummary:
         renewers=record.renewers, max_proxy_lifetime=record.max_lifetime_seconds,
         limited=record.limited, passphrase_protected=record.passphrase_protected,
         created_at=record.created_at, updated_at=record.updated_at,
+        key_retrievers=record.key_retrievers,
     )
 
 

@@ -484,6 +484,7 @@ class Session:
                 retriever=render_policy(s.retrievers),
                 retriever_trusted=render_policy(s.trusted_retrievers),
                 renewer=render_policy(s.renewers),
+                key_retrievers=render_policy(s.key_retrievers),
             )
             for s in summaries
         ]

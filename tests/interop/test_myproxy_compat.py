@@ -204,6 +204,8 @@ def test_key_retrieval_needs_the_owner_list(endpoint: Endpoint, tmp_path: Path) 
                      str(proxy), "-y", str(key), "-t", "1"], "alice"))
     ok(mp(endpoint, ["myproxy-store", "-l", "u-key", "-k", "nobody", "-E", "nobody", "-c",
                      str(proxy), "-y", str(key), "-t", "1"], "alice"))
+    info = ok(mp(endpoint, ["myproxy-info", "-l", "u-key"], "alice"))
+    assert f"key retrieval policy: {ALICE_DN}" in info
     cert, out_key = tmp_path / "c.pem", tmp_path / "k.pem"
     ok(mp(endpoint, ["myproxy-retrieve", "-S", "-l", "u-key", "-k", "mine", "-c", str(cert),
                      "-y", str(out_key)], "alice", stdin=PASSPHRASE + "\n"))
