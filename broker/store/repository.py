@@ -278,10 +278,40 @@ def _check_encrypted_key(pem: object) -> bytes:
     try:
         serialization.load_pem_private_key(data, password=None)
     except TypeError:
+        _check_key_encryption_cost(data)
         return data  # encrypted, as expected
     except (ValueError, UnsupportedAlgorithm):
         raise PemError("the private key is not a readable PEM private key") from None
     raise PemError("the private key PEM is not encrypted")
+
+
+#: The most PBKDF2 rounds an owner-encrypted key may ask for. Every passphrase try
+#: (anonymous clients included) runs them once; OpenSSL's default is 2,048.
+MAX_KEY_KDF_ITERATIONS = 1_000_000
+
+
+def _check_key_encryption_cost(pem: bytes) -> None:
+    """Refuse an encrypted PKCS#8 key whose key derivation would let whoever uploads it
+    make each passphrase try arbitrarily expensive (a CPU exhaustion)."""
+    from asn1crypto import keys as asn1_keys
+    from asn1crypto import pem as asn1_pem
+
+    if b"Proc-Type: 4,ENCRYPTED" in pem:
+        return  # OpenSSL's traditional format: one MD5 round, cheap by construction
+    try:
+        _, _, der = asn1_pem.unarmor(pem)
+        info = asn1_keys.EncryptedPrivateKeyInfo.load(der)
+        algorithm = info["encryption_algorithm"]
+        kdf = algorithm.kdf
+        iterations = int(algorithm.kdf_iterations)
+    except Exception:  # asn1crypto raises many types for unknown input
+        raise PemError("the private key is encrypted with a scheme this broker does not "
+                       "accept; use PKCS#8 with PBKDF2 (openssl pkcs8 -topk8 -v2 aes256)"
+                       ) from None
+    if kdf not in ("pbkdf2", "pbkdf1", "pkcs12_kdf") or not 1 <= iterations <= (
+            MAX_KEY_KDF_ITERATIONS):
+        raise PemError(f"the private key's encryption asks for {iterations} {kdf} rounds; "
+                       f"at most {MAX_KEY_KDF_ITERATIONS} are accepted")
 
 
 def _check_chain(chain: object, private_key_pem: bytes | None) -> tuple[str, datetime]:

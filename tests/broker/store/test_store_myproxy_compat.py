@@ -3,6 +3,9 @@ STORE), owners' key-retriever lists and usernames as long and free as MyProxy's.
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+
 import pytest
 from cryptography.hazmat.primitives import serialization
 
@@ -71,3 +74,29 @@ def test_usernames_as_myproxy_accepts(store: Store, rsa_material: KeyMaterial,
                          private_key_pem=rsa_material.key_pem,
                          certificate_chain=rsa_material.chain_pem)
     assert store.get_credential(username, "default").username == username
+
+
+def test_costly_key_encryption_is_refused(store: Store, rsa_material: KeyMaterial,
+                                          tmp_path: Path) -> None:
+    # Whoever stores a key must not make every later passphrase try arbitrarily costly.
+    source = tmp_path / "k.pem"
+    source.write_bytes(rsa_material.key_pem)
+    costly = tmp_path / "costly.pem"
+    made = subprocess.run(
+        ["openssl", "pkcs8", "-topk8", "-v2", "aes256", "-iter", "2000000", "-in", str(source),
+         "-out", str(costly), "-passout", "pass:" + PASSPHRASE],
+        capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    with pytest.raises(PemError, match="at most 1000000"):
+        store.put_credential(owner_dn=ALICE, username="alice", name="costly",
+                             private_key_pem=costly.read_bytes(),
+                             certificate_chain=rsa_material.chain_pem, owner_encrypted_key=True)
+    scrypt = tmp_path / "scrypt.pem"
+    made = subprocess.run(
+        ["openssl", "pkcs8", "-topk8", "-scrypt", "-in", str(source), "-out", str(scrypt),
+         "-passout", "pass:" + PASSPHRASE], capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    with pytest.raises(PemError, match="scheme this broker does not accept"):
+        store.put_credential(owner_dn=ALICE, username="alice", name="scrypt",
+                             private_key_pem=scrypt.read_bytes(),
+                             certificate_chain=rsa_material.chain_pem, owner_encrypted_key=True)
