@@ -24,6 +24,7 @@ import re
 import secrets
 import threading
 import time
+import unicodedata
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -43,6 +44,7 @@ from broker.errors import (
     ChainError,
     CredentialError,
     InputError,
+    NameError_,
     NotFound,
     TooManyAttempts,
 )
@@ -56,6 +58,7 @@ from broker.pki.loading import (
     key_to_pem,
     load_certificates,
     load_private_key,
+    public_keys_equal,
 )
 from broker.pki.proxy import (
     ProxyType,
@@ -81,7 +84,11 @@ from broker.policy import (
     validate_owner_policy,
 )
 from broker.store import AuditEvent, CredentialRecord, Store
-from broker.store.crypto import INVALID_PASSPHRASE, INVALID_PASSPHRASE_REASON
+from broker.store.crypto import (
+    INVALID_PASSPHRASE,
+    INVALID_PASSPHRASE_REASON,
+    is_owner_encrypted,
+)
 from broker.store.tokens import RefreshTokenRecord, RefreshTokenStore
 from broker.tokens.errors import ScopeNotAllowed
 from broker.tokens.issuers import DeviceAuthorization, IssuerDirectory, TokenResponse
@@ -155,6 +162,7 @@ class DelegationOptions:
     renewers: tuple[str, ...] = ()
     description: str | None = None
     passphrase: str | None = None
+    key_retrievers: tuple[str, ...] = ()  # MyProxy -E: who may download the key itself
 
     def to_params(self) -> dict[str, Any]:
         return {
@@ -202,6 +210,7 @@ class CredentialSummary:
     passphrase_protected: bool
     created_at: datetime
     updated_at: datetime
+    key_retrievers: tuple[str, ...] = ()  # MyProxy -E (KEYRETRIEVERS)
 
     def to_json(self, now: datetime) -> dict[str, Any]:
         return {
@@ -230,6 +239,7 @@ def _summary(record: CredentialRecord) -> CredentialSummary:
         renewers=record.renewers, max_proxy_lifetime=record.max_lifetime_seconds,
         limited=record.limited, passphrase_protected=record.passphrase_protected,
         created_at=record.created_at, updated_at=record.updated_at,
+        key_retrievers=record.key_retrievers,
     )
 
 
@@ -292,12 +302,14 @@ def _policy_name(name: str) -> str:
 
 
 def _owner_policy(record: CredentialRecord) -> OwnerPolicy | None:
-    if not (record.retrievers or record.trusted_retrievers or record.renewers):
+    if not (record.retrievers or record.trusted_retrievers or record.renewers
+            or record.key_retrievers):
         return None
     return OwnerPolicy(
         retrievers=record.retrievers or None,
         trusted_retrievers=record.trusted_retrievers or None,
         renewers=record.renewers or None,
+        key_retrievers=record.key_retrievers or None,
     )
 
 
@@ -360,6 +372,38 @@ class _RefusalAggregator:
 
 
 _USERNAME_CHARS = re.compile(r"[^a-z0-9._-]+")
+
+
+#: Longest username in UTF-8 bytes. MyProxy keeps usernames in a file name of the
+#: storage directory plus its request buffer; its test script uses a 1,171-character
+#: name. 1,500 bytes leave room for the credential name in a PostgreSQL btree key.
+MAX_USERNAME_BYTES = 1500
+# Characters that could break a log line or hide text: C0/C1 controls, DEL, Unicode
+# line/paragraph separators, bidi and other format characters.
+_UNSAFE_USERNAME_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+
+
+def validate_username(username: object) -> str:
+    """Return ``username`` if the broker accepts it as a username (a database key only).
+
+    MyProxy accepts any text as a username, DNs included (``myproxy-init -d``); so does
+    the broker, up to :data:`MAX_USERNAME_BYTES`. Refused: empty names, control, format
+    and separator characters (NUL, newlines, ESC, bidi overrides...), so a username is
+    safe in a log line and an ERROR message. Usernames never become file names.
+    """
+    if not isinstance(username, str):
+        raise NameError_(f"the username must be text, not {type(username).__name__}")
+    if not username:
+        raise NameError_("the username is empty; give one with -l")
+    size = len(username.encode("utf-8", "surrogatepass"))
+    if size > MAX_USERNAME_BYTES:
+        raise NameError_(f"the username is {size} bytes long; the limit is "
+                         f"{MAX_USERNAME_BYTES}")
+    for char in username:
+        if unicodedata.category(char) in _UNSAFE_USERNAME_CATEGORIES:
+            raise NameError_(f"the username contains the character U+{ord(char):04X}, which "
+                             "is not allowed (control, format or line separator)")
+    return username
 
 
 def dn_username(dn: str) -> str | None:
@@ -578,7 +622,7 @@ class BrokerService:
     def _find(self, *, username: str | None, owner_dn: str | None, name: str) -> CredentialRecord:
         validate_component(name, what="credential name")
         if username:
-            validate_component(username, what="username")
+            validate_username(username)
             record = self.store.get_credential(username, name)
             if owner_dn and record.owner_dn != owner_dn:
                 raise NotFound(f"no credential {name!r} of {owner_dn} under username {username!r}")
@@ -602,7 +646,8 @@ class BrokerService:
         if self.config.username_binding != "dn" or requester.dn is None:
             return
         bound = dn_username(requester.dn)
-        if username != bound:
+        # myproxy-init -d: the owner's own DN is as bound to the owner as its CN.
+        if username != bound and username != requester.dn:
             raise AuthorizationError(
                 f"this broker binds usernames to identities: {requester.dn} may store "
                 + (f"credentials only under the username {bound!r} (-l {bound}), not "
@@ -610,7 +655,7 @@ class BrokerService:
                 reason="username_binding")
 
     def _check_options(self, options: DelegationOptions) -> None:
-        validate_component(options.username, what="username")
+        validate_username(options.username)
         validate_component(options.name, what="credential name")
         if options.stored_lifetime <= timedelta(0) or options.max_proxy_lifetime <= timedelta(0):
             raise InputError("credential and proxy lifetimes must be positive")
@@ -624,6 +669,7 @@ class BrokerService:
             retrievers=options.retrievers or None,
             trusted_retrievers=options.trusted_retrievers or None,
             renewers=options.renewers or None,
+            key_retrievers=options.key_retrievers or None,
         )
         validate_owner_policy(self._policy(), owner_policy)
 
@@ -717,6 +763,7 @@ class BrokerService:
         self, requester: Requester, options: DelegationOptions,
         chain: Sequence[x509.Certificate], info: ChainInfo, now: datetime, *,
         passphrase: str | None, consume_pending: str | None, key_pem: bytes | None,
+        owner_encrypted_key: bool = False,
     ) -> CredentialRecord:
         assert requester.dn is not None
         # The owner's -c (and the site's maximum) ends the credential before its chain does.
@@ -732,9 +779,10 @@ class BrokerService:
             private_key_pem=key_pem, certificate_chain=chain_to_pem(chain).decode(),
             description=options.description, retrievers=options.retrievers,
             trusted_retrievers=options.trusted_retrievers, renewers=options.renewers,
+            key_retrievers=options.key_retrievers,
             max_lifetime_seconds=int(max_lifetime.total_seconds()), limited=info.limited,
             passphrase=passphrase or options.passphrase, consume_pending=consume_pending,
-            not_after=stored_until, now=now,
+            not_after=stored_until, now=now, owner_encrypted_key=owner_encrypted_key,
             audit=self._audit(requester, "delegate", "allow", reason="stored",
                               owner_dn=requester.dn, username=options.username,
                               name=options.name),
@@ -742,13 +790,21 @@ class BrokerService:
 
     def store_credential(
         self, requester: Requester, options: DelegationOptions, credential: Credential,
+        *, encrypted_key_pem: bytes | None = None,
     ) -> CredentialSummary:
-        """Store a whole credential (MyProxy STORE): the client hands over chain and key."""
+        """Store a whole credential (MyProxy STORE): the client hands over chain and key.
+
+        ``encrypted_key_pem``: the key as the owner encrypted it with its passphrase
+        (``credential.key`` is then None). It is kept encrypted inside the envelope and
+        opened only by a retrieval with that passphrase, as MyProxy does."""
         where: dict[str, Any] = {"owner_dn": requester.dn, "username": options.username,
                                  "name": options.name}
         try:
-            if requester.dn is None or credential.key is None:
+            if requester.dn is None or (credential.key is None) == (encrypted_key_pem is None):
                 raise AuthenticationError("storing a credential needs a client certificate")
+            if encrypted_key_pem is not None and options.passphrase is not None:
+                raise InputError("an encrypted key is stored without PASSPHRASE: its own "
+                                 "passphrase protects it")
             self._check_options(options)
             self._check_username_binding(requester, options.username)
             self._decide(requester, Action.DELEGATE, owner_dn=requester.dn,
@@ -756,9 +812,12 @@ class BrokerService:
                          username=options.username).raise_if_denied()
             now = self.now()
             info = self._check_delegated_chain(requester, credential.chain, now)
-            record = self._store_chain(requester, options, credential.chain, info, now,
-                                       passphrase=options.passphrase, consume_pending=None,
-                                       key_pem=key_to_pem(credential.key))
+            record = self._store_chain(
+                requester, options, credential.chain, info, now,
+                passphrase=options.passphrase, consume_pending=None,
+                key_pem=(encrypted_key_pem if credential.key is None
+                         else key_to_pem(credential.key)),
+                owner_encrypted_key=encrypted_key_pem is not None)
         except BrokerError as exc:
             self._record_failure(requester, "store", exc, **where)
             raise
@@ -852,6 +911,8 @@ class BrokerService:
             if attempt is not None:
                 self._finish_passphrase_attempt(attempt, failed=False)
                 attempt = None
+            if passphrase is not None and is_owner_encrypted(record.envelope):
+                self._reseal_owner_encrypted(record, passphrase)
             now = self.now()
             if record.not_after <= now:
                 raise CredentialError(
@@ -860,6 +921,12 @@ class BrokerService:
                     f"one (broker-init -k {record.name})", reason="expired")
             key = load_private_key(key_pem)
             chain = tuple(load_certificates(record.certificate_chain.encode()))
+            if not public_keys_equal(key, chain[0]):
+                # A key its owner encrypted (MyProxy STORE) is first seen here.
+                raise CredentialError(
+                    f"the stored key of {record.username}/{record.name} does not belong to "
+                    "its certificate; the owner must store the credential again",
+                    reason="key_mismatch")
         except _Concealed as hidden:
             if attempt is not None:
                 self._finish_passphrase_attempt(attempt, failed=True)
@@ -875,6 +942,48 @@ class BrokerService:
             raise
         return RetrievalGrant(record=record, decision=decision, action=action, job_id=job_id,
                               issuer=Credential(chain=chain, key=key))
+
+    def _reseal_owner_encrypted(self, record: CredentialRecord, passphrase: str) -> None:
+        """A key stored as its owner encrypted it (MyProxy STORE) is protected only by the
+        PEM's own key derivation (one MD5 round for Proc-Type PEMs). Once its passphrase is
+        known to be right, seal it again under the broker's scrypt layer; a failure leaves
+        the credential as it was (the retrieval goes on)."""
+        try:
+            self.store.change_passphrase(record.username, record.name,
+                                         old_passphrase=passphrase, new_passphrase=passphrase,
+                                         owner_dn=record.owner_dn)
+        except BrokerError as exc:
+            log.info("kept %s/%s as stored by its owner: %s", record.username, record.name,
+                     exc.message)
+
+    def record_authenticated_only(self, requester: Requester, grant: RetrievalGrant) -> None:
+        """Audit a granted retrieval the client ended before asking for a proxy
+        (myproxy-logon -N): allowed, nothing issued."""
+        record = grant.record
+        self.store.add_audit(self._audit(
+            requester, grant.action.value, "allow",
+            reason="authenticated only (myproxy-logon -N): no proxy issued",
+            owner_dn=record.owner_dn, username=record.username, name=record.name,
+            job_id=grant.job_id))
+
+    def release_key(self, requester: Requester, grant: RetrievalGrant, passphrase: str) -> bytes:
+        """MyProxy RETRIEVE: the stored chain and its key, the key encrypted under the
+        passphrase the requester proved. Only for a grant of ``retrieve-key`` (a distinct
+        policy action, never granted by an allow ``"*"``); audited like a retrieval."""
+        record = grant.record
+        where: dict[str, Any] = {"owner_dn": record.owner_dn, "username": record.username,
+                                 "name": record.name, "job_id": grant.job_id}
+        if grant.action is not Action.RETRIEVE_KEY or grant.issuer.key is None:
+            raise AuthorizationError("this grant does not release a private key",
+                                     reason="not_key_retrieval")
+        pem = chain_to_pem(grant.issuer.chain) + grant.issuer.key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(passphrase.encode()))
+        decision = grant.decision
+        self.store.add_audit(self._audit(
+            requester, Action.RETRIEVE_KEY.value, "allow",
+            reason=f"{decision.reason}: {decision.rule.name if decision.rule else ''}", **where))
+        return pem
 
     def issue(
         self, requester: Requester, grant: RetrievalGrant, *,
@@ -961,6 +1070,11 @@ class BrokerService:
             owner_policy=_owner_policy(record),
         )
 
+    def site_allows_any(self, action: Action) -> bool:
+        """Whether any allow rule of the site policy covers ``action`` (a site setting)."""
+        return any(rule.effect.value == "allow"
+                   for rule in self._policy().index[action].rules)
+
     def record_refusal(self, requester: Requester, action: str, exc: BrokerError,
                        **where: Any) -> None:
         """Audit a refusal an edge decided itself (e.g. MyProxy's protocol rules)."""
@@ -1034,7 +1148,7 @@ class BrokerService:
             if requester.dn is None:
                 raise AuthenticationError("info needs a client certificate or proxy")
             if username:
-                validate_component(username, what="username")
+                validate_username(username)
                 records = self.store.list_credentials(username=username)
             else:
                 records = self.store.list_credentials(owner_dn=requester.dn)

@@ -142,6 +142,13 @@ def check_cmd(directory: Path | None) -> None:
     metavar="PATTERN",
     help="Owner policy: renewers entry (repeat).",
 )
+@click.option(
+    "--key-retrievers",
+    "owner_key_retrievers",
+    multiple=True,
+    metavar="PATTERN",
+    help="Owner policy: key retrievers entry (MyProxy -E; repeat).",
+)
 @click.option("--dir", "directory", type=click.Path(path_type=Path), help=_DIR_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the decision as JSON.")
 def explain_cmd(
@@ -161,6 +168,7 @@ def explain_cmd(
     owner_retrievers: tuple[str, ...],
     owner_trusted: tuple[str, ...],
     owner_renewers: tuple[str, ...],
+    owner_key_retrievers: tuple[str, ...],
     directory: Path | None,
     as_json: bool,
 ) -> None:
@@ -199,11 +207,12 @@ def explain_cmd(
             err=True,
         )
     owner_policy = None
-    if owner_retrievers or owner_trusted or owner_renewers:
+    if owner_retrievers or owner_trusted or owner_renewers or owner_key_retrievers:
         owner_policy = OwnerPolicy(
             retrievers=owner_retrievers or None,
             trusted_retrievers=owner_trusted or None,
             renewers=owner_renewers or None,
+            key_retrievers=owner_key_retrievers or None,
         )
     decision = evaluate(policy_set, request, owner_policy, full_trace=True)
     if as_json:
@@ -225,6 +234,54 @@ def _print_decision(decision: Decision) -> None:
         mark = "x" if entry.matched else " "
         where = f"{entry.file}:{entry.line}" if entry.line else entry.file
         click.echo(f"  [{mark}] {entry.layer} {entry.effect} {entry.rule!r} {where}: {entry.why}")
+
+
+@policy.command("import-myproxy-config", cls=_InputCommand)
+@click.argument("config_file", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--dir", "directory", type=click.Path(path_type=Path), help=_DIR_HELP)
+@click.option("--file-name", default="50-myproxy.toml", show_default=True,
+              help="Name of the policy file written into the directory.")
+def import_myproxy_config_cmd(config_file: Path, directory: Path | None, file_name: str) -> None:
+    """Translate a myproxy-server.config into a policy file.
+
+    Every directive the broker can express becomes a rule; each one it cannot is
+    listed with its line number and the command exits 1 (the file is still written,
+    so the rest can be reviewed). The result is checked like `broker policy check`.
+    """
+    from broker.fileio import validate_component
+    from broker.myproxy.config_import import translate_config
+
+    try:
+        validate_component(file_name, what="policy file name")
+        text = config_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        _fail(f"cannot read {config_file}: {exc}")
+    except BrokerError as exc:
+        _fail(exc.message)
+    if not file_name.endswith(".toml"):
+        _fail(f"the policy file name {file_name!r} must end in .toml")
+    result = translate_config(text, source=config_file.name)
+    target = _policy_dir(directory)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        out = target / file_name
+        if out.exists():
+            _fail(f"{out} already exists; remove it or choose another --file-name")
+        out.write_text(result.toml, encoding="utf-8")
+    except OSError as exc:
+        _fail(f"cannot write the policy file: {exc}")
+    for line, directive, why in result.notes:
+        click.echo(f"{config_file}:{line}: note: {directive}: {why}")
+    _, issues = check_policy_directory(target)
+    for issue in issues:
+        click.echo(f"error: {issue}", err=True)
+    click.echo(f"wrote {out} ({result.directives} directives read)")
+    if result.unsupported:
+        for line, directive, why in result.unsupported:
+            click.echo(f"{config_file}:{line}: not imported: {directive}: {why}", err=True)
+        sys.exit(InputError.exit_code)
+    if issues:
+        sys.exit(InputError.exit_code)
 
 
 def main() -> None:

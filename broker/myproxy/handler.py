@@ -13,9 +13,10 @@ certificate chain shows up as "server-side error: check server logs".
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Literal, Protocol
 
@@ -39,7 +40,7 @@ from broker.myproxy import codec
 from broker.myproxy.codec import AuthMethodId, Command
 from broker.myproxy.policy_strings import NOBODY, render_policy, translate_policy
 from broker.pki.loading import Credential, chain_to_pem, load_certificates, public_keys_equal
-from broker.policy import Action, AuthMethod
+from broker.policy import REASON_DENY_RULE, REASON_JOB_ID, REASON_OWNER, Action, AuthMethod
 from broker.service import DEFAULT_CREDENTIAL, BrokerService, DelegationOptions, Requester
 from broker.store import CredentialRecord
 
@@ -52,6 +53,8 @@ MessageKind = Literal["text", "der", "chain", "auth"]
 BAD_PASSWORD = "Bad password\ninvalid credential passphrase"  # noqa: S105
 INVALID_PASSPHRASE = "invalid credential passphrase"  # noqa: S105
 NO_PASSPHRASE = "no passphrase\nauthentication failed"  # noqa: S105
+# What the server's channel says when the peer closes between messages.
+CLIENT_CLOSED = "the client closed the connection"
 
 
 class Channel(Protocol):
@@ -268,8 +271,9 @@ class Session:
                 action = Action.RENEW
             else:
                 # No right: the same answer whether or not the credential has a passphrase
-                # (and whether it exists at all, see above).
-                raise Refusal(NO_PASSPHRASE)
+                # (and whether it exists at all, see above), unless the requester is the
+                # owner or has a right the MyProxy endpoint cannot satisfy (job id).
+                raise self._certificate_refusal(record)
         try:
             # All checks and the one passphrase derivation happen here, before the OK.
             grant = self.service.authorize_retrieval(
@@ -288,7 +292,15 @@ class Session:
             raise Refusal(exc.message, audited=True) from None
 
         self.channel.send(codec.ok(self._trust_lines() if request.trusted_certs else ()))
-        csr_der = self.channel.recv("der")
+        try:
+            csr_der = self.channel.recv("der")
+        except ProtocolError as exc:
+            if exc.message != CLIENT_CLOSED:
+                raise
+            # myproxy-logon -N: it only wanted to know that the passphrase (or its
+            # certificate) is accepted, and closes after the OK. A success, not an error.
+            self.service.record_authenticated_only(requester, grant)
+            return
         lifetime = timedelta(seconds=request.lifetime) if request.lifetime > 0 else None
         if lifetime is not None and self.settings.max_lifetime is not None:
             lifetime = min(lifetime, self.settings.max_lifetime)
@@ -297,6 +309,38 @@ class Session:
         ders = [c.public_bytes(serialization.Encoding.DER) for c in issued.chain]
         self.channel.send(codec.encode_chain(ders))
         self.channel.send(codec.ok())
+
+    def _certificate_refusal(self, record: CredentialRecord) -> Refusal:
+        """Audit the policy's real reason for refusing a certificate-only GET and word it
+        for the wire: the reference's wording where it has one, and "no passphrase /
+        authentication failed" for a party that must not learn the credential exists."""
+        # The path the owner opened (-R renewers rather than -Z) is the one to explain.
+        renewal_first = bool(record.renewers) and record.renewers != (NOBODY,)
+        actions = (Action.RENEW, Action.RETRIEVE) if renewal_first else (
+            Action.RETRIEVE, Action.RENEW)
+        decisions = [self.service.decide(self.requester, record, action, AuthMethod.CERTIFICATE)
+                     for action in actions]
+        # The most telling of the two: a deny rule or a job id over "no rule".
+        order = [REASON_DENY_RULE, REASON_JOB_ID, REASON_OWNER]
+        decision = min(decisions, key=lambda d: order.index(d.reason) if d.reason in order
+                       else len(order))
+        rule = f" (rule {decision.rule.name!r})" if decision.rule else ""
+        self.service.record_refusal(
+            self.requester, Action.RETRIEVE.value,
+            AuthorizationError(f"{decision.message}", reason=decision.reason),
+            owner_dn=record.owner_dn, username=record.username, name=record.name)
+        dn = self.requester.dn
+        if decision.reason == REASON_JOB_ID:
+            # Only a party the site would let in learns this; MyProxy cannot send a job id.
+            return Refusal(f'"{dn}" not authorized by server\'s policy{rule}: a job id is '
+                           "required, which MyProxy cannot send; use broker-logon --job-id",
+                           audited=True)
+        if dn == record.owner_dn and decision.reason == REASON_DENY_RULE and decision.rule:
+            name = decision.rule.name
+            if name.startswith("self-authz"):
+                return Refusal(name, audited=True)  # the reference's own words
+            return Refusal(f'"{dn}" not authorized by server\'s policy{rule}', audited=True)
+        return Refusal(NO_PASSPHRASE, audited=True)
 
     def _allowed(self, record: CredentialRecord, action: Action, auth: AuthMethod) -> bool:
         # A probe (no audit): which of MyProxy's paths applies to this requester.
@@ -353,6 +397,8 @@ class Session:
             retrievers=(retrievers or ()) if passphrase else (NOBODY,),
             trusted_retrievers=trusted or (NOBODY,),
             renewers=renewers or (NOBODY,),
+            # MyProxy's default_key_retrievers "none": only the owner's -E list admits.
+            key_retrievers=translate_policy(request.key_retrievers) or (NOBODY,),
             description=request.cred_desc,
             passphrase=passphrase,
         )
@@ -393,8 +439,21 @@ class Session:
         text = self.channel.recv("text")
         cut = text.find(b"\0")
         pem = text[:cut] if cut >= 0 else text
-        credential = _load_stored(pem, request.passphrase or None)
-        self.service.store_credential(self.requester, options, credential)
+        encrypted = _encrypted_key_block(pem)
+        if encrypted is not None and not request.passphrase:
+            # The key's own passphrase protects it, so "retrieve with the passphrase" is
+            # what the owner's -r list (or the site) says, not "nobody".
+            options = replace(options, retrievers=translate_policy(request.retriever) or ())
+            # The Debian client never sends PASSPHRASE with an encrypted key: MyProxy keeps
+            # the PEM as it is, and so does the broker (inside its envelope encryption);
+            # myproxy-logon's passphrase opens it at retrieval.
+            certs = load_certificates(pem, what="stored certificate")
+            self.service.store_credential(self.requester, options,
+                                          Credential(chain=tuple(certs), key=None),
+                                          encrypted_key_pem=encrypted)
+        else:
+            credential = _load_stored(pem, request.passphrase or None)
+            self.service.store_credential(self.requester, options, credential)
         self.channel.send(codec.ok())
 
     # ------------------------------------------------------------------ INFO (2)
@@ -425,6 +484,7 @@ class Session:
                 retriever=render_policy(s.retrievers),
                 retriever_trusted=render_policy(s.trusted_retrievers),
                 renewer=render_policy(s.renewers),
+                key_retrievers=render_policy(s.key_retrievers),
             )
             for s in summaries
         ]
@@ -466,9 +526,35 @@ class Session:
     # ------------------------------------------------------------------ RETRIEVE (6) / TRUST (7)
 
     def _retrieve_key(self, request: codec.Request) -> None:
-        raise Refusal(
-            "key retrieval (myproxy-retrieve) is not offered by this server: stored private "
-            "keys never leave the broker; use myproxy-logon to get a proxy instead")
+        """myproxy-retrieve: only where the site allows ``retrieve-key`` (none does by
+        default) and the owner listed the requester (-E), always with the passphrase."""
+        dn = self._need_identity("key retrieval (myproxy-retrieve)")
+        if not self.service.site_allows_any(Action.RETRIEVE_KEY):
+            # A site setting, the same for every credential: telling it reveals nothing.
+            raise Refusal(f'"{dn}" not authorized by server\'s authorized_key_retrievers '
+                          "policy: key retrieval (myproxy-retrieve) is not enabled on this "
+                          "server; use myproxy-logon to get a proxy")
+        passphrase = request.passphrase or None
+        try:
+            record = self._find(request.username, request.cred_name)
+        except _Missing:
+            raise Refusal(BAD_PASSWORD if passphrase is not None else NO_PASSPHRASE) from None
+        if passphrase is None:
+            raise Refusal(NO_PASSPHRASE)
+        try:
+            grant = self.service.authorize_retrieval(
+                self.requester, record=record, passphrase=passphrase,
+                action=Action.RETRIEVE_KEY)
+        except TooManyAttempts as exc:
+            raise Refusal(exc.message, audited=True) from None
+        except (AuthenticationError, NotFound):
+            raise Refusal(BAD_PASSWORD, audited=True) from None
+        except BrokerError as exc:
+            raise Refusal(exc.message, audited=True) from None
+        payload = self.service.release_key(self.requester, grant, passphrase)
+        self.channel.send(codec.ok(self._trust_lines() if request.trusted_certs else ()))
+        self.channel.send(payload + b"\0")
+        self.channel.send(codec.ok())
 
     def _trustroots(self, request: codec.Request) -> None:
         self.channel.send(codec.ok(self._trust_lines()))
@@ -489,6 +575,22 @@ def _verify(cert: x509.Certificate, message: bytes, signature: bytes,
     except InvalidSignature:
         raise Refusal("renewal authentication failed: the challenge signature does not "
                       "verify with the presented proxy's key") from None
+
+
+_KEY_BLOCK = re.compile(
+    rb"-----BEGIN (?:ENCRYPTED |RSA |EC )?PRIVATE KEY-----.*?"
+    rb"-----END (?:ENCRYPTED |RSA |EC )?PRIVATE KEY-----\r?\n?", re.DOTALL)
+
+
+def _encrypted_key_block(pem: bytes) -> bytes | None:
+    """The private key block of an upload if it is encrypted (PKCS#8 or Proc-Type)."""
+    match = _KEY_BLOCK.search(pem)
+    if match is None:
+        return None
+    block = match.group(0)
+    if block.startswith(b"-----BEGIN ENCRYPTED") or b"Proc-Type: 4,ENCRYPTED" in block:
+        return block
+    return None
 
 
 def _load_stored(pem: bytes, passphrase: str | None) -> Credential:

@@ -13,6 +13,9 @@ class Action(StrEnum):
     RENEW = "renew"
     INFO = "info"
     DESTROY = "destroy"
+    #: MyProxy RETRIEVE (myproxy-retrieve): the stored certificate and private key
+    #: themselves leave the broker. Never implied by "*" rules of other actions.
+    RETRIEVE_KEY = "retrieve-key"
 
 
 #: Actions that issue a proxy, so a lifetime cap or ``limited`` means something.

@@ -43,7 +43,9 @@ from broker.policy._patterns import GroupRef, Matcher, PatternError, matches_any
 _JOB_ID_FAILURE = "needs a job id (require_job_id = true) and the request has none"
 
 
-def _check_rule(rule: Rule, request: Request) -> tuple[str | None, str]:
+def _check_rule(
+    rule: Rule, request: Request, owner_policy: OwnerPolicy | None = None
+) -> tuple[str | None, str]:
     """Return (first failed condition or None, how the requester matched)."""
     if request.action not in rule.actions:
         return f"action {request.action} not in [{', '.join(sorted(rule.actions))}]", ""
@@ -69,6 +71,11 @@ def _check_rule(rule: Rule, request: Request) -> tuple[str | None, str]:
         )
     if rule.require_job_id and not request.job_id:
         return _JOB_ID_FAILURE, via
+    if rule.owner_list_required:
+        selected = _owner_list(request, owner_policy) if owner_policy is not None else None
+        if selected is None or selected[2] is None:
+            label = selected[1] if selected is not None else "list for this action"
+            return f"owner_list_required and the owner set no {label}", via
     return None, via
 
 
@@ -137,7 +144,7 @@ def evaluate(
     allows: list[Rule] = []
     job_id_blocked: Rule | None = None
     for rule in considered:
-        failure, via = _check_rule(rule, request)
+        failure, via = _check_rule(rule, request, owner_policy)
         if failure is None:
             (allows if rule.effect is Effect.ALLOW else denies).append(rule)
             why = f"matched: requester matched {via}"
@@ -245,6 +252,8 @@ def _owner_list(
         return "retrievers", "retrievers", owner_policy.retrievers
     if request.action is Action.RENEW:
         return "renewers", "renewers", owner_policy.renewers
+    if request.action is Action.RETRIEVE_KEY:
+        return "key_retrievers", "key retrievers", owner_policy.key_retrievers
     return None
 
 
@@ -329,7 +338,7 @@ def compile_owner_entries(
 def validate_owner_policy(policy_set: PolicySet, owner_policy: OwnerPolicy) -> None:
     """Raise InputError if any owner list entry is unusable (call it before storing)."""
     problems: list[str] = []
-    for key in ("retrievers", "trusted_retrievers", "renewers"):
+    for key in ("retrievers", "trusted_retrievers", "renewers", "key_retrievers"):
         entries: tuple[str, ...] | None = getattr(owner_policy, key)
         if entries is None:
             continue
@@ -343,9 +352,11 @@ def validate_owner_policy(policy_set: PolicySet, owner_policy: OwnerPolicy) -> N
 def unsafe_rules(policy_set: PolicySet) -> tuple[Rule, ...]:
     """Allow rules that let *any* certificate holder retrieve without a passphrase.
 
-    MyProxy refuses to start with ``trusted_retrievers *``: anyone with a
-    certificate from any trusted CA could take anybody's credential. The
-    server calls this at start-up and refuses a non-empty answer;
+    MyProxy accepts ``trusted_retrievers *`` only with ``default_trusted_retrievers
+    none``: then only credentials whose owner named trusted retrievers (-Z) can be
+    taken by certificate. The broker's form of that is ``owner_list_required = true``;
+    without it, anyone with a certificate from any trusted CA could take anybody's
+    credential. The server calls this at start-up and refuses a non-empty answer;
     ``broker policy check`` reports the same rules as errors.
     """
     found: list[Rule] = []
@@ -354,6 +365,8 @@ def unsafe_rules(policy_set: PolicySet) -> tuple[Rule, ...]:
             continue
         if rule.auth is not None and AuthMethod.CERTIFICATE not in rule.auth:
             continue
+        if rule.owner_list_required:
+            continue  # only credentials whose owner named its trusted retrievers (-Z)
         if any(matches_any_dn(m.leaf) for m in rule.requester):
             found.append(rule)
     return tuple(found)

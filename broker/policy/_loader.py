@@ -42,6 +42,7 @@ RULE_KEYS = (
     "max_lifetime",
     "limited",
     "require_job_id",
+    "owner_list_required",
 )
 _REQUIRED = ("name", "action", "effect", "requester")
 _TOP_LEVEL = ("groups", "rule")
@@ -97,6 +98,7 @@ class _RawRule:
     max_lifetime: int | None
     limited: bool
     require_job_id: bool
+    owner_list_required: bool
     description: str
 
 
@@ -194,6 +196,11 @@ class _FileReader:
                 issue("effect", f'effect must be "allow" or "deny", not {raw_effect!r}')
             else:
                 effect = Effect(raw_effect)
+        if (effect is Effect.ALLOW and Action.RETRIEVE_KEY in actions
+                and _names_star(item.get("action"))):
+            # Handing out the private key must be named: an allow "*" does not grant it
+            # (a deny "*" still forbids it).
+            actions = actions - {Action.RETRIEVE_KEY}
 
         requester = (
             self._patterns(item["requester"], keys.get("requester", at), label, "requester")
@@ -227,6 +234,7 @@ class _FileReader:
                     issue("max_lifetime", str(exc))
         limited = self._bool(item, "limited", issue)
         require_job_id = self._bool(item, "require_job_id", issue)
+        owner_list_required = self._bool(item, "owner_list_required", issue)
         description = item.get("description", "")
         if not isinstance(description, str):
             issue("description", f"description must be a string, not {_type_name(description)}")
@@ -260,6 +268,7 @@ class _FileReader:
                     max_lifetime=max_lifetime,
                     limited=limited,
                     require_job_id=require_job_id,
+                    owner_list_required=owner_list_required,
                     description=description,
                 )
             )
@@ -525,6 +534,7 @@ def compile_policy_files(files: Mapping[str, str]) -> tuple[PolicySet, list[Poli
             max_lifetime=raw.max_lifetime,
             limited=raw.limited,
             require_job_id=raw.require_job_id,
+            owner_list_required=raw.owner_list_required,
             description=raw.description,
         )
         seen[raw.name] = rule
@@ -556,3 +566,8 @@ def load_policy(files: Mapping[str, str]) -> PolicySet:
     if policy_set is None:
         raise PolicyFileError(format_issues(issues))
     return policy_set
+
+
+def _names_star(raw: object) -> bool:
+    """Whether a rule's ``action`` value is or contains "*"."""
+    return raw == "*" or (isinstance(raw, list) and "*" in raw)

@@ -130,6 +130,7 @@ class OwnerPolicy:
     retrievers: tuple[str, ...] | None = None
     trusted_retrievers: tuple[str, ...] | None = None
     renewers: tuple[str, ...] | None = None
+    key_retrievers: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +151,9 @@ class Rule:
     max_lifetime: int | None = None
     limited: bool = False
     require_job_id: bool = False
+    #: MyProxy's default_* = "none": the rule applies only to credentials whose owner set
+    #: a list for the action (-r/-Z/-R/-E); the owner's list then decides who.
+    owner_list_required: bool = False
     description: str = ""
 
     @property

@@ -66,7 +66,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from cryptography.exceptions import InvalidTag
+from cryptography.exceptions import InvalidTag, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
@@ -485,6 +486,17 @@ def _protect(
     return inner, salt, {"kdf": "scrypt", "n": SCRYPT_N, "r": SCRYPT_R, "p": SCRYPT_P}
 
 
+#: ``kdf_params`` of a key the owner encrypted itself (MyProxy STORE of an encrypted
+#: PEM): the plaintext inside the envelope is that encrypted PEM, and the owner's
+#: passphrase opens it only at retrieval (the broker never learns it at upload).
+OWNER_ENCRYPTED_PEM = {"kdf": "owner-pem"}
+
+
+def is_owner_encrypted(envelope: Envelope) -> bool:
+    return bool(envelope.passphrase_protected and envelope.kdf_params
+                and envelope.kdf_params.get("kdf") == OWNER_ENCRYPTED_PEM["kdf"])
+
+
 def _data_key(
     ring: MasterKeyRing, envelope: Envelope, context: bytes, passphrase: str | None
 ) -> bytes:
@@ -496,6 +508,8 @@ def _data_key(
         raise AuthenticationError(INVALID_PASSPHRASE, reason=INVALID_PASSPHRASE_REASON)
     if len(passphrase) > MAX_PASSPHRASE_LENGTH:
         raise AuthenticationError(INVALID_PASSPHRASE, reason=INVALID_PASSPHRASE_REASON)
+    if is_owner_encrypted(envelope):
+        return inner  # the passphrase opens the PEM itself (open_envelope)
     n, r, p = _scrypt_params(envelope.kdf_params)
     salt = envelope.kdf_salt
     if not salt:
@@ -542,12 +556,34 @@ def open_envelope(
     """Decrypt an envelope; the passphrase is required exactly when one was set."""
     data_key = _data_key(ring, envelope, context, passphrase)
     try:
-        return AESGCM(data_key).decrypt(envelope.nonce, envelope.ciphertext, _DATA_AAD + context)
+        plaintext = AESGCM(data_key).decrypt(
+            envelope.nonce, envelope.ciphertext, _DATA_AAD + context)
     except InvalidTag:
         raise StoreError(
             "a stored private key failed its integrity check (tampered or swapped row)",
             reason="integrity",
         ) from None
+    if is_owner_encrypted(envelope):
+        assert passphrase is not None  # _data_key refused a missing one
+        return decrypt_owner_pem(plaintext, passphrase)
+    return plaintext
+
+
+def decrypt_owner_pem(pem: bytes, passphrase: str) -> bytes:
+    """The clear PKCS#8 PEM of a key its owner encrypted; a wrong passphrase is
+    AuthenticationError("invalid credential passphrase"), as for the scrypt layer."""
+    try:
+        key = serialization.load_pem_private_key(pem, password=passphrase.encode())
+    except (TypeError, ValueError, UnsupportedAlgorithm):
+        raise AuthenticationError(INVALID_PASSPHRASE, reason=INVALID_PASSPHRASE_REASON) from None
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def seal_owner_encrypted(pem: bytes, context: bytes, ring: MasterKeyRing) -> Envelope:
+    """Envelope for a PEM key the owner encrypted with its passphrase (kept as it is)."""
+    envelope = seal(pem, context, ring, None)
+    return replace(envelope, passphrase_protected=True, kdf_params=dict(OWNER_ENCRYPTED_PEM))
 
 
 def rewrap(envelope: Envelope, context: bytes, ring: MasterKeyRing) -> Envelope:
@@ -566,9 +602,15 @@ def change_envelope_passphrase(
     old_passphrase: str | None,
     new_passphrase: str | None,
 ) -> Envelope:
-    """Swap the passphrase layer (add, change or remove it); the ciphertext stays."""
+    """Swap the passphrase layer (add, change or remove it); the ciphertext stays.
+
+    A key its owner encrypted is opened with the old passphrase and sealed again
+    under the new one the usual way (scrypt layer), so the change takes effect."""
     if new_passphrase is not None:
         check_new_passphrase(new_passphrase)
+    if is_owner_encrypted(envelope):
+        clear = open_envelope(envelope, context, ring, old_passphrase)
+        return seal(clear, context, ring, new_passphrase)
     data_key = _data_key(ring, envelope, context, old_passphrase)
     salt: bytes | None = None
     params: dict[str, Any] | None = None

@@ -62,7 +62,7 @@ NAMING_CONVENTION = {
 
 # Column sizes shared with the validation in the repository.
 DN_LENGTH = 1024
-USERNAME_LENGTH = 255
+USERNAME_LENGTH = 1500  # bytes of UTF-8 at most (service.MAX_USERNAME_BYTES)
 CREDNAME_LENGTH = 255
 KEY_ID_LENGTH = 64
 PENDING_ID_LENGTH = 64
@@ -143,6 +143,8 @@ class Credential(EnvelopeColumns, Base):
     retrievers: Mapped[list[str]] = mapped_column(JSON, nullable=False)
     trusted_retrievers: Mapped[list[str]] = mapped_column(JSON, nullable=False)
     renewers: Mapped[list[str]] = mapped_column(JSON, nullable=False)
+    # MyProxy's KEYRETRIEVERS (myproxy-store -E): who may download the key itself.
+    key_retrievers: Mapped[list[str]] = mapped_column(JSON, nullable=False, default=list)
     max_lifetime_seconds: Mapped[int | None] = mapped_column(Integer, nullable=True)
     limited: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)

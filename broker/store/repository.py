@@ -152,6 +152,7 @@ class CredentialRecord:
     created_at: datetime
     updated_at: datetime
     envelope: Envelope = field(repr=False, compare=False)
+    key_retrievers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -267,6 +268,52 @@ def _check_private_key(pem: object) -> bytes:
     return data
 
 
+def _check_encrypted_key(pem: object) -> bytes:
+    """A PEM private key that needs a passphrase to load (its owner's)."""
+    if not isinstance(pem, bytes | bytearray):
+        raise PemError("the private key must be PEM bytes")
+    data = bytes(pem)
+    if len(data) > MAX_KEY_BYTES:
+        raise PemError("the private key PEM is too large")
+    try:
+        serialization.load_pem_private_key(data, password=None)
+    except TypeError:
+        _check_key_encryption_cost(data)
+        return data  # encrypted, as expected
+    except (ValueError, UnsupportedAlgorithm):
+        raise PemError("the private key is not a readable PEM private key") from None
+    raise PemError("the private key PEM is not encrypted")
+
+
+#: The most PBKDF2 rounds an owner-encrypted key may ask for. Every passphrase try
+#: (anonymous clients included) runs them once; OpenSSL's default is 2,048.
+MAX_KEY_KDF_ITERATIONS = 1_000_000
+
+
+def _check_key_encryption_cost(pem: bytes) -> None:
+    """Refuse an encrypted PKCS#8 key whose key derivation would let whoever uploads it
+    make each passphrase try arbitrarily expensive (a CPU exhaustion)."""
+    from asn1crypto import keys as asn1_keys
+    from asn1crypto import pem as asn1_pem
+
+    if b"Proc-Type: 4,ENCRYPTED" in pem:
+        return  # OpenSSL's traditional format: one MD5 round, cheap by construction
+    try:
+        _, _, der = asn1_pem.unarmor(pem)
+        info = asn1_keys.EncryptedPrivateKeyInfo.load(der)
+        algorithm = info["encryption_algorithm"]
+        kdf = algorithm.kdf
+        iterations = int(algorithm.kdf_iterations)
+    except Exception:  # asn1crypto raises many types for unknown input
+        raise PemError("the private key is encrypted with a scheme this broker does not "
+                       "accept; use PKCS#8 with PBKDF2 (openssl pkcs8 -topk8 -v2 aes256)"
+                       ) from None
+    if kdf not in ("pbkdf2", "pbkdf1", "pkcs12_kdf") or not 1 <= iterations <= (
+            MAX_KEY_KDF_ITERATIONS):
+        raise PemError(f"the private key's encryption asks for {iterations} {kdf} rounds; "
+                       f"at most {MAX_KEY_KDF_ITERATIONS} are accepted")
+
+
 def _check_chain(chain: object, private_key_pem: bytes | None) -> tuple[str, datetime]:
     """Normalise the chain to PEM certificates only; return it and its earliest expiry."""
     if not isinstance(chain, str):
@@ -378,6 +425,7 @@ def _credential_record(row: Credential | Row[Any]) -> CredentialRecord:
         retrievers=tuple(row.retrievers),
         trusted_retrievers=tuple(row.trusted_retrievers),
         renewers=tuple(row.renewers),
+        key_retrievers=tuple(row.key_retrievers or ()),
         max_lifetime_seconds=row.max_lifetime_seconds,
         limited=row.limited,
         passphrase_protected=row.passphrase_protected,
@@ -663,6 +711,7 @@ class Store:
         retrievers: Sequence[str] = (),
         trusted_retrievers: Sequence[str] = (),
         renewers: Sequence[str] = (),
+        key_retrievers: Sequence[str] = (),
         max_lifetime_seconds: int | None = None,
         limited: bool = False,
         passphrase: str | None = None,
@@ -670,7 +719,11 @@ class Store:
         not_after: datetime | None = None,
         now: datetime | None = None,
         audit: AuditEvent | None = None,
+        owner_encrypted_key: bool = False,
     ) -> CredentialRecord:
+        """Store a credential. ``owner_encrypted_key``: ``private_key_pem`` is encrypted
+        with the owner's passphrase (MyProxy STORE); it is kept as it is inside the
+        envelope and opened only by a retrieval that gives the passphrase."""
         owner_dn = _dn(owner_dn, "owner DN")
         username = _username(username)
         name = _credname(name)
@@ -679,6 +732,7 @@ class Store:
         retriever_list = _dn_list(retrievers, "retrievers")
         trusted_list = _dn_list(trusted_retrievers, "trusted_retrievers")
         renewer_list = _dn_list(renewers, "renewers")
+        key_retriever_list = _dn_list(key_retrievers, "key_retrievers")
         if max_lifetime_seconds is not None and (
             not isinstance(max_lifetime_seconds, int)
             or isinstance(max_lifetime_seconds, bool)
@@ -691,8 +745,13 @@ class Store:
             _check_audit(audit)
         if (private_key_pem is None) == (consume_pending is None):
             raise InputError("give exactly one of private_key_pem and consume_pending")
-        if private_key_pem is not None:
-            key_pem: bytes | None = _check_private_key(private_key_pem)
+        if owner_encrypted_key:
+            if private_key_pem is None or passphrase is not None:
+                raise InputError("an owner-encrypted key comes as PEM, without a passphrase")
+            key_pem: bytes | None = _check_encrypted_key(private_key_pem)
+            chain, chain_end = _check_chain(certificate_chain, None)
+        elif private_key_pem is not None:
+            key_pem = _check_private_key(private_key_pem)
             chain, chain_end = _check_chain(certificate_chain, key_pem)
         else:
             key_pem = None
@@ -708,7 +767,9 @@ class Store:
         # Encrypting (scrypt with a passphrase) before BEGIN keeps the write
         # lock short; only a key taken from a pending row must be sealed inside.
         early_envelope = (
-            crypto.seal(key_pem, context, self._ring_for_encrypt(), passphrase)
+            crypto.seal_owner_encrypted(key_pem, context, self._ring_for_encrypt())
+            if key_pem is not None and owner_encrypted_key
+            else crypto.seal(key_pem, context, self._ring_for_encrypt(), passphrase)
             if key_pem is not None
             else None
         )
@@ -751,6 +812,7 @@ class Store:
                 row.retrievers = retriever_list
                 row.trusted_retrievers = trusted_list
                 row.renewers = renewer_list
+                row.key_retrievers = key_retriever_list
                 row.max_lifetime_seconds = max_lifetime_seconds
                 row.limited = bool(limited)
                 row.updated_at = moment

@@ -191,7 +191,8 @@ def test_malformed_requests_get_specific_4xx(sqlite_broker: RunningBroker) -> No
         ("POST", "/v1/retrievals", {"csr": "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n"
                                     "-----END CERTIFICATE REQUEST-----\n", "username": "a"},
          400, "bad_csr"),
-        ("POST", "/v1/delegations", {"username": "../etc"}, 400, "bad_name"),
+        # usernames are database keys (DNs allowed, as in MyProxy); control characters not
+        ("POST", "/v1/delegations", {"username": "al\nice"}, 400, "bad_name"),
         ("POST", "/v1/delegations", {"username": "alice", "stored_hours": -1}, 400, "bad_field"),
         ("POST", "/v1/delegations", {"username": "alice", "retrievers": "x"}, 400, "bad_field"),
         ("PUT", "/v1/delegations/nonexistent", {"chain": "x"}, 404, "not_found"),

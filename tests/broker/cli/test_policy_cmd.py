@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,114 @@ def test_explain_bad_input_exit_1(args: list[str]) -> None:
 def test_explain_missing_required_option_exit_1() -> None:
     code, _, err = run("explain", "--action", "retrieve")
     assert code == 1 and "--owner" in err
+
+
+# --------------------------------------------------------------------------- import-myproxy-config
+
+DEBIAN_SAMPLE = Path("/etc/myproxy-server.config")
+
+
+def _debian_samples() -> dict[str, str]:
+    """Every "Complete Sample Policy" block of Debian's config file, uncommented."""
+    if not DEBIAN_SAMPLE.exists():
+        from tests.prerequisites import unavailable
+
+        unavailable("the Debian sample /etc/myproxy-server.config comes with myproxy-server")
+    text = DEBIAN_SAMPLE.read_text()
+    samples: dict[str, str] = {}
+    for block in text.split("# Complete Sample Policy #")[1:]:
+        number = block.split(" ", 1)[0]
+        lines: list[str] = []
+        for line in block.splitlines():
+            if not line:
+                break  # a sample ends at the first empty line
+            if re.match(r"#[a-z_]+\s", line):
+                lines.append(line[1:])
+        samples[number] = "\n".join(lines) + "\n"
+    # and every directive the file shows anywhere, one per line, as a third "sample"
+    samples["all"] = "\n".join(line[1:] for line in text.splitlines()
+                               if re.match(r"#[a-z_]+\s+\S", line)) + "\n"
+    return samples
+
+
+def test_import_debian_sample_1_expresses_everything(tmp_path: Path) -> None:
+    config = tmp_path / "myproxy-server.config"
+    config.write_text(_debian_samples()["1"])
+    code, out, err = run("import-myproxy-config", str(config), "--dir", str(tmp_path / "p"))
+    assert code == 0, err
+    assert "note: cert_dir" in out  # trust roots come from the broker's ca_dir
+    # the result passes `broker policy check`, unsafe-rule check included
+    code, out, err = run("check", str(tmp_path / "p"))
+    assert code == 0, err
+    text = (tmp_path / "p" / "50-myproxy.toml").read_text()
+    assert 'action = ["retrieve-key"]' in text and "owner_list_required = true" in text
+    # no allow_self_authorization: the owner is refused as its own renewer, in MyProxy's words
+    assert 'name = "self-authz not allowed for renewer"' in text
+
+
+def test_import_debian_sample_2_lists_what_it_cannot_express(tmp_path: Path) -> None:
+    config = tmp_path / "ca.config"
+    config.write_text(_debian_samples()["2"])
+    code, _, err = run("import-myproxy-config", str(config), "--dir", str(tmp_path / "p"))
+    assert code == 1
+    # the online-CA directives are named with their line numbers
+    assert f"{config}:2: not imported: pam" in err, err
+    assert "certificate_issuer_cert" in err and "certificate_issuer_key" in err
+    # what it could express is written (and checks)
+    assert run("check", str(tmp_path / "p"))[0] == 0
+
+
+def test_import_every_debian_sample_is_handled(tmp_path: Path) -> None:
+    for number, text in _debian_samples().items():
+        config = tmp_path / f"sample{number}.config"
+        config.write_text(text)
+        target = tmp_path / f"p{number}"
+        code, _, err = run("import-myproxy-config", str(config), "--dir", str(target))
+        assert code in (0, 1), err
+        assert "Traceback" not in err
+        assert run("check", str(target))[0] == 0, (number, (target / "50-myproxy.toml")
+                                                   .read_text())
+
+
+def test_import_refuses_unsupported_defaults_and_keeps_existing_files(tmp_path: Path) -> None:
+    config = tmp_path / "c.config"
+    config.write_text('authorized_renewers "*"\ndefault_renewers "/CN=robot"\n')
+    code, _, err = run("import-myproxy-config", str(config), "--dir", str(tmp_path / "p"))
+    assert code == 1 and f"{config}:2: not imported: default_renewers" in err
+    code, _, err = run("import-myproxy-config", str(config), "--dir", str(tmp_path / "p"))
+    assert code == 1 and "already exists" in err
+    code, _, err = run("import-myproxy-config", str(tmp_path / "missing"), "--dir",
+                       str(tmp_path / "q"))
+    assert code == 1 and "cannot read" in err
+
+
+def test_import_allow_self_authorization(tmp_path: Path) -> None:
+    config = tmp_path / "c.config"
+    config.write_text('authorized_renewers "*"\ndefault_renewers "none"\n'
+                      "allow_self_authorization true\n")
+    code, _, err = run("import-myproxy-config", str(config), "--dir", str(tmp_path / "p"))
+    assert code == 0, err
+    text = (tmp_path / "p" / "50-myproxy.toml").read_text()
+    assert "self-authz not allowed" not in text and 'requester = ["self"]' in text
+
+
+def test_import_max_proxy_lifetime_caps_issuing_rules(tmp_path: Path) -> None:
+    config = tmp_path / "c.config"
+    config.write_text('authorized_retrievers "*"\nauthorized_renewers "*"\n'
+                      "max_proxy_lifetime 12\n")
+    code, _, err = run("import-myproxy-config", str(config), "--dir", str(tmp_path / "p"))
+    assert code == 0, err
+    text = (tmp_path / "p" / "50-myproxy.toml").read_text()
+    assert text.count('max_lifetime = "12h"') == 2
+
+
+def test_explain_key_retrieval_with_owner_list(tmp_path: Path) -> None:
+    config = tmp_path / "c.config"
+    config.write_text('authorized_key_retrievers "*"\ndefault_key_retrievers "none"\n')
+    assert run("import-myproxy-config", str(config), "--dir", str(tmp_path / "p"))[0] == 0
+    base = ["explain", "--dir", str(tmp_path / "p"), "--action", "retrieve-key", "--owner", BOB,
+            "--requester", PILOT, "--auth", "passphrase"]
+    code, out, _ = run(*base)
+    assert code == 3 and "owner_list_required" in out
+    code, out, _ = run(*base, "--key-retrievers", PILOT)
+    assert code == 0, out

@@ -21,7 +21,7 @@ def test_models_and_migration_agree(db_url: str) -> None:
         assert diff == []
         with engine.connect() as conn:
             head = MigrationContext.configure(conn).get_current_revision()
-        assert head == "0005"
+        assert head == "0006"
     finally:
         engine.dispose()
 
