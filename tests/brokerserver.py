@@ -73,7 +73,7 @@ class RunningBroker:
 
 def start_broker(pki: GridPki, base: Path, *, database_url: str = "",
                  policy: str = DEV_POLICY, extra: tuple[str, ...] = (),
-                 workers: int = 1) -> RunningBroker:
+                 workers: int = 2) -> RunningBroker:
     state = base / "state"
     policy_dir = base / "policies"
     policy_dir.mkdir(parents=True, exist_ok=True)
