@@ -26,6 +26,7 @@ import http.client
 import json
 import os
 import ssl
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -133,13 +134,13 @@ class _Unreachable(Exception):
 class BrokerClient:
     servers: list[tuple[str, int]]
     _current: int = 0
-    _conn: http.client.HTTPSConnection | None = None
-    _conn_server: tuple[str, int] | None = None
+    _local: threading.local | None = None  # the kept connection, one per thread
     connections_opened: int = 0  # connection attempts by this client (tests, benchmarks)
 
     def __init__(self, server: str | None, identity: ClientIdentity, *, ca_dir: str,
                  timeout: float = 30.0) -> None:
         self.servers = parse_servers(server)
+        self._local = threading.local()
         self.identity = identity
         self.timeout = timeout
         read_private_file(identity.key, require_owner=os.getuid())  # 0600 and ours, or refuse
@@ -175,12 +176,33 @@ class BrokerClient:
         servers[self._current] = (host or old_host, port or old_port)
         self.servers = servers
 
+    @property
+    def _conn(self) -> http.client.HTTPSConnection | None:
+        return getattr(self._local, "conn", None)
+
+    @_conn.setter
+    def _conn(self, conn: http.client.HTTPSConnection | None) -> None:
+        if self._local is None:
+            self._local = threading.local()  # a client shared by threads: one each
+        self._local.conn = conn
+
+    @property
+    def _conn_server(self) -> tuple[str, int] | None:
+        return getattr(self._local, "server", None)
+
+    @_conn_server.setter
+    def _conn_server(self, server: tuple[str, int] | None) -> None:
+        if self._local is None:
+            self._local = threading.local()
+        self._local.server = server
+
     def close(self) -> None:
-        """Close the kept connection (the next call opens a new one)."""
-        if self._conn is not None:
-            self._conn.close()
-        self._conn = None
-        self._conn_server = None
+        """Close this thread's kept connection (the next call opens a new one)."""
+        conn = self._conn
+        if conn is not None:
+            conn.close()
+            self._conn = None
+            self._conn_server = None
 
     def __enter__(self) -> BrokerClient:
         return self
@@ -219,6 +241,10 @@ class BrokerClient:
                   payload: bytes | None, headers: dict[str, str]) -> Any:
         host, port = server
         where = f"{host}:{port}"
+        if self._conn is not None and getattr(self._local, "pid", None) != os.getpid():
+            # Inherited through fork: the TLS state belongs to the parent; never touch it.
+            self._conn = None
+            self._conn_server = None
         reused = self._conn is not None and self._conn_server == server
         if not reused:
             self.close()
@@ -227,6 +253,8 @@ class BrokerClient:
                 self._conn = http.client.HTTPSConnection(host, port, context=self._ctx,
                                                          timeout=self.timeout)
                 self._conn_server = server
+                if self._local is not None:
+                    self._local.pid = os.getpid()
                 self.connections_opened += 1
             conn = self._conn
             try:

@@ -195,3 +195,24 @@ def test_pilot_broker_url_takes_a_list() -> None:
     for bad in ([], ["https://n1", 3], ["a,b"], [""]):
         with pytest.raises(WrapperSystemError, match="broker_url"):
             parse_pilot_config({**base, "broker_url": bad})
+
+
+def test_a_client_shared_by_threads_keeps_one_connection_per_thread(
+        sqlite_broker: RunningBroker) -> None:  # noqa: F811
+    client = sqlite_broker.client("alice")
+    failures: list[BaseException] = []
+
+    def calls() -> None:
+        try:
+            for _ in range(5):
+                assert client.call("GET", "/healthz")["status"] == "ok"
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=calls) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    assert client.connections_opened == 6

@@ -33,6 +33,7 @@ from broker.pki.proxy import csr_to_pem, generate_key, load_csr, make_csr, new_p
 from broker.service import sign_challenge
 from broker.store import init_master_key_file
 from tests.brokerserver import RunningBroker, launch_broker, wait_ready
+from tests.pgcluster import PostgresCluster
 from tests.pkifixtures import GridPki
 
 pytestmark = pytest.mark.postgres
@@ -232,3 +233,36 @@ def test_node_killed_mid_run_clients_fail_over_and_lose_no_acknowledged_delegati
     pilot = nodes.client("pilot", nodes.a, nodes.b)
     for name in acknowledged:
         pilot.retrieve(username="alice", name=name, key_type="ec")
+
+
+def test_backup_and_restore_then_retrieve(nodes: Nodes, postgres_cluster: PostgresCluster,
+                                          tmp_path: Path) -> None:
+    """The procedure of docs/deployment.md: pg_dump -Fc of the live database, pg_restore
+    into an empty one, a node started on it with the same key file serves the credential."""
+    _delegate(nodes.client("alice", nodes.a), nodes.pki, "kept")
+    dump = tmp_path / "broker.dump"
+    source = nodes.database_url.rsplit("/", 1)[1]
+    connection = ["-h", "127.0.0.1", "-p", str(postgres_cluster.port), "-U",
+                  postgres_cluster.user]
+    done = subprocess.run([str(postgres_cluster.bindir / "pg_dump"), *connection, "-Fc",
+                           "-d", source, "-f", str(dump)], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    target = f"r_{source[2:]}"
+    restored_url = postgres_cluster.create_database(target)
+    try:
+        done = subprocess.run([str(postgres_cluster.bindir / "pg_restore"), *connection,
+                               "--no-owner", "-d", target, str(dump)], capture_output=True,
+                              text=True, timeout=120, check=False)
+        assert done.returncode == 0, done.stderr
+        restored = launch_broker(nodes.pki, tmp_path / "restored", database_url=restored_url,
+                                 extra=("--master-key-file", str(nodes.keys["a"])), workers=1)
+        try:
+            wait_ready(restored, timeout=60)
+            with restored.client("pilot") as pilot:
+                _, result = pilot.retrieve(username="alice", name="kept", key_type="ec")
+            assert result["owner"] == "/DC=org/DC=example/CN=Alice"
+        finally:
+            restored.stop()
+    finally:
+        postgres_cluster.drop_database(target)
