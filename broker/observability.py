@@ -23,12 +23,14 @@ Logs
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
 import re
 import shutil
 import sys
+import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -80,20 +82,33 @@ def _get_instruments() -> _Instruments:
     return _instruments
 
 
-def enable_multiprocess_metrics(directory: str | os.PathLike[str]) -> Path:
-    """Use ``directory`` (created 0700, emptied) for the metrics of every process started
-    from here on. Call it in the parent before any worker starts and before anything
-    imports prometheus_client; returns the directory."""
-    path = Path(directory)
-    if "prometheus_client" in sys.modules and os.environ.get(MULTIPROC_ENV) != str(path):
+def enable_multiprocess_metrics(parent: str | os.PathLike[str] | None = None) -> Path:
+    """Give every process started from here on one private directory (0700) for its
+    metrics, and return it. Call it in the parent before any worker starts and before
+    anything imports prometheus_client.
+
+    The directory is made in ``parent``, by default in /dev/shm (memory): prometheus_client
+    writes through memory-mapped files, and a write into a mapped file on a full disk
+    kills the process with SIGBUS, so the metrics must not share the state directory's
+    disk. It is removed when this process exits (not when a forked worker does)."""
+    if "prometheus_client" in sys.modules and not os.environ.get(MULTIPROC_ENV):
         logging.getLogger("broker.observability").warning(
             "prometheus_client was imported before the metrics directory was set: "
             "metrics stay per process")
-    if path.exists():
-        shutil.rmtree(path)  # the files of a previous run would be added to this run's
-    path.mkdir(mode=0o700, parents=True)
-    os.chmod(path, 0o700)
+    if parent is None:
+        shm = Path("/dev/shm")  # noqa: S108 - mkdtemp below makes a private, unguessable dir
+        parent = shm if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK) else None
+    path = Path(tempfile.mkdtemp(prefix="broker-metrics-", dir=parent))
     os.environ[MULTIPROC_ENV] = str(path)
+    owner = os.getpid()
+
+    def remove() -> None:
+        if os.getpid() == owner:
+            shutil.rmtree(path, ignore_errors=True)
+
+    atexit.register(remove)
+    logging.getLogger("broker.observability").info(
+        "metrics of every process are summed from %s", path)
     return path
 
 

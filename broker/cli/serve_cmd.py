@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 from typing import Any
 
 import click
@@ -60,7 +59,7 @@ def serve(config_path: str | None, ops_bind: str, log_format: str, **flags: Any)
     prepare_state(config)
     policy = check_policy(config)  # refuse to start on an invalid or unsafe policy
     # Before any worker (or the MyProxy child) starts: counters of every process, one view.
-    enable_multiprocess_metrics(Path(config.state_dir) / "metrics")
+    enable_multiprocess_metrics()
     if ops_bind:
         from broker.ops import start_ops_listener
 

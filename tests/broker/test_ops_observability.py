@@ -105,8 +105,13 @@ def test_metrics_add_up_over_workers_and_endpoints(
     assert _sample(text, "broker_health_check", check="database") == 1
     assert _sample(text, "broker_host_certificate_expiry_timestamp_seconds") > 0
     # More than one worker answered (their values are summed above).
-    pids = {p.name.rsplit("_", 1)[-1] for p in (broker.state_dir / "metrics").iterdir()}
-    assert len(pids) >= 2
+    found = re.search(r"metrics of every process are summed from (/[^\"\s]+)",
+                      broker.log.read_text())
+    assert found, broker.log.read_text()[-2000:]
+    directory = Path(found.group(1))
+    assert directory.parent == Path("/dev/shm") and (directory.stat().st_mode & 0o777) == 0o700
+    pids = {p.stem.rsplit("_", 1)[-1] for p in directory.iterdir()}
+    assert len(pids) >= 2, pids
 
 
 def test_ops_healthz_and_json_logs(observed: tuple[RunningBroker, int, int]) -> None:
