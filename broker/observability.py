@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+LOG_FORMAT_ENV = "BROKER_LOG_FORMAT"
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -207,17 +208,26 @@ def make_formatter(log_format: str | None = None) -> logging.Formatter:
         TEXT_FORMAT)
 
 
-def configure_logging(level: str, log_format: str) -> None:
+def inherited_log_format() -> str:
+    """The format ``broker serve`` chose, for the processes it starts (the MyProxy child)."""
+    value = os.environ.get(LOG_FORMAT_ENV, "text")
+    return value if value in LOG_FORMATS else "text"
+
+
+def configure_logging(level: str, log_format: str, *, text_format: str = TEXT_FORMAT) -> None:
     """Root logging at ``level`` (debug ... critical) in ``log_format`` (text or json), on
-    standard error. Raises ValueError for an unknown level or format."""
+    standard error; processes started from here on inherit the format. Raises ValueError
+    for an unknown level or format."""
     global _log_format
     if level.lower() not in LOG_LEVELS:
         raise ValueError(f"unknown log level {level!r}; use one of {', '.join(LOG_LEVELS)}")
     if log_format not in LOG_FORMATS:
         raise ValueError(f"unknown log format {log_format!r}; use text or json")
     _log_format = log_format
+    os.environ[LOG_FORMAT_ENV] = log_format
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(make_formatter(log_format))
+    handler.setFormatter(JsonFormatter() if log_format == "json"
+                         else logging.Formatter(text_format))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

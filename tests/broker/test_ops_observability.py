@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -33,6 +35,12 @@ def observed(grid_pki: GridPki, tmp_path: Path) -> Iterator[tuple[RunningBroker,
         "--ops-bind", f"127.0.0.1:{ops}", "--myproxy-bind", f"127.0.0.1:{myproxy}",
         "--log-format", "json", "--log-level", "info"))
     try:
+        deadline = time.monotonic() + 30  # the MyProxy child comes up on its own
+        while time.monotonic() < deadline:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", myproxy)) == 0:
+                    break
+            time.sleep(0.1)
         yield broker, ops, myproxy
     finally:
         broker.stop()
@@ -114,8 +122,9 @@ def test_metrics_add_up_over_workers_and_endpoints(
     assert len(pids) >= 2, pids
 
 
-def test_ops_healthz_and_json_logs(observed: tuple[RunningBroker, int, int]) -> None:
-    broker, ops, _ = observed
+def test_ops_healthz_and_json_logs(observed: tuple[RunningBroker, int, int],
+                                   tmp_path: Path) -> None:
+    broker, ops, myproxy = observed
     status, body = _get(ops, "/healthz")
     doc = json.loads(body)
     assert status == 200 and doc["status"] == "ok", doc
@@ -135,6 +144,8 @@ def test_ops_healthz_and_json_logs(observed: tuple[RunningBroker, int, int]) -> 
 
     broker.client("alice").delegate(broker.pki.load("alice"), username="alice",
                                     now=datetime.now(UTC))
+    result = _myproxy_logon(broker, myproxy, tmp_path / "p.pem")
+    assert result.returncode == 0, result.stdout + result.stderr
     lines = [json.loads(line) for line in broker.log.read_text().splitlines()
              if line.startswith("{")]
     requests = [r for r in lines if r.get("action") == "delegate"]
@@ -143,6 +154,8 @@ def test_ops_healthz_and_json_logs(observed: tuple[RunningBroker, int, int]) -> 
     assert line["outcome"] == "allow" and line["requester"] == "/DC=org/DC=example/CN=Alice"
     assert re.fullmatch(r"[0-9a-f]{32}", line["request_id"]) and line["level"] == "info"
     assert {"time", "level", "logger", "message"} <= set(line)
+    served = [r for r in lines if r.get("endpoint") == "myproxy" and r.get("action") == "retrieve"]
+    assert served and served[-1]["requester"] == "/DC=org/DC=example/CN=pilot", lines[-5:]
     # Every line is JSON, gunicorn's own included.
     text_lines = [line for line in broker.log.read_text().splitlines()
                   if line.strip() and not line.startswith("{") and not line.startswith("broker:")]
