@@ -176,6 +176,7 @@ class OpsServer:
         class Handler(BaseHTTPRequestHandler):
             server_version = "broker-ops"
             sys_version = ""
+            timeout = 10  # seconds a connection may sit idle (slow clients hold a thread)
 
             def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0]

@@ -242,6 +242,9 @@ def all_attacks(pki: GridPki, base: Path, sizes: Any, rng: random.Random, *,
     yield from pilot_attacks.attacks(base)
     yield from identity_attacks.attacks(pki, base, myproxy=myproxy)
     yield from protocol_attacks.attacks(pki, base)
+    from tests.reliability import deploy_attacks
+
+    yield from deploy_attacks.attacks(pki, base)
 
 
 def _voms_proxy(pki: GridPki, *, holder: x509.Certificate, signer: Credential) -> Credential:
