@@ -99,7 +99,8 @@ def enable_multiprocess_metrics(parent: str | os.PathLike[str] | None = None) ->
     if parent is None:
         shm = Path("/dev/shm")  # noqa: S108 - mkdtemp below makes a private, unguessable dir
         parent = shm if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK) else None
-    path = Path(tempfile.mkdtemp(prefix="broker-metrics-", dir=parent))
+    _remove_stale_dirs(Path(parent or tempfile.gettempdir()))
+    path = Path(tempfile.mkdtemp(prefix=f"broker-metrics-{os.getpid()}-", dir=parent))
     os.environ[MULTIPROC_ENV] = str(path)
     owner = os.getpid()
 
@@ -111,6 +112,26 @@ def enable_multiprocess_metrics(parent: str | os.PathLike[str] | None = None) ->
     logging.getLogger("broker.observability").info(
         "metrics of every process are summed from %s", path)
     return path
+
+
+def _remove_stale_dirs(parent: Path) -> None:
+    """Remove metrics directories of ours whose creating process is gone (a killed
+    ``broker serve`` cannot remove its own)."""
+    try:
+        candidates = list(parent.glob("broker-metrics-*-*"))
+    except OSError:
+        return
+    for candidate in candidates:
+        pid_text = candidate.name.split("-")[2]
+        try:
+            st = candidate.lstat()
+            if not pid_text.isdigit() or st.st_uid != os.geteuid():
+                continue
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            shutil.rmtree(candidate, ignore_errors=True)
+        except OSError:
+            continue
 
 
 def multiprocess_dir() -> str | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import time
@@ -187,3 +188,23 @@ def test_bad_ops_bind_values(value: str) -> None:
 
     with pytest.raises(ConfigError, match="--ops-bind"):
         parse_ops_bind(value)
+
+
+def test_metrics_directory_is_private_and_stale_ones_are_removed(tmp_path: Path) -> None:
+    from broker.observability import MULTIPROC_ENV, enable_multiprocess_metrics
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    stale = tmp_path / f"broker-metrics-{gone.pid}-old"
+    stale.mkdir()
+    (stale / "counter_1.db").write_bytes(b"x")
+    alive = tmp_path / f"broker-metrics-{os.getpid()}-live"  # its process still runs
+    alive.mkdir()
+    made = enable_multiprocess_metrics(tmp_path)
+    try:
+        assert not stale.exists() and alive.exists()
+        assert os.environ[MULTIPROC_ENV] == str(made)
+        assert made.parent == tmp_path and (made.stat().st_mode & 0o777) == 0o700
+        assert made.name.startswith(f"broker-metrics-{os.getpid()}-")
+    finally:
+        shutil.rmtree(made, ignore_errors=True)
