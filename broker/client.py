@@ -158,23 +158,9 @@ class BrokerClient:
         """The server in use (the one that answered last, or the first one)."""
         return self.servers[self._current][0]
 
-    @host.setter
-    def host(self, value: str) -> None:  # subclasses set host/port directly
-        self._set_first(host=value)
-
     @property
     def port(self) -> int:
         return self.servers[self._current][1]
-
-    @port.setter
-    def port(self, value: int) -> None:
-        self._set_first(port=value)
-
-    def _set_first(self, *, host: str | None = None, port: int | None = None) -> None:
-        servers = list(getattr(self, "servers", None) or [("localhost", DEFAULT_PORT)])
-        old_host, old_port = servers[self._current]
-        servers[self._current] = (host or old_host, port or old_port)
-        self.servers = servers
 
     @property
     def _conn(self) -> http.client.HTTPSConnection | None:
