@@ -56,6 +56,10 @@ def serve(config_path: str | None, ops_bind: str, log_format: str, **flags: Any)
         configure_logging(config.log_level, log_format)
     except ValueError as exc:
         raise ConfigError(f"log_level: {exc}") from None
+    if ops_bind:
+        from broker.ops import parse_ops_bind
+
+        parse_ops_bind(ops_bind)  # a bad value stops us before anything is created
     prepare_state(config)
     policy = check_policy(config)  # refuse to start on an invalid or unsafe policy
     # Before any worker (or the MyProxy child) starts: counters of every process, one view.

@@ -66,3 +66,19 @@ def test_keys_status_counts_credentials_per_key(broker: RunningBroker) -> None:
     text = subprocess.run([*broker.broker_cmd("keys", "status"), "--state-dir",
                            str(broker.state_dir)], capture_output=True, text=True, check=True)
     assert key["id"] in text.stdout and "active" in text.stdout
+
+
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--ops-bind", "nonsense", "give HOST:PORT or PORT"),
+    ("--ops-bind", "127.0.0.1:99999", "give HOST:PORT or PORT"),
+    ("--log-format", "xml", "Invalid value for '--log-format'"),
+    ("--log-level", "loud", "Invalid value for '--log-level'"),
+])
+def test_serve_refuses_bad_ops_and_log_flags(tmp_path: Path, flag: str, value: str,
+                                             message: str) -> None:
+    done = subprocess.run([str(BIN / "broker"), "serve", "--state-dir", str(tmp_path / "s"),
+                           flag, value], capture_output=True, text=True, timeout=60,
+                          check=False, cwd=tmp_path)
+    assert done.returncode == 1, done.stderr
+    assert message in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "s").exists()  # refused before anything was created
