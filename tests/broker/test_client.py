@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -216,3 +217,13 @@ def test_a_client_shared_by_threads_keeps_one_connection_per_thread(
         thread.join()
     assert failures == []
     assert client.connections_opened == 6
+
+
+def test_a_connection_gunicorn_closed_after_its_keepalive_is_reopened(
+        sqlite_broker: RunningBroker) -> None:  # noqa: F811
+    """A pilot refreshes every few minutes; gunicorn closes idle connections after 5 s."""
+    client = sqlite_broker.client("alice")
+    assert client.call("GET", "/v1/whoami")["identity"] == "/DC=org/DC=example/CN=Alice"
+    time.sleep(6.5)
+    assert client.call("GET", "/v1/whoami")["identity"] == "/DC=org/DC=example/CN=Alice"
+    assert client.connections_opened == 2
