@@ -1,8 +1,22 @@
 """The REST client used by the CLIs and by the pilot (broker-pilot).
 
-One TLS connection per call, authenticated with the caller's certificate or
-proxy; the server's certificate is verified against the CA directory and its
-host name.  Server errors come back as the matching :class:`BrokerError`.
+Authenticated with the caller's certificate or proxy; the server's certificate
+is verified against the CA directory and its host name.  Server errors come
+back as the matching :class:`BrokerError`.
+
+Several servers
+    ``server`` (``-s``, ``BROKER_SERVER``, the pilot's ``broker_url``) may name
+    several brokers, separated by commas or spaces, like MyProxy's
+    ``MYPROXY_SERVER``. A call goes to the server that answered last (the first
+    one to begin with); when it cannot be reached (refused, reset, timed out,
+    closed mid-reply) or answers 503, the next one is tried, once each. Any other
+    answer, a 4xx refusal included, is final: a refusal on one node would be the
+    same on the others. When every server failed the error names them all.
+Connection reuse
+    The TLS connection stays open between calls of one client object (HTTP/1.1
+    keep-alive), so a pilot's refreshes and a CLI's batch pay one handshake. A
+    kept connection the server has meanwhile closed (its keep-alive timeout) is
+    reopened once, transparently, before the server counts as unreachable.
 """
 
 from __future__ import annotations
@@ -12,6 +26,7 @@ import http.client
 import json
 import os
 import ssl
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -70,21 +85,62 @@ class ClientIdentity:
             return load_cert_and_key(handle.read(), key_bytes)
 
 
-def parse_server(server: str | None) -> tuple[str, int]:
+def parse_servers(server: str | None) -> list[tuple[str, int]]:
+    """The servers named by ``server`` (or ``BROKER_SERVER``, or localhost), in order.
+
+    Entries are separated by commas or white space; each is ``HOST``, ``HOST:PORT``,
+    ``[IPv6]:PORT`` or any of these behind ``https://``. Duplicates are dropped.
+    """
     text = server or os.environ.get("BROKER_SERVER") or "localhost"
-    text = text.removeprefix("https://").rstrip("/")
+    servers: list[tuple[str, int]] = []
+    for entry in text.replace(",", " ").split():
+        parsed = _parse_one(entry)
+        if parsed not in servers:
+            servers.append(parsed)
+    if not servers:
+        raise InputError(f"no server in {text!r}; give HOST[:PORT][,HOST[:PORT]...]")
+    return servers
+
+
+def _parse_one(entry: str) -> tuple[str, int]:
+    text = entry.removeprefix("https://").rstrip("/")
     host, sep, port = text.rpartition(":")
     if not sep or "]" in port:
-        return text.strip("[]"), DEFAULT_PORT
-    if not port.isdigit():
-        raise InputError(f"the server {server!r} must be HOST or HOST:PORT")
-    return host.strip("[]"), int(port)
+        host, number = text.strip("[]"), DEFAULT_PORT
+    elif not port.isdigit() or not 0 < int(port) < 65536:
+        raise InputError(f"the server {entry!r} must be HOST or HOST:PORT")
+    else:
+        host, number = host.strip("[]"), int(port)
+    if not host or "/" in host:
+        raise InputError(f"the server {entry!r} must be HOST or HOST:PORT")
+    return host, number
+
+
+def parse_server(server: str | None) -> tuple[str, int]:
+    """The first server named by ``server`` (see :func:`parse_servers`)."""
+    return parse_servers(server)[0]
+
+
+class _Unreachable(Exception):
+    """A server could not be used (connection failure or 503); try the next one."""
+
+    def __init__(self, where: str, why: str, error: BrokerError | None = None) -> None:
+        super().__init__(why)
+        self.where = where
+        self.why = why
+        self.error = error
 
 
 class BrokerClient:
+    servers: list[tuple[str, int]]
+    _current: int = 0
+    _local: threading.local | None = None  # the kept connection, one per thread
+    connections_opened: int = 0  # connection attempts by this client (tests, benchmarks)
+
     def __init__(self, server: str | None, identity: ClientIdentity, *, ca_dir: str,
                  timeout: float = 30.0, bearer_token_file: str | None = None) -> None:
-        self.host, self.port = parse_server(server)
+        self.servers = parse_servers(server)
+        self._local = threading.local()
         self.identity = identity
         self.timeout = timeout
         # A bearer token (WLCG discovery: a file, re-read for every call so that an
@@ -102,9 +158,51 @@ class BrokerClient:
             raise ConfigError(f"cannot load the client credential or CA directory: {exc}") from exc
         self._ctx = ctx
 
+    @property
+    def host(self) -> str:
+        """The server in use (the one that answered last, or the first one)."""
+        return self.servers[self._current][0]
+
+    @property
+    def port(self) -> int:
+        return self.servers[self._current][1]
+
+    @property
+    def _conn(self) -> http.client.HTTPSConnection | None:
+        return getattr(self._local, "conn", None)
+
+    @_conn.setter
+    def _conn(self, conn: http.client.HTTPSConnection | None) -> None:
+        if self._local is None:
+            self._local = threading.local()  # a client shared by threads: one each
+        self._local.conn = conn
+
+    @property
+    def _conn_server(self) -> tuple[str, int] | None:
+        return getattr(self._local, "server", None)
+
+    @_conn_server.setter
+    def _conn_server(self, server: tuple[str, int] | None) -> None:
+        if self._local is None:
+            self._local = threading.local()
+        self._local.server = server
+
+    def close(self) -> None:
+        """Close this thread's kept connection (the next call opens a new one)."""
+        conn = self._conn
+        if conn is not None:
+            conn.close()
+            self._conn = None
+            self._conn_server = None
+
+    def __enter__(self) -> BrokerClient:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        conn = http.client.HTTPSConnection(self.host, self.port, context=self._ctx,
-                                           timeout=self.timeout)
+        """One request; on a connection failure or a 503, the next server (module docstring)."""
         payload = json.dumps(body).encode() if body is not None else None
         headers = {"Content-Type": "application/json"} if payload is not None else {}
         bearer_file = getattr(self, "bearer_token_file", None)  # subclasses may not set it
@@ -112,29 +210,83 @@ class BrokerClient:
             token = read_private_file(bearer_file, require_owner=os.getuid(),
                                       max_size=16384).decode("ascii", "replace").strip()
             headers["Authorization"] = f"Bearer {token}"
-        try:
-            conn.request(method, path, body=payload, headers=headers)
-            response = conn.getresponse()
-            raw = response.read(4 << 20)
-        except ssl.SSLError as exc:
-            raise errors.AuthenticationError(
-                f"TLS with {self.host}:{self.port} failed: {exc.reason or exc}; check that your "
-                "credential is valid and the server's CA is in your CA directory",
-                reason="tls") from exc
-        except (TimeoutError, ConnectionError, OSError, http.client.HTTPException) as exc:
-            raise SystemFailure(
-                f"cannot reach the broker at {self.host}:{self.port}: {exc}; is it running?",
-                reason="unreachable") from exc
-        finally:
-            conn.close()
+        tried: list[_Unreachable] = []
+        count = len(self.servers)
+        for step in range(count):
+            index = (self._current + step) % count
+            try:
+                data = self._call_one(self.servers[index], method, path, payload, headers)
+            except _Unreachable as failure:
+                tried.append(failure)
+                continue
+            self._current = index
+            return data
+        last = tried[-1]
+        detail = "; ".join(f"{t.where}: {t.why}" for t in tried)
+        if len(tried) == 1:
+            if last.error is not None:
+                raise last.error
+            raise SystemFailure(f"cannot reach the broker at {detail}; is it running?",
+                                reason="unreachable")
+        if all(t.error is not None for t in tried) and last.error is not None:
+            raise type(last.error)(f"no broker could serve the request (tried {detail})",
+                                   reason=last.error.reason)
+        raise SystemFailure(f"cannot reach any broker (tried {detail})", reason="unreachable")
+
+    def _call_one(self, server: tuple[str, int], method: str, path: str,
+                  payload: bytes | None, headers: dict[str, str]) -> Any:
+        host, port = server
+        where = f"{host}:{port}"
+        if self._conn is not None and getattr(self._local, "pid", None) != os.getpid():
+            # Inherited through fork: the TLS state belongs to the parent; never touch it.
+            self._conn = None
+            self._conn_server = None
+        reused = self._conn is not None and self._conn_server == server
+        if not reused:
+            self.close()
+        for attempt in (0, 1):
+            if self._conn is None:
+                self._conn = http.client.HTTPSConnection(host, port, context=self._ctx,
+                                                         timeout=self.timeout)
+                self._conn_server = server
+                if self._local is not None:
+                    self._local.pid = os.getpid()
+                self.connections_opened += 1
+            conn = self._conn
+            try:
+                conn.request(method, path, body=payload, headers=headers)
+                response = conn.getresponse()
+                raw = response.read(4 << 20)
+                if response.will_close or not response.isclosed():
+                    self.close()  # the server ends the connection, or a reply was too long
+                break
+            except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionError,
+                    http.client.RemoteDisconnected, http.client.BadStatusLine) as exc:
+                self.close()
+                if reused and attempt == 0:
+                    reused = False
+                    continue  # the kept connection had gone stale: one fresh try
+                raise _Unreachable(where, str(exc) or type(exc).__name__) from exc
+            except ssl.SSLError as exc:
+                self.close()
+                raise errors.AuthenticationError(
+                    f"TLS with {where} failed: {exc.reason or exc}; check that your "
+                    "credential is valid and the server's CA is in your CA directory",
+                    reason="tls") from exc
+            except (TimeoutError, OSError, http.client.HTTPException) as exc:
+                self.close()
+                raise _Unreachable(where, str(exc) or type(exc).__name__) from exc
         try:
             data = json.loads(raw) if raw else {}
         except ValueError:
             data = {"error": "bad_response", "message": raw[:200].decode(errors="replace")}
         if response.status >= 400:
             cls = _BY_STATUS.get(response.status, SystemFailure)
-            raise cls(str(data.get("message", f"HTTP {response.status}")),
-                      reason=str(data.get("error", "error")))
+            error = cls(str(data.get("message", f"HTTP {response.status}")),
+                        reason=str(data.get("error", "error")))
+            if response.status == 503:
+                raise _Unreachable(where, f"unavailable ({error.message})", error)
+            raise error
         return data
 
     # ----------------------------------------------------------------- operations

@@ -11,7 +11,7 @@ import ssl
 from datetime import timedelta
 from typing import Any
 
-from broker.client import BrokerClient, parse_server
+from broker.client import BrokerClient, parse_servers
 from broker.errors import ConfigError
 from broker.pki.loading import Credential, PrivateKey, load_certificates
 from broker.pki.proxy import csr_to_pem, generate_key, make_csr
@@ -26,7 +26,7 @@ class PamClient(BrokerClient):
 
     def __init__(self, server: str | None, *, ca_dir: str, timeout: float = 30.0) -> None:
         # The parent's __init__ loads a client certificate; this one has none on purpose.
-        self.host, self.port = parse_server(server)
+        self.servers = parse_servers(server)
         self.timeout = timeout
         ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2

@@ -461,6 +461,7 @@ class BrokerApplication(BaseApplication):  # type: ignore[misc]
             "accesslog": None,
             "errorlog": "-",
             "loglevel": cfg.log_level,
+            "logger_class": "broker.gunicorn_log.GunicornLogger",  # --log-format json
             "proc_name": "broker",
             "limit_request_line": 8190,
             "limit_request_fields": 50,

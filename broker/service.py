@@ -49,6 +49,7 @@ from broker.errors import (
     TooManyAttempts,
 )
 from broker.fileio import validate_component
+from broker.observability import observe_event
 from broker.onlineca import OnlineCa
 from broker.pki.chain import ChainInfo, validate_chain
 from broker.pki.dn import slash_from_name
@@ -119,6 +120,7 @@ class Requester:
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     pam_user: str | None = None
     token: TokenClaims | None = None  # a verified bearer token (see authenticate_bearer)
+    started: float = field(default_factory=time.perf_counter, compare=False)  # for latency
 
     @property
     def label(self) -> str:
@@ -545,7 +547,7 @@ class BrokerService:
             requester_dn = requester.token.label
         # Refused requests carry whatever the client sent (NUL, control characters, huge
         # names); the row must still be written, so such text is escaped and shortened.
-        return AuditEvent(
+        event = AuditEvent(
             action=action, decision=decision, endpoint=requester.endpoint, time=self.now(),
             requester_dn=_audit_text(requester_dn, 1024),
             requester_fqans=tuple(_audit_text(f, 1024) or "" for f in requester.fqans),
@@ -555,6 +557,8 @@ class BrokerService:
             client_address=requester.client_address,
             request_id=_audit_text(requester.request_id, 128),
         )
+        observe_event(event, requester.started)  # metrics and the request log line
+        return event
 
     def _record_failure(
         self, requester: Requester, action: str, exc: BrokerError, *,

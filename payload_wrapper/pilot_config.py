@@ -15,7 +15,7 @@ a file the job wrote is refused (202), never read (:func:`trusted_config_path`).
 
 ::
 
-    broker_url = "https://broker.example.org:8443"
+    broker_url = "https://broker.example.org:8443"  # or a list: tried in turn on failure
     cert = "/etc/grid-security/pilotcert.pem"     # or: proxy = "/path/to/pilot/proxy"
     key = "/etc/grid-security/pilotkey.pem"
     ca_dir = "/etc/grid-security/certificates"
@@ -226,6 +226,17 @@ def _text(data: Mapping[str, Any], name: str, source: str, default: str | None =
     return value
 
 
+def _broker_urls(data: Mapping[str, Any], source: str) -> str:
+    """``broker_url``: one URL, or a list of them (tried in turn on a connection failure
+    or a 503, see broker.client); kept as one comma-separated string."""
+    value = data.get("broker_url")
+    if isinstance(value, list):
+        if not value or not all(isinstance(v, str) and v and "," not in v for v in value):
+            raise _bad(source, "broker_url must be a URL or a non-empty list of URLs")
+        return ",".join(value)
+    return _text(data, "broker_url", source)
+
+
 _KNOWN = {"broker_url", "cert", "key", "proxy", "ca_dir", "vomsdir", "allowed_owners", "workdir",
           "key_type", "rsa_pool_dir", "bind_submitter", "lifetime_hours", "refresh_fraction",
           "refresh_interval_seconds", "refresh_retry_seconds", "retrieve_attempts",
@@ -239,7 +250,7 @@ def parse_pilot_config(data: Mapping[str, Any], *, source: str = "pilot.toml",
     unknown = sorted(set(data) - _KNOWN)
     if unknown:
         raise _bad(source, f"unknown setting(s) {', '.join(unknown)}; see docs/htcondor.md")
-    broker_url = _text(data, "broker_url", source)
+    broker_url = _broker_urls(data, source)
     if "proxy" in data and ("cert" in data or "key" in data):
         raise _bad(source, "give either proxy or cert and key, not both")
     if "proxy" in data:

@@ -18,7 +18,8 @@ from broker.client import BrokerClient, ClientIdentity
 from broker.devpki import DEV_POLICY
 from tests.pkifixtures import GridPki
 
-__all__ = ["DEV_POLICY", "RunningBroker", "free_port", "start_broker"]
+__all__ = ["DEV_POLICY", "RunningBroker", "free_port", "launch_broker", "start_broker",
+           "wait_ready"]
 
 
 
@@ -71,9 +72,12 @@ class RunningBroker:
                 self.process.wait(timeout=5)
 
 
-def start_broker(pki: GridPki, base: Path, *, database_url: str = "",
-                 policy: str = DEV_POLICY, extra: tuple[str, ...] = (),
-                 workers: int = 1) -> RunningBroker:
+def launch_broker(pki: GridPki, base: Path, *, database_url: str = "",
+                  policy: str = DEV_POLICY, extra: tuple[str, ...] = (),
+                  workers: int = 2, new_session: bool = False) -> RunningBroker:
+    """Start ``broker serve`` without waiting for it (:func:`wait_ready` does that), so that
+    several nodes can be started at the same moment. ``new_session``: the server and its
+    workers get their own process group (a test can then kill the whole node)."""
     state = base / "state"
     policy_dir = base / "policies"
     policy_dir.mkdir(parents=True, exist_ok=True)
@@ -93,20 +97,33 @@ def start_broker(pki: GridPki, base: Path, *, database_url: str = "",
         argv += ["--database-url", database_url]
     with open(log, "wb") as out:
         process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    broker = RunningBroker(port, state, policy_dir, database_url or
-                           f"sqlite:///{state / 'broker.sqlite'}", log, process, pki)
-    deadline = time.monotonic() + 30
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                   start_new_session=new_session)
+    return RunningBroker(port, state, policy_dir, database_url or
+                         f"sqlite:///{state / 'broker.sqlite'}", log, process, pki)
+
+
+def wait_ready(broker: RunningBroker, timeout: float = 30.0) -> RunningBroker:
+    """Wait until the broker answers /healthz; stop it and fail if it does not."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"broker serve exited early:\n{log.read_text()}")
+        if broker.process.poll() is not None:
+            raise AssertionError(f"broker serve exited early:\n{broker.log.read_text()}")
         try:
-            broker.client("alice").call("GET", "/healthz")
+            with broker.client("alice") as probe:
+                probe.call("GET", "/healthz")
             return broker
         except Exception:
             time.sleep(0.2)
     broker.stop()
-    raise AssertionError(f"broker serve did not come up:\n{log.read_text()}")
+    raise AssertionError(f"broker serve did not come up:\n{broker.log.read_text()}")
+
+
+def start_broker(pki: GridPki, base: Path, *, database_url: str = "",
+                 policy: str = DEV_POLICY, extra: tuple[str, ...] = (),
+                 workers: int = 2) -> RunningBroker:
+    return wait_ready(launch_broker(pki, base, database_url=database_url, policy=policy,
+                                    extra=extra, workers=workers))
 
 
 @pytest.fixture

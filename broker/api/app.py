@@ -38,6 +38,7 @@ from broker.errors import (
     PayloadTooLarge,
     StoreUnavailable,
 )
+from broker.observability import aggregated_registry
 from broker.onlineca import OnlineCa
 from broker.pam_auth import PamSettings
 from broker.pki.loading import MAX_PEM_SIZE
@@ -277,7 +278,12 @@ def create_app(service: BrokerService, *, pam: PamSettings | None = None,
 
     @app.get("/metrics")
     def metrics_view() -> Response:
-        return Response(generate_latest(metrics.registry), mimetype=CONTENT_TYPE_LATEST)
+        # Every worker's and endpoint's counters when broker serve set up multiprocess mode.
+        combined = aggregated_registry()
+        if combined is not None:
+            combined.register(_HousekeepingCollector(service))
+        return Response(generate_latest(combined or metrics.registry),
+                        mimetype=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/openapi.json")
     def openapi() -> Response:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from broker.cli import keys_cmd  # noqa: F401 - registers keys status/add/activate/...
 from broker.cli.common import run_command
 from broker.cli.pki_cmd import dev_pki, proxy_info_cmd, proxy_init
 from broker.cli.policy_cmd import policy

@@ -10,6 +10,7 @@ import click
 
 from broker.cli.common import reports_errors
 from broker.config import load_config
+from broker.errors import ConfigError
 
 _config_opt = click.option("--config", "config_path", type=click.Path(dir_okay=False),
                            help="broker.toml (flags override it).")
@@ -34,9 +35,16 @@ _db_opt = click.option("--database-url", help="SQLAlchemy URL [SQLite in the sta
 @click.option("--max-tls", type=click.Choice(["1.2", "1.3"]))
 @click.option("--username-binding", type=click.Choice(["dn", "none"]),
               help="dn: a credential's username must be its owner's DN-derived name [dn].")
+@click.option("--ops-bind", default="", help="Plain-HTTP HOST:PORT (or PORT, on 127.0.0.1) "
+              "serving /metrics and /healthz without a client certificate [off].")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
+              show_default=True, help="json: one object per line.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
+              help="[log_level in the config, info].")
 @reports_errors
-def serve(config_path: str | None, **flags: Any) -> None:
+def serve(config_path: str | None, ops_bind: str, log_format: str, **flags: Any) -> None:
     """Run the broker (REST over mutual TLS; MyProxy protocol when --myproxy-bind is set)."""
+    from broker.observability import configure_logging, enable_multiprocess_metrics
     from broker.runtime import check_policy, prepare_state
     from broker.server import BrokerApplication
 
@@ -44,8 +52,26 @@ def serve(config_path: str | None, **flags: Any) -> None:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     config = load_config(config_path, flags)
+    try:
+        configure_logging(config.log_level, log_format)
+    except ValueError as exc:
+        raise ConfigError(f"log_level: {exc}") from None
+    if ops_bind:
+        from broker.ops import parse_ops_bind
+
+        parse_ops_bind(ops_bind)  # a bad value stops us before anything is created
     prepare_state(config)
-    check_policy(config)  # refuse to start on an invalid or unsafe policy
+    policy = check_policy(config)  # refuse to start on an invalid or unsafe policy
+    # Before any worker (or the MyProxy child) starts: counters of every process, one view.
+    enable_multiprocess_metrics()
+    if ops_bind:
+        from broker.ops import start_ops_listener
+
+        def policy_problem() -> str | None:
+            policy.reload_if_changed()
+            return policy.last_error
+
+        start_ops_listener(config, ops_bind, policy_problem)
     click.echo(f"broker: REST on https://{config.bind} state={config.state_dir} "
                f"policy={config.policy_dir}", err=True)
     if config.myproxy_bind:

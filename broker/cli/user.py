@@ -24,7 +24,8 @@ from broker.fileio import read_private_file, write_private_file
 from broker.pki.loading import Credential, credential_to_pem
 from broker.trustdir import default_ca_dir
 
-_SERVER_HELP = "Broker HOST[:PORT] [BROKER_SERVER, localhost:8443]."
+_SERVER_HELP = ("Broker HOST[:PORT], or several separated by commas (tried in turn when one "
+                "is unreachable or answers 503) [BROKER_SERVER, localhost:8443].")
 
 
 def _client(server: str | None, ca_dir: str | None, proxy: str | None = None,

@@ -631,6 +631,10 @@ def main(argv: list[str] | None = None) -> int:
         prepare_state(config)
     if not config.myproxy_bind:
         parser.error("no MyProxy bind address (--myproxy-bind or myproxy_bind in the config)")
+    from broker.observability import configure_logging, inherited_log_format
+
+    configure_logging(config.log_level, inherited_log_format(),  # as broker serve logs
+                      text_format="%(asctime)s %(levelname)s %(name)s[myproxy]: %(message)s")
     should_stop = _die_with_parent(args.parent_pid) if args.parent_pid else None
     overrides = {"max_connections": args.max_connections} if args.max_connections else {}
     if args.processes > 1:

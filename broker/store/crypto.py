@@ -71,7 +71,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from broker.errors import AuthenticationError, ConfigError, InputError, StoreError
+from broker.errors import AuthenticationError, ConfigError, Conflict, InputError, StoreError
 
 KEY_FILE_FORMAT = "grid-credential-broker/master-keys"
 KEY_FILE_VERSION = 1
@@ -709,3 +709,94 @@ def rotate_master_key(
         rewrapped=rewrapped,
         retired_key_ids=tuple(k for k in current.ids),
     )
+
+
+# --------------------------------------------------------------------------
+# Staged rotation for several nodes
+#
+# Every node holds its own copy of the key file, so a key must be on every node
+# before any node wraps with it, and must stay on every node while any row is
+# still wrapped with it. The four steps below are run on one node, and after
+# each the file is copied to every node (a running Store notices the changed
+# file and reloads it, no restart):
+#
+#   1. add       a new key, *not* active (placed first in the file);
+#   2. activate  it (moved last): nodes that have the new file wrap with it,
+#                nodes still on the old file keep wrapping with the old key,
+#                which every node still holds, so nothing breaks meanwhile;
+#   3. rewrap    every row to the active key (database-wide, batch by batch);
+#   4. retire    the old key, refused while the database still references it
+#                (a node that wrote with the old key after step 3: rewrap again).
+
+
+@dataclass(frozen=True)
+class KeyStatus:
+    key_id: str
+    in_file: bool
+    active: bool
+    rows: int  # credentials and pending delegations wrapped with this key
+
+
+def key_status(ring: MasterKeyRing, in_use: dict[str, int]) -> list[KeyStatus]:
+    """Every key the file or the database knows, the file's order first (pure)."""
+    rows = [KeyStatus(key_id, True, key_id == ring.active_id, in_use.get(key_id, 0))
+            for key_id in ring.ids]
+    rows += [KeyStatus(key_id, False, False, count)
+             for key_id, count in sorted(in_use.items()) if ring.get(key_id) is None]
+    return rows
+
+
+def add_master_key(keyfile: str | os.PathLike[str]) -> str:
+    """Step 1: add a fresh key that is not active yet; returns its id."""
+    current = load_master_keys(keyfile)
+    new_id = new_key_id()
+    while current.get(new_id) is not None:  # pragma: no cover - 32 random bits
+        new_id = new_key_id()
+    key = AESGCM.generate_key(bit_length=256)
+    replace_master_key_file(keyfile, MasterKeyRing(keys=((new_id, key), *current.keys)))
+    return new_id
+
+
+def activate_master_key(keyfile: str | os.PathLike[str], key_id: str) -> None:
+    """Step 2: make ``key_id`` (already in the file) the key new rows are wrapped with."""
+    current = load_master_keys(keyfile)
+    key = current.get(key_id)
+    if key is None:
+        raise InputError(f"no key {key_id!r} in {keyfile}; known: {', '.join(current.ids)}")
+    others = tuple((k, v) for k, v in current.keys if k != key_id)
+    replace_master_key_file(keyfile, MasterKeyRing(keys=(*others, (key_id, key))))
+
+
+def rewrap_all(store: RotatableStore, keyfile: str | os.PathLike[str], *,
+               batch_size: int = 100) -> int:
+    """Step 3: rewrap every row not under the file's active key; returns how many."""
+    if batch_size < 1:
+        raise InputError("batch_size must be at least 1")
+    ring = load_master_keys(keyfile)
+    missing = sorted(k for k in store.master_key_ids_in_use() if ring.get(k) is None)
+    if missing:
+        raise ConfigError(
+            f"the database references master keys missing from {keyfile}: {', '.join(missing)}; "
+            "copy the key file from a node that has them first")
+    store.use_master_keys(ring)
+    done = 0
+    while count := store.rewrap_batch(batch_size):
+        done += count
+    return done
+
+
+def retire_master_key(store: RotatableStore, keyfile: str | os.PathLike[str],
+                      key_id: str) -> None:
+    """Step 4: drop ``key_id`` from the file; refused while it is active or still in use."""
+    current = load_master_keys(keyfile)
+    if current.get(key_id) is None:
+        raise InputError(f"no key {key_id!r} in {keyfile}")
+    if key_id == current.active_id:
+        raise InputError(f"{key_id} is the active key; activate another key first")
+    in_use = store.master_key_ids_in_use().get(key_id, 0)
+    if in_use:
+        raise Conflict(
+            f"{in_use} row(s) are still wrapped with {key_id}; run 'broker keys rewrap' "
+            "(after every node has the file with the new active key) and retry")
+    replace_master_key_file(
+        keyfile, MasterKeyRing(keys=tuple((k, v) for k, v in current.keys if k != key_id)))

@@ -14,7 +14,12 @@ backends:
 
 ``migrate(engine_or_url)`` brings a database to the newest schema with the
 Alembic scripts shipped in this package; it is the only way tables are
-created.
+created. On PostgreSQL it first takes a transaction-scoped advisory lock
+(:data:`MIGRATION_LOCK_KEY`), so nodes started at the same moment migrate one
+after the other: the first creates the tables, the others wait for its commit
+and then find the schema at head. Without the lock two concurrent ``CREATE
+TABLE`` statements race in the catalogue and one node dies on a duplicate key
+in ``pg_type``.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError, SQLAlchemyError
 
@@ -41,6 +46,11 @@ _WRITE_LOCK_HELD = "broker_sqlite_write_lock"
 # How long a writer queues in-process before falling back to SQLite's
 # busy handler: long enough for a queue of writers on a saturated two-core host.
 SQLITE_WRITE_QUEUE_WAIT_S = 25.0
+# The advisory lock every node takes before migrating a PostgreSQL database (an
+# arbitrary constant, the same on every node: "broker-mig" in ASCII).
+MIGRATION_LOCK_KEY = 0x62726F6B65726D69
+# How long a node waits for another node's migration before giving up (ms).
+MIGRATION_LOCK_TIMEOUT_MS = 120_000
 
 
 def default_sqlite_url(state_dir: str | os.PathLike[str]) -> str:
@@ -233,6 +243,7 @@ def migrate(engine_or_url: Engine | str | URL, revision: str = "head") -> None:
     config = alembic_config()
     try:
         with engine.begin() as connection:
+            lock_for_migration(connection)
             config.attributes["connection"] = connection
             command.upgrade(config, revision)
     except SQLAlchemyError as exc:
@@ -241,6 +252,18 @@ def migrate(engine_or_url: Engine | str | URL, revision: str = "head") -> None:
         config.attributes.pop("connection", None)
         if owned:
             engine.dispose()
+
+
+def lock_for_migration(connection: Connection) -> None:
+    """Serialise migrations across nodes: on PostgreSQL, wait (bounded) for the
+    transaction-scoped advisory lock; it is released by the commit or rollback of
+    ``connection``'s transaction. SQLite needs nothing: it is one host, and its
+    write lock already serialises the DDL."""
+    if connection.dialect.name != "postgresql":
+        return
+    connection.exec_driver_sql(f"SET LOCAL lock_timeout = {MIGRATION_LOCK_TIMEOUT_MS:d}")
+    connection.execute(text("SELECT pg_advisory_xact_lock(:key)"),
+                       {"key": MIGRATION_LOCK_KEY})
 
 
 def alembic_config() -> Config:

@@ -233,6 +233,7 @@ def all_attacks(pki: GridPki, base: Path, sizes: Any, rng: random.Random, *,
     yield "attack server clean shutdown", finish
     from tests.reliability import (
         availability_attacks,
+        deploy_attacks,
         identity_attacks,
         pilot_attacks,
         protocol_attacks,
@@ -246,6 +247,7 @@ def all_attacks(pki: GridPki, base: Path, sizes: Any, rng: random.Random, *,
     yield from protocol_attacks.attacks(pki, base)
     yield from availability_attacks.attacks(pki, base, myproxy=myproxy)
     yield from token_attacks.attacks(pki, base)
+    yield from deploy_attacks.attacks(pki, base)
 
 
 def _voms_proxy(pki: GridPki, *, holder: x509.Certificate, signer: Credential) -> Credential:
