@@ -93,13 +93,23 @@ def _login(driver: Any, base: str, username: str, password: str) -> None:
 
 def _click_and_wait(driver: Any, element: Any) -> None:
     """Click a submit button and wait until the browser has left the old page."""
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
 
     old = driver.find_element(By.TAG_NAME, "html")
     element.click()
-    WebDriverWait(driver, 15).until(expected_conditions.staleness_of(old))
+
+    def left(_driver: Any) -> bool:
+        # Chromium answers a look at an element of the page being replaced either "stale
+        # element" or "node does not belong to the document": both mean the old page is gone.
+        try:
+            old.is_enabled()
+        except WebDriverException:
+            return True
+        return False
+
+    WebDriverWait(driver, 15).until(left)
 
 
 def _no_alert(driver: Any) -> None:
