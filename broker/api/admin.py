@@ -44,7 +44,7 @@ from itsdangerous import URLSafeTimedSerializer
 from werkzeug.wrappers import Response as WerkzeugResponse
 
 from broker.admin_service import AdminService, AdminSettings, ExplainQuery, split_lines
-from broker.api.app import _peer_chain
+from broker.api.identity import peer_chain
 from broker.errors import AuthenticationError, BrokerError, InputError
 from broker.pam_auth import PamRefused, PamSettings, check_password
 from broker.policy import Action, AuthMethod
@@ -202,7 +202,7 @@ def admin_blueprint(service: BrokerService, *, pam: PamSettings | None = None,
                 return Requester(dn=None, pam_user=user, client_address=request.remote_addr,
                                  endpoint="rest", request_id=g.get("request_id", ""))
             session.clear()
-        chain = _peer_chain()
+        chain = peer_chain()
         if not chain:
             return None
         try:
