@@ -44,7 +44,7 @@ from itsdangerous import URLSafeTimedSerializer
 from werkzeug.wrappers import Response as WerkzeugResponse
 
 from broker.admin_service import AdminService, AdminSettings, ExplainQuery, split_lines
-from broker.api.identity import peer_chain
+from broker.api.identity import authenticate_chain, peer_chain
 from broker.errors import AuthenticationError, BrokerError, InputError
 from broker.pam_auth import PamRefused, PamSettings, check_password
 from broker.policy import Action, AuthMethod
@@ -214,15 +214,7 @@ class _AdminUi:
         chain = peer_chain()
         if not chain:
             return None
-        try:
-            return self.service.authenticate_chain(
-                chain, client_address=request.remote_addr, endpoint="rest",
-                request_id=g.get("request_id"))
-        except AuthenticationError as exc:
-            self.service.record_refused_authentication(
-                exc, chain=chain, action="admin-page", client_address=request.remote_addr,
-                request_id=g.get("request_id"))
-            raise
+        return authenticate_chain(self.service, chain, action="admin-page")
 
     def admin_only(self, view: Callable[..., ViewResult]) -> Callable[..., ViewResult]:
         @wraps(view)

@@ -54,12 +54,24 @@ def requester(service: BrokerService, *, bearer: bool = False) -> Requester:
         raise AuthenticationError(
             "the TLS layer gave no verified client chain (a resumed session or no client "
             "certificate); reconnect with your certificate or proxy", reason="no_chain")
+    return authenticate_chain(service, chain)
+
+
+def authenticate_chain(service: BrokerService, chain: list[x509.Certificate], *,
+                       action: str | None = None) -> Requester:
+    """The requester ``chain`` proves, for the current request.
+
+    A chain OpenSSL accepted but the RFC 3820 / VOMS checks refuse (e.g. a forged AC)
+    leaves an audit row with the reason (``action`` names what was attempted, when the
+    route knows) before the refusal is raised.
+    """
+    request_id = g.get("request_id")
     try:
         return service.authenticate_chain(chain, client_address=request.remote_addr,
-                                          endpoint="rest", request_id=g.request_id)
+                                          endpoint="rest", request_id=request_id)
     except AuthenticationError as exc:
-        # A chain OpenSSL accepted but our RFC 3820 / VOMS checks refused
-        # (e.g. a forged AC) leaves an audit row with the reason.
+        where = {} if action is None else {"action": action}
         service.record_refused_authentication(
-            exc, chain=chain, client_address=request.remote_addr, request_id=g.request_id)
+            exc, chain=chain, client_address=request.remote_addr, request_id=request_id,
+            **where)
         raise
