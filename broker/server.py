@@ -33,6 +33,7 @@ from gunicorn.app.base import BaseApplication
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
 from broker.config import ServerConfig
+from broker.tlsctx import server_context
 from broker.trustdir import CaDirWatch
 
 log = logging.getLogger("broker.server")
@@ -386,22 +387,14 @@ class _Refused(Exception):
 
 
 def make_server_context(config: ServerConfig, *, max_tls: str = "") -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    if max_tls == "1.2":
-        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(config.host_cert, config.host_key)
-    ctx.load_verify_locations(capath=config.ca_dir)
     # With PAM on, users without certificates must reach the PAM routes, so a
     # client certificate becomes optional at the handshake (one that is sent must
     # still verify); every other route still refuses a request without a verified
     # chain (broker.api.app requester(), fail closed).
     # The same holds for pilots with bearer tokens when [tokens] issuers are configured.
-    ctx.verify_mode = ssl.CERT_OPTIONAL if config.certificate_optional else ssl.CERT_REQUIRED
-    ctx.verify_flags |= ssl.VERIFY_ALLOW_PROXY_CERTS
-    ctx.options |= ssl.OP_NO_TICKET
-    ctx.num_tickets = 0
-    return ctx
+    return server_context(host_cert=config.host_cert, host_key=config.host_key,
+                          ca_dir=config.ca_dir, certificate_optional=config.certificate_optional,
+                          max_tls=max_tls)
 
 
 class _ContextCache:

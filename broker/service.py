@@ -214,24 +214,6 @@ class CredentialSummary:
     updated_at: datetime
     key_retrievers: tuple[str, ...] = ()  # MyProxy -E (KEYRETRIEVERS)
 
-    def to_json(self, now: datetime) -> dict[str, Any]:
-        return {
-            "owner": self.owner_dn,
-            "username": self.username,
-            "name": self.name,
-            "description": self.description,
-            "not_after": self.not_after.isoformat(),
-            "timeleft": max(int((self.not_after - now).total_seconds()), 0),
-            "retrievers": list(self.retrievers),
-            "trusted_retrievers": list(self.trusted_retrievers),
-            "renewers": list(self.renewers),
-            "max_proxy_lifetime": self.max_proxy_lifetime,
-            "limited": self.limited,
-            "passphrase_protected": self.passphrase_protected,
-            "created_at": self.created_at.isoformat(),
-            "updated_at": self.updated_at.isoformat(),
-        }
-
 
 def _summary(record: CredentialRecord) -> CredentialSummary:
     return CredentialSummary(

@@ -44,7 +44,7 @@ from itsdangerous import URLSafeTimedSerializer
 from werkzeug.wrappers import Response as WerkzeugResponse
 
 from broker.admin_service import AdminService, AdminSettings, ExplainQuery, split_lines
-from broker.api.app import _peer_chain
+from broker.api.identity import authenticate_chain, peer_chain
 from broker.errors import AuthenticationError, BrokerError, InputError
 from broker.pam_auth import PamRefused, PamSettings, check_password
 from broker.policy import Action, AuthMethod
@@ -152,94 +152,97 @@ class _AdminSessions(SecureCookieSessionInterface):
 def admin_blueprint(service: BrokerService, *, pam: PamSettings | None = None,
                     settings: AdminSettings | None = None) -> Blueprint:
     """The admin pages under ``/admin``, bound to ``service``; see the module docstring."""
-    admin = AdminService(service, settings or AdminSettings())
+    ui = _AdminUi(service, AdminService(service, settings or AdminSettings()), pam)
     bp = Blueprint("admin", __name__, url_prefix="/admin", template_folder="templates")
+    bp.record_once(ui.configure)
+    _register_hooks(bp, ui)
+    _register_login(bp, ui)
+    _register_pages(bp, ui)
+    return bp
 
-    def _configure(state: BlueprintSetupState) -> None:
+
+class _AdminUi:
+    """What every admin view shares: the session, CSRF tokens, page rendering, the caller."""
+
+    def __init__(self, service: BrokerService, admin: AdminService,
+                 pam: PamSettings | None) -> None:
+        self.service, self.admin, self.pam = service, admin, pam
+
+    def configure(self, state: BlueprintSetupState) -> None:
         app = state.app
         assert isinstance(app, Flask)
-        app.session_interface = _AdminSessions(admin.session_key)
+        app.session_interface = _AdminSessions(self.admin.session_key)
         app.config.update(
             SESSION_COOKIE_NAME="__Host-broker-admin",
             SESSION_COOKIE_SECURE=True,
             SESSION_COOKIE_HTTPONLY=True,
             SESSION_COOKIE_SAMESITE="Strict",
             SESSION_COOKIE_PATH="/",
-            PERMANENT_SESSION_LIFETIME=admin.settings.session_lifetime,
+            PERMANENT_SESSION_LIFETIME=self.admin.settings.session_lifetime,
         )
 
-    bp.record_once(_configure)
-
-    # ------------------------------------------------------------------ helpers
-
-    def csrf_token() -> str:
+    def csrf_token(self) -> str:
         token = session.get("csrf")
         if not isinstance(token, str):
             token = secrets.token_urlsafe(32)
             session["csrf"] = token
         return token
 
-    def csrf_ok() -> bool:
+    def csrf_ok(self) -> bool:
         sent = request.form.get("csrf", "")
         token = session.get("csrf")
         return isinstance(token, str) and hmac.compare_digest(sent.encode(), token.encode())
 
-    def page(template: str, status: int = 200, **context: Any) -> tuple[str, int]:
+    def page(self, template: str, status: int = 200, **context: Any) -> tuple[str, int]:
         who: Requester | None = g.get("admin_user")
         return render_template(
             f"admin/{template}", who=who, who_label=who.label if who else None,
-            csrf=csrf_token(), pam_enabled=pam is not None, now=admin.now(),
-            group=admin.settings.group, **context), status
+            csrf=self.csrf_token(), pam_enabled=self.pam is not None, now=self.admin.now(),
+            group=self.admin.settings.group, **context), status
 
-    def message(status: int, title: str, text: str) -> tuple[str, int]:
-        return page("message.html", status, title=title, text=text)
+    def message(self, status: int, title: str, text: str) -> tuple[str, int]:
+        return self.page("message.html", status, title=title, text=text)
 
-    def current_user() -> Requester | None:
+    def current_user(self) -> Requester | None:
         user, started = session.get("pam_user"), session.get("at")
-        if pam is not None and isinstance(user, str) and isinstance(started, int | float):
-            age = admin.now().timestamp() - started
-            if 0 <= age < admin.settings.session_lifetime.total_seconds():
+        if self.pam is not None and isinstance(user, str) and isinstance(started, int | float):
+            age = self.admin.now().timestamp() - started
+            if 0 <= age < self.admin.settings.session_lifetime.total_seconds():
                 return Requester(dn=None, pam_user=user, client_address=request.remote_addr,
                                  endpoint="rest", request_id=g.get("request_id", ""))
             session.clear()
-        chain = _peer_chain()
+        chain = peer_chain()
         if not chain:
             return None
-        try:
-            return service.authenticate_chain(chain, client_address=request.remote_addr,
-                                              endpoint="rest", request_id=g.get("request_id"))
-        except AuthenticationError as exc:
-            service.record_refused_authentication(
-                exc, chain=chain, action="admin-page", client_address=request.remote_addr,
-                request_id=g.get("request_id"))
-            raise
+        return authenticate_chain(self.service, chain, action="admin-page")
 
-    def admin_only(view: Callable[..., ViewResult]) -> Callable[..., ViewResult]:
+    def admin_only(self, view: Callable[..., ViewResult]) -> Callable[..., ViewResult]:
         @wraps(view)
         def wrapper(*args: Any, **kwargs: Any) -> ViewResult:
-            who = current_user()
+            who = self.current_user()
+            group = self.admin.settings.group
             if who is None:
-                if pam is not None:
+                if self.pam is not None:
                     return redirect(url_for("admin.login"), code=303)
-                return message(403, "Access refused",
-                               "This page is for site admins: connect with the client "
-                               "certificate of a member of the policy group "
-                               f"'{admin.settings.group}'.")
-            if not admin.is_admin(who):
-                admin.record_login(who, allowed=False,
-                                   reason=f"{who.label} is not in the policy group "
-                                          f"{admin.settings.group!r}")
-                return message(403, "Access refused",
-                               f"You are signed in as {who.label}, who is not a site admin: "
-                               f"the admin page is only for members of the policy group "
-                               f"'{admin.settings.group}'.")
+                return self.message(403, "Access refused",
+                                    "This page is for site admins: connect with the client "
+                                    "certificate of a member of the policy group "
+                                    f"'{group}'.")
+            if not self.admin.is_admin(who):
+                self.admin.record_login(who, allowed=False,
+                                        reason=f"{who.label} is not in the policy group "
+                                               f"{group!r}")
+                return self.message(403, "Access refused",
+                                    f"You are signed in as {who.label}, who is not a site "
+                                    f"admin: the admin page is only for members of the policy "
+                                    f"group '{group}'.")
             g.admin_user = who
             return view(*args, **kwargs)
 
         return wrapper
 
-    # ------------------------------------------------------------------ hooks
 
+def _register_hooks(bp: Blueprint, ui: _AdminUi) -> None:
     @bp.after_request
     def _headers(response: Response) -> Response:
         response.headers["Content-Security-Policy"] = _CSP
@@ -252,61 +255,65 @@ def admin_blueprint(service: BrokerService, *, pam: PamSettings | None = None,
     @bp.errorhandler(BrokerError)
     def _broker_error(exc: BrokerError) -> tuple[str, int]:
         if exc.http_status >= 500:
-            return message(exc.http_status, "Server problem",
-                           f"The broker could not answer (request {g.get('request_id')}); "
-                           "the administrator can find it in the log.")
+            return ui.message(exc.http_status, "Server problem",
+                              f"The broker could not answer (request {g.get('request_id')}); "
+                              "the administrator can find it in the log.")
         if isinstance(exc, AuthenticationError):
-            return message(403, "Access refused", f"Your certificate was refused: {exc.message}")
-        return message(exc.http_status, "Bad request", exc.message)
+            return ui.message(403, "Access refused",
+                              f"Your certificate was refused: {exc.message}")
+        return ui.message(exc.http_status, "Bad request", exc.message)
 
-    # ------------------------------------------------------------------ login
 
+def _register_login(bp: Blueprint, ui: _AdminUi) -> None:
     @bp.route("/login", methods=["GET", "POST"])
     def login() -> ViewResult:
+        pam = ui.pam
         if pam is None:
-            return message(404, "No password login",
-                           "This broker has no PAM service configured: site admins connect "
-                           "with their client certificate.")
+            return ui.message(404, "No password login",
+                              "This broker has no PAM service configured: site admins connect "
+                              "with their client certificate.")
         if request.method == "GET":
-            return page("login.html")
-        if not csrf_ok():
-            return message(400, "Form expired",
-                           "The login form expired or came from another site; reload the "
-                           "login page and try again.")
+            return ui.page("login.html")
+        if not ui.csrf_ok():
+            return ui.message(400, "Form expired",
+                              "The login form expired or came from another site; reload the "
+                              "login page and try again.")
         username = _arg("username", 128, request.form) or ""
         password = request.form.get("password", "")
         try:
             check_password(pam, username, password)
         except (PamRefused, InputError) as exc:
-            service.record_refused_authentication(
+            ui.service.record_refused_authentication(
                 exc, pam_user=username or None, action="admin-login",
                 client_address=request.remote_addr, request_id=g.get("request_id"))
-            return page("login.html", 401, error="The username or password is wrong, or the "
-                        "account is locked.", username=username)
+            return ui.page("login.html", 401, error="The username or password is wrong, or the "
+                           "account is locked.", username=username)
         session.clear()
         session.permanent = True
         session["pam_user"] = username
-        session["at"] = int(admin.now().timestamp())
+        session["at"] = int(ui.admin.now().timestamp())
         session["csrf"] = secrets.token_urlsafe(32)  # a new token with the new session
         who = Requester(dn=None, pam_user=username, client_address=request.remote_addr,
                         endpoint="rest", request_id=g.get("request_id", ""))
-        if admin.is_admin(who):
-            admin.record_login(who, allowed=True, reason="admin page login through PAM")
+        if ui.admin.is_admin(who):
+            ui.admin.record_login(who, allowed=True, reason="admin page login through PAM")
         return redirect(url_for("admin.overview"), code=303)
 
     @bp.post("/logout")
     def logout() -> ViewResult:
-        if not csrf_ok():
-            return message(400, "Form expired", "Reload the page and try again.")
+        if not ui.csrf_ok():
+            return ui.message(400, "Form expired", "Reload the page and try again.")
         session.clear()
-        if pam is not None:
+        if ui.pam is not None:
             return redirect(url_for("admin.login"), code=303)
-        return message(200, "Signed out", "The session cookie was removed.")
+        return ui.message(200, "Signed out", "The session cookie was removed.")
 
-    # ------------------------------------------------------------------ pages
+
+def _register_pages(bp: Blueprint, ui: _AdminUi) -> None:
+    admin = ui.admin
 
     @bp.get("/")
-    @admin_only
+    @ui.admin_only
     def overview() -> ViewResult:
         owner = _arg("owner", _DN_MAX)
         expiring = request.args.get("expiring") == "1"
@@ -326,15 +333,16 @@ def admin_blueprint(service: BrokerService, *, pam: PamSettings | None = None,
         buckets = admin.chart(hours=hours)
         bars, top, labels = _chart_bars(buckets)
         now = admin.now()
-        return page("overview.html", creds=creds, counts=admin.credential_counts(),
-                    owner=owner or "", expiring=expiring, next_url=next_url,
-                    soon=now + admin.settings.expiring_window,
-                    window_hours=admin.settings.expiring_window.total_seconds() / 3600,
-                    hours=hours, chart_hours=CHART_HOURS, bars=bars, top=top, labels=labels,
-                    totals=(sum(b.retrievals for b in buckets), sum(b.refusals for b in buckets)))
+        return ui.page("overview.html", creds=creds, counts=admin.credential_counts(),
+                       owner=owner or "", expiring=expiring, next_url=next_url,
+                       soon=now + admin.settings.expiring_window,
+                       window_hours=admin.settings.expiring_window.total_seconds() / 3600,
+                       hours=hours, chart_hours=CHART_HOURS, bars=bars, top=top, labels=labels,
+                       totals=(sum(b.retrievals for b in buckets),
+                               sum(b.refusals for b in buckets)))
 
     @bp.get("/audit")
-    @admin_only
+    @ui.admin_only
     def audit() -> ViewResult:
         decision = _arg("decision", 16)
         if decision not in (None, "allow", "deny", "error"):
@@ -352,16 +360,16 @@ def admin_blueprint(service: BrokerService, *, pam: PamSettings | None = None,
             params = {k: v for k, v in form.items() if v}
             params["before"] = str(result.next_before)
             next_url = url_for("admin.audit") + "?" + urlencode(params)
-        return page("audit.html", result=result, form=form, actions=AUDIT_ACTIONS,
-                    next_url=next_url)
+        return ui.page("audit.html", result=result, form=form, actions=AUDIT_ACTIONS,
+                       next_url=next_url)
 
     @bp.get("/policy")
-    @admin_only
+    @ui.admin_only
     def policy() -> ViewResult:
-        return page("policy.html", view=admin.policy_view())
+        return ui.page("policy.html", view=admin.policy_view())
 
     @bp.route("/explain", methods=["GET", "POST"])
-    @admin_only
+    @ui.admin_only
     def explain() -> ViewResult:
         source = request.form if request.method == "POST" else request.args
         form = {k: source.get(k, "") for k in (
@@ -374,28 +382,29 @@ def admin_blueprint(service: BrokerService, *, pam: PamSettings | None = None,
             "auths": [m.value for m in AuthMethod], "decision": None, "error": None,
         }
         if request.method == "GET":
-            return page("explain.html", **context)
-        if not csrf_ok():
-            return message(400, "Form expired",
-                           "The form expired or came from another site; reload it and retry.")
+            return ui.page("explain.html", **context)
+        if not ui.csrf_ok():
+            return ui.message(400, "Form expired",
+                              "The form expired or came from another site; reload it and "
+                              "retry.")
         try:
-            query = ExplainQuery(
-                action=form["action"], owner_dn=_arg("owner", _DN_MAX, source) or "",
-                requester_dn=_arg("requester", _DN_MAX, source),
-                requester_fqans=split_lines(form["fqans"]),
-                owner_fqans=split_lines(form["owner_fqans"]),
-                credential=_arg("credential", 128, source) or "",
-                job_id=_arg("job_id", 256, source), auth=form["auth"],
-                username=_arg("username", 128, source),
-                retrievers=split_lines(form["retrievers"]) or None,
-                trusted_retrievers=split_lines(form["trusted_retrievers"]) or None,
-                renewers=split_lines(form["renewers"]) or None,
-            )
-            context["decision"] = admin.explain(query)
+            context["decision"] = admin.explain(_explain_query(form, source))
         except InputError as exc:
             context["error"] = exc.message
-            return page("explain.html", 400, **context)
-        return page("explain.html", **context)
+            return ui.page("explain.html", 400, **context)
+        return ui.page("explain.html", **context)
 
-    return bp
 
+def _explain_query(form: dict[str, str], source: Any) -> ExplainQuery:
+    return ExplainQuery(
+        action=form["action"], owner_dn=_arg("owner", _DN_MAX, source) or "",
+        requester_dn=_arg("requester", _DN_MAX, source),
+        requester_fqans=split_lines(form["fqans"]),
+        owner_fqans=split_lines(form["owner_fqans"]),
+        credential=_arg("credential", 128, source) or "",
+        job_id=_arg("job_id", 256, source), auth=form["auth"],
+        username=_arg("username", 128, source),
+        retrievers=split_lines(form["retrievers"]) or None,
+        trusted_retrievers=split_lines(form["trusted_retrievers"]) or None,
+        renewers=split_lines(form["renewers"]) or None,
+    )

@@ -23,7 +23,8 @@ from typing import Any
 from cryptography.hazmat.primitives.serialization import Encoding
 from flask import Blueprint, Response, g, jsonify, request
 
-from broker.api.app import _bool, _hours, _json_body, _pem, _str
+from broker.api.body import flag, hours, json_body, pem, text
+from broker.api.serialize import issued_json
 from broker.errors import AuthenticationError
 from broker.onlineca import OnlineCa
 from broker.pam_auth import PamRefused, PamSettings, check_password
@@ -41,8 +42,8 @@ def pam_blueprint(service: BrokerService, pam: PamSettings,
     bp = Blueprint("pam", __name__)
 
     def login(body: dict[str, Any], action: str, **where: Any) -> Requester:
-        username = _str(body, "username", required=True, max_len=128) or ""
-        password = _str(body, "password", required=True, max_len=1024) or ""
+        username = text(body, "username", required=True, max_len=128) or ""
+        password = text(body, "password", required=True, max_len=1024) or ""
         try:
             check_password(pam, username, password)
         except PamRefused as exc:
@@ -55,19 +56,16 @@ def pam_blueprint(service: BrokerService, pam: PamSettings,
 
     @bp.post("/v1/pam/retrievals")
     def pam_retrieve() -> Response:
-        body = _json_body()
-        csr_pem = _pem(body, "csr")
-        name = _str(body, "name", default="default", max_len=128) or "default"
-        job_id = _str(body, "job_id", max_len=256)
-        lifetime = _hours(body, "lifetime_hours", 12) if "lifetime_hours" in body else None
-        limited = _bool(body, "limited")
+        body = json_body()
+        csr_pem = pem(body, "csr")
+        name = text(body, "name", default="default", max_len=128) or "default"
+        job_id = text(body, "job_id", max_len=256)
+        lifetime = hours(body, "lifetime_hours", 12) if "lifetime_hours" in body else None
+        limited = flag(body, "limited")
         who = login(body, "retrieve", name=name, job_id=job_id)
         issued = service.retrieve(who, csr_pem=csr_pem, username=who.pam_user, name=name,
                                   lifetime=lifetime, job_id=job_id, limited=limited)
-        return jsonify({"chain": issued.pem().decode(), "owner": issued.owner_dn,
-                        "username": issued.username, "name": issued.name,
-                        "lifetime": int(issued.lifetime.total_seconds()),
-                        "limited": issued.limited})
+        return jsonify(issued_json(issued))
 
     if online_ca is None:
         return bp
@@ -76,10 +74,10 @@ def pam_blueprint(service: BrokerService, pam: PamSettings,
 
     @bp.post("/v1/pam/certificate")
     def pam_certificate() -> tuple[Response, int]:
-        body = _json_body()
-        csr = load_csr(_pem(body, "csr"))
+        body = json_body()
+        csr = load_csr(pem(body, "csr"))
         max_hours = ca.max_lifetime.total_seconds() / 3600
-        lifetime = _hours(body, "lifetime_hours", max_hours)
+        lifetime = hours(body, "lifetime_hours", max_hours)
         who = login(body, "issue-certificate")
         now = service.now()
         cert = service.issue_certificate(who, ca, csr, lifetime=lifetime)

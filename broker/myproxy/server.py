@@ -53,13 +53,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-
 from broker.config import ServerConfig
 from broker.errors import BrokerError, ProtocolError
 from broker.myproxy import codec
 from broker.myproxy.handler import MessageKind, Session, Settings
 from broker.service import BrokerService, Requester
+from broker.tlsctx import server_context, verified_peer_chain
 from broker.trustdir import CaDirWatch
 
 log = logging.getLogger("broker.myproxy")
@@ -102,17 +101,9 @@ class EndpointSettings:
 
 def make_context(settings: EndpointSettings) -> ssl.SSLContext:
     """Server context: client cert optional, RFC 3820 proxies accepted, no tickets."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    if settings.max_tls == "1.2":
-        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(settings.host_cert, settings.host_key)
-    ctx.load_verify_locations(capath=settings.ca_dir)
-    ctx.verify_mode = ssl.CERT_OPTIONAL
-    ctx.verify_flags |= ssl.VERIFY_ALLOW_PROXY_CERTS
-    ctx.options |= ssl.OP_NO_TICKET
-    ctx.num_tickets = 0
-    return ctx
+    return server_context(host_cert=settings.host_cert, host_key=settings.host_key,
+                          ca_dir=settings.ca_dir, certificate_optional=True,
+                          max_tls=settings.max_tls)
 
 
 def read_trust_files(ca_dir: str) -> dict[str, bytes]:
@@ -152,18 +143,6 @@ class _TrustCache:
                 self._files = read_trust_files(self._ca_dir)
                 self._version = version
             return self._files
-
-
-def _verified_chain(sock: ssl.SSLSocket) -> list[x509.Certificate]:
-    getter = getattr(sock, "get_verified_chain", None)  # public since Python 3.13
-    if getter is None:
-        sslobj = getattr(sock, "_sslobj", None)
-        getter = getattr(sslobj, "get_verified_chain", None)
-    raw = getter() if getter is not None else None
-    if not raw:
-        return []
-    der = ssl._ssl.ENCODING_DER  # type: ignore[attr-defined]
-    return [x509.load_der_x509_certificate(c.public_bytes(der)) for c in raw]
 
 
 class TlsChannel:
@@ -519,7 +498,7 @@ class MyProxyServer:
                 tls.unwrap()
 
     def _requester(self, tls: ssl.SSLSocket, addr: Any, request_id: str) -> Requester:
-        chain = _verified_chain(tls)
+        chain = verified_peer_chain(tls)
         if not chain:
             return Requester(dn=None, client_address=addr[0], endpoint="myproxy",
                              request_id=request_id)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.api.app import json_depth
+from broker.api.body import json_depth
 from broker.config import ServerConfig
 from tests.brokerserver import RunningBroker, start_broker
 from tests.pkifixtures import GridPki
