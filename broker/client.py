@@ -39,17 +39,7 @@ from broker.pki.loading import Credential, chain_to_pem, load_cert_and_key, load
 from broker.pki.proxy import csr_to_pem, generate_key, load_csr, make_csr, sign_request
 
 DEFAULT_PORT = 8443
-_BY_STATUS: dict[int, type[BrokerError]] = {
-    400: errors.InputError,
-    401: errors.AuthenticationError,
-    403: errors.AuthorizationError,
-    404: errors.NotFound,
-    409: errors.Conflict,
-    413: errors.PayloadTooLarge,
-    422: errors.CredentialError,
-    429: errors.TooManyAttempts,
-    503: errors.StoreUnavailable,
-}
+_BY_STATUS: dict[int, type[BrokerError]] = errors.by_http_status()
 
 
 @dataclass(frozen=True)

@@ -43,8 +43,8 @@ from broker.errors import (
     BrokerError,
     ChainError,
     CredentialError,
+    DnSyntaxError,
     InputError,
-    NameError_,
     NotFound,
     TooManyAttempts,
 )
@@ -394,16 +394,16 @@ def validate_username(username: object) -> str:
     safe in a log line and an ERROR message. Usernames never become file names.
     """
     if not isinstance(username, str):
-        raise NameError_(f"the username must be text, not {type(username).__name__}")
+        raise DnSyntaxError(f"the username must be text, not {type(username).__name__}")
     if not username:
-        raise NameError_("the username is empty; give one with -l")
+        raise DnSyntaxError("the username is empty; give one with -l")
     size = len(username.encode("utf-8", "surrogatepass"))
     if size > MAX_USERNAME_BYTES:
-        raise NameError_(f"the username is {size} bytes long; the limit is "
+        raise DnSyntaxError(f"the username is {size} bytes long; the limit is "
                          f"{MAX_USERNAME_BYTES}")
     for char in username:
         if unicodedata.category(char) in _UNSAFE_USERNAME_CATEGORIES:
-            raise NameError_(f"the username contains the character U+{ord(char):04X}, which "
+            raise DnSyntaxError(f"the username contains the character U+{ord(char):04X}, which "
                              "is not allowed (control, format or line separator)")
     return username
 

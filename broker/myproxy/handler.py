@@ -67,16 +67,19 @@ class Channel(Protocol):
         """Write one message in one write (never glued to the next one)."""
 
 
-class Refusal(Exception):
+class Refusal(BrokerError):
     """Send these ERROR lines and close.
 
     ``audited`` is True when the service already wrote the audit row (the refusal
     re-words a service error); otherwise the session writes one.
     """
 
+    code = "myproxy_refused"
+    http_status = 403
+    exit_code = 3
+
     def __init__(self, message: str, *, audited: bool = False) -> None:
         super().__init__(message)
-        self.message = message
         self.audited = audited
 
 

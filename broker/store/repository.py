@@ -65,7 +65,7 @@ Time: methods where expiry matters take ``now`` explicitly; others default to
 the injected ``clock`` (UTC wall clock unless given). Every datetime must be
 timezone-aware.
 
-Errors: bad input -> InputError/PemError/NameError_; missing -> NotFound;
+Errors: bad input -> InputError/PemError/DnSyntaxError; missing -> NotFound;
 wrong owner -> Conflict (put) or AuthorizationError; wrong passphrase ->
 AuthenticationError; database down -> StoreUnavailable; anything else from
 the database -> StoreError.
@@ -94,8 +94,8 @@ from broker.errors import (
     AuthorizationError,
     BrokerError,
     Conflict,
+    DnSyntaxError,
     InputError,
-    NameError_,
     NotFound,
     PemError,
     StoreError,
@@ -216,20 +216,20 @@ def _aware(value: datetime, what: str) -> datetime:
 
 def _text(value: object, what: str, max_length: int, *, allow_empty: bool = False) -> str:
     if not isinstance(value, str):
-        raise NameError_(f"{what} must be text")
+        raise DnSyntaxError(f"{what} must be text")
     if not value and not allow_empty:
-        raise NameError_(f"{what} must not be empty")
+        raise DnSyntaxError(f"{what} must not be empty")
     if len(value) > max_length:
-        raise NameError_(f"{what} is longer than {max_length} characters")
+        raise DnSyntaxError(f"{what} is longer than {max_length} characters")
     if _CONTROL_RE.search(value):
-        raise NameError_(f"{what} contains control characters")
+        raise DnSyntaxError(f"{what} contains control characters")
     return value
 
 
 def _dn(value: object, what: str = "DN") -> str:
     dn = _text(value, what, DN_LENGTH)
     if not dn.startswith("/"):
-        raise NameError_(f"{what} {dn!r} is not in slash form (/DC=org/CN=...)")
+        raise DnSyntaxError(f"{what} {dn!r} is not in slash form (/DC=org/CN=...)")
     return dn
 
 

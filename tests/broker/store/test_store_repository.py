@@ -16,8 +16,8 @@ from broker.errors import (
     AuthorizationError,
     BrokerError,
     Conflict,
+    DnSyntaxError,
     InputError,
-    NameError_,
     NotFound,
     PemError,
     StoreError,
@@ -159,11 +159,11 @@ def test_bad_input_gets_specific_errors(store: Store, new_key: KeyFactory) -> No
         _put(store, mat, private_key_pem=b"-----BEGIN PRIVATE KEY-----\nAAAA\n")
     with pytest.raises(PemError):
         _put(store, mat, certificate_chain="garbage")
-    with pytest.raises(NameError_):
+    with pytest.raises(DnSyntaxError):
         _put(store, mat, owner_dn="CN=Alice,DC=example")
-    with pytest.raises(NameError_):
+    with pytest.raises(DnSyntaxError):
         _put(store, mat, username="")
-    with pytest.raises(NameError_):
+    with pytest.raises(DnSyntaxError):
         _put(store, mat, name="bad\nname")
     with pytest.raises(InputError):
         _put(store, mat, now=datetime(2026, 1, 1))  # naive
