@@ -33,7 +33,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
@@ -49,6 +48,7 @@ from broker.errors import (
     TooManyAttempts,
 )
 from broker.fileio import validate_component
+from broker.naming import DEFAULT_CREDENTIAL, policy_name
 from broker.observability import observe_event
 from broker.onlineca import OnlineCa
 from broker.pki.chain import ChainInfo, validate_chain
@@ -63,6 +63,8 @@ from broker.pki.loading import (
 )
 from broker.pki.proxy import (
     ProxyType,
+    SignatureCheck,
+    check_signature,
     generate_key,
     load_csr,
     make_csr,
@@ -98,7 +100,6 @@ from broker.tokens.verify import verify_bearer
 
 log = logging.getLogger("broker.service")
 
-DEFAULT_CREDENTIAL = "default"
 DEFAULT_STORED_LIFETIME = timedelta(hours=168)  # broker-init / myproxy-init -c
 DEFAULT_PROXY_LIFETIME = timedelta(hours=12)  # broker-init / myproxy-init -t
 MIN_PROXY_LIFETIME = timedelta(minutes=5)
@@ -296,11 +297,6 @@ class _Lru:
             self._items.move_to_end(key)
             while len(self._items) > self._size:
                 self._items.popitem(last=False)
-
-
-def _policy_name(name: str) -> str:
-    # The policy language calls the default (unnamed) MyProxy credential "".
-    return "" if name == DEFAULT_CREDENTIAL else name
 
 
 def _owner_policy(record: CredentialRecord) -> OwnerPolicy | None:
@@ -587,7 +583,7 @@ class BrokerService:
         request = Request(
             action=action, requester_dn=requester.dn, owner_dn=owner_dn,
             requester_fqans=requester.fqans, owner_fqans=tuple(owner_fqans), auth=auth,
-            credential=_policy_name(name), job_id=job_id, username=username,
+            credential=policy_name(name), job_id=job_id, username=username,
             token=requester.token if auth is AuthMethod.TOKEN else None,
         )
         return evaluate(self._policy(), request, owner_policy)
@@ -1611,18 +1607,13 @@ def _check_job_id(job_id: str) -> None:
 
 def verify_signature(cert: x509.Certificate, message: bytes, signature: bytes) -> None:
     """Check ``signature`` over ``message`` with ``cert``'s key (RSA PKCS#1 v1.5 or ECDSA)."""
-    key = cert.public_key()
-    try:
-        if isinstance(key, rsa.RSAPublicKey):
-            key.verify(signature, message, padding.PKCS1v15(), hashes.SHA256())
-        elif isinstance(key, ec.EllipticCurvePublicKey):
-            key.verify(signature, message, ec.ECDSA(hashes.SHA256()))
-        else:
-            raise AuthenticationError("unsupported key type in the renewal proxy")
-    except InvalidSignature as exc:
+    outcome = check_signature(cert, message, signature, hashes.SHA256())
+    if outcome is SignatureCheck.UNSUPPORTED_KEY:
+        raise AuthenticationError("unsupported key type in the renewal proxy")
+    if outcome is SignatureCheck.MISMATCH:
         raise AuthenticationError(
             "the renewal proof's signature does not verify with the presented proxy's key",
-            reason="bad_proof") from exc
+            reason="bad_proof")
 
 
 def sign_challenge(key: Any, message: bytes) -> bytes:

@@ -26,6 +26,7 @@ from typing import Any
 
 from broker.errors import DnSyntaxError, InputError, SystemFailure
 from broker.fileio import validate_component
+from broker.naming import DEFAULT_CREDENTIAL
 
 __all__ = [
     "MAX_JOB_AD_BYTES",
@@ -37,7 +38,6 @@ __all__ = [
 
 #: A starter's job ad is a few kB; anything far larger is not one.
 MAX_JOB_AD_BYTES = 4 << 20
-DEFAULT_CREDENTIAL = "default"
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,7 @@ from datetime import timedelta
 from typing import Literal, Protocol
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from broker.errors import (
     AuthenticationError,
@@ -39,9 +37,11 @@ from broker.errors import (
 from broker.myproxy import codec
 from broker.myproxy.codec import AuthMethodId, Command
 from broker.myproxy.policy_strings import NOBODY, render_policy, translate_policy
+from broker.naming import DEFAULT_CREDENTIAL, policy_name
 from broker.pki.loading import Credential, chain_to_pem, load_certificates, public_keys_equal
+from broker.pki.proxy import SignatureCheck, check_signature
 from broker.policy import REASON_DENY_RULE, REASON_JOB_ID, REASON_OWNER, Action, AuthMethod
-from broker.service import DEFAULT_CREDENTIAL, BrokerService, DelegationOptions, Requester
+from broker.service import BrokerService, DelegationOptions, Requester
 from broker.store import CredentialRecord
 
 log = logging.getLogger("broker.myproxy")
@@ -105,7 +105,7 @@ def _name(cred_name: str | None) -> str:
 
 
 def _shown(name: str) -> str:
-    return "" if name == DEFAULT_CREDENTIAL else name
+    return policy_name(name)
 
 
 class _Missing(Refusal):
@@ -567,17 +567,12 @@ class Session:
 
 def _verify(cert: x509.Certificate, message: bytes, signature: bytes,
             digest: hashes.HashAlgorithm) -> None:
-    key = cert.public_key()
-    try:
-        if isinstance(key, rsa.RSAPublicKey):
-            key.verify(signature, message, padding.PKCS1v15(), digest)
-        elif isinstance(key, ec.EllipticCurvePublicKey):
-            key.verify(signature, message, ec.ECDSA(digest))
-        else:
-            raise Refusal("renewal authentication failed: unsupported key type")
-    except InvalidSignature:
+    outcome = check_signature(cert, message, signature, digest)
+    if outcome is SignatureCheck.UNSUPPORTED_KEY:
+        raise Refusal("renewal authentication failed: unsupported key type")
+    if outcome is SignatureCheck.MISMATCH:
         raise Refusal("renewal authentication failed: the challenge signature does not "
-                      "verify with the presented proxy's key") from None
+                      "verify with the presented proxy's key")
 
 
 _KEY_BLOCK = re.compile(

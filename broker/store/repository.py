@@ -101,6 +101,7 @@ from broker.errors import (
     StoreError,
     TooManyAttempts,
 )
+from broker.naming import DEFAULT_CREDENTIAL
 from broker.store import crypto
 from broker.store.crypto import Envelope, MasterKeyRing
 from broker.store.engine import SQLITE_BEGIN_OPTION, make_engine, safe_url, unavailable_error
@@ -117,7 +118,6 @@ from broker.store.models import (
     UsedChallengeRow,
 )
 
-DEFAULT_CREDENTIAL_NAME = "default"
 DEFAULT_PENDING_TTL = timedelta(minutes=10)
 MAX_CHAIN_BYTES = 64 * 1024
 MAX_KEY_BYTES = 32 * 1024
@@ -704,7 +704,7 @@ class Store:
         *,
         owner_dn: str,
         username: str,
-        name: str = DEFAULT_CREDENTIAL_NAME,
+        name: str = DEFAULT_CREDENTIAL,
         private_key_pem: bytes | None = None,
         certificate_chain: str,
         description: str | None = None,
@@ -824,7 +824,7 @@ class Store:
         return self._with_retry(attempt)
 
     def get_credential(
-        self, username: str, name: str = DEFAULT_CREDENTIAL_NAME
+        self, username: str, name: str = DEFAULT_CREDENTIAL
     ) -> CredentialRecord:
         username, name = _username(username), _credname(name)
         table = Credential.__table__
@@ -853,7 +853,7 @@ class Store:
     def delete_credential(
         self,
         username: str,
-        name: str = DEFAULT_CREDENTIAL_NAME,
+        name: str = DEFAULT_CREDENTIAL,
         *,
         owner_dn: str | None = None,
         audit: AuditEvent | None = None,
@@ -888,7 +888,7 @@ class Store:
     def change_passphrase(
         self,
         username: str,
-        name: str = DEFAULT_CREDENTIAL_NAME,
+        name: str = DEFAULT_CREDENTIAL,
         *,
         old_passphrase: str | None,
         new_passphrase: str | None,
@@ -926,7 +926,7 @@ class Store:
         *,
         requester_dn: str,
         username: str,
-        name: str = DEFAULT_CREDENTIAL_NAME,
+        name: str = DEFAULT_CREDENTIAL,
         private_key_pem: bytes,
         params: Mapping[str, Any],
         now: datetime,
