@@ -23,6 +23,7 @@ from typing import Literal, Protocol
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
+from broker.audit import AuditAction, Endpoint
 from broker.errors import (
     AuthenticationError,
     AuthorizationError,
@@ -84,14 +85,14 @@ class Refusal(BrokerError):
 
 
 _ACTIONS = {
-    Command.GET: "retrieve",
-    Command.PUT: "delegate",
-    Command.INFO: "info",
-    Command.DESTROY: "destroy",
-    Command.CHANGE_PASSPHRASE: "change-passphrase",
-    Command.STORE: "store",
-    Command.RETRIEVE: "retrieve-key",
-    Command.GET_TRUSTROOTS: "trustroots",
+    Command.GET: AuditAction.RETRIEVE,
+    Command.PUT: AuditAction.DELEGATE,
+    Command.INFO: AuditAction.INFO,
+    Command.DESTROY: AuditAction.DESTROY,
+    Command.CHANGE_PASSPHRASE: AuditAction.CHANGE_PASSPHRASE,
+    Command.STORE: AuditAction.STORE,
+    Command.RETRIEVE: AuditAction.RETRIEVE_KEY,
+    Command.GET_TRUSTROOTS: AuditAction.TRUSTROOTS,
 }
 
 
@@ -177,9 +178,9 @@ class Session:
 
     def _audit_refusal(self, request: codec.Request | None, exc: BrokerError) -> None:
         where: dict[str, str | None] = {}
-        action = "myproxy"
+        action = AuditAction.MYPROXY
         if request is not None:
-            action = _ACTIONS.get(request.command, "myproxy")
+            action = _ACTIONS.get(request.command, AuditAction.MYPROXY)
             where = {"username": request.username or None, "name": _name(request.cred_name)}
         self.service.record_refusal(self.requester, action, exc, **where)
 
@@ -329,7 +330,7 @@ class Session:
                        else len(order))
         rule = f" (rule {decision.rule.name!r})" if decision.rule else ""
         self.service.record_refusal(
-            self.requester, Action.RETRIEVE.value,
+            self.requester, AuditAction.RETRIEVE,
             AuthorizationError(f"{decision.message}", reason=decision.reason),
             owner_dn=record.owner_dn, username=record.username, name=record.name)
         dn = self.requester.dn
@@ -365,7 +366,7 @@ class Session:
         _verify(certs[0], nonce.encode("ascii"), proof.signature, digest)
         try:
             proven = self.service.authenticate_chain(
-                certs, client_address=self.requester.client_address, endpoint="myproxy",
+                certs, client_address=self.requester.client_address, endpoint=Endpoint.MYPROXY,
                 request_id=self.requester.request_id)
         except AuthenticationError as exc:
             raise Refusal(f"renewal authentication failed: {exc.message}") from None
