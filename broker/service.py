@@ -88,7 +88,7 @@ from broker.policy import (
     scope_covers,
     validate_owner_policy,
 )
-from broker.store import AuditEvent, CredentialRecord, Store
+from broker.store import AuditEvent, CredentialRecord, CredentialWrite, Store
 from broker.store.crypto import (
     INVALID_PASSPHRASE,
     INVALID_PASSPHRASE_REASON,
@@ -801,19 +801,26 @@ class BrokerService:
                 "the delegated chain expires in less than 5 minutes; make a longer proxy",
                 reason="expired")
         max_lifetime = min(options.max_proxy_lifetime, self.config.max_proxy_lifetime)
-        return self.store.put_credential(
-            owner_dn=requester.dn, username=options.username, name=options.name,
-            private_key_pem=key_pem, certificate_chain=chain_to_pem(chain).decode(),
-            description=options.description, retrievers=options.retrievers,
-            trusted_retrievers=options.trusted_retrievers, renewers=options.renewers,
+        return self.store.put_credential(CredentialWrite(
+            owner_dn=requester.dn,
+            username=options.username,
+            name=options.name,
+            private_key_pem=key_pem,
+            certificate_chain=chain_to_pem(chain).decode(),
+            description=options.description,
+            retrievers=options.retrievers,
+            trusted_retrievers=options.trusted_retrievers,
+            renewers=options.renewers,
             key_retrievers=options.key_retrievers,
-            max_lifetime_seconds=int(max_lifetime.total_seconds()), limited=info.limited,
-            passphrase=passphrase or options.passphrase, consume_pending=consume_pending,
-            not_after=stored_until, now=now, owner_encrypted_key=owner_encrypted_key,
-            audit=self._audit(requester, AuditAction.DELEGATE, "allow", reason="stored",
+            max_lifetime_seconds=int(max_lifetime.total_seconds()),
+            limited=info.limited,
+            passphrase=passphrase or options.passphrase,
+            consume_pending=consume_pending,
+            not_after=stored_until,
+            owner_encrypted_key=owner_encrypted_key,
+        ), now=now, audit=self._audit(requester, AuditAction.DELEGATE, "allow", reason="stored",
                               owner_dn=requester.dn, username=options.username,
-                              name=options.name),
-        )
+                              name=options.name))
 
     def store_credential(
         self, requester: Requester, options: DelegationOptions, credential: Credential,
