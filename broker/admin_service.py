@@ -18,6 +18,7 @@ import hmac
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from broker.audit import AuditAction
 from broker.config import ServerConfig
 from broker.policy import (
     AuthMethod,
@@ -223,11 +224,11 @@ class AdminService:
     def record_login(self, requester: Requester, *, allowed: bool, reason: str) -> None:
         """Audit an admin login (PAM) or a refusal of the page."""
         if allowed:
-            self.service.record_event(requester, "admin-login", reason=reason)
+            self.service.record_event(requester, AuditAction.ADMIN_LOGIN, reason=reason)
         else:
             from broker.errors import AuthorizationError
 
-            self.service.record_refusal(requester, "admin-page",
+            self.service.record_refusal(requester, AuditAction.ADMIN_PAGE,
                                         AuthorizationError(reason, reason="not_admin"))
 
 

@@ -35,21 +35,12 @@ from typing import Any
 from broker import errors
 from broker.errors import BrokerError, ConfigError, InputError, SystemFailure
 from broker.fileio import read_private_file
+from broker.naming import DEFAULT_CREDENTIAL
 from broker.pki.loading import Credential, chain_to_pem, load_cert_and_key, load_credential
 from broker.pki.proxy import csr_to_pem, generate_key, load_csr, make_csr, sign_request
 
 DEFAULT_PORT = 8443
-_BY_STATUS: dict[int, type[BrokerError]] = {
-    400: errors.InputError,
-    401: errors.AuthenticationError,
-    403: errors.AuthorizationError,
-    404: errors.NotFound,
-    409: errors.Conflict,
-    413: errors.PayloadTooLarge,
-    422: errors.CredentialError,
-    429: errors.TooManyAttempts,
-    503: errors.StoreUnavailable,
-}
+_BY_STATUS: dict[int, type[BrokerError]] = errors.by_http_status()
 
 
 @dataclass(frozen=True)
@@ -292,7 +283,7 @@ class BrokerClient:
     # ----------------------------------------------------------------- operations
 
     def delegate(
-        self, credential: Credential, *, username: str, name: str = "default",
+        self, credential: Credential, *, username: str, name: str = DEFAULT_CREDENTIAL,
         stored_hours: float = 168, max_proxy_hours: float = 12,
         retrievers: Sequence[str] = (), trusted_retrievers: Sequence[str] = (),
         renewers: Sequence[str] = (), description: str | None = None,
@@ -314,7 +305,8 @@ class BrokerClient:
         return result
 
     def retrieve(
-        self, *, username: str | None = None, owner: str | None = None, name: str = "default",
+        self, *, username: str | None = None, owner: str | None = None,
+        name: str = DEFAULT_CREDENTIAL,
         lifetime_hours: float | None = None, job_id: str | None = None,
         passphrase: str | None = None, limited: bool = False, key: Any = None,
         key_type: str = "rsa",
@@ -335,7 +327,8 @@ class BrokerClient:
 
     def renew(
         self, authz: Credential, *, username: str | None = None, owner: str | None = None,
-        name: str = "default", lifetime_hours: float | None = None, job_id: str | None = None,
+        name: str = DEFAULT_CREDENTIAL, lifetime_hours: float | None = None,
+        job_id: str | None = None,
         key_type: str = "rsa",
     ) -> tuple[Credential, dict[str, Any]]:
         from broker.pki.loading import load_certificates
@@ -362,7 +355,7 @@ class BrokerClient:
         result: dict[str, Any] = self.call("GET", path)
         return result
 
-    def destroy(self, *, username: str, name: str = "default") -> dict[str, Any]:
+    def destroy(self, *, username: str, name: str = DEFAULT_CREDENTIAL) -> dict[str, Any]:
         from urllib.parse import quote
 
         result: dict[str, Any] = self.call(

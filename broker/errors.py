@@ -10,21 +10,41 @@ the REST API to an HTTP status and a JSON body, the MyProxy endpoint to an
     ├── InputError                   code="bad_request"       HTTP 400 exit 1
     │   ├── PemError                 code="bad_pem"
     │   ├── CsrError                 code="bad_csr"
-    │   ├── NameError_               code="bad_name"      (a DN, username or credential name)
+    │   ├── DnSyntaxError            code="bad_name"      (a DN, username or credential name)
     │   ├── ConfigError              code="bad_config"
+    │   │   └── NamespaceFileError   code="bad_namespace_file"   (broker.pki.namespace)
     │   ├── PolicyFileError          code="bad_policy"
-    │   └── ProtocolError            code="protocol"      (a malformed MyProxy message)
+    │   ├── ProtocolError            code="protocol"      (a malformed MyProxy message)
+    │   ├── PolicyStringError        code="bad_policy_string"    (broker.myproxy.policy_strings)
+    │   ├── FqanError                code="bad_fqan"      (broker.policy; also a ValueError)
+    │   ├── PatternError             code="bad_pattern"   (broker.policy; also a ValueError)
+    │   └── DurationError            code="bad_duration"  (broker.policy; also a ValueError)
     ├── PayloadTooLarge              code="too_large"         HTTP 413
     ├── ChainError                   code="invalid_chain"     HTTP 400 (a bad chain)
     │   └── VomsError                code="invalid_voms"      (an AC that does not verify)
     ├── AuthenticationError          code="unauthenticated"   HTTP 401 exit 3
+    │   ├── TooManyAttempts          code="too_many_attempts" HTTP 429
+    │   ├── PamRefused               code="unauthenticated"   (broker.pam_auth)
+    │   └── TokenRejected            code="token_rejected"    (broker.tokens.errors)
     ├── AuthorizationError           code="denied"            HTTP 403 exit 3
+    │   ├── RefreshTokenRevoked      code="refresh_token_revoked"  (broker.tokens.errors)
+    │   └── ScopeNotAllowed          code="scope_not_allowed"      (broker.tokens.errors)
     ├── NotFound                     code="not_found"         HTTP 404 exit 4
     ├── Conflict                     code="conflict"          HTTP 409
     ├── CredentialError              code="credential"        HTTP 422 (expired, unusable)
     ├── StoreError                   code="store"             HTTP 500
     │   └── StoreUnavailable         code="unavailable"       HTTP 503
-    └── SystemFailure                code="system"            HTTP 500
+    ├── SystemFailure                code="system"            HTTP 500
+    ├── IssuerUnavailable            code="issuer_unavailable"  HTTP 503 (broker.tokens.errors)
+    ├── Refusal                      code="myproxy_refused"   HTTP 403 (broker.myproxy.handler)
+    └── WrapperError                 code="wrapper"           exit 202 (payload_wrapper.errors)
+        ├── ClientError              code="client"            HTTP 400 exit 201
+        ├── WrapperSystemError       code="system"            exit 202
+        └── AuthorizationDenied      code="denied"            HTTP 403 exit 203
+
+Classes defined outside this module name their module in brackets; private
+helper classes (a leading underscore) are left out. ``tests/broker/test_error_tree.py``
+checks that this drawing equals the real subclass tree, so it cannot go stale.
 
 A subclass may override ``code`` per instance (``reason=``) so that callers can
 tell, say, ``expired`` from ``revoked`` without a new class for each.
@@ -63,7 +83,7 @@ class CsrError(InputError):
     code = "bad_csr"
 
 
-class NameError_(InputError):
+class DnSyntaxError(InputError):
     code = "bad_name"
 
 
@@ -151,3 +171,24 @@ class SystemFailure(BrokerError):
     code = "system"
     http_status = 500
     exit_code = 2
+
+
+def by_http_status() -> dict[int, type[BrokerError]]:
+    """Each HTTP status to the class of this module that introduces it, for clients.
+
+    Walks the tree above in definition order; the first class whose status differs
+    from its parent's owns that status (so 400 is ``InputError``, not ``ChainError``).
+    A status no class introduces (500) is not in the map: clients use ``SystemFailure``.
+    """
+    found: dict[int, type[BrokerError]] = {}
+
+    def walk(cls: type[BrokerError]) -> None:
+        for sub in cls.__subclasses__():
+            if sub.__module__ != __name__:
+                continue
+            if sub.http_status != cls.http_status:
+                found.setdefault(sub.http_status, sub)
+            walk(sub)
+
+    walk(BrokerError)
+    return found

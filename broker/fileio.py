@@ -21,7 +21,7 @@ are trusted, as they are chosen by the administrator or by
 
 Failures are raised from :mod:`broker.errors`: ``Conflict`` when a file that
 must be new already exists, ``InputError`` (with a ``reason``) when a path or
-file is unsafe or unusable, ``NameError_`` for a bad name and
+file is unsafe or unusable, ``DnSyntaxError`` for a bad name and
 ``SystemFailure`` for an unexpected operating-system error.
 """
 
@@ -34,7 +34,7 @@ import secrets
 import stat
 from pathlib import Path
 
-from broker.errors import BrokerError, Conflict, InputError, NameError_, SystemFailure
+from broker.errors import BrokerError, Conflict, DnSyntaxError, InputError, SystemFailure
 
 __all__ = [
     "MAX_COMPONENT_LENGTH",
@@ -410,29 +410,29 @@ def validate_component(name: str, *, what: str = "credential name") -> str:
     message, e.g. ``"credential name"`` or ``"account name"``.
     """
     if not isinstance(name, str):
-        raise NameError_(f"the {what} must be text, not {type(name).__name__}")
+        raise DnSyntaxError(f"the {what} must be text, not {type(name).__name__}")
     if not name:
-        raise NameError_(f"the {what} is empty; give a name such as 'default'")
+        raise DnSyntaxError(f"the {what} is empty; give a name such as 'default'")
     shown = _show(name)
     if len(name) > MAX_COMPONENT_LENGTH:
-        raise NameError_(
+        raise DnSyntaxError(
             f"the {what} {shown} is {len(name)} characters long; "
             f"the limit is {MAX_COMPONENT_LENGTH}"
         )
     if "\x00" in name:
-        raise NameError_(f"the {what} {shown} contains a NUL character, which is not allowed")
+        raise DnSyntaxError(f"the {what} {shown} contains a NUL character, which is not allowed")
     if "/" in name:
-        raise NameError_(
+        raise DnSyntaxError(
             f"the {what} {shown} contains '/', which is not allowed: "
             "a name is a single path component"
         )
     if not _COMPONENT_RE.fullmatch(name):
         bad = next(c for c in name if not _COMPONENT_RE.fullmatch(c))
-        raise NameError_(
+        raise DnSyntaxError(
             f"the {what} {shown} contains {bad!r}; use only letters, digits and . _ @ + -"
         )
     if name[0] in ".-":
-        raise NameError_(
+        raise DnSyntaxError(
             f"the {what} {shown} starts with {name[0]!r}; start it with a letter or digit"
         )
     return name

@@ -27,28 +27,30 @@ import time
 import unicodedata
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
+from broker.audit import AuditAction, Endpoint
 from broker.errors import (
     AuthenticationError,
     AuthorizationError,
     BrokerError,
     ChainError,
     CredentialError,
+    DnSyntaxError,
     InputError,
-    NameError_,
     NotFound,
     TooManyAttempts,
 )
 from broker.fileio import validate_component
+from broker.naming import DEFAULT_CREDENTIAL, policy_name
 from broker.observability import observe_event
 from broker.onlineca import OnlineCa
 from broker.pki.chain import ChainInfo, validate_chain
@@ -63,6 +65,8 @@ from broker.pki.loading import (
 )
 from broker.pki.proxy import (
     ProxyType,
+    SignatureCheck,
+    check_signature,
     generate_key,
     load_csr,
     make_csr,
@@ -84,7 +88,7 @@ from broker.policy import (
     scope_covers,
     validate_owner_policy,
 )
-from broker.store import AuditEvent, CredentialRecord, Store
+from broker.store import AuditEvent, CredentialRecord, CredentialWrite, Store
 from broker.store.crypto import (
     INVALID_PASSPHRASE,
     INVALID_PASSPHRASE_REASON,
@@ -98,7 +102,6 @@ from broker.tokens.verify import verify_bearer
 
 log = logging.getLogger("broker.service")
 
-DEFAULT_CREDENTIAL = "default"
 DEFAULT_STORED_LIFETIME = timedelta(hours=168)  # broker-init / myproxy-init -c
 DEFAULT_PROXY_LIFETIME = timedelta(hours=12)  # broker-init / myproxy-init -t
 MIN_PROXY_LIFETIME = timedelta(minutes=5)
@@ -116,7 +119,7 @@ class Requester:
     limited: bool = False
     chain_info: ChainInfo | None = None
     client_address: str | None = None
-    endpoint: str = "rest"
+    endpoint: str = Endpoint.REST
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     pam_user: str | None = None
     token: TokenClaims | None = None  # a verified bearer token (see authenticate_bearer)
@@ -280,11 +283,6 @@ class _Lru:
                 self._items.popitem(last=False)
 
 
-def _policy_name(name: str) -> str:
-    # The policy language calls the default (unnamed) MyProxy credential "".
-    return "" if name == DEFAULT_CREDENTIAL else name
-
-
 def _owner_policy(record: CredentialRecord) -> OwnerPolicy | None:
     if not (record.retrievers or record.trusted_retrievers or record.renewers
             or record.key_retrievers):
@@ -376,16 +374,16 @@ def validate_username(username: object) -> str:
     safe in a log line and an ERROR message. Usernames never become file names.
     """
     if not isinstance(username, str):
-        raise NameError_(f"the username must be text, not {type(username).__name__}")
+        raise DnSyntaxError(f"the username must be text, not {type(username).__name__}")
     if not username:
-        raise NameError_("the username is empty; give one with -l")
+        raise DnSyntaxError("the username is empty; give one with -l")
     size = len(username.encode("utf-8", "surrogatepass"))
     if size > MAX_USERNAME_BYTES:
-        raise NameError_(f"the username is {size} bytes long; the limit is "
+        raise DnSyntaxError(f"the username is {size} bytes long; the limit is "
                          f"{MAX_USERNAME_BYTES}")
     for char in username:
         if unicodedata.category(char) in _UNSAFE_USERNAME_CATEGORIES:
-            raise NameError_(f"the username contains the character U+{ord(char):04X}, which "
+            raise DnSyntaxError(f"the username contains the character U+{ord(char):04X}, which "
                              "is not allowed (control, format or line separator)")
     return username
 
@@ -487,7 +485,7 @@ class BrokerService:
 
     def authenticate_chain(
         self, chain: Sequence[x509.Certificate], *, client_address: str | None = None,
-        endpoint: str = "rest", request_id: str | None = None,
+        endpoint: str = Endpoint.REST, request_id: str | None = None,
     ) -> Requester:
         """Validate a TLS peer's verified chain (our RFC 3820 + VOMS rules on top of OpenSSL)."""
         if not chain:
@@ -519,7 +517,8 @@ class BrokerService:
     # ------------------------------------------------------------------ helpers
 
     def _audit(
-        self, requester: Requester, action: str, decision: str, *, reason: str | None,
+        self, requester: Requester, action: AuditAction | Action | str, decision: str, *,
+        reason: str | None,
         owner_dn: str | None = None, username: str | None = None, name: str | None = None,
         job_id: str | None = None,
     ) -> AuditEvent:
@@ -530,7 +529,8 @@ class BrokerService:
         # Refused requests carry whatever the client sent (NUL, control characters, huge
         # names); the row must still be written, so such text is escaped and shortened.
         event = AuditEvent(
-            action=action, decision=decision, endpoint=requester.endpoint, time=self.now(),
+            action=AuditAction(action).value, decision=decision,
+            endpoint=Endpoint(requester.endpoint).value, time=self.now(),
             requester_dn=_audit_text(requester_dn, 1024),
             requester_fqans=tuple(_audit_text(f, 1024) or "" for f in requester.fqans),
             owner_dn=_audit_text(owner_dn, 1024), username=_audit_text(username, 128),
@@ -542,8 +542,37 @@ class BrokerService:
         observe_event(event, requester.started)  # metrics and the request log line
         return event
 
+    @contextmanager
+    def _audited(self, requester: Requester, action: AuditAction | Action,
+                 where: dict[str, Any]) -> Iterator[_AuditScope]:
+        """Run one use case; any refusal inside it leaves one audit row, then propagates.
+
+        ``where`` is read when the refusal happens, so the use case may fill it in as
+        it learns the owner or the name. A :class:`_Concealed` refusal is audited with
+        its real reason and re-raised as its public face, or as ``scope.concealed_as()``;
+        ``scope.on_failure`` runs first (e.g. to settle a passphrase attempt).
+        """
+        scope = _AuditScope(where)
+        try:
+            yield scope
+        except _Concealed as hidden:
+            public = hidden.public
+            if public is None and scope.concealed_as is not None:
+                public = scope.concealed_as()
+            if public is None:
+                raise
+            if scope.on_failure is not None:
+                scope.on_failure(hidden.real, True)
+            self._record_failure(requester, action, hidden.real, **where)
+            raise public from None
+        except BrokerError as exc:
+            if scope.on_failure is not None:
+                scope.on_failure(exc, False)
+            self._record_failure(requester, action, exc, **where)
+            raise
+
     def _record_failure(
-        self, requester: Requester, action: str, exc: BrokerError, *,
+        self, requester: Requester, action: AuditAction | Action | str, exc: BrokerError, *,
         unauthenticated: bool = False, **where: Any
     ) -> None:
         decision = "deny" if isinstance(exc, AuthorizationError | AuthenticationError) else "error"
@@ -569,7 +598,7 @@ class BrokerService:
         request = Request(
             action=action, requester_dn=requester.dn, owner_dn=owner_dn,
             requester_fqans=requester.fqans, owner_fqans=tuple(owner_fqans), auth=auth,
-            credential=_policy_name(name), job_id=job_id, username=username,
+            credential=policy_name(name), job_id=job_id, username=username,
             token=requester.token if auth is AuthMethod.TOKEN else None,
         )
         return evaluate(self._policy(), request, owner_policy)
@@ -665,7 +694,7 @@ class BrokerService:
         """Make a key and CSR for the requester to sign (the key never leaves the server)."""
         where: dict[str, Any] = {"owner_dn": requester.dn, "username": options.username,
                                  "name": options.name}
-        try:
+        with self._audited(requester, AuditAction.DELEGATE_START, where):
             if requester.dn is None:
                 raise AuthenticationError("delegation needs a client certificate or proxy")
             if requester.limited and not self.config.accept_limited:
@@ -684,13 +713,10 @@ class BrokerService:
                 requester_dn=requester.dn, username=options.username, name=options.name,
                 private_key_pem=key_to_pem(key), params=options.to_params(), now=self.now(),
                 ttl=self.config.pending_ttl,
-                audit=self._audit(requester, "delegate-start", "allow",
+                audit=self._audit(requester, AuditAction.DELEGATE_START, "allow",
                                   reason=decision.reason, **where),
                 max_live=self.config.max_pending_per_user or None,
             )
-        except BrokerError as exc:
-            self._record_failure(requester, "delegate-start", exc, **where)
-            raise
         return PendingInfo(
             id=pending.id,
             csr_pem=csr.public_bytes(serialization.Encoding.PEM),
@@ -703,7 +729,7 @@ class BrokerService:
     ) -> CredentialSummary:
         """Check the chain the client signed for our CSR and store it with the owner policy."""
         where: dict[str, Any] = {"owner_dn": requester.dn}
-        try:
+        with self._audited(requester, AuditAction.DELEGATE, where):
             if requester.dn is None:
                 raise AuthenticationError("delegation needs a client certificate or proxy")
             now = self.now()
@@ -717,9 +743,6 @@ class BrokerService:
             record = self._store_chain(requester, options, chain, info, now,
                                        passphrase=passphrase, consume_pending=pending.id,
                                        key_pem=None)
-        except BrokerError as exc:
-            self._record_failure(requester, "delegate", exc, **where)
-            raise
         return _summary(record)
 
     def _check_delegated_chain(
@@ -760,19 +783,26 @@ class BrokerService:
                 "the delegated chain expires in less than 5 minutes; make a longer proxy",
                 reason="expired")
         max_lifetime = min(options.max_proxy_lifetime, self.config.max_proxy_lifetime)
-        return self.store.put_credential(
-            owner_dn=requester.dn, username=options.username, name=options.name,
-            private_key_pem=key_pem, certificate_chain=chain_to_pem(chain).decode(),
-            description=options.description, retrievers=options.retrievers,
-            trusted_retrievers=options.trusted_retrievers, renewers=options.renewers,
+        return self.store.put_credential(CredentialWrite(
+            owner_dn=requester.dn,
+            username=options.username,
+            name=options.name,
+            private_key_pem=key_pem,
+            certificate_chain=chain_to_pem(chain).decode(),
+            description=options.description,
+            retrievers=options.retrievers,
+            trusted_retrievers=options.trusted_retrievers,
+            renewers=options.renewers,
             key_retrievers=options.key_retrievers,
-            max_lifetime_seconds=int(max_lifetime.total_seconds()), limited=info.limited,
-            passphrase=passphrase or options.passphrase, consume_pending=consume_pending,
-            not_after=stored_until, now=now, owner_encrypted_key=owner_encrypted_key,
-            audit=self._audit(requester, "delegate", "allow", reason="stored",
+            max_lifetime_seconds=int(max_lifetime.total_seconds()),
+            limited=info.limited,
+            passphrase=passphrase or options.passphrase,
+            consume_pending=consume_pending,
+            not_after=stored_until,
+            owner_encrypted_key=owner_encrypted_key,
+        ), now=now, audit=self._audit(requester, AuditAction.DELEGATE, "allow", reason="stored",
                               owner_dn=requester.dn, username=options.username,
-                              name=options.name),
-        )
+                              name=options.name))
 
     def store_credential(
         self, requester: Requester, options: DelegationOptions, credential: Credential,
@@ -785,7 +815,7 @@ class BrokerService:
         opened only by a retrieval with that passphrase, as MyProxy does."""
         where: dict[str, Any] = {"owner_dn": requester.dn, "username": options.username,
                                  "name": options.name}
-        try:
+        with self._audited(requester, AuditAction.STORE, where):
             if requester.dn is None or (credential.key is None) == (encrypted_key_pem is None):
                 raise AuthenticationError("storing a credential needs a client certificate")
             if encrypted_key_pem is not None and options.passphrase is not None:
@@ -804,9 +834,6 @@ class BrokerService:
                 key_pem=(encrypted_key_pem if credential.key is None
                          else key_to_pem(credential.key)),
                 owner_encrypted_key=encrypted_key_pem is not None)
-        except BrokerError as exc:
-            self._record_failure(requester, "store", exc, **where)
-            raise
         return _summary(record)
 
     # ------------------------------------------------------------------ retrieval
@@ -828,7 +855,19 @@ class BrokerService:
         where: dict[str, Any] = {"owner_dn": owner_dn, "username": username, "name": name,
                                  "job_id": job_id}
         attempt: int | None = None
-        try:
+
+        def settle(exc: BrokerError, concealed: bool) -> None:
+            if attempt is not None:
+                self._finish_passphrase_attempt(
+                    attempt, failed=concealed or exc.reason == INVALID_PASSPHRASE_REASON)
+
+        def concealed_as() -> BrokerError:
+            return _not_found(
+                username or (record.username if record and not owner_dn else None), owner_dn,
+                name if record is None else record.name)
+
+        with self._audited(requester, action, where) as scope:
+            scope.on_failure, scope.concealed_as = settle, concealed_as
             if job_id is not None:
                 _check_job_id(job_id)
             if record is None:
@@ -913,19 +952,6 @@ class BrokerService:
                     f"the stored key of {record.username}/{record.name} does not belong to "
                     "its certificate; the owner must store the credential again",
                     reason="key_mismatch")
-        except _Concealed as hidden:
-            if attempt is not None:
-                self._finish_passphrase_attempt(attempt, failed=True)
-            self._record_failure(requester, action.value, hidden.real, **where)
-            raise (hidden.public or _not_found(
-                username or (record.username if record and not owner_dn else None), owner_dn,
-                name if record is None else record.name)) from None
-        except BrokerError as exc:
-            if attempt is not None:
-                self._finish_passphrase_attempt(
-                    attempt, failed=exc.reason == INVALID_PASSPHRASE_REASON)
-            self._record_failure(requester, action.value, exc, **where)
-            raise
         return RetrievalGrant(record=record, decision=decision, action=action, job_id=job_id,
                               issuer=Credential(chain=chain, key=key))
 
@@ -986,7 +1012,7 @@ class BrokerService:
         record, decision = grant.record, grant.decision
         where: dict[str, Any] = {"owner_dn": record.owner_dn, "username": record.username,
                                  "name": record.name, "job_id": grant.job_id}
-        try:
+        with self._audited(requester, grant.action, where):
             if not isinstance(csr, x509.CertificateSigningRequest):
                 csr = load_csr(csr)
             now = self.now()
@@ -1019,9 +1045,6 @@ class BrokerService:
                 requester, grant.action.value, "allow",
                 reason=f"{decision.reason}: {decision.rule.name if decision.rule else ''}",
                 **where))
-        except BrokerError as exc:
-            self._record_failure(requester, grant.action.value, exc, **where)
-            raise
         return IssuedProxy(chain=issued, lifetime=granted, limited=make_limited,
                            owner_dn=record.owner_dn, username=record.username, name=record.name)
 
@@ -1033,12 +1056,9 @@ class BrokerService:
         action: Action = Action.RETRIEVE, _authz_owner: str | None = None,
     ) -> IssuedProxy:
         """:meth:`authorize_retrieval` then :meth:`issue`, for edges that have the CSR at once."""
-        try:
+        where = {"owner_dn": owner_dn, "username": username, "name": name, "job_id": job_id}
+        with self._audited(requester, action, where):
             csr = load_csr(csr_pem)  # a malformed request is refused before any look-up
-        except BrokerError as exc:
-            self._record_failure(requester, action.value, exc, owner_dn=owner_dn,
-                                 username=username, name=name, job_id=job_id)
-            raise
         grant = self.authorize_retrieval(
             requester, username=username, owner_dn=owner_dn, name=name, job_id=job_id,
             passphrase=passphrase, action=action, _authz_owner=_authz_owner)
@@ -1061,7 +1081,7 @@ class BrokerService:
         return any(rule.effect.value == "allow"
                    for rule in self._policy().index[action].rules)
 
-    def record_refusal(self, requester: Requester, action: str, exc: BrokerError,
+    def record_refusal(self, requester: Requester, action: AuditAction, exc: BrokerError,
                        **where: Any) -> None:
         """Audit a refusal an edge decided itself (e.g. MyProxy's protocol rules)."""
         self._record_failure(requester, action, exc, **where)
@@ -1113,12 +1133,9 @@ class BrokerService:
         name: str = DEFAULT_CREDENTIAL, lifetime: timedelta | None = None,
         job_id: str | None = None,
     ) -> IssuedProxy:
-        try:
+        where = {"owner_dn": owner_dn, "username": username, "name": name, "job_id": job_id}
+        with self._audited(requester, AuditAction.RENEW, where):
             info = self.check_renewal_proof(requester, challenge, authz_chain_pem, signature)
-        except BrokerError as exc:
-            self._record_failure(requester, "renew", exc, owner_dn=owner_dn, username=username,
-                                 name=name, job_id=job_id)
-            raise
         # A limited proof of possession yields a limited proxy: renewal never widens rights.
         return self.retrieve(requester, csr_pem=csr_pem, username=username, owner_dn=owner_dn,
                              name=name, lifetime=lifetime, job_id=job_id, action=Action.RENEW,
@@ -1130,7 +1147,7 @@ class BrokerService:
         self, requester: Requester, *, username: str | None = None, name: str | None = None
     ) -> list[CredentialSummary]:
         """The requester's own credentials, or another owner's where the policy allows info."""
-        try:
+        with self._audited(requester, AuditAction.INFO, {"username": username, "name": name}):
             if requester.dn is None:
                 raise AuthenticationError("info needs a client certificate or proxy")
             if username:
@@ -1151,12 +1168,9 @@ class BrokerService:
                 raise NotFound(
                     f"no credentials found for user {username or '(yours)'}"
                     + (f" named {name!r}" if name else "") + f", owner {requester.dn}")
-            self.store.add_audit(self._audit(requester, "info", "allow", reason="listed",
+            self.store.add_audit(self._audit(requester, AuditAction.INFO, "allow", reason="listed",
                                              owner_dn=requester.dn, username=username,
                                              name=name))
-        except BrokerError as exc:
-            self._record_failure(requester, "info", exc, username=username, name=name)
-            raise
         return visible
 
     def _owned(self, requester: Requester, username: str, name: str, what: str,
@@ -1207,27 +1221,24 @@ class BrokerService:
     def destroy(self, requester: Requester, *, username: str, name: str = DEFAULT_CREDENTIAL
                 ) -> CredentialSummary:
         where: dict[str, Any] = {"username": username, "name": name}
-        try:
+        with self._audited(requester, AuditAction.DESTROY, where) as scope:
+            scope.concealed_as = lambda: _not_found(username, None, name)
             record = self._owned(requester, username, name, "destroy a credential", where)
             self._decide(requester, Action.DESTROY, owner_dn=record.owner_dn,
                          owner_fqans=requester.fqans, name=record.name,
                          username=record.username).raise_if_denied()
             deleted = self.store.delete_credential(
                 username, name, owner_dn=requester.dn,
-                audit=self._audit(requester, "destroy", "allow", reason="destroyed", **where))
-        except _Concealed as hidden:
-            self._record_failure(requester, "destroy", hidden.real, **where)
-            raise _not_found(username, None, name) from None
-        except BrokerError as exc:
-            self._record_failure(requester, "destroy", exc, **where)
-            raise
+                audit=self._audit(requester, AuditAction.DESTROY, "allow", reason="destroyed",
+                                  **where))
         return _summary(deleted)
 
     def change_passphrase(
         self, requester: Requester, *, username: str, name: str, old: str | None, new: str | None
     ) -> CredentialSummary:
         where: dict[str, Any] = {"username": username, "name": name}
-        try:
+        with self._audited(requester, AuditAction.CHANGE_PASSPHRASE, where) as scope:
+            scope.concealed_as = lambda: _not_found(username, None, name)
             record = self._owned(requester, username, name, "change a credential's passphrase",
                                  where)
             attempt = (self._reserve_passphrase_attempt(requester, record)
@@ -1236,8 +1247,8 @@ class BrokerService:
                 updated = self.store.change_passphrase(
                     username, name, old_passphrase=old, new_passphrase=new,
                     owner_dn=requester.dn, now=self.now(),
-                    audit=self._audit(requester, "change-passphrase", "allow", reason="changed",
-                                      **where))
+                    audit=self._audit(requester, AuditAction.CHANGE_PASSPHRASE, "allow",
+                                      reason="changed", **where))
             except BrokerError as exc:
                 if attempt is not None:
                     self._finish_passphrase_attempt(
@@ -1245,12 +1256,6 @@ class BrokerService:
                 raise
             if attempt is not None:
                 self._finish_passphrase_attempt(attempt, failed=False)
-        except _Concealed as hidden:
-            self._record_failure(requester, "change-passphrase", hidden.real, **where)
-            raise _not_found(username, None, name) from None
-        except BrokerError as exc:
-            self._record_failure(requester, "change-passphrase", exc, **where)
-            raise
         return _summary(updated)
 
     # ------------------------------------------------------------------ audit for edges
@@ -1260,8 +1265,8 @@ class BrokerService:
 
     def record_refused_authentication(
         self, exc: BrokerError, *, chain: Sequence[x509.Certificate] = (),
-        pam_user: str | None = None, action: str = "authenticate",
-        client_address: str | None = None, endpoint: str = "rest",
+        pam_user: str | None = None, action: AuditAction | str = AuditAction.AUTHENTICATE,
+        client_address: str | None = None, endpoint: str = Endpoint.REST,
         request_id: str | None = None, **where: Any,
     ) -> None:
         """Audit a refused authentication; never raises (a failure is logged).
@@ -1274,7 +1279,7 @@ class BrokerService:
                               request_id=request_id or uuid.uuid4().hex)
         self._record_failure(requester, action, exc, unauthenticated=True, **where)
 
-    def record_event(self, requester: Requester, action: str, *, reason: str,
+    def record_event(self, requester: Requester, action: AuditAction, *, reason: str,
                      **where: Any) -> None:
         """Write an ``allow`` audit row for an edge's own use case; raises StoreError."""
         self.store.add_audit(self._audit(requester, action, "allow", reason=reason, **where))
@@ -1289,15 +1294,12 @@ class BrokerService:
         """
         username = requester.pam_user
         where: dict[str, Any] = {"username": username}
-        try:
+        with self._audited(requester, AuditAction.ISSUE_CERTIFICATE, where):
             if username is None:
                 raise AuthenticationError("the online CA certifies PAM-authenticated users only")
             cert = ca.issue(username, csr, now=self.now(), lifetime=lifetime)
-        except BrokerError as exc:
-            self._record_failure(requester, "issue-certificate", exc, **where)
-            raise
         self.record_event(
-            requester, "issue-certificate", owner_dn=slash_from_name(cert.subject),
+            requester, AuditAction.ISSUE_CERTIFICATE, owner_dn=slash_from_name(cert.subject),
             reason=f"online CA issued serial {cert.serial_number:x} valid until "
                    f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC", **where)
         return cert
@@ -1337,7 +1339,7 @@ class BrokerService:
         return directory, config
 
     def authenticate_bearer(
-        self, token: str, *, client_address: str | None = None, endpoint: str = "rest",
+        self, token: str, *, client_address: str | None = None, endpoint: str = Endpoint.REST,
         request_id: str | None = None,
     ) -> Requester:
         """Verify a bearer token (signature, issuer, audience, times, profile); the
@@ -1367,7 +1369,7 @@ class BrokerService:
         ``token:ISSUER``."""
         where: dict[str, Any] = {"username": username, "name": f"token:{issuer}"[:128],
                                  "owner_dn": requester.dn}
-        try:
+        with self._audited(requester, AuditAction.STORE_REFRESH_TOKEN, where):
             if requester.dn is None or requester.token is not None:
                 raise AuthenticationError(
                     "to store a refresh token you need a client certificate or proxy",
@@ -1397,11 +1399,8 @@ class BrokerService:
                 owner_dn=requester.dn, username=username, issuer=config.name,
                 token=refresh_token, scopes=tuple(scopes), now=self.now())
             self.store.add_audit(self._audit(
-                requester, "store-refresh-token", "allow",
+                requester, AuditAction.STORE_REFRESH_TOKEN, "allow",
                 reason=f"refresh token for issuer {config.name} stored", **where))
-        except BrokerError as exc:
-            self._record_failure(requester, "store-refresh-token", exc, **where)
-            raise
         return record
 
     def start_token_device_flow(
@@ -1464,7 +1463,7 @@ class BrokerService:
         """
         where: dict[str, Any] = {"username": username, "name": f"token:{issuer}"[:128],
                                  "job_id": job_id}
-        try:
+        with self._audited(requester, AuditAction.RETRIEVE_TOKEN, where):
             if requester.dn is None and requester.token is None:
                 raise AuthenticationError("a token request needs a certificate or bearer token",
                                           reason="no_identity")
@@ -1502,12 +1501,9 @@ class BrokerService:
                         if life > 0:
                             self._access_tokens.put(key, access, ttl=life / 2)
             self.store.add_audit(self._audit(
-                requester, "retrieve-token", "allow",
+                requester, AuditAction.RETRIEVE_TOKEN, "allow",
                 reason=f"{decision.reason}: {decision.rule.name if decision.rule else ''}; "
                        f"scopes {' '.join(wanted)}", **where))
-        except BrokerError as exc:
-            self._record_failure(requester, "retrieve-token", exc, **where)
-            raise
         return access
 
     def _refresh_access_token(
@@ -1536,6 +1532,17 @@ class BrokerService:
 
 
 _JOB_ID_MAX = 256
+
+
+@dataclass
+class _AuditScope:
+    """What a use case running under :meth:`BrokerService._audited` may tell it."""
+
+    where: dict[str, Any]
+    #: The public face of a concealed refusal that carries none of its own.
+    concealed_as: Callable[[], BrokerError] | None = None
+    #: Called with the refusal (and whether it was concealed) before it is audited.
+    on_failure: Callable[[BrokerError, bool], None] | None = None
 
 
 class _Concealed(Exception):
@@ -1593,18 +1600,13 @@ def _check_job_id(job_id: str) -> None:
 
 def verify_signature(cert: x509.Certificate, message: bytes, signature: bytes) -> None:
     """Check ``signature`` over ``message`` with ``cert``'s key (RSA PKCS#1 v1.5 or ECDSA)."""
-    key = cert.public_key()
-    try:
-        if isinstance(key, rsa.RSAPublicKey):
-            key.verify(signature, message, padding.PKCS1v15(), hashes.SHA256())
-        elif isinstance(key, ec.EllipticCurvePublicKey):
-            key.verify(signature, message, ec.ECDSA(hashes.SHA256()))
-        else:
-            raise AuthenticationError("unsupported key type in the renewal proxy")
-    except InvalidSignature as exc:
+    outcome = check_signature(cert, message, signature, hashes.SHA256())
+    if outcome is SignatureCheck.UNSUPPORTED_KEY:
+        raise AuthenticationError("unsupported key type in the renewal proxy")
+    if outcome is SignatureCheck.MISMATCH:
         raise AuthenticationError(
             "the renewal proof's signature does not verify with the presented proxy's key",
-            reason="bad_proof") from exc
+            reason="bad_proof")
 
 
 def sign_challenge(key: Any, message: bytes) -> bytes:

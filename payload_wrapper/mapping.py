@@ -35,7 +35,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from broker.errors import NameError_
+from broker.errors import DnSyntaxError
 from broker.fileio import validate_component
 from payload_wrapper.errors import AuthorizationDenied, ClientError, WrapperSystemError
 
@@ -76,7 +76,7 @@ def lookup_account(name: str) -> Account:
     """The account ``name`` from the password database; 202 when it does not exist."""
     try:
         validate_component(name, what="account name")
-    except NameError_ as exc:
+    except DnSyntaxError as exc:
         raise WrapperSystemError(
             f"the mapping gave an unusable account name: {exc.message}"
         ) from None

@@ -43,7 +43,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from broker.errors import BrokerError, NameError_
+from broker.errors import BrokerError, DnSyntaxError
 from broker.fileio import create_exclusive, validate_component
 from payload_wrapper.errors import ClientError, WrapperSystemError
 
@@ -76,7 +76,7 @@ def job_dir_name(job_id: str) -> str:
     """``job-<id>``, after checking that the id is one safe path component."""
     try:
         validate_component(job_id, what="job id")
-    except NameError_ as exc:
+    except DnSyntaxError as exc:
         raise ClientError(exc.message, reason="bad_job_id") from None
     return f"job-{job_id}"
 

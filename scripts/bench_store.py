@@ -76,6 +76,7 @@ from broker.devpki import write_dev_pki  # noqa: E402
 from broker.pki.loading import chain_to_pem, key_to_pem, load_cert_and_key  # noqa: E402
 from broker.pki.proxy import csr_to_pem, generate_key, make_csr, new_proxy  # noqa: E402
 from broker.store import (  # noqa: E402
+    CredentialWrite,
     Store,
     crypto,
     init_master_key_file,
@@ -292,12 +293,12 @@ def populate(url: str, fx: Fixture, count: int) -> float:
     migrate(url)
     store = Store(url, fx.ring)
     try:
-        store.put_credential(
+        store.put_credential(CredentialWrite(
             owner_dn=fx.owner_dn,
             username=username(0),
             private_key_pem=fx.key_pem,
             certificate_chain=fx.chain_pem,
-        )
+        ))
         table = Credential.__table__
         with store.engine.begin() as conn:
             template = dict(conn.execute(select(table)).mappings().one())

@@ -24,8 +24,9 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from broker.errors import InputError, NameError_, SystemFailure
+from broker.errors import DnSyntaxError, InputError, SystemFailure
 from broker.fileio import validate_component
+from broker.naming import DEFAULT_CREDENTIAL
 
 __all__ = [
     "MAX_JOB_AD_BYTES",
@@ -37,7 +38,6 @@ __all__ = [
 
 #: A starter's job ad is a few kB; anything far larger is not one.
 MAX_JOB_AD_BYTES = 4 << 20
-DEFAULT_CREDENTIAL = "default"
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,7 @@ def parse_job_ad(text: str) -> JobAd:
     credential = _string(ad, "BrokerCredential") or DEFAULT_CREDENTIAL
     try:
         validate_component(credential, what="credential name (BrokerCredential)")
-    except NameError_ as exc:
+    except DnSyntaxError as exc:
         raise InputError(exc.message, reason="bad_credential_name") from None
 
     lifetime = _evaluate(ad, "BrokerLifetime")

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from broker.condor.jobad import parse_environment
-from broker.errors import InputError, NameError_, SystemFailure
+from broker.errors import DnSyntaxError, InputError, SystemFailure
 from broker.fileio import validate_component
 
 __all__ = [
@@ -207,7 +207,7 @@ def augment_submit(
     """Validate ``text`` and return it with the broker attributes added."""
     try:
         validate_component(credential, what="credential name")
-    except NameError_ as exc:
+    except DnSyntaxError as exc:
         raise InputError(exc.message, reason="bad_credential_name") from None
     if lifetime_hours is not None and not lifetime_hours > 0:
         raise InputError("the proxy lifetime must be a positive number of hours",

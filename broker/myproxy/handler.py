@@ -21,10 +21,9 @@ from datetime import timedelta
 from typing import Literal, Protocol
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
+from broker.audit import AuditAction, Endpoint
 from broker.errors import (
     AuthenticationError,
     AuthorizationError,
@@ -39,9 +38,11 @@ from broker.errors import (
 from broker.myproxy import codec
 from broker.myproxy.codec import AuthMethodId, Command
 from broker.myproxy.policy_strings import NOBODY, render_policy, translate_policy
+from broker.naming import DEFAULT_CREDENTIAL, policy_name
 from broker.pki.loading import Credential, chain_to_pem, load_certificates, public_keys_equal
+from broker.pki.proxy import SignatureCheck, check_signature
 from broker.policy import REASON_DENY_RULE, REASON_JOB_ID, REASON_OWNER, Action, AuthMethod
-from broker.service import DEFAULT_CREDENTIAL, BrokerService, DelegationOptions, Requester
+from broker.service import BrokerService, DelegationOptions, Requester
 from broker.store import CredentialRecord
 
 log = logging.getLogger("broker.myproxy")
@@ -67,28 +68,31 @@ class Channel(Protocol):
         """Write one message in one write (never glued to the next one)."""
 
 
-class Refusal(Exception):
+class Refusal(BrokerError):
     """Send these ERROR lines and close.
 
     ``audited`` is True when the service already wrote the audit row (the refusal
     re-words a service error); otherwise the session writes one.
     """
 
+    code = "myproxy_refused"
+    http_status = 403
+    exit_code = 3
+
     def __init__(self, message: str, *, audited: bool = False) -> None:
         super().__init__(message)
-        self.message = message
         self.audited = audited
 
 
 _ACTIONS = {
-    Command.GET: "retrieve",
-    Command.PUT: "delegate",
-    Command.INFO: "info",
-    Command.DESTROY: "destroy",
-    Command.CHANGE_PASSPHRASE: "change-passphrase",
-    Command.STORE: "store",
-    Command.RETRIEVE: "retrieve-key",
-    Command.GET_TRUSTROOTS: "trustroots",
+    Command.GET: AuditAction.RETRIEVE,
+    Command.PUT: AuditAction.DELEGATE,
+    Command.INFO: AuditAction.INFO,
+    Command.DESTROY: AuditAction.DESTROY,
+    Command.CHANGE_PASSPHRASE: AuditAction.CHANGE_PASSPHRASE,
+    Command.STORE: AuditAction.STORE,
+    Command.RETRIEVE: AuditAction.RETRIEVE_KEY,
+    Command.GET_TRUSTROOTS: AuditAction.TRUSTROOTS,
 }
 
 
@@ -102,7 +106,7 @@ def _name(cred_name: str | None) -> str:
 
 
 def _shown(name: str) -> str:
-    return "" if name == DEFAULT_CREDENTIAL else name
+    return policy_name(name)
 
 
 class _Missing(Refusal):
@@ -174,9 +178,9 @@ class Session:
 
     def _audit_refusal(self, request: codec.Request | None, exc: BrokerError) -> None:
         where: dict[str, str | None] = {}
-        action = "myproxy"
+        action = AuditAction.MYPROXY
         if request is not None:
-            action = _ACTIONS.get(request.command, "myproxy")
+            action = _ACTIONS.get(request.command, AuditAction.MYPROXY)
             where = {"username": request.username or None, "name": _name(request.cred_name)}
         self.service.record_refusal(self.requester, action, exc, **where)
 
@@ -326,7 +330,7 @@ class Session:
                        else len(order))
         rule = f" (rule {decision.rule.name!r})" if decision.rule else ""
         self.service.record_refusal(
-            self.requester, Action.RETRIEVE.value,
+            self.requester, AuditAction.RETRIEVE,
             AuthorizationError(f"{decision.message}", reason=decision.reason),
             owner_dn=record.owner_dn, username=record.username, name=record.name)
         dn = self.requester.dn
@@ -362,7 +366,7 @@ class Session:
         _verify(certs[0], nonce.encode("ascii"), proof.signature, digest)
         try:
             proven = self.service.authenticate_chain(
-                certs, client_address=self.requester.client_address, endpoint="myproxy",
+                certs, client_address=self.requester.client_address, endpoint=Endpoint.MYPROXY,
                 request_id=self.requester.request_id)
         except AuthenticationError as exc:
             raise Refusal(f"renewal authentication failed: {exc.message}") from None
@@ -564,17 +568,12 @@ class Session:
 
 def _verify(cert: x509.Certificate, message: bytes, signature: bytes,
             digest: hashes.HashAlgorithm) -> None:
-    key = cert.public_key()
-    try:
-        if isinstance(key, rsa.RSAPublicKey):
-            key.verify(signature, message, padding.PKCS1v15(), digest)
-        elif isinstance(key, ec.EllipticCurvePublicKey):
-            key.verify(signature, message, ec.ECDSA(digest))
-        else:
-            raise Refusal("renewal authentication failed: unsupported key type")
-    except InvalidSignature:
+    outcome = check_signature(cert, message, signature, digest)
+    if outcome is SignatureCheck.UNSUPPORTED_KEY:
+        raise Refusal("renewal authentication failed: unsupported key type")
+    if outcome is SignatureCheck.MISMATCH:
         raise Refusal("renewal authentication failed: the challenge signature does not "
-                      "verify with the presented proxy's key") from None
+                      "verify with the presented proxy's key")
 
 
 _KEY_BLOCK = re.compile(

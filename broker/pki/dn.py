@@ -17,7 +17,7 @@ import re
 from cryptography import x509
 from cryptography.x509.oid import NameOID, ObjectIdentifier
 
-from broker.errors import NameError_
+from broker.errors import DnSyntaxError
 
 # The short names OpenSSL prints (OBJ_nid2sn) for the attributes grid DNs use.
 _SHORT_NAMES: dict[ObjectIdentifier, str] = {
@@ -115,16 +115,16 @@ def slash_ambiguity(name: x509.Name) -> str | None:
 def name_from_slash(text: str) -> x509.Name:
     """Parse the slash form into a :class:`x509.Name` (one attribute per RDN).
 
-    Raises :class:`NameError_` with a sentence naming the problem.
+    Raises :class:`DnSyntaxError` with a sentence naming the problem.
     """
     if not isinstance(text, str) or not text:
-        raise NameError_("a distinguished name is empty; give it in the /DC=org/CN=Name form")
+        raise DnSyntaxError("a distinguished name is empty; give it in the /DC=org/CN=Name form")
     if len(text) > MAX_DN_LENGTH:
-        raise NameError_(f"a distinguished name is longer than {MAX_DN_LENGTH} characters")
+        raise DnSyntaxError(f"a distinguished name is longer than {MAX_DN_LENGTH} characters")
     if "\x00" in text:
-        raise NameError_("a distinguished name contains a NUL character")
+        raise DnSyntaxError("a distinguished name contains a NUL character")
     if not text.startswith("/"):
-        raise NameError_(
+        raise DnSyntaxError(
             f"the distinguished name {text!r} does not start with '/'; "
             "give it in the OpenSSL slash form, e.g. /DC=org/DC=example/CN=Alice"
         )
@@ -133,11 +133,12 @@ def name_from_slash(text: str) -> x509.Name:
     for piece in pieces:
         key, sep, raw = piece.partition("=")
         if not sep:
-            raise NameError_(f"the distinguished name {text!r} has a part without '=': {piece!r}")
+            raise DnSyntaxError(
+                f"the distinguished name {text!r} has a part without '=': {piece!r}")
         oid = _BY_SHORT_NAME.get(key)
         if oid is None:
             if not _OID_TEXT.match(key):
-                raise NameError_(
+                raise DnSyntaxError(
                     f"the distinguished name {text!r} uses an unknown attribute type {key!r}"
                 )
             oid = ObjectIdentifier(key)
@@ -145,15 +146,15 @@ def name_from_slash(text: str) -> x509.Name:
         try:
             value = value_bytes.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise NameError_(
+            raise DnSyntaxError(
                 f"the distinguished name {text!r} has \\x escapes that are not UTF-8"
             ) from exc
         if not value:
-            raise NameError_(f"the distinguished name {text!r} has an empty {key} value")
+            raise DnSyntaxError(f"the distinguished name {text!r} has an empty {key} value")
         try:
             attr = x509.NameAttribute(oid, value)
         except ValueError as exc:
-            raise NameError_(f"the distinguished name {text!r}: {key}={value!r}: {exc}") from exc
+            raise DnSyntaxError(f"the distinguished name {text!r}: {key}={value!r}: {exc}") from exc
         rdns.append(x509.RelativeDistinguishedName([attr]))
     return x509.Name(rdns)
 
@@ -167,16 +168,17 @@ def rfc4514_from_name(name: x509.Name) -> str:
 
 
 def name_from_rfc4514(text: str) -> x509.Name:
-    """Parse an RFC 4514 string; raises :class:`NameError_` on malformed input."""
+    """Parse an RFC 4514 string; raises :class:`DnSyntaxError` on malformed input."""
     if not text or len(text) > MAX_DN_LENGTH or "\x00" in text:
-        raise NameError_("a distinguished name in RFC 4514 form is empty, too long or holds NUL")
+        raise DnSyntaxError("a distinguished name in RFC 4514 form is empty, too long or holds NUL")
     try:
         return x509.Name.from_rfc4514_string(
             text, {"emailAddress": NameOID.EMAIL_ADDRESS, "UID": NameOID.USER_ID,
                    "serialNumber": NameOID.SERIAL_NUMBER}
         )
     except ValueError as exc:
-        raise NameError_(f"the distinguished name {text!r} is not valid RFC 4514: {exc}") from exc
+        raise DnSyntaxError(
+            f"the distinguished name {text!r} is not valid RFC 4514: {exc}") from exc
 
 
 def normalize_dn(text: str) -> str:

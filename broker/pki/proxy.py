@@ -23,8 +23,9 @@ from datetime import datetime, timedelta
 
 from asn1crypto import core
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import NameOID, ObjectIdentifier
 
 from broker.errors import CredentialError, CsrError, InputError
@@ -351,3 +352,31 @@ def sign_request(
 
 def csr_to_pem(csr: x509.CertificateSigningRequest) -> bytes:
     return csr.public_bytes(serialization.Encoding.PEM)
+
+
+class SignatureCheck(enum.Enum):
+    """The outcome of :func:`check_signature`; callers word the refusal for their protocol."""
+
+    VALID = "valid"
+    UNSUPPORTED_KEY = "unsupported_key"
+    MISMATCH = "mismatch"
+
+
+def check_signature(cert: x509.Certificate, message: bytes, signature: bytes,
+                    digest: hashes.HashAlgorithm) -> SignatureCheck:
+    """Whether ``signature`` over ``message`` verifies with ``cert``'s public key.
+
+    RSA keys use PKCS#1 v1.5 and EC keys ECDSA, both with ``digest``; other key
+    types are reported rather than raised so that each edge keeps its wording.
+    """
+    key = cert.public_key()
+    try:
+        if isinstance(key, rsa.RSAPublicKey):
+            key.verify(signature, message, padding.PKCS1v15(), digest)
+        elif isinstance(key, ec.EllipticCurvePublicKey):
+            key.verify(signature, message, ec.ECDSA(digest))
+        else:
+            return SignatureCheck.UNSUPPORTED_KEY
+    except InvalidSignature:
+        return SignatureCheck.MISMATCH
+    return SignatureCheck.VALID

@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from broker.errors import BrokerError, InputError, NameError_, VomsError
+from broker.errors import BrokerError, DnSyntaxError, InputError, VomsError
 from broker.pki.dn import name_from_slash, slash_from_name
 from broker.pki.loading import Credential
 from broker.pki.trust import TrustStore
@@ -237,7 +237,7 @@ def parse_lsc(data: bytes, *, name: str = "LSC file") -> tuple[LscEntry, ...]:
             continue
         try:
             chains[-1].append(slash_from_name(name_from_slash(line)))
-        except NameError_ as exc:
+        except DnSyntaxError as exc:
             raise VomsError(
                 f"the {name}, line {lineno}, does not hold a DN in slash form: {exc.message}",
                 reason="bad_lsc",

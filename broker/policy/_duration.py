@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import re
 
+from broker.errors import InputError
+
 _UNITS: dict[str, int] = {"d": 86400, "h": 3600, "m": 60, "s": 1}
 # One optional group per unit in descending order; the whole string must match.
 _DURATION_RE = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
 
 
-class DurationError(ValueError):
+class DurationError(InputError, ValueError):
     """A duration string that cannot be read; the loader turns it into a file issue."""
+
+    code = "bad_duration"
 
 
 def parse_duration(text: str) -> int:

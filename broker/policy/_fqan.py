@@ -11,14 +11,18 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from broker.errors import InputError
+
 # Group names in VOMS are restricted; we accept the conservative set VOMS
 # itself allows so that a typo such as a space is caught rather than matched.
 _GROUP_RE = re.compile(r"[A-Za-z0-9_.\-]+")
 _ROLE_RE = re.compile(r"[A-Za-z0-9_.\-]+")
 
 
-class FqanError(ValueError):
-    """A string that is not a well-formed FQAN."""
+class FqanError(InputError, ValueError):
+    """A string that is not a well-formed FQAN (still a ValueError for older callers)."""
+
+    code = "bad_fqan"
 
 
 @dataclass(frozen=True, slots=True)

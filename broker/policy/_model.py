@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from broker.errors import AuthorizationError, InputError, NameError_
+from broker.errors import AuthorizationError, DnSyntaxError, InputError
 from broker.policy._duration import format_duration
 from broker.policy._enums import Action, AuthMethod, Effect
 from broker.policy._fqan import Fqan, FqanError, parse_fqan
@@ -21,9 +21,9 @@ _MAX_DN_LENGTH = 2048
 
 
 def validate_dn(dn: str, *, what: str = "DN") -> str:
-    """Return ``dn`` if it looks like an OpenSSL slash-form DN; raise NameError_ otherwise."""
+    """Return ``dn`` if it looks like an OpenSSL slash-form DN; raise DnSyntaxError otherwise."""
     if not isinstance(dn, str) or not _DN_RE.fullmatch(dn) or len(dn) > _MAX_DN_LENGTH:
-        raise NameError_(
+        raise DnSyntaxError(
             f'bad {what} "{dn}": write it in the OpenSSL slash form, '
             'e.g. "/DC=org/DC=example/CN=Alice"',
             reason="bad_dn",

@@ -36,6 +36,7 @@ from typing import Literal, Protocol, cast
 
 import re2
 
+from broker.errors import InputError
 from broker.policy._enums import AuthMethod
 from broker.policy._fqan import Fqan, FqanError, parse_fqan
 
@@ -60,8 +61,10 @@ _PROBE_DNS = (
 )
 
 
-class PatternError(ValueError):
+class PatternError(InputError, ValueError):
     """A pattern that cannot be compiled; the message says what to write instead."""
+
+    code = "bad_pattern"
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,7 @@ from broker.store.repository import (
     AuditEvent,
     AuditRecord,
     CredentialRecord,
+    CredentialWrite,
     PendingDelegation,
     Store,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "AuditEvent",
     "AuditRecord",
     "CredentialRecord",
+    "CredentialWrite",
     "Envelope",
     "MasterKeyRing",
     "PendingDelegation",

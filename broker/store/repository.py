@@ -5,67 +5,18 @@ commits as a whole or not at all, so a crash at any point leaves either the
 old or the new state. Nothing returned is an ORM object; results are frozen
 dataclasses that stay valid after the transaction.
 
-Construction and lifetime::
-
-    Store(url_or_engine, master_keys: MasterKeyRing, *, clock=None)
-    store.close()                    # or use it as a context manager
-
 The schema must exist (``broker.store.migrate(url)``); the Store never creates
-tables.
-
-Credentials (one per ``(username, name)``)::
-
-    put_credential(*, owner_dn, username, name="default", private_key_pem=None,
-                   certificate_chain, description=None, retrievers=(),
-                   trusted_retrievers=(), renewers=(), max_lifetime_seconds=None,
-                   limited=False, passphrase=None, consume_pending=None,
-                   not_after=None, now=None, audit=None) -> CredentialRecord
-        Insert, or replace the same slot when ``owner_dn`` matches (else
-        Conflict). The stored ``not_after`` is the earliest expiry in the
-        chain, or the given ``not_after`` if that is earlier. With
-        ``consume_pending=<id>`` the pending delegation is deleted in the same
-        transaction and its key is used (the requester must be ``owner_dn``,
-        the slot must match, and the chain's first certificate must carry
-        that key).
-    get_credential(username, name="default") -> CredentialRecord   (NotFound)
-    find_credentials(owner_dn) -> list[CredentialRecord]
-    list_credentials(*, owner_dn=None, username=None) -> list[CredentialRecord]
-    delete_credential(username, name="default", *, owner_dn=None, audit=None)
-        -> CredentialRecord                  (the deleted row; NotFound, AuthorizationError)
-    decrypt_private_key(record, passphrase=None) -> bytes       (PEM)
-    change_passphrase(username, name="default", *, old_passphrase, new_passphrase,
-                      owner_dn=None, now=None, audit=None) -> CredentialRecord
-
-Pending delegations (the server-generated key waiting for its signed chain)::
-
-    create_pending(*, requester_dn, username, name="default", private_key_pem,
-                   params, now, ttl=timedelta(minutes=10), audit=None) -> PendingDelegation
-    get_pending(pending_id, requester_dn, *, now) -> PendingDelegation
-    take_pending(pending_id, requester_dn, *, now, audit=None) -> PendingDelegation
-        Returns and deletes it atomically (single use). Unknown -> NotFound;
-        another requester -> AuthorizationError; expired -> NotFound with
-        reason "expired" (and the row is removed).
-    purge_expired_pending(now) -> int
-
-Audit::
-
-    add_audit(event: AuditEvent) -> int
-    query_audit(*, owner_dn=None, job_id=None, action=None, username=None,
-                since=None, limit=100) -> list[AuditRecord]   (newest first)
-    ``put_credential``, ``delete_credential``, ``change_passphrase``,
-    ``create_pending`` and ``take_pending`` take ``audit=AuditEvent(...)`` and
-    write it in their own transaction: both rows exist, or neither.
-
-Master keys (see :mod:`broker.store.crypto` for rotation)::
-
-    master_keys -> MasterKeyRing;  use_master_keys(ring)
-    master_key_ids_in_use() -> dict[str, int];  rewrap_batch(batch_size=100) -> int
+tables. The methods' own signatures and docstrings are the API; writes that
+change a credential (``put_credential`` with a :class:`CredentialWrite`,
+``delete_credential``, ``change_passphrase``) and the pending-delegation writes
+take ``audit=AuditEvent(...)`` and write it in their own transaction: both rows
+exist, or neither.
 
 Time: methods where expiry matters take ``now`` explicitly; others default to
 the injected ``clock`` (UTC wall clock unless given). Every datetime must be
 timezone-aware.
 
-Errors: bad input -> InputError/PemError/NameError_; missing -> NotFound;
+Errors: bad input -> InputError/PemError/DnSyntaxError; missing -> NotFound;
 wrong owner -> Conflict (put) or AuthorizationError; wrong passphrase ->
 AuthenticationError; database down -> StoreUnavailable; anything else from
 the database -> StoreError.
@@ -94,13 +45,14 @@ from broker.errors import (
     AuthorizationError,
     BrokerError,
     Conflict,
+    DnSyntaxError,
     InputError,
-    NameError_,
     NotFound,
     PemError,
     StoreError,
     TooManyAttempts,
 )
+from broker.naming import DEFAULT_CREDENTIAL
 from broker.store import crypto
 from broker.store.crypto import Envelope, MasterKeyRing
 from broker.store.engine import SQLITE_BEGIN_OPTION, make_engine, safe_url, unavailable_error
@@ -117,7 +69,6 @@ from broker.store.models import (
     UsedChallengeRow,
 )
 
-DEFAULT_CREDENTIAL_NAME = "default"
 DEFAULT_PENDING_TTL = timedelta(minutes=10)
 MAX_CHAIN_BYTES = 64 * 1024
 MAX_KEY_BYTES = 32 * 1024
@@ -165,6 +116,36 @@ class PendingDelegation:
     created_at: datetime
     expires_at: datetime
     envelope: Envelope = field(repr=False, compare=False)
+
+
+
+@dataclass(frozen=True, kw_only=True)
+class CredentialWrite:
+    """One credential to store, as :meth:`CredentialStore.put_credential` takes it.
+
+    Exactly one of ``private_key_pem`` and ``consume_pending`` (the id of a pending
+    delegation whose key the chain certifies) is given. ``owner_encrypted_key``:
+    ``private_key_pem`` is encrypted with the owner's passphrase (MyProxy STORE); it
+    is kept as it is inside the envelope and opened only by a retrieval that gives
+    the passphrase. ``not_after`` may keep the credential for less than its chain lives.
+    """
+
+    owner_dn: str
+    username: str
+    name: str = DEFAULT_CREDENTIAL
+    certificate_chain: str
+    private_key_pem: bytes | None = None
+    description: str | None = None
+    retrievers: Sequence[str] = ()
+    trusted_retrievers: Sequence[str] = ()
+    renewers: Sequence[str] = ()
+    key_retrievers: Sequence[str] = ()
+    max_lifetime_seconds: int | None = None
+    limited: bool = False
+    passphrase: str | None = field(default=None, repr=False)
+    consume_pending: str | None = None
+    not_after: datetime | None = None
+    owner_encrypted_key: bool = False
 
 
 @dataclass(frozen=True)
@@ -216,20 +197,20 @@ def _aware(value: datetime, what: str) -> datetime:
 
 def _text(value: object, what: str, max_length: int, *, allow_empty: bool = False) -> str:
     if not isinstance(value, str):
-        raise NameError_(f"{what} must be text")
+        raise DnSyntaxError(f"{what} must be text")
     if not value and not allow_empty:
-        raise NameError_(f"{what} must not be empty")
+        raise DnSyntaxError(f"{what} must not be empty")
     if len(value) > max_length:
-        raise NameError_(f"{what} is longer than {max_length} characters")
+        raise DnSyntaxError(f"{what} is longer than {max_length} characters")
     if _CONTROL_RE.search(value):
-        raise NameError_(f"{what} contains control characters")
+        raise DnSyntaxError(f"{what} contains control characters")
     return value
 
 
 def _dn(value: object, what: str = "DN") -> str:
     dn = _text(value, what, DN_LENGTH)
     if not dn.startswith("/"):
-        raise NameError_(f"{what} {dn!r} is not in slash form (/DC=org/CN=...)")
+        raise DnSyntaxError(f"{what} {dn!r} is not in slash form (/DC=org/CN=...)")
     return dn
 
 
@@ -701,29 +682,19 @@ class Store:
 
     def put_credential(
         self,
+        write: CredentialWrite,
         *,
-        owner_dn: str,
-        username: str,
-        name: str = DEFAULT_CREDENTIAL_NAME,
-        private_key_pem: bytes | None = None,
-        certificate_chain: str,
-        description: str | None = None,
-        retrievers: Sequence[str] = (),
-        trusted_retrievers: Sequence[str] = (),
-        renewers: Sequence[str] = (),
-        key_retrievers: Sequence[str] = (),
-        max_lifetime_seconds: int | None = None,
-        limited: bool = False,
-        passphrase: str | None = None,
-        consume_pending: str | None = None,
-        not_after: datetime | None = None,
         now: datetime | None = None,
         audit: AuditEvent | None = None,
-        owner_encrypted_key: bool = False,
     ) -> CredentialRecord:
-        """Store a credential. ``owner_encrypted_key``: ``private_key_pem`` is encrypted
-        with the owner's passphrase (MyProxy STORE); it is kept as it is inside the
-        envelope and opened only by a retrieval that gives the passphrase."""
+        """Store a credential described by ``write`` (see :class:`CredentialWrite`)."""
+        owner_dn, username, name = write.owner_dn, write.username, write.name
+        private_key_pem, certificate_chain = write.private_key_pem, write.certificate_chain
+        description, max_lifetime_seconds = write.description, write.max_lifetime_seconds
+        retrievers, trusted_retrievers = write.retrievers, write.trusted_retrievers
+        renewers, key_retrievers = write.renewers, write.key_retrievers
+        limited, passphrase, not_after = write.limited, write.passphrase, write.not_after
+        consume_pending, owner_encrypted_key = write.consume_pending, write.owner_encrypted_key
         owner_dn = _dn(owner_dn, "owner DN")
         username = _username(username)
         name = _credname(name)
@@ -824,7 +795,7 @@ class Store:
         return self._with_retry(attempt)
 
     def get_credential(
-        self, username: str, name: str = DEFAULT_CREDENTIAL_NAME
+        self, username: str, name: str = DEFAULT_CREDENTIAL
     ) -> CredentialRecord:
         username, name = _username(username), _credname(name)
         table = Credential.__table__
@@ -853,7 +824,7 @@ class Store:
     def delete_credential(
         self,
         username: str,
-        name: str = DEFAULT_CREDENTIAL_NAME,
+        name: str = DEFAULT_CREDENTIAL,
         *,
         owner_dn: str | None = None,
         audit: AuditEvent | None = None,
@@ -888,7 +859,7 @@ class Store:
     def change_passphrase(
         self,
         username: str,
-        name: str = DEFAULT_CREDENTIAL_NAME,
+        name: str = DEFAULT_CREDENTIAL,
         *,
         old_passphrase: str | None,
         new_passphrase: str | None,
@@ -926,7 +897,7 @@ class Store:
         *,
         requester_dn: str,
         username: str,
-        name: str = DEFAULT_CREDENTIAL_NAME,
+        name: str = DEFAULT_CREDENTIAL,
         private_key_pem: bytes,
         params: Mapping[str, Any],
         now: datetime,

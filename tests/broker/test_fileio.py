@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from broker.errors import Conflict, InputError, NameError_
+from broker.errors import Conflict, DnSyntaxError, InputError
 from broker.fileio import (
     MAX_COMPONENT_LENGTH,
     create_exclusive,
@@ -331,14 +331,14 @@ def test_validate_component_accepts(name: str) -> None:
     ],
 )
 def test_validate_component_rejects(name: str, fragment: str) -> None:
-    with pytest.raises(NameError_) as info:
+    with pytest.raises(DnSyntaxError) as info:
         validate_component(name)
     assert fragment in str(info.value)
     assert str(info.value).startswith("the credential name")
 
 
 def test_validate_component_names_what_it_checks() -> None:
-    with pytest.raises(NameError_, match=r"^the account name is empty"):
+    with pytest.raises(DnSyntaxError, match=r"^the account name is empty"):
         validate_component("", what="account name")
 
 
@@ -349,7 +349,7 @@ _NEAR_MISS = string.ascii_letters + string.digits + "._@+-/\x00 \n\\"
 def test_accepted_names_are_single_safe_components(name: str) -> None:
     try:
         validate_component(name)
-    except NameError_:
+    except DnSyntaxError:
         return
     assert "/" not in name
     assert "\x00" not in name

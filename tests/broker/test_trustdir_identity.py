@@ -28,7 +28,7 @@ from broker.pki.proxy import ProxyType, generate_key, load_csr, make_csr, new_pr
 from broker.pki.trust import TrustStore
 from broker.policy import Action, AuthMethod, Request, evaluate, load_policy
 from broker.service import BrokerService, DelegationOptions, Requester
-from broker.store import MasterKeyRing, Store, default_sqlite_url, migrate
+from broker.store import CredentialWrite, MasterKeyRing, Store, default_sqlite_url, migrate
 from broker.trustdir import CaDirWatch, ReloadingTrustStore, load_ca_dir
 from tests.brokerserver import DEV_POLICY
 from tests.pkifixtures import GridPki
@@ -110,12 +110,22 @@ def test_stored_chain_with_independent_proxy_is_not_served(service: BrokerServic
                       proxy_type=ProxyType.INDEPENDENT)
     now = service.now()
     assert indep.key is not None
-    service.store.put_credential(
-        owner_dn=ALICE, username="alice", name="default", private_key_pem=key_to_pem(indep.key),
-        certificate_chain=chain_to_pem(indep.chain).decode(), description=None,
-        retrievers=(), trusted_retrievers=(), renewers=(), max_lifetime_seconds=3600,
-        limited=False, passphrase=None, consume_pending=None,
-        not_after=now + timedelta(hours=5), now=now, audit=None)
+    service.store.put_credential(CredentialWrite(
+        owner_dn=ALICE,
+        username="alice",
+        name="default",
+        private_key_pem=key_to_pem(indep.key),
+        certificate_chain=chain_to_pem(indep.chain).decode(),
+        description=None,
+        retrievers=(),
+        trusted_retrievers=(),
+        renewers=(),
+        max_lifetime_seconds=3600,
+        limited=False,
+        passphrase=None,
+        consume_pending=None,
+        not_after=now + timedelta(hours=5),
+    ), now=now, audit=None)
     pilot = service.authenticate_chain(list(grid_pki.user("pilot").chain))
     with pytest.raises(CredentialError) as err:
         service.retrieve(pilot, csr_pem=_csr(), username="alice")
@@ -133,12 +143,22 @@ def test_stored_chain_outside_its_ca_namespace_is_not_served(
                      now=grid_pki.now, lifetime=timedelta(hours=6))
     now = service.now()
     assert fake.key is not None
-    service.store.put_credential(
-        owner_dn=ALICE, username="alice", name="default", private_key_pem=key_to_pem(fake.key),
-        certificate_chain=chain_to_pem(fake.chain).decode(), description=None,
-        retrievers=(), trusted_retrievers=(), renewers=(), max_lifetime_seconds=3600,
-        limited=False, passphrase=None, consume_pending=None,
-        not_after=now + timedelta(hours=5), now=now, audit=None)
+    service.store.put_credential(CredentialWrite(
+        owner_dn=ALICE,
+        username="alice",
+        name="default",
+        private_key_pem=key_to_pem(fake.key),
+        certificate_chain=chain_to_pem(fake.chain).decode(),
+        description=None,
+        retrievers=(),
+        trusted_retrievers=(),
+        renewers=(),
+        max_lifetime_seconds=3600,
+        limited=False,
+        passphrase=None,
+        consume_pending=None,
+        not_after=now + timedelta(hours=5),
+    ), now=now, audit=None)
     pilot = service.authenticate_chain(list(grid_pki.user("pilot").chain))
     with pytest.raises(CredentialError) as err:
         service.retrieve(pilot, csr_pem=_csr(), username="alice")

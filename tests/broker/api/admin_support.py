@@ -14,7 +14,7 @@ from urllib.parse import urlencode
 
 from broker.devpki import DEV_POLICY
 from broker.pki.dn import slash_from_name
-from broker.store import AuditEvent, Store, load_master_keys
+from broker.store import AuditEvent, CredentialWrite, Store, load_master_keys
 from tests.broker.store.store_support import make_key_material
 from tests.brokerserver import RunningBroker, start_broker
 from tests.pamstack import make_pam_stack
@@ -121,11 +121,14 @@ def seed(broker: RunningBroker, alice_dn: str, bob_dn: str) -> None:
         for owner, username, hours in ((alice_dn, "alice", 2), (bob_dn, "bob", 200),
                                        (XSS_DN, "xss", 300)):
             material = make_key_material("ec", username, hours)
-            store.put_credential(owner_dn=owner, username=username,
-                                 private_key_pem=material.key_pem,
-                                 certificate_chain=material.chain_pem,
-                                 passphrase="a passphrase nobody may see",
-                                 description=f"{username}'s proxy")
+            store.put_credential(CredentialWrite(
+                owner_dn=owner,
+                username=username,
+                private_key_pem=material.key_pem,
+                certificate_chain=material.chain_pem,
+                passphrase="a passphrase nobody may see",
+                description=f"{username}'s proxy",
+            ))
         now = datetime.now(UTC)
         for i, (job, decision) in enumerate(((JOB_ID, "allow"), ("other-job", "allow"),
                                              (XSS_JOB, "deny"), (JOB_ID, "deny"))):

@@ -24,7 +24,7 @@ from broker.errors import (
 from broker.pki.chain import validate_chain
 from broker.pki.loading import chain_to_pem, credential_to_pem, key_to_pem
 from broker.pki.proxy import ProxyType, generate_key, new_proxy
-from broker.store import Store, load_master_keys
+from broker.store import CredentialWrite, Store, load_master_keys
 from tests.brokerserver import RunningBroker
 from tests.interop.tools import run
 from tests.pkifixtures import write_proxy_file
@@ -126,9 +126,13 @@ def test_expired_stored_credential_refused(sqlite_broker: RunningBroker) -> None
     assert old.key is not None
     with Store(sqlite_broker.database_url,
                load_master_keys(sqlite_broker.state_dir / "master.key")) as store:
-        store.put_credential(owner_dn="/DC=org/DC=example/CN=Alice", username="alice",
-                             name="old", private_key_pem=key_to_pem(old.key),
-                             certificate_chain=chain_to_pem(old.chain).decode())
+        store.put_credential(CredentialWrite(
+            owner_dn="/DC=org/DC=example/CN=Alice",
+            username="alice",
+            name="old",
+            private_key_pem=key_to_pem(old.key),
+            certificate_chain=chain_to_pem(old.chain).decode(),
+        ))
     with pytest.raises(CredentialError) as err:
         sqlite_broker.client("alice").retrieve(username="alice", name="old")
     assert err.value.reason == "expired"

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from broker.errors import NameError_
+from broker.errors import DnSyntaxError
 from broker.service import MAX_USERNAME_BYTES, validate_username
 
 ACCEPTED = [
@@ -41,10 +41,10 @@ def test_accepted(username: str) -> None:
 
 @pytest.mark.parametrize(("username", "why"), REFUSED)
 def test_refused(username: str, why: str) -> None:
-    with pytest.raises(NameError_, match=re.escape(why)):
+    with pytest.raises(DnSyntaxError, match=re.escape(why)):
         validate_username(username)
 
 
 def test_not_text() -> None:
-    with pytest.raises(NameError_, match="must be text"):
+    with pytest.raises(DnSyntaxError, match="must be text"):
         validate_username(b"alice")

@@ -10,7 +10,7 @@ from cryptography.x509.oid import NameOID
 from hypothesis import given
 from hypothesis import strategies as st
 
-from broker.errors import NameError_
+from broker.errors import DnSyntaxError
 from broker.pki.dn import (
     name_from_rfc4514,
     name_from_slash,
@@ -64,7 +64,7 @@ def test_non_ascii_escaped_like_openssl() -> None:
     ["", "DC=org/CN=x", "/=x", "/Foo=bar", "/CN=", "/CN=a\x00b", "/" + "CN=x/" * 2000],
 )
 def test_malformed_slash_dn_rejected(bad: str) -> None:
-    with pytest.raises(NameError_):
+    with pytest.raises(DnSyntaxError):
         name_from_slash(bad)
 
 
@@ -137,5 +137,5 @@ def test_rfc4514_round_trip(name: x509.Name) -> None:
 def test_parser_never_crashes(text: str) -> None:
     try:
         name_from_slash(text)
-    except NameError_:
+    except DnSyntaxError:
         pass

@@ -132,3 +132,35 @@ def test_every_ancestors_path_length_constrains_a_new_proxy(grid_pki: GridPki) -
     with pytest.raises(CredentialError) as err:
         new_proxy(loose, now=now, lifetime=timedelta(hours=1))  # would be two levels below P1
     assert err.value.reason == "path_length"
+
+
+def test_check_signature_outcomes(grid_pki: GridPki) -> None:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ed25519, padding
+
+    from broker.pki.proxy import SignatureCheck, check_signature
+
+    now = grid_pki.now
+    message = b"challenge-123"
+    for key_type in ("rsa", "ec"):
+        proxy = new_proxy(grid_pki.user("bob"), now=now, lifetime=timedelta(hours=1),
+                          key=generate_key(key_type))
+        key = proxy.key
+        for digest in (hashes.SHA256(), hashes.SHA1()):
+            if isinstance(key, rsa.RSAPrivateKey):
+                signature = key.sign(message, padding.PKCS1v15(), digest)
+            else:
+                assert isinstance(key, ec.EllipticCurvePrivateKey)
+                signature = key.sign(message, ec.ECDSA(digest))
+            assert check_signature(proxy.cert, message, signature, digest) is SignatureCheck.VALID
+            assert check_signature(proxy.cert, message + b"x", signature,
+                                   digest) is SignatureCheck.MISMATCH
+    # A key type the renewal protocols do not use is reported, not raised.
+    ed_key = ed25519.Ed25519PrivateKey.generate()
+    name = x509.Name.from_rfc4514_string("CN=ed")
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(ed_key.public_key()).serial_number(1)
+            .not_valid_before(now).not_valid_after(now + timedelta(hours=1))
+            .sign(ed_key, None))
+    assert check_signature(cert, message, ed_key.sign(message),
+                           hashes.SHA256()) is SignatureCheck.UNSUPPORTED_KEY

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from sqlalchemy import text
 
-from broker.store import MasterKeyRing, Store, default_sqlite_url, migrate
+from broker.store import CredentialWrite, MasterKeyRing, Store, default_sqlite_url, migrate
 from tests.broker.store.store_support import ALICE, T0, KeyFactory, KeyMaterial
 from tests.pgcluster import PostgresCluster
 
@@ -33,20 +33,20 @@ def _needles(mat: KeyMaterial, ring: MasterKeyRing) -> dict[str, bytes]:
 
 
 def _fill(store: Store, mats: list[KeyMaterial]) -> None:
-    store.put_credential(
+    store.put_credential(CredentialWrite(
         owner_dn=ALICE,
         username="alice",
         private_key_pem=mats[0].key_pem,
         certificate_chain=mats[0].chain_pem,
-    )
-    store.put_credential(
+    ))
+    store.put_credential(CredentialWrite(
         owner_dn=ALICE,
         username="alice",
         name="protected",
         private_key_pem=mats[1].key_pem,
         certificate_chain=mats[1].chain_pem,
         passphrase=PASSPHRASE,
-    )
+    ))
     store.create_pending(
         requester_dn=ALICE,
         username="alice",

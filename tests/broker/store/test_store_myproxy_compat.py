@@ -10,7 +10,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from broker.errors import AuthenticationError, PemError
-from broker.store import Store
+from broker.store import CredentialWrite, Store
 from broker.store.crypto import is_owner_encrypted
 from tests.broker.store.store_support import ALICE, KeyMaterial
 
@@ -26,10 +26,15 @@ def _encrypted(material: KeyMaterial, passphrase: str = PASSPHRASE) -> bytes:
 def test_owner_encrypted_key_opens_only_with_its_passphrase(
         store: Store, rsa_material: KeyMaterial) -> None:
     encrypted = _encrypted(rsa_material)
-    record = store.put_credential(
-        owner_dn=ALICE, username="alice", name="stored", private_key_pem=encrypted,
-        certificate_chain=rsa_material.chain_pem, owner_encrypted_key=True,
-        key_retrievers=[ALICE])
+    record = store.put_credential(CredentialWrite(
+        owner_dn=ALICE,
+        username="alice",
+        name="stored",
+        private_key_pem=encrypted,
+        certificate_chain=rsa_material.chain_pem,
+        owner_encrypted_key=True,
+        key_retrievers=[ALICE],
+    ))
     again = store.get_credential("alice", "stored")
     assert again.passphrase_protected and is_owner_encrypted(again.envelope)
     assert again.key_retrievers == (ALICE,)
@@ -48,9 +53,14 @@ def test_owner_encrypted_key_opens_only_with_its_passphrase(
 
 def test_owner_encrypted_key_passphrase_change_reseals(
         store: Store, rsa_material: KeyMaterial) -> None:
-    store.put_credential(owner_dn=ALICE, username="alice", name="c",
-                         private_key_pem=_encrypted(rsa_material),
-                         certificate_chain=rsa_material.chain_pem, owner_encrypted_key=True)
+    store.put_credential(CredentialWrite(
+        owner_dn=ALICE,
+        username="alice",
+        name="c",
+        private_key_pem=_encrypted(rsa_material),
+        certificate_chain=rsa_material.chain_pem,
+        owner_encrypted_key=True,
+    ))
     changed = store.change_passphrase("alice", "c", old_passphrase=PASSPHRASE,
                                       new_passphrase="a-new-passphrase")
     assert not is_owner_encrypted(changed.envelope) and changed.passphrase_protected
@@ -61,18 +71,26 @@ def test_owner_encrypted_key_passphrase_change_reseals(
 
 def test_owner_encrypted_needs_an_encrypted_pem(store: Store, rsa_material: KeyMaterial) -> None:
     with pytest.raises(PemError, match="not encrypted"):
-        store.put_credential(owner_dn=ALICE, username="alice", name="x",
-                             private_key_pem=rsa_material.key_pem,
-                             certificate_chain=rsa_material.chain_pem,
-                             owner_encrypted_key=True)
+        store.put_credential(CredentialWrite(
+            owner_dn=ALICE,
+            username="alice",
+            name="x",
+            private_key_pem=rsa_material.key_pem,
+            certificate_chain=rsa_material.chain_pem,
+            owner_encrypted_key=True,
+        ))
 
 
 @pytest.mark.parametrize("username", [ALICE, "alice." + "z" * 1490, "élodie/ü"])
 def test_usernames_as_myproxy_accepts(store: Store, rsa_material: KeyMaterial,
                                       username: str) -> None:
-    store.put_credential(owner_dn=ALICE, username=username, name="default",
-                         private_key_pem=rsa_material.key_pem,
-                         certificate_chain=rsa_material.chain_pem)
+    store.put_credential(CredentialWrite(
+        owner_dn=ALICE,
+        username=username,
+        name="default",
+        private_key_pem=rsa_material.key_pem,
+        certificate_chain=rsa_material.chain_pem,
+    ))
     assert store.get_credential(username, "default").username == username
 
 
@@ -88,15 +106,25 @@ def test_costly_key_encryption_is_refused(store: Store, rsa_material: KeyMateria
         capture_output=True, text=True, timeout=60)
     assert made.returncode == 0, made.stderr
     with pytest.raises(PemError, match="at most 1000000"):
-        store.put_credential(owner_dn=ALICE, username="alice", name="costly",
-                             private_key_pem=costly.read_bytes(),
-                             certificate_chain=rsa_material.chain_pem, owner_encrypted_key=True)
+        store.put_credential(CredentialWrite(
+            owner_dn=ALICE,
+            username="alice",
+            name="costly",
+            private_key_pem=costly.read_bytes(),
+            certificate_chain=rsa_material.chain_pem,
+            owner_encrypted_key=True,
+        ))
     scrypt = tmp_path / "scrypt.pem"
     made = subprocess.run(
         ["openssl", "pkcs8", "-topk8", "-scrypt", "-in", str(source), "-out", str(scrypt),
          "-passout", "pass:" + PASSPHRASE], capture_output=True, text=True, timeout=60)
     assert made.returncode == 0, made.stderr
     with pytest.raises(PemError, match="scheme this broker does not accept"):
-        store.put_credential(owner_dn=ALICE, username="alice", name="scrypt",
-                             private_key_pem=scrypt.read_bytes(),
-                             certificate_chain=rsa_material.chain_pem, owner_encrypted_key=True)
+        store.put_credential(CredentialWrite(
+            owner_dn=ALICE,
+            username="alice",
+            name="scrypt",
+            private_key_pem=scrypt.read_bytes(),
+            certificate_chain=rsa_material.chain_pem,
+            owner_encrypted_key=True,
+        ))

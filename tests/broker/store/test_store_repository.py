@@ -16,14 +16,14 @@ from broker.errors import (
     AuthorizationError,
     BrokerError,
     Conflict,
+    DnSyntaxError,
     InputError,
-    NameError_,
     NotFound,
     PemError,
     StoreError,
     StoreUnavailable,
 )
-from broker.store import AuditEvent, Store
+from broker.store import AuditEvent, CredentialWrite, Store
 from broker.store.models import AuditEventRow, Credential, PendingDelegationRow
 from tests.broker.store.store_support import ALICE, BOB, PILOT, T0, KeyFactory, KeyMaterial
 
@@ -36,7 +36,8 @@ def _put(store: Store, mat: KeyMaterial, **kw: Any) -> Any:
         "certificate_chain": mat.chain_pem,
     }
     args.update(kw)
-    return store.put_credential(**args)
+    now, audit = args.pop("now", None), args.pop("audit", None)
+    return store.put_credential(CredentialWrite(**args), now=now, audit=audit)
 
 
 def _count(store: Store, model: Any) -> int:
@@ -159,11 +160,11 @@ def test_bad_input_gets_specific_errors(store: Store, new_key: KeyFactory) -> No
         _put(store, mat, private_key_pem=b"-----BEGIN PRIVATE KEY-----\nAAAA\n")
     with pytest.raises(PemError):
         _put(store, mat, certificate_chain="garbage")
-    with pytest.raises(NameError_):
+    with pytest.raises(DnSyntaxError):
         _put(store, mat, owner_dn="CN=Alice,DC=example")
-    with pytest.raises(NameError_):
+    with pytest.raises(DnSyntaxError):
         _put(store, mat, username="")
-    with pytest.raises(NameError_):
+    with pytest.raises(DnSyntaxError):
         _put(store, mat, name="bad\nname")
     with pytest.raises(InputError):
         _put(store, mat, now=datetime(2026, 1, 1))  # naive
@@ -284,30 +285,26 @@ def test_consume_pending_into_credential(store: Store, new_key: KeyFactory) -> N
     mat, other = new_key(), new_key("Mallory")
     pending = _pending(store, mat)
     with pytest.raises(PemError):  # a chain for another key: nothing changes
-        store.put_credential(
+        store.put_credential(CredentialWrite(
             owner_dn=ALICE,
             username="alice",
             certificate_chain=other.chain_pem,
             consume_pending=pending.id,
-            now=T0,
-        )
+        ), now=T0)
     with pytest.raises(AuthorizationError):
-        store.put_credential(
+        store.put_credential(CredentialWrite(
             owner_dn=BOB,
             username="alice",
             certificate_chain=mat.chain_pem,
             consume_pending=pending.id,
-            now=T0,
-        )
-    rec = store.put_credential(
+        ), now=T0)
+    rec = store.put_credential(CredentialWrite(
         owner_dn=ALICE,
         username="alice",
         certificate_chain=mat.chain_pem,
         consume_pending=pending.id,
         passphrase="protect me",
-        now=T0 + timedelta(minutes=1),
-        audit=_audit("delegate"),
-    )
+    ), now=T0 + timedelta(minutes=1), audit=_audit("delegate"))
     assert store.decrypt_private_key(rec, "protect me") == mat.key_pem
     with pytest.raises(NotFound):
         store.take_pending(pending.id, ALICE, now=T0)

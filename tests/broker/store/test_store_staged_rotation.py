@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from broker.errors import Conflict, InputError
-from broker.store import Store, load_master_keys
+from broker.store import CredentialWrite, Store, load_master_keys
 from broker.store.crypto import (
     KeyStatus,
     activate_master_key,
@@ -38,9 +38,13 @@ def test_staged_rotation_across_two_key_file_copies(
         material = {n: new_key() for n in ("one", "two", "three")}
 
         def put(store: Store, name: str) -> None:
-            store.put_credential(owner_dn=ALICE, username="alice", name=name,
-                                 private_key_pem=material[name].key_pem,
-                                 certificate_chain=material[name].chain_pem)
+            store.put_credential(CredentialWrite(
+                owner_dn=ALICE,
+                username="alice",
+                name=name,
+                private_key_pem=material[name].key_pem,
+                certificate_chain=material[name].chain_pem,
+            ))
 
         def readable(store: Store, *names: str) -> None:
             for name in names:
