@@ -41,6 +41,7 @@ from broker.errors import BrokerError, InputError, NameError_, VomsError
 from broker.pki.dn import name_from_slash, slash_from_name
 from broker.pki.loading import Credential
 from broker.pki.trust import TrustStore
+from broker.policy import FqanError, parse_fqan
 
 __all__ = [
     "ACCERTS_OID",
@@ -136,15 +137,12 @@ class _FqanAttributeValues(core.SetOf):  # type: ignore[misc]
 
 # --------------------------------------------------------------------------- FQANs
 
-_FQAN_WORD = r"[A-Za-z0-9_.\-]+"
-_FQAN = re.compile(
-    rf"(?P<groups>(?:/{_FQAN_WORD})+?)"
-    rf"(?:/Role=(?P<role>{_FQAN_WORD}))?"
-    rf"(?:/Capability=(?P<cap>{_FQAN_WORD}))?"
-)
-
-
 def _fqan_parts(text: str) -> tuple[str, str, str]:
+    """Split an FQAN with the one FQAN parser (:func:`broker.policy.parse_fqan`).
+
+    Returns the group path, the role and the capability ("NULL" when absent);
+    every refusal is a ``VomsError(reason="bad_fqan")``.
+    """
     if not isinstance(text, str) or not text:
         raise VomsError("an FQAN is empty; give it as /vo[/group...][/Role=role]",
                         reason="bad_fqan")
@@ -156,23 +154,17 @@ def _fqan_parts(text: str) -> tuple[str, str, str]:
             f"the FQAN {text!r} does not start with '/'; give it as /vo[/group...][/Role=role]",
             reason="bad_fqan",
         )
-    match = _FQAN.fullmatch(text)
-    if match is None:
+    try:
+        fqan = parse_fqan(text)
+    except FqanError as exc:
         raise VomsError(
-            f"the FQAN {text!r} is malformed: it must be /vo, then /group parts, then optionally "
-            "/Role=name and /Capability=name, in that order (letters, digits, '_', '.', '-')",
+            f"the FQAN {text!r} is malformed ({exc}): it must be /vo, then /group parts, then "
+            "optionally /Role=name and /Capability=name, in that order "
+            "(letters, digits, '_', '.', '-')",
             reason="bad_fqan",
-        )
-    groups = match.group("groups")
-    if any(part.startswith(("Role=", "Capability=")) for part in groups.split("/")):
-        raise VomsError(
-            f"the FQAN {text!r} puts Role= or Capability= where a group belongs; "
-            "they must come last, Role= before Capability=",
-            reason="bad_fqan",
-        )
-    if "=" in groups:
-        raise VomsError(f"the FQAN {text!r} has '=' in a group name", reason="bad_fqan")
-    return groups, match.group("role") or "NULL", match.group("cap") or "NULL"
+        ) from None
+    groups = "/" + "/".join(fqan.groups)
+    return groups, fqan.role or "NULL", fqan.capability or "NULL"
 
 
 def fqan_validate(text: str, *, vo: str | None = None) -> None:
