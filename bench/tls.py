@@ -18,7 +18,7 @@ The client presents a real RFC 3820 proxy chain (dev PKI: alice's proxy). Server
 and client run in separate processes; CPU comes from getrusage in each. The host
 key is the dev PKI's (RSA-2048), as in the other benchmarks.
 
-    .venv/bin/python scripts/bench_tls.py [--handshakes 600] [--json bench-out/tls.json]
+    scripts/bench tls [--handshakes 600] [--json bench-out/tls.json]
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from OpenSSL import SSL, crypto  # noqa: E402
 

@@ -27,7 +27,7 @@ For every backend (SQLite in WAL mode, PostgreSQL) and every size N:
    ``broker serve`` each), so that the single-client level can take the sizes
    in turn, request by request: every size then sees the same background load
    (this machine is shared; its load drifts more than the effect measured).
-   Higher levels use the load generator of scripts/bench_retrieval.py, one
+   Higher levels use the load generator of bench/retrieval.py, one
    size after the other. Per level: p50/p90/p99 latency, retrievals/s, server
    CPU per retrieval;
 4. the databases are dropped before the next backend (disk space).
@@ -64,13 +64,11 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
 
-import bench_load as bl  # noqa: E402
-import bench_retrieval as br  # noqa: E402
 from sqlalchemy import insert, select  # noqa: E402
 
+from bench import load as bl  # noqa: E402
+from bench import retrieval as br  # noqa: E402
 from broker.client import BrokerClient, ClientIdentity  # noqa: E402
 from broker.devpki import write_dev_pki  # noqa: E402
 from broker.pki.loading import chain_to_pem, key_to_pem, load_cert_and_key  # noqa: E402

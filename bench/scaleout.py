@@ -8,16 +8,16 @@ Run it through the entry script (it picks the venv's python)::
     scripts/bench scaleout --help
 
 Setup, all on 127.0.0.1 under a temp dir removed at the end: a throwaway
-PostgreSQL cluster (the same recipe as scripts/bench_store.py and
+PostgreSQL cluster (the same recipe as bench/store.py and
 tests/pgcluster.py), one database holding ``--credentials`` credentials of
-alice (filled like scripts/bench_store.py does), one master key file, and two
+alice (filled like bench/store.py does), one master key file, and two
 ``broker serve`` processes (A and B, default 2 workers x 8 threads each, own
 state dirs and ports) given the same ``--database-url`` and
 ``--master-key-file``. Both are up during the whole run.
 
 Per concurrency level the same load (pre-generated EC P-256 CSRs, random
 usernames, one full TLS handshake per retrieval) is run twice with the load
-generator of scripts/bench_retrieval.py (two client processes, threads in
+generator of bench/retrieval.py (two client processes, threads in
 them): once with both processes sending to A only, once with the first process
 sending to A and the second to B (the load split in half). The ratio is
 throughput(A+B) / throughput(A). Server CPU per retrieval sums both brokers.
@@ -42,13 +42,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
 
-import bench_retrieval as br  # noqa: E402
-import bench_store as bs  # noqa: E402
 from sqlalchemy import create_engine, func, select  # noqa: E402
 
+from bench import retrieval as br  # noqa: E402
+from bench import store as bs  # noqa: E402
 from broker.store.models import AuditEventRow  # noqa: E402
 
 

@@ -54,9 +54,10 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from bench_load import (  # noqa: E402 - shared with bench_myproxy.py
+from cryptography.hazmat.primitives import serialization  # noqa: E402
+
+from bench.load import (  # noqa: E402 - shared with bench/myproxy.py
     CLK_TCK,
     background_busy_pct,
     client_threads,
@@ -65,8 +66,6 @@ from bench_load import (  # noqa: E402 - shared with bench_myproxy.py
     run_load,
     thread_groups,
 )
-from cryptography.hazmat.primitives import serialization  # noqa: E402
-
 from broker.client import BrokerClient, ClientIdentity  # noqa: E402
 from broker.devpki import DEV_POLICY, write_dev_pki  # noqa: E402
 from broker.pki.loading import Credential, load_cert_and_key, load_private_key  # noqa: E402

@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from broker.devpki import DEV_POLICY, write_dev_pki  # noqa: E402
 from broker.pki.proxy import csr_to_pem, generate_key, make_csr  # noqa: E402

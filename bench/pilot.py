@@ -3,7 +3,7 @@
 
 Run from the checkout, as root for the real identity switch (otherwise mode none):
 
-    .venv/bin/python scripts/bench_pilot.py [--runs 30]
+    scripts/bench pilot [--runs 30]
 
 It writes a throwaway dev PKI under /tmp, starts ``broker serve`` on 127.0.0.1
 (one gthread worker), delegates alice's credential and then measures, each for a
@@ -39,7 +39,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 from broker.client import BrokerClient, ClientIdentity  # noqa: E402
 from broker.condor.jobad import read_job_ad  # noqa: E402

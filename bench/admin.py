@@ -15,7 +15,7 @@ reads them) and M audit rows over the last 30 days (ids in time order, as the
 service writes them; 2 % refusals, job ids unique per 10 rows, 1000 requesters).
 Then every query the admin page runs (``broker.store.admin_queries``) is timed
 ``--repeat`` times on a warm cache; the report gives the median and the worst
-in milliseconds.  PostgreSQL is a throwaway cluster (scripts/bench_store.py's
+in milliseconds.  PostgreSQL is a throwaway cluster (bench/store.py's
 recipe), queried after ``VACUUM ANALYZE`` (the steady state autovacuum keeps).
 Results: bench-out/admin.json.
 """
@@ -36,12 +36,10 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
 
-from bench_store import PgCluster  # noqa: E402
 from sqlalchemy import Engine, insert, text  # noqa: E402
 
+from bench.store import PgCluster  # noqa: E402
 from broker.store import admin_queries as q  # noqa: E402
 from broker.store import make_engine, migrate  # noqa: E402
 from broker.store.models import AuditEventRow, Credential  # noqa: E402
