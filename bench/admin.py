@@ -35,14 +35,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import Engine, insert, text
+
+from bench.store import start_pg
+from broker.store import admin_queries as q
+from broker.store import make_engine, migrate
+from broker.store.models import AuditEventRow, Credential
+from tests.pgcluster import PostgresCluster
+
 REPO = Path(__file__).resolve().parents[1]
-
-from sqlalchemy import Engine, insert, text  # noqa: E402
-
-from bench.store import PgCluster  # noqa: E402
-from broker.store import admin_queries as q  # noqa: E402
-from broker.store import make_engine, migrate  # noqa: E402
-from broker.store.models import AuditEventRow, Credential  # noqa: E402
 
 NOW = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
 BATCH = 5000
@@ -153,14 +154,13 @@ def main(argv: list[str] | None = None) -> int:
                               "target_ms": TARGET_MS, "backends": {}}
     tmp = Path(tempfile.mkdtemp(prefix="broker-bench-admin-"))
     tmp.chmod(0o755)
-    pg: PgCluster | None = None
+    pg: PostgresCluster | None = None
     try:
         for backend in args.backends:
             if backend == "sqlite":
                 url = f"sqlite:///{tmp / 'admin.sqlite'}"
             elif backend == "postgresql":
-                pg = PgCluster(tmp / "pg")
-                pg.start()
+                pg = start_pg(tmp / "pg")
                 url = pg.create_database("admin")
             else:
                 raise SystemExit(f"unknown backend {backend!r}: use sqlite or postgresql")

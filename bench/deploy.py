@@ -40,9 +40,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-
-from bench.myproxy import (  # noqa: E402 - the MyProxy load generator and servers
+from bench.myproxy import (
     Target,
     _client_context,
     free_port,
@@ -55,6 +53,8 @@ from bench.myproxy import (  # noqa: E402 - the MyProxy load generator and serve
     start_reference,
     wait_port,
 )
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _tree_pids(pid: int) -> list[int]:

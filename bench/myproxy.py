@@ -52,9 +52,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-
-from bench.load import (  # noqa: E402 - shared with bench/retrieval.py
+from bench.load import (
     CLK_TCK,
     background_busy_pct,
     client_threads,
@@ -62,7 +60,9 @@ from bench.load import (  # noqa: E402 - shared with bench/retrieval.py
     run_load,
     thread_groups,
 )
-from broker.myproxy import codec  # noqa: E402
+from broker.myproxy import codec
+
+REPO = Path(__file__).resolve().parents[1]
 
 PASS = "benchpass1"  # noqa: S105 - a throwaway test passphrase
 

@@ -41,13 +41,14 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
+from sqlalchemy import create_engine, func, select
+
+from bench import retrieval as br
+from bench import store as bs
+from broker.store.models import AuditEventRow
+from tests.pgcluster import PostgresCluster
+
 REPO = Path(__file__).resolve().parents[1]
-
-from sqlalchemy import create_engine, func, select  # noqa: E402
-
-from bench import retrieval as br  # noqa: E402
-from bench import store as bs  # noqa: E402
-from broker.store.models import AuditEventRow  # noqa: E402
 
 
 def audit_rows(url: str) -> int:
@@ -95,14 +96,13 @@ def main(argv: list[str] | None = None) -> int:
     report = br.report_head("scaleout", args, "levels")
     tmp = Path(tempfile.mkdtemp(prefix="broker-bench-scaleout-"))
     tmp.chmod(0o755)
-    pg: bs.PgCluster | None = None
+    pg: PostgresCluster | None = None
     servers: list[br.Server] = []
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         fx = bs.make_fixture(tmp, csr_pool=16)
         ca_dir = str(fx.pki / "certificates")
-        pg = bs.PgCluster(tmp / "pg")
-        pg.start()
+        pg = bs.start_pg(tmp / "pg")
         report["postgresql"] = {
             "version": pg.version(),
             "pid": pg.pid,

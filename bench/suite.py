@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+
 OUT = REPO / "bench-out"
 PY = sys.executable
 

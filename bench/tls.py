@@ -37,15 +37,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from OpenSSL import SSL, crypto
+
+from broker.devpki import write_dev_pki
+from broker.fileio import write_private_file
+from broker.myproxy.server import EndpointSettings, make_context
+from broker.pki.loading import credential_to_pem, load_cert_and_key
+from broker.pki.proxy import new_proxy
+
 REPO = Path(__file__).resolve().parents[1]
-
-from OpenSSL import SSL, crypto  # noqa: E402
-
-from broker.devpki import write_dev_pki  # noqa: E402
-from broker.fileio import write_private_file  # noqa: E402
-from broker.myproxy.server import EndpointSettings, make_context  # noqa: E402
-from broker.pki.loading import credential_to_pem, load_cert_and_key  # noqa: E402
-from broker.pki.proxy import new_proxy  # noqa: E402
 
 
 def _cpu() -> float:
