@@ -72,7 +72,7 @@ def fill(engine: Engine, credentials: int, audit: int, seed: int) -> float:
     span = 30 * 86400
     with engine.begin() as conn:
         for start in range(0, audit, BATCH):
-            rows = []
+            rows: list[dict[str, Any]] = []
             for i in range(start, min(audit, start + BATCH)):
                 deny = rng.random() < 0.02
                 rows.append({
