@@ -26,11 +26,11 @@ from broker.policy import (
     PolicySet,
     Request,
     Rule,
+    Subject,
     evaluate,
     format_duration,
+    parse_fqan,
 )
-from broker.policy._fqan import parse_fqan
-from broker.policy._patterns import Subject
 from broker.service import BrokerService, Requester
 from broker.store import admin_queries as q
 

@@ -35,7 +35,7 @@ import re
 from collections.abc import Iterable
 
 from broker.errors import InputError
-from broker.policy._patterns import PatternError, compile_linear
+from broker.policy import PatternError, compile_linear
 
 #: An owner-list entry that matches nobody. MyProxy's "not set" for trusted
 #: retrievers means "nobody" (``default_trusted_retrievers none``), while the

@@ -47,6 +47,7 @@ from broker.policy._patterns import (
     PatternError,
     Subject,
     TokenClaims,
+    compile_linear,
     parse_pattern,
     scope_covers,
 )
@@ -76,6 +77,7 @@ __all__ = [
     "TokenClaims",
     "TraceEntry",
     "check_policy_files",
+    "compile_linear",
     "compile_owner_entries",
     "compile_policy_files",
     "evaluate",
