@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from broker.errors import BrokerError, NameError_
-from broker.fileio import create_exclusive, validate_component
+from broker.fileio import create_exclusive, replace_in_directory, validate_component
 from payload_wrapper.errors import ClientError, WrapperSystemError
 
 __all__ = [
@@ -177,25 +177,15 @@ def install_proxy(
             ) from None
         return
     try:
-        st = os.lstat(name, dir_fd=dir_fd)
-    except FileNotFoundError:
-        st = None
-    if st is not None and not stat.S_ISREG(st.st_mode):
-        raise WrapperSystemError(
-            f"the payload's proxy copy {name} was replaced by something that is not a regular "
-            "file (a symbolic link?); refusing to write through it",
-            reason="symlink",
-        )
-    temp = f".{name}.{secrets.token_hex(8)}"
-    try:
-        create_exclusive(temp, pem, mode=0o600, uid=owner, gid=group, dir_fd=dir_fd)
-        os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        replace_in_directory(dir_fd, name, pem, mode=0o600, uid=owner, gid=group)
     except BrokerError as exc:
+        if exc.reason == "not_regular_file":
+            raise WrapperSystemError(
+                f"the payload's proxy copy {name} was replaced by something that is not a "
+                "regular file (a symbolic link?); refusing to write through it",
+                reason="symlink",
+            ) from None
         raise WrapperSystemError(f"cannot refresh the proxy copy: {exc.message}") from None
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(temp, dir_fd=dir_fd)
-        raise WrapperSystemError(f"cannot refresh the proxy copy: {exc.strerror}") from exc
 
 
 @dataclass
