@@ -112,6 +112,13 @@ def check_workdir(path: Path, *, target_uid: int | None) -> os.stat_result:
     return st
 
 
+def _own(fd: int, uid: int, gid: int, mode: int) -> None:
+    """Give the open file or directory ``fd`` to uid:gid (when that is not us) and ``mode``."""
+    if (uid, gid) != (os.geteuid(), os.getegid()):
+        os.fchown(fd, uid, gid)
+    os.fchmod(fd, mode)
+
+
 def _mkdir_at(name: str, dir_fd: int, mode: int, *, uid: int, gid: int) -> int:
     """mkdir + open without following links; returns the open directory fd."""
     try:
@@ -124,9 +131,7 @@ def _mkdir_at(name: str, dir_fd: int, mode: int, *, uid: int, gid: int) -> int:
         ) from None
     fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
     try:
-        if (uid, gid) != (os.geteuid(), os.getegid()):
-            os.fchown(fd, uid, gid)
-        os.fchmod(fd, mode)
+        _own(fd, uid, gid, mode)
     except BaseException:
         os.close(fd)
         raise
@@ -148,9 +153,7 @@ def create_egg_cache(path: Path, uid: int, gid: int) -> Path:
         ) from exc
     fd = os.open(path, _DIR_FLAGS)
     try:
-        if (uid, gid) != (os.geteuid(), os.getegid()):
-            os.fchown(fd, uid, gid)
-        os.fchmod(fd, 0o700)
+        _own(fd, uid, gid, 0o700)
     finally:
         os.close(fd)
     return path
@@ -492,9 +495,7 @@ def claim_default_proxy_path(uid: int, gid: int, *, attempts: int = 5) -> str | 
         except OSError as exc:
             raise WrapperSystemError(f"cannot create {path}: {exc.strerror}") from exc
         try:
-            if (uid, gid) != (os.geteuid(), os.getegid()):
-                os.fchown(fd, uid, gid)
-            os.fchmod(fd, 0o600)
+            _own(fd, uid, gid, 0o600)
         finally:
             os.close(fd)
         return note
