@@ -130,6 +130,47 @@ def create_exclusive(
         _fsync_dir(p.parent)
 
 
+def replace_in_directory(
+    dir_fd: int,
+    name: str,
+    data: bytes,
+    *,
+    mode: int = 0o600,
+    uid: int | None = None,
+    gid: int | None = None,
+) -> None:
+    """Replace ``name`` inside the open directory ``dir_fd`` in one step.
+
+    The new content goes into a temporary file created exclusively next to it
+    (owner set before any byte is written, see :func:`create_exclusive`), which
+    is then renamed over ``name``. An existing entry that is not a regular file
+    (a symbolic link, say) is refused with reason ``not_regular_file``, never
+    replaced; a failed rename has reason ``rename_failed`` and leaves no
+    temporary file behind.
+    """
+    try:
+        st = os.lstat(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise _file_error(exc, "inspect", Path(name)) from exc
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise InputError(
+            f"{name} was replaced by something that is not a regular file (a symbolic "
+            "link?); refusing to write through it",
+            reason="not_regular_file",
+        )
+    temp = f".{name[:64]}.{secrets.token_hex(8)}"
+    create_exclusive(temp, data, mode=mode, uid=uid, gid=gid, dir_fd=dir_fd)
+    try:
+        os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except OSError as exc:
+        _unlink_quietly(Path(temp), dir_fd=dir_fd)
+        raise SystemFailure(
+            f"cannot put {name} in place: {exc.strerror or exc}", reason="rename_failed"
+        ) from exc
+
+
 def _write_via_temp(
     path: Path, data: bytes, *, mode: int, uid: int | None, gid: int | None, replace: bool
 ) -> None:

@@ -632,21 +632,7 @@ def _execute(job: PreparedJob) -> int:
     except Exception as exc:  # never a traceback: the audit line and the epilogue must follow
         code, reason = EXIT_SYSTEM, f"running the payload failed: {exc}"
     finally:
-        problems = [reason] if reason else []
-        if cgroup is not None:
-            try:
-                cgroup.kill()  # again: nothing may outlive the job, even after an error
-                cgroup.remove()
-            except (BrokerError, OSError) as exc:
-                problems.append(f"cleaning up the job's cgroup failed: {exc}")
-        _heartbeat(job)
-        reason = _finish(job, "; ".join(problems) or None)
-        if switched and job.uid_lock is not None:
-            if job.uid_lock.sole_holder():
-                # The account is nobody else's now: a proxy left at the default path must
-                # not reach whoever is mapped to it next.
-                sb.remove_default_proxy_path(job.run_as.uid)
-            job.uid_lock.release()
+        reason = _clean_up_after_run(job, cgroup, reason, switched=switched)
     if reason:
         say(reason)
     job.audit.end = datetime.now(UTC)
@@ -656,6 +642,29 @@ def _execute(job: PreparedJob) -> int:
     job.audit.reason = reason
     _audit(job.settings, job.audit)
     return code
+
+
+def _clean_up_after_run(
+    job: PreparedJob, cgroup: JobCgroup | None, reason: str | None, *, switched: bool
+) -> str | None:
+    """After the payload (or a failure to run it): empty and remove its cgroup, finish the
+    job directory, free the account; returns the reason with any cleanup problem added."""
+    problems = [reason] if reason else []
+    if cgroup is not None:
+        try:
+            cgroup.kill()  # again: nothing may outlive the job, even after an error
+            cgroup.remove()
+        except (BrokerError, OSError) as exc:
+            problems.append(f"cleaning up the job's cgroup failed: {exc}")
+    _heartbeat(job)
+    finished = _finish(job, "; ".join(problems) or None)
+    if switched and job.uid_lock is not None:
+        if job.uid_lock.sole_holder():
+            # The account is nobody else's now: a proxy left at the default path must
+            # not reach whoever is mapped to it next.
+            sb.remove_default_proxy_path(job.run_as.uid)
+        job.uid_lock.release()
+    return finished
 
 
 def _interpret(job: PreparedJob, result: RunResult) -> tuple[int, str | None]:

@@ -570,17 +570,19 @@ class Pilot:
         return code
 
 
-class Refresher:
-    """Replaces the payload's proxy before it expires, from a daemon thread.
+class _PeriodicRefresher:
+    """A daemon thread that replaces something the payload uses before it expires.
 
-    A failed refresh is reported on stderr and retried; it never stops the
-    payload (an expired proxy fails the payload's own grid calls, which say why).
+    Subclasses define :meth:`_loop`; the delay between refreshes is the
+    configured interval, else ``refresh_fraction`` of the current lifetime.
     """
+
+    thread_name = "refresh"
 
     def __init__(self, pilot: Pilot, job: StartedJob) -> None:
         self.pilot, self.job = pilot, job
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="proxy-refresh", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=self.thread_name, daemon=True)
         self.refreshed = 0
 
     def _delay(self, lifetime: float) -> float:
@@ -595,6 +597,19 @@ class Refresher:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=self.pilot.config.timeout_seconds + 5)
+
+    def _loop(self) -> None:
+        raise NotImplementedError
+
+
+class Refresher(_PeriodicRefresher):
+    """Replaces the payload's proxy before it expires, from a daemon thread.
+
+    A failed refresh is reported on stderr and retried; it never stops the
+    payload (an expired proxy fails the payload's own grid calls, which say why).
+    """
+
+    thread_name = "proxy-refresh"
 
     def _loop(self) -> None:
         cfg = self.pilot.config
@@ -626,28 +641,11 @@ class Refresher:
                 f"{delay:g} s)")
 
 
-class TokenRefresher:
+class TokenRefresher(_PeriodicRefresher):
     """Replaces the payload's bearer token at ``refresh_fraction`` of its life (daemon thread);
     like :class:`Refresher`, a failure is reported and retried, never fatal."""
 
-    def __init__(self, pilot: Pilot, job: StartedJob) -> None:
-        self.pilot, self.job = pilot, job
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="token-refresh", daemon=True)
-        self.refreshed = 0
-
-    def _delay(self, lifetime: float) -> float:
-        cfg = self.pilot.config
-        if cfg.refresh_interval_seconds is not None:
-            return cfg.refresh_interval_seconds
-        return max(1.0, cfg.refresh_fraction * lifetime)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=self.pilot.config.timeout_seconds + 5)
+    thread_name = "token-refresh"
 
     def _loop(self) -> None:
         token_file = self.job.token

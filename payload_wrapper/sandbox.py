@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from broker.errors import BrokerError, DnSyntaxError
-from broker.fileio import create_exclusive, validate_component
+from broker.fileio import create_exclusive, replace_in_directory, validate_component
 from payload_wrapper.errors import ClientError, WrapperSystemError
 
 __all__ = [
@@ -112,6 +112,13 @@ def check_workdir(path: Path, *, target_uid: int | None) -> os.stat_result:
     return st
 
 
+def _own(fd: int, uid: int, gid: int, mode: int) -> None:
+    """Give the open file or directory ``fd`` to uid:gid (when that is not us) and ``mode``."""
+    if (uid, gid) != (os.geteuid(), os.getegid()):
+        os.fchown(fd, uid, gid)
+    os.fchmod(fd, mode)
+
+
 def _mkdir_at(name: str, dir_fd: int, mode: int, *, uid: int, gid: int) -> int:
     """mkdir + open without following links; returns the open directory fd."""
     try:
@@ -124,9 +131,7 @@ def _mkdir_at(name: str, dir_fd: int, mode: int, *, uid: int, gid: int) -> int:
         ) from None
     fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
     try:
-        if (uid, gid) != (os.geteuid(), os.getegid()):
-            os.fchown(fd, uid, gid)
-        os.fchmod(fd, mode)
+        _own(fd, uid, gid, mode)
     except BaseException:
         os.close(fd)
         raise
@@ -148,9 +153,7 @@ def create_egg_cache(path: Path, uid: int, gid: int) -> Path:
         ) from exc
     fd = os.open(path, _DIR_FLAGS)
     try:
-        if (uid, gid) != (os.geteuid(), os.getegid()):
-            os.fchown(fd, uid, gid)
-        os.fchmod(fd, 0o700)
+        _own(fd, uid, gid, 0o700)
     finally:
         os.close(fd)
     return path
@@ -177,25 +180,15 @@ def install_proxy(
             ) from None
         return
     try:
-        st = os.lstat(name, dir_fd=dir_fd)
-    except FileNotFoundError:
-        st = None
-    if st is not None and not stat.S_ISREG(st.st_mode):
-        raise WrapperSystemError(
-            f"the payload's proxy copy {name} was replaced by something that is not a regular "
-            "file (a symbolic link?); refusing to write through it",
-            reason="symlink",
-        )
-    temp = f".{name}.{secrets.token_hex(8)}"
-    try:
-        create_exclusive(temp, pem, mode=0o600, uid=owner, gid=group, dir_fd=dir_fd)
-        os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        replace_in_directory(dir_fd, name, pem, mode=0o600, uid=owner, gid=group)
     except BrokerError as exc:
+        if exc.reason == "not_regular_file":
+            raise WrapperSystemError(
+                f"the payload's proxy copy {name} was replaced by something that is not a "
+                "regular file (a symbolic link?); refusing to write through it",
+                reason="symlink",
+            ) from None
         raise WrapperSystemError(f"cannot refresh the proxy copy: {exc.message}") from None
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(temp, dir_fd=dir_fd)
-        raise WrapperSystemError(f"cannot refresh the proxy copy: {exc.strerror}") from exc
 
 
 @dataclass
@@ -502,9 +495,7 @@ def claim_default_proxy_path(uid: int, gid: int, *, attempts: int = 5) -> str | 
         except OSError as exc:
             raise WrapperSystemError(f"cannot create {path}: {exc.strerror}") from exc
         try:
-            if (uid, gid) != (os.geteuid(), os.getegid()):
-                os.fchown(fd, uid, gid)
-            os.fchmod(fd, 0o600)
+            _own(fd, uid, gid, 0o600)
         finally:
             os.close(fd)
         return note

@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
-import stat
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from broker.errors import BrokerError
-from broker.fileio import create_exclusive
+from broker.fileio import replace_in_directory
 from payload_wrapper.api import PreparedJob
 from payload_wrapper.errors import WrapperSystemError
 
@@ -74,26 +72,18 @@ def _check_token(token: str) -> bytes:
 
 def _replace(dir_fd: int, data: bytes, *, uid: int | None, gid: int | None) -> None:
     try:
-        st = os.lstat(TOKEN_NAME, dir_fd=dir_fd)
-    except FileNotFoundError:
-        st = None
-    if st is not None and not stat.S_ISREG(st.st_mode):
-        raise WrapperSystemError(
-            f"the payload's {TOKEN_NAME} was replaced by something that is not a regular file "
-            "(a symbolic link?); refusing to write through it", reason="symlink")
-    temp = f".{TOKEN_NAME}.{secrets.token_hex(8)}"
-    try:
-        create_exclusive(temp, data, mode=0o600, uid=uid, gid=gid, dir_fd=dir_fd)
+        replace_in_directory(dir_fd, TOKEN_NAME, data, mode=0o600, uid=uid, gid=gid)
     except BrokerError as exc:
+        if exc.reason == "not_regular_file":
+            raise WrapperSystemError(
+                f"the payload's {TOKEN_NAME} was replaced by something that is not a regular "
+                "file (a symbolic link?); refusing to write through it", reason="symlink"
+            ) from None
+        if exc.reason == "rename_failed":
+            raise WrapperSystemError(f"cannot install the payload's token: {exc.message}",
+                                     reason="token_write") from None
         raise WrapperSystemError(f"cannot write the payload's token: {exc.message}",
                                  reason=exc.reason) from None
-    try:
-        os.rename(temp, TOKEN_NAME, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(temp, dir_fd=dir_fd)
-        raise WrapperSystemError(f"cannot install the payload's token: {exc.strerror}",
-                                 reason="token_write") from None
 
 
 def place_token(job: PreparedJob, token: str) -> TokenFile:

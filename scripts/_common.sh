@@ -89,7 +89,8 @@ sys.exit(0 if os.path.realpath(os.path.join(sys.argv[1], "broker")) in paths els
 EOF
 }
 
-# Create the venv if needed and install the project with its dev extras when
+# Create the venv if needed and install the project with its dev extras ([dev] pulls
+# [all]: the server, PostgreSQL, HTCondor, PAM and token extras the tests use) when
 # pyproject.toml (or the interpreter, or the checkout) changed since the last install.
 ensure_venv() {
     local py stamp_file="$VENV/.broker-install-stamp"

@@ -16,6 +16,10 @@ Fixtures:
 If the server binaries are missing the tests are skipped with the reason
 (CI treats a skip as a failure, which is intended). Set ``BROKER_PG_BIN`` to
 pick a bin directory explicitly.
+
+The cluster itself (:func:`start_cluster`, :class:`PostgresCluster`) does not
+depend on pytest: the benchmarks (``bench.store``, ``bench.scaleout``,
+``bench.admin``) use the same recipe through it, with their own server options.
 """
 
 from __future__ import annotations
@@ -41,6 +45,12 @@ from tests.prerequisites import unavailable
 SUPERUSER = "broker"
 SESSION_DATABASE = "broker_test"
 START_ATTEMPTS = 3
+#: Durability is pointless for a throwaway test cluster; speed is not.
+TEST_OPTIONS = "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+
+
+class ClusterError(RuntimeError):
+    """initdb or pg_ctl failed; the message carries their output and the server log."""
 
 
 @dataclass(frozen=True)
@@ -73,13 +83,27 @@ class PostgresCluster:
         _check_identifier(name)
         self.execute_autocommit(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
+    def version(self) -> str:
+        out = subprocess.run(
+            [str(self.bindir / "postgres"), "--version"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        return out.stdout.strip()
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """Fast shutdown of the postmaster this cluster started, by its PID."""
+        _stop(self.pid, timeout)
+
 
 def _check_identifier(name: str) -> None:
     if not name.replace("_", "").isalnum() or not name.isascii():
         raise ValueError(f"unsafe database name {name!r}")
 
 
-def _find_bindir() -> Path | None:
+def find_bindir() -> Path | None:
+    """The PostgreSQL server bin directory: ``BROKER_PG_BIN``, the newest Debian one, PATH."""
     candidates: list[Path] = []
     if os.environ.get("BROKER_PG_BIN"):
         candidates.append(Path(os.environ["BROKER_PG_BIN"]))
@@ -102,6 +126,9 @@ def _find_bindir() -> Path | None:
     return None
 
 
+_find_bindir = find_bindir  # the name tests/reliability/harness.py imports
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -114,12 +141,12 @@ def _as_server_user(argv: list[str]) -> list[str]:
     return argv
 
 
-def _run(argv: list[str], what: str) -> None:
+def _run(argv: list[str], what: str, timeout: float = 60) -> None:
     proc = subprocess.run(
-        _as_server_user(argv), capture_output=True, text=True, timeout=60, check=False
+        _as_server_user(argv), capture_output=True, text=True, timeout=timeout, check=False
     )
     if proc.returncode != 0:
-        pytest.fail(f"{what} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        raise ClusterError(f"{what} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
 
 
 def _postmaster_pid(data: Path) -> int:
@@ -146,9 +173,70 @@ def _stop(pid: int, timeout: float = 20.0) -> None:
     time.sleep(1.0)
 
 
+def start_cluster(
+    base: Path,
+    bindir: Path,
+    *,
+    options: str = TEST_OPTIONS,
+    start_timeout: int = 30,
+) -> PostgresCluster:
+    """initdb a cluster in ``base`` (made 0700, owned by ``postgres`` when root) and start it.
+
+    It listens on 127.0.0.1 only, on a free port (retried if another process
+    takes the port first), with its socket in ``base``; ``options`` are extra
+    server settings. The caller stops it (:meth:`PostgresCluster.stop`) and
+    removes ``base``. Raises :class:`ClusterError` when initdb or pg_ctl fails.
+    """
+    base.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        server_user = pwd.getpwnam("postgres")
+        os.chown(base, server_user.pw_uid, server_user.pw_gid)
+    os.chmod(base, 0o700)
+    data = base / "data"
+    _run(
+        [
+            str(bindir / "initdb"),
+            "-D", str(data),
+            "-A", "trust",
+            "-U", SUPERUSER,
+            "-E", "UTF8",
+            "--locale=C",
+            "--no-sync",
+        ],
+        "initdb",
+        timeout=120,
+    )  # fmt: skip
+    for attempt in range(START_ATTEMPTS):
+        port = _free_port()
+        server_options = f"-c listen_addresses=127.0.0.1 -p {port} -k {base} {options}"
+        proc = subprocess.run(
+            _as_server_user(
+                [
+                    str(bindir / "pg_ctl"),
+                    "-w", "-t", str(start_timeout),
+                    "-D", str(data),
+                    "-l", str(base / "server.log"),
+                    "-o", server_options,
+                    "start",
+                ]
+            ),
+            capture_output=True,
+            text=True,
+            timeout=start_timeout + 30,
+            check=False,
+        )  # fmt: skip
+        if proc.returncode == 0:
+            pid = _postmaster_pid(data)
+            return PostgresCluster(base=base, data=data, bindir=bindir, port=port, pid=pid)
+        if attempt == START_ATTEMPTS - 1:
+            log = (base / "server.log").read_text(errors="replace")[-4000:]
+            raise ClusterError(f"pg_ctl start failed:\n{proc.stdout}\n{proc.stderr}\n{log}")
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 @pytest.fixture(scope="session")
 def postgres_cluster() -> Iterator[PostgresCluster]:
-    bindir = _find_bindir()
+    bindir = find_bindir()
     if bindir is None:
         unavailable(
             "PostgreSQL server binaries (initdb, pg_ctl, postgres) not found: "
@@ -156,64 +244,22 @@ def postgres_cluster() -> Iterator[PostgresCluster]:
         )
     if os.geteuid() == 0:
         try:
-            server_user = pwd.getpwnam("postgres")
+            pwd.getpwnam("postgres")
         except KeyError:
             unavailable("running as root but there is no 'postgres' OS user to run the server")
         if shutil.which("runuser") is None:
             unavailable("running as root but runuser(1) is missing")
     base = Path(tempfile.mkdtemp(prefix="broker-pg-"))
-    pid: int | None = None
+    cluster: PostgresCluster | None = None
     try:
-        if os.geteuid() == 0:
-            os.chown(base, server_user.pw_uid, server_user.pw_gid)
-        os.chmod(base, 0o700)
-        data = base / "data"
-        _run(
-            [
-                str(bindir / "initdb"),
-                "-D", str(data),
-                "-A", "trust",
-                "-U", SUPERUSER,
-                "-E", "UTF8",
-                "--locale=C",
-                "--no-sync",
-            ],
-            "initdb",
-        )  # fmt: skip
-        for attempt in range(START_ATTEMPTS):
-            port = _free_port()
-            options = (
-                f"-c listen_addresses=127.0.0.1 -p {port} -k {base} "
-                # Durability is pointless for a throwaway cluster; speed is not.
-                "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-            )
-            proc = subprocess.run(
-                _as_server_user(
-                    [
-                        str(bindir / "pg_ctl"),
-                        "-w", "-t", "30",
-                        "-D", str(data),
-                        "-l", str(base / "server.log"),
-                        "-o", options,
-                        "start",
-                    ]
-                ),
-                capture_output=True,
-                text=True,
-                timeout=60,
-                check=False,
-            )  # fmt: skip
-            if proc.returncode == 0:
-                pid = _postmaster_pid(data)
-                break
-            if attempt == START_ATTEMPTS - 1:
-                log = (base / "server.log").read_text(errors="replace")[-4000:]
-                pytest.fail(f"pg_ctl start failed:\n{proc.stdout}\n{proc.stderr}\n{log}")
-        assert pid is not None
-        yield PostgresCluster(base=base, data=data, bindir=bindir, port=port, pid=pid)
+        try:
+            cluster = start_cluster(base, bindir)
+        except ClusterError as exc:
+            pytest.fail(str(exc))
+        yield cluster
     finally:
-        if pid is not None:
-            _stop(pid)
+        if cluster is not None:
+            cluster.stop()
         shutil.rmtree(base, ignore_errors=True)
 
 

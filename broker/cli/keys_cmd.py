@@ -8,7 +8,8 @@ no downtime are in :mod:`broker.store.crypto` and docs/deployment.md.
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
 
@@ -23,6 +24,16 @@ _db_opt = click.option("--database-url", help="SQLAlchemy URL [SQLite in the sta
 _key_opt = click.option("--master-key-file")
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _where_options(func: F) -> F:
+    """--config, --state-dir, --database-url and --master-key-file, shared by every command."""
+    for option in (_key_opt, _db_opt, _state_opt, _config_opt):
+        func = option(func)
+    return func
+
+
 def _store(config: Any) -> Any:
     from broker.store import Store, load_master_keys, make_engine
 
@@ -30,10 +41,7 @@ def _store(config: Any) -> Any:
 
 
 @keys.command("status")
-@_config_opt
-@_state_opt
-@_db_opt
-@_key_opt
+@_where_options
 @click.option("--json", "as_json", is_flag=True)
 @reports_errors
 def keys_status(config_path: str | None, as_json: bool, **flags: Any) -> None:
@@ -62,10 +70,7 @@ def keys_status(config_path: str | None, as_json: bool, **flags: Any) -> None:
 
 
 @keys.command("add")
-@_config_opt
-@_state_opt
-@_db_opt
-@_key_opt
+@_where_options
 @reports_errors
 def keys_add(config_path: str | None, **flags: Any) -> None:
     """Step 1: add a new key, not active yet; then copy the file to every node."""
@@ -78,10 +83,7 @@ def keys_add(config_path: str | None, **flags: Any) -> None:
 
 
 @keys.command("activate")
-@_config_opt
-@_state_opt
-@_db_opt
-@_key_opt
+@_where_options
 @click.argument("key_id")
 @reports_errors
 def keys_activate(config_path: str | None, key_id: str, **flags: Any) -> None:
@@ -95,10 +97,7 @@ def keys_activate(config_path: str | None, key_id: str, **flags: Any) -> None:
 
 
 @keys.command("rewrap")
-@_config_opt
-@_state_opt
-@_db_opt
-@_key_opt
+@_where_options
 @reports_errors
 def keys_rewrap(config_path: str | None, **flags: Any) -> None:
     """Step 3: rewrap every stored row with the active key (database-wide)."""
@@ -115,10 +114,7 @@ def keys_rewrap(config_path: str | None, **flags: Any) -> None:
 
 
 @keys.command("retire")
-@_config_opt
-@_state_opt
-@_db_opt
-@_key_opt
+@_where_options
 @click.argument("key_id")
 @reports_errors
 def keys_retire(config_path: str | None, key_id: str, **flags: Any) -> None:

@@ -131,19 +131,13 @@ def init_cmd(server: str | None, username: str | None, credname: str, hours: flo
         if want_pass:  # with --pam, -S carries the password; a passphrase is line 2
             passphrase = _read_passphrase(stdin_pass, "Enter a passphrase for the stored "
                                           "credential: ")
-        result = client.delegate(
-            credential, username=username or _default_username(), name=credname,
-            stored_hours=hours, max_proxy_hours=proxy_hours, retrievers=retrievers,
-            trusted_retrievers=trusted, renewers=renewers, description=description,
-            passphrase=passphrase, now=utcnow(),
-        )
-        _report_init(result, client, as_json)
-        return
-    client = _client(server, ca_dir, proxy, cert, key)
-    credential = client.identity.load()
-    passphrase = None
-    if stdin_pass or want_pass:
-        passphrase = _read_passphrase(stdin_pass, "Enter a passphrase for the stored credential: ")
+    else:
+        client = _client(server, ca_dir, proxy, cert, key)
+        credential = client.identity.load()
+        passphrase = None
+        if stdin_pass or want_pass:
+            passphrase = _read_passphrase(stdin_pass,
+                                          "Enter a passphrase for the stored credential: ")
     result = client.delegate(
         credential, username=username or _default_username(), name=credname,
         stored_hours=hours, max_proxy_hours=proxy_hours, retrievers=retrievers,

@@ -125,6 +125,15 @@ def translate_config(text: str, source: str = "myproxy-server.config") -> Transl
                                 f"only {allowed[0]!r} is supported: the MyProxy endpoint "
                                 f"applies {allowed[0]!r} when the owner set no list"))
 
+    rules = _policy_rules(source, lists, first_line, max_hours=max_hours, self_authz=self_authz)
+    return Translation("\n".join(rules), unsupported, notes, count)
+
+
+def _policy_rules(
+    source: str, lists: dict[str, list[str]], first_line: dict[str, int], *,
+    max_hours: int | None, self_authz: bool,
+) -> list[str]:
+    """The broker policy rules (TOML text, one per item) for the translated directives."""
     rules: list[str] = [
         f"# Imported from {source} by `broker policy import-myproxy-config`.",
         "# MyProxy semantics: owners always inspect and destroy their own credentials.",
@@ -165,7 +174,7 @@ def translate_config(text: str, source: str = "myproxy-server.config") -> Transl
                            ["retrieve-key"], _requesters(lists["authorized_key_retrievers"]),
                            auth=["passphrase"], owner_list=True,
                            line=first_line["authorized_key_retrievers"]))
-    return Translation("\n".join(rules), unsupported, notes, count)
+    return rules
 
 
 def _requesters(values: list[str], *, passphrase: bool = False) -> list[str]:

@@ -213,6 +213,53 @@ def load_csr(data: bytes) -> x509.CertificateSigningRequest:
 PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
 
 
+def _inherited_limits(
+    issuer: Credential, proxy_type: ProxyType, path_length: int | None
+) -> tuple[ProxyType, int | None]:
+    """The type and path length a new proxy of ``issuer`` may have.
+
+    Every proxy above the new one constrains it, not only the parent: the proxy at
+    index i of the issuer's chain will have i + 1 proxies below it (Globus-style
+    clients do not copy a constraint down, so a looser child can sit under a tighter
+    ancestor).
+    """
+    for depth, ancestor in enumerate(issuer.chain):
+        info = proxy_info(ancestor)
+        if info is None:
+            break
+        if info.type is ProxyType.LIMITED:
+            proxy_type = ProxyType.LIMITED
+        if info.path_length is not None:
+            allowed = info.path_length - depth - 1
+            if allowed < 0:
+                raise CredentialError(
+                    f"the proxy {slash_from_name(ancestor.subject)} allows "
+                    f"{info.path_length} level(s) below it; it cannot take another one",
+                    reason="path_length",
+                )
+            path_length = allowed if path_length is None else min(path_length, allowed)
+    return proxy_type, path_length
+
+
+def _proxy_key_usage(parent: x509.Certificate) -> x509.KeyUsage | None:
+    """The parent's key usage without certificate signing (None when the parent has none)."""
+    try:
+        parent_ku = parent.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        return None
+    return x509.KeyUsage(
+        digital_signature=parent_ku.digital_signature,
+        content_commitment=False,
+        key_encipherment=parent_ku.key_encipherment,
+        data_encipherment=parent_ku.data_encipherment,
+        key_agreement=parent_ku.key_agreement,
+        key_cert_sign=False,
+        crl_sign=parent_ku.crl_sign,
+        encipher_only=parent_ku.encipher_only if parent_ku.key_agreement else False,
+        decipher_only=parent_ku.decipher_only if parent_ku.key_agreement else False,
+    )
+
+
 def create_proxy(
     issuer: Credential,
     public_key: PublicKey,
@@ -242,24 +289,7 @@ def create_proxy(
             "the issuing credential expired at "
             f"{parent.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC", reason="expired"
         )
-    # Every proxy above the new one constrains it, not only the parent: the proxy at index i
-    # of the issuer's chain will have i + 1 proxies below it (Globus-style clients do not
-    # copy a constraint down, so a looser child can sit under a tighter ancestor).
-    for depth, ancestor in enumerate(issuer.chain):
-        info = proxy_info(ancestor)
-        if info is None:
-            break
-        if info.type is ProxyType.LIMITED:
-            proxy_type = ProxyType.LIMITED
-        if info.path_length is not None:
-            allowed = info.path_length - depth - 1
-            if allowed < 0:
-                raise CredentialError(
-                    f"the proxy {slash_from_name(ancestor.subject)} allows "
-                    f"{info.path_length} level(s) below it; it cannot take another one",
-                    reason="path_length",
-                )
-            path_length = allowed if path_length is None else min(path_length, allowed)
+    proxy_type, path_length = _inherited_limits(issuer, proxy_type, path_length)
     serial = secrets.randbits(62) | (1 << 62)  # positive, fixed width, never zero
     subject = x509.Name(
         [*parent.subject.rdns,
@@ -281,25 +311,9 @@ def create_proxy(
             critical=True,
         )
     )
-    try:
-        parent_ku = parent.extensions.get_extension_for_class(x509.KeyUsage).value
-    except x509.ExtensionNotFound:
-        parent_ku = None
-    if parent_ku is not None:
-        builder = builder.add_extension(
-            x509.KeyUsage(
-                digital_signature=parent_ku.digital_signature,
-                content_commitment=False,
-                key_encipherment=parent_ku.key_encipherment,
-                data_encipherment=parent_ku.data_encipherment,
-                key_agreement=parent_ku.key_agreement,
-                key_cert_sign=False,
-                crl_sign=parent_ku.crl_sign,
-                encipher_only=parent_ku.encipher_only if parent_ku.key_agreement else False,
-                decipher_only=parent_ku.decipher_only if parent_ku.key_agreement else False,
-            ),
-            critical=True,
-        )
+    proxy_ku = _proxy_key_usage(parent)
+    if proxy_ku is not None:
+        builder = builder.add_extension(proxy_ku, critical=True)
     for ext in extra_extensions:
         builder = builder.add_extension(ext, critical=False)
     return builder.sign(issuer.key, _hash_for(issuer.key))

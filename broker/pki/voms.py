@@ -41,6 +41,7 @@ from broker.errors import BrokerError, DnSyntaxError, InputError, VomsError
 from broker.pki.dn import name_from_slash, slash_from_name
 from broker.pki.loading import Credential
 from broker.pki.trust import TrustStore
+from broker.policy import FqanError, parse_fqan
 
 __all__ = [
     "ACCERTS_OID",
@@ -136,15 +137,12 @@ class _FqanAttributeValues(core.SetOf):  # type: ignore[misc]
 
 # --------------------------------------------------------------------------- FQANs
 
-_FQAN_WORD = r"[A-Za-z0-9_.\-]+"
-_FQAN = re.compile(
-    rf"(?P<groups>(?:/{_FQAN_WORD})+?)"
-    rf"(?:/Role=(?P<role>{_FQAN_WORD}))?"
-    rf"(?:/Capability=(?P<cap>{_FQAN_WORD}))?"
-)
-
-
 def _fqan_parts(text: str) -> tuple[str, str, str]:
+    """Split an FQAN with the one FQAN parser (:func:`broker.policy.parse_fqan`).
+
+    Returns the group path, the role and the capability ("NULL" when absent);
+    every refusal is a ``VomsError(reason="bad_fqan")``.
+    """
     if not isinstance(text, str) or not text:
         raise VomsError("an FQAN is empty; give it as /vo[/group...][/Role=role]",
                         reason="bad_fqan")
@@ -156,23 +154,17 @@ def _fqan_parts(text: str) -> tuple[str, str, str]:
             f"the FQAN {text!r} does not start with '/'; give it as /vo[/group...][/Role=role]",
             reason="bad_fqan",
         )
-    match = _FQAN.fullmatch(text)
-    if match is None:
+    try:
+        fqan = parse_fqan(text)
+    except FqanError as exc:
         raise VomsError(
-            f"the FQAN {text!r} is malformed: it must be /vo, then /group parts, then optionally "
-            "/Role=name and /Capability=name, in that order (letters, digits, '_', '.', '-')",
+            f"the FQAN {text!r} is malformed ({exc}): it must be /vo, then /group parts, then "
+            "optionally /Role=name and /Capability=name, in that order "
+            "(letters, digits, '_', '.', '-')",
             reason="bad_fqan",
-        )
-    groups = match.group("groups")
-    if any(part.startswith(("Role=", "Capability=")) for part in groups.split("/")):
-        raise VomsError(
-            f"the FQAN {text!r} puts Role= or Capability= where a group belongs; "
-            "they must come last, Role= before Capability=",
-            reason="bad_fqan",
-        )
-    if "=" in groups:
-        raise VomsError(f"the FQAN {text!r} has '=' in a group name", reason="bad_fqan")
-    return groups, match.group("role") or "NULL", match.group("cap") or "NULL"
+        ) from None
+    groups = "/" + "/".join(fqan.groups)
+    return groups, fqan.role or "NULL", fqan.capability or "NULL"
 
 
 def fqan_validate(text: str, *, vo: str | None = None) -> None:
@@ -413,6 +405,59 @@ def parse_ac(der: bytes) -> ParsedAC:
         raise _malformed(f"{type(exc).__name__}: {exc}") from exc
 
 
+@dataclass(frozen=True)
+class _AcExtensionValues:
+    signer_certs: tuple[x509.Certificate, ...]
+    authority_key_id: bytes | None
+    has_no_rev_avail: bool
+    targets: tuple[str, ...] | None
+    unknown_critical: tuple[str, ...]
+
+
+def _parse_ac_extensions(extensions: Any) -> _AcExtensionValues:
+    """The AC extensions the checks use; a repeated extension is malformed."""
+    signer_certs: tuple[x509.Certificate, ...] = ()
+    authority_key_id: bytes | None = None
+    has_no_rev_avail = False
+    targets: tuple[str, ...] | None = None
+    unknown_critical: list[str] = []
+    seen: set[str] = set()
+    for ext in extensions if extensions.native is not None else ():
+        oid = ext["extn_id"].dotted
+        if oid in seen:
+            raise _malformed(f"the extension {oid} appears twice")
+        seen.add(oid)
+        raw = bytes(ext["extn_value"].contents)
+        if oid == ACCERTS_OID:
+            certs = _AcCerts.load(raw, strict=True)["certs"]
+            signer_certs = tuple(x509.load_der_x509_certificate(c.dump()) for c in certs)
+        elif oid == AUTHORITY_KEY_ID_OID:
+            aki = asn1_x509.AuthorityKeyIdentifier.load(raw, strict=True)
+            key_id = aki["key_identifier"].native
+            authority_key_id = bytes(key_id) if key_id is not None else None
+        elif oid == NO_REV_AVAIL_OID:
+            core.Null.load(raw, strict=True)
+            has_no_rev_avail = True
+        elif oid == TARGETS_OID:
+            parsed_targets = _AcTargets.load(raw, strict=True)["targets"]
+            names: list[str] = []
+            for target in parsed_targets:
+                name = target["name"]
+                if name.native is not None and name.name == "uniform_resource_identifier":
+                    names.append(str(name.native))
+            targets = tuple(names)
+        elif ext["critical"].native:
+            unknown_critical.append(oid)
+
+    return _AcExtensionValues(
+        signer_certs=signer_certs,
+        authority_key_id=authority_key_id,
+        has_no_rev_avail=has_no_rev_avail,
+        targets=targets,
+        unknown_critical=tuple(unknown_critical),
+    )
+
+
 def _parse_ac(der: bytes) -> ParsedAC:
     if len(der) > MAX_AC_SIZE:
         raise _malformed(f"it is larger than {MAX_AC_SIZE} bytes")
@@ -441,39 +486,7 @@ def _parse_ac(der: bytes) -> ParsedAC:
 
     vo, uri, fqans = _parse_fqan_attribute(info["attributes"])
 
-    signer_certs: tuple[x509.Certificate, ...] = ()
-    authority_key_id: bytes | None = None
-    has_no_rev_avail = False
-    targets: tuple[str, ...] | None = None
-    unknown_critical: list[str] = []
-    seen: set[str] = set()
-    extensions = info["extensions"]
-    for ext in extensions if extensions.native is not None else ():
-        oid = ext["extn_id"].dotted
-        if oid in seen:
-            raise _malformed(f"the extension {oid} appears twice")
-        seen.add(oid)
-        raw = bytes(ext["extn_value"].contents)
-        if oid == ACCERTS_OID:
-            certs = _AcCerts.load(raw, strict=True)["certs"]
-            signer_certs = tuple(x509.load_der_x509_certificate(c.dump()) for c in certs)
-        elif oid == AUTHORITY_KEY_ID_OID:
-            aki = asn1_x509.AuthorityKeyIdentifier.load(raw, strict=True)
-            key_id = aki["key_identifier"].native
-            authority_key_id = bytes(key_id) if key_id is not None else None
-        elif oid == NO_REV_AVAIL_OID:
-            core.Null.load(raw, strict=True)
-            has_no_rev_avail = True
-        elif oid == TARGETS_OID:
-            parsed_targets = _AcTargets.load(raw, strict=True)["targets"]
-            names: list[str] = []
-            for target in parsed_targets:
-                name = target["name"]
-                if name.native is not None and name.name == "uniform_resource_identifier":
-                    names.append(str(name.native))
-            targets = tuple(names)
-        elif ext["critical"].native:
-            unknown_critical.append(oid)
+    exts = _parse_ac_extensions(info["extensions"])
 
     sig_alg = ac["signature_algorithm"]
     return ParsedAC(
@@ -488,11 +501,11 @@ def _parse_ac(der: bytes) -> ParsedAC:
         vo=vo,
         uri=uri,
         fqans=fqans,
-        signer_certs=signer_certs,
-        authority_key_id=authority_key_id,
-        has_no_rev_avail=has_no_rev_avail,
-        targets=targets,
-        unknown_critical=tuple(unknown_critical),
+        signer_certs=exts.signer_certs,
+        authority_key_id=exts.authority_key_id,
+        has_no_rev_avail=exts.has_no_rev_avail,
+        targets=exts.targets,
+        unknown_critical=exts.unknown_critical,
         signature_algorithm=sig_alg["algorithm"].dotted,
         inner_signature_algorithm=info["signature"]["algorithm"].dotted,
         signature=bytes(ac["signature"].native),
@@ -828,6 +841,25 @@ def _key_identifier(cert: x509.Certificate) -> bytes:
         return x509.SubjectKeyIdentifier.from_public_key(cert.public_key()).digest
 
 
+def _checked_ac_fqans(
+    *, vo: str, uri: str, fqans: Sequence[str], lifetime: timedelta
+) -> list[str]:
+    """Check what :func:`make_ac_extension` is asked for; the FQANs in full form."""
+    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", vo):
+        raise VomsError(f"the VO name {vo!r} is not valid", reason="bad_fqan")
+    if not re.fullmatch(r"[A-Za-z0-9.\-]+:[0-9]{1,5}", uri):
+        raise InputError(f"the VOMS URI {uri!r} is not host:port, e.g. voms.example.org:15001")
+    if not fqans:
+        raise VomsError("an AC needs at least one FQAN", reason="bad_fqan")
+    if lifetime <= timedelta(0):
+        raise InputError("an AC lifetime must be positive")
+    full: list[str] = []
+    for text in fqans:
+        fqan_validate(text, vo=vo)
+        full.append(full_fqan(text))
+    return full
+
+
 def make_ac_extension(
     holder: x509.Certificate,
     signer: Credential,
@@ -849,18 +881,7 @@ def make_ac_extension(
     """
     if signer.key is None:
         raise InputError("the AC signer credential has no private key")
-    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", vo):
-        raise VomsError(f"the VO name {vo!r} is not valid", reason="bad_fqan")
-    if not re.fullmatch(r"[A-Za-z0-9.\-]+:[0-9]{1,5}", uri):
-        raise InputError(f"the VOMS URI {uri!r} is not host:port, e.g. voms.example.org:15001")
-    if not fqans:
-        raise VomsError("an AC needs at least one FQAN", reason="bad_fqan")
-    if lifetime <= timedelta(0):
-        raise InputError("an AC lifetime must be positive")
-    full: list[str] = []
-    for text in fqans:
-        fqan_validate(text, vo=vo)
-        full.append(full_fqan(text))
+    full = _checked_ac_fqans(vo=vo, uri=uri, fqans=fqans, lifetime=lifetime)
     start = _as_utc(now).replace(microsecond=0)
     end = start + lifetime
     if serial is None:

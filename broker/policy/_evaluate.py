@@ -139,26 +139,7 @@ def evaluate(
     else:
         considered, checked, files = _candidates(policy_set, request)
 
-    trace: list[TraceEntry] = []
-    denies: list[Rule] = []
-    allows: list[Rule] = []
-    job_id_blocked: Rule | None = None
-    for rule in considered:
-        failure, via = _check_rule(rule, request, owner_policy)
-        if failure is None:
-            (allows if rule.effect is Effect.ALLOW else denies).append(rule)
-            why = f"matched: requester matched {via}"
-        else:
-            why = failure
-            if (
-                failure is _JOB_ID_FAILURE
-                and rule.effect is Effect.ALLOW
-                and job_id_blocked is None
-            ):
-                job_id_blocked = rule
-        trace.append(
-            TraceEntry("site", rule.name, rule.file, rule.line, rule.effect, failure is None, why)
-        )
+    allows, denies, job_id_blocked, trace = _match_site_rules(considered, request, owner_policy)
 
     who = _describe_requester(request)
     what = f"{request.action} {_describe_target(request)}"
@@ -194,6 +175,39 @@ def evaluate(
     if owner_denial is not None:
         return _deny(owner_denial[0], owner_denial[1], None, trace, checked, owner_denial[2])
 
+    return _allow(allows, f"{who} {what}", trace, checked)
+
+
+def _match_site_rules(
+    considered: list[Rule], request: Request, owner_policy: OwnerPolicy | None
+) -> tuple[list[Rule], list[Rule], Rule | None, list[TraceEntry]]:
+    """Check each site rule: the matching allows and denies, the first allow that only a
+    missing job id kept from matching, and the trace."""
+    trace: list[TraceEntry] = []
+    denies: list[Rule] = []
+    allows: list[Rule] = []
+    job_id_blocked: Rule | None = None
+    for rule in considered:
+        failure, via = _check_rule(rule, request, owner_policy)
+        if failure is None:
+            (allows if rule.effect is Effect.ALLOW else denies).append(rule)
+            why = f"matched: requester matched {via}"
+        else:
+            why = failure
+            if (
+                failure is _JOB_ID_FAILURE
+                and rule.effect is Effect.ALLOW
+                and job_id_blocked is None
+            ):
+                job_id_blocked = rule
+        trace.append(
+            TraceEntry("site", rule.name, rule.file, rule.line, rule.effect, failure is None, why)
+        )
+    return allows, denies, job_id_blocked, trace
+
+
+def _allow(allows: list[Rule], who_what: str, trace: list[TraceEntry], checked: int) -> Decision:
+    """The allow decision: the first matching rule names it, the tightest limits apply."""
     caps = [rule.max_lifetime for rule in allows if rule.max_lifetime is not None]
     max_lifetime = min(caps) if caps else None
     limited = any(rule.limited for rule in allows)
@@ -207,7 +221,7 @@ def evaluate(
     return Decision(
         allowed=True,
         reason=REASON_ALLOWED,
-        message=f'allowed: rule "{first.name}" ({first.where}) lets {who} {what}{suffix}',
+        message=f'allowed: rule "{first.name}" ({first.where}) lets {who_what}{suffix}',
         rule=RuleRef(first.file, first.name, first.line),
         max_lifetime=max_lifetime,
         limited=limited,

@@ -189,13 +189,7 @@ class _FileReader:
             issue("name", f"name is longer than {_MAX_NAME_LENGTH} characters")
 
         actions = self._actions(item.get("action"), issue) if "action" in item else frozenset()
-        effect = Effect.DENY
-        if "effect" in item:
-            raw_effect = item["effect"]
-            if raw_effect not in ("allow", "deny"):
-                issue("effect", f'effect must be "allow" or "deny", not {raw_effect!r}')
-            else:
-                effect = Effect(raw_effect)
+        effect = self._effect(item, issue)
         if (effect is Effect.ALLOW and Action.RETRIEVE_KEY in actions
                 and _names_star(item.get("action"))):
             # Handing out the private key must be named: an allow "*" does not grant it
@@ -218,20 +212,7 @@ class _FileReader:
         credential = self._credential(item, issue)
         auth = self._auth(item, issue)
 
-        max_lifetime: int | None = None
-        if "max_lifetime" in item:
-            raw = item["max_lifetime"]
-            if not isinstance(raw, str):
-                issue(
-                    "max_lifetime",
-                    f'max_lifetime must be a string with a unit such as "12h", '
-                    f"not {_type_name(raw)}",
-                )
-            else:
-                try:
-                    max_lifetime = parse_duration(raw)
-                except DurationError as exc:
-                    issue("max_lifetime", str(exc))
+        max_lifetime = self._max_lifetime(item, issue)
         limited = self._bool(item, "limited", issue)
         require_job_id = self._bool(item, "require_job_id", issue)
         owner_list_required = self._bool(item, "owner_list_required", issue)
@@ -240,17 +221,7 @@ class _FileReader:
             issue("description", f"description must be a string, not {_type_name(description)}")
             description = ""
 
-        if effect is Effect.DENY and "effect" in item:
-            for key in ("max_lifetime", "limited", "require_job_id"):
-                if key in item:
-                    issue(key, f"{key} has no effect on a deny rule; remove it")
-        if actions and not actions & ISSUING_ACTIONS:
-            for key in ("max_lifetime", "limited"):
-                if key in item:
-                    issue(
-                        key,
-                        f"{key} has no effect on {'/'.join(sorted(actions))} (no proxy is issued)",
-                    )
+        self._keys_without_effect(item, effect, actions, issue)
 
         if len(self.issues) == before and requester is not None:
             self.rules.append(
@@ -272,6 +243,51 @@ class _FileReader:
                     description=description,
                 )
             )
+
+    @staticmethod
+    def _effect(item: dict[str, Any], issue: _Issue) -> Effect:
+        if "effect" not in item:
+            return Effect.DENY
+        raw_effect = item["effect"]
+        if raw_effect not in ("allow", "deny"):
+            issue("effect", f'effect must be "allow" or "deny", not {raw_effect!r}')
+            return Effect.DENY
+        return Effect(raw_effect)
+
+    @staticmethod
+    def _max_lifetime(item: dict[str, Any], issue: _Issue) -> int | None:
+        if "max_lifetime" not in item:
+            return None
+        raw = item["max_lifetime"]
+        if not isinstance(raw, str):
+            issue(
+                "max_lifetime",
+                f'max_lifetime must be a string with a unit such as "12h", '
+                f"not {_type_name(raw)}",
+            )
+            return None
+        try:
+            return parse_duration(raw)
+        except DurationError as exc:
+            issue("max_lifetime", str(exc))
+            return None
+
+    @staticmethod
+    def _keys_without_effect(
+        item: dict[str, Any], effect: Effect, actions: frozenset[Action], issue: _Issue
+    ) -> None:
+        """Warn about limits that cannot apply: on a deny rule, or where nothing is issued."""
+        if effect is Effect.DENY and "effect" in item:
+            for key in ("max_lifetime", "limited", "require_job_id"):
+                if key in item:
+                    issue(key, f"{key} has no effect on a deny rule; remove it")
+        if actions and not actions & ISSUING_ACTIONS:
+            for key in ("max_lifetime", "limited"):
+                if key in item:
+                    issue(
+                        key,
+                        f"{key} has no effect on {'/'.join(sorted(actions))} (no proxy is issued)",
+                    )
 
     def _actions(self, raw: object, issue: _Issue) -> frozenset[Action]:
         values = [raw] if isinstance(raw, str) else raw

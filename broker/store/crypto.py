@@ -71,7 +71,15 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from broker.errors import AuthenticationError, ConfigError, Conflict, InputError, StoreError
+from broker.errors import (
+    AuthenticationError,
+    BrokerError,
+    ConfigError,
+    Conflict,
+    InputError,
+    StoreError,
+)
+from broker.fileio import create_exclusive, replace_file_atomically
 
 KEY_FILE_FORMAT = "grid-credential-broker/master-keys"
 KEY_FILE_VERSION = 1
@@ -212,31 +220,6 @@ def _serialise(keys: Iterable[tuple[str, bytes]], created: dict[str, str]) -> by
     return (json.dumps(doc, indent=2) + "\n").encode("ascii")
 
 
-def _write_exclusive(path: Path, data: bytes) -> None:
-    """Create ``path`` 0600 (never following a symlink, never overwriting) and fsync it."""
-    flags = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_WRONLY | os.O_CLOEXEC
-    fd = os.open(path, flags, 0o600)
-    try:
-        # The umask cannot widen 0600, but an inherited ACL default could;
-        # set the mode explicitly.
-        os.fchmod(fd, 0o600)
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def init_master_key_file(path: str | os.PathLike[str]) -> MasterKeyRing:
     """Create a new key file with one fresh key; refuse to touch an existing one."""
     target = Path(path)
@@ -244,15 +227,15 @@ def init_master_key_file(path: str | os.PathLike[str]) -> MasterKeyRing:
     key_id = new_key_id(now)
     key = AESGCM.generate_key(bit_length=256)
     try:
-        _write_exclusive(target, _serialise([(key_id, key)], {key_id: now.isoformat()}))
-    except FileExistsError:
+        # 0600, never through a symlink, never over an existing file, fsynced
+        create_exclusive(target, _serialise([(key_id, key)], {key_id: now.isoformat()}))
+    except Conflict:
         raise ConfigError(
             f"the master key file {target} already exists; refusing to overwrite it "
             "(losing it makes every stored credential unreadable)"
         ) from None
-    except OSError as exc:
-        raise ConfigError(f"cannot create the master key file {target}: {exc.strerror}") from None
-    _fsync_dir(target.parent.resolve())
+    except BrokerError as exc:
+        raise ConfigError(f"cannot create the master key file {target}: {exc}") from None
     return load_master_keys(target)
 
 
@@ -361,14 +344,11 @@ def replace_master_key_file(path: str | os.PathLike[str], keys: MasterKeyRing) -
     now = datetime.now(UTC).isoformat()
     for key_id in keys.ids:
         created.setdefault(key_id, now)
-    temp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
     try:
-        _write_exclusive(temp, _serialise(keys.keys, created))
-        os.replace(temp, target)
-    except OSError as exc:
-        temp.unlink(missing_ok=True)
-        raise ConfigError(f"cannot rewrite the master key file {target}: {exc.strerror}") from None
-    _fsync_dir(target.parent.resolve())
+        # temp file 0600 + fsync, renamed over the original, directory fsynced
+        replace_file_atomically(target, _serialise(keys.keys, created), mode=0o600)
+    except BrokerError as exc:
+        raise ConfigError(f"cannot rewrite the master key file {target}: {exc}") from None
     return load_master_keys(target)
 
 

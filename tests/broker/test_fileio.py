@@ -16,6 +16,7 @@ from broker.fileio import (
     make_private_dir,
     read_private_file,
     replace_file_atomically,
+    replace_in_directory,
     validate_component,
     write_private_file,
 )
@@ -358,3 +359,37 @@ def test_accepted_names_are_single_safe_components(name: str) -> None:
     base = Path("/srv/creds")
     assert (base / name).parent == base
     assert os.path.normpath(base / name) == str(base / name)
+
+
+# --------------------------------------------------------------------------- replace_in_directory
+
+
+def test_replace_in_directory_puts_new_content_in_place_0600(tmp_path: Path) -> None:
+    (tmp_path / "proxy").write_bytes(b"old")
+    (tmp_path / "proxy").chmod(0o644)
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        replace_in_directory(fd, "proxy", b"new", mode=0o600)
+        replace_in_directory(fd, "fresh", b"first")  # need not exist yet
+    finally:
+        os.close(fd)
+    assert (tmp_path / "proxy").read_bytes() == b"new"
+    assert stat.S_IMODE((tmp_path / "proxy").stat().st_mode) == 0o600
+    assert (tmp_path / "fresh").read_bytes() == b"first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh", "proxy"]  # no temp left
+
+
+def test_replace_in_directory_refuses_a_planted_link(tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"keep")
+    (tmp_path / "proxy").symlink_to(target)
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(InputError) as err:
+            replace_in_directory(fd, "proxy", b"new")
+    finally:
+        os.close(fd)
+    assert err.value.reason == "not_regular_file"
+    assert target.read_bytes() == b"keep"
+    assert (tmp_path / "proxy").is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "proxy"]

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -78,11 +79,11 @@ def report_cmd(place: JobPlace) -> list[str]:
     return [str(script), str(os.getpid()), str(place.proxy), str(place.workdir)]
 
 
-def audit_lines(place: JobPlace) -> list[dict[str, object]]:
+def audit_lines(place: JobPlace) -> list[dict[str, Any]]:
     return [json.loads(line) for line in place.audit.read_text().splitlines()]
 
 
-def check_common(place: JobPlace, job_id: str, account: str, umask: int) -> dict[str, object]:
+def check_common(place: JobPlace, job_id: str, account: str, umask: int) -> dict[str, Any]:
     entry = pwd.getpwnam(account)
     job_dir = place.job_dir(job_id)
     report = json.loads((job_dir / "report.json").read_text())

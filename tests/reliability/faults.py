@@ -12,6 +12,7 @@ import ssl
 import subprocess
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -173,7 +174,7 @@ def _verify(broker: RunningBroker, acks: _Acks, outcome: Outcome, label: str,
 # --------------------------------------------------------------------------- PostgreSQL
 
 
-def _raw_get(broker: RunningBroker, path: str, body: dict[str, object] | None = None,
+def _raw_get(broker: RunningBroker, path: str, body: Mapping[str, object] | None = None,
              method: str = "GET") -> tuple[int, bytes]:
     ctx = ssl.create_default_context(capath=str(broker.pki.ca_dir))
     ctx.load_cert_chain(str(broker.pki.cert_path("pilot")), str(broker.pki.key_path("pilot")))

@@ -8,7 +8,6 @@ helpers (``tests.brokerserver.start_broker``, ``tests.pgcluster``).
 from __future__ import annotations
 
 import os
-import pwd
 import shutil
 import signal
 import subprocess
@@ -22,7 +21,13 @@ from pathlib import Path
 
 from broker.devpki import write_dev_pki
 from tests.brokerserver import RunningBroker, free_port, start_broker
-from tests.pgcluster import PostgresCluster, _find_bindir, _postmaster_pid
+from tests.pgcluster import (
+    TEST_OPTIONS,
+    PostgresCluster,
+    _find_bindir,
+    _postmaster_pid,
+    start_cluster,
+)
 from tests.pkifixtures import GridPki
 
 PILOT_DN = "/DC=org/DC=example/CN=pilot"
@@ -165,34 +170,19 @@ def _alive(pid: int) -> bool:
 
 @contextmanager
 def postgres_cluster() -> Iterator[PostgresCluster]:
-    """A throwaway cluster like tests/pgcluster.py's fixture, stopped by its PID at the end."""
+    """A throwaway cluster (tests/pgcluster.start_cluster), stopped by its PID at the end."""
     bindir = _find_bindir()
     if bindir is None:
         raise RuntimeError("PostgreSQL server binaries not found (apt-get install postgresql)")
-    root = os.geteuid() == 0
-
-    def as_server(argv: list[str]) -> list[str]:
-        return ["runuser", "-u", "postgres", "--", *argv] if root else argv
-
     base = Path(tempfile.mkdtemp(prefix="broker-rel-pg-"))
-    pid: int | None = None
+    cluster: PostgresCluster | None = None
     try:
-        if root:
-            user = pwd.getpwnam("postgres")
-            os.chown(base, user.pw_uid, user.pw_gid)
-        os.chmod(base, 0o700)
-        data = base / "data"
-        subprocess.run(as_server([str(bindir / "initdb"), "-D", str(data), "-A", "trust",
-                                  "-U", "broker", "-E", "UTF8", "--locale=C", "--no-sync"]),
-                       check=True, capture_output=True, timeout=120)
-        port = free_port()
-        cluster = PostgresCluster(base=base, data=data, bindir=bindir, port=port, pid=0)
-        pg_start(cluster)
-        pid = _postmaster_pid(data)
+        cluster = start_cluster(base, bindir)
         yield cluster
     finally:
-        if pid is not None:
-            pg_stop_pid(_current_pid(base / "data") or pid)
+        if cluster is not None:
+            # an attack may have restarted it: stop whichever postmaster runs now
+            pg_stop_pid(_current_pid(base / "data") or cluster.pid)
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -205,8 +195,7 @@ def _current_pid(data: Path) -> int | None:
 
 def pg_start(cluster: PostgresCluster) -> None:
     root = os.geteuid() == 0
-    options = (f"-c listen_addresses=127.0.0.1 -p {cluster.port} -k {cluster.base} "
-               "-c fsync=off -c synchronous_commit=off -c full_page_writes=off")
+    options = f"-c listen_addresses=127.0.0.1 -p {cluster.port} -k {cluster.base} {TEST_OPTIONS}"
     argv = [str(cluster.bindir / "pg_ctl"), "-w", "-t", "30", "-D", str(cluster.data),
             "-l", str(cluster.base / "server.log"), "-o", options, "start"]
     if root:

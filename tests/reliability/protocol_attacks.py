@@ -152,7 +152,7 @@ def attacks(pki: GridPki, base: Path) -> Iterator[tuple[str, Callable[[Outcome],
         outcome.note(f"16 expired pending delegations: {purged} purged by housekeeping, "
                      f"{sum(left.values())} encrypted keys left; "
                      f"metrics counter pending_purged={svc.counters()['pending_purged']}")
-        if purged != 16 or sum(left.values()) or svc.counters()["pending_purged"] != 16:
+        if purged != 16 or sum(left.values()) != 0 or svc.counters()["pending_purged"] != 16:
             outcome.fail("expired pending delegations were not all purged and counted")
 
     def database_mode(outcome: Outcome) -> None:

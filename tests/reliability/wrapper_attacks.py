@@ -95,7 +95,9 @@ def attacks(pki: GridPki, base: Path) -> Iterator[tuple[str, Callable[[Outcome],
                 "LD_AUDIT": "/tmp/evil.so", "MALLOC_CHECK_": "3", "MALLOC_PERTURB_": "85",
                 "MALLOC_ARENA_MAX": "1", "GCONV_PATH": "/tmp/evil", "PYTHONPATH": "/evil",
                 "PYTHONSTARTUP": "/evil/x.py", "LD_DEBUG": "all"}
-        cases = [("inherited from the pilot", [], evil)]
+        cases: list[tuple[str, list[str], dict[str, str]]] = [
+            ("inherited from the pilot", [], evil)
+        ]
         for name in ("LD_PRELOAD", "MALLOC_CHECK_", "LD_LIBRARY_PATH"):
             cases.append((f"--keep-env {name}", ["--keep-env", name], evil))
             cases.append((f"--set-env {name}=...", ["--set-env", f"{name}=/tmp/evil.so"], {}))

@@ -8,6 +8,7 @@ import ssl
 import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -189,7 +190,7 @@ def test_no_private_key_material_at_rest_or_in_logs(sqlite_broker: RunningBroker
 
 def test_malformed_requests_get_specific_4xx(sqlite_broker: RunningBroker) -> None:
     pilot = sqlite_broker.client("pilot")
-    cases = [
+    cases: list[tuple[str, str, dict[str, Any] | None, int, str]] = [
         ("POST", "/v1/retrievals", {"username": "alice"}, 400, "missing_field"),
         ("POST", "/v1/retrievals", {"csr": "not a csr", "username": "alice"}, 400, "bad_csr"),
         ("POST", "/v1/retrievals", {"csr": "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n"
@@ -281,7 +282,7 @@ def test_cli_round_trip(sqlite_broker: RunningBroker, tmp_path: Path) -> None:
                               "--key", str(pki.key_path("pilot")), "-l", "alice", "-k", "nope",
                               "-o", str(tmp_path / "n")], env=env, capture_output=True, text=True)
     assert missing.returncode == 4, missing.stderr
-    assert credential_to_pem  # imported for symmetry with the library test above
+    assert credential_to_pem is not None  # imported for symmetry with the library test above
 
 
 def test_wrong_passphrases_end_in_429(sqlite_broker: RunningBroker) -> None:

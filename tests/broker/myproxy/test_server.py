@@ -177,7 +177,7 @@ def test_renewal_challenge_exchange(endpoint: Endpoint) -> None:
         nonce = methods["X509_certificate_SHA256"]
         assert len(nonce) == 32
         assert old.key is not None
-        signature = old.key.sign(nonce.encode(), padding.PKCS1v15(), hashes.SHA256())  # type: ignore[call-arg, union-attr]
+        signature = old.key.sign(nonce.encode(), padding.PKCS1v15(), hashes.SHA256())  # type: ignore[call-arg, union-attr, arg-type]
         ders = [cert.public_bytes(serialization.Encoding.DER) for cert in old.chain]
         c.send(codec.format_auth_reply(AuthMethodId.X509_CERTIFICATE_SHA256, signature, ders))
         assert c.recv_response().code is ResponseCode.OK

@@ -107,6 +107,7 @@ def test_job_bound_proxy_accepted_by_openssl_globus_and_voms(
 
 # --------------------------------------------------------------------------- the service
 
+from broker.service import BrokerService  # noqa: E402
 from tests.broker import test_service as _svc  # noqa: E402 - the service fixtures
 
 service = _svc.service
@@ -115,7 +116,7 @@ clock = _svc.clock
 
 @pytest.mark.parametrize("job_id", ["submit.example.org#9.0#1700000000", "j" * 256,
                                     "job\u200eid", "ünïcode#1.0"])
-def test_audit_row_and_issued_proxy_name_the_same_job(service: _svc.BrokerService,
+def test_audit_row_and_issued_proxy_name_the_same_job(service: BrokerService,
                                                       grid_pki: GridPki, job_id: str) -> None:
     _svc.delegate(service, grid_pki)
     issued = service.retrieve(_svc.who(service, grid_pki, "pilot"), csr_pem=_svc.csr(),

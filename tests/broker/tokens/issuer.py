@@ -139,7 +139,7 @@ class TestIssuer:
     def jwks(self) -> dict[str, Any]:
         return {"keys": [self.rsa.as_dict(private=False), self.ec.as_dict(private=False)]}
 
-    def mint(self, *, sub: str = "pilot-1", scope: str = "compute.read", aud: Any = AUDIENCE,
+    def mint(self, *, sub: str = "pilot-1", scope: str | None = "compute.read", aud: Any = AUDIENCE,
              groups: list[str] | None = None, lifetime: int = 600, key: Any = None,
              alg: str = "RS256", header: dict[str, Any] | None = None,
              iss: str | None = None, now: int | None = None, **extra: Any) -> str:

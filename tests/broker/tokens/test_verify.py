@@ -8,6 +8,7 @@ import hmac
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from joserfc.jwk import RSAKey
@@ -55,11 +56,12 @@ def test_valid_rs256_and_es256_tokens_yield_claims(issuer: TestIssuer, settings:
 
 def test_audience_list_and_scitokens_scp(issuer: TestIssuer, settings: TokenSettings,
                                          directory: IssuerDirectory) -> None:
-    raw = issuer.mint(aud=["other", AUDIENCE], scope=None, **{"wlcg.ver": None})
+    no_wlcg_ver: dict[str, Any] = {"wlcg.ver": None}
+    raw = issuer.mint(aud=["other", AUDIENCE], scope=None, **no_wlcg_ver)
     # no profile at all: refused
     assert _reason(raw, settings, directory) == "token_profile"
     sci = issuer.mint(scope=None, scp=["compute.read"], ver="scitoken:2.0",
-                      aud=["other", AUDIENCE], **{"wlcg.ver": None})
+                      aud=["other", AUDIENCE], **no_wlcg_ver)
     claims = verify_bearer(sci, settings, directory, now=_now())
     assert "compute.read" in claims.scopes
 
@@ -86,7 +88,9 @@ def test_unknown_kid_and_foreign_key_are_refused(issuer: TestIssuer, settings: T
     attacker = RSAKey.generate_key(2048, parameters={"kid": "attacker"})
     assert _reason(issuer.mint(key=attacker), settings, directory) == "token_kid"
     # The attacker's key under the issuer's real kid: the signature does not verify.
-    stolen_kid = RSAKey.generate_key(2048, parameters={"kid": issuer.rsa.kid})
+    real_kid = issuer.rsa.kid
+    assert real_kid is not None
+    stolen_kid = RSAKey.generate_key(2048, parameters={"kid": real_kid})
     assert _reason(issuer.mint(key=stolen_kid), settings, directory) == "token_signature"
 
 

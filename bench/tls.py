@@ -18,7 +18,7 @@ The client presents a real RFC 3820 proxy chain (dev PKI: alice's proxy). Server
 and client run in separate processes; CPU comes from getrusage in each. The host
 key is the dev PKI's (RSA-2048), as in the other benchmarks.
 
-    .venv/bin/python scripts/bench_tls.py [--handshakes 600] [--json bench-out/tls.json]
+    scripts/bench tls [--handshakes 600] [--json bench-out/tls.json]
 """
 
 from __future__ import annotations
@@ -37,16 +37,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from OpenSSL import SSL, crypto
+
+from broker.devpki import write_dev_pki
+from broker.fileio import write_private_file
+from broker.myproxy.server import EndpointSettings, make_context
+from broker.pki.loading import credential_to_pem, load_cert_and_key
+from broker.pki.proxy import new_proxy
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from OpenSSL import SSL, crypto  # noqa: E402
-
-from broker.devpki import write_dev_pki  # noqa: E402
-from broker.fileio import write_private_file  # noqa: E402
-from broker.myproxy.server import EndpointSettings, make_context  # noqa: E402
-from broker.pki.loading import credential_to_pem, load_cert_and_key  # noqa: E402
-from broker.pki.proxy import new_proxy  # noqa: E402
 
 
 def _cpu() -> float:

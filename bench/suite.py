@@ -11,16 +11,16 @@ Run it through the entry script (it picks the venv's python)::
 Parts, in this order, each a script of its own run as a child process with
 fixed, documented options (see PARTS below) so that one run gives every figure:
 
-    retrieval  scripts/bench_retrieval.py  REST over mutual TLS, 1/4/16/64 clients,
+    retrieval  bench/retrieval.py  REST over mutual TLS, 1/4/16/64 clients,
                                            openssl speed + in-process crypto costs
-    myproxy    scripts/bench_myproxy.py    our MyProxy endpoint and the real
+    myproxy    bench/myproxy.py    our MyProxy endpoint and the real
                                            myproxy-server, same load generator
-    policy     scripts/bench_policy.py     1e2 / 1e3 / 1e4 rules
-    wrapper    scripts/bench_wrapper.py    payload-wrapper vs bare exec
-    pilot      scripts/bench_pilot.py      broker-pilot job start
-    store      scripts/bench_store.py      1e2 / 1e4 / 1e5 credentials, SQLite and PostgreSQL
-    scaleout   scripts/bench_scaleout.py   two brokers on one PostgreSQL vs one
-    tls        scripts/bench_tls.py        bare mutual-TLS handshakes: the floor under
+    policy     bench/policy.py     1e2 / 1e3 / 1e4 rules
+    wrapper    bench/wrapper.py    payload-wrapper vs bare exec
+    pilot      bench/pilot.py      broker-pilot job start
+    store      bench/store.py      1e2 / 1e4 / 1e5 credentials, SQLite and PostgreSQL
+    scaleout   bench/scaleout.py   two brokers on one PostgreSQL vs one
+    tls        bench/tls.py        bare mutual-TLS handshakes: the floor under
                                            every retrieval figure
 
 Each part's JSON goes to bench-out/<part>.json (the wrapper and pilot scripts
@@ -49,21 +49,22 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+
 OUT = REPO / "bench-out"
 PY = sys.executable
 
 # name -> (script, arguments of the complete run, arguments of --quick, timeout s)
 PARTS: dict[str, tuple[str, list[str], list[str], int]] = {
     "retrieval": (
-        "bench_retrieval.py",
+        "bench.retrieval",
         ["--full", "--csr-keys", "ec", "--requests", "600", "--max-seconds", "20"],
         ["--levels", "1,16", "--csr-keys", "ec", "--requests", "60", "--no-openssl-speed"],
         600,
     ),
     "myproxy": (
-        "bench_myproxy.py",
+        "bench.myproxy",
         # --processes 2: the endpoint as `broker serve` runs it with its default
-        # 2 workers (bench_myproxy.py alone starts one process)
+        # 2 workers (bench/myproxy.py alone starts one process)
         [
             "--clients",
             "1,4,16,64",
@@ -77,21 +78,21 @@ PARTS: dict[str, tuple[str, list[str], list[str], int]] = {
         900,
     ),
     "policy": (
-        "bench_policy.py",
+        "bench.policy",
         ["--iterations", "20000", "--json"],
         ["--iterations", "2000", "--json"],
         600,
     ),
-    "wrapper": ("bench_wrapper.py", ["--runs", "30"], ["--runs", "5"], 600),
-    "pilot": ("bench_pilot.py", ["--runs", "30"], ["--runs", "3"], 900),
+    "wrapper": ("bench.wrapper", ["--runs", "30"], ["--runs", "5"], 600),
+    "pilot": ("bench.pilot", ["--runs", "30"], ["--runs", "3"], 900),
     "store": (
-        "bench_store.py",
+        "bench.store",
         ["--requests", "400"],
         ["--sizes", "100,2000", "--requests", "60", "--lookups", "300"],
         1500,
     ),
-    "scaleout": ("bench_scaleout.py", [], ["--levels", "16", "--requests", "150"], 900),
-    "tls": ("bench_tls.py", ["--handshakes", "600"], ["--handshakes", "50"], 300),
+    "scaleout": ("bench.scaleout", [], ["--levels", "16", "--requests", "150"], 900),
+    "tls": ("bench.tls", ["--handshakes", "600"], ["--handshakes", "50"], 300),
 }
 
 
@@ -115,7 +116,7 @@ def wait_for_quiet(max_load: float, max_wait: float) -> dict[str, Any]:
 
 def run_part(name: str, quick: bool) -> dict[str, Any]:
     script, full_args, quick_args, timeout = PARTS[name]
-    argv = [PY, str(REPO / "scripts" / script), *(quick_args if quick else full_args)]
+    argv = [PY, "-m", script, *(quick_args if quick else full_args)]
     json_path = OUT / f"{name}.json"
     if name == "retrieval":
         argv += ["--out", str(json_path)]
@@ -199,7 +200,7 @@ def _wrapper_floor_note(wrapper: dict[str, Any]) -> str:
 
 
 def parse_wrapper(text: str) -> dict[str, Any]:
-    """bench_wrapper.py's table: command, runs, median, min, max; and its overhead lines."""
+    """bench/wrapper.py's table: command, runs, median, min, max; and its overhead lines."""
     rows = []
     for line in text.splitlines():
         m = _ROW.match(line)
@@ -224,7 +225,7 @@ def parse_wrapper(text: str) -> dict[str, Any]:
 
 
 def parse_pilot(text: str) -> dict[str, Any]:
-    """bench_pilot.py's table: measurement, median, p99, min."""
+    """bench/pilot.py's table: measurement, median, p99, min."""
     rows = []
     for line in text.splitlines():
         m = _ROW.match(line)
@@ -357,7 +358,7 @@ def targets(parts: dict[str, Any]) -> list[dict[str, Any]]:
         )
     else:
         add("payload-wrapper vs bare exec", "<= 30 ms", "n/a", None)
-    # 6. pilot (bench_pilot.py's own target) and the whole command, for information
+    # 6. pilot (bench/pilot.py's own target) and the whole command, for information
     pi = _row(parts, "pilot")
     if pi:
         ec = next(
@@ -370,7 +371,7 @@ def targets(parts: dict[str, Any]) -> list[dict[str, Any]]:
                 "<= 50 ms",
                 f"{ec['median_ms']:.1f} ms",
                 ec["median_ms"] <= 50,
-                "target of bench_pilot.py, not of the issue",
+                "target of bench/pilot.py, not of the issue",
             )
         if cmd:
             add(
@@ -671,7 +672,7 @@ def main(argv: list[str] | None = None) -> int:
     OUT = Path(args.out_dir).resolve()
     OUT.mkdir(parents=True, exist_ok=True)
 
-    from bench_retrieval import machine_info
+    from bench.retrieval import machine_info
 
     summary: dict[str, Any] = {
         "suite": "scripts/bench all",
@@ -727,7 +728,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO / "scripts"))
     try:
         sys.exit(main())
     except KeyboardInterrupt:

@@ -53,10 +53,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from cryptography.hazmat.primitives import serialization
 
-from bench_load import (  # noqa: E402 - shared with bench_myproxy.py
+from bench.load import (
     CLK_TCK,
     background_busy_pct,
     client_threads,
@@ -65,12 +64,12 @@ from bench_load import (  # noqa: E402 - shared with bench_myproxy.py
     run_load,
     thread_groups,
 )
-from cryptography.hazmat.primitives import serialization  # noqa: E402
+from broker.client import BrokerClient, ClientIdentity
+from broker.devpki import DEV_POLICY, write_dev_pki
+from broker.pki.loading import Credential, load_cert_and_key, load_private_key
+from broker.pki.proxy import csr_to_pem, generate_key, make_csr, sign_request
 
-from broker.client import BrokerClient, ClientIdentity  # noqa: E402
-from broker.devpki import DEV_POLICY, write_dev_pki  # noqa: E402
-from broker.pki.loading import Credential, load_cert_and_key, load_private_key  # noqa: E402
-from broker.pki.proxy import csr_to_pem, generate_key, make_csr, sign_request  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 # ---------------------------------------------------------------- /proc helpers
 

@@ -27,7 +27,7 @@ For every backend (SQLite in WAL mode, PostgreSQL) and every size N:
    ``broker serve`` each), so that the single-client level can take the sizes
    in turn, request by request: every size then sees the same background load
    (this machine is shared; its load drifts more than the effect measured).
-   Higher levels use the load generator of scripts/bench_retrieval.py, one
+   Higher levels use the load generator of bench/retrieval.py, one
    size after the other. Per level: p50/p90/p99 latency, retrievals/s, server
    CPU per retrieval;
 4. the databases are dropped before the next backend (disk space).
@@ -45,16 +45,12 @@ Target (from the issue): p50 latency at 1e5 credentials <= 1.2 x p50 at 1e2.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
-import pwd
 import random
 import shutil
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -63,19 +59,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
+from sqlalchemy import insert, select
 
-import bench_load as bl  # noqa: E402
-import bench_retrieval as br  # noqa: E402
-from sqlalchemy import insert, select  # noqa: E402
-
-from broker.client import BrokerClient, ClientIdentity  # noqa: E402
-from broker.devpki import write_dev_pki  # noqa: E402
-from broker.pki.loading import chain_to_pem, key_to_pem, load_cert_and_key  # noqa: E402
-from broker.pki.proxy import csr_to_pem, generate_key, make_csr, new_proxy  # noqa: E402
-from broker.store import (  # noqa: E402
+from bench import load as bl
+from bench import retrieval as br
+from broker.client import BrokerClient, ClientIdentity
+from broker.devpki import write_dev_pki
+from broker.pki.loading import chain_to_pem, key_to_pem, load_cert_and_key
+from broker.pki.proxy import csr_to_pem, generate_key, make_csr, new_proxy
+from broker.store import (
     CredentialWrite,
     Store,
     crypto,
@@ -83,8 +75,11 @@ from broker.store import (  # noqa: E402
     load_master_keys,
     migrate,
 )
-from broker.store.crypto import MasterKeyRing  # noqa: E402
-from broker.store.models import Credential  # noqa: E402
+from broker.store.crypto import MasterKeyRing
+from broker.store.models import Credential
+from tests.pgcluster import PostgresCluster, find_bindir, start_cluster
+
+REPO = Path(__file__).resolve().parents[1]
 
 TARGET_RATIO = 1.2
 BATCH = 2000
@@ -93,150 +88,17 @@ BATCH = 2000
 # ---------------------------------------------------------------- PostgreSQL
 
 
-class PgCluster:
-    """A throwaway PostgreSQL cluster on 127.0.0.1 (same recipe as tests/pgcluster.py)."""
-
-    user = "broker"
-
-    def __init__(self, base: Path) -> None:
-        self.base = base
-        self.data = base / "data"
-        self.bindir = _pg_bindir()
-        self.port = 0
-        self.pid: int | None = None
-
-    def start(self) -> None:
-        if os.geteuid() == 0:
-            owner = pwd.getpwnam("postgres")
-            self.base.mkdir(parents=True, exist_ok=True)
-            os.chown(self.base, owner.pw_uid, owner.pw_gid)
-        self.base.chmod(0o700)
-        self._run(
-            [
-                str(self.bindir / "initdb"),
-                "-D",
-                str(self.data),
-                "-A",
-                "trust",
-                "-U",
-                self.user,
-                "-E",
-                "UTF8",
-                "--locale=C",
-                "--no-sync",
-            ],
-            "initdb",
-        )
-        for attempt in range(3):
-            self.port = _free_port()
-            options = (
-                f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.base} "
-                "-c synchronous_commit=off -c max_connections=200"
-            )
-            proc = subprocess.run(
-                _as_postgres(
-                    [
-                        str(self.bindir / "pg_ctl"),
-                        "-w",
-                        "-t",
-                        "60",
-                        "-D",
-                        str(self.data),
-                        "-l",
-                        str(self.base / "server.log"),
-                        "-o",
-                        options,
-                        "start",
-                    ]
-                ),
-                capture_output=True,
-                text=True,
-                timeout=90,
-                check=False,
-            )
-            if proc.returncode == 0:
-                self.pid = int((self.data / "postmaster.pid").read_text().splitlines()[0])
-                return
-            if attempt == 2:
-                log = (self.base / "server.log").read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"pg_ctl start failed: {proc.stderr}\n{log}")
-
-    def url(self, database: str) -> str:
-        return f"postgresql+psycopg://{self.user}@127.0.0.1:{self.port}/{database}"
-
-    def _admin(self, sql: str) -> None:
-        import psycopg
-
-        dsn = f"host=127.0.0.1 port={self.port} user={self.user} dbname=postgres"
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(sql.encode())
-
-    def create_database(self, name: str) -> str:
-        assert name.replace("_", "").isalnum()
-        self._admin(f'CREATE DATABASE "{name}"')
-        return self.url(name)
-
-    def drop_database(self, name: str) -> None:
-        assert name.replace("_", "").isalnum()
-        self._admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-    def version(self) -> str:
-        out = subprocess.run(
-            [str(self.bindir / "postgres"), "--version"],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        return out.stdout.strip()
-
-    def stop(self) -> None:
-        """Fast shutdown of the postmaster we started, by its PID."""
-        pid, self.pid = self.pid, None
-        if pid is None:
-            return
-        try:
-            os.kill(pid, signal.SIGINT)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.1)
-        os.kill(pid, signal.SIGQUIT)
-
-    @staticmethod
-    def _run(argv: list[str], what: str) -> None:
-        proc = subprocess.run(
-            _as_postgres(argv), capture_output=True, text=True, timeout=120, check=False
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(f"{what} failed: {proc.stdout}\n{proc.stderr}")
+#: The benchmarks keep fsync on (unlike the test fixture) so the figures include
+#: the WAL flush; synchronous_commit=off as in the deployment notes.
+BENCH_PG_OPTIONS = "-c synchronous_commit=off -c max_connections=200"
 
 
-def _pg_bindir() -> Path:
-    def version(path: str) -> int:
-        try:
-            return int(Path(path).parent.name)
-        except ValueError:
-            return 0
-
-    for cand in sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=version, reverse=True):
-        if all((Path(cand) / t).is_file() for t in ("initdb", "pg_ctl", "postgres")):
-            return Path(cand)
-    raise RuntimeError("PostgreSQL server binaries not found (apt-get install -y postgresql)")
-
-
-def _as_postgres(argv: list[str]) -> list[str]:
-    return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else argv
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def start_pg(base: Path) -> PostgresCluster:
+    """A throwaway PostgreSQL cluster on 127.0.0.1 (the tests' recipe, tests/pgcluster.py)."""
+    bindir = find_bindir()
+    if bindir is None:
+        raise RuntimeError("PostgreSQL server binaries not found (apt-get install -y postgresql)")
+    return start_cluster(base, bindir, options=BENCH_PG_OPTIONS, start_timeout=60)
 
 
 # ---------------------------------------------------------------- fixtures
@@ -489,15 +351,14 @@ def main(argv: list[str] | None = None) -> int:
     report = br.report_head("store", args, "runs")
     tmp = Path(tempfile.mkdtemp(prefix="broker-bench-store-"))
     tmp.chmod(0o755)
-    pg: PgCluster | None = None
+    pg: PostgresCluster | None = None
     servers: dict[int, br.Server] = {}
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         fx = make_fixture(tmp, csr_pool=16)
         ca_dir = str(fx.pki / "certificates")
         if "postgresql" in args.backends:
-            pg = PgCluster(tmp / "pg")
-            pg.start()
+            pg = start_pg(tmp / "pg")
             report["postgresql"] = {
                 "version": pg.version(),
                 "pid": pg.pid,

@@ -1,8 +1,7 @@
-"""Shared parts of the load generators of bench_retrieval.py and bench_myproxy.py.
+"""Shared parts of the load generators of bench/retrieval.py and bench/myproxy.py.
 
-Not a benchmark itself: the benchmarks import it (``import bench_load``; the
-``scripts`` folder is on ``sys.path`` when they run as ``python scripts/bench_x.py``,
-and bench_scaleout.py, bench_store.py and bench_suite.py put it there).
+Not a benchmark itself: the benchmarks import it (``from bench.load import ...``;
+they run as ``python -m bench.<name>`` from the checkout, which ``scripts/bench`` does).
 
 What is shared, the per-request client code staying in each benchmark:
 

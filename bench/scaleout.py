@@ -8,16 +8,16 @@ Run it through the entry script (it picks the venv's python)::
     scripts/bench scaleout --help
 
 Setup, all on 127.0.0.1 under a temp dir removed at the end: a throwaway
-PostgreSQL cluster (the same recipe as scripts/bench_store.py and
+PostgreSQL cluster (the same recipe as bench/store.py and
 tests/pgcluster.py), one database holding ``--credentials`` credentials of
-alice (filled like scripts/bench_store.py does), one master key file, and two
+alice (filled like bench/store.py does), one master key file, and two
 ``broker serve`` processes (A and B, default 2 workers x 8 threads each, own
 state dirs and ports) given the same ``--database-url`` and
 ``--master-key-file``. Both are up during the whole run.
 
 Per concurrency level the same load (pre-generated EC P-256 CSRs, random
 usernames, one full TLS handshake per retrieval) is run twice with the load
-generator of scripts/bench_retrieval.py (two client processes, threads in
+generator of bench/retrieval.py (two client processes, threads in
 them): once with both processes sending to A only, once with the first process
 sending to A and the second to B (the load split in half). The ratio is
 throughput(A+B) / throughput(A). Server CPU per retrieval sums both brokers.
@@ -41,15 +41,14 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
+from sqlalchemy import create_engine, func, select
+
+from bench import retrieval as br
+from bench import store as bs
+from broker.store.models import AuditEventRow
+from tests.pgcluster import PostgresCluster
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
-
-import bench_retrieval as br  # noqa: E402
-import bench_store as bs  # noqa: E402
-from sqlalchemy import create_engine, func, select  # noqa: E402
-
-from broker.store.models import AuditEventRow  # noqa: E402
 
 
 def audit_rows(url: str) -> int:
@@ -97,14 +96,13 @@ def main(argv: list[str] | None = None) -> int:
     report = br.report_head("scaleout", args, "levels")
     tmp = Path(tempfile.mkdtemp(prefix="broker-bench-scaleout-"))
     tmp.chmod(0o755)
-    pg: bs.PgCluster | None = None
+    pg: PostgresCluster | None = None
     servers: list[br.Server] = []
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         fx = bs.make_fixture(tmp, csr_pool=16)
         ca_dir = str(fx.pki / "certificates")
-        pg = bs.PgCluster(tmp / "pg")
-        pg.start()
+        pg = bs.start_pg(tmp / "pg")
         report["postgresql"] = {
             "version": pg.version(),
             "pid": pg.pid,

@@ -15,7 +15,7 @@ reads them) and M audit rows over the last 30 days (ids in time order, as the
 service writes them; 2 % refusals, job ids unique per 10 rows, 1000 requesters).
 Then every query the admin page runs (``broker.store.admin_queries``) is timed
 ``--repeat`` times on a warm cache; the report gives the median and the worst
-in milliseconds.  PostgreSQL is a throwaway cluster (scripts/bench_store.py's
+in milliseconds.  PostgreSQL is a throwaway cluster (bench/store.py's
 recipe), queried after ``VACUUM ANALYZE`` (the steady state autovacuum keeps).
 Results: bench-out/admin.json.
 """
@@ -35,16 +35,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import Engine, insert, text
+
+from bench.store import start_pg
+from broker.store import admin_queries as q
+from broker.store import make_engine, migrate
+from broker.store.models import AuditEventRow, Credential
+from tests.pgcluster import PostgresCluster
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
-
-from bench_store import PgCluster  # noqa: E402
-from sqlalchemy import Engine, insert, text  # noqa: E402
-
-from broker.store import admin_queries as q  # noqa: E402
-from broker.store import make_engine, migrate  # noqa: E402
-from broker.store.models import AuditEventRow, Credential  # noqa: E402
 
 NOW = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
 BATCH = 5000
@@ -73,7 +72,7 @@ def fill(engine: Engine, credentials: int, audit: int, seed: int) -> float:
     span = 30 * 86400
     with engine.begin() as conn:
         for start in range(0, audit, BATCH):
-            rows = []
+            rows: list[dict[str, Any]] = []
             for i in range(start, min(audit, start + BATCH)):
                 deny = rng.random() < 0.02
                 rows.append({
@@ -155,14 +154,13 @@ def main(argv: list[str] | None = None) -> int:
                               "target_ms": TARGET_MS, "backends": {}}
     tmp = Path(tempfile.mkdtemp(prefix="broker-bench-admin-"))
     tmp.chmod(0o755)
-    pg: PgCluster | None = None
+    pg: PostgresCluster | None = None
     try:
         for backend in args.backends:
             if backend == "sqlite":
                 url = f"sqlite:///{tmp / 'admin.sqlite'}"
             elif backend == "postgresql":
-                pg = PgCluster(tmp / "pg")
-                pg.start()
+                pg = start_pg(tmp / "pg")
                 url = pg.create_database("admin")
             else:
                 raise SystemExit(f"unknown backend {backend!r}: use sqlite or postgresql")

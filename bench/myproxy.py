@@ -10,7 +10,7 @@ myproxy-logon itself).
 
 Modes: ``pilot`` (trusted retrieval by certificate, myproxy-logon -n) and
 ``passphrase`` (anonymous client + passphrase). Concurrency 1 / 4 / 16 clients,
-each cell bounded by ``--seconds`` and ``--max-ops``. Like bench_retrieval.py, the
+each cell bounded by ``--seconds`` and ``--max-ops``. Like bench/retrieval.py, the
 clients are threads in at most ``--client-procs`` processes (default 2; ``--client-procs
 16`` at 16 clients gives the older one-process-per-client shape), so that the load
 generator takes no more of the machine than its TLS work needs. Each cell reports
@@ -21,7 +21,7 @@ the cell (/proc/stat, all CPUs: anything else running on the machine counts too)
 Usage (everything on loopback; the reference server is started and stopped
 by PID here unless ``--peer HOST:PORT`` names one that already runs)::
 
-    .venv/bin/python scripts/bench_myproxy.py --seconds 8 --json bench-myproxy.json
+    scripts/bench myproxy --seconds 8 --json bench-myproxy.json
 
 The reference side needs the Debian packages myproxy-server and
 globus-proxy-utils; ``/work/shared/tools/myproxy_peer.sh pki`` style PKI is made
@@ -52,10 +52,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from bench_load import (  # noqa: E402 - shared with bench_retrieval.py
+from bench.load import (
     CLK_TCK,
     background_busy_pct,
     client_threads,
@@ -63,8 +60,9 @@ from bench_load import (  # noqa: E402 - shared with bench_retrieval.py
     run_load,
     thread_groups,
 )
+from broker.myproxy import codec
 
-from broker.myproxy import codec  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 PASS = "benchpass1"  # noqa: S105 - a throwaway test passphrase
 
@@ -84,8 +82,8 @@ class Target:
 
 # --------------------------------------------------------------------------- load generator
 #
-# At most --client-procs processes (threads inside them, like bench_retrieval.py;
-# the process/thread/queue frame is scripts/bench_load.py), so that the load generator
+# At most --client-procs processes (threads inside them, like bench/retrieval.py;
+# the process/thread/queue frame is bench/load.py), so that the load generator
 # takes no more of the machine than the TLS client work needs. The ssl module releases
 # the GIL around handshakes, reads and writes.
 
@@ -203,7 +201,7 @@ def make_csrs(count: int) -> list[bytes]:
     return [make_csr(k).public_bytes(serialization.Encoding.DER) for k in keys]
 
 
-# server CPU per retrieval (added for scripts/bench_suite.py): utime+stime
+# server CPU per retrieval (added for bench/suite.py): utime+stime
 # of the server process, plus cutime+cstime (its reaped children: myproxy-server forks
 # one child per connection), plus any live descendants. Sampled at quiet points only.
 def _tree_cpu_seconds(pid: int) -> float:

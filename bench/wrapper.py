@@ -3,7 +3,7 @@
 
 Run as root (setuid mode, account nobody) from the checkout:
 
-    .venv/bin/python scripts/bench_wrapper.py [--runs 30] [--mode setuid|none]
+    scripts/bench wrapper [--runs 30] [--mode setuid|none]
 
 It builds a throwaway dev PKI and proxy under /tmp, runs each command a
 bounded number of times, prints a table and removes everything. The target is

@@ -31,15 +31,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from broker.devpki import DEV_POLICY, write_dev_pki
+from broker.pki.proxy import csr_to_pem, generate_key, make_csr
+from tests.broker.tokens.issuer import TestIssuer
+from tests.broker.tokens.test_token_e2e import broker_toml
+from tests.brokerserver import start_broker
+from tests.pkifixtures import GridPki
 
-from broker.devpki import DEV_POLICY, write_dev_pki  # noqa: E402
-from broker.pki.proxy import csr_to_pem, generate_key, make_csr  # noqa: E402
-from tests.broker.tokens.issuer import TestIssuer  # noqa: E402
-from tests.broker.tokens.test_token_e2e import broker_toml  # noqa: E402
-from tests.brokerserver import start_broker  # noqa: E402
-from tests.pkifixtures import GridPki  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _policy(issuer_url: str) -> str:

@@ -3,7 +3,7 @@
 
 Run from the checkout, as root for the real identity switch (otherwise mode none):
 
-    .venv/bin/python scripts/bench_pilot.py [--runs 30]
+    scripts/bench pilot [--runs 30]
 
 It writes a throwaway dev PKI under /tmp, starts ``broker serve`` on 127.0.0.1
 (one gthread worker), delegates alice's credential and then measures, each for a
@@ -38,17 +38,16 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from broker.client import BrokerClient, ClientIdentity
+from broker.condor.jobad import read_job_ad
+from broker.devpki import DEV_POLICY, write_dev_pki
+from broker.pki.proxy import generate_key
+from payload_wrapper.api import execute
+from payload_wrapper.launcher import build_launcher
+from payload_wrapper.pilot import Pilot, fill_rsa_pool
+from payload_wrapper.pilot_config import load_pilot_config
 
-from broker.client import BrokerClient, ClientIdentity  # noqa: E402
-from broker.condor.jobad import read_job_ad  # noqa: E402
-from broker.devpki import DEV_POLICY, write_dev_pki  # noqa: E402
-from broker.pki.proxy import generate_key  # noqa: E402
-from payload_wrapper.api import execute  # noqa: E402
-from payload_wrapper.launcher import build_launcher  # noqa: E402
-from payload_wrapper.pilot import Pilot, fill_rsa_pool  # noqa: E402
-from payload_wrapper.pilot_config import load_pilot_config  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 TARGET_MS = 50.0
 BIN = Path(sys.executable).parent

@@ -3,7 +3,7 @@
 
 Run from the repository root (with or without the venv active):
 
-    .venv/bin/python scripts/bench_policy.py [--iterations N] [--json]
+    scripts/bench policy [--iterations N] [--json]
 
 The rule mix imitates a large site: per-user DN globs, VO/role rules, exact
 DNs, group rules, a few regexes and deny rules, spread over several files and
@@ -17,11 +17,7 @@ import argparse
 import json
 import random
 import statistics
-import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from broker.policy import Action, AuthMethod, PolicySet, Request, evaluate, load_policy
 

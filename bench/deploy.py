@@ -17,7 +17,7 @@ Parts (every figure in one run, so that they are comparable):
 
 Usage::
 
-    .venv/bin/python scripts/bench_deploy.py --seconds 8 --json bench-deploy.json
+    scripts/bench deploy --seconds 8 --json bench-deploy.json
 """
 
 from __future__ import annotations
@@ -40,11 +40,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
-
-from bench_myproxy import (  # noqa: E402 - the MyProxy load generator and servers
+from bench.myproxy import (
     Target,
     _client_context,
     free_port,
@@ -57,6 +53,8 @@ from bench_myproxy import (  # noqa: E402 - the MyProxy load generator and serve
     start_reference,
     wait_port,
 )
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _tree_pids(pid: int) -> list[int]:
