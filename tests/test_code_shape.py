@@ -17,8 +17,6 @@ PRODUCT = ("broker", "payload_wrapper")
 MAX_FUNCTION_LINES = 80
 # (path, function) pairs known to be long; remove an entry when the function is split.
 NOT_YET = {
-    ("broker/api/admin.py", "admin_blueprint"),
-    ("broker/api/app.py", "create_app"),
     ("broker/service.py", "authorize_retrieval"),
     ("broker/store/repository.py", "put_credential"),
 }

@@ -368,6 +368,12 @@ def _register_pages(bp: Blueprint, ui: _AdminUi) -> None:
     def policy() -> ViewResult:
         return ui.page("policy.html", view=admin.policy_view())
 
+    _register_explain(bp, ui)
+
+
+def _register_explain(bp: Blueprint, ui: _AdminUi) -> None:
+    admin = ui.admin
+
     @bp.route("/explain", methods=["GET", "POST"])
     @ui.admin_only
     def explain() -> ViewResult:
