@@ -435,7 +435,8 @@ class BrokerService:
     def _challenge_secret(self) -> bytes:
         with self._secret_lock:
             if self._challenge_secret_value is None:
-                self._challenge_secret_value = self.store.shared_secret(CHALLENGE_SECRET_NAME)
+                self._challenge_secret_value = self.store.shared_secret(
+                    CHALLENGE_SECRET_NAME, now=self.now())
             return self._challenge_secret_value
 
     def counters(self) -> dict[str, int]:
@@ -469,7 +470,7 @@ class BrokerService:
     def _flush_refusals(self, now: datetime, *, force: bool) -> None:
         for event, count in self._refusals.due(now, force=force):
             try:
-                self.store.add_audit(event)
+                self.store.add_audit(event, now=self.now())
             except BrokerError:
                 log.exception("could not write an aggregated refusal row (%d refusals)", count)
 
@@ -585,7 +586,7 @@ class BrokerService:
                 self._count("refusals_aggregated", 1)
                 return
         try:
-            self.store.add_audit(event)
+            self.store.add_audit(event, now=self.now())
         except BrokerError:
             log.exception("could not write the audit row for a refused %s", action)
 
@@ -944,7 +945,7 @@ class BrokerService:
         try:
             self.store.change_passphrase(record.username, record.name,
                                          old_passphrase=passphrase, new_passphrase=passphrase,
-                                         owner_dn=record.owner_dn)
+                                         owner_dn=record.owner_dn, now=self.now())
         except BrokerError as exc:
             log.info("kept %s/%s as stored by its owner: %s", record.username, record.name,
                      exc.message)
@@ -957,7 +958,7 @@ class BrokerService:
             requester, grant.action.value, "allow",
             reason="authenticated only (myproxy-logon -N): no proxy issued",
             owner_dn=record.owner_dn, username=record.username, name=record.name,
-            job_id=grant.job_id))
+            job_id=grant.job_id), now=self.now())
 
     def release_key(self, requester: Requester, grant: RetrievalGrant, passphrase: str) -> bytes:
         """MyProxy RETRIEVE: the stored chain and its key, the key encrypted under the
@@ -975,7 +976,8 @@ class BrokerService:
         decision = grant.decision
         self.store.add_audit(self._audit(
             requester, Action.RETRIEVE_KEY.value, "allow",
-            reason=f"{decision.reason}: {decision.rule.name if decision.rule else ''}", **where))
+            reason=f"{decision.reason}: {decision.rule.name if decision.rule else ''}", **where),
+            now=self.now())
         return pem
 
     def issue(
@@ -1025,7 +1027,7 @@ class BrokerService:
             self.store.add_audit(self._audit(
                 requester, grant.action.value, "allow",
                 reason=f"{decision.reason}: {decision.rule.name if decision.rule else ''}",
-                **where))
+                **where), now=self.now())
         return IssuedProxy(chain=issued, lifetime=granted, limited=make_limited,
                            owner_dn=record.owner_dn, username=record.username, name=record.name)
 
@@ -1151,7 +1153,7 @@ class BrokerService:
                     + (f" named {name!r}" if name else "") + f", owner {requester.dn}")
             self.store.add_audit(self._audit(requester, AuditAction.INFO, "allow", reason="listed",
                                              owner_dn=requester.dn, username=username,
-                                             name=name))
+                                             name=name), now=self.now())
         return visible
 
     def _owned(self, requester: Requester, username: str, name: str, what: str,
@@ -1211,7 +1213,7 @@ class BrokerService:
             deleted = self.store.delete_credential(
                 username, name, owner_dn=requester.dn,
                 audit=self._audit(requester, AuditAction.DESTROY, "allow", reason="destroyed",
-                                  **where))
+                                  **where), now=self.now())
         return _summary(deleted)
 
     def change_passphrase(
@@ -1263,7 +1265,8 @@ class BrokerService:
     def record_event(self, requester: Requester, action: AuditAction, *, reason: str,
                      **where: Any) -> None:
         """Write an ``allow`` audit row for an edge's own use case; raises StoreError."""
-        self.store.add_audit(self._audit(requester, action, "allow", reason=reason, **where))
+        self.store.add_audit(self._audit(requester, action, "allow", reason=reason, **where),
+                             now=self.now())
 
     def issue_certificate(
         self, requester: Requester, ca: OnlineCa, csr: x509.CertificateSigningRequest, *,
@@ -1381,7 +1384,7 @@ class BrokerService:
                 token=refresh_token, scopes=tuple(scopes), now=self.now())
             self.store.add_audit(self._audit(
                 requester, AuditAction.STORE_REFRESH_TOKEN, "allow",
-                reason=f"refresh token for issuer {config.name} stored", **where))
+                reason=f"refresh token for issuer {config.name} stored", **where), now=self.now())
         return record
 
     def start_token_device_flow(
@@ -1484,7 +1487,7 @@ class BrokerService:
             self.store.add_audit(self._audit(
                 requester, AuditAction.RETRIEVE_TOKEN, "allow",
                 reason=f"{decision.reason}: {decision.rule.name if decision.rule else ''}; "
-                       f"scopes {' '.join(wanted)}", **where))
+                       f"scopes {' '.join(wanted)}", **where), now=self.now())
         return access
 
     def _refresh_access_token(

@@ -12,9 +12,9 @@ change a credential (``put_credential`` with a :class:`CredentialWrite`,
 take ``audit=AuditEvent(...)`` and write it in their own transaction: both rows
 exist, or neither.
 
-Time: methods where expiry matters take ``now`` explicitly; others default to
-the injected ``clock`` (UTC wall clock unless given). Every datetime must be
-timezone-aware.
+Time: the store never reads a clock. Every method that stamps or compares a
+time takes ``now`` from its caller (the service passes its own clock's reading).
+Every datetime must be timezone-aware.
 
 Errors: bad input -> InputError/PemError/DnSyntaxError; missing -> NotFound;
 wrong owner -> Conflict (put) or AuthorizationError; wrong passphrase ->
@@ -150,7 +150,7 @@ class CredentialWrite:
 
 @dataclass(frozen=True)
 class AuditEvent:
-    """An audit entry to write; ``time=None`` means the store's clock."""
+    """An audit entry to write; ``time=None`` means the ``now`` of the write."""
 
     action: str
     decision: str
@@ -577,15 +577,12 @@ class Store:
         self,
         url: str | URL | Engine,
         master_keys: MasterKeyRing,
-        *,
-        clock: Callable[[], datetime] | None = None,
     ) -> None:
         if not isinstance(master_keys, MasterKeyRing):
             raise InputError("master_keys must be a MasterKeyRing (see load_master_keys)")
         self._owns_engine = not isinstance(url, Engine)
         self._engine = url if isinstance(url, Engine) else make_engine(url)
         self._ring = master_keys
-        self._clock = clock or (lambda: datetime.now(UTC))
         self._read_sessions = sessionmaker(bind=self._engine, expire_on_commit=False)
         # Writers take SQLite's write lock at BEGIN (see broker.store.engine).
         self._write_engine = self._engine.execution_options(**{SQLITE_BEGIN_OPTION: "IMMEDIATE"})
@@ -655,8 +652,8 @@ class Store:
             session.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))"),
                             {"k": key})
 
-    def _now(self, now: datetime | None) -> datetime:
-        return _aware(now if now is not None else self._clock(), "now")
+    def _now(self, now: datetime) -> datetime:
+        return _aware(now, "now")
 
     def _with_retry(self, attempt: Callable[[], T]) -> T:
         """Run a write once more if it lost an insert race (unique violation)."""
@@ -774,7 +771,7 @@ class Store:
         self,
         write: CredentialWrite,
         *,
-        now: datetime | None = None,
+        now: datetime,
         audit: AuditEvent | None = None,
     ) -> CredentialRecord:
         """Store a credential described by ``write`` (see :class:`CredentialWrite`)."""
@@ -864,7 +861,7 @@ class Store:
         *,
         owner_dn: str | None = None,
         audit: AuditEvent | None = None,
-        now: datetime | None = None,
+        now: datetime,
     ) -> CredentialRecord:
         """Delete one credential; with ``owner_dn`` only if that DN owns it."""
         username, name = _username(username), _credname(name)
@@ -900,7 +897,7 @@ class Store:
         old_passphrase: str | None,
         new_passphrase: str | None,
         owner_dn: str | None = None,
-        now: datetime | None = None,
+        now: datetime,
         audit: AuditEvent | None = None,
     ) -> CredentialRecord:
         """Set, change or (``new_passphrase=None``) remove a credential's passphrase."""
@@ -1091,7 +1088,7 @@ class Store:
 
     # -- shared secrets and single-use challenges ----------------------------
 
-    def shared_secret(self, name: str, *, length: int = 32) -> bytes:
+    def shared_secret(self, name: str, *, now: datetime, length: int = 32) -> bytes:
         """The secret ``name`` every process of the deployment shares; the first caller
         creates it (a primary key decides a race: the loser reads the winner's)."""
         name = _text(name, "secret name", 64)
@@ -1105,7 +1102,7 @@ class Store:
                 with self._core(write=True) as conn:
                     conn.execute(insert(ServiceSecretRow), {
                         "name": name, "value": secrets.token_bytes(length),
-                        "created_at": self._now(None)})
+                        "created_at": self._now(now)})
             except Conflict as exc:
                 if exc.reason != "race":
                     raise
@@ -1171,8 +1168,8 @@ class Store:
 
     # -- audit -------------------------------------------------------------
 
-    def add_audit(self, event: AuditEvent) -> int:
-        values = _audit_values(event, self._now(None))
+    def add_audit(self, event: AuditEvent, *, now: datetime) -> int:
+        values = _audit_values(event, self._now(now))
         with self._core(write=True) as conn:
             key = conn.execute(insert(AuditEventRow), values).inserted_primary_key
             if key is None:  # every supported dialect reports it; never a silent 0
