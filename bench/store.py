@@ -160,7 +160,7 @@ def populate(url: str, fx: Fixture, count: int) -> float:
             username=username(0),
             private_key_pem=fx.key_pem,
             certificate_chain=fx.chain_pem,
-        ))
+        ), now=datetime.now(UTC))
         table = Credential.__table__
         with store.engine.begin() as conn:
             template = dict(conn.execute(select(table)).mappings().one())

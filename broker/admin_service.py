@@ -20,6 +20,7 @@ from datetime import datetime, timedelta
 
 from broker.audit import AuditAction
 from broker.config import ServerConfig
+from broker.naming import policy_name
 from broker.policy import (
     AuthMethod,
     Decision,
@@ -155,7 +156,7 @@ def explain(policy: PolicySet, query: ExplainQuery) -> Decision:
         requester_dn=query.requester_dn, owner_dn=query.owner_dn,
         requester_fqans=query.requester_fqans, owner_fqans=query.owner_fqans,
         auth=query.auth,  # type: ignore[arg-type]  # Request validates it
-        credential="" if query.credential == "default" else query.credential,
+        credential=policy_name(query.credential),
         job_id=query.job_id, username=query.username,
     )
     owner_policy = None

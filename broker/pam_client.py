@@ -13,6 +13,7 @@ from typing import Any
 
 from broker.client import BrokerClient, parse_servers
 from broker.errors import ConfigError
+from broker.naming import DEFAULT_CREDENTIAL
 from broker.pki.loading import Credential, PrivateKey, load_certificates
 from broker.pki.proxy import csr_to_pem, generate_key, make_csr
 
@@ -37,7 +38,7 @@ class PamClient(BrokerClient):
         self._ctx = ctx
 
     def pam_retrieve(
-        self, *, username: str, password: str, name: str = "default",
+        self, *, username: str, password: str, name: str = DEFAULT_CREDENTIAL,
         lifetime_hours: float | None = None, job_id: str | None = None, limited: bool = False,
         key_type: str = "rsa",
     ) -> tuple[Credential, dict[str, Any]]:

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -435,7 +435,8 @@ class BrokerService:
     def _challenge_secret(self) -> bytes:
         with self._secret_lock:
             if self._challenge_secret_value is None:
-                self._challenge_secret_value = self.store.shared_secret(CHALLENGE_SECRET_NAME)
+                self._challenge_secret_value = self.store.shared_secret(
+                    CHALLENGE_SECRET_NAME, now=self.now())
             return self._challenge_secret_value
 
     def counters(self) -> dict[str, int]:
@@ -469,7 +470,7 @@ class BrokerService:
     def _flush_refusals(self, now: datetime, *, force: bool) -> None:
         for event, count in self._refusals.due(now, force=force):
             try:
-                self.store.add_audit(event)
+                self.store.add_audit(event, now=self.now())
             except BrokerError:
                 log.exception("could not write an aggregated refusal row (%d refusals)", count)
 
@@ -585,7 +586,7 @@ class BrokerService:
                 self._count("refusals_aggregated", 1)
                 return
         try:
-            self.store.add_audit(event)
+            self.store.add_audit(event, now=self.now())
         except BrokerError:
             log.exception("could not write the audit row for a refused %s", action)
 
@@ -873,45 +874,10 @@ class BrokerService:
             if record is None:
                 record = self._find(username=username, owner_dn=owner_dn, name=name)
             where.update(owner_dn=record.owner_dn, username=record.username, name=record.name)
-            if action is Action.RENEW:
-                auth = AuthMethod.CERTIFICATE
-            elif passphrase is not None:
-                auth = AuthMethod.PASSPHRASE
-            elif requester.pam_user is not None:
-                auth = AuthMethod.PAM
-                # A PAM login proves one account's password, and the policy's
-                # pam:USERGLOB patterns see the credential's username: so a PAM
-                # requester may only open credentials stored under its own username.
-                if requester.pam_user != record.username:
-                    raise _Concealed(AuthorizationError(
-                        f"PAM user {requester.pam_user!r} may only retrieve credentials stored "
-                        f"under the username {requester.pam_user!r}, not {record.username!r}",
-                        reason="pam_user_mismatch"))
-            elif requester.token is not None:
-                auth = AuthMethod.TOKEN
-            else:
-                auth = AuthMethod.CERTIFICATE
+            auth = _retrieval_auth_method(requester, record, action, passphrase)
             if record.not_after <= self.now():
-                # An expired chain no longer verifies (so it has no FQANs to offer the
-                # policy); the owner and the parties the policy lets in are told it expired.
-                probe = self._decide(requester, action, owner_dn=record.owner_dn,
-                                     name=record.name, username=record.username,
-                                     job_id=job_id, auth=auth,
-                                     owner_policy=_owner_policy(record))
-                if not probe.allowed:
-                    raise _Concealed(AuthorizationError(probe.message, reason=probe.reason))
-                raise CredentialError(
-                    f"the credential {record.username}/{record.name} expired at "
-                    f"{record.not_after:%Y-%m-%d %H:%M:%S} UTC; its owner must delegate a new "
-                    f"one (broker-init -k {record.name})", reason="expired")
-            decision = self.decide(requester, record, action, auth, job_id=job_id)
-            if not decision.allowed:
-                if decision.reason == REASON_JOB_ID:
-                    # A rule admits this requester for the credential; only the job id is
-                    # missing. It has a right here, and the pilot developer needs the reason.
-                    decision.raise_if_denied()
-                # No right on the credential: the answer must not tell it exists.
-                raise _Concealed(AuthorizationError(decision.message, reason=decision.reason))
+                self._refuse_expired(requester, record, action, auth, job_id)
+            decision = self._allowed_decision(requester, record, action, auth, job_id)
             if _authz_owner is not None and _authz_owner != record.owner_dn:
                 raise AuthorizationError(
                     f"the proxy presented for renewal belongs to {_authz_owner}, not to the "
@@ -938,22 +904,38 @@ class BrokerService:
                 attempt = None
             if passphrase is not None and is_owner_encrypted(record.envelope):
                 self._reseal_owner_encrypted(record, passphrase)
-            now = self.now()
-            if record.not_after <= now:
-                raise CredentialError(
-                    f"the credential {record.username}/{record.name} expired at "
-                    f"{record.not_after:%Y-%m-%d %H:%M:%S} UTC; its owner must delegate a new "
-                    f"one (broker-init -k {record.name})", reason="expired")
-            key = load_private_key(key_pem)
-            chain = tuple(load_certificates(record.certificate_chain.encode()))
-            if not public_keys_equal(key, chain[0]):
-                # A key its owner encrypted (MyProxy STORE) is first seen here.
-                raise CredentialError(
-                    f"the stored key of {record.username}/{record.name} does not belong to "
-                    "its certificate; the owner must store the credential again",
-                    reason="key_mismatch")
+            if record.not_after <= self.now():
+                raise _expired_error(record)
+            issuer = _stored_issuer(record, key_pem)
         return RetrievalGrant(record=record, decision=decision, action=action, job_id=job_id,
-                              issuer=Credential(chain=chain, key=key))
+                              issuer=issuer)
+
+    def _refuse_expired(self, requester: Requester, record: CredentialRecord, action: Action,
+                        auth: AuthMethod, job_id: str | None) -> NoReturn:
+        """Refuse a retrieval of an expired credential, concealing it from strangers.
+
+        An expired chain no longer verifies (so it has no FQANs to offer the policy);
+        the owner and the parties the policy lets in are told it expired.
+        """
+        probe = self._decide(requester, action, owner_dn=record.owner_dn,
+                             name=record.name, username=record.username,
+                             job_id=job_id, auth=auth, owner_policy=_owner_policy(record))
+        if not probe.allowed:
+            raise _Concealed(AuthorizationError(probe.message, reason=probe.reason))
+        raise _expired_error(record)
+
+    def _allowed_decision(self, requester: Requester, record: CredentialRecord, action: Action,
+                          auth: AuthMethod, job_id: str | None) -> Decision:
+        """The policy's allowing decision for this retrieval; a denial raises."""
+        decision = self.decide(requester, record, action, auth, job_id=job_id)
+        if not decision.allowed:
+            if decision.reason == REASON_JOB_ID:
+                # A rule admits this requester for the credential; only the job id is
+                # missing. It has a right here, and the pilot developer needs the reason.
+                decision.raise_if_denied()
+            # No right on the credential: the answer must not tell it exists.
+            raise _Concealed(AuthorizationError(decision.message, reason=decision.reason))
+        return decision
 
     def _reseal_owner_encrypted(self, record: CredentialRecord, passphrase: str) -> None:
         """A key stored as its owner encrypted it (MyProxy STORE) is protected only by the
@@ -963,7 +945,7 @@ class BrokerService:
         try:
             self.store.change_passphrase(record.username, record.name,
                                          old_passphrase=passphrase, new_passphrase=passphrase,
-                                         owner_dn=record.owner_dn)
+                                         owner_dn=record.owner_dn, now=self.now())
         except BrokerError as exc:
             log.info("kept %s/%s as stored by its owner: %s", record.username, record.name,
                      exc.message)
@@ -976,7 +958,7 @@ class BrokerService:
             requester, grant.action.value, "allow",
             reason="authenticated only (myproxy-logon -N): no proxy issued",
             owner_dn=record.owner_dn, username=record.username, name=record.name,
-            job_id=grant.job_id))
+            job_id=grant.job_id), now=self.now())
 
     def release_key(self, requester: Requester, grant: RetrievalGrant, passphrase: str) -> bytes:
         """MyProxy RETRIEVE: the stored chain and its key, the key encrypted under the
@@ -994,7 +976,8 @@ class BrokerService:
         decision = grant.decision
         self.store.add_audit(self._audit(
             requester, Action.RETRIEVE_KEY.value, "allow",
-            reason=f"{decision.reason}: {decision.rule.name if decision.rule else ''}", **where))
+            reason=f"{decision.reason}: {decision.rule.name if decision.rule else ''}", **where),
+            now=self.now())
         return pem
 
     def issue(
@@ -1044,7 +1027,7 @@ class BrokerService:
             self.store.add_audit(self._audit(
                 requester, grant.action.value, "allow",
                 reason=f"{decision.reason}: {decision.rule.name if decision.rule else ''}",
-                **where))
+                **where), now=self.now())
         return IssuedProxy(chain=issued, lifetime=granted, limited=make_limited,
                            owner_dn=record.owner_dn, username=record.username, name=record.name)
 
@@ -1170,7 +1153,7 @@ class BrokerService:
                     + (f" named {name!r}" if name else "") + f", owner {requester.dn}")
             self.store.add_audit(self._audit(requester, AuditAction.INFO, "allow", reason="listed",
                                              owner_dn=requester.dn, username=username,
-                                             name=name))
+                                             name=name), now=self.now())
         return visible
 
     def _owned(self, requester: Requester, username: str, name: str, what: str,
@@ -1230,7 +1213,7 @@ class BrokerService:
             deleted = self.store.delete_credential(
                 username, name, owner_dn=requester.dn,
                 audit=self._audit(requester, AuditAction.DESTROY, "allow", reason="destroyed",
-                                  **where))
+                                  **where), now=self.now())
         return _summary(deleted)
 
     def change_passphrase(
@@ -1282,7 +1265,8 @@ class BrokerService:
     def record_event(self, requester: Requester, action: AuditAction, *, reason: str,
                      **where: Any) -> None:
         """Write an ``allow`` audit row for an edge's own use case; raises StoreError."""
-        self.store.add_audit(self._audit(requester, action, "allow", reason=reason, **where))
+        self.store.add_audit(self._audit(requester, action, "allow", reason=reason, **where),
+                             now=self.now())
 
     def issue_certificate(
         self, requester: Requester, ca: OnlineCa, csr: x509.CertificateSigningRequest, *,
@@ -1400,7 +1384,7 @@ class BrokerService:
                 token=refresh_token, scopes=tuple(scopes), now=self.now())
             self.store.add_audit(self._audit(
                 requester, AuditAction.STORE_REFRESH_TOKEN, "allow",
-                reason=f"refresh token for issuer {config.name} stored", **where))
+                reason=f"refresh token for issuer {config.name} stored", **where), now=self.now())
         return record
 
     def start_token_device_flow(
@@ -1503,7 +1487,7 @@ class BrokerService:
             self.store.add_audit(self._audit(
                 requester, AuditAction.RETRIEVE_TOKEN, "allow",
                 reason=f"{decision.reason}: {decision.rule.name if decision.rule else ''}; "
-                       f"scopes {' '.join(wanted)}", **where))
+                       f"scopes {' '.join(wanted)}", **where), now=self.now())
         return access
 
     def _refresh_access_token(
@@ -1561,6 +1545,48 @@ def _not_found(username: str | None, owner_dn: str | None, name: str) -> NotFoun
         return NotFound(f"no credential {name!r} for user {username!r}")
     return NotFound(f"no credential named {name!r} is stored for {owner_dn}; the owner can "
                     f"store one with: broker-init -k {name}")
+
+
+def _retrieval_auth_method(requester: Requester, record: CredentialRecord, action: Action,
+                           passphrase: str | None) -> AuthMethod:
+    """How the requester of a retrieval authenticated, for the policy's ``auth`` match."""
+    if action is Action.RENEW:
+        return AuthMethod.CERTIFICATE
+    if passphrase is not None:
+        return AuthMethod.PASSPHRASE
+    if requester.pam_user is not None:
+        # A PAM login proves one account's password, and the policy's
+        # pam:USERGLOB patterns see the credential's username: so a PAM
+        # requester may only open credentials stored under its own username.
+        if requester.pam_user != record.username:
+            raise _Concealed(AuthorizationError(
+                f"PAM user {requester.pam_user!r} may only retrieve credentials stored "
+                f"under the username {requester.pam_user!r}, not {record.username!r}",
+                reason="pam_user_mismatch"))
+        return AuthMethod.PAM
+    if requester.token is not None:
+        return AuthMethod.TOKEN
+    return AuthMethod.CERTIFICATE
+
+
+def _expired_error(record: CredentialRecord) -> CredentialError:
+    return CredentialError(
+        f"the credential {record.username}/{record.name} expired at "
+        f"{record.not_after:%Y-%m-%d %H:%M:%S} UTC; its owner must delegate a new "
+        f"one (broker-init -k {record.name})", reason="expired")
+
+
+def _stored_issuer(record: CredentialRecord, key_pem: bytes) -> Credential:
+    """The stored chain with its decrypted key, checked to belong together."""
+    key = load_private_key(key_pem)
+    chain = tuple(load_certificates(record.certificate_chain.encode()))
+    if not public_keys_equal(key, chain[0]):
+        # A key its owner encrypted (MyProxy STORE) is first seen here.
+        raise CredentialError(
+            f"the stored key of {record.username}/{record.name} does not belong to "
+            "its certificate; the owner must store the credential again",
+            reason="key_mismatch")
+    return Credential(chain=chain, key=key)
 
 
 def _refuse_limited(requester: Requester, what: str) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 import click
 
 from broker.errors import AuthorizationError, BrokerError, InputError
+from broker.naming import policy_name
 from broker.policy import (
     Action,
     AuthMethod,
@@ -191,8 +192,8 @@ def explain_cmd(
             requester_fqans=fqans,
             owner_fqans=owner_fqans,
             auth=AuthMethod(auth),
-            # The server calls the unnamed MyProxy credential "default"; the policy calls it "".
-            credential="" if credential == "default" else credential,
+            # The server and the policy spell the unnamed MyProxy credential differently.
+            credential=policy_name(credential),
             job_id=job_id,
             username=username,
             token=token,

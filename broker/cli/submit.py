@@ -27,6 +27,7 @@ from broker.cli.common import format_timedelta, reports_errors, run_command
 from broker.cli.user import _client, common_ca, common_server
 from broker.condor.submit import augment_submit, submit_to_schedd
 from broker.errors import BrokerError, InputError, NotFound
+from broker.naming import DEFAULT_CREDENTIAL, policy_name
 
 __all__ = ["main", "submit_cmd"]
 
@@ -95,7 +96,7 @@ def pilot_warnings(owner: str, name: str, credential: Mapping[str, object],
     for pilot in pilots:
         request = Request(action=Action.RETRIEVE, requester_dn=pilot, owner_dn=owner,
                           auth=AuthMethod.CERTIFICATE,
-                          credential="" if name == "default" else name,
+                          credential=policy_name(name),
                           job_id="broker-submit-check",
                           username=str(credential.get("username") or "") or None)
         decision = evaluate(policy_set, request, owner_policy)
@@ -107,7 +108,7 @@ def pilot_warnings(owner: str, name: str, credential: Mapping[str, object],
 
 @click.command("broker-submit")
 @click.argument("submit_file", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-k", "--credname", default="default", show_default=True,
+@click.option("-k", "--credname", default=DEFAULT_CREDENTIAL, show_default=True,
               help="Name of your stored credential the pilot fetches.")
 @click.option("--min-hours", type=float, default=2.0, show_default=True,
               help="Refuse to submit when the stored credential has less time left.")

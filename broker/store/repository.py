@@ -12,9 +12,9 @@ change a credential (``put_credential`` with a :class:`CredentialWrite`,
 take ``audit=AuditEvent(...)`` and write it in their own transaction: both rows
 exist, or neither.
 
-Time: methods where expiry matters take ``now`` explicitly; others default to
-the injected ``clock`` (UTC wall clock unless given). Every datetime must be
-timezone-aware.
+Time: the store never reads a clock. Every method that stamps or compares a
+time takes ``now`` from its caller (the service passes its own clock's reading).
+Every datetime must be timezone-aware.
 
 Errors: bad input -> InputError/PemError/DnSyntaxError; missing -> NotFound;
 wrong owner -> Conflict (put) or AuthorizationError; wrong passphrase ->
@@ -150,7 +150,7 @@ class CredentialWrite:
 
 @dataclass(frozen=True)
 class AuditEvent:
-    """An audit entry to write; ``time=None`` means the store's clock."""
+    """An audit entry to write; ``time=None`` means the ``now`` of the write."""
 
     action: str
     decision: str
@@ -325,6 +325,96 @@ def _check_chain(chain: object, private_key_pem: bytes | None) -> tuple[str, dat
 
 
 
+@dataclass(frozen=True)
+class _WriteAcl:
+    """The checked access lists of a :class:`CredentialWrite`."""
+
+    retrievers: list[str]
+    trusted_retrievers: list[str]
+    renewers: list[str]
+    key_retrievers: list[str]
+
+
+def _checked_write_settings(write: CredentialWrite) -> _WriteAcl:
+    """Check a write's description, access lists, lifetime cap and new passphrase."""
+    if write.description is not None:
+        _text(write.description, "description", 4096, allow_empty=True)
+    acl = _WriteAcl(
+        retrievers=_dn_list(write.retrievers, "retrievers"),
+        trusted_retrievers=_dn_list(write.trusted_retrievers, "trusted_retrievers"),
+        renewers=_dn_list(write.renewers, "renewers"),
+        key_retrievers=_dn_list(write.key_retrievers, "key_retrievers"),
+    )
+    max_lifetime_seconds = write.max_lifetime_seconds
+    if max_lifetime_seconds is not None and (
+        not isinstance(max_lifetime_seconds, int)
+        or isinstance(max_lifetime_seconds, bool)
+        or max_lifetime_seconds <= 0
+    ):
+        raise InputError("max_lifetime_seconds must be a positive integer")
+    if write.passphrase is not None:
+        crypto.check_new_passphrase(write.passphrase)
+    return acl
+
+
+def _checked_key_and_chain(write: CredentialWrite) -> tuple[bytes | None, str, datetime]:
+    """The write's key PEM (None when it comes from a pending row), chain and chain end."""
+    private_key_pem = write.private_key_pem
+    if (private_key_pem is None) == (write.consume_pending is None):
+        raise InputError("give exactly one of private_key_pem and consume_pending")
+    if write.owner_encrypted_key:
+        if private_key_pem is None or write.passphrase is not None:
+            raise InputError("an owner-encrypted key comes as PEM, without a passphrase")
+        key_pem = _check_encrypted_key(private_key_pem)
+        return (key_pem, *_check_chain(write.certificate_chain, None))
+    if private_key_pem is not None:
+        key_pem = _check_private_key(private_key_pem)
+        return (key_pem, *_check_chain(write.certificate_chain, key_pem))
+    # The key comes from the pending row; it is checked against the
+    # chain inside the transaction.
+    return (None, *_check_chain(write.certificate_chain, None))
+
+
+def _credential_row_for_write(
+    session: Session, owner_dn: str, username: str, name: str, moment: datetime
+) -> Credential:
+    """The locked row of the slot, or a new one; another owner's slot is a conflict."""
+    row = session.scalars(
+        select(Credential)
+        .where(Credential.username == username, Credential.name == name)
+        .with_for_update()
+    ).one_or_none()
+    if row is None:
+        row = Credential(owner_dn=owner_dn, username=username, name=name, created_at=moment)
+        session.add(row)
+    elif row.owner_dn != owner_dn:
+        raise Conflict(
+            f"credential {name!r} of user {username!r} belongs to another owner",
+            reason="owner_mismatch",
+        )
+    return row
+
+
+def _fill_credential_row(
+    row: Credential,
+    write: CredentialWrite,
+    acl: _WriteAcl,
+    chain: str,
+    stored_until: datetime,
+    moment: datetime,
+) -> None:
+    row.description = write.description
+    row.certificate_chain = chain
+    row.not_after = stored_until
+    row.retrievers = acl.retrievers
+    row.trusted_retrievers = acl.trusted_retrievers
+    row.renewers = acl.renewers
+    row.key_retrievers = acl.key_retrievers
+    row.max_lifetime_seconds = write.max_lifetime_seconds
+    row.limited = bool(write.limited)
+    row.updated_at = moment
+
+
 def _locked_owned_row(
     session: Session, username: str, name: str, expected_owner: str | None
 ) -> Credential:
@@ -487,15 +577,12 @@ class Store:
         self,
         url: str | URL | Engine,
         master_keys: MasterKeyRing,
-        *,
-        clock: Callable[[], datetime] | None = None,
     ) -> None:
         if not isinstance(master_keys, MasterKeyRing):
             raise InputError("master_keys must be a MasterKeyRing (see load_master_keys)")
         self._owns_engine = not isinstance(url, Engine)
         self._engine = url if isinstance(url, Engine) else make_engine(url)
         self._ring = master_keys
-        self._clock = clock or (lambda: datetime.now(UTC))
         self._read_sessions = sessionmaker(bind=self._engine, expire_on_commit=False)
         # Writers take SQLite's write lock at BEGIN (see broker.store.engine).
         self._write_engine = self._engine.execution_options(**{SQLITE_BEGIN_OPTION: "IMMEDIATE"})
@@ -565,8 +652,8 @@ class Store:
             session.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))"),
                             {"k": key})
 
-    def _now(self, now: datetime | None) -> datetime:
-        return _aware(now if now is not None else self._clock(), "now")
+    def _now(self, now: datetime) -> datetime:
+        return _aware(now, "now")
 
     def _with_retry(self, attempt: Callable[[], T]) -> T:
         """Run a write once more if it lost an insert race (unique violation)."""
@@ -684,62 +771,31 @@ class Store:
         self,
         write: CredentialWrite,
         *,
-        now: datetime | None = None,
+        now: datetime,
         audit: AuditEvent | None = None,
     ) -> CredentialRecord:
         """Store a credential described by ``write`` (see :class:`CredentialWrite`)."""
-        owner_dn, username, name = write.owner_dn, write.username, write.name
-        private_key_pem, certificate_chain = write.private_key_pem, write.certificate_chain
-        description, max_lifetime_seconds = write.description, write.max_lifetime_seconds
-        retrievers, trusted_retrievers = write.retrievers, write.trusted_retrievers
-        renewers, key_retrievers = write.renewers, write.key_retrievers
-        limited, passphrase, not_after = write.limited, write.passphrase, write.not_after
-        consume_pending, owner_encrypted_key = write.consume_pending, write.owner_encrypted_key
-        owner_dn = _dn(owner_dn, "owner DN")
-        username = _username(username)
-        name = _credname(name)
-        if description is not None:
-            _text(description, "description", 4096, allow_empty=True)
-        retriever_list = _dn_list(retrievers, "retrievers")
-        trusted_list = _dn_list(trusted_retrievers, "trusted_retrievers")
-        renewer_list = _dn_list(renewers, "renewers")
-        key_retriever_list = _dn_list(key_retrievers, "key_retrievers")
-        if max_lifetime_seconds is not None and (
-            not isinstance(max_lifetime_seconds, int)
-            or isinstance(max_lifetime_seconds, bool)
-            or max_lifetime_seconds <= 0
-        ):
-            raise InputError("max_lifetime_seconds must be a positive integer")
-        if passphrase is not None:
-            crypto.check_new_passphrase(passphrase)
+        owner_dn = _dn(write.owner_dn, "owner DN")
+        username = _username(write.username)
+        name = _credname(write.name)
+        acl = _checked_write_settings(write)
         if audit is not None:
             _check_audit(audit)
-        if (private_key_pem is None) == (consume_pending is None):
-            raise InputError("give exactly one of private_key_pem and consume_pending")
-        if owner_encrypted_key:
-            if private_key_pem is None or passphrase is not None:
-                raise InputError("an owner-encrypted key comes as PEM, without a passphrase")
-            key_pem: bytes | None = _check_encrypted_key(private_key_pem)
-            chain, chain_end = _check_chain(certificate_chain, None)
-        elif private_key_pem is not None:
-            key_pem = _check_private_key(private_key_pem)
-            chain, chain_end = _check_chain(certificate_chain, key_pem)
-        else:
-            key_pem = None
-            # The key comes from the pending row; it is checked against the
-            # chain inside the transaction.
-            chain, chain_end = _check_chain(certificate_chain, None)
+        key_pem, chain, chain_end = _checked_key_and_chain(write)
         # The caller may keep a credential for less time than its chain lives.
         stored_until = (
-            chain_end if not_after is None else min(chain_end, _aware(not_after, "not_after"))
+            chain_end
+            if write.not_after is None
+            else min(chain_end, _aware(write.not_after, "not_after"))
         )
         moment = self._now(now)
         context = crypto.credential_context(owner_dn, username, name)
+        passphrase, consume_pending = write.passphrase, write.consume_pending
         # Encrypting (scrypt with a passphrase) before BEGIN keeps the write
         # lock short; only a key taken from a pending row must be sealed inside.
         early_envelope = (
             crypto.seal_owner_encrypted(key_pem, context, self._ring_for_encrypt())
-            if key_pem is not None and owner_encrypted_key
+            if key_pem is not None and write.owner_encrypted_key
             else crypto.seal(key_pem, context, self._ring_for_encrypt(), passphrase)
             if key_pem is not None
             else None
@@ -762,31 +818,8 @@ class Store:
                     session.delete(pending)
                     envelope = crypto.seal(pem, context, self._ring_for_encrypt(), passphrase)
                 assert envelope is not None
-                row = session.scalars(
-                    select(Credential)
-                    .where(Credential.username == username, Credential.name == name)
-                    .with_for_update()
-                ).one_or_none()
-                if row is None:
-                    row = Credential(
-                        owner_dn=owner_dn, username=username, name=name, created_at=moment
-                    )
-                    session.add(row)
-                elif row.owner_dn != owner_dn:
-                    raise Conflict(
-                        f"credential {name!r} of user {username!r} belongs to another owner",
-                        reason="owner_mismatch",
-                    )
-                row.description = description
-                row.certificate_chain = chain
-                row.not_after = stored_until
-                row.retrievers = retriever_list
-                row.trusted_retrievers = trusted_list
-                row.renewers = renewer_list
-                row.key_retrievers = key_retriever_list
-                row.max_lifetime_seconds = max_lifetime_seconds
-                row.limited = bool(limited)
-                row.updated_at = moment
+                row = _credential_row_for_write(session, owner_dn, username, name, moment)
+                _fill_credential_row(row, write, acl, chain, stored_until, moment)
                 _store_envelope(row, envelope)
                 self._write_audit(session, audit, moment)
                 session.flush()
@@ -828,7 +861,7 @@ class Store:
         *,
         owner_dn: str | None = None,
         audit: AuditEvent | None = None,
-        now: datetime | None = None,
+        now: datetime,
     ) -> CredentialRecord:
         """Delete one credential; with ``owner_dn`` only if that DN owns it."""
         username, name = _username(username), _credname(name)
@@ -864,7 +897,7 @@ class Store:
         old_passphrase: str | None,
         new_passphrase: str | None,
         owner_dn: str | None = None,
-        now: datetime | None = None,
+        now: datetime,
         audit: AuditEvent | None = None,
     ) -> CredentialRecord:
         """Set, change or (``new_passphrase=None``) remove a credential's passphrase."""
@@ -1055,7 +1088,7 @@ class Store:
 
     # -- shared secrets and single-use challenges ----------------------------
 
-    def shared_secret(self, name: str, *, length: int = 32) -> bytes:
+    def shared_secret(self, name: str, *, now: datetime, length: int = 32) -> bytes:
         """The secret ``name`` every process of the deployment shares; the first caller
         creates it (a primary key decides a race: the loser reads the winner's)."""
         name = _text(name, "secret name", 64)
@@ -1069,7 +1102,7 @@ class Store:
                 with self._core(write=True) as conn:
                     conn.execute(insert(ServiceSecretRow), {
                         "name": name, "value": secrets.token_bytes(length),
-                        "created_at": self._now(None)})
+                        "created_at": self._now(now)})
             except Conflict as exc:
                 if exc.reason != "race":
                     raise
@@ -1135,8 +1168,8 @@ class Store:
 
     # -- audit -------------------------------------------------------------
 
-    def add_audit(self, event: AuditEvent) -> int:
-        values = _audit_values(event, self._now(None))
+    def add_audit(self, event: AuditEvent, *, now: datetime) -> int:
+        values = _audit_values(event, self._now(now))
         with self._core(write=True) as conn:
             key = conn.execute(insert(AuditEventRow), values).inserted_primary_key
             if key is None:  # every supported dialect reports it; never a silent 0

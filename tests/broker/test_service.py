@@ -56,7 +56,7 @@ def clock(grid_pki: GridPki) -> Clock:
 def service(grid_pki: GridPki, tmp_path: Path, clock: Clock) -> Iterator[BrokerService]:
     url = default_sqlite_url(tmp_path)
     migrate(url)
-    with Store(url, MasterKeyRing.generate(), clock=clock) as store:
+    with Store(url, MasterKeyRing.generate()) as store:
         yield BrokerService(store, grid_pki.trust, lambda: load_policy({"p.toml": DEV_POLICY}),
                             clock=clock)
 
@@ -234,7 +234,7 @@ def test_revoked_owner_cannot_be_retrieved_once_the_crl_arrives(
     url = default_sqlite_url(tmp_path)
     migrate(url)
     current = {"trust": grid_pki.trust}
-    with Store(url, MasterKeyRing.generate(), clock=clock) as store:
+    with Store(url, MasterKeyRing.generate()) as store:
         svc = BrokerService(store, lambda: current["trust"],
                             lambda: load_policy({"p.toml": DEV_POLICY}), clock=clock)
         delegate(svc, grid_pki)
@@ -275,7 +275,7 @@ def _service(store: Store, grid_pki: GridPki, clock: Clock, policy: str = DEV_PO
 def store(tmp_path: Path, clock: Clock) -> Iterator[Store]:
     url = default_sqlite_url(tmp_path / "db")
     migrate(url)
-    with Store(url, MasterKeyRing.generate(), clock=clock) as s:
+    with Store(url, MasterKeyRing.generate()) as s:
         yield s
 
 

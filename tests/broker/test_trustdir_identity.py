@@ -56,7 +56,7 @@ def service(grid_pki: GridPki, tmp_path: Path,
     url = default_sqlite_url(tmp_path)
     migrate(url)
     clock = Clock(grid_pki.now + timedelta(minutes=1))
-    with Store(url, MasterKeyRing.generate(), clock=clock) as store:
+    with Store(url, MasterKeyRing.generate()) as store:
         yield BrokerService(store, lambda: trust_box["trust"],
                             lambda: load_policy({"p.toml": DEV_POLICY}), clock=clock)
 

@@ -84,7 +84,7 @@ def attacks(pki: GridPki, base: Path) -> Iterator[tuple[str, Callable[[Outcome],
         url = default_sqlite_url(place)
         migrate(url)
         clock = _Clock()
-        store = Store(url, MasterKeyRing.generate(), clock=clock)
+        store = Store(url, MasterKeyRing.generate())
         state.setdefault("stores", []).append(store)
         svc = BrokerService(store, pki.trust, lambda: load_policy({"p.toml": policy}),
                             clock=clock, config=ServiceConfig(**config))

@@ -128,7 +128,7 @@ def seed(broker: RunningBroker, alice_dn: str, bob_dn: str) -> None:
                 certificate_chain=material.chain_pem,
                 passphrase="a passphrase nobody may see",
                 description=f"{username}'s proxy",
-            ))
+            ), now=datetime.now(UTC))
         now = datetime.now(UTC)
         for i, (job, decision) in enumerate(((JOB_ID, "allow"), ("other-job", "allow"),
                                              (XSS_JOB, "deny"), (JOB_ID, "deny"))):
@@ -137,6 +137,7 @@ def seed(broker: RunningBroker, alice_dn: str, bob_dn: str) -> None:
                 time=now - timedelta(minutes=30 - i), requester_dn=PILOT_DN
                 if i != 2 else XSS_DN, owner_dn=alice_dn, username="alice",
                 credential_name="default", job_id=job,
-                reason="allowed" if decision == "allow" else "no_matching_rule: refused"))
+                reason="allowed" if decision == "allow" else "no_matching_rule: refused"),
+                now=datetime.now(UTC))
     finally:
         store.close()

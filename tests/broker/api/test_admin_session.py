@@ -53,7 +53,7 @@ def world(grid_pki: GridPki, tmp_path: Path) -> Iterator[World]:
     url = default_sqlite_url(tmp_path / "state")
     migrate(url)
     policy = {"current": _policy(f'"pam:{ADMIN_USER}"')}
-    with Store(url, MasterKeyRing.generate(), clock=clock) as store:
+    with Store(url, MasterKeyRing.generate()) as store:
         service = BrokerService(store, grid_pki.trust, lambda: policy["current"], clock=clock)
         app = create_app(service, pam=PamSettings(stack.service, confdir=str(stack.confdir)),
                          admin=AdminSettings(session_lifetime=timedelta(minutes=30)))

@@ -133,7 +133,7 @@ def test_expired_stored_credential_refused(sqlite_broker: RunningBroker) -> None
             name="old",
             private_key_pem=key_to_pem(old.key),
             certificate_chain=chain_to_pem(old.chain).decode(),
-        ))
+        ), now=datetime.now(UTC))
     with pytest.raises(CredentialError) as err:
         sqlite_broker.client("alice").retrieve(username="alice", name="old")
     assert err.value.reason == "expired"

@@ -80,7 +80,7 @@ def clock(grid_pki: GridPki) -> Clock:
 def service(grid_pki: GridPki, tmp_path: Path, clock: Clock) -> Iterator[BrokerService]:
     url = default_sqlite_url(tmp_path)
     migrate(url)
-    with Store(url, MasterKeyRing.generate(), clock=clock) as store:
+    with Store(url, MasterKeyRing.generate()) as store:
         yield BrokerService(store, grid_pki.trust, lambda: load_policy({"p.toml": DEV_POLICY}),
                             clock=clock)
 

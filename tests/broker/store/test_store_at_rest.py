@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import subprocess
+from datetime import UTC, datetime
 from pathlib import Path
 
 from sqlalchemy import text
@@ -38,7 +39,7 @@ def _fill(store: Store, mats: list[KeyMaterial]) -> None:
         username="alice",
         private_key_pem=mats[0].key_pem,
         certificate_chain=mats[0].chain_pem,
-    ))
+    ), now=datetime.now(UTC))
     store.put_credential(CredentialWrite(
         owner_dn=ALICE,
         username="alice",
@@ -46,7 +47,7 @@ def _fill(store: Store, mats: list[KeyMaterial]) -> None:
         private_key_pem=mats[1].key_pem,
         certificate_chain=mats[1].chain_pem,
         passphrase=PASSPHRASE,
-    ))
+    ), now=datetime.now(UTC))
     store.create_pending(
         requester_dn=ALICE,
         username="alice",

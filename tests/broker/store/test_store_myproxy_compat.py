@@ -4,6 +4,7 @@ STORE), owners' key-retriever lists and usernames as long and free as MyProxy's.
 from __future__ import annotations
 
 import subprocess
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -34,7 +35,7 @@ def test_owner_encrypted_key_opens_only_with_its_passphrase(
         certificate_chain=rsa_material.chain_pem,
         owner_encrypted_key=True,
         key_retrievers=[ALICE],
-    ))
+    ), now=datetime.now(UTC))
     again = store.get_credential("alice", "stored")
     assert again.passphrase_protected and is_owner_encrypted(again.envelope)
     assert again.key_retrievers == (ALICE,)
@@ -60,9 +61,9 @@ def test_owner_encrypted_key_passphrase_change_reseals(
         private_key_pem=_encrypted(rsa_material),
         certificate_chain=rsa_material.chain_pem,
         owner_encrypted_key=True,
-    ))
+    ), now=datetime.now(UTC))
     changed = store.change_passphrase("alice", "c", old_passphrase=PASSPHRASE,
-                                      new_passphrase="a-new-passphrase")
+                                      new_passphrase="a-new-passphrase", now=datetime.now(UTC))
     assert not is_owner_encrypted(changed.envelope) and changed.passphrase_protected
     with pytest.raises(AuthenticationError):
         store.decrypt_private_key(changed, PASSPHRASE)
@@ -78,7 +79,7 @@ def test_owner_encrypted_needs_an_encrypted_pem(store: Store, rsa_material: KeyM
             private_key_pem=rsa_material.key_pem,
             certificate_chain=rsa_material.chain_pem,
             owner_encrypted_key=True,
-        ))
+        ), now=datetime.now(UTC))
 
 
 @pytest.mark.parametrize("username", [ALICE, "alice." + "z" * 1490, "élodie/ü"])
@@ -90,7 +91,7 @@ def test_usernames_as_myproxy_accepts(store: Store, rsa_material: KeyMaterial,
         name="default",
         private_key_pem=rsa_material.key_pem,
         certificate_chain=rsa_material.chain_pem,
-    ))
+    ), now=datetime.now(UTC))
     assert store.get_credential(username, "default").username == username
 
 
@@ -113,7 +114,7 @@ def test_costly_key_encryption_is_refused(store: Store, rsa_material: KeyMateria
             private_key_pem=costly.read_bytes(),
             certificate_chain=rsa_material.chain_pem,
             owner_encrypted_key=True,
-        ))
+        ), now=datetime.now(UTC))
     scrypt = tmp_path / "scrypt.pem"
     made = subprocess.run(
         ["openssl", "pkcs8", "-topk8", "-scrypt", "-in", str(source), "-out", str(scrypt),
@@ -127,4 +128,4 @@ def test_costly_key_encryption_is_refused(store: Store, rsa_material: KeyMateria
             private_key_pem=scrypt.read_bytes(),
             certificate_chain=rsa_material.chain_pem,
             owner_encrypted_key=True,
-        ))
+        ), now=datetime.now(UTC))

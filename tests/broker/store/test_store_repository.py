@@ -36,7 +36,7 @@ def _put(store: Store, mat: KeyMaterial, **kw: Any) -> Any:
         "certificate_chain": mat.chain_pem,
     }
     args.update(kw)
-    now, audit = args.pop("now", None), args.pop("audit", None)
+    now, audit = args.pop("now", datetime.now(UTC)), args.pop("audit", None)
     return store.put_credential(CredentialWrite(**args), now=now, audit=audit)
 
 
@@ -189,19 +189,23 @@ def test_passphrase_required_and_wrong_refused(store: Store, new_key: KeyFactory
     assert store.decrypt_private_key(rec, "open sesame") == mat.key_pem
 
     changed = store.change_passphrase(
-        "alice", old_passphrase="open sesame", new_passphrase="new secret", owner_dn=ALICE
+        "alice", old_passphrase="open sesame", new_passphrase="new secret", owner_dn=ALICE,
+        now=datetime.now(UTC),
     )
     with pytest.raises(AuthenticationError):
         store.decrypt_private_key(changed, "open sesame")
     assert store.decrypt_private_key(store.get_credential("alice"), "new secret") == mat.key_pem
 
     with pytest.raises(AuthenticationError):
-        store.change_passphrase("alice", old_passphrase="guess!", new_passphrase="whatever")
+        store.change_passphrase("alice", old_passphrase="guess!", new_passphrase="whatever",
+                                now=datetime.now(UTC))
     with pytest.raises(AuthorizationError):
         store.change_passphrase(
-            "alice", old_passphrase="new secret", new_passphrase="abcdefg", owner_dn=BOB
+            "alice", old_passphrase="new secret", new_passphrase="abcdefg", owner_dn=BOB,
+            now=datetime.now(UTC),
         )
-    cleared = store.change_passphrase("alice", old_passphrase="new secret", new_passphrase=None)
+    cleared = store.change_passphrase("alice", old_passphrase="new secret", new_passphrase=None,
+                                      now=datetime.now(UTC))
     assert not cleared.passphrase_protected
     assert store.decrypt_private_key(cleared) == mat.key_pem
 
@@ -221,15 +225,16 @@ def test_list_find_delete(store: Store, new_key: KeyFactory) -> None:
         "default",
     ]
     with pytest.raises(AuthorizationError):
-        store.delete_credential("alice", "cms", owner_dn=BOB)
+        store.delete_credential("alice", "cms", owner_dn=BOB, now=datetime.now(UTC))
     deleted = store.delete_credential(
-        "alice", "cms", owner_dn=ALICE, audit=_audit("destroy", credential_name="cms")
+        "alice", "cms", owner_dn=ALICE, audit=_audit("destroy", credential_name="cms"),
+        now=datetime.now(UTC),
     )
     assert deleted.name == "cms"
     with pytest.raises(NotFound):
         store.get_credential("alice", "cms")
     with pytest.raises(NotFound):
-        store.delete_credential("alice", "cms")
+        store.delete_credential("alice", "cms", now=datetime.now(UTC))
     assert [e.action for e in store.query_audit(owner_dn=ALICE)] == ["destroy"]
 
 
@@ -329,7 +334,7 @@ def test_audit_is_written_in_the_same_transaction(store: Store, new_key: KeyFact
 
     _put(store, mat, audit=_audit())
     with fail_on_audit_insert(store.engine), pytest.raises((StoreError, RuntimeError)):
-        store.delete_credential("alice", audit=_audit("destroy"))
+        store.delete_credential("alice", audit=_audit("destroy"), now=datetime.now(UTC))
     assert store.get_credential("alice")
     assert [e.action for e in store.query_audit()] == ["put"]
     assert _count(store, PendingDelegationRow) == 1
@@ -340,7 +345,7 @@ def test_count_audit_counts_one_credential_address_and_reason_since_a_time(store
         base = {"decision": "deny", "reason": "invalid_passphrase: invalid credential passphrase",
                 "client_address": "192.0.2.7", "time": T0 + timedelta(minutes=minute)}
         base.update(kw)
-        store.add_audit(_audit("retrieve", **base))
+        store.add_audit(_audit("retrieve", **base), now=datetime.now(UTC))
 
     for minute in range(4):
         failure(minute)
@@ -375,9 +380,10 @@ def test_audit_query(store: Store) -> None:
                 client_address="127.0.0.1",
                 request_id=f"req-{i}",
                 endpoint="myproxy",
-            )
+            ),
+        now=datetime.now(UTC),
         )
-    store.add_audit(_audit("info", owner_dn=BOB, endpoint="cli"))
+    store.add_audit(_audit("info", owner_dn=BOB, endpoint="cli"), now=datetime.now(UTC))
     newest_first = store.query_audit(owner_dn=ALICE)
     assert [e.job_id for e in newest_first] == ["42.4", "42.3", "42.2", "42.1", "42.0"]
     assert newest_first[0].decision == "deny" and newest_first[0].reason == "policy rule 3"
@@ -391,7 +397,7 @@ def test_audit_query(store: Store) -> None:
     with pytest.raises(InputError):
         store.query_audit(limit=0)
     with pytest.raises(InputError):
-        store.add_audit(_audit(endpoint="smtp"))
+        store.add_audit(_audit(endpoint="smtp"), now=datetime.now(UTC))
 
 
 # ---------------------------------------------------------------- failures

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,7 @@ def test_rotation_keeps_everything_decryptable(
                 private_key_pem=mats[f"c{i}"].key_pem,
                 certificate_chain=mats[f"c{i}"].chain_pem,
                 passphrase="pass phrase" if i == 3 else None,
-            ))
+            ), now=datetime.now(UTC))
         pend_mat = new_key()
         pending = store.create_pending(
             requester_dn=BOB,
@@ -70,7 +71,7 @@ def test_rotation_keeps_everything_decryptable(
                 name="after",
                 private_key_pem=mats["c1"].key_pem,
                 certificate_chain=mats["c1"].chain_pem,
-            ))
+            ), now=datetime.now(UTC))
             assert stale.get_credential("alice", "after").envelope.master_key_id == (
                 report.new_key_id
             )
@@ -90,7 +91,7 @@ def test_writer_during_rotation_picks_up_the_new_key(
             username="alice",
             private_key_pem=mat.key_pem,
             certificate_chain=mat.chain_pem,
-        ))
+        ), now=datetime.now(UTC))
         assert rec.envelope.master_key_id == "mk-next"
         assert server.decrypt_private_key(rec) == mat.key_pem
 
@@ -105,7 +106,7 @@ def test_rotation_refuses_when_keys_are_missing(
             username="alice",
             private_key_pem=mat.key_pem,
             certificate_chain=mat.chain_pem,
-        ))
+        ), now=datetime.now(UTC))
         from broker.store import init_master_key_file
 
         other = tmp_path / "other.json"

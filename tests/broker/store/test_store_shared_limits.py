@@ -13,7 +13,7 @@ import stat
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
 
@@ -89,10 +89,11 @@ def test_renewal_challenge_is_single_use_across_processes(
 
 def test_shared_secret_is_created_once(db_url: str, master_keys: MasterKeyRing) -> None:
     with Store(db_url, master_keys) as one, Store(db_url, master_keys) as two:
-        secrets = _all_at_once(6, lambda i: (one if i % 2 else two).shared_secret("s"))
+        secrets = _all_at_once(
+            6, lambda i: (one if i % 2 else two).shared_secret("s", now=datetime.now(UTC)))
         assert all(isinstance(s, bytes) and len(s) == 32 for s in secrets)
         assert len(set(secrets)) == 1
-        assert one.shared_secret("other") != secrets[0]
+        assert one.shared_secret("other", now=datetime.now(UTC)) != secrets[0]
 
 
 def test_passphrase_attempts_are_reserved_atomically(

@@ -4,6 +4,7 @@ each node holding its own copy of the key file."""
 from __future__ import annotations
 
 import shutil
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -44,7 +45,7 @@ def test_staged_rotation_across_two_key_file_copies(
                 name=name,
                 private_key_pem=material[name].key_pem,
                 certificate_chain=material[name].chain_pem,
-            ))
+            ), now=datetime.now(UTC))
 
         def readable(store: Store, *names: str) -> None:
             for name in names:
