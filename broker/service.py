@@ -29,7 +29,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
 
@@ -218,16 +218,16 @@ class CredentialSummary:
     key_retrievers: tuple[str, ...] = ()  # MyProxy -E (KEYRETRIEVERS)
 
 
+# The one summary field whose record attribute has another name.
+_SUMMARY_RENAMED = {"max_proxy_lifetime": "max_lifetime_seconds"}
+
+
 def _summary(record: CredentialRecord) -> CredentialSummary:
-    return CredentialSummary(
-        owner_dn=record.owner_dn, username=record.username, name=record.name,
-        description=record.description, not_after=record.not_after,
-        retrievers=record.retrievers, trusted_retrievers=record.trusted_retrievers,
-        renewers=record.renewers, max_proxy_lifetime=record.max_lifetime_seconds,
-        limited=record.limited, passphrase_protected=record.passphrase_protected,
-        created_at=record.created_at, updated_at=record.updated_at,
-        key_retrievers=record.key_retrievers,
-    )
+    """The record's public part: every CredentialSummary field taken from the record by name."""
+    return CredentialSummary(**{
+        f.name: getattr(record, _SUMMARY_RENAMED.get(f.name, f.name))
+        for f in fields(CredentialSummary)
+    })
 
 
 @dataclass(frozen=True)
