@@ -42,6 +42,7 @@ option. :func:`run` is the in-process path (tests, benchmarks).
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import functools
 import os
@@ -570,17 +571,22 @@ class Pilot:
         return code
 
 
-class _PeriodicRefresher:
+class _PeriodicRefresher(abc.ABC):
     """A daemon thread that replaces something the payload uses before it expires.
 
-    Subclasses define :meth:`_loop`; the delay between refreshes is the
-    configured interval, else ``refresh_fraction`` of the current lifetime.
+    The delay between refreshes is the configured interval, else ``refresh_fraction``
+    of the current lifetime. A failed refresh is reported on stderr and retried
+    (sooner as the current one nears its end); it never stops the payload, whose own
+    calls say why once the old one expires. Subclasses name what they refresh and
+    do one refresh in :meth:`_refresh`.
     """
 
-    thread_name = "refresh"
+    thread_name: str
+    what: str  # "proxy" / "token", for the messages
 
-    def __init__(self, pilot: Pilot, job: StartedJob) -> None:
+    def __init__(self, pilot: Pilot, job: StartedJob, lifetime: float) -> None:
         self.pilot, self.job = pilot, job
+        self._lifetime = lifetime
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=self.thread_name, daemon=True)
         self.refreshed = 0
@@ -598,73 +604,70 @@ class _PeriodicRefresher:
         self._stop.set()
         self._thread.join(timeout=self.pilot.config.timeout_seconds + 5)
 
-    def _loop(self) -> None:
-        raise NotImplementedError
-
-
-class Refresher(_PeriodicRefresher):
-    """Replaces the payload's proxy before it expires, from a daemon thread.
-
-    A failed refresh is reported on stderr and retried; it never stops the
-    payload (an expired proxy fails the payload's own grid calls, which say why).
-    """
-
-    thread_name = "proxy-refresh"
+    @abc.abstractmethod
+    def _refresh(self) -> float | None:
+        """Fetch and place a new one; its lifetime in seconds, or None once stopped."""
 
     def _loop(self) -> None:
         cfg = self.pilot.config
-        delay = self._delay(self.job.lifetime)
-        expires = time.monotonic() + self.job.lifetime
+        delay = self._delay(self._lifetime)
+        expires = time.monotonic() + self._lifetime
         while not self._stop.wait(delay):
             try:
-                cred, result = self.pilot.retrieve(self.job.ad)
-                if self._stop.is_set():
-                    return
-                refresh_proxy(self.job.prepared, credential_to_pem(cred), now=self.pilot.clock())
-            except BrokerError as exc:
+                lifetime = self._refresh()
+            except Exception as exc:  # never let the thread die silently
                 left = expires - time.monotonic()
                 delay = min(cfg.refresh_retry_seconds, max(1.0, left / 2))
+                detail = exc.message if isinstance(exc, BrokerError) \
+                    else f"{type(exc).__name__}: {exc}"
                 if not self._stop.is_set():
-                    say(f"refreshing the proxy failed ({exc.message}); retrying in {delay:g} s "
-                        f"(the current proxy has {max(left, 0):.0f} s left)")
+                    say(f"refreshing the payload's {self.what} failed ({detail}); retrying in "
+                        f"{delay:g} s (the current {self.what} has {max(left, 0):.0f} s left)")
                 continue
-            except Exception as exc:  # never let the thread die silently
-                delay = cfg.refresh_retry_seconds
-                say(f"refreshing the proxy failed unexpectedly ({type(exc).__name__}: {exc}); "
-                    f"retrying in {delay:g} s")
-                continue
+            if lifetime is None:
+                return
             self.refreshed += 1
-            lifetime = float(result["lifetime"])
             expires = time.monotonic() + lifetime
             delay = self._delay(lifetime)
-            say(f"refreshed the payload's proxy (valid {lifetime:.0f} s; next refresh in "
+            say(f"refreshed the payload's {self.what} (valid {lifetime:.0f} s; next refresh in "
                 f"{delay:g} s)")
 
 
+class Refresher(_PeriodicRefresher):
+    """Replaces the payload's proxy before it expires, from a daemon thread."""
+
+    thread_name = "proxy-refresh"
+    what = "proxy"
+
+    def __init__(self, pilot: Pilot, job: StartedJob) -> None:
+        super().__init__(pilot, job, job.lifetime)
+
+    def _refresh(self) -> float | None:
+        cred, result = self.pilot.retrieve(self.job.ad)
+        if self._stop.is_set():
+            return None
+        refresh_proxy(self.job.prepared, credential_to_pem(cred), now=self.pilot.clock())
+        return float(result["lifetime"])
+
+
 class TokenRefresher(_PeriodicRefresher):
-    """Replaces the payload's bearer token at ``refresh_fraction`` of its life (daemon thread);
-    like :class:`Refresher`, a failure is reported and retried, never fatal."""
+    """Replaces the payload's bearer token (BEARER_TOKEN_FILE) before it expires."""
 
     thread_name = "token-refresh"
+    what = "token"
 
-    def _loop(self) -> None:
+    def __init__(self, pilot: Pilot, job: StartedJob) -> None:
+        super().__init__(pilot, job, job.token_lifetime)
+
+    def _refresh(self) -> float | None:
         token_file = self.job.token
-        assert token_file is not None
-        delay = self._delay(self.job.token_lifetime)
-        while not self._stop.wait(delay):
-            try:
-                token, lifetime = self.pilot.job_token(self.job.ad)
-                if self._stop.is_set():
-                    return
-                token_file.write(token)
-            except Exception as exc:  # never let the thread die silently
-                delay = self.pilot.config.refresh_retry_seconds
-                if not self._stop.is_set():
-                    say(f"refreshing the payload's token failed ({exc}); retrying in "
-                        f"{delay:g} s")
-                continue
-            self.refreshed += 1
-            delay = self._delay(lifetime)
+        if token_file is None:
+            return None
+        token, lifetime = self.pilot.job_token(self.job.ad)
+        if self._stop.is_set():
+            return None
+        token_file.write(token)
+        return lifetime
 
 
 def _payload_uids(job: PreparedJob) -> set[int]:

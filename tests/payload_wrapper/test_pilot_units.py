@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from broker.condor.jobad import JobAd
+from broker.errors import SystemFailure
 from payload_wrapper.errors import WrapperSystemError
 from payload_wrapper.pilot import (
     KeySource,
     Pilot,
     Refresher,
     StartedJob,
+    TokenRefresher,
     _parse,
     fill_rsa_pool,
     local_job_id,
@@ -155,6 +158,44 @@ def test_refresh_schedule_follows_the_fraction() -> None:
     assert Refresher(pilot, job)._delay(3600.0) == 900.0
     pilot = Pilot(config(refresh_interval_seconds=2.5))
     assert Refresher(pilot, job)._delay(3600.0) == 2.5
+
+
+def test_token_refresher_retries_a_failed_refresh_and_keeps_going(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The one refresh loop both refreshers share: a failure is said and retried, never fatal."""
+
+    class Token:
+        def __init__(self) -> None:
+            self.written: list[str] = []
+
+        def write(self, token: str) -> None:
+            self.written.append(token)
+
+    answers: list[Any] = [SystemFailure("issuer down", reason="unreachable"), ("t1", 60.0),
+                          ("t2", 60.0)]
+
+    class FakePilot(Pilot):
+        def job_token(self, ad: JobAd) -> tuple[str, float]:
+            answer = answers.pop(0) if answers else ("t3", 60.0)
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+
+    pilot = FakePilot(config(refresh_interval_seconds=0.05, refresh_retry_seconds=0.05))
+    ad = JobAd(owner_dn="/CN=a", credential="default", job_id="1.0")
+    job = StartedJob(ad=ad, prepared=None, lifetime=3600.0, rule="*")  # type: ignore[arg-type]
+    token = Token()
+    job.token, job.token_lifetime = token, 60.0  # type: ignore[assignment]
+    refresher = TokenRefresher(pilot, job)
+    refresher.start()
+    deadline = time.monotonic() + 10
+    while refresher.refreshed < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    refresher.stop()
+    assert token.written[:2] == ["t1", "t2"] and refresher.refreshed >= 2
+    err = capsys.readouterr().err
+    assert "refreshing the payload's token failed (issuer down); retrying in" in err
+    assert "refreshed the payload's token (valid 60 s" in err
 
 
 def test_job_environment_drops_credential_and_loader_names() -> None:
