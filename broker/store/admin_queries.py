@@ -42,6 +42,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from broker.errors import InputError
 from broker.store.engine import unavailable_error
 from broker.store.models import AuditEventRow, Credential
+from broker.store.repository import AuditRecord
 
 MAX_PAGE_SIZE = 500
 MAX_CHART_BUCKETS = 200
@@ -202,26 +203,8 @@ class AuditFilter:
 
 
 @dataclass(frozen=True)
-class AuditRow:
-    id: int
-    time: datetime
-    action: str
-    decision: str
-    endpoint: str
-    requester_dn: str | None
-    requester_fqans: tuple[str, ...]
-    owner_dn: str | None
-    username: str | None
-    credential_name: str | None
-    job_id: str | None
-    reason: str | None
-    client_address: str | None
-    request_id: str | None
-
-
-@dataclass(frozen=True)
 class AuditPage:
-    rows: tuple[AuditRow, ...]
+    rows: tuple[AuditRecord, ...]
     next_before: int | None  # the id to pass as ``before`` for the next (older) page
 
 
@@ -236,7 +219,7 @@ def audit_page(engine: Engine, filters: AuditFilter, *, before: int | None = Non
     with _reading(engine) as conn:
         found = conn.execute(stmt).all()
     rows = tuple(
-        AuditRow(
+        AuditRecord(
             id=int(r.id), time=_utc(r.time), action=r.action, decision=r.decision,
             endpoint=r.endpoint, requester_dn=r.requester_dn,
             requester_fqans=tuple(r.requester_fqans or ()), owner_dn=r.owner_dn,
