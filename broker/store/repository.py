@@ -232,7 +232,9 @@ def _dn_list(values: Iterable[str], what: str) -> list[str]:
     return out
 
 
-def _check_private_key(pem: object) -> bytes:
+def _check_private_key(pem: object, *, encrypted: bool = False) -> bytes:
+    """A PEM private key of a sane size: in the clear, or (``encrypted``) one that needs its
+    owner's passphrase to load, with a bounded key-derivation cost."""
     if not isinstance(pem, bytes | bytearray):
         raise PemError("the private key must be PEM bytes")
     data = bytes(pem)
@@ -241,29 +243,17 @@ def _check_private_key(pem: object) -> bytes:
     try:
         serialization.load_pem_private_key(data, password=None)
     except TypeError:
-        raise PemError(
-            "the private key PEM is encrypted; the store needs it in the clear"
-        ) from None
-    except (ValueError, UnsupportedAlgorithm):
-        raise PemError("the private key is not a readable PEM private key") from None
-    return data
-
-
-def _check_encrypted_key(pem: object) -> bytes:
-    """A PEM private key that needs a passphrase to load (its owner's)."""
-    if not isinstance(pem, bytes | bytearray):
-        raise PemError("the private key must be PEM bytes")
-    data = bytes(pem)
-    if len(data) > MAX_KEY_BYTES:
-        raise PemError("the private key PEM is too large")
-    try:
-        serialization.load_pem_private_key(data, password=None)
-    except TypeError:
+        if not encrypted:
+            raise PemError(
+                "the private key PEM is encrypted; the store needs it in the clear"
+            ) from None
         _check_key_encryption_cost(data)
-        return data  # encrypted, as expected
+        return data
     except (ValueError, UnsupportedAlgorithm):
         raise PemError("the private key is not a readable PEM private key") from None
-    raise PemError("the private key PEM is not encrypted")
+    if encrypted:
+        raise PemError("the private key PEM is not encrypted")
+    return data
 
 
 #: The most PBKDF2 rounds an owner-encrypted key may ask for. Every passphrase try
@@ -365,7 +355,7 @@ def _checked_key_and_chain(write: CredentialWrite) -> tuple[bytes | None, str, d
     if write.owner_encrypted_key:
         if private_key_pem is None or write.passphrase is not None:
             raise InputError("an owner-encrypted key comes as PEM, without a passphrase")
-        key_pem = _check_encrypted_key(private_key_pem)
+        key_pem = _check_private_key(private_key_pem, encrypted=True)
         return (key_pem, *_check_chain(write.certificate_chain, None))
     if private_key_pem is not None:
         key_pem = _check_private_key(private_key_pem)
