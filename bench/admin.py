@@ -60,30 +60,51 @@ def fill(engine: Engine, credentials: int, audit: int, seed: int) -> float:
     owners = max(1, credentials // 10)
     with engine.begin() as conn:
         for start in range(0, credentials, BATCH):
-            conn.execute(insert(Credential), [{
-                "owner_dn": owner(i % owners), "username": f"u{i:07d}", "name": "default",
-                "certificate_chain": "placeholder", "retrievers": [],
-                "trusted_retrievers": [], "renewers": [], "limited": False,
-                "not_after": NOW + timedelta(seconds=rng.randrange(-86400, 30 * 86400)),
-                "created_at": NOW, "updated_at": NOW, "key_ciphertext": b"x",
-                "key_nonce": b"n" * 12, "wrapped_data_key": b"w", "master_key_id": "bench",
-                "passphrase_protected": False,
-            } for i in range(start, min(credentials, start + BATCH))])
+            conn.execute(
+                insert(Credential),
+                [
+                    {
+                        "owner_dn": owner(i % owners),
+                        "username": f"u{i:07d}",
+                        "name": "default",
+                        "certificate_chain": "placeholder",
+                        "retrievers": [],
+                        "trusted_retrievers": [],
+                        "renewers": [],
+                        "limited": False,
+                        "not_after": NOW + timedelta(seconds=rng.randrange(-86400, 30 * 86400)),
+                        "created_at": NOW,
+                        "updated_at": NOW,
+                        "key_ciphertext": b"x",
+                        "key_nonce": b"n" * 12,
+                        "wrapped_data_key": b"w",
+                        "master_key_id": "bench",
+                        "passphrase_protected": False,
+                    }
+                    for i in range(start, min(credentials, start + BATCH))
+                ],
+            )
     span = 30 * 86400
     with engine.begin() as conn:
         for start in range(0, audit, BATCH):
             rows: list[dict[str, Any]] = []
             for i in range(start, min(audit, start + BATCH)):
                 deny = rng.random() < 0.02
-                rows.append({
-                    "time": NOW - timedelta(seconds=span * (audit - i) / audit),
-                    "action": "retrieve" if rng.random() < 0.8 else "info",
-                    "decision": "deny" if deny else "allow", "endpoint": "rest",
-                    "requester_dn": f"/DC=org/DC=example/CN=pilot {i % 1000:04d}",
-                    "requester_fqans": [], "owner_dn": owner(i % owners),
-                    "username": f"u{i % max(1, credentials):07d}", "credential_name": "default",
-                    "job_id": f"job-{i // 10}", "reason": "no_matching_rule" if deny else "ok",
-                })
+                rows.append(
+                    {
+                        "time": NOW - timedelta(seconds=span * (audit - i) / audit),
+                        "action": "retrieve" if rng.random() < 0.8 else "info",
+                        "decision": "deny" if deny else "allow",
+                        "endpoint": "rest",
+                        "requester_dn": f"/DC=org/DC=example/CN=pilot {i % 1000:04d}",
+                        "requester_fqans": [],
+                        "owner_dn": owner(i % owners),
+                        "username": f"u{i % max(1, credentials):07d}",
+                        "credential_name": "default",
+                        "job_id": f"job-{i // 10}",
+                        "reason": "no_matching_rule" if deny else "ok",
+                    }
+                )
             conn.execute(insert(AuditEventRow), rows)
     if engine.dialect.name == "postgresql":
         with engine.connect() as conn:
@@ -106,39 +127,45 @@ def cases(engine: Engine, credentials: int, audit: int) -> dict[str, Callable[[]
     window = timedelta(hours=24)
     deep_cred = q.CredentialCursor(owner(owners - 2), 0)
     return {
-        "credential counts (total, expiring, expired)":
-            lambda: q.credential_counts(engine, now=NOW, window=window),
+        "credential counts (total, expiring, expired)": lambda: q.credential_counts(
+            engine, now=NOW, window=window
+        ),
         "credentials: first page": lambda: q.credential_page(engine, limit=50),
-        "credentials: a page near the end (keyset)":
-            lambda: q.credential_page(engine, after=deep_cred, limit=50),
+        "credentials: a page near the end (keyset)": lambda: q.credential_page(
+            engine, after=deep_cred, limit=50
+        ),
         "credentials: one owner": lambda: q.credential_page(engine, owner_dn=owner(owners // 2)),
-        "credentials: expiring within 24 h":
-            lambda: q.credential_page(engine, expiring_before=NOW + window),
+        "credentials: expiring within 24 h": lambda: q.credential_page(
+            engine, expiring_before=NOW + window
+        ),
         "audit: newest page, no filter": lambda: q.audit_page(engine, q.AuditFilter()),
-        "audit: a page near the start of the trail (keyset)":
-            lambda: q.audit_page(engine, q.AuditFilter(), before=100),
+        "audit: a page near the start of the trail (keyset)": lambda: q.audit_page(
+            engine, q.AuditFilter(), before=100
+        ),
         "audit: by job id": lambda: q.audit_page(engine, q.AuditFilter(job_id="job-12345")),
-        "audit: by requester":
-            lambda: q.audit_page(engine, q.AuditFilter(
-                requester_dn="/DC=org/DC=example/CN=pilot 0042")),
+        "audit: by requester": lambda: q.audit_page(
+            engine, q.AuditFilter(requester_dn="/DC=org/DC=example/CN=pilot 0042")
+        ),
         "audit: by owner": lambda: q.audit_page(engine, q.AuditFilter(owner_dn=owner(7))),
         "audit: refusals only": lambda: q.audit_page(engine, q.AuditFilter(decision="deny")),
-        "audit: one hour 10 days ago":
-            lambda: q.audit_page(engine, q.AuditFilter(
-                since=NOW - timedelta(days=10, hours=1), until=NOW - timedelta(days=10))),
-        "chart: last 24 h, hourly":
-            lambda: q.activity_chart(engine, since=NOW - timedelta(hours=24), until=NOW,
-                                     bucket=timedelta(hours=1)),
-        "chart: last 30 days, 30 h buckets":
-            lambda: q.activity_chart(engine, since=NOW - timedelta(hours=720), until=NOW,
-                                     bucket=timedelta(hours=30)),
+        "audit: one hour 10 days ago": lambda: q.audit_page(
+            engine,
+            q.AuditFilter(since=NOW - timedelta(days=10, hours=1), until=NOW - timedelta(days=10)),
+        ),
+        "chart: last 24 h, hourly": lambda: q.activity_chart(
+            engine, since=NOW - timedelta(hours=24), until=NOW, bucket=timedelta(hours=1)
+        ),
+        "chart: last 30 days, 30 h buckets": lambda: q.activity_chart(
+            engine, since=NOW - timedelta(hours=720), until=NOW, bucket=timedelta(hours=30)
+        ),
     }
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    p.add_argument("--backends", default="sqlite,postgresql",
-                   type=lambda s: [b for b in s.split(",") if b])
+    p.add_argument(
+        "--backends", default="sqlite,postgresql", type=lambda s: [b for b in s.split(",") if b]
+    )
     p.add_argument("--credentials", type=int, default=100_000)
     p.add_argument("--audit", type=int, default=1_000_000)
     p.add_argument("--repeat", type=int, default=20)
@@ -149,9 +176,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    report: dict[str, Any] = {"benchmark": "admin", "credentials": args.credentials,
-                              "audit_rows": args.audit, "repeat": args.repeat,
-                              "target_ms": TARGET_MS, "backends": {}}
+    report: dict[str, Any] = {
+        "benchmark": "admin",
+        "credentials": args.credentials,
+        "audit_rows": args.audit,
+        "repeat": args.repeat,
+        "target_ms": TARGET_MS,
+        "backends": {},
+    }
     tmp = Path(tempfile.mkdtemp(prefix="broker-bench-admin-"))
     tmp.chmod(0o755)
     pg: PostgresCluster | None = None
@@ -166,18 +198,27 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"unknown backend {backend!r}: use sqlite or postgresql")
             migrate(url)
             engine = make_engine(url)
-            print(f"[{backend}] filling {args.credentials} credentials and {args.audit} "
-                  "audit rows ...", file=sys.stderr)
+            print(
+                f"[{backend}] filling {args.credentials} credentials and {args.audit} "
+                "audit rows ...",
+                file=sys.stderr,
+            )
             filled = fill(engine, args.credentials, args.audit, args.seed)
             results = {}
             for name, call in cases(engine, args.credentials, args.audit).items():
                 results[name] = timed(call, args.repeat)
-                print(f"[{backend}] {name:55s} median {results[name]['median_ms']:8.2f} ms  "
-                      f"max {results[name]['max_ms']:8.2f} ms", file=sys.stderr)
+                print(
+                    f"[{backend}] {name:55s} median {results[name]['median_ms']:8.2f} ms  "
+                    f"max {results[name]['max_ms']:8.2f} ms",
+                    file=sys.stderr,
+                )
             worst = max(r["median_ms"] for r in results.values())
-            report["backends"][backend] = {"fill_seconds": round(filled, 1), "queries": results,
-                                           "worst_median_ms": worst,
-                                           "meets_target": worst <= TARGET_MS}
+            report["backends"][backend] = {
+                "fill_seconds": round(filled, 1),
+                "queries": results,
+                "worst_median_ms": worst,
+                "meets_target": worst <= TARGET_MS,
+            }
             engine.dispose()
     finally:
         if pg is not None:

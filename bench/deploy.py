@@ -81,8 +81,7 @@ def _pin_tree(pid: int, cpus: set[int]) -> None:
 
 def _pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000 if ordered else float(
-        "nan")
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000 if ordered else float("nan")
 
 
 # --------------------------------------------------------------------------- REST server
@@ -96,16 +95,36 @@ def start_rest(work: Path, manifest: dict[str, Any]) -> tuple[subprocess.Popen[b
     policies.mkdir(parents=True)
     (policies / "10-bench.toml").write_text(
         policy_rule("owners", ["delegate", "info", "destroy"], ["self"])
-        + policy_rule("pilot", "retrieve", [pilot_dn], auth=["certificate"]))
+        + policy_rule("pilot", "retrieve", [pilot_dn], auth=["certificate"])
+    )
     port = free_port()
-    argv = [str(Path(sys.executable).parent / "broker"), "serve", "--state-dir",
-            str(work / "state"), "--bind", f"127.0.0.1:{port}", "--host-cert",
-            manifest["host"]["cert"], "--host-key", manifest["host"]["key"], "--ca-dir",
-            manifest["ca_dir"], "--vomsdir", manifest["vomsdir"], "--policy-dir",
-            str(policies), "--workers", "2", "--threads", "8", "--username-binding", "none",
-            "--log-level", "warning"]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL,
-                            stderr=open(work / "rest.log", "wb"))
+    argv = [
+        str(Path(sys.executable).parent / "broker"),
+        "serve",
+        "--state-dir",
+        str(work / "state"),
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--host-cert",
+        manifest["host"]["cert"],
+        "--host-key",
+        manifest["host"]["key"],
+        "--ca-dir",
+        manifest["ca_dir"],
+        "--vomsdir",
+        manifest["vomsdir"],
+        "--policy-dir",
+        str(policies),
+        "--workers",
+        "2",
+        "--threads",
+        "8",
+        "--username-binding",
+        "none",
+        "--log-level",
+        "warning",
+    ]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=open(work / "rest.log", "wb"))
     wait_port("127.0.0.1", port, proc)
     return proc, f"127.0.0.1:{port}"
 
@@ -114,12 +133,19 @@ def _rest_client(manifest: dict[str, Any], who: str, server: str) -> Any:
     from broker.client import BrokerClient, ClientIdentity
 
     user = manifest["users"][who]
-    return BrokerClient(server, ClientIdentity(cert=user["cert"], key=user["key"]),
-                        ca_dir=manifest["ca_dir"])
+    return BrokerClient(
+        server, ClientIdentity(cert=user["cert"], key=user["key"]), ca_dir=manifest["ca_dir"]
+    )
 
 
-def rest_closed_loop(manifest: dict[str, Any], server: str, clients: int, seconds: float,
-                     reuse: bool, keys: list[Any]) -> dict[str, Any]:
+def rest_closed_loop(
+    manifest: dict[str, Any],
+    server: str,
+    clients: int,
+    seconds: float,
+    reuse: bool,
+    keys: list[Any],
+) -> dict[str, Any]:
     latencies: list[float] = []
     errors: list[str] = []
     lock = threading.Lock()
@@ -153,16 +179,24 @@ def rest_closed_loop(manifest: dict[str, Any], server: str, clients: int, second
     for t in threads:
         t.join()
     elapsed = time.monotonic() - started
-    return {"clients": clients, "reuse": reuse, "ops": len(latencies), "errors": len(errors),
-            "per_s": round(len(latencies) / elapsed, 1), "p50_ms": round(_pct(latencies, .5), 1),
-            "p99_ms": round(_pct(latencies, .99), 1), "error_samples": errors[:3]}
+    return {
+        "clients": clients,
+        "reuse": reuse,
+        "ops": len(latencies),
+        "errors": len(errors),
+        "per_s": round(len(latencies) / elapsed, 1),
+        "p50_ms": round(_pct(latencies, 0.5), 1),
+        "p99_ms": round(_pct(latencies, 0.99), 1),
+        "error_samples": errors[:3],
+    }
 
 
 # --------------------------------------------------------------------------- open loop
 
 
-def open_loop(call: Callable[[int], None], rate: float, seconds: float,
-              pool: int = 64) -> dict[str, Any]:
+def open_loop(
+    call: Callable[[int], None], rate: float, seconds: float, pool: int = 64
+) -> dict[str, Any]:
     """Arrivals every 1/rate s; latency from the scheduled arrival to the answer."""
     total = int(rate * seconds)
     results: queue.Queue[tuple[float, str | None]] = queue.Queue()
@@ -186,11 +220,17 @@ def open_loop(call: Callable[[int], None], rate: float, seconds: float,
     while not results.empty():
         latency, error = results.get()
         (errors.append(error) if error else latencies.append(latency))
-    return {"rate": rate, "seconds": seconds, "ops": len(latencies), "errors": len(errors),
-            "p50_ms": round(_pct(latencies, .5), 1), "p99_ms": round(_pct(latencies, .99), 1),
-            "max_ms": round(max(latencies) * 1000, 1) if latencies else None,
-            "mean_ms": round(statistics.fmean(latencies) * 1000, 1) if latencies else None,
-            "error_samples": errors[:3]}
+    return {
+        "rate": rate,
+        "seconds": seconds,
+        "ops": len(latencies),
+        "errors": len(errors),
+        "p50_ms": round(_pct(latencies, 0.5), 1),
+        "p99_ms": round(_pct(latencies, 0.99), 1),
+        "max_ms": round(max(latencies) * 1000, 1) if latencies else None,
+        "mean_ms": round(statistics.fmean(latencies) * 1000, 1) if latencies else None,
+        "error_samples": errors[:3],
+    }
 
 
 # --------------------------------------------------------------------------- main
@@ -216,27 +256,54 @@ def main() -> int:
     ours, ours_port = start_ours(work / "ours", manifest, ["--processes", "2"])
     ref_pid: int | None = None
     rest: subprocess.Popen[bytes] | None = None
-    report: dict[str, Any] = {"generated": datetime.now(UTC).isoformat(),
-                              "cpus": os.cpu_count()}
+    report: dict[str, Any] = {"generated": datetime.now(UTC).isoformat(), "cpus": os.cpu_count()}
     pilot = manifest["users"]["pilot"]
     all_cpus = os.sched_getaffinity(0)
     try:
         _, ref_port, ref_pid = start_reference(work, manifest)
         targets = {
-            "broker": (Target("broker", "127.0.0.1", ours_port, manifest["ca_dir"],
-                              pilot["cert"], pilot["key"], "alice", "pilotjob", ""), ours.pid),
-            "myproxy-server": (Target("myproxy-server", "127.0.0.1", ref_port,
-                                      manifest["ca_dir"], pilot["cert"], pilot["key"],
-                                      "alice", "pilotjob", ""), ref_pid),
+            "broker": (
+                Target(
+                    "broker",
+                    "127.0.0.1",
+                    ours_port,
+                    manifest["ca_dir"],
+                    pilot["cert"],
+                    pilot["key"],
+                    "alice",
+                    "pilotjob",
+                    "",
+                ),
+                ours.pid,
+            ),
+            "myproxy-server": (
+                Target(
+                    "myproxy-server",
+                    "127.0.0.1",
+                    ref_port,
+                    manifest["ca_dir"],
+                    pilot["cert"],
+                    pilot["key"],
+                    "alice",
+                    "pilotjob",
+                    "",
+                ),
+                ref_pid,
+            ),
         }
         if "cpu" in parts:
-            cells = {label: run_cell(t, 4, args.seconds, args.max_ops, csrs, pid)
-                     for label, (t, pid) in targets.items()}
+            cells = {
+                label: run_cell(t, 4, args.seconds, args.max_ops, csrs, pid)
+                for label, (t, pid) in targets.items()
+            }
             ours_ms = cells["broker"]["server_cpu_ms_per_op"]
             ref_ms = cells["myproxy-server"]["server_cpu_ms_per_op"]
-            report["cpu"] = {"cells": cells, "broker_ms": ours_ms, "reference_ms": ref_ms,
-                             "reference_over_broker": round(ref_ms / ours_ms, 2)
-                             if ours_ms and ref_ms else None}
+            report["cpu"] = {
+                "cells": cells,
+                "broker_ms": ours_ms,
+                "reference_ms": ref_ms,
+                "reference_over_broker": round(ref_ms / ours_ms, 2) if ours_ms and ref_ms else None,
+            }
             print(f"cpu/retrieval: broker {ours_ms} ms, myproxy-server {ref_ms} ms", flush=True)
         if "pinned" in parts and len(all_cpus) >= 2:
             server_cpu, client_cpu = sorted(all_cpus)[:2]
@@ -251,22 +318,33 @@ def main() -> int:
             finally:
                 os.sched_setaffinity(0, all_cpus)
             a, b = cells["broker"]["per_s"], cells["myproxy-server"]["per_s"]
-            report["pinned"] = {"cells": cells, "server_cpu": server_cpu,
-                                "client_cpu": client_cpu,
-                                "ratio": round(a / b, 2) if b else None}
+            report["pinned"] = {
+                "cells": cells,
+                "server_cpu": server_cpu,
+                "client_cpu": client_cpu,
+                "ratio": round(a / b, 2) if b else None,
+            }
             print(f"pinned capacity: broker {a}/s, myproxy-server {b}/s", flush=True)
         if "reuse" in parts or "openloop" in parts:
             rest, server = start_rest(work / "rest", manifest)
             _rest_client(manifest, "alice", server).delegate(
-                _load(manifest, "alice"), username="alice", now=datetime.now(UTC),
-                retrievers=[pilot["dn"]])
+                _load(manifest, "alice"),
+                username="alice",
+                now=datetime.now(UTC),
+                retrievers=[pilot["dn"]],
+            )
         if "reuse" in parts and rest is not None:
-            cells = {str(reuse): rest_closed_loop(manifest, server, 16, args.seconds, reuse,
-                                                  keys) for reuse in (True, False)}
+            cells = {
+                str(reuse): rest_closed_loop(manifest, server, 16, args.seconds, reuse, keys)
+                for reuse in (True, False)
+            }
             report["reuse"] = cells
-            print(f"REST 16 clients: reuse {cells['True']['per_s']}/s p99 "
-                  f"{cells['True']['p99_ms']} ms; new connection each {cells['False']['per_s']}"
-                  f"/s p99 {cells['False']['p99_ms']} ms", flush=True)
+            print(
+                f"REST 16 clients: reuse {cells['True']['per_s']}/s p99 "
+                f"{cells['True']['p99_ms']} ms; new connection each {cells['False']['per_s']}"
+                f"/s p99 {cells['False']['p99_ms']} ms",
+                flush=True,
+            )
         if "openloop" in parts and rest is not None:
             mp_target = targets["broker"][0]
             ctx = _client_context(mp_target)
@@ -291,8 +369,11 @@ def main() -> int:
                 "rest": open_loop(rest_call, args.rate, args.seconds),
             }
             for name, row in report["openloop"].items():
-                print(f"open loop {args.rate:.0f}/s {name}: p50 {row['p50_ms']} ms p99 "
-                      f"{row['p99_ms']} ms errors {row['errors']}", flush=True)
+                print(
+                    f"open loop {args.rate:.0f}/s {name}: p50 {row['p50_ms']} ms p99 "
+                    f"{row['p99_ms']} ms errors {row['errors']}",
+                    flush=True,
+                )
     finally:
         for proc in (ours, rest):
             if proc is not None:

@@ -42,6 +42,7 @@ ClientProcess = Callable[[float, float, Any], None]
 
 # ---------------------------------------------------------------- measurements
 
+
 def machine_ticks() -> tuple[int, int]:
     """(busy, total) jiffies of all CPUs from /proc/stat."""
     with open("/proc/stat") as handle:
@@ -74,15 +75,18 @@ def percentile(sorted_values: Sequence[float], pct: float) -> float:
 
 # ---------------------------------------------------------------- client processes
 
-def thread_groups(ops: int, threads: int, client_procs: int, *, at_least: int = 0
-                  ) -> list[list[tuple[int, int]]]:
+
+def thread_groups(
+    ops: int, threads: int, client_procs: int, *, at_least: int = 0
+) -> list[list[tuple[int, int]]]:
     """(thread index, count) per thread, grouped by process: thread i runs in process
     i % procs, procs = min(client_procs, threads) (at least 1). The ``ops`` requests
     are split evenly (the first ``ops % threads`` threads do one more), each thread
     doing at least ``at_least``."""
     procs = max(1, min(client_procs, threads))
-    per_thread = [max(at_least, ops // threads + (1 if i < ops % threads else 0))
-                  for i in range(threads)]
+    per_thread = [
+        max(at_least, ops // threads + (1 if i < ops % threads else 0)) for i in range(threads)
+    ]
     return [[(i, per_thread[i]) for i in range(p, threads, procs)] for p in range(procs)]
 
 
@@ -93,8 +97,9 @@ def load_process_signals() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def client_threads(worker: Worker, specs: Sequence[tuple[int, int]], start_at: float,
-                   out: Any) -> None:
+def client_threads(
+    worker: Worker, specs: Sequence[tuple[int, int]], start_at: float, out: Any
+) -> None:
     """One thread per (index, count) spec running ``worker``, all started at
     ``start_at``; puts this process's part on the queue ``out``: latencies, errors,
     cpu (getrusage of this process, all threads, from start_at to the last thread's
@@ -122,11 +127,19 @@ def client_threads(worker: Worker, specs: Sequence[tuple[int, int]], start_at: f
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     ended = time.monotonic()
     cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
-    out.put({"latencies": latencies, "errors": errors, "cpu": cpu, "ended": ended,
-             "stopped": stopped.is_set()})
+    out.put(
+        {
+            "latencies": latencies,
+            "errors": errors,
+            "cpu": cpu,
+            "ended": ended,
+            "stopped": stopped.is_set(),
+        }
+    )
 
 
 # ---------------------------------------------------------------- one load level
+
 
 @dataclass
 class LoadRun(Generic[T]):
@@ -158,8 +171,14 @@ class LoadRun(Generic[T]):
         return any(part["stopped"] for part in self.parts)
 
 
-def run_load(clients: Sequence[ClientProcess], *, seconds: float, collect_timeout: float,
-             probe: Callable[[], T], probe_after: bool = True) -> LoadRun[T]:
+def run_load(
+    clients: Sequence[ClientProcess],
+    *,
+    seconds: float,
+    collect_timeout: float,
+    probe: Callable[[], T],
+    probe_after: bool = True,
+) -> LoadRun[T]:
     """Run one load level: fork one process per ``clients`` entry (called with
     start_at, deadline = start_at + seconds and the queue), take ``probe()`` and the
     machine ticks at a quiet point just before start_at, wait for every part (at most
@@ -169,8 +188,10 @@ def run_load(clients: Sequence[ClientProcess], *, seconds: float, collect_timeou
     queue: Any = ctx.Queue()
     start_at = time.monotonic() + 0.5  # all processes forked and ready by then
     deadline = start_at + seconds
-    processes = [ctx.Process(target=client, args=(start_at, deadline, queue), daemon=True)
-                 for client in clients]
+    processes = [
+        ctx.Process(target=client, args=(start_at, deadline, queue), daemon=True)
+        for client in clients
+    ]
     try:
         for p in processes:
             p.start()
@@ -191,5 +212,11 @@ def run_load(clients: Sequence[ClientProcess], *, seconds: float, collect_timeou
             if p.is_alive():
                 p.terminate()
                 p.join(timeout=5)
-    return LoadRun(start_at=start_at, parts=parts, before=before, after=after, wall=wall,
-                   busy_pct=busy_pct(ticks0, ticks1))
+    return LoadRun(
+        start_at=start_at,
+        parts=parts,
+        before=before,
+        after=after,
+        wall=wall,
+        busy_pct=busy_pct(ticks0, ticks1),
+    )

@@ -105,12 +105,10 @@ def _has_nul(data: bytes) -> bool:
 def request_bytes(target: Target) -> bytes:
     """The GET request of one retrieval (the same bytes every time: built once)."""
     extra = [("CRED_NAME", target.credname)] if target.credname else []
-    return codec.format_request(codec.Command.GET, target.username, target.passphrase, 3600,
-                                extra)
+    return codec.format_request(codec.Command.GET, target.username, target.passphrase, 3600, extra)
 
 
-def one_retrieval(target: Target, ctx: ssl.SSLContext, request: bytes, csr_der: bytes
-                  ) -> bytes:
+def one_retrieval(target: Target, ctx: ssl.SSLContext, request: bytes, csr_der: bytes) -> bytes:
     """One retrieval on a fresh connection; returns the chain blob (``<count><DER>...``)."""
     raw = socket.create_connection((target.host, target.port), timeout=30)
     raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -145,8 +143,10 @@ def check_chain(blob: bytes, csr_der: bytes) -> None:
         raise RuntimeError("the returned proxy does not carry the CSR's public key")
     for child, parent in itertools.pairwise(certs):
         if child.issuer != parent.subject:
-            raise RuntimeError(f"chain broken: {child.issuer.rfc4514_string()} "
-                               f"is not {parent.subject.rfc4514_string()}")
+            raise RuntimeError(
+                f"chain broken: {child.issuer.rfc4514_string()} "
+                f"is not {parent.subject.rfc4514_string()}"
+            )
         child.verify_directly_issued_by(parent)
 
 
@@ -159,15 +159,20 @@ def _client_context(target: Target) -> ssl.SSLContext:
     return ctx
 
 
-def _client_process(target: Target, csrs: list[bytes], threads_: list[tuple[int, int]],
-                    start_at: float, deadline: float, out: Any) -> None:
+def _client_process(
+    target: Target,
+    csrs: list[bytes],
+    threads_: list[tuple[int, int]],
+    start_at: float,
+    deadline: float,
+    out: Any,
+) -> None:
     """One thread per (index, count): count retrievals each, or fewer at the deadline."""
     load_process_signals()
     ctx = _client_context(target)
     request = request_bytes(target)
 
-    def worker(index: int, count: int, stopped: threading.Event
-               ) -> tuple[list[float], list[str]]:
+    def worker(index: int, count: int, stopped: threading.Event) -> tuple[list[float], list[str]]:
         mine: list[float] = []
         bad: list[str] = []
         i = index * 7919  # threads start at different CSRs
@@ -211,9 +216,8 @@ def _tree_cpu_seconds(pid: int) -> float:
         p = todo.pop()
         try:
             text = Path(f"/proc/{p}/stat").read_text()
-            f = text[text.rindex(")") + 2:].split()
-            total += (int(f[11]) + int(f[12]) + (int(f[13]) + int(f[14]) if first else 0)
-                      ) / CLK_TCK
+            f = text[text.rindex(")") + 2 :].split()
+            total += (int(f[11]) + int(f[12]) + (int(f[13]) + int(f[14]) if first else 0)) / CLK_TCK
             for task in Path(f"/proc/{p}/task").iterdir():
                 todo += [int(c) for c in (task / "children").read_text().split()]
         except (OSError, ValueError):
@@ -222,12 +226,19 @@ def _tree_cpu_seconds(pid: int) -> float:
     return total
 
 
-def run_cell(target: Target, clients: int, seconds: float, max_ops: int,
-             csrs: list[bytes], server_pid: int | None = None, client_procs: int = 2
-             ) -> dict[str, Any]:
+def run_cell(
+    target: Target,
+    clients: int,
+    seconds: float,
+    max_ops: int,
+    csrs: list[bytes],
+    server_pid: int | None = None,
+    client_procs: int = 2,
+) -> dict[str, Any]:
     # warm-up + full check of one response, outside the measured window
-    check_chain(one_retrieval(target, _client_context(target), request_bytes(target), csrs[0]),
-                csrs[0])
+    check_chain(
+        one_retrieval(target, _client_context(target), request_bytes(target), csrs[0]), csrs[0]
+    )
     time.sleep(0.2)  # let the warm-up's child be reaped
     groups = thread_groups(max_ops, clients, client_procs, at_least=1)
     procs = len(groups)
@@ -236,9 +247,13 @@ def run_cell(target: Target, clients: int, seconds: float, max_ops: int,
         return _tree_cpu_seconds(server_pid) if server_pid else None
 
     # the server's CPU is taken again below, after its last children are reaped
-    run = run_load([functools.partial(_client_process, target, csrs, g) for g in groups],
-                   seconds=seconds, collect_timeout=seconds + 120, probe=server_cpu,
-                   probe_after=False)
+    run = run_load(
+        [functools.partial(_client_process, target, csrs, g) for g in groups],
+        seconds=seconds,
+        collect_timeout=seconds + 120,
+        probe=server_cpu,
+        probe_after=False,
+    )
     parts, cpu0 = run.parts, run.before
     elapsed = max(part["ended"] for part in parts) - run.start_at
     cpu_s = None
@@ -258,19 +273,26 @@ def run_cell(target: Target, clients: int, seconds: float, max_ops: int,
         return latencies[min(n - 1, int(q * n))] * 1000 if n else float("nan")
 
     return {
-        "server": target.label, "clients": clients, "ops": n, "errors": errors,
-        "seconds": round(elapsed, 2), "per_s": round(n / elapsed, 1) if elapsed > 0 else 0.0,
-        "p50_ms": round(pct(0.50), 1), "p99_ms": round(pct(0.99), 1),
+        "server": target.label,
+        "clients": clients,
+        "ops": n,
+        "errors": errors,
+        "seconds": round(elapsed, 2),
+        "per_s": round(n / elapsed, 1) if elapsed > 0 else 0.0,
+        "p50_ms": round(pct(0.50), 1),
+        "p99_ms": round(pct(0.99), 1),
         "mean_ms": round(statistics.fmean(latencies) * 1000, 1) if n else float("nan"),
         # server CPU per retrieval (the waits above are not in `seconds`)
-        "server_cpu_ms_per_op": (round(cpu_s / done * 1000, 2)
-                                 if cpu_s is not None and done else None),
+        "server_cpu_ms_per_op": (
+            round(cpu_s / done * 1000, 2) if cpu_s is not None and done else None
+        ),
         # the load generator's own CPU (getrusage of its processes, all threads,
         # from the common start to their last thread's end) per retrieval
         "client_cpu_ms_per_op": round(client_cpu / done * 1000, 2) if done else None,
         # all CPUs of the machine over the cell (also anything else that runs)
         "machine_busy_pct": run.busy_pct,
-        "client_procs": procs, "stopped_by_time": run.stopped_by_time,
+        "client_procs": procs,
+        "stopped_by_time": run.stopped_by_time,
         "error_samples": error_list[:3],
     }
 
@@ -278,8 +300,9 @@ def run_cell(target: Target, clients: int, seconds: float, max_ops: int,
 # --------------------------------------------------------------------------- servers
 
 
-def wait_port(host: str, port: int, proc: subprocess.Popen[bytes] | None, timeout: float = 60
-              ) -> None:
+def wait_port(
+    host: str, port: int, proc: subprocess.Popen[bytes] | None, timeout: float = 60
+) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if proc is not None and proc.poll() is not None:
@@ -300,13 +323,15 @@ def free_port() -> int:
 def setup_pki(work: Path) -> dict[str, Any]:
     from broker.devpki import write_dev_pki
 
-    _, manifest = write_dev_pki(work / "pki", now=datetime.now(UTC), users=("alice",),
-                                pilots=("pilot",))
+    _, manifest = write_dev_pki(
+        work / "pki", now=datetime.now(UTC), users=("alice",), pilots=("pilot",)
+    )
     return manifest
 
 
-def start_ours(work: Path, manifest: dict[str, Any], extra: list[str]
-               ) -> tuple[subprocess.Popen[bytes], int]:
+def start_ours(
+    work: Path, manifest: dict[str, Any], extra: list[str]
+) -> tuple[subprocess.Popen[bytes], int]:
     """Our endpoint as `broker serve` runs it (python -m broker.myproxy.server)."""
     from broker.config import ServerConfig
     from broker.devpki import PASSPHRASE_RULE, policy_rule
@@ -319,32 +344,48 @@ def start_ours(work: Path, manifest: dict[str, Any], extra: list[str]
     policies = work / "policies"
     policies.mkdir()
     (policies / "10-bench.toml").write_text(
-        policy_rule("owners", ["delegate", "info", "destroy"], ["self"]) + PASSPHRASE_RULE
-        + policy_rule("pilot", "retrieve", [pilot_dn], auth=["certificate"]))
+        policy_rule("owners", ["delegate", "info", "destroy"], ["self"])
+        + PASSPHRASE_RULE
+        + policy_rule("pilot", "retrieve", [pilot_dn], auth=["certificate"])
+    )
     port = free_port()
     config = ServerConfig(
-        state_dir=str(work / "state"), policy_dir=str(policies),
-        host_cert=manifest["host"]["cert"], host_key=manifest["host"]["key"],
-        ca_dir=manifest["ca_dir"], vomsdir=manifest["vomsdir"],
+        state_dir=str(work / "state"),
+        policy_dir=str(policies),
+        host_cert=manifest["host"]["cert"],
+        host_key=manifest["host"]["key"],
+        ca_dir=manifest["ca_dir"],
+        vomsdir=manifest["vomsdir"],
         myproxy_bind=f"127.0.0.1:{port}",
     ).resolved()
     prepare_state(config)
     runtime = build_runtime(config)
     service = runtime.service
-    alice = load_cert_and_key(Path(manifest["users"]["alice"]["cert"]).read_bytes(),
-                              Path(manifest["users"]["alice"]["key"]).read_bytes())
+    alice = load_cert_and_key(
+        Path(manifest["users"]["alice"]["cert"]).read_bytes(),
+        Path(manifest["users"]["alice"]["key"]).read_bytes(),
+    )
     me = service.authenticate_chain(list(alice.chain), endpoint="myproxy")
     proxy = new_proxy(alice, now=service.now(), lifetime=timedelta(hours=24))
-    service.store_credential(me, DelegationOptions(
-        username="alice", name="pilotjob", trusted_retrievers=(pilot_dn,)), proxy)
+    service.store_credential(
+        me,
+        DelegationOptions(username="alice", name="pilotjob", trusted_retrievers=(pilot_dn,)),
+        proxy,
+    )
     proxy2 = new_proxy(alice, now=service.now(), lifetime=timedelta(hours=24))
-    service.store_credential(me, DelegationOptions(
-        username="alice", passphrase=PASS, trusted_retrievers=(r"re:[^\s\S]",)), proxy2)
+    service.store_credential(
+        me,
+        DelegationOptions(username="alice", passphrase=PASS, trusted_retrievers=(r"re:[^\s\S]",)),
+        proxy2,
+    )
     service.store.close()
     proc = subprocess.Popen(
         [sys.executable, "-m", "broker.myproxy.server", "--config-stdin", *extra],
-        cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-        stderr=open(work / "ours.log", "wb"))
+        cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=open(work / "ours.log", "wb"),
+    )
     assert proc.stdin is not None
     proc.stdin.write(json.dumps(dataclasses.asdict(config)).encode())
     proc.stdin.close()
@@ -352,8 +393,9 @@ def start_ours(work: Path, manifest: dict[str, Any], extra: list[str]
     return proc, port
 
 
-def start_reference(work: Path, manifest: dict[str, Any]
-                    ) -> tuple[subprocess.Popen[bytes] | None, int, int | None]:
+def start_reference(
+    work: Path, manifest: dict[str, Any]
+) -> tuple[subprocess.Popen[bytes] | None, int, int | None]:
     """myproxy-server on loopback with the grid-test-rig config; creds via myproxy-init."""
     if shutil.which("myproxy-server") is None:
         raise RuntimeError("myproxy-server is not installed (apt-get install myproxy-server)")
@@ -368,26 +410,58 @@ authorized_renewers        "*"
 default_renewers           "none"
 trusted_retrievers         "{pilot_dn}"
 default_trusted_retrievers "none"
-cert_dir {manifest['ca_dir']}
+cert_dir {manifest["ca_dir"]}
 """)
     port = free_port()
     pidfile = work / "myproxy-server.pid"
-    env = {**os.environ, "X509_CERT_DIR": manifest["ca_dir"],
-           "X509_USER_CERT": manifest["host"]["cert"], "X509_USER_KEY": manifest["host"]["key"]}
-    subprocess.run(["myproxy-server", "-c", str(cfg), "-s", str(store), "-l", "127.0.0.1",
-                    "-p", str(port), "-P", str(pidfile)], env=env, check=True, timeout=30)
+    env = {
+        **os.environ,
+        "X509_CERT_DIR": manifest["ca_dir"],
+        "X509_USER_CERT": manifest["host"]["cert"],
+        "X509_USER_KEY": manifest["host"]["key"],
+    }
+    subprocess.run(
+        [
+            "myproxy-server",
+            "-c",
+            str(cfg),
+            "-s",
+            str(store),
+            "-l",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-P",
+            str(pidfile),
+        ],
+        env=env,
+        check=True,
+        timeout=30,
+    )
     wait_port("127.0.0.1", port, None)
     pid = int(pidfile.read_text().strip())
     client_env = {k: v for k, v in os.environ.items() if not k.startswith("X509_USER")}
-    client_env.update(X509_CERT_DIR=manifest["ca_dir"], MYPROXY_SERVER="localhost",
-                      MYPROXY_SERVER_PORT=str(port),
-                      MYPROXY_SERVER_DN=manifest["host"]["dn"],
-                      X509_USER_CERT=manifest["users"]["alice"]["cert"],
-                      X509_USER_KEY=manifest["users"]["alice"]["key"])
-    for args, stdin in ((["-S", "-l", "alice"], PASS + "\n"),
-                        (["-n", "-l", "alice", "-k", "pilotjob", "-x", "-Z", pilot_dn], None)):
-        subprocess.run(["myproxy-init", "-c", "24", "-t", "2", *args], env=client_env,
-                       input=stdin, text=True, check=True, capture_output=True, timeout=120)
+    client_env.update(
+        X509_CERT_DIR=manifest["ca_dir"],
+        MYPROXY_SERVER="localhost",
+        MYPROXY_SERVER_PORT=str(port),
+        MYPROXY_SERVER_DN=manifest["host"]["dn"],
+        X509_USER_CERT=manifest["users"]["alice"]["cert"],
+        X509_USER_KEY=manifest["users"]["alice"]["key"],
+    )
+    for args, stdin in (
+        (["-S", "-l", "alice"], PASS + "\n"),
+        (["-n", "-l", "alice", "-k", "pilotjob", "-x", "-Z", pilot_dn], None),
+    ):
+        subprocess.run(
+            ["myproxy-init", "-c", "24", "-t", "2", *args],
+            env=client_env,
+            input=stdin,
+            text=True,
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
     return None, port, pid
 
 
@@ -406,8 +480,12 @@ def main() -> int:
     parser.add_argument("--modes", default="pilot,passphrase")
     parser.add_argument("--json", default="bench-myproxy.json")
     parser.add_argument("--ours-args", default="", help="extra args for broker.myproxy.server")
-    parser.add_argument("--client-procs", type=int, default=2,
-                        help="load-generator processes, the clients are threads in them [2]")
+    parser.add_argument(
+        "--client-procs",
+        type=int,
+        default=2,
+        help="load-generator processes, the clients are threads in them [2]",
+    )
     args = parser.parse_args()
     if args.client_procs < 1 or args.max_ops < 1 or args.seconds <= 0:
         parser.error("--client-procs, --max-ops and --seconds must be positive")
@@ -427,24 +505,48 @@ def main() -> int:
         _, ref_port, ref_pid = start_reference(work, manifest)
         pilot = manifest["users"]["pilot"]
         for mode in modes:
-            for label, port, spid in (("broker", ours_port, ours.pid),  # pids
-                                      ("myproxy-server", ref_port, ref_pid)):
+            for label, port, spid in (
+                ("broker", ours_port, ours.pid),  # pids
+                ("myproxy-server", ref_port, ref_pid),
+            ):
                 if mode == "pilot":
-                    target = Target(label, "127.0.0.1", port, manifest["ca_dir"], pilot["cert"],
-                                    pilot["key"], "alice", "pilotjob", "")
+                    target = Target(
+                        label,
+                        "127.0.0.1",
+                        port,
+                        manifest["ca_dir"],
+                        pilot["cert"],
+                        pilot["key"],
+                        "alice",
+                        "pilotjob",
+                        "",
+                    )
                 else:
-                    target = Target(label, "127.0.0.1", port, manifest["ca_dir"], None, None,
-                                    "alice", None, PASS)
+                    target = Target(
+                        label,
+                        "127.0.0.1",
+                        port,
+                        manifest["ca_dir"],
+                        None,
+                        None,
+                        "alice",
+                        None,
+                        PASS,
+                    )
                 for clients in concurrency:
-                    row = run_cell(target, clients, args.seconds, args.max_ops, csrs, spid,
-                                   args.client_procs)
+                    row = run_cell(
+                        target, clients, args.seconds, args.max_ops, csrs, spid, args.client_procs
+                    )
                     row["mode"] = mode
                     rows.append(row)
-                    print(f"  {mode:10} {label:15} c={clients:<3} {row['per_s']:7.1f}/s "
-                          f"p50 {row['p50_ms']:7.1f} ms p99 {row['p99_ms']:7.1f} ms "
-                          f"srv {_ms(row['server_cpu_ms_per_op'])} cli "
-                          f"{_ms(row['client_cpu_ms_per_op'])} ms/op busy "
-                          f"{row['machine_busy_pct']}% errors {row['errors']}", file=sys.stderr)
+                    print(
+                        f"  {mode:10} {label:15} c={clients:<3} {row['per_s']:7.1f}/s "
+                        f"p50 {row['p50_ms']:7.1f} ms p99 {row['p99_ms']:7.1f} ms "
+                        f"srv {_ms(row['server_cpu_ms_per_op'])} cli "
+                        f"{_ms(row['client_cpu_ms_per_op'])} ms/op busy "
+                        f"{row['machine_busy_pct']}% errors {row['errors']}",
+                        file=sys.stderr,
+                    )
     finally:
         ours.send_signal(signal.SIGTERM)
         try:
@@ -455,38 +557,66 @@ def main() -> int:
             os.kill(ref_pid, signal.SIGTERM)
 
     print()
-    print(f"machine busy before the run (other processes, 1 s sample): {background}% of "
-          f"{os.cpu_count()} cores; load generator: {args.client_procs} process(es) max")
-    print(f"{'mode':10} {'clients':>7} | {'broker /s':>9} {'p50':>7} {'p99':>7} | "
-          f"{'myproxy /s':>10} {'p50':>7} {'p99':>7} | {'ratio':>6}")
+    print(
+        f"machine busy before the run (other processes, 1 s sample): {background}% of "
+        f"{os.cpu_count()} cores; load generator: {args.client_procs} process(es) max"
+    )
+    print(
+        f"{'mode':10} {'clients':>7} | {'broker /s':>9} {'p50':>7} {'p99':>7} | "
+        f"{'myproxy /s':>10} {'p50':>7} {'p99':>7} | {'ratio':>6}"
+    )
     summary = []
     for mode in modes:
         for clients in concurrency:
-            a = next(r for r in rows if r["mode"] == mode and r["clients"] == clients
-                     and r["server"] == "broker")
-            b = next(r for r in rows if r["mode"] == mode and r["clients"] == clients
-                     and r["server"] == "myproxy-server")
+            a = next(
+                r
+                for r in rows
+                if r["mode"] == mode and r["clients"] == clients and r["server"] == "broker"
+            )
+            b = next(
+                r
+                for r in rows
+                if r["mode"] == mode and r["clients"] == clients and r["server"] == "myproxy-server"
+            )
             ratio = a["per_s"] / b["per_s"] if b["per_s"] else float("inf")
-            summary.append({"mode": mode, "clients": clients, "broker": a,
-                            "myproxy_server": b, "ratio": round(ratio, 2)})
-            print(f"{mode:10} {clients:>7} | {a['per_s']:>9.1f} {a['p50_ms']:>7.1f} "
-                  f"{a['p99_ms']:>7.1f} | {b['per_s']:>10.1f} {b['p50_ms']:>7.1f} "
-                  f"{b['p99_ms']:>7.1f} | {ratio:>5.1f}x")
+            summary.append(
+                {
+                    "mode": mode,
+                    "clients": clients,
+                    "broker": a,
+                    "myproxy_server": b,
+                    "ratio": round(ratio, 2),
+                }
+            )
+            print(
+                f"{mode:10} {clients:>7} | {a['per_s']:>9.1f} {a['p50_ms']:>7.1f} "
+                f"{a['p99_ms']:>7.1f} | {b['per_s']:>10.1f} {b['p50_ms']:>7.1f} "
+                f"{b['p99_ms']:>7.1f} | {ratio:>5.1f}x"
+            )
     print()
     print("CPU ms per retrieval (server / client = load generator) and machine busy %")
-    print(f"{'mode':10} {'clients':>7} | {'broker srv':>10} {'cli':>6} {'busy%':>6} | "
-          f"{'myproxy srv':>11} {'cli':>6} {'busy%':>6}")
+    print(
+        f"{'mode':10} {'clients':>7} | {'broker srv':>10} {'cli':>6} {'busy%':>6} | "
+        f"{'myproxy srv':>11} {'cli':>6} {'busy%':>6}"
+    )
     for cell in summary:
         a, b = cell["broker"], cell["myproxy_server"]
-        print(f"{cell['mode']:10} {cell['clients']:>7} | "
-              f"{_ms(a['server_cpu_ms_per_op']):>10} {_ms(a['client_cpu_ms_per_op']):>6} "
-              f"{_ms(a['machine_busy_pct'], 1):>6} | "
-              f"{_ms(b['server_cpu_ms_per_op']):>11} {_ms(b['client_cpu_ms_per_op']):>6} "
-              f"{_ms(b['machine_busy_pct'], 1):>6}")
-    result = {"generated": datetime.now(UTC).isoformat(), "cpus": os.cpu_count(),
-              "seconds_per_cell": args.seconds, "max_ops_per_cell": args.max_ops,
-              "client_procs": args.client_procs, "background_busy_pct": background,
-              "cells": summary}
+        print(
+            f"{cell['mode']:10} {cell['clients']:>7} | "
+            f"{_ms(a['server_cpu_ms_per_op']):>10} {_ms(a['client_cpu_ms_per_op']):>6} "
+            f"{_ms(a['machine_busy_pct'], 1):>6} | "
+            f"{_ms(b['server_cpu_ms_per_op']):>11} {_ms(b['client_cpu_ms_per_op']):>6} "
+            f"{_ms(b['machine_busy_pct'], 1):>6}"
+        )
+    result = {
+        "generated": datetime.now(UTC).isoformat(),
+        "cpus": os.cpu_count(),
+        "seconds_per_cell": args.seconds,
+        "max_ops_per_cell": args.max_ops,
+        "client_procs": args.client_procs,
+        "background_busy_pct": background,
+        "cells": summary,
+    }
     Path(args.json).write_text(json.dumps(result, indent=2))
     print(f"\nJSON written to {args.json}")
     shutil.rmtree(work, ignore_errors=True)

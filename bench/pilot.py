@@ -90,12 +90,29 @@ def start_server(top: Path, pki: Path) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     with open(top / "serve.log", "wb") as log:
         proc = subprocess.Popen(
-            [str(BIN / "broker"), "serve", "--state-dir", str(top / "state"),
-             "--bind", f"127.0.0.1:{port}", "--host-cert", str(pki / "host.pem"),
-             "--host-key", str(pki / "host.key"), "--ca-dir", str(pki / "certificates"),
-             "--vomsdir", str(pki / "vomsdir"), "--policy-dir", str(policies),
-             "--workers", "1"],
-            stdout=log, stderr=subprocess.STDOUT)
+            [
+                str(BIN / "broker"),
+                "serve",
+                "--state-dir",
+                str(top / "state"),
+                "--bind",
+                f"127.0.0.1:{port}",
+                "--host-cert",
+                str(pki / "host.pem"),
+                "--host-key",
+                str(pki / "host.key"),
+                "--ca-dir",
+                str(pki / "certificates"),
+                "--vomsdir",
+                str(pki / "vomsdir"),
+                "--policy-dir",
+                str(policies),
+                "--workers",
+                "1",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     return proc, port
 
 
@@ -132,6 +149,7 @@ def inner(top: Path, runs: int) -> int:
             # of the timing by running it after the clock stops (below)
             pending.append(job)
             return job
+
         return once
 
     pending: list[object] = []
@@ -143,8 +161,10 @@ def inner(top: Path, runs: int) -> int:
     for label, cfg in (
         ("in-process start, EC P-256", base),
         ("in-process start, RSA 2048 fresh", replace(base, key_type="rsa")),
-        ("in-process start, RSA 2048 pool",
-         replace(base, key_type="rsa", rsa_pool_dir=top / "pool")),
+        (
+            "in-process start, RSA 2048 pool",
+            replace(base, key_type="rsa", rsa_pool_dir=top / "pool"),
+        ),
     ):
         if cfg.rsa_pool_dir is not None:
             fill_rsa_pool(cfg.rsa_pool_dir, runs + 4)
@@ -188,9 +208,11 @@ def main() -> int:
         for d in (pki, pki / "certificates", pki / "vomsdir"):
             d.chmod(0o755)
         proc, port = start_server(top, pki)
-        alice = BrokerClient(f"localhost:{port}", ClientIdentity(str(pki / "alice.pem"),
-                                                                 str(pki / "alice.key")),
-                             ca_dir=str(pki / "certificates"))
+        alice = BrokerClient(
+            f"localhost:{port}",
+            ClientIdentity(str(pki / "alice.pem"), str(pki / "alice.key")),
+            ca_dir=str(pki / "certificates"),
+        )
         wait_for(alice, proc)
         alice.delegate(alice.identity.load(), username="alice", now=datetime.now(UTC))
         work = top / "work"
@@ -202,14 +224,20 @@ def main() -> int:
             f'key = "{pki}/pilot.key"\nca_dir = "{pki}/certificates"\n'
             f'vomsdir = "{pki}/vomsdir"\nallowed_owners = ["/DC=org/DC=example/*"]\n'
             f'workdir = "{work}"\n'
-            f'[wrapper]\nmode = "{mode}"\n' + ('account = "nobody"\n' if root else "")
-            + "kill_grace = 0.2\n")
+            f'[wrapper]\nmode = "{mode}"\n'
+            + ('account = "nobody"\n' if root else "")
+            + "kill_grace = 0.2\n"
+        )
         # execute() kills every descendant of the process that calls it, the
         # broker server included, so the in-process part runs in a child of its
         # own; the server is a sibling there, not a descendant.
         child = subprocess.run(
             [sys.executable, __file__, "--inner", str(top), "--runs", str(runs)],
-            capture_output=True, text=True, check=False, timeout=1800)
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=1800,
+        )
         if child.returncode != 0:
             raise SystemExit(f"the in-process part failed:\n{child.stderr}")
         rows = [(label, samples) for label, samples in json.loads(child.stdout)]
@@ -219,28 +247,42 @@ def main() -> int:
         def write_ad() -> None:
             ad_path.write_text(AD.format(n=next(counter)))
 
-        env = {"PATH": "/usr/bin:/bin", "BROKER_PILOT_CONFIG": str(config_path),
-               "_CONDOR_JOB_AD": str(ad_path), "_CONDOR_SCRATCH_DIR": str(top),
-               "_CONDOR_WRAPPER_ERROR_FILE": str(top / "wrapper-error")}
+        env = {
+            "PATH": "/usr/bin:/bin",
+            "BROKER_PILOT_CONFIG": str(config_path),
+            "_CONDOR_JOB_AD": str(ad_path),
+            "_CONDOR_SCRATCH_DIR": str(top),
+            "_CONDOR_WRAPPER_ERROR_FILE": str(top / "wrapper-error"),
+        }
 
         def command(argv: list[str], with_ad: bool = False) -> Callable[[], object]:
             def once() -> object:
                 if with_ad:
                     write_ad()
-                return subprocess.run(argv, env=env, check=True, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL)
+                return subprocess.run(
+                    argv, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+                )
+
             return once
 
         rows.append(("command: /bin/true", timed(command(["/bin/true"]), runs)))
-        rows.append(("command: python -c pass", timed(command([sys.executable, "-c", "pass"]),
-                                                      runs)))
-        rows.append(("command: python -c 'import payload_wrapper.pilot'",
-                     timed(command([sys.executable, "-c", "import payload_wrapper.pilot"]),
-                           runs)))
+        rows.append(
+            ("command: python -c pass", timed(command([sys.executable, "-c", "pass"]), runs))
+        )
+        rows.append(
+            (
+                "command: python -c 'import payload_wrapper.pilot'",
+                timed(command([sys.executable, "-c", "import payload_wrapper.pilot"]), runs),
+            )
+        )
         # what USER_JOB_WRAPPER names: the static launcher -> python -I -m payload_wrapper.pilot
         launcher = build_launcher(top / "broker-pilot")
-        rows.append(("command: broker-pilot /bin/true",
-                     timed(command([str(launcher), "/bin/true"], with_ad=True), runs)))
+        rows.append(
+            (
+                "command: broker-pilot /bin/true",
+                timed(command([str(launcher), "/bin/true"], with_ad=True), runs),
+            )
+        )
     finally:
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -251,16 +293,20 @@ def main() -> int:
                 proc.wait(timeout=5)
         shutil.rmtree(top, ignore_errors=True)
 
-    print(f"broker-pilot job start overhead ({runs} runs each, mode {mode}, "
-          f"{os.cpu_count()} CPUs, broker on 127.0.0.1 with 1 worker)")
+    print(
+        f"broker-pilot job start overhead ({runs} runs each, mode {mode}, "
+        f"{os.cpu_count()} CPUs, broker on 127.0.0.1 with 1 worker)"
+    )
     print(f"{'measurement':<52} {'median ms':>10} {'p99 ms':>9} {'min ms':>8}")
     for label, samples in rows:
         med, p99, low = stats(samples)
         print(f"{label:<52} {med:>10.1f} {p99:>9.1f} {low:>8.1f}")
     ec_median = stats(rows[0][1])[0]
     verdict = "meets" if ec_median <= TARGET_MS else "MISSES"
-    print(f"\nin-process start with EC keys: median {ec_median:.1f} ms {verdict} the "
-          f"{TARGET_MS:.0f} ms target")
+    print(
+        f"\nin-process start with EC keys: median {ec_median:.1f} ms {verdict} the "
+        f"{TARGET_MS:.0f} ms target"
+    )
     return 0
 
 

@@ -73,11 +73,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 # ---------------------------------------------------------------- /proc helpers
 
+
 def proc_cpu_seconds(pid: int) -> float:
     """utime + stime of one process (all its threads), in seconds."""
     with open(f"/proc/{pid}/stat") as handle:
         text = handle.read()
-    fields = text[text.rindex(")") + 2:].split()
+    fields = text[text.rindex(")") + 2 :].split()
     # fields[0] is field 3 (state); utime is field 14, stime field 15
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
@@ -104,6 +105,7 @@ def server_cpu(master: int) -> tuple[float, list[int]]:
 
 
 # ---------------------------------------------------------------- crypto reference
+
 
 def openssl_speed() -> dict[str, Any]:
     """``openssl speed -seconds 1 rsa2048 ecdsap256``: sign/s and verify/s."""
@@ -137,24 +139,32 @@ def python_crypto_costs(pilot: Credential) -> dict[str, float]:
 
     for kind in ("rsa", "ec"):
         key = generate_key(kind)
-        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
         costs[f"load_private_key_{kind}_ms"] = per_call(lambda p=pem: load_private_key(p), 20)
         if kind == "rsa":
             costs["load_rsa_key_skip_validation_ms"] = per_call(
                 lambda p=pem: serialization.load_pem_private_key(
-                    p, None, unsafe_skip_rsa_key_validation=True), 20)
+                    p, None, unsafe_skip_rsa_key_validation=True
+                ),
+                20,
+            )
         # a delegated credential of that key type, then one proxy signed with it
         cred_csr = make_csr(key)
         chain = sign_request(pilot, cred_csr, now=now, lifetime=timedelta(hours=24))
         issuer = Credential(chain=tuple(chain), key=key)
         req = make_csr(generate_key("ec"))
         costs[f"sign_proxy_with_{kind}_key_ms"] = per_call(
-            lambda i=issuer, r=req: sign_request(i, r, now=now, lifetime=timedelta(hours=1)), 20)
+            lambda i=issuer, r=req: sign_request(i, r, now=now, lifetime=timedelta(hours=1)), 20
+        )
     return costs
 
 
 # ---------------------------------------------------------------- load generator
+
 
 @dataclass
 class LevelResult:
@@ -188,8 +198,12 @@ def _one_retrieval(ctx: ssl.SSLContext, port: int, body: bytes, timeout: float) 
     """One retrieval on a fresh connection; None when it worked, else an error text."""
     conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=timeout)
     try:
-        conn.request("POST", "/v1/retrievals", body=body,
-                     headers={"Content-Type": "application/json", "Connection": "close"})
+        conn.request(
+            "POST",
+            "/v1/retrievals",
+            body=body,
+            headers={"Content-Type": "application/json", "Connection": "close"},
+        )
         response = conn.getresponse()
         raw = response.read()
         if response.status != 200:
@@ -203,15 +217,23 @@ def _one_retrieval(ctx: ssl.SSLContext, port: int, body: bytes, timeout: float) 
         conn.close()
 
 
-def _client_process(port: int, ca_dir: str, cert: str, key: str, bodies: list[bytes],
-                    counts: list[int], timeout: float, start_at: float, deadline: float,
-                    queue: Any) -> None:
+def _client_process(
+    port: int,
+    ca_dir: str,
+    cert: str,
+    key: str,
+    bodies: list[bytes],
+    counts: list[int],
+    timeout: float,
+    start_at: float,
+    deadline: float,
+    queue: Any,
+) -> None:
     """Run len(counts) threads; thread i does counts[i] retrievals (or stops at deadline)."""
     load_process_signals()
     ctx = _client_context(ca_dir, cert, key)
 
-    def worker(index: int, count: int, stopped: threading.Event
-               ) -> tuple[list[float], list[str]]:
+    def worker(index: int, count: int, stopped: threading.Event) -> tuple[list[float], list[str]]:
         mine: list[float] = []
         bad: list[str] = []
         for i in range(count):
@@ -231,9 +253,20 @@ def _client_process(port: int, ca_dir: str, cert: str, key: str, bodies: list[by
     client_threads(worker, list(enumerate(counts)), start_at, queue)
 
 
-def run_level(*, servers: Sequence[Server], ca_dir: str, cert: str, key: str,
-              bodies: list[bytes], concurrency: int, csr_key: str, requests: int,
-              max_seconds: float, client_procs: int, timeout: float) -> LevelResult:
+def run_level(
+    *,
+    servers: Sequence[Server],
+    ca_dir: str,
+    cert: str,
+    key: str,
+    bodies: list[bytes],
+    concurrency: int,
+    csr_key: str,
+    requests: int,
+    max_seconds: float,
+    client_procs: int,
+    timeout: float,
+) -> LevelResult:
     """One load level; client process p sends to servers[p % len(servers)] (scale-out)."""
 
     def cpu_and_pids() -> tuple[float, list[int]]:
@@ -241,19 +274,37 @@ def run_level(*, servers: Sequence[Server], ca_dir: str, cert: str, key: str,
         return sum(c for c, _ in measured), [pid for _, pids in measured for pid in pids]
 
     # thread indices are per process (they pick the bodies)
-    groups = [[count for _, count in g]
-              for g in thread_groups(requests, concurrency, client_procs)]
-    run = run_load([functools.partial(_client_process, servers[i % len(servers)].port, ca_dir,
-                                      cert, key, bodies, g, timeout)
-                    for i, g in enumerate(groups)],
-                   seconds=max_seconds, collect_timeout=max_seconds + timeout + 60,
-                   probe=cpu_and_pids)
+    groups = [[count for _, count in g] for g in thread_groups(requests, concurrency, client_procs)]
+    run = run_load(
+        [
+            functools.partial(
+                _client_process,
+                servers[i % len(servers)].port,
+                ca_dir,
+                cert,
+                key,
+                bodies,
+                g,
+                timeout,
+            )
+            for i, g in enumerate(groups)
+        ],
+        seconds=max_seconds,
+        collect_timeout=max_seconds + timeout + 60,
+        probe=cpu_and_pids,
+    )
     assert run.after is not None
     (cpu0, pids), (cpu1, pids1) = run.before, run.after
     latencies, errors, wall = run.latencies, run.errors, run.wall
     done = len(latencies) + len(errors)
-    result = LevelResult(concurrency=concurrency, csr_key=csr_key, requests=done,
-                         errors=len(errors), error_samples=errors[:5], wall_s=round(wall, 3))
+    result = LevelResult(
+        concurrency=concurrency,
+        csr_key=csr_key,
+        requests=done,
+        errors=len(errors),
+        error_samples=errors[:5],
+        wall_s=round(wall, 3),
+    )
     result.per_s = round(len(latencies) / wall, 1) if wall > 0 else 0.0
     result.p50_ms = round(percentile(latencies, 50) * 1000, 1)
     result.p90_ms = round(percentile(latencies, 90) * 1000, 1)
@@ -271,9 +322,11 @@ def run_level(*, servers: Sequence[Server], ca_dir: str, cert: str, key: str,
 
 # ---------------------------------------------------------------- server
 
+
 class Server:
-    def __init__(self, base: Path, pki_dir: Path, *, workers: int, threads: int,
-                 delegation_key: str) -> None:
+    def __init__(
+        self, base: Path, pki_dir: Path, *, workers: int, threads: int, delegation_key: str
+    ) -> None:
         self.base = base
         self.pki_dir = pki_dir
         self.port = _free_port()
@@ -283,20 +336,40 @@ class Server:
         config = base / "broker.toml"
         config.write_text(f'[limits]\ndelegation_key = "{delegation_key}"\n')
         self.argv = [
-            str(Path(sys.executable).parent / "broker"), "serve", "--config", str(config),
-            "--state-dir", str(base / "state"), "--bind", f"127.0.0.1:{self.port}",
-            "--host-cert", str(pki_dir / "host.pem"), "--host-key", str(pki_dir / "host.key"),
-            "--ca-dir", str(pki_dir / "certificates"), "--vomsdir", str(pki_dir / "vomsdir"),
-            "--policy-dir", str(policy_dir), "--workers", str(workers),
-            "--threads", str(threads),
+            str(Path(sys.executable).parent / "broker"),
+            "serve",
+            "--config",
+            str(config),
+            "--state-dir",
+            str(base / "state"),
+            "--bind",
+            f"127.0.0.1:{self.port}",
+            "--host-cert",
+            str(pki_dir / "host.pem"),
+            "--host-key",
+            str(pki_dir / "host.key"),
+            "--ca-dir",
+            str(pki_dir / "certificates"),
+            "--vomsdir",
+            str(pki_dir / "vomsdir"),
+            "--policy-dir",
+            str(policy_dir),
+            "--workers",
+            str(workers),
+            "--threads",
+            str(threads),
         ]
         self.log = base / "serve.log"
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, client: BrokerClient) -> None:
         with open(self.log, "wb") as out:
-            self.process = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT,
-                                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            self.process = subprocess.Popen(
+                self.argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -331,6 +404,7 @@ def _free_port() -> int:
 
 
 # ---------------------------------------------------------------- report
+
 
 def machine_info() -> dict[str, Any]:
     cpuinfo = Path("/proc/cpuinfo").read_text()
@@ -369,46 +443,71 @@ def _os_release() -> str:
 
 
 def print_table(levels: list[LevelResult]) -> None:
-    head = (f"{'csr':>4} {'conc':>4} {'reqs':>5} {'err':>4} {'ret/s':>7} {'p50 ms':>7} "
-            f"{'p90 ms':>7} {'p99 ms':>7} {'max ms':>7} {'srv CPU ms/op':>13} "
-            f"{'cli CPU ms/op':>13} {'busy %':>6}")
+    head = (
+        f"{'csr':>4} {'conc':>4} {'reqs':>5} {'err':>4} {'ret/s':>7} {'p50 ms':>7} "
+        f"{'p90 ms':>7} {'p99 ms':>7} {'max ms':>7} {'srv CPU ms/op':>13} "
+        f"{'cli CPU ms/op':>13} {'busy %':>6}"
+    )
     print(head)
     print("-" * len(head))
     for r in levels:
         flag = " (time limit)" if r.stopped_by_time else ""
-        print(f"{r.csr_key:>4} {r.concurrency:>4} {r.requests:>5} {r.errors:>4} {r.per_s:>7.1f} "
-              f"{r.p50_ms:>7.1f} {r.p90_ms:>7.1f} {r.p99_ms:>7.1f} {r.max_ms:>7.1f} "
-              f"{r.server_cpu_ms_per_op:>13.2f} {r.client_cpu_ms_per_op:>13.2f} "
-              f"{r.machine_busy_pct:>6.1f}{flag}")
+        print(
+            f"{r.csr_key:>4} {r.concurrency:>4} {r.requests:>5} {r.errors:>4} {r.per_s:>7.1f} "
+            f"{r.p50_ms:>7.1f} {r.p90_ms:>7.1f} {r.p99_ms:>7.1f} {r.max_ms:>7.1f} "
+            f"{r.server_cpu_ms_per_op:>13.2f} {r.client_cpu_ms_per_op:>13.2f} "
+            f"{r.machine_busy_pct:>6.1f}{flag}"
+        )
 
 
 # ---------------------------------------------------------------- main
 
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="scripts/bench retrieval", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="scripts/bench retrieval",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--full", action="store_true", help="also run concurrency 64")
     parser.add_argument("--levels", help="comma-separated concurrency levels [1,4,16]")
-    parser.add_argument("--requests", type=int, default=300,
-                        help="retrievals per level (count bound) [300]")
-    parser.add_argument("--max-seconds", type=float, default=30.0,
-                        help="stop a level after this many seconds [30]")
-    parser.add_argument("--csr-keys", default="ec,rsa",
-                        help="CSR key types to run, comma-separated: ec, rsa [ec,rsa]")
-    parser.add_argument("--csr-pool", type=int, default=16,
-                        help="pre-generated CSRs per key type, used round-robin [16]")
+    parser.add_argument(
+        "--requests", type=int, default=300, help="retrievals per level (count bound) [300]"
+    )
+    parser.add_argument(
+        "--max-seconds", type=float, default=30.0, help="stop a level after this many seconds [30]"
+    )
+    parser.add_argument(
+        "--csr-keys",
+        default="ec,rsa",
+        help="CSR key types to run, comma-separated: ec, rsa [ec,rsa]",
+    )
+    parser.add_argument(
+        "--csr-pool",
+        type=int,
+        default=16,
+        help="pre-generated CSRs per key type, used round-robin [16]",
+    )
     parser.add_argument("--workers", type=int, default=2, help="gunicorn workers [2]")
     parser.add_argument("--threads", type=int, default=8, help="threads per worker [8]")
-    parser.add_argument("--delegation-key", choices=("rsa", "ec"), default="rsa",
-                        help="key type the server makes for the delegation [rsa]")
-    parser.add_argument("--client-procs", type=int, default=2,
-                        help="load-generator processes (threads inside) [2]")
+    parser.add_argument(
+        "--delegation-key",
+        choices=("rsa", "ec"),
+        default="rsa",
+        help="key type the server makes for the delegation [rsa]",
+    )
+    parser.add_argument(
+        "--client-procs", type=int, default=2, help="load-generator processes (threads inside) [2]"
+    )
     parser.add_argument("--warmup", type=int, default=20, help="untimed retrievals first [20]")
     parser.add_argument("--timeout", type=float, default=30.0, help="per-request timeout [30]")
     parser.add_argument("--no-openssl-speed", action="store_true")
     parser.add_argument("--out", default=str(REPO / "bench-out" / "retrieval.json"))
-    parser.add_argument("--keep", action="store_true",
-                        help="keep the temp dir (PKI, state, serve.log) and print its path")
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the temp dir (PKI, state, serve.log) and print its path",
+    )
     args = parser.parse_args(argv)
     if args.requests < 1 or args.max_seconds <= 0:
         parser.error("--requests and --max-seconds must be positive")
@@ -419,8 +518,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    levels = ([int(x) for x in args.levels.split(",")] if args.levels
-              else [1, 4, 16, *([64] if args.full else [])])
+    levels = (
+        [int(x) for x in args.levels.split(",")]
+        if args.levels
+        else [1, 4, 16, *([64] if args.full else [])]
+    )
     csr_keys = [k.strip() for k in args.csr_keys.split(",") if k.strip()]
     for k in csr_keys:
         if k not in ("ec", "rsa"):
@@ -439,47 +541,88 @@ def main(argv: list[str] | None = None) -> int:
         write_dev_pki(pki_dir, now=datetime.now(UTC), users=("alice",), pilots=("pilot",))
         pilot_cert, pilot_key = str(pki_dir / "pilot.pem"), str(pki_dir / "pilot.key")
         ca_dir = str(pki_dir / "certificates")
-        alice_cred = load_cert_and_key((pki_dir / "alice.pem").read_bytes(),
-                                       (pki_dir / "alice.key").read_bytes())
+        alice_cred = load_cert_and_key(
+            (pki_dir / "alice.pem").read_bytes(), (pki_dir / "alice.key").read_bytes()
+        )
         report["python_crypto_ms"] = python_crypto_costs(alice_cred)
-        server = Server(tmp, pki_dir, workers=args.workers, threads=args.threads,
-                        delegation_key=args.delegation_key)
-        alice = BrokerClient(f"127.0.0.1:{server.port}",
-                             ClientIdentity(cert=str(pki_dir / "alice.pem"),
-                                            key=str(pki_dir / "alice.key")), ca_dir=ca_dir)
-        print(f"starting broker serve on 127.0.0.1:{server.port} "
-              f"({args.workers} workers x {args.threads} threads)", file=sys.stderr)
+        server = Server(
+            tmp,
+            pki_dir,
+            workers=args.workers,
+            threads=args.threads,
+            delegation_key=args.delegation_key,
+        )
+        alice = BrokerClient(
+            f"127.0.0.1:{server.port}",
+            ClientIdentity(cert=str(pki_dir / "alice.pem"), key=str(pki_dir / "alice.key")),
+            ca_dir=ca_dir,
+        )
+        print(
+            f"starting broker serve on 127.0.0.1:{server.port} "
+            f"({args.workers} workers x {args.threads} threads)",
+            file=sys.stderr,
+        )
         server.start(alice)
-        report["server"] = {"pid": server.pid, "argv": server.argv,
-                            "host_key": _key_desc(pki_dir / "host.key"),
-                            "pilot_key": _key_desc(pki_dir / "pilot.key")}
+        report["server"] = {
+            "pid": server.pid,
+            "argv": server.argv,
+            "host_key": _key_desc(pki_dir / "host.key"),
+            "pilot_key": _key_desc(pki_dir / "pilot.key"),
+        }
         alice.delegate(alice_cred, username="alice", now=datetime.now(UTC), max_proxy_hours=12)
 
         bodies_by_key: dict[str, list[bytes]] = {}
         for kind in csr_keys:
             print(f"pre-generating {args.csr_pool} {kind} CSRs ...", file=sys.stderr)
             bodies_by_key[kind] = [
-                json.dumps({"csr": csr_to_pem(make_csr(generate_key(kind))).decode(),
-                            "username": "alice", "job_id": f"bench#{i}.0",
-                            "lifetime_hours": 1}).encode()
-                for i in range(args.csr_pool)]
+                json.dumps(
+                    {
+                        "csr": csr_to_pem(make_csr(generate_key(kind))).decode(),
+                        "username": "alice",
+                        "job_id": f"bench#{i}.0",
+                        "lifetime_hours": 1,
+                    }
+                ).encode()
+                for i in range(args.csr_pool)
+            ]
 
         if args.warmup:
-            run_level(servers=[server], ca_dir=ca_dir, cert=pilot_cert,
-                      key=pilot_key, bodies=bodies_by_key[csr_keys[0]],
-                      concurrency=min(4, args.warmup), csr_key=csr_keys[0],
-                      requests=args.warmup, max_seconds=args.max_seconds,
-                      client_procs=args.client_procs, timeout=args.timeout)
+            run_level(
+                servers=[server],
+                ca_dir=ca_dir,
+                cert=pilot_cert,
+                key=pilot_key,
+                bodies=bodies_by_key[csr_keys[0]],
+                concurrency=min(4, args.warmup),
+                csr_key=csr_keys[0],
+                requests=args.warmup,
+                max_seconds=args.max_seconds,
+                client_procs=args.client_procs,
+                timeout=args.timeout,
+            )
         results: list[LevelResult] = []
         for kind in csr_keys:
             for conc in levels:
-                print(f"level: {kind} CSRs, {conc} concurrent clients, "
-                      f"{args.requests} requests max, {args.max_seconds:g} s max", file=sys.stderr)
-                results.append(run_level(
-                    servers=[server], ca_dir=ca_dir, cert=pilot_cert,
-                    key=pilot_key, bodies=bodies_by_key[kind], concurrency=conc, csr_key=kind,
-                    requests=args.requests, max_seconds=args.max_seconds,
-                    client_procs=args.client_procs, timeout=args.timeout))
+                print(
+                    f"level: {kind} CSRs, {conc} concurrent clients, "
+                    f"{args.requests} requests max, {args.max_seconds:g} s max",
+                    file=sys.stderr,
+                )
+                results.append(
+                    run_level(
+                        servers=[server],
+                        ca_dir=ca_dir,
+                        cert=pilot_cert,
+                        key=pilot_key,
+                        bodies=bodies_by_key[kind],
+                        concurrency=conc,
+                        csr_key=kind,
+                        requests=args.requests,
+                        max_seconds=args.max_seconds,
+                        client_procs=args.client_procs,
+                        timeout=args.timeout,
+                    )
+                )
         report["levels"] = [asdict(r) for r in results]
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -496,19 +639,27 @@ def main(argv: list[str] | None = None) -> int:
     if "rsa2048_sign_per_s" in speed:
         rsa_ms = 1000 / speed["rsa2048_sign_per_s"]
         ec_ms = 1000 / speed.get("ecdsap256_sign_per_s", float("inf"))
-        print(f"{speed.get('version', 'openssl')}: rsa2048 {speed['rsa2048_sign_per_s']:.0f} "
-              f"sign/s ({rsa_ms:.2f} ms), ecdsap256 {speed.get('ecdsap256_sign_per_s', 0):.0f} "
-              f"sign/s ({ec_ms:.3f} ms)")
+        print(
+            f"{speed.get('version', 'openssl')}: rsa2048 {speed['rsa2048_sign_per_s']:.0f} "
+            f"sign/s ({rsa_ms:.2f} ms), ecdsap256 {speed.get('ecdsap256_sign_per_s', 0):.0f} "
+            f"sign/s ({ec_ms:.3f} ms)"
+        )
     crypto = report.get("python_crypto_ms", {})
     if crypto:
-        print("in-process (cryptography), ms per call: "
-              + ", ".join(f"{k.removesuffix('_ms')} {v:.2f}" for k, v in crypto.items()))
+        print(
+            "in-process (cryptography), ms per call: "
+            + ", ".join(f"{k.removesuffix('_ms')} {v:.2f}" for k, v in crypto.items())
+        )
     m = report["machine"]
-    print(f"machine busy before the run (other processes, 1 s sample): "
-          f"{report['background_busy_pct']}% of all cores")
-    print(f"machine: {m['cpu_model']}, {m['nproc']} cores, {m['mem_gib']} GiB; server "
-          f"{args.workers} workers x {args.threads} threads, delegation key "
-          f"{args.delegation_key}")
+    print(
+        f"machine busy before the run (other processes, 1 s sample): "
+        f"{report['background_busy_pct']}% of all cores"
+    )
+    print(
+        f"machine: {m['cpu_model']}, {m['nproc']} cores, {m['mem_gib']} GiB; server "
+        f"{args.workers} workers x {args.threads} threads, delegation key "
+        f"{args.delegation_key}"
+    )
     print_table(results)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -516,8 +667,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nwrote {out}")
     total_errors = sum(r.errors for r in results)
     if total_errors:
-        print(f"ERROR: {total_errors} failed retrievals, e.g. "
-              f"{[e for r in results for e in r.error_samples][:3]}", file=sys.stderr)
+        print(
+            f"ERROR: {total_errors} failed retrievals, e.g. "
+            f"{[e for r in results for e in r.error_samples][:3]}",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -155,12 +155,15 @@ def populate(url: str, fx: Fixture, count: int) -> float:
     migrate(url)
     store = Store(url, fx.ring)
     try:
-        store.put_credential(CredentialWrite(
-            owner_dn=fx.owner_dn,
-            username=username(0),
-            private_key_pem=fx.key_pem,
-            certificate_chain=fx.chain_pem,
-        ), now=datetime.now(UTC))
+        store.put_credential(
+            CredentialWrite(
+                owner_dn=fx.owner_dn,
+                username=username(0),
+                private_key_pem=fx.key_pem,
+                certificate_chain=fx.chain_pem,
+            ),
+            now=datetime.now(UTC),
+        )
         table = Credential.__table__
         with store.engine.begin() as conn:
             template = dict(conn.execute(select(table)).mappings().one())

@@ -195,8 +195,10 @@ def _wrapper_floor_note(wrapper: dict[str, Any]) -> str:
     crypto = floor.get("floor: + import cryptography.x509")
     if crypto is None:
         return "interpreter start + imports included"
-    return (f"interpreter start + imports included; python + import cryptography.x509 "
-            f"alone: {crypto:.0f} ms")
+    return (
+        f"interpreter start + imports included; python + import cryptography.x509 "
+        f"alone: {crypto:.0f} ms"
+    )
 
 
 def parse_wrapper(text: str) -> dict[str, Any]:

@@ -55,9 +55,15 @@ def _cpu() -> float:
 
 def _stdlib_server(listener: socket.socket, pki: Path, count: int) -> None:
     # exactly the MyProxy endpoint's server context
-    ctx = make_context(EndpointSettings(
-        host="127.0.0.1", port=0, host_cert=str(pki / "host.pem"),
-        host_key=str(pki / "host.key"), ca_dir=str(pki / "certificates")))
+    ctx = make_context(
+        EndpointSettings(
+            host="127.0.0.1",
+            port=0,
+            host_cert=str(pki / "host.pem"),
+            host_key=str(pki / "host.key"),
+            ca_dir=str(pki / "certificates"),
+        )
+    )
     for _ in range(count):
         conn, _addr = listener.accept()
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -75,7 +81,7 @@ def _pyopenssl_server(listener: socket.socket, pki: Path, count: int) -> None:
     ctx.use_privatekey_file(str(pki / "host.key"))
     ctx.load_verify_locations(None, str(pki / "certificates"))
     ctx.set_verify(SSL.VERIFY_PEER, None)
-    ctx.get_cert_store().set_flags(crypto.X509StoreFlags.ALLOW_PROXY_CERTS)  # type: ignore[union-attr]
+    ctx.get_cert_store().set_flags(crypto.X509StoreFlags.ALLOW_PROXY_CERTS)
     ctx.set_options(SSL.OP_NO_TICKET)
     for _ in range(count):
         conn, _addr = listener.accept()
@@ -142,16 +148,26 @@ def measure(kind: str, pki: Path, proxy: Path, count: int) -> dict[str, Any]:
         version = ssl.OPENSSL_VERSION
     else:
         version = SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode()
-    return {"stack": kind, "openssl": version, "handshakes": count,
-            "server_cpu_ms": round(server_cpu / count * 1000, 3),
-            "client_cpu_ms": round(client_cpu / count * 1000, 3),
-            "wall_ms": round(wall / count * 1000, 3)}
+    return {
+        "stack": kind,
+        "openssl": version,
+        "handshakes": count,
+        "server_cpu_ms": round(server_cpu / count * 1000, 3),
+        "client_cpu_ms": round(client_cpu / count * 1000, 3),
+        "wall_ms": round(wall / count * 1000, 3),
+    }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--handshakes", type=int, default=600, choices=range(10, 20001),
-                        metavar="N", help="measured handshakes per stack (default 600)")
+    parser.add_argument(
+        "--handshakes",
+        type=int,
+        default=600,
+        choices=range(10, 20001),
+        metavar="N",
+        help="measured handshakes per stack (default 600)",
+    )
     parser.add_argument("--json", help="write the results here as JSON")
     args = parser.parse_args()
     top = Path(tempfile.mkdtemp(prefix="bench-tls-"))
@@ -159,24 +175,33 @@ def main() -> int:
         now = datetime.now(UTC)
         pki = top / "pki"
         write_dev_pki(pki, now=now, users=("alice",), pilots=("pilot",))
-        alice = load_cert_and_key((pki / "alice.pem").read_bytes(),
-                                  (pki / "alice.key").read_bytes())
+        alice = load_cert_and_key(
+            (pki / "alice.pem").read_bytes(), (pki / "alice.key").read_bytes()
+        )
         proxy = top / "proxy.pem"
-        write_private_file(proxy, credential_to_pem(new_proxy(alice, now=now,
-                                                              lifetime=timedelta(hours=1))))
+        write_private_file(
+            proxy, credential_to_pem(new_proxy(alice, now=now, lifetime=timedelta(hours=1)))
+        )
         rows = [measure(kind, pki, proxy, args.handshakes) for kind in ("ssl", "pyopenssl")]
     finally:
         shutil.rmtree(top, ignore_errors=True)
-    print(f"{'stack':10} {'OpenSSL':28} {'server CPU ms':>14} {'client CPU ms':>14} "
-          f"{'wall ms':>8}   (per handshake, {args.handshakes} sequential)")
+    print(
+        f"{'stack':10} {'OpenSSL':28} {'server CPU ms':>14} {'client CPU ms':>14} "
+        f"{'wall ms':>8}   (per handshake, {args.handshakes} sequential)"
+    )
     for r in rows:
-        print(f"{r['stack']:10} {r['openssl']:28} {r['server_cpu_ms']:14.3f} "
-              f"{r['client_cpu_ms']:14.3f} {r['wall_ms']:8.3f}")
+        print(
+            f"{r['stack']:10} {r['openssl']:28} {r['server_cpu_ms']:14.3f} "
+            f"{r['client_cpu_ms']:14.3f} {r['wall_ms']:8.3f}"
+        )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({
-            "benchmark": "tls", "generated": datetime.now(UTC).isoformat(),
-            "rows": rows}, indent=1))
+        Path(args.json).write_text(
+            json.dumps(
+                {"benchmark": "tls", "generated": datetime.now(UTC).isoformat(), "rows": rows},
+                indent=1,
+            )
+        )
     return 0
 
 

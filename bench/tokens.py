@@ -42,14 +42,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _policy(issuer_url: str) -> str:
-    return DEV_POLICY + f'''
+    return (
+        DEV_POLICY
+        + f"""
 [[rule]]
 name = "pilot tokens"
 effect = "allow"
 action = ["retrieve"]
 requester = ["token-group:{issuer_url}#/cms/pilots"]
 auth = ["token"]
-'''
+"""
+    )
 
 
 def _one(port: int, ctx: ssl.SSLContext, path: str, body: bytes, token: str | None) -> str | None:
@@ -68,8 +71,15 @@ def _one(port: int, ctx: ssl.SSLContext, path: str, body: bytes, token: str | No
         conn.close()
 
 
-def _level(port: int, ctx: ssl.SSLContext, path: str, bodies: list[bytes], token: str | None,
-           clients: int, requests: int) -> dict[str, Any]:
+def _level(
+    port: int,
+    ctx: ssl.SSLContext,
+    path: str,
+    bodies: list[bytes],
+    token: str | None,
+    clients: int,
+    requests: int,
+) -> dict[str, Any]:
     latencies: list[float] = []
     errors: list[str] = []
     lock = threading.Lock()
@@ -93,13 +103,21 @@ def _level(port: int, ctx: ssl.SSLContext, path: str, bodies: list[bytes], token
     latencies.sort()
 
     def pct(p: float) -> float:
-        return latencies[min(len(latencies) - 1, int(p / 100 * len(latencies)))] * 1000 \
-            if latencies else float("nan")
+        return (
+            latencies[min(len(latencies) - 1, int(p / 100 * len(latencies)))] * 1000
+            if latencies
+            else float("nan")
+        )
 
-    return {"clients": clients, "ok": len(latencies), "errors": len(errors),
-            "first_error": errors[0] if errors else None,
-            "per_s": round(len(latencies) / wall, 1), "p50_ms": round(pct(50), 1),
-            "p99_ms": round(pct(99), 1)}
+    return {
+        "clients": clients,
+        "ok": len(latencies),
+        "errors": len(errors),
+        "first_error": errors[0] if errors else None,
+        "per_s": round(len(latencies) / wall, 1),
+        "p50_ms": round(pct(50), 1),
+        "p99_ms": round(pct(99), 1),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,25 +133,51 @@ def main(argv: list[str] | None = None) -> int:
     broker = None
     try:
         now = datetime.now(UTC)
-        pki_obj, manifest = write_dev_pki(tmp / "pki", now=now, users=("alice",),
-                                          pilots=("pilot",))
+        pki_obj, manifest = write_dev_pki(tmp / "pki", now=now, users=("alice",), pilots=("pilot",))
         base = tmp / "pki"
         pki = GridPki(pki_obj, base, base / "certificates", base / "vomsdir", manifest, now)
         config = broker_toml(issuer, tmp)
-        broker = start_broker(pki, tmp / "srv", policy=_policy(issuer.url),
-                              extra=("--config", str(config)), workers=args.workers)
+        broker = start_broker(
+            pki,
+            tmp / "srv",
+            policy=_policy(issuer.url),
+            extra=("--config", str(config)),
+            workers=args.workers,
+        )
         alice = broker.client("alice")
         alice.delegate(alice.identity.load(), username="alice", now=datetime.now(UTC))
-        alice.call("POST", "/v1/tokens/refresh-tokens", {
-            "issuer": "test", "username": "alice",
-            "refresh_token": issuer.issue_refresh_token("alice-sub", "offline_access "
-                                                        "compute.read storage.read:/")})
-        csrs = [json.dumps({"csr": csr_to_pem(make_csr(generate_key("ec"))).decode(),
-                            "username": "alice", "job_id": f"bench.{n}"}).encode()
-                for n in range(16)]
-        access = [json.dumps({"issuer": "test", "username": "alice",
-                              "scopes": ["compute.read"], "job_id": f"bench.{n}"}).encode()
-                  for n in range(16)]
+        alice.call(
+            "POST",
+            "/v1/tokens/refresh-tokens",
+            {
+                "issuer": "test",
+                "username": "alice",
+                "refresh_token": issuer.issue_refresh_token(
+                    "alice-sub", "offline_access compute.read storage.read:/"
+                ),
+            },
+        )
+        csrs = [
+            json.dumps(
+                {
+                    "csr": csr_to_pem(make_csr(generate_key("ec"))).decode(),
+                    "username": "alice",
+                    "job_id": f"bench.{n}",
+                }
+            ).encode()
+            for n in range(16)
+        ]
+        access = [
+            json.dumps(
+                {
+                    "issuer": "test",
+                    "username": "alice",
+                    "scopes": ["compute.read"],
+                    "job_id": f"bench.{n}",
+                }
+            ).encode()
+            for n in range(16)
+        ]
         server_ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
         server_ctx.load_verify_locations(capath=str(pki.ca_dir))
         cert_ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
@@ -141,23 +185,33 @@ def main(argv: list[str] | None = None) -> int:
         cert_ctx.load_cert_chain(str(pki.cert_path("pilot")), str(pki.key_path("pilot")))
         token = issuer.mint(sub="bench-pilot", groups=["/cms/pilots"], lifetime=7200)
         results: list[dict[str, Any]] = []
-        print(f"{'mode':<13} {'clients':>7} {'ok':>5} {'err':>4} {'per s':>7} {'p50 ms':>7} "
-              f"{'p99 ms':>7}")
+        print(
+            f"{'mode':<13} {'clients':>7} {'ok':>5} {'err':>4} {'per s':>7} {'p50 ms':>7} "
+            f"{'p99 ms':>7}"
+        )
         for clients in levels:
             for mode, ctx, path, bodies, bearer in (
-                    ("x509", cert_ctx, "/v1/retrievals", csrs, None),
-                    ("bearer", server_ctx, "/v1/retrievals", csrs, token),
-                    ("access-token", server_ctx, "/v1/tokens/access", access, token)):
-                row = {"mode": mode, **_level(broker.port, ctx, path, bodies, bearer, clients,
-                                              args.requests)}
+                ("x509", cert_ctx, "/v1/retrievals", csrs, None),
+                ("bearer", server_ctx, "/v1/retrievals", csrs, token),
+                ("access-token", server_ctx, "/v1/tokens/access", access, token),
+            ):
+                row = {
+                    "mode": mode,
+                    **_level(broker.port, ctx, path, bodies, bearer, clients, args.requests),
+                }
                 results.append(row)
-                print(f"{mode:<13} {clients:>7} {row['ok']:>5} {row['errors']:>4} "
-                      f"{row['per_s']:>7} {row['p50_ms']:>7} {row['p99_ms']:>7}"
-                      + (f"  {row['first_error']}" if row["first_error"] else ""))
+                print(
+                    f"{mode:<13} {clients:>7} {row['ok']:>5} {row['errors']:>4} "
+                    f"{row['per_s']:>7} {row['p50_ms']:>7} {row['p99_ms']:>7}"
+                    + (f"  {row['first_error']}" if row["first_error"] else "")
+                )
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"workers": args.workers, "requests": args.requests,
-                                   "results": results}, indent=2))
+        out.write_text(
+            json.dumps(
+                {"workers": args.workers, "requests": args.requests, "results": results}, indent=2
+            )
+        )
         return 0 if all(r["errors"] == 0 for r in results) else 1
     finally:
         if broker is not None:

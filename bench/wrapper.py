@@ -55,8 +55,13 @@ def in_process(mode: str, proxy: Path, top: Path, work: Path, runs: int) -> list
     from payload_wrapper.api import run_payload
     from payload_wrapper.config import WrapperSettings
 
-    settings = WrapperSettings(mode=mode, account="nobody", workdir=work,
-                               ca_dir=top / "pki/certificates", vomsdir=top / "pki/vomsdir")
+    settings = WrapperSettings(
+        mode=mode,
+        account="nobody",
+        workdir=work,
+        ca_dir=top / "pki/certificates",
+        vomsdir=top / "pki/vomsdir",
+    )
     out = []
     for _ in range(runs + 2):
         start = time.perf_counter()
@@ -78,33 +83,56 @@ def main() -> int:
         top.chmod(0o755)
         now = datetime.now(UTC)
         write_dev_pki(top / "pki", now=now, users=("alice",), pilots=("pilot",))
-        cred = load_cert_and_key((top / "pki/alice.pem").read_bytes(),
-                                 (top / "pki/alice.key").read_bytes())
+        cred = load_cert_and_key(
+            (top / "pki/alice.pem").read_bytes(), (top / "pki/alice.key").read_bytes()
+        )
         proxy = top / "proxy.pem"
-        write_private_file(proxy, credential_to_pem(new_proxy(cred, now=now,
-                                                              lifetime=timedelta(hours=1))))
+        write_private_file(
+            proxy, credential_to_pem(new_proxy(cred, now=now, lifetime=timedelta(hours=1)))
+        )
         work = top / "work"
         work.mkdir(mode=0o755)
         wrapper = str(Path(sys.executable).parent / "payload-wrapper")
-        base = [wrapper, "--proxy", str(proxy), "--ca-dir", str(top / "pki/certificates"),
-                "--vomsdir", str(top / "pki/vomsdir"), "--workdir", str(work),
-                "--mode", args.mode, "--account", "nobody", "--", "/bin/true"]
+        base = [
+            wrapper,
+            "--proxy",
+            str(proxy),
+            "--ca-dir",
+            str(top / "pki/certificates"),
+            "--vomsdir",
+            str(top / "pki/vomsdir"),
+            "--workdir",
+            str(work),
+            "--mode",
+            args.mode,
+            "--account",
+            "nobody",
+            "--",
+            "/bin/true",
+        ]
         env = {"PATH": "/usr/bin:/bin"}
         timed(["/bin/true"], 3, env)
         timed(base, 3, env)  # warm caches
         plain = timed(["/bin/true"], args.runs, env)
         wrapped = timed(base, args.runs, env)
         library = in_process(args.mode, proxy, top, work, args.runs)
-        floors = [(label, timed([sys.executable, *flags], args.runs, env))
-                  for label, flags in FLOORS]
+        floors = [
+            (label, timed([sys.executable, *flags], args.runs, env)) for label, flags in FLOORS
+        ]
     finally:
         shutil.rmtree(top, ignore_errors=True)
-    rows = [("/bin/true", plain), (f"payload-wrapper ({args.mode})", wrapped),
-            (f"api.run_payload in-process ({args.mode})", library), *floors]
+    rows = [
+        ("/bin/true", plain),
+        (f"payload-wrapper ({args.mode})", wrapped),
+        (f"api.run_payload in-process ({args.mode})", library),
+        *floors,
+    ]
     print(f"{'command':38} {'runs':>5} {'median ms':>10} {'min ms':>8} {'max ms':>8}")
     for name, samples in rows:
-        print(f"{name:38} {len(samples):5d} {statistics.median(samples):10.1f} "
-              f"{min(samples):8.1f} {max(samples):8.1f}")
+        print(
+            f"{name:38} {len(samples):5d} {statistics.median(samples):10.1f} "
+            f"{min(samples):8.1f} {max(samples):8.1f}"
+        )
     overhead = statistics.median(wrapped) - statistics.median(plain)
     verdict = "within" if overhead <= TARGET_MS else "OVER"
     print(f"median overhead: {overhead:.1f} ms ({verdict} the {TARGET_MS:.0f} ms target)")

@@ -50,9 +50,11 @@ class AdminSettings:
 
     @classmethod
     def from_config(cls, config: ServerConfig) -> AdminSettings:
-        return cls(group=config.admin_group,
-                   expiring_window=timedelta(hours=config.admin_expiring_hours),
-                   session_lifetime=timedelta(minutes=config.admin_session_minutes))
+        return cls(
+            group=config.admin_group,
+            expiring_window=timedelta(hours=config.admin_expiring_hours),
+            session_lifetime=timedelta(minutes=config.admin_session_minutes),
+        )
 
 
 @dataclass(frozen=True)
@@ -101,14 +103,19 @@ class ExplainQuery:
 
 def _rule_view(rule: Rule) -> RuleView:
     return RuleView(
-        name=rule.name, file=rule.file, line=rule.line,
-        actions=tuple(sorted(a.value for a in rule.actions)), effect=rule.effect.value,
+        name=rule.name,
+        file=rule.file,
+        line=rule.line,
+        actions=tuple(sorted(a.value for a in rule.actions)),
+        effect=rule.effect.value,
         requester=tuple(dict.fromkeys(m.source for m in rule.requester)),
         owner=None if rule.owner is None else tuple(dict.fromkeys(m.source for m in rule.owner)),
         credential=rule.credential,
         auth=None if rule.auth is None else tuple(sorted(a.value for a in rule.auth)),
         max_lifetime=None if rule.max_lifetime is None else format_duration(rule.max_lifetime),
-        limited=rule.limited, require_job_id=rule.require_job_id, description=rule.description,
+        limited=rule.limited,
+        require_job_id=rule.require_job_id,
+        description=rule.description,
     )
 
 
@@ -124,7 +131,8 @@ def policy_view(policy: PolicySet, admin_group: str) -> PolicyView:
     return PolicyView(
         summary=policy.summary(),
         files=tuple((name, tuple(rules)) for name, rules in by_file.items()),
-        groups=groups, admin_group=admin_group,
+        groups=groups,
+        admin_group=admin_group,
         admin_group_defined=admin_group in policy.groups,
     )
 
@@ -153,17 +161,22 @@ def explain(policy: PolicySet, query: ExplainQuery) -> Decision:
     Raises InputError (from :class:`broker.policy.Request`) for a malformed query."""
     request = Request(
         action=query.action,  # type: ignore[arg-type]  # Request checks it, naming the choices
-        requester_dn=query.requester_dn, owner_dn=query.owner_dn,
-        requester_fqans=query.requester_fqans, owner_fqans=query.owner_fqans,
+        requester_dn=query.requester_dn,
+        owner_dn=query.owner_dn,
+        requester_fqans=query.requester_fqans,
+        owner_fqans=query.owner_fqans,
         auth=query.auth,  # type: ignore[arg-type]  # Request validates it
         credential=policy_name(query.credential),
-        job_id=query.job_id, username=query.username,
+        job_id=query.job_id,
+        username=query.username,
     )
     owner_policy = None
     if any(v is not None for v in (query.retrievers, query.trusted_retrievers, query.renewers)):
-        owner_policy = OwnerPolicy(retrievers=query.retrievers,
-                                   trusted_retrievers=query.trusted_retrievers,
-                                   renewers=query.renewers)
+        owner_policy = OwnerPolicy(
+            retrievers=query.retrievers,
+            trusted_retrievers=query.trusted_retrievers,
+            renewers=query.renewers,
+        )
     return evaluate(policy, request, owner_policy, full_trace=True)
 
 
@@ -194,27 +207,35 @@ class AdminService:
     def is_admin(self, requester: Requester) -> bool:
         return is_admin(self.policy(), self.settings.group, requester)
 
-    def credentials(self, *, owner_dn: str | None, expiring_only: bool,
-                    after: q.CredentialCursor | None) -> q.CredentialPage:
+    def credentials(
+        self, *, owner_dn: str | None, expiring_only: bool, after: q.CredentialCursor | None
+    ) -> q.CredentialPage:
         before = self.now() + self.settings.expiring_window if expiring_only else None
-        return q.credential_page(self.service.store.engine, owner_dn=owner_dn,
-                                 expiring_before=before, after=after,
-                                 limit=self.settings.page_size)
+        return q.credential_page(
+            self.service.store.engine,
+            owner_dn=owner_dn,
+            expiring_before=before,
+            after=after,
+            limit=self.settings.page_size,
+        )
 
     def credential_counts(self) -> q.CredentialCounts:
-        return q.credential_counts(self.service.store.engine, now=self.now(),
-                                   window=self.settings.expiring_window)
+        return q.credential_counts(
+            self.service.store.engine, now=self.now(), window=self.settings.expiring_window
+        )
 
     def audit(self, filters: q.AuditFilter, *, before: int | None) -> q.AuditPage:
-        return q.audit_page(self.service.store.engine, filters, before=before,
-                            limit=self.settings.page_size)
+        return q.audit_page(
+            self.service.store.engine, filters, before=before, limit=self.settings.page_size
+        )
 
     def chart(self, *, hours: int) -> list[q.ChartBucket]:
         """Allowed retrievals and refusals over the last ``hours``, about 24 bars."""
         now = self.now()
         bucket = timedelta(hours=max(1, hours // 24)) if hours >= 24 else timedelta(hours=1)
-        return q.activity_chart(self.service.store.engine, since=now - timedelta(hours=hours),
-                                until=now, bucket=bucket)
+        return q.activity_chart(
+            self.service.store.engine, since=now - timedelta(hours=hours), until=now, bucket=bucket
+        )
 
     def policy_view(self) -> PolicyView:
         return policy_view(self.policy(), self.settings.group)
@@ -229,9 +250,9 @@ class AdminService:
         else:
             from broker.errors import AuthorizationError
 
-            self.service.record_refusal(requester, AuditAction.ADMIN_PAGE,
-                                        AuthorizationError(reason, reason="not_admin"))
-
+            self.service.record_refusal(
+                requester, AuditAction.ADMIN_PAGE, AuthorizationError(reason, reason="not_admin")
+            )
 
 
 def split_lines(text: str, *, limit: int = 64) -> tuple[str, ...]:

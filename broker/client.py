@@ -51,8 +51,9 @@ class ClientIdentity:
     key: str
 
     @classmethod
-    def from_environment(cls, proxy: str | None = None, cert: str | None = None,
-                         key: str | None = None) -> ClientIdentity:
+    def from_environment(
+        cls, proxy: str | None = None, cert: str | None = None, key: str | None = None
+    ) -> ClientIdentity:
         if cert:
             return cls(cert=cert, key=key or cert)
         candidates = [proxy, os.environ.get("X509_USER_PROXY"), f"/tmp/x509up_u{os.getuid()}"]  # noqa: S108
@@ -66,7 +67,8 @@ class ClientIdentity:
             return cls(cert=ucert, key=ukey)
         raise ConfigError(
             "no credential found: create a proxy (grid-proxy-init or broker proxy-init), set "
-            "X509_USER_PROXY, or X509_USER_CERT and X509_USER_KEY")
+            "X509_USER_PROXY, or X509_USER_CERT and X509_USER_KEY"
+        )
 
     def load(self) -> Credential:
         key_bytes = read_private_file(self.key, require_owner=os.getuid())
@@ -128,8 +130,15 @@ class BrokerClient:
     _local: threading.local | None = None  # the kept connection, one per thread
     connections_opened: int = 0  # connection attempts by this client (tests, benchmarks)
 
-    def __init__(self, server: str | None, identity: ClientIdentity, *, ca_dir: str,
-                 timeout: float = 30.0, bearer_token_file: str | None = None) -> None:
+    def __init__(
+        self,
+        server: str | None,
+        identity: ClientIdentity,
+        *,
+        ca_dir: str,
+        timeout: float = 30.0,
+        bearer_token_file: str | None = None,
+    ) -> None:
         self.servers = parse_servers(server)
         self._local = threading.local()
         self.identity = identity
@@ -198,8 +207,11 @@ class BrokerClient:
         headers = {"Content-Type": "application/json"} if payload is not None else {}
         bearer_file = getattr(self, "bearer_token_file", None)  # subclasses may not set it
         if bearer_file:
-            token = read_private_file(bearer_file, require_owner=os.getuid(),
-                                      max_size=16384).decode("ascii", "replace").strip()
+            token = (
+                read_private_file(bearer_file, require_owner=os.getuid(), max_size=16384)
+                .decode("ascii", "replace")
+                .strip()
+            )
             headers["Authorization"] = f"Bearer {token}"
         tried: list[_Unreachable] = []
         count = len(self.servers)
@@ -217,15 +229,23 @@ class BrokerClient:
         if len(tried) == 1:
             if last.error is not None:
                 raise last.error
-            raise SystemFailure(f"cannot reach the broker at {detail}; is it running?",
-                                reason="unreachable")
+            raise SystemFailure(
+                f"cannot reach the broker at {detail}; is it running?", reason="unreachable"
+            )
         if all(t.error is not None for t in tried) and last.error is not None:
-            raise type(last.error)(f"no broker could serve the request (tried {detail})",
-                                   reason=last.error.reason)
+            raise type(last.error)(
+                f"no broker could serve the request (tried {detail})", reason=last.error.reason
+            )
         raise SystemFailure(f"cannot reach any broker (tried {detail})", reason="unreachable")
 
-    def _call_one(self, server: tuple[str, int], method: str, path: str,
-                  payload: bytes | None, headers: dict[str, str]) -> Any:
+    def _call_one(
+        self,
+        server: tuple[str, int],
+        method: str,
+        path: str,
+        payload: bytes | None,
+        headers: dict[str, str],
+    ) -> Any:
         host, port = server
         where = f"{host}:{port}"
         if self._conn is not None and getattr(self._local, "pid", None) != os.getpid():
@@ -237,8 +257,9 @@ class BrokerClient:
             self.close()
         for attempt in (0, 1):
             if self._conn is None:
-                self._conn = http.client.HTTPSConnection(host, port, context=self._ctx,
-                                                         timeout=self.timeout)
+                self._conn = http.client.HTTPSConnection(
+                    host, port, context=self._ctx, timeout=self.timeout
+                )
                 self._conn_server = server
                 if self._local is not None:
                     self._local.pid = os.getpid()
@@ -251,8 +272,13 @@ class BrokerClient:
                 if response.will_close or not response.isclosed():
                     self.close()  # the server ends the connection, or a reply was too long
                 break
-            except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionError,
-                    http.client.RemoteDisconnected, http.client.BadStatusLine) as exc:
+            except (
+                ssl.SSLEOFError,
+                ssl.SSLZeroReturnError,
+                ConnectionError,
+                http.client.RemoteDisconnected,
+                http.client.BadStatusLine,
+            ) as exc:
                 self.close()
                 if reused and attempt == 0:
                     reused = False
@@ -263,7 +289,8 @@ class BrokerClient:
                 raise errors.AuthenticationError(
                     f"TLS with {where} failed: {exc.reason or exc}; check that your "
                     "credential is valid and the server's CA is in your CA directory",
-                    reason="tls") from exc
+                    reason="tls",
+                ) from exc
             except (TimeoutError, OSError, http.client.HTTPException) as exc:
                 self.close()
                 raise _Unreachable(where, str(exc) or type(exc).__name__) from exc
@@ -273,8 +300,10 @@ class BrokerClient:
             data = {"error": "bad_response", "message": raw[:200].decode(errors="replace")}
         if response.status >= 400:
             cls = _BY_STATUS.get(response.status, SystemFailure)
-            error = cls(str(data.get("message", f"HTTP {response.status}")),
-                        reason=str(data.get("error", "error")))
+            error = cls(
+                str(data.get("message", f"HTTP {response.status}")),
+                reason=str(data.get("error", "error")),
+            )
             if response.status == 503:
                 raise _Unreachable(where, f"unavailable ({error.message})", error)
             raise error
@@ -283,40 +312,69 @@ class BrokerClient:
     # ----------------------------------------------------------------- operations
 
     def delegate(
-        self, credential: Credential, *, username: str, name: str = DEFAULT_CREDENTIAL,
-        stored_hours: float = 168, max_proxy_hours: float = 12,
-        retrievers: Sequence[str] = (), trusted_retrievers: Sequence[str] = (),
-        renewers: Sequence[str] = (), description: str | None = None,
-        passphrase: str | None = None, now: Any,
+        self,
+        credential: Credential,
+        *,
+        username: str,
+        name: str = DEFAULT_CREDENTIAL,
+        stored_hours: float = 168,
+        max_proxy_hours: float = 12,
+        retrievers: Sequence[str] = (),
+        trusted_retrievers: Sequence[str] = (),
+        renewers: Sequence[str] = (),
+        description: str | None = None,
+        passphrase: str | None = None,
+        now: Any,
     ) -> dict[str, Any]:
-        started = self.call("POST", "/v1/delegations", {
-            "username": username, "name": name, "stored_hours": stored_hours,
-            "max_proxy_hours": max_proxy_hours, "retrievers": list(retrievers),
-            "trusted_retrievers": list(trusted_retrievers), "renewers": list(renewers),
-            "description": description,
-        })
+        started = self.call(
+            "POST",
+            "/v1/delegations",
+            {
+                "username": username,
+                "name": name,
+                "stored_hours": stored_hours,
+                "max_proxy_hours": max_proxy_hours,
+                "retrievers": list(retrievers),
+                "trusted_retrievers": list(trusted_retrievers),
+                "renewers": list(renewers),
+                "description": description,
+            },
+        )
         csr = load_csr(_field(started, "csr").encode())
         chain = sign_request(credential, csr, now=now, lifetime=timedelta(hours=stored_hours))
         body: dict[str, Any] = {"chain": chain_to_pem(chain).decode()}
         if passphrase is not None:
             body["passphrase"] = passphrase
-        result: dict[str, Any] = self.call(
-            "PUT", f"/v1/delegations/{_field(started, 'id')}", body)
+        result: dict[str, Any] = self.call("PUT", f"/v1/delegations/{_field(started, 'id')}", body)
         return result
 
     def retrieve(
-        self, *, username: str | None = None, owner: str | None = None,
+        self,
+        *,
+        username: str | None = None,
+        owner: str | None = None,
         name: str = DEFAULT_CREDENTIAL,
-        lifetime_hours: float | None = None, job_id: str | None = None,
-        passphrase: str | None = None, limited: bool = False, key: Any = None,
+        lifetime_hours: float | None = None,
+        job_id: str | None = None,
+        passphrase: str | None = None,
+        limited: bool = False,
+        key: Any = None,
         key_type: str = "rsa",
     ) -> tuple[Credential, dict[str, Any]]:
         """Retrieve a fresh proxy; the key is made here and never sent."""
         key = key or generate_key(key_type)
-        body: dict[str, Any] = {"csr": csr_to_pem(make_csr(key)).decode(), "name": name,
-                                "limited": limited}
-        for field, value in (("username", username), ("owner", owner), ("job_id", job_id),
-                             ("passphrase", passphrase), ("lifetime_hours", lifetime_hours)):
+        body: dict[str, Any] = {
+            "csr": csr_to_pem(make_csr(key)).decode(),
+            "name": name,
+            "limited": limited,
+        }
+        for field, value in (
+            ("username", username),
+            ("owner", owner),
+            ("job_id", job_id),
+            ("passphrase", passphrase),
+            ("lifetime_hours", lifetime_hours),
+        ):
             if value is not None:
                 body[field] = value
         result = self.call("POST", "/v1/retrievals", body)
@@ -326,8 +384,13 @@ class BrokerClient:
         return Credential(chain=chain, key=key), result
 
     def renew(
-        self, authz: Credential, *, username: str | None = None, owner: str | None = None,
-        name: str = DEFAULT_CREDENTIAL, lifetime_hours: float | None = None,
+        self,
+        authz: Credential,
+        *,
+        username: str | None = None,
+        owner: str | None = None,
+        name: str = DEFAULT_CREDENTIAL,
+        lifetime_hours: float | None = None,
         job_id: str | None = None,
         key_type: str = "rsa",
     ) -> tuple[Credential, dict[str, Any]]:
@@ -337,12 +400,18 @@ class BrokerClient:
         challenge = _field(self.call("GET", "/v1/renewals/challenge"), "challenge")
         key = generate_key(key_type)
         body: dict[str, Any] = {
-            "csr": csr_to_pem(make_csr(key)).decode(), "name": name, "challenge": challenge,
+            "csr": csr_to_pem(make_csr(key)).decode(),
+            "name": name,
+            "challenge": challenge,
             "authz_chain": chain_to_pem(authz.chain).decode(),
             "signature": base64.b64encode(sign_challenge(authz.key, challenge.encode())).decode(),
         }
-        for field, value in (("username", username), ("owner", owner), ("job_id", job_id),
-                             ("lifetime_hours", lifetime_hours)):
+        for field, value in (
+            ("username", username),
+            ("owner", owner),
+            ("job_id", job_id),
+            ("lifetime_hours", lifetime_hours),
+        ):
             if value is not None:
                 body[field] = value
         result = self.call("POST", "/v1/renewals", body)
@@ -359,7 +428,8 @@ class BrokerClient:
         from urllib.parse import quote
 
         result: dict[str, Any] = self.call(
-            "DELETE", f"/v1/credentials/{quote(username, safe='')}/{quote(name, safe='')}")
+            "DELETE", f"/v1/credentials/{quote(username, safe='')}/{quote(name, safe='')}"
+        )
         return result
 
 
@@ -370,5 +440,6 @@ def _field(data: Any, key: str) -> str:
     if not isinstance(value, str):
         raise SystemFailure(
             f"the broker's answer lacks {key!r} (an incomplete or foreign response); retry",
-            reason="bad_response")
+            reason="bad_response",
+        )
     return value

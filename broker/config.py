@@ -188,8 +188,10 @@ def load_config(path: str | None, overrides: dict[str, Any]) -> ServerConfig:
     if not 0 <= config.refusal_audit_seconds <= 3600:
         raise ConfigError("refusal_audit_seconds must be between 0 (a row each) and 3600")
     if config.username_binding not in ("dn", "none"):
-        raise ConfigError("username_binding must be 'dn' (the username is the owner's "
-                          "DN-derived name) or 'none' (first come, first served)")
+        raise ConfigError(
+            "username_binding must be 'dn' (the username is the owner's "
+            "DN-derived name) or 'none' (first come, first served)"
+        )
     if config.max_tls not in ("", "1.2", "1.3"):
         raise ConfigError("max_tls must be '1.2', '1.3' or empty")
 
@@ -202,8 +204,9 @@ def load_config(path: str | None, overrides: dict[str, Any]) -> ServerConfig:
     if not 0 < config.online_ca_max_hours <= 24 * 31:
         raise ConfigError("online_ca_max_hours must be between 0 and 744")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", config.admin_group):
-        raise ConfigError("admin_group must be a policy group name (letters, digits, '_', '.' "
-                          "and '-')")
+        raise ConfigError(
+            "admin_group must be a policy group name (letters, digits, '_', '.' and '-')"
+        )
     if not 0 < config.admin_expiring_hours <= 24 * 366:
         raise ConfigError("admin_expiring_hours must be between 0 and 8784")
     if not 0 < config.admin_session_minutes <= 24 * 60:

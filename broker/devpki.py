@@ -80,13 +80,22 @@ def write_dev_pki(
 
 
 def policy_rule(
-    name: str, action: str | Sequence[str], requester: Sequence[str], *,
-    auth: Sequence[str] = (), max_lifetime: str | None = None,
+    name: str,
+    action: str | Sequence[str],
+    requester: Sequence[str],
+    *,
+    auth: Sequence[str] = (),
+    max_lifetime: str | None = None,
 ) -> str:
     """One ``[[rule]]`` table (effect allow) of the policy file format, as TOML text."""
     actions = json.dumps(action if isinstance(action, str) else list(action))
-    lines = ["[[rule]]", f"name = {json.dumps(name)}", f"action = {actions}",
-             'effect = "allow"', f"requester = {json.dumps(list(requester))}"]
+    lines = [
+        "[[rule]]",
+        f"name = {json.dumps(name)}",
+        f"action = {actions}",
+        'effect = "allow"',
+        f"requester = {json.dumps(list(requester))}",
+    ]
     if auth:
         lines.append(f"auth = {json.dumps(list(auth))}")
     if max_lifetime:
@@ -95,19 +104,26 @@ def policy_rule(
 
 
 #: Owners manage (and retrieve) their own credentials.
-OWNERS_RULE = policy_rule("owners manage their own credentials",
-                          ["delegate", "info", "destroy", "retrieve"], ["self"])
+OWNERS_RULE = policy_rule(
+    "owners manage their own credentials", ["delegate", "info", "destroy", "retrieve"], ["self"]
+)
 #: Classic MyProxy retrieval: whoever knows the passphrase.
-PASSPHRASE_RULE = policy_rule("passphrase retrieval", "retrieve", ["passphrase"],
-                              auth=["passphrase"])
+PASSPHRASE_RULE = policy_rule(
+    "passphrase retrieval", "retrieve", ["passphrase"], auth=["passphrase"]
+)
 
 #: The development site policy: dev-PKI pilots (or /atlas/Role=pilot) retrieve by certificate
 #: and renew, owners manage their own, passphrase retrieval as in MyProxy.
 DEV_POLICY = (
     '[groups]\npilots = ["/DC=org/DC=example/CN=pilot*", "fqan:/atlas/Role=pilot"]\n\n'
     + OWNERS_RULE
-    + policy_rule("pilots retrieve for users", "retrieve", ["group:pilots"],
-                  auth=["certificate"], max_lifetime="12h")
+    + policy_rule(
+        "pilots retrieve for users",
+        "retrieve",
+        ["group:pilots"],
+        auth=["certificate"],
+        max_lifetime="12h",
+    )
     + policy_rule("renewal by pilots", "renew", ["group:pilots"])
     + PASSPHRASE_RULE
 )

@@ -42,8 +42,15 @@ LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _REASON_RE = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
-_REQUEST_FIELDS = ("request_id", "requester", "action", "outcome", "endpoint", "reason",
-                   "duration_ms")
+_REQUEST_FIELDS = (
+    "request_id",
+    "requester",
+    "action",
+    "outcome",
+    "endpoint",
+    "reason",
+    "duration_ms",
+)
 
 access_log = logging.getLogger("broker.access")
 
@@ -62,15 +69,24 @@ class _Instruments:
         # scrape reads them from there, whatever registry the instruments are in.
         self.registry = CollectorRegistry()
         self.operations = Counter(
-            "broker_operations", "Audited operations by endpoint, action and outcome "
-            "(allow, deny, error)", ["endpoint", "action", "outcome"], registry=self.registry)
+            "broker_operations",
+            "Audited operations by endpoint, action and outcome (allow, deny, error)",
+            ["endpoint", "action", "outcome"],
+            registry=self.registry,
+        )
         self.refusals = Counter(
-            "broker_refusals", "Refused or failed operations by endpoint, action and reason",
-            ["endpoint", "action", "reason"], registry=self.registry)
+            "broker_refusals",
+            "Refused or failed operations by endpoint, action and reason",
+            ["endpoint", "action", "reason"],
+            registry=self.registry,
+        )
         self.latency = Histogram(
-            "broker_operation_seconds", "Time from authentication to the audited outcome",
-            ["endpoint", "action"], registry=self.registry,
-            buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10))
+            "broker_operation_seconds",
+            "Time from authentication to the audited outcome",
+            ["endpoint", "action"],
+            registry=self.registry,
+            buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
+        )
 
 
 _instruments: _Instruments | None = None
@@ -95,7 +111,8 @@ def enable_multiprocess_metrics(parent: str | os.PathLike[str] | None = None) ->
     if "prometheus_client" in sys.modules and not os.environ.get(MULTIPROC_ENV):
         logging.getLogger("broker.observability").warning(
             "prometheus_client was imported before the metrics directory was set: "
-            "metrics stay per process")
+            "metrics stay per process"
+        )
     if parent is None:
         shm = Path("/dev/shm")  # noqa: S108 - mkdtemp below makes a private, unguessable dir
         parent = shm if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK) else None
@@ -110,7 +127,8 @@ def enable_multiprocess_metrics(parent: str | os.PathLike[str] | None = None) ->
 
     atexit.register(remove)
     logging.getLogger("broker.observability").info(
-        "metrics of every process are summed from %s", path)
+        "metrics of every process are summed from %s", path
+    )
     return path
 
 
@@ -182,14 +200,23 @@ def observe_event(event: Any, started: float | None) -> None:
             instruments.latency.labels(endpoint, action).observe(elapsed)
         if access_log.isEnabledFor(logging.INFO):
             access_log.info(
-                "%s %s %s by %s", endpoint, action, outcome, event.requester_dn or "anonymous",
-                extra={"request_id": event.request_id, "requester": event.requester_dn,
-                       "action": action, "outcome": outcome, "endpoint": endpoint,
-                       "reason": event.reason if outcome != "allow" else None,
-                       "duration_ms": round(elapsed * 1000, 2) if elapsed is not None else None})
+                "%s %s %s by %s",
+                endpoint,
+                action,
+                outcome,
+                event.requester_dn or "anonymous",
+                extra={
+                    "request_id": event.request_id,
+                    "requester": event.requester_dn,
+                    "action": action,
+                    "outcome": outcome,
+                    "endpoint": endpoint,
+                    "reason": event.reason if outcome != "allow" else None,
+                    "duration_ms": round(elapsed * 1000, 2) if elapsed is not None else None,
+                },
+            )
     except Exception:  # see the docstring
-        logging.getLogger("broker.observability").debug("could not record an event",
-                                                        exc_info=True)
+        logging.getLogger("broker.observability").debug("could not record an event", exc_info=True)
 
 
 # ------------------------------------------------------------------ logs
@@ -200,8 +227,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         doc: dict[str, Any] = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(
-                timespec="milliseconds"),
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
@@ -225,8 +251,9 @@ def log_format() -> str:
 
 
 def make_formatter(log_format: str | None = None) -> logging.Formatter:
-    return JsonFormatter() if (log_format or _log_format) == "json" else logging.Formatter(
-        TEXT_FORMAT)
+    return (
+        JsonFormatter() if (log_format or _log_format) == "json" else logging.Formatter(TEXT_FORMAT)
+    )
 
 
 def inherited_log_format() -> str:
@@ -247,8 +274,9 @@ def configure_logging(level: str, log_format: str, *, text_format: str = TEXT_FO
     _log_format = log_format
     os.environ[LOG_FORMAT_ENV] = log_format
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if log_format == "json"
-                         else logging.Formatter(text_format))
+    handler.setFormatter(
+        JsonFormatter() if log_format == "json" else logging.Formatter(text_format)
+    )
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

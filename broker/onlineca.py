@@ -40,7 +40,8 @@ def _check_template(template: str) -> x509.Name:
     if template.count(_PLACEHOLDER) != 1:
         raise ConfigError(
             f"the online CA DN template {template!r} must contain {_PLACEHOLDER} exactly once, "
-            "e.g. /DC=org/DC=example/CN={username}")
+            "e.g. /DC=org/DC=example/CN={username}"
+        )
     rest = template.replace(_PLACEHOLDER, "")
     if "{" in rest or "}" in rest:
         raise ConfigError(f"the online CA DN template {template!r} may only use {_PLACEHOLDER}")
@@ -69,14 +70,21 @@ class OnlineCa:
         if constraints is None or not constraints.value.ca:
             raise ConfigError(
                 f"online_ca_cert ({slash_from_name(self.ca.cert.subject)}) is not a CA "
-                "certificate (basicConstraints CA:TRUE)")
+                "certificate (basicConstraints CA:TRUE)"
+            )
         if self.max_lifetime <= timedelta(0):
             raise ConfigError("online_ca_max_hours must be positive")
         _check_template(self.dn_template)
 
     @classmethod
-    def load(cls, cert_path: str, key_path: str, *, dn_template: str = DEFAULT_DN_TEMPLATE,
-             max_lifetime: timedelta = DEFAULT_MAX_LIFETIME) -> OnlineCa:
+    def load(
+        cls,
+        cert_path: str,
+        key_path: str,
+        *,
+        dn_template: str = DEFAULT_DN_TEMPLATE,
+        max_lifetime: timedelta = DEFAULT_MAX_LIFETIME,
+    ) -> OnlineCa:
         """Read the CA certificate and its key (which must be 0600 and owned by us)."""
         key = read_private_file(key_path, require_owner=os.getuid())
         try:
@@ -84,8 +92,7 @@ class OnlineCa:
                 cert = handle.read()
         except OSError as exc:
             raise ConfigError(f"cannot read online_ca_cert {cert_path}: {exc.strerror}") from exc
-        return cls(load_cert_and_key(cert, key), dn_template=dn_template,
-                   max_lifetime=max_lifetime)
+        return cls(load_cert_and_key(cert, key), dn_template=dn_template, max_lifetime=max_lifetime)
 
     def subject_for(self, username: str) -> x509.Name:
         """The certificate subject of ``username`` (validated as a safe name first)."""
@@ -93,16 +100,21 @@ class OnlineCa:
         template = _check_template(self.dn_template)
         rdns = []
         for rdn in template.rdns:
-            attrs = [x509.NameAttribute(a.oid, str(a.value).replace(_MARK, username))
-                     for a in rdn]
+            attrs = [x509.NameAttribute(a.oid, str(a.value).replace(_MARK, username)) for a in rdn]
             rdns.append(x509.RelativeDistinguishedName(attrs))
         return x509.Name(rdns)
 
     def subject_dn(self, username: str) -> str:
         return slash_from_name(self.subject_for(username))
 
-    def issue(self, username: str, csr: x509.CertificateSigningRequest, *, now: datetime,
-              lifetime: timedelta | None = None) -> x509.Certificate:
+    def issue(
+        self,
+        username: str,
+        csr: x509.CertificateSigningRequest,
+        *,
+        now: datetime,
+        lifetime: timedelta | None = None,
+    ) -> x509.Certificate:
         """Sign ``csr``'s public key into a user certificate for ``username``.
 
         ``csr`` must already be checked (its self-signature proves key
@@ -118,8 +130,9 @@ class OnlineCa:
             raise InputError("the certificate lifetime must be positive", reason="bad_field")
         ca_cert = self.ca.cert
         if now >= ca_cert.not_valid_after_utc:
-            raise CredentialError("the online CA certificate has expired; tell the administrator",
-                                  reason="expired")
+            raise CredentialError(
+                "the online CA certificate has expired; tell the administrator", reason="expired"
+            )
         not_after = min(now + min(wanted, self.max_lifetime), ca_cert.not_valid_after_utc)
         builder = (
             x509.CertificateBuilder()
@@ -133,14 +146,19 @@ class OnlineCa:
             .add_extension(
                 # digitalSignature is what lets the holder sign proxies (OpenSSL insists).
                 x509.KeyUsage(
-                    digital_signature=True, content_commitment=False, key_encipherment=True,
-                    data_encipherment=True, key_agreement=False, key_cert_sign=False,
-                    crl_sign=False, encipher_only=False, decipher_only=False,
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=True,
+                    data_encipherment=True,
+                    key_agreement=False,
+                    key_cert_sign=False,
+                    crl_sign=False,
+                    encipher_only=False,
+                    decipher_only=False,
                 ),
                 critical=True,
             )
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]),
-                           critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self.ca.key.public_key()),

@@ -68,8 +68,9 @@ class CheckResult:
 class HealthChecks:
     """The checks behind ``/healthz`` (and the ``broker_health_check`` gauges)."""
 
-    def __init__(self, config: ServerConfig, engine: Engine,
-                 policy_loaded: Callable[[], str | None]) -> None:
+    def __init__(
+        self, config: ServerConfig, engine: Engine, policy_loaded: Callable[[], str | None]
+    ) -> None:
         self.config = config
         self.engine = engine
         self._policy_loaded = policy_loaded
@@ -89,8 +90,10 @@ class HealthChecks:
             problem = self._policy_loaded()
         except Exception as exc:
             return CheckResult(False, f"no policy: {exc}")
-        return CheckResult(True, "loaded" if problem is None else
-                           f"loaded; the last edit was not applied: {problem}")
+        return CheckResult(
+            True,
+            "loaded" if problem is None else f"loaded; the last edit was not applied: {problem}",
+        )
 
     def key_file(self) -> CheckResult:
         from broker.store import load_master_keys
@@ -102,8 +105,11 @@ class HealthChecks:
         return CheckResult(True, f"readable, {len(ring.ids)} key(s)")
 
     def run(self) -> dict[str, CheckResult]:
-        return {"database": self.database(), "policy": self.policy(),
-                "master_key_file": self.key_file()}
+        return {
+            "database": self.database(),
+            "policy": self.policy(),
+            "master_key_file": self.key_file(),
+        }
 
 
 class _StateCollector:
@@ -116,8 +122,7 @@ class _StateCollector:
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import GaugeMetricFamily
 
-        health = GaugeMetricFamily("broker_health_check", "1 if the check passes",
-                                   labels=["check"])
+        health = GaugeMetricFamily("broker_health_check", "1 if the check passes", labels=["check"])
         for name, result in self._checks.run().items():
             health.add_metric([name], 1.0 if result.ok else 0.0)
         yield health
@@ -127,19 +132,22 @@ class _StateCollector:
         except Exception:  # the database check above already says why
             log.debug("credential counts unavailable", exc_info=True)
         else:
-            yield GaugeMetricFamily("broker_credentials_stored", "Stored credentials",
-                                    value=stored)
-            soon = GaugeMetricFamily("broker_credentials_expiring",
-                                     "Stored credentials whose certificate ends within the "
-                                     "window (not yet expired)", labels=["within"])
+            yield GaugeMetricFamily("broker_credentials_stored", "Stored credentials", value=stored)
+            soon = GaugeMetricFamily(
+                "broker_credentials_expiring",
+                "Stored credentials whose certificate ends within the window (not yet expired)",
+                labels=["within"],
+            )
             for label, count in expiring.items():
                 soon.add_metric([label], count)
             yield soon
         not_after = self._host_cert_not_after()
         if not_after is not None:
-            yield GaugeMetricFamily("broker_host_certificate_expiry_timestamp_seconds",
-                                    "When the host certificate expires (Unix time)",
-                                    value=not_after.timestamp())
+            yield GaugeMetricFamily(
+                "broker_host_certificate_expiry_timestamp_seconds",
+                "When the host certificate expires (Unix time)",
+                value=not_after.timestamp(),
+            )
 
     def _credential_counts(self, now: datetime) -> tuple[int, dict[str, int]]:
         from broker.store.models import Credential
@@ -148,8 +156,11 @@ class _StateCollector:
             stored = int(conn.execute(select(func.count()).select_from(Credential)).scalar_one())
             expiring = {}
             for label, window in EXPIRY_WINDOWS:
-                stmt = select(func.count()).select_from(Credential).where(
-                    Credential.not_after > now, Credential.not_after <= now + window)
+                stmt = (
+                    select(func.count())
+                    .select_from(Credential)
+                    .where(Credential.not_after > now, Credential.not_after <= now + window)
+                )
                 expiring[label] = int(conn.execute(stmt).scalar_one())
         return stored, expiring
 
@@ -167,8 +178,13 @@ class _StateCollector:
 class OpsServer:
     """The listener; :meth:`start` serves in a daemon thread until :meth:`stop`."""
 
-    def __init__(self, bind: tuple[str, int], checks: HealthChecks, *,
-                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+    def __init__(
+        self,
+        bind: tuple[str, int],
+        checks: HealthChecks,
+        *,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
         self.checks = checks
         self.collector = _StateCollector(checks, clock)
         ops = self
@@ -186,14 +202,19 @@ class OpsServer:
                     doc, status = ops.health()
                     body, kind = json.dumps(doc).encode(), "application/json"
                 else:
-                    body = json.dumps({"error": "not_found", "message":
-                                       "the ops listener serves /metrics and /healthz"}).encode()
+                    body = json.dumps(
+                        {
+                            "error": "not_found",
+                            "message": "the ops listener serves /metrics and /healthz",
+                        }
+                    ).encode()
                     status, kind = 404, "application/json"
                 self._send(status, kind, body)
 
             def _refuse(self) -> None:
-                body = json.dumps({"error": "method_not_allowed",
-                                   "message": "only GET is served here"}).encode()
+                body = json.dumps(
+                    {"error": "method_not_allowed", "message": "only GET is served here"}
+                ).encode()
                 self._send(405, "application/json", body)
 
             do_POST = do_PUT = do_DELETE = do_PATCH = _refuse
@@ -210,13 +231,17 @@ class OpsServer:
 
         host, port = bind
         if not _is_loopback(host):
-            log.warning("the ops listener binds to %s, not loopback: anyone who can reach it "
-                        "reads the broker's metrics", host)
+            log.warning(
+                "the ops listener binds to %s, not loopback: anyone who can reach it "
+                "reads the broker's metrics",
+                host,
+            )
         try:
             self.server = ThreadingHTTPServer((host, port), Handler)
         except OSError as exc:
-            raise ConfigError(f"cannot listen on {host}:{port} for --ops-bind: "
-                              f"{exc.strerror}") from None
+            raise ConfigError(
+                f"cannot listen on {host}:{port} for --ops-bind: {exc.strerror}"
+            ) from None
         self.server.daemon_threads = True
         self.thread: threading.Thread | None = None
 
@@ -237,13 +262,16 @@ class OpsServer:
     def health(self) -> tuple[dict[str, Any], int]:
         results = self.checks.run()
         ok = all(r.ok for r in results.values())
-        doc = {"status": "ok" if ok else "unavailable",
-               "checks": {name: {"ok": r.ok, "detail": r.detail} for name, r in results.items()}}
+        doc = {
+            "status": "ok" if ok else "unavailable",
+            "checks": {name: {"ok": r.ok, "detail": r.detail} for name, r in results.items()},
+        }
         return doc, 200 if ok else 503
 
     def start(self) -> OpsServer:
-        self.thread = threading.Thread(target=self.server.serve_forever, name="broker-ops",
-                                       daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, name="broker-ops", daemon=True
+        )
         self.thread.start()
         host, port = self.address
         log.info("ops listener (metrics, health) on http://%s:%d", host, port)
@@ -257,11 +285,15 @@ class OpsServer:
 _METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
-def start_ops_listener(config: ServerConfig, bind: str,
-                       policy_loaded: Callable[[], str | None]) -> OpsServer:
+def start_ops_listener(
+    config: ServerConfig, bind: str, policy_loaded: Callable[[], str | None]
+) -> OpsServer:
     """Start the listener of ``broker serve`` (engine of its own, a few connections)."""
     from broker.store import make_engine
 
-    engine = make_engine(config.database_url, pool_size=2, max_overflow=0) \
-        if not config.database_url.startswith("sqlite") else make_engine(config.database_url)
+    engine = (
+        make_engine(config.database_url, pool_size=2, max_overflow=0)
+        if not config.database_url.startswith("sqlite")
+        else make_engine(config.database_url)
+    )
     return OpsServer(parse_ops_bind(bind), HealthChecks(config, engine, policy_loaded)).start()

@@ -59,7 +59,8 @@ class PamSettings:
             if not Path(self.confdir, self.service).is_file():
                 raise ConfigError(
                     f"pam_confdir {self.confdir} holds no service file {self.service!r}; "
-                    "pam_confdir is for tests only: leave it unset to use /etc/pam.d")
+                    "pam_confdir is for tests only: leave it unset to use /etc/pam.d"
+                )
             _confdir_start()  # fail at startup, not at the first login, if libpam lacks it
 
 
@@ -98,10 +99,16 @@ def _confdir_start() -> Callable[..., int]:
             except (OSError, AttributeError) as exc:
                 raise ConfigError(
                     "pam_confdir needs libpam with pam_start_confdir (Linux-PAM 1.4 or later); "
-                    "leave pam_confdir unset to use /etc/pam.d") from exc
+                    "leave pam_confdir unset to use /etc/pam.d"
+                ) from exc
             fn.restype = ctypes.c_int
-            fn.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.POINTER(PamConv),
-                           ctypes.c_char_p, ctypes.POINTER(PamHandle)]
+            fn.argtypes = [
+                ctypes.c_char_p,
+                ctypes.c_char_p,
+                ctypes.POINTER(PamConv),
+                ctypes.c_char_p,
+                ctypes.POINTER(PamHandle),
+            ]
             _confdir_fn = fn
         return _confdir_fn
 
@@ -133,8 +140,10 @@ def check_password(settings: PamSettings, username: str, password: str) -> None:
     if not password:
         raise InputError("the password is empty", reason="bad_field")
     if len(password) > MAX_PASSWORD_LENGTH or "\x00" in password:
-        raise InputError(f"the password must be 1..{MAX_PASSWORD_LENGTH} characters without NUL",
-                         reason="bad_field")
+        raise InputError(
+            f"the password must be 1..{MAX_PASSWORD_LENGTH} characters without NUL",
+            reason="bad_field",
+        )
     authenticator = _authenticator(settings)
     ok = authenticator.authenticate(username, password, service=settings.service)
     code = int(authenticator.code)
@@ -145,8 +154,11 @@ def check_password(settings: PamSettings, username: str, password: str) -> None:
     if code in _REFUSALS:
         log.info("PAM service %s refused user %s: %s", settings.service, username, reason)
         raise PamRefused(username, settings.service, code, reason)
-    log.error("PAM service %s failed for user %s: %s (code %d)", settings.service, username,
-              reason, code)
+    log.error(
+        "PAM service %s failed for user %s: %s (code %d)", settings.service, username, reason, code
+    )
     raise SystemFailure(
         f"password checking is not working on this broker (PAM service {settings.service!r}: "
-        f"{reason}); tell the administrator", reason="pam_unavailable")
+        f"{reason}); tell the administrator",
+        reason="pam_unavailable",
+    )

@@ -38,14 +38,25 @@ class PamClient(BrokerClient):
         self._ctx = ctx
 
     def pam_retrieve(
-        self, *, username: str, password: str, name: str = DEFAULT_CREDENTIAL,
-        lifetime_hours: float | None = None, job_id: str | None = None, limited: bool = False,
+        self,
+        *,
+        username: str,
+        password: str,
+        name: str = DEFAULT_CREDENTIAL,
+        lifetime_hours: float | None = None,
+        job_id: str | None = None,
+        limited: bool = False,
         key_type: str = "rsa",
     ) -> tuple[Credential, dict[str, Any]]:
         """A fresh proxy of the passphrase-less credential stored under ``username``."""
         key = generate_key(key_type)
-        body: dict[str, Any] = {"username": username, "password": password, "name": name,
-                                "csr": csr_to_pem(make_csr(key)).decode(), "limited": limited}
+        body: dict[str, Any] = {
+            "username": username,
+            "password": password,
+            "name": name,
+            "csr": csr_to_pem(make_csr(key)).decode(),
+            "limited": limited,
+        }
         if lifetime_hours is not None:
             body["lifetime_hours"] = lifetime_hours
         if job_id is not None:
@@ -55,13 +66,20 @@ class PamClient(BrokerClient):
         return Credential(chain=chain, key=key), result
 
     def pam_certificate(
-        self, *, username: str, password: str, lifetime: timedelta | None = None,
+        self,
+        *,
+        username: str,
+        password: str,
+        lifetime: timedelta | None = None,
         key: PrivateKey | None = None,
     ) -> tuple[Credential, dict[str, Any]]:
         """A short-lived user certificate from the broker's online CA, for a local key."""
         key = key or generate_key("rsa")
-        body: dict[str, Any] = {"username": username, "password": password,
-                                "csr": csr_to_pem(make_csr(key)).decode()}
+        body: dict[str, Any] = {
+            "username": username,
+            "password": password,
+            "csr": csr_to_pem(make_csr(key)).decode(),
+        }
         if lifetime is not None:
             body["lifetime_hours"] = lifetime.total_seconds() / 3600
         result = self.call("POST", "/v1/pam/certificate", body)

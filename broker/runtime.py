@@ -31,15 +31,19 @@ def prepare_state(config: ServerConfig) -> None:
     if config.uses_dev_pki and not Path(config.host_cert).exists():
         from broker.devpki import write_dev_pki
 
-        write_dev_pki(Path(config.host_cert).parent, now=datetime.now(UTC),
-                      pilots=("pilot", "pilot2"))
-        log.warning("no host certificate configured: made a development PKI in %s",
-                    Path(config.host_cert).parent)
+        write_dev_pki(
+            Path(config.host_cert).parent, now=datetime.now(UTC), pilots=("pilot", "pilot2")
+        )
+        log.warning(
+            "no host certificate configured: made a development PKI in %s",
+            Path(config.host_cert).parent,
+        )
     if not Path(config.master_key_file).exists():
         if Path(config.master_key_file).parent != state:
             raise ConfigError(
                 f"the master key file {config.master_key_file} does not exist; "
-                "create it with: broker keys init")
+                "create it with: broker keys init"
+            )
         init_master_key_file(config.master_key_file)
         log.warning("created a new master key in %s", config.master_key_file)
     migrate(config.database_url)
@@ -52,7 +56,8 @@ def check_policy(config: ServerConfig) -> PolicyDirectory:
     if unsafe:
         raise ConfigError(
             "refusing to start on an unsafe policy: "
-            + "; ".join(unsafe_rule_message(rule) for rule in unsafe))
+            + "; ".join(unsafe_rule_message(rule) for rule in unsafe)
+        )
     # From now on an edit that adds an unsafe rule is a broken edit: logged, not applied.
     policy.allow_unsafe = False
     return policy
@@ -68,29 +73,40 @@ class Runtime:
     online_ca: OnlineCa | None = None  # certificates for PAM users
 
 
-def build_pam(config: ServerConfig, trust: TrustStore) -> tuple[PamSettings | None,
-                                                               OnlineCa | None]:
+def build_pam(
+    config: ServerConfig, trust: TrustStore
+) -> tuple[PamSettings | None, OnlineCa | None]:
     """The PAM settings and the online CA the config asks for (or None)."""
     if not config.pam_service:
         return None, None
     pam = PamSettings(config.pam_service, confdir=config.pam_confdir or None)
     if config.pam_confdir:
-        log.warning("PAM service %s is read from %s (pam_confdir: for tests only)",
-                    config.pam_service, config.pam_confdir)
+        log.warning(
+            "PAM service %s is read from %s (pam_confdir: for tests only)",
+            config.pam_service,
+            config.pam_confdir,
+        )
     if not config.online_ca_cert:
         return pam, None
-    online_ca = OnlineCa.load(config.online_ca_cert, config.online_ca_key,
-                              dn_template=config.online_ca_dn_template,
-                              max_lifetime=timedelta(hours=config.online_ca_max_hours))
+    online_ca = OnlineCa.load(
+        config.online_ca_cert,
+        config.online_ca_key,
+        dn_template=config.online_ca_dn_template,
+        max_lifetime=timedelta(hours=config.online_ca_max_hours),
+    )
     if not trust.issuers_of(online_ca.ca.cert):
-        log.warning("the online CA %s is not in the CA directory %s: this broker will refuse "
-                    "the certificates it issues", online_ca.ca.cert.subject.rfc4514_string(),
-                    config.ca_dir)
+        log.warning(
+            "the online CA %s is not in the CA directory %s: this broker will refuse "
+            "the certificates it issues",
+            online_ca.ca.cert.subject.rfc4514_string(),
+            config.ca_dir,
+        )
     return pam, online_ca
 
 
-def start_housekeeping(service: BrokerService, stop: threading.Event,
-                       interval: float) -> threading.Thread:
+def start_housekeeping(
+    service: BrokerService, stop: threading.Event, interval: float
+) -> threading.Thread:
     """Run :meth:`BrokerService.maintain` every ``interval`` seconds in a daemon thread of
     this process (each worker and the MyProxy child have one; the deletes are idempotent)."""
 
@@ -120,7 +136,9 @@ def build_runtime(config: ServerConfig) -> Runtime:
         return policy.current()
 
     service = BrokerService(
-        store, trust, current_policy,  # type: ignore[arg-type]
+        store,
+        trust,
+        current_policy,  # type: ignore[arg-type]
         vomsdir=vomsdir,
         config=ServiceConfig(
             max_stored_lifetime=timedelta(hours=config.max_stored_hours),
@@ -140,5 +158,6 @@ def build_runtime(config: ServerConfig) -> Runtime:
     stop = threading.Event()
     start_housekeeping(service, stop, config.housekeeping_seconds)
     pam, online_ca = build_pam(config, trust())
-    return Runtime(config=config, service=service, policy=policy, stop=stop, pam=pam,
-                   online_ca=online_ca)
+    return Runtime(
+        config=config, service=service, policy=policy, stop=stop, pam=pam, online_ca=online_ca
+    )

@@ -124,15 +124,22 @@ _WATCHDOG = _Watchdog()
 
 def _json_error(status: int, reason: str, error: str, message: str) -> bytes:
     body = json.dumps({"error": error, "message": message}).encode()
-    head = (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
     return head.encode("latin-1") + body
 
 
 def _write_json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None:
     """Replaces gunicorn's HTML error page (bad request line, header limits...) with JSON."""
-    error = {400: "bad_request", 403: "forbidden", 414: "uri_too_long",
-             431: "headers_too_large", 501: "not_implemented"}.get(status_int, "http_error")
+    error = {
+        400: "bad_request",
+        403: "forbidden",
+        414: "uri_too_long",
+        431: "headers_too_large",
+        501: "not_implemented",
+    }.get(status_int, "http_error")
     message = mesg or reason
     gunicorn_util.write_nonblock(sock, _json_error(status_int, reason, error, message))
 
@@ -150,18 +157,24 @@ def _head_framing(head: bytes) -> tuple[int | None, tuple[int, str, str, str] | 
         name, _, value = line.partition(b":")
         name = name.strip().lower()
         if name == b"transfer-encoding":
-            return None, (411, "Length Required", "length_required",
-                          "send the request body with a Content-Length header (no chunked "
-                          "transfer coding)")
+            return None, (
+                411,
+                "Length Required",
+                "length_required",
+                "send the request body with a Content-Length header (no chunked transfer coding)",
+            )
         if name == b"content-length":
             text = value.strip()
-            if not text.isdigit() or len(text) > 12 or (length is not None
-                                                         and length != int(text)):
+            if not text.isdigit() or len(text) > 12 or (length is not None and length != int(text)):
                 return None, (400, "Bad Request", "bad_request", "invalid Content-Length")
             length = int(text)
     if length is not None and length > MAX_PREREAD_BODY:
-        return None, (413, "Content Too Large", "too_large",
-                      f"the request body is larger than {MAX_PREREAD_BODY} bytes")
+        return None, (
+            413,
+            "Content Too Large",
+            "too_large",
+            f"the request body is larger than {MAX_PREREAD_BODY} bytes",
+        )
     return length or 0, None
 
 
@@ -212,16 +225,22 @@ class DeadlineThreadWorker(ThreadWorker):  # type: ignore[misc]
         same = self._incoming.get(host, {})
         if len(same) >= PER_ADDRESS_INCOMING:
             # One peer cannot hold more; a new client behind the same address still gets in.
-            log.warning("%s has %d connections without a whole request; closing the oldest",
-                        host, len(same))
+            log.warning(
+                "%s has %d connections without a whole request; closing the oldest", host, len(same)
+            )
             self._drop(next(iter(same.values())))
         elif self.nr_conns >= self.worker_connections - 1 and self._incoming:
             # gunicorn stops accepting at worker_connections; idle peers from many addresses
             # must not get it there: the connection waiting longest for its request goes.
-            oldest = min((i for s in self._incoming.values() for i in s.values()),
-                         key=lambda i: i.deadline)
-            log.warning("%d connections open; closing the one from %s that has waited "
-                        "longest for its request", self.nr_conns, oldest.host)
+            oldest = min(
+                (i for s in self._incoming.values() for i in s.values()), key=lambda i: i.deadline
+            )
+            log.warning(
+                "%d connections open; closing the one from %s that has waited "
+                "longest for its request",
+                self.nr_conns,
+                oldest.host,
+            )
             self._drop(oldest)
         self.nr_conns += 1
         try:
@@ -233,16 +252,18 @@ class DeadlineThreadWorker(ThreadWorker):  # type: ignore[misc]
             self.nr_conns -= 1
             client_sock.close()
             return
-        self._stage(_Incoming(conn, host, handshaken=False,
-                              deadline=time.monotonic() + HEAD_DEADLINE))
+        self._stage(
+            _Incoming(conn, host, handshaken=False, deadline=time.monotonic() + HEAD_DEADLINE)
+        )
 
     def on_client_socket_readable(self, conn: Any, client: Any) -> None:
         # A kept-alive connection's next request goes through the incoming stage as well.
         self.poller.unregister(client)
         self.keepalived_conns.remove(conn)
         host = conn.client[0] if isinstance(conn.client, tuple) else ""
-        self._stage(_Incoming(conn, host, handshaken=True,
-                              deadline=time.monotonic() + HEAD_DEADLINE))
+        self._stage(
+            _Incoming(conn, host, handshaken=True, deadline=time.monotonic() + HEAD_DEADLINE)
+        )
 
     def _stage(self, inc: _Incoming) -> None:
         sock = inc.conn.sock
@@ -329,9 +350,15 @@ class DeadlineThreadWorker(ThreadWorker):  # type: ignore[misc]
         end = inc.buf.find(b"\r\n\r\n")
         if end < 0:
             if len(inc.buf) > MAX_HEAD:
-                self._refuse(inc, _json_error(
-                    431, "Request Header Fields Too Large", "headers_too_large",
-                    f"the request head is longer than {MAX_HEAD} bytes"))
+                self._refuse(
+                    inc,
+                    _json_error(
+                        431,
+                        "Request Header Fields Too Large",
+                        "headers_too_large",
+                        f"the request head is longer than {MAX_HEAD} bytes",
+                    ),
+                )
             return
         length, refusal = _head_framing(bytes(inc.buf[:end]))
         if refusal is not None:
@@ -350,9 +377,12 @@ class DeadlineThreadWorker(ThreadWorker):  # type: ignore[misc]
         Returns the new end of the head.
         """
         lines = bytes(inc.buf[:end]).split(b"\r\n")
-        kept = [line for line in lines
-                if line.partition(b":")[0].strip().lower() != b"expect"
-                or line.partition(b":")[2].strip().lower() != b"100-continue"]
+        kept = [
+            line
+            for line in lines
+            if line.partition(b":")[0].strip().lower() != b"expect"
+            or line.partition(b":")[2].strip().lower() != b"100-continue"
+        ]
         if len(kept) == len(lines) or not lines[0].endswith(b"HTTP/1.1"):
             return end
         head = b"\r\n".join(kept)
@@ -367,9 +397,11 @@ class DeadlineThreadWorker(ThreadWorker):  # type: ignore[misc]
         late = [i for same in self._incoming.values() for i in same.values() if i.deadline <= now]
         for inc in late:
             if not inc.draining:
-                log.info("closing the connection from %s: no whole request within the "
-                         "deadline (%s)", inc.host,
-                         "body" if inc.need is not None else "handshake and head")
+                log.info(
+                    "closing the connection from %s: no whole request within the deadline (%s)",
+                    inc.host,
+                    "body" if inc.need is not None else "handshake and head",
+                )
             self._drop(inc)
 
     # ------------------------------------------------------------ in the pool
@@ -392,9 +424,13 @@ def make_server_context(config: ServerConfig, *, max_tls: str = "") -> ssl.SSLCo
     # still verify); every other route still refuses a request without a verified
     # chain (broker.api.app requester(), fail closed).
     # The same holds for pilots with bearer tokens when [tokens] issuers are configured.
-    return server_context(host_cert=config.host_cert, host_key=config.host_key,
-                          ca_dir=config.ca_dir, certificate_optional=config.certificate_optional,
-                          max_tls=max_tls)
+    return server_context(
+        host_cert=config.host_cert,
+        host_key=config.host_key,
+        ca_dir=config.ca_dir,
+        certificate_optional=config.certificate_optional,
+        max_tls=max_tls,
+    )
 
 
 class _ContextCache:
@@ -473,5 +509,9 @@ class BrokerApplication(BaseApplication):  # type: ignore[misc]
         runtime = build_runtime(self.broker_config)
         from broker.admin_service import AdminSettings
 
-        return create_app(runtime.service, pam=runtime.pam, online_ca=runtime.online_ca,
-                          admin=AdminSettings.from_config(runtime.config))
+        return create_app(
+            runtime.service,
+            pam=runtime.pam,
+            online_ca=runtime.online_ca,
+            admin=AdminSettings.from_config(runtime.config),
+        )

@@ -224,10 +224,12 @@ _SUMMARY_RENAMED = {"max_proxy_lifetime": "max_lifetime_seconds"}
 
 def _summary(record: CredentialRecord) -> CredentialSummary:
     """The record's public part: every CredentialSummary field taken from the record by name."""
-    return CredentialSummary(**{
-        f.name: getattr(record, _SUMMARY_RENAMED.get(f.name, f.name))
-        for f in fields(CredentialSummary)
-    })
+    return CredentialSummary(
+        **{
+            f.name: getattr(record, _SUMMARY_RENAMED.get(f.name, f.name))
+            for f in fields(CredentialSummary)
+        }
+    )
 
 
 @dataclass(frozen=True)
@@ -284,8 +286,9 @@ class _Lru:
 
 
 def _owner_policy(record: CredentialRecord) -> OwnerPolicy | None:
-    if not (record.retrievers or record.trusted_retrievers or record.renewers
-            or record.key_retrievers):
+    if not (
+        record.retrievers or record.trusted_retrievers or record.renewers or record.key_retrievers
+    ):
         return None
     return OwnerPolicy(
         retrievers=record.retrievers or None,
@@ -341,15 +344,26 @@ class _RefusalAggregator:
         out = []
         for event, count, start in rows:
             seconds = int(self._window.total_seconds())
-            out.append((AuditEvent(
-                action=event.action, decision=event.decision, endpoint=event.endpoint,
-                time=event.time, requester_dn=event.requester_dn, owner_dn=event.owner_dn,
-                username=event.username, credential_name=event.credential_name,
-                client_address=event.client_address, request_id=event.request_id,
-                reason=f"aggregated: {count} more refusals like this one from "
-                       f"{event.client_address or 'an unknown address'} in the {seconds} s "
-                       f"after {start:%Y-%m-%d %H:%M:%S} UTC; the last: {event.reason}"[:4000],
-            ), count))
+            out.append(
+                (
+                    AuditEvent(
+                        action=event.action,
+                        decision=event.decision,
+                        endpoint=event.endpoint,
+                        time=event.time,
+                        requester_dn=event.requester_dn,
+                        owner_dn=event.owner_dn,
+                        username=event.username,
+                        credential_name=event.credential_name,
+                        client_address=event.client_address,
+                        request_id=event.request_id,
+                        reason=f"aggregated: {count} more refusals like this one from "
+                        f"{event.client_address or 'an unknown address'} in the {seconds} s "
+                        f"after {start:%Y-%m-%d %H:%M:%S} UTC; the last: {event.reason}"[:4000],
+                    ),
+                    count,
+                )
+            )
         return out
 
 
@@ -379,12 +393,13 @@ def validate_username(username: object) -> str:
         raise DnSyntaxError("the username is empty; give one with -l")
     size = len(username.encode("utf-8", "surrogatepass"))
     if size > MAX_USERNAME_BYTES:
-        raise DnSyntaxError(f"the username is {size} bytes long; the limit is "
-                         f"{MAX_USERNAME_BYTES}")
+        raise DnSyntaxError(f"the username is {size} bytes long; the limit is {MAX_USERNAME_BYTES}")
     for char in username:
         if unicodedata.category(char) in _UNSAFE_USERNAME_CATEGORIES:
-            raise DnSyntaxError(f"the username contains the character U+{ord(char):04X}, which "
-                             "is not allowed (control, format or line separator)")
+            raise DnSyntaxError(
+                f"the username contains the character U+{ord(char):04X}, which "
+                "is not allowed (control, format or line separator)"
+            )
     return username
 
 
@@ -426,9 +441,12 @@ class BrokerService:
         # challenge one worker issues verifies in another; tests may inject their own.
         self._challenge_secret_value = challenge_secret
         self._secret_lock = threading.Lock()
-        self._counters: dict[str, int] = {"pending_purged": 0, "challenges_purged": 0,
-                                          "passphrase_attempts_purged": 0,
-                                          "refusals_aggregated": 0}
+        self._counters: dict[str, int] = {
+            "pending_purged": 0,
+            "challenges_purged": 0,
+            "passphrase_attempts_purged": 0,
+            "refusals_aggregated": 0,
+        }
         self._refusals = _RefusalAggregator(self.config.refusal_audit_window)
 
     @property
@@ -436,7 +454,8 @@ class BrokerService:
         with self._secret_lock:
             if self._challenge_secret_value is None:
                 self._challenge_secret_value = self.store.shared_secret(
-                    CHALLENGE_SECRET_NAME, now=self.now())
+                    CHALLENGE_SECRET_NAME, now=self.now()
+                )
             return self._challenge_secret_value
 
     def counters(self) -> dict[str, int]:
@@ -485,17 +504,24 @@ class BrokerService:
     # ------------------------------------------------------------------ identity
 
     def authenticate_chain(
-        self, chain: Sequence[x509.Certificate], *, client_address: str | None = None,
-        endpoint: str = Endpoint.REST, request_id: str | None = None,
+        self,
+        chain: Sequence[x509.Certificate],
+        *,
+        client_address: str | None = None,
+        endpoint: str = Endpoint.REST,
+        request_id: str | None = None,
     ) -> Requester:
         """Validate a TLS peer's verified chain (our RFC 3820 + VOMS rules on top of OpenSSL)."""
         if not chain:
             raise AuthenticationError(
                 "no verified client certificate chain is available; present a certificate or "
-                "proxy signed by a CA in the broker's CA directory", reason="no_chain")
+                "proxy signed by a CA in the broker's CA directory",
+                reason="no_chain",
+            )
         now = self.now()
-        key = hashlib.sha256(b"".join(c.public_bytes(serialization.Encoding.DER)
-                                      for c in chain)).digest()
+        key = hashlib.sha256(
+            b"".join(c.public_bytes(serialization.Encoding.DER) for c in chain)
+        ).digest()
         # A verdict holds only for the trust store it was reached with: a reloaded CA
         # directory (new CRL, removed CA) is a new store object and voids every cached one.
         trust = self.trust
@@ -510,32 +536,45 @@ class BrokerService:
                 ) from exc
             self._chain_cache.put(key, (trust, info), ttl=60.0)
         return Requester(
-            dn=info.identity, fqans=info.fqans, limited=info.limited, chain_info=info,
-            client_address=client_address, endpoint=endpoint,
+            dn=info.identity,
+            fqans=info.fqans,
+            limited=info.limited,
+            chain_info=info,
+            client_address=client_address,
+            endpoint=endpoint,
             request_id=request_id or uuid.uuid4().hex,
         )
 
     # ------------------------------------------------------------------ helpers
 
     def _audit(
-        self, requester: Requester, action: AuditAction | Action | str, decision: str, *,
+        self,
+        requester: Requester,
+        action: AuditAction | Action | str,
+        decision: str,
+        *,
         reason: str | None,
-        owner_dn: str | None = None, username: str | None = None, name: str | None = None,
+        owner_dn: str | None = None,
+        username: str | None = None,
+        name: str | None = None,
         job_id: str | None = None,
     ) -> AuditEvent:
-        requester_dn = requester.dn or (f"pam:{requester.pam_user}" if requester.pam_user
-                                        else None)
+        requester_dn = requester.dn or (f"pam:{requester.pam_user}" if requester.pam_user else None)
         if requester.token is not None:
             requester_dn = requester.token.label
         # Refused requests carry whatever the client sent (NUL, control characters, huge
         # names); the row must still be written, so such text is escaped and shortened.
         event = AuditEvent(
-            action=AuditAction(action).value, decision=decision,
-            endpoint=Endpoint(requester.endpoint).value, time=self.now(),
+            action=AuditAction(action).value,
+            decision=decision,
+            endpoint=Endpoint(requester.endpoint).value,
+            time=self.now(),
             requester_dn=_audit_text(requester_dn, 1024),
             requester_fqans=tuple(_audit_text(f, 1024) or "" for f in requester.fqans),
-            owner_dn=_audit_text(owner_dn, 1024), username=_audit_text(username, 128),
-            credential_name=_audit_text(name, 128), job_id=_audit_text(job_id, 255),
+            owner_dn=_audit_text(owner_dn, 1024),
+            username=_audit_text(username, 128),
+            credential_name=_audit_text(name, 128),
+            job_id=_audit_text(job_id, 255),
             reason=reason if reason is None or len(reason) <= 4000 else reason[:3997] + "...",
             client_address=requester.client_address,
             request_id=_audit_text(requester.request_id, 128),
@@ -544,8 +583,9 @@ class BrokerService:
         return event
 
     @contextmanager
-    def _audited(self, requester: Requester, action: AuditAction | Action,
-                 where: dict[str, Any]) -> Iterator[_AuditScope]:
+    def _audited(
+        self, requester: Requester, action: AuditAction | Action, where: dict[str, Any]
+    ) -> Iterator[_AuditScope]:
         """Run one use case; any refusal inside it leaves one audit row, then propagates.
 
         ``where`` is read when the refusal happens, so the use case may fill it in as
@@ -573,12 +613,18 @@ class BrokerService:
             raise
 
     def _record_failure(
-        self, requester: Requester, action: AuditAction | Action | str, exc: BrokerError, *,
-        unauthenticated: bool = False, **where: Any
+        self,
+        requester: Requester,
+        action: AuditAction | Action | str,
+        exc: BrokerError,
+        *,
+        unauthenticated: bool = False,
+        **where: Any,
     ) -> None:
         decision = "deny" if isinstance(exc, AuthorizationError | AuthenticationError) else "error"
-        event = self._audit(requester, action, decision,
-                            reason=f"{exc.reason}: {exc.message}", **where)
+        event = self._audit(
+            requester, action, decision, reason=f"{exc.reason}: {exc.message}", **where
+        )
         if unauthenticated or (requester.dn is None and requester.pam_user is None):
             # Nobody is accountable for these, so one client could write rows as fast as
             # it can connect: the first of a kind per window is written, the rest counted.
@@ -591,15 +637,28 @@ class BrokerService:
             log.exception("could not write the audit row for a refused %s", action)
 
     def _decide(
-        self, requester: Requester, action: Action, *, owner_dn: str,
-        owner_fqans: Sequence[str] = (), name: str, username: str | None,
-        job_id: str | None = None, auth: AuthMethod = AuthMethod.CERTIFICATE,
+        self,
+        requester: Requester,
+        action: Action,
+        *,
+        owner_dn: str,
+        owner_fqans: Sequence[str] = (),
+        name: str,
+        username: str | None,
+        job_id: str | None = None,
+        auth: AuthMethod = AuthMethod.CERTIFICATE,
         owner_policy: OwnerPolicy | None = None,
     ) -> Decision:
         request = Request(
-            action=action, requester_dn=requester.dn, owner_dn=owner_dn,
-            requester_fqans=requester.fqans, owner_fqans=tuple(owner_fqans), auth=auth,
-            credential=policy_name(name), job_id=job_id, username=username,
+            action=action,
+            requester_dn=requester.dn,
+            owner_dn=owner_dn,
+            requester_fqans=requester.fqans,
+            owner_fqans=tuple(owner_fqans),
+            auth=auth,
+            credential=policy_name(name),
+            job_id=job_id,
+            username=username,
             token=requester.token if auth is AuthMethod.TOKEN else None,
         )
         return evaluate(self._policy(), request, owner_policy)
@@ -618,13 +677,16 @@ class BrokerService:
         except ChainError as exc:
             raise CredentialError(
                 f"the stored credential {record.username}/{record.name} no longer verifies: "
-                f"{exc.message}", reason=exc.reason) from exc
+                f"{exc.message}",
+                reason=exc.reason,
+            ) from exc
         if info.independent:
             # Stored before delegation refused independent proxies (or written behind our back).
             raise CredentialError(
                 f"the stored credential {record.username}/{record.name} holds an independent "
                 f"proxy ({info.identity}), which is not a credential of {record.owner_dn}",
-                reason="independent_proxy")
+                reason="independent_proxy",
+            )
         # Tied to the trust store: a reloaded CA directory (new CRL) voids it at once.
         self._owner_cache.put(key, (trust, info.fqans), ttl=60.0)
         return info.fqans
@@ -648,11 +710,13 @@ class BrokerService:
             if not matches:
                 raise NotFound(
                     f"no credential named {name!r} is stored for {owner_dn}; the owner can "
-                    f"store one with: broker-init -k {name}")
+                    f"store one with: broker-init -k {name}"
+                )
             if len(matches) > 1:
                 raise InputError(
                     f"{owner_dn} has credentials named {name!r} under several usernames "
-                    f"({', '.join(r.username for r in matches)}); give the username")
+                    f"({', '.join(r.username for r in matches)}); give the username"
+                )
             return matches[0]
         raise InputError("name the credential's owner: a username or the owner's DN")
 
@@ -666,9 +730,13 @@ class BrokerService:
         if username != bound and username != requester.dn:
             raise AuthorizationError(
                 f"this broker binds usernames to identities: {requester.dn} may store "
-                + (f"credentials only under the username {bound!r} (-l {bound}), not "
-                   f"{username!r}" if bound else "no credential (its DN has no CN)"),
-                reason="username_binding")
+                + (
+                    f"credentials only under the username {bound!r} (-l {bound}), not {username!r}"
+                    if bound
+                    else "no credential (its DN has no CN)"
+                ),
+                reason="username_binding",
+            )
 
     def _check_options(self, options: DelegationOptions) -> None:
         validate_username(options.username)
@@ -678,7 +746,8 @@ class BrokerService:
         if options.stored_lifetime > self.config.max_stored_lifetime:
             raise InputError(
                 f"a stored credential may live at most {self.config.max_stored_lifetime}; "
-                "ask for less with -c HOURS")
+                "ask for less with -c HOURS"
+            )
         if options.description is not None and len(options.description) > 1024:
             raise InputError("the description is longer than 1024 characters")
         owner_policy = OwnerPolicy(
@@ -693,8 +762,11 @@ class BrokerService:
 
     def start_delegation(self, requester: Requester, options: DelegationOptions) -> PendingInfo:
         """Make a key and CSR for the requester to sign (the key never leaves the server)."""
-        where: dict[str, Any] = {"owner_dn": requester.dn, "username": options.username,
-                                 "name": options.name}
+        where: dict[str, Any] = {
+            "owner_dn": requester.dn,
+            "username": options.username,
+            "name": options.name,
+        }
         with self._audited(requester, AuditAction.DELEGATE_START, where):
             if requester.dn is None:
                 raise AuthenticationError("delegation needs a client certificate or proxy")
@@ -704,18 +776,28 @@ class BrokerService:
                 _refuse_limited(requester, "start a delegation on this broker")
             self._check_options(options)
             self._check_username_binding(requester, options.username)
-            decision = self._decide(requester, Action.DELEGATE, owner_dn=requester.dn,
-                                    owner_fqans=requester.fqans, name=options.name,
-                                    username=options.username)
+            decision = self._decide(
+                requester,
+                Action.DELEGATE,
+                owner_dn=requester.dn,
+                owner_fqans=requester.fqans,
+                name=options.name,
+                username=options.username,
+            )
             decision.raise_if_denied()
             key = generate_key(self.config.delegation_key, self.config.delegation_key_bits)
             csr = make_csr(key)
             pending = self.store.create_pending(
-                requester_dn=requester.dn, username=options.username, name=options.name,
-                private_key_pem=key_to_pem(key), params=options.to_params(), now=self.now(),
+                requester_dn=requester.dn,
+                username=options.username,
+                name=options.name,
+                private_key_pem=key_to_pem(key),
+                params=options.to_params(),
+                now=self.now(),
                 ttl=self.config.pending_ttl,
-                audit=self._audit(requester, AuditAction.DELEGATE_START, "allow",
-                                  reason=decision.reason, **where),
+                audit=self._audit(
+                    requester, AuditAction.DELEGATE_START, "allow", reason=decision.reason, **where
+                ),
                 max_live=self.config.max_pending_per_user or None,
             )
         return PendingInfo(
@@ -725,8 +807,12 @@ class BrokerService:
         )
 
     def finish_delegation(
-        self, requester: Requester, pending_id: str, chain_pem: bytes,
-        *, passphrase: str | None = None,
+        self,
+        requester: Requester,
+        pending_id: str,
+        chain_pem: bytes,
+        *,
+        passphrase: str | None = None,
     ) -> CredentialSummary:
         """Check the chain the client signed for our CSR and store it with the owner policy."""
         where: dict[str, Any] = {"owner_dn": requester.dn}
@@ -736,14 +822,20 @@ class BrokerService:
             now = self.now()
             pending = self.store.get_pending(pending_id, requester.dn, now=now)
             where.update(username=pending.username, name=pending.name)
-            options = DelegationOptions.from_params(pending.username, pending.name,
-                                                    pending.params)
+            options = DelegationOptions.from_params(pending.username, pending.name, pending.params)
             chain = load_certificates(chain_pem, what="delegated chain")
             # The store checks, inside its transaction, that chain[0] carries the pending key.
             info = self._check_delegated_chain(requester, chain, now)
-            record = self._store_chain(requester, options, chain, info, now,
-                                       passphrase=passphrase, consume_pending=pending.id,
-                                       key_pem=None)
+            record = self._store_chain(
+                requester,
+                options,
+                chain,
+                info,
+                now,
+                passphrase=passphrase,
+                consume_pending=pending.id,
+                key_pem=None,
+            )
         return _summary(record)
 
     def _check_delegated_chain(
@@ -752,98 +844,149 @@ class BrokerService:
         try:
             info = validate_chain(chain, self.trust, now=now, vomsdir=self.vomsdir)
         except ChainError as exc:
-            raise ChainError(f"the delegated chain does not verify: {exc.message}",
-                             reason=exc.reason) from exc
+            raise ChainError(
+                f"the delegated chain does not verify: {exc.message}", reason=exc.reason
+            ) from exc
         if info.independent:
             raise ChainError(
                 f"the delegated chain holds an independent proxy ({info.identity}), which "
                 f"carries none of {info.end_entity}'s rights; delegate an impersonation proxy",
-                reason="independent_proxy")
+                reason="independent_proxy",
+            )
         if info.identity != requester.dn:
             raise AuthorizationError(
                 f"the delegated chain belongs to {info.identity}, but you authenticated as "
-                f"{requester.dn}; delegate your own credential", reason="foreign_chain")
+                f"{requester.dn}; delegate your own credential",
+                reason="foreign_chain",
+            )
         if info.limited and not self.config.accept_limited:
             raise ChainError(
                 "the delegated chain is a limited proxy; this broker stores only full proxies "
-                "(create the proxy without -limited)", reason="limited_chain")
+                "(create the proxy without -limited)",
+                reason="limited_chain",
+            )
         return info
 
     def _store_chain(
-        self, requester: Requester, options: DelegationOptions,
-        chain: Sequence[x509.Certificate], info: ChainInfo, now: datetime, *,
-        passphrase: str | None, consume_pending: str | None, key_pem: bytes | None,
+        self,
+        requester: Requester,
+        options: DelegationOptions,
+        chain: Sequence[x509.Certificate],
+        info: ChainInfo,
+        now: datetime,
+        *,
+        passphrase: str | None,
+        consume_pending: str | None,
+        key_pem: bytes | None,
         owner_encrypted_key: bool = False,
     ) -> CredentialRecord:
         assert requester.dn is not None
         # The owner's -c (and the site's maximum) ends the credential before its chain does.
-        stored_until = min(info.not_after, now + options.stored_lifetime,
-                           now + self.config.max_stored_lifetime)
+        stored_until = min(
+            info.not_after, now + options.stored_lifetime, now + self.config.max_stored_lifetime
+        )
         if info.not_after <= now + MIN_PROXY_LIFETIME:
             raise CredentialError(
                 "the delegated chain expires in less than 5 minutes; make a longer proxy",
-                reason="expired")
+                reason="expired",
+            )
         max_lifetime = min(options.max_proxy_lifetime, self.config.max_proxy_lifetime)
-        return self.store.put_credential(CredentialWrite(
-            owner_dn=requester.dn,
-            username=options.username,
-            name=options.name,
-            private_key_pem=key_pem,
-            certificate_chain=chain_to_pem(chain).decode(),
-            description=options.description,
-            retrievers=options.retrievers,
-            trusted_retrievers=options.trusted_retrievers,
-            renewers=options.renewers,
-            key_retrievers=options.key_retrievers,
-            max_lifetime_seconds=int(max_lifetime.total_seconds()),
-            limited=info.limited,
-            passphrase=passphrase or options.passphrase,
-            consume_pending=consume_pending,
-            not_after=stored_until,
-            owner_encrypted_key=owner_encrypted_key,
-        ), now=now, audit=self._audit(requester, AuditAction.DELEGATE, "allow", reason="stored",
-                              owner_dn=requester.dn, username=options.username,
-                              name=options.name))
+        return self.store.put_credential(
+            CredentialWrite(
+                owner_dn=requester.dn,
+                username=options.username,
+                name=options.name,
+                private_key_pem=key_pem,
+                certificate_chain=chain_to_pem(chain).decode(),
+                description=options.description,
+                retrievers=options.retrievers,
+                trusted_retrievers=options.trusted_retrievers,
+                renewers=options.renewers,
+                key_retrievers=options.key_retrievers,
+                max_lifetime_seconds=int(max_lifetime.total_seconds()),
+                limited=info.limited,
+                passphrase=passphrase or options.passphrase,
+                consume_pending=consume_pending,
+                not_after=stored_until,
+                owner_encrypted_key=owner_encrypted_key,
+            ),
+            now=now,
+            audit=self._audit(
+                requester,
+                AuditAction.DELEGATE,
+                "allow",
+                reason="stored",
+                owner_dn=requester.dn,
+                username=options.username,
+                name=options.name,
+            ),
+        )
 
     def store_credential(
-        self, requester: Requester, options: DelegationOptions, credential: Credential,
-        *, encrypted_key_pem: bytes | None = None,
+        self,
+        requester: Requester,
+        options: DelegationOptions,
+        credential: Credential,
+        *,
+        encrypted_key_pem: bytes | None = None,
     ) -> CredentialSummary:
         """Store a whole credential (MyProxy STORE): the client hands over chain and key.
 
         ``encrypted_key_pem``: the key as the owner encrypted it with its passphrase
         (``credential.key`` is then None). It is kept encrypted inside the envelope and
         opened only by a retrieval with that passphrase, as MyProxy does."""
-        where: dict[str, Any] = {"owner_dn": requester.dn, "username": options.username,
-                                 "name": options.name}
+        where: dict[str, Any] = {
+            "owner_dn": requester.dn,
+            "username": options.username,
+            "name": options.name,
+        }
         with self._audited(requester, AuditAction.STORE, where):
             if requester.dn is None or (credential.key is None) == (encrypted_key_pem is None):
                 raise AuthenticationError("storing a credential needs a client certificate")
             if encrypted_key_pem is not None and options.passphrase is not None:
-                raise InputError("an encrypted key is stored without PASSPHRASE: its own "
-                                 "passphrase protects it")
+                raise InputError(
+                    "an encrypted key is stored without PASSPHRASE: its own passphrase protects it"
+                )
             self._check_options(options)
             self._check_username_binding(requester, options.username)
-            self._decide(requester, Action.DELEGATE, owner_dn=requester.dn,
-                         owner_fqans=requester.fqans, name=options.name,
-                         username=options.username).raise_if_denied()
+            self._decide(
+                requester,
+                Action.DELEGATE,
+                owner_dn=requester.dn,
+                owner_fqans=requester.fqans,
+                name=options.name,
+                username=options.username,
+            ).raise_if_denied()
             now = self.now()
             info = self._check_delegated_chain(requester, credential.chain, now)
             record = self._store_chain(
-                requester, options, credential.chain, info, now,
-                passphrase=options.passphrase, consume_pending=None,
-                key_pem=(encrypted_key_pem if credential.key is None
-                         else key_to_pem(credential.key)),
-                owner_encrypted_key=encrypted_key_pem is not None)
+                requester,
+                options,
+                credential.chain,
+                info,
+                now,
+                passphrase=options.passphrase,
+                consume_pending=None,
+                key_pem=(
+                    encrypted_key_pem if credential.key is None else key_to_pem(credential.key)
+                ),
+                owner_encrypted_key=encrypted_key_pem is not None,
+            )
         return _summary(record)
 
     # ------------------------------------------------------------------ retrieval
 
     def authorize_retrieval(
-        self, requester: Requester, *, username: str | None = None,
-        owner_dn: str | None = None, name: str = DEFAULT_CREDENTIAL,
-        job_id: str | None = None, passphrase: str | None = None,
-        action: Action = Action.RETRIEVE, record: CredentialRecord | None = None,
+        self,
+        requester: Requester,
+        *,
+        username: str | None = None,
+        owner_dn: str | None = None,
+        name: str = DEFAULT_CREDENTIAL,
+        job_id: str | None = None,
+        passphrase: str | None = None,
+        action: Action = Action.RETRIEVE,
+        record: CredentialRecord | None = None,
         _authz_owner: str | None = None,
     ) -> RetrievalGrant:
         """Everything a retrieval checks, and the decrypted issuer, before any CSR is read.
@@ -853,19 +996,26 @@ class BrokerService:
         :meth:`issue` completes a grant. A refusal here is audited; the allow row is
         written by :meth:`issue`.
         """
-        where: dict[str, Any] = {"owner_dn": owner_dn, "username": username, "name": name,
-                                 "job_id": job_id}
+        where: dict[str, Any] = {
+            "owner_dn": owner_dn,
+            "username": username,
+            "name": name,
+            "job_id": job_id,
+        }
         attempt: int | None = None
 
         def settle(exc: BrokerError, concealed: bool) -> None:
             if attempt is not None:
                 self._finish_passphrase_attempt(
-                    attempt, failed=concealed or exc.reason == INVALID_PASSPHRASE_REASON)
+                    attempt, failed=concealed or exc.reason == INVALID_PASSPHRASE_REASON
+                )
 
         def concealed_as() -> BrokerError:
             return _not_found(
-                username or (record.username if record and not owner_dn else None), owner_dn,
-                name if record is None else record.name)
+                username or (record.username if record and not owner_dn else None),
+                owner_dn,
+                name if record is None else record.name,
+            )
 
         with self._audited(requester, action, where) as scope:
             scope.on_failure, scope.concealed_as = settle, concealed_as
@@ -881,11 +1031,15 @@ class BrokerService:
             if _authz_owner is not None and _authz_owner != record.owner_dn:
                 raise AuthorizationError(
                     f"the proxy presented for renewal belongs to {_authz_owner}, not to the "
-                    "credential's owner", reason="renewal_identity")
+                    "credential's owner",
+                    reason="renewal_identity",
+                )
             if record.passphrase_protected and passphrase is None and action is Action.RETRIEVE:
                 raise AuthenticationError(
                     f"the credential {record.username}/{record.name} is protected by a passphrase;"
-                    " supply it to retrieve", reason="passphrase_required")
+                    " supply it to retrieve",
+                    reason="passphrase_required",
+                )
             if passphrase is not None:
                 # Reserved before scrypt runs, so concurrent guesses cannot pass the limit.
                 attempt = self._reserve_passphrase_attempt(requester, record)
@@ -893,11 +1047,16 @@ class BrokerService:
                     # A passphrase proves nothing about a credential stored without one
                     # (myproxy-init -n, broker-init without -S): it must not open it. To
                     # the client this is a wrong passphrase (and counts as one).
-                    raise _Concealed(AuthenticationError(
-                        f"the credential {record.username}/{record.name} has no passphrase, "
-                        "so a passphrase cannot retrieve it", reason="no_passphrase_set"),
-                        public=AuthenticationError(INVALID_PASSPHRASE,
-                                                   reason=INVALID_PASSPHRASE_REASON))
+                    raise _Concealed(
+                        AuthenticationError(
+                            f"the credential {record.username}/{record.name} has no passphrase, "
+                            "so a passphrase cannot retrieve it",
+                            reason="no_passphrase_set",
+                        ),
+                        public=AuthenticationError(
+                            INVALID_PASSPHRASE, reason=INVALID_PASSPHRASE_REASON
+                        ),
+                    )
             key_pem = self.store.decrypt_private_key(record, passphrase)
             if attempt is not None:
                 self._finish_passphrase_attempt(attempt, failed=False)
@@ -907,25 +1066,45 @@ class BrokerService:
             if record.not_after <= self.now():
                 raise _expired_error(record)
             issuer = _stored_issuer(record, key_pem)
-        return RetrievalGrant(record=record, decision=decision, action=action, job_id=job_id,
-                              issuer=issuer)
+        return RetrievalGrant(
+            record=record, decision=decision, action=action, job_id=job_id, issuer=issuer
+        )
 
-    def _refuse_expired(self, requester: Requester, record: CredentialRecord, action: Action,
-                        auth: AuthMethod, job_id: str | None) -> NoReturn:
+    def _refuse_expired(
+        self,
+        requester: Requester,
+        record: CredentialRecord,
+        action: Action,
+        auth: AuthMethod,
+        job_id: str | None,
+    ) -> NoReturn:
         """Refuse a retrieval of an expired credential, concealing it from strangers.
 
         An expired chain no longer verifies (so it has no FQANs to offer the policy);
         the owner and the parties the policy lets in are told it expired.
         """
-        probe = self._decide(requester, action, owner_dn=record.owner_dn,
-                             name=record.name, username=record.username,
-                             job_id=job_id, auth=auth, owner_policy=_owner_policy(record))
+        probe = self._decide(
+            requester,
+            action,
+            owner_dn=record.owner_dn,
+            name=record.name,
+            username=record.username,
+            job_id=job_id,
+            auth=auth,
+            owner_policy=_owner_policy(record),
+        )
         if not probe.allowed:
             raise _Concealed(AuthorizationError(probe.message, reason=probe.reason))
         raise _expired_error(record)
 
-    def _allowed_decision(self, requester: Requester, record: CredentialRecord, action: Action,
-                          auth: AuthMethod, job_id: str | None) -> Decision:
+    def _allowed_decision(
+        self,
+        requester: Requester,
+        record: CredentialRecord,
+        action: Action,
+        auth: AuthMethod,
+        job_id: str | None,
+    ) -> Decision:
         """The policy's allowing decision for this retrieval; a denial raises."""
         decision = self.decide(requester, record, action, auth, job_id=job_id)
         if not decision.allowed:
@@ -943,47 +1122,78 @@ class BrokerService:
         known to be right, seal it again under the broker's scrypt layer; a failure leaves
         the credential as it was (the retrieval goes on)."""
         try:
-            self.store.change_passphrase(record.username, record.name,
-                                         old_passphrase=passphrase, new_passphrase=passphrase,
-                                         owner_dn=record.owner_dn, now=self.now())
+            self.store.change_passphrase(
+                record.username,
+                record.name,
+                old_passphrase=passphrase,
+                new_passphrase=passphrase,
+                owner_dn=record.owner_dn,
+                now=self.now(),
+            )
         except BrokerError as exc:
-            log.info("kept %s/%s as stored by its owner: %s", record.username, record.name,
-                     exc.message)
+            log.info(
+                "kept %s/%s as stored by its owner: %s", record.username, record.name, exc.message
+            )
 
     def record_authenticated_only(self, requester: Requester, grant: RetrievalGrant) -> None:
         """Audit a granted retrieval the client ended before asking for a proxy
         (myproxy-logon -N): allowed, nothing issued."""
         record = grant.record
-        self.store.add_audit(self._audit(
-            requester, grant.action.value, "allow",
-            reason="authenticated only (myproxy-logon -N): no proxy issued",
-            owner_dn=record.owner_dn, username=record.username, name=record.name,
-            job_id=grant.job_id), now=self.now())
+        self.store.add_audit(
+            self._audit(
+                requester,
+                grant.action.value,
+                "allow",
+                reason="authenticated only (myproxy-logon -N): no proxy issued",
+                owner_dn=record.owner_dn,
+                username=record.username,
+                name=record.name,
+                job_id=grant.job_id,
+            ),
+            now=self.now(),
+        )
 
     def release_key(self, requester: Requester, grant: RetrievalGrant, passphrase: str) -> bytes:
         """MyProxy RETRIEVE: the stored chain and its key, the key encrypted under the
         passphrase the requester proved. Only for a grant of ``retrieve-key`` (a distinct
         policy action, never granted by an allow ``"*"``); audited like a retrieval."""
         record = grant.record
-        where: dict[str, Any] = {"owner_dn": record.owner_dn, "username": record.username,
-                                 "name": record.name, "job_id": grant.job_id}
+        where: dict[str, Any] = {
+            "owner_dn": record.owner_dn,
+            "username": record.username,
+            "name": record.name,
+            "job_id": grant.job_id,
+        }
         if grant.action is not Action.RETRIEVE_KEY or grant.issuer.key is None:
-            raise AuthorizationError("this grant does not release a private key",
-                                     reason="not_key_retrieval")
+            raise AuthorizationError(
+                "this grant does not release a private key", reason="not_key_retrieval"
+            )
         pem = chain_to_pem(grant.issuer.chain) + grant.issuer.key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.BestAvailableEncryption(passphrase.encode()))
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(passphrase.encode()),
+        )
         decision = grant.decision
-        self.store.add_audit(self._audit(
-            requester, Action.RETRIEVE_KEY.value, "allow",
-            reason=f"{decision.reason}: {decision.rule.name if decision.rule else ''}", **where),
-            now=self.now())
+        self.store.add_audit(
+            self._audit(
+                requester,
+                Action.RETRIEVE_KEY.value,
+                "allow",
+                reason=f"{decision.reason}: {decision.rule.name if decision.rule else ''}",
+                **where,
+            ),
+            now=self.now(),
+        )
         return pem
 
     def issue(
-        self, requester: Requester, grant: RetrievalGrant, *,
+        self,
+        requester: Requester,
+        grant: RetrievalGrant,
+        *,
         csr: bytes | x509.CertificateSigningRequest,
-        lifetime: timedelta | None = None, limited: bool = False,
+        lifetime: timedelta | None = None,
+        limited: bool = False,
     ) -> IssuedProxy:
         """Sign a fresh proxy of a granted credential for the requester's CSR (PEM/DER bytes,
         or a request :func:`load_csr` already checked).
@@ -993,14 +1203,21 @@ class BrokerService:
         yields a limited proxy.
         """
         record, decision = grant.record, grant.decision
-        where: dict[str, Any] = {"owner_dn": record.owner_dn, "username": record.username,
-                                 "name": record.name, "job_id": grant.job_id}
+        where: dict[str, Any] = {
+            "owner_dn": record.owner_dn,
+            "username": record.username,
+            "name": record.name,
+            "job_id": grant.job_id,
+        }
         with self._audited(requester, grant.action, where):
             if not isinstance(csr, x509.CertificateSigningRequest):
                 csr = load_csr(csr)
             now = self.now()
-            caps = [lifetime or DEFAULT_PROXY_LIFETIME, record.not_after - now,
-                    self.config.max_proxy_lifetime]
+            caps = [
+                lifetime or DEFAULT_PROXY_LIFETIME,
+                record.not_after - now,
+                self.config.max_proxy_lifetime,
+            ]
             if record.max_lifetime_seconds:
                 caps.append(timedelta(seconds=record.max_lifetime_seconds))
             if decision.max_lifetime:
@@ -1009,8 +1226,9 @@ class BrokerService:
             if grant.action is Action.RENEW:
                 # Renewal must not yield more than retrieval by the same requester would:
                 # the site's retrieval caps (lifetime, limited) apply to it as well.
-                as_retrieval = self.decide(requester, record, Action.RETRIEVE,
-                                           AuthMethod.CERTIFICATE, job_id=grant.job_id)
+                as_retrieval = self.decide(
+                    requester, record, Action.RETRIEVE, AuthMethod.CERTIFICATE, job_id=grant.job_id
+                )
                 if as_retrieval.allowed:
                     retrieval_limited = as_retrieval.limited
                     if as_retrieval.max_lifetime:
@@ -1018,54 +1236,102 @@ class BrokerService:
             granted = min(caps)
             if granted <= timedelta(0):
                 raise CredentialError("the credential has no lifetime left", reason="expired")
-            make_limited = (limited or requester.limited or decision.limited or record.limited
-                            or retrieval_limited)
+            make_limited = (
+                limited
+                or requester.limited
+                or decision.limited
+                or record.limited
+                or retrieval_limited
+            )
             proxy_type = ProxyType.LIMITED if make_limited else ProxyType.IMPERSONATION
-            issued = sign_request(grant.issuer, csr, now=now, lifetime=granted,
-                                  proxy_type=proxy_type,
-                                  job_id=_audit_text(grant.job_id, 255))  # as audited
-            self.store.add_audit(self._audit(
-                requester, grant.action.value, "allow",
-                reason=f"{decision.reason}: {decision.rule.name if decision.rule else ''}",
-                **where), now=self.now())
-        return IssuedProxy(chain=issued, lifetime=granted, limited=make_limited,
-                           owner_dn=record.owner_dn, username=record.username, name=record.name)
+            issued = sign_request(
+                grant.issuer,
+                csr,
+                now=now,
+                lifetime=granted,
+                proxy_type=proxy_type,
+                job_id=_audit_text(grant.job_id, 255),
+            )  # as audited
+            self.store.add_audit(
+                self._audit(
+                    requester,
+                    grant.action.value,
+                    "allow",
+                    reason=f"{decision.reason}: {decision.rule.name if decision.rule else ''}",
+                    **where,
+                ),
+                now=self.now(),
+            )
+        return IssuedProxy(
+            chain=issued,
+            lifetime=granted,
+            limited=make_limited,
+            owner_dn=record.owner_dn,
+            username=record.username,
+            name=record.name,
+        )
 
     def retrieve(
-        self, requester: Requester, *, csr_pem: bytes, username: str | None = None,
-        owner_dn: str | None = None, name: str = DEFAULT_CREDENTIAL,
-        lifetime: timedelta | None = None, job_id: str | None = None,
-        passphrase: str | None = None, limited: bool = False,
-        action: Action = Action.RETRIEVE, _authz_owner: str | None = None,
+        self,
+        requester: Requester,
+        *,
+        csr_pem: bytes,
+        username: str | None = None,
+        owner_dn: str | None = None,
+        name: str = DEFAULT_CREDENTIAL,
+        lifetime: timedelta | None = None,
+        job_id: str | None = None,
+        passphrase: str | None = None,
+        limited: bool = False,
+        action: Action = Action.RETRIEVE,
+        _authz_owner: str | None = None,
     ) -> IssuedProxy:
         """:meth:`authorize_retrieval` then :meth:`issue`, for edges that have the CSR at once."""
         where = {"owner_dn": owner_dn, "username": username, "name": name, "job_id": job_id}
         with self._audited(requester, action, where):
             csr = load_csr(csr_pem)  # a malformed request is refused before any look-up
         grant = self.authorize_retrieval(
-            requester, username=username, owner_dn=owner_dn, name=name, job_id=job_id,
-            passphrase=passphrase, action=action, _authz_owner=_authz_owner)
+            requester,
+            username=username,
+            owner_dn=owner_dn,
+            name=name,
+            job_id=job_id,
+            passphrase=passphrase,
+            action=action,
+            _authz_owner=_authz_owner,
+        )
         return self.issue(requester, grant, csr=csr, lifetime=lifetime, limited=limited)
 
     def decide(
-        self, requester: Requester, record: CredentialRecord, action: Action,
-        auth: AuthMethod, *, job_id: str | None = None,
+        self,
+        requester: Requester,
+        record: CredentialRecord,
+        action: Action,
+        auth: AuthMethod,
+        *,
+        job_id: str | None = None,
     ) -> Decision:
         """The policy's answer for ``requester`` on a stored credential (no audit, no side
         effect): for edges that must choose between, say, retrieval and renewal."""
         return self._decide(
-            requester, action, owner_dn=record.owner_dn, owner_fqans=self._owner_fqans(record),
-            name=record.name, username=record.username, job_id=job_id, auth=auth,
+            requester,
+            action,
+            owner_dn=record.owner_dn,
+            owner_fqans=self._owner_fqans(record),
+            name=record.name,
+            username=record.username,
+            job_id=job_id,
+            auth=auth,
             owner_policy=_owner_policy(record),
         )
 
     def site_allows_any(self, action: Action) -> bool:
         """Whether any allow rule of the site policy covers ``action`` (a site setting)."""
-        return any(rule.effect.value == "allow"
-                   for rule in self._policy().index[action].rules)
+        return any(rule.effect.value == "allow" for rule in self._policy().index[action].rules)
 
-    def record_refusal(self, requester: Requester, action: AuditAction, exc: BrokerError,
-                       **where: Any) -> None:
+    def record_refusal(
+        self, requester: Requester, action: AuditAction, exc: BrokerError, **where: Any
+    ) -> None:
         """Audit a refusal an edge decided itself (e.g. MyProxy's protocol rules)."""
         self._record_failure(requester, action, exc, **where)
 
@@ -1092,37 +1358,58 @@ class BrokerService:
         except ValueError as exc:
             raise InputError("the renewal challenge is malformed") from exc
         if not hmac.compare_digest(mac, self._challenge_mac(requester, issued, nonce)):
-            raise AuthenticationError("the renewal challenge was not issued to you",
-                                      reason="bad_challenge")
+            raise AuthenticationError(
+                "the renewal challenge was not issued to you", reason="bad_challenge"
+            )
         if not 0 <= age <= RENEWAL_CHALLENGE_TTL.total_seconds():
-            raise AuthenticationError("the renewal challenge expired; ask for a new one",
-                                      reason="bad_challenge")
+            raise AuthenticationError(
+                "the renewal challenge expired; ask for a new one", reason="bad_challenge"
+            )
         chain = load_certificates(authz_chain_pem, what="renewal proxy")
         try:
             info = validate_chain(chain, self.trust, now=self.now(), vomsdir=None)
         except ChainError as exc:
-            raise AuthenticationError(f"the proxy presented for renewal is not valid: "
-                                      f"{exc.message}", reason=exc.reason) from exc
+            raise AuthenticationError(
+                f"the proxy presented for renewal is not valid: {exc.message}", reason=exc.reason
+            ) from exc
         verify_signature(chain[0], challenge.encode(), signature)
         # Single use, across worker processes and nodes: the nonce is recorded in the
         # database, and a second answer to the same challenge is refused.
         self.store.use_challenge(
-            nonce, expires_at=datetime.fromtimestamp(int(issued), UTC) + RENEWAL_CHALLENGE_TTL)
+            nonce, expires_at=datetime.fromtimestamp(int(issued), UTC) + RENEWAL_CHALLENGE_TTL
+        )
         return info
 
     def renew(
-        self, requester: Requester, *, csr_pem: bytes, challenge: str, authz_chain_pem: bytes,
-        signature: bytes, username: str | None = None, owner_dn: str | None = None,
-        name: str = DEFAULT_CREDENTIAL, lifetime: timedelta | None = None,
+        self,
+        requester: Requester,
+        *,
+        csr_pem: bytes,
+        challenge: str,
+        authz_chain_pem: bytes,
+        signature: bytes,
+        username: str | None = None,
+        owner_dn: str | None = None,
+        name: str = DEFAULT_CREDENTIAL,
+        lifetime: timedelta | None = None,
         job_id: str | None = None,
     ) -> IssuedProxy:
         where = {"owner_dn": owner_dn, "username": username, "name": name, "job_id": job_id}
         with self._audited(requester, AuditAction.RENEW, where):
             info = self.check_renewal_proof(requester, challenge, authz_chain_pem, signature)
         # A limited proof of possession yields a limited proxy: renewal never widens rights.
-        return self.retrieve(requester, csr_pem=csr_pem, username=username, owner_dn=owner_dn,
-                             name=name, lifetime=lifetime, job_id=job_id, action=Action.RENEW,
-                             limited=info.limited, _authz_owner=info.identity)
+        return self.retrieve(
+            requester,
+            csr_pem=csr_pem,
+            username=username,
+            owner_dn=owner_dn,
+            name=name,
+            lifetime=lifetime,
+            job_id=job_id,
+            action=Action.RENEW,
+            limited=info.limited,
+            _authz_owner=info.identity,
+        )
 
     # ------------------------------------------------------------------ info / destroy
 
@@ -1142,22 +1429,39 @@ class BrokerService:
                 records = [r for r in records if r.name == name]
             visible = []
             for record in records:
-                decision = self._decide(requester, Action.INFO, owner_dn=record.owner_dn,
-                                        owner_fqans=(), name=record.name,
-                                        username=record.username)
+                decision = self._decide(
+                    requester,
+                    Action.INFO,
+                    owner_dn=record.owner_dn,
+                    owner_fqans=(),
+                    name=record.name,
+                    username=record.username,
+                )
                 if decision.allowed:
                     visible.append(_summary(record))
             if not visible and (username or name):
                 raise NotFound(
                     f"no credentials found for user {username or '(yours)'}"
-                    + (f" named {name!r}" if name else "") + f", owner {requester.dn}")
-            self.store.add_audit(self._audit(requester, AuditAction.INFO, "allow", reason="listed",
-                                             owner_dn=requester.dn, username=username,
-                                             name=name), now=self.now())
+                    + (f" named {name!r}" if name else "")
+                    + f", owner {requester.dn}"
+                )
+            self.store.add_audit(
+                self._audit(
+                    requester,
+                    AuditAction.INFO,
+                    "allow",
+                    reason="listed",
+                    owner_dn=requester.dn,
+                    username=username,
+                    name=name,
+                ),
+                now=self.now(),
+            )
         return visible
 
-    def _owned(self, requester: Requester, username: str, name: str, what: str,
-               where: dict[str, Any]) -> CredentialRecord:
+    def _owned(
+        self, requester: Requester, username: str, name: str, what: str, where: dict[str, Any]
+    ) -> CredentialRecord:
         """The credential, when the requester (with a full certificate or proxy) owns it."""
         if requester.dn is None:
             raise AuthenticationError(f"to {what} you need a client certificate or proxy")
@@ -1166,13 +1470,18 @@ class BrokerService:
         where["owner_dn"] = record.owner_dn
         if record.owner_dn != requester.dn:
             # Someone else's credential: answered as a missing one (the audit keeps why).
-            raise _Concealed(AuthorizationError(
-                f"Credentials not owned by {requester.dn}: {record.username}/{record.name} "
-                "is not yours", reason="not_owner"))
+            raise _Concealed(
+                AuthorizationError(
+                    f"Credentials not owned by {requester.dn}: {record.username}/{record.name} "
+                    "is not yours",
+                    reason="not_owner",
+                )
+            )
         return record
 
-    def _reserve_passphrase_attempt(self, requester: Requester,
-                                    record: CredentialRecord) -> int | None:
+    def _reserve_passphrase_attempt(
+        self, requester: Requester, record: CredentialRecord
+    ) -> int | None:
         """Reserve one passphrase try for a credential from the requester's address, or
         refuse it (TooManyAttempts) when the failed and running tries from there within the
         window reach the limit. Count and reservation are one serialised transaction in
@@ -1182,16 +1491,21 @@ class BrokerService:
         if limit <= 0:
             return None
         attempt, failures = self.store.reserve_passphrase_attempt(
-            username=record.username, credential_name=record.name,
-            client_address=requester.client_address, since=self.now() - window, limit=limit,
-            now=self.now())
+            username=record.username,
+            credential_name=record.name,
+            client_address=requester.client_address,
+            since=self.now() - window,
+            limit=limit,
+            now=self.now(),
+        )
         if attempt is None:
             minutes = max(1, int(window.total_seconds() // 60))
             raise TooManyAttempts(
                 f"{failures} wrong passphrases for {record.username}/{record.name} from "
                 f"{requester.client_address or 'this client'} in the last {minutes} minutes; "
                 f"no more passphrases are tried from there until the oldest of them is "
-                f"{minutes} minutes old")
+                f"{minutes} minutes old"
+            )
         return attempt
 
     def _finish_passphrase_attempt(self, attempt: int, *, failed: bool) -> None:
@@ -1201,19 +1515,30 @@ class BrokerService:
             # The reservation stays "pending" and keeps counting: fails closed.
             log.exception("could not record the outcome of passphrase attempt %d", attempt)
 
-    def destroy(self, requester: Requester, *, username: str, name: str = DEFAULT_CREDENTIAL
-                ) -> CredentialSummary:
+    def destroy(
+        self, requester: Requester, *, username: str, name: str = DEFAULT_CREDENTIAL
+    ) -> CredentialSummary:
         where: dict[str, Any] = {"username": username, "name": name}
         with self._audited(requester, AuditAction.DESTROY, where) as scope:
             scope.concealed_as = lambda: _not_found(username, None, name)
             record = self._owned(requester, username, name, "destroy a credential", where)
-            self._decide(requester, Action.DESTROY, owner_dn=record.owner_dn,
-                         owner_fqans=requester.fqans, name=record.name,
-                         username=record.username).raise_if_denied()
+            self._decide(
+                requester,
+                Action.DESTROY,
+                owner_dn=record.owner_dn,
+                owner_fqans=requester.fqans,
+                name=record.name,
+                username=record.username,
+            ).raise_if_denied()
             deleted = self.store.delete_credential(
-                username, name, owner_dn=requester.dn,
-                audit=self._audit(requester, AuditAction.DESTROY, "allow", reason="destroyed",
-                                  **where), now=self.now())
+                username,
+                name,
+                owner_dn=requester.dn,
+                audit=self._audit(
+                    requester, AuditAction.DESTROY, "allow", reason="destroyed", **where
+                ),
+                now=self.now(),
+            )
         return _summary(deleted)
 
     def change_passphrase(
@@ -1222,20 +1547,31 @@ class BrokerService:
         where: dict[str, Any] = {"username": username, "name": name}
         with self._audited(requester, AuditAction.CHANGE_PASSPHRASE, where) as scope:
             scope.concealed_as = lambda: _not_found(username, None, name)
-            record = self._owned(requester, username, name, "change a credential's passphrase",
-                                 where)
-            attempt = (self._reserve_passphrase_attempt(requester, record)
-                       if old is not None and record.passphrase_protected else None)
+            record = self._owned(
+                requester, username, name, "change a credential's passphrase", where
+            )
+            attempt = (
+                self._reserve_passphrase_attempt(requester, record)
+                if old is not None and record.passphrase_protected
+                else None
+            )
             try:
                 updated = self.store.change_passphrase(
-                    username, name, old_passphrase=old, new_passphrase=new,
-                    owner_dn=requester.dn, now=self.now(),
-                    audit=self._audit(requester, AuditAction.CHANGE_PASSPHRASE, "allow",
-                                      reason="changed", **where))
+                    username,
+                    name,
+                    old_passphrase=old,
+                    new_passphrase=new,
+                    owner_dn=requester.dn,
+                    now=self.now(),
+                    audit=self._audit(
+                        requester, AuditAction.CHANGE_PASSPHRASE, "allow", reason="changed", **where
+                    ),
+                )
             except BrokerError as exc:
                 if attempt is not None:
                     self._finish_passphrase_attempt(
-                        attempt, failed=exc.reason == INVALID_PASSPHRASE_REASON)
+                        attempt, failed=exc.reason == INVALID_PASSPHRASE_REASON
+                    )
                 raise
             if attempt is not None:
                 self._finish_passphrase_attempt(attempt, failed=False)
@@ -1247,29 +1583,45 @@ class BrokerService:
     # their own (the online CA); these two methods give them an audit row.
 
     def record_refused_authentication(
-        self, exc: BrokerError, *, chain: Sequence[x509.Certificate] = (),
-        pam_user: str | None = None, action: AuditAction | str = AuditAction.AUTHENTICATE,
-        client_address: str | None = None, endpoint: str = Endpoint.REST,
-        request_id: str | None = None, **where: Any,
+        self,
+        exc: BrokerError,
+        *,
+        chain: Sequence[x509.Certificate] = (),
+        pam_user: str | None = None,
+        action: AuditAction | str = AuditAction.AUTHENTICATE,
+        client_address: str | None = None,
+        endpoint: str = Endpoint.REST,
+        request_id: str | None = None,
+        **where: Any,
     ) -> None:
         """Audit a refused authentication; never raises (a failure is logged).
 
         With a ``chain`` the requester is recorded as the chain's end-entity DN:
         OpenSSL verified that chain at the handshake, only our own checks failed.
         """
-        requester = Requester(dn=_claimed_identity(chain), pam_user=pam_user,
-                              client_address=client_address, endpoint=endpoint,
-                              request_id=request_id or uuid.uuid4().hex)
+        requester = Requester(
+            dn=_claimed_identity(chain),
+            pam_user=pam_user,
+            client_address=client_address,
+            endpoint=endpoint,
+            request_id=request_id or uuid.uuid4().hex,
+        )
         self._record_failure(requester, action, exc, unauthenticated=True, **where)
 
-    def record_event(self, requester: Requester, action: AuditAction, *, reason: str,
-                     **where: Any) -> None:
+    def record_event(
+        self, requester: Requester, action: AuditAction, *, reason: str, **where: Any
+    ) -> None:
         """Write an ``allow`` audit row for an edge's own use case; raises StoreError."""
-        self.store.add_audit(self._audit(requester, action, "allow", reason=reason, **where),
-                             now=self.now())
+        self.store.add_audit(
+            self._audit(requester, action, "allow", reason=reason, **where), now=self.now()
+        )
 
     def issue_certificate(
-        self, requester: Requester, ca: OnlineCa, csr: x509.CertificateSigningRequest, *,
+        self,
+        requester: Requester,
+        ca: OnlineCa,
+        csr: x509.CertificateSigningRequest,
+        *,
         lifetime: timedelta,
     ) -> x509.Certificate:
         """The online CA: a short-lived certificate for a PAM-authenticated user's own key.
@@ -1283,9 +1635,13 @@ class BrokerService:
                 raise AuthenticationError("the online CA certifies PAM-authenticated users only")
             cert = ca.issue(username, csr, now=self.now(), lifetime=lifetime)
         self.record_event(
-            requester, AuditAction.ISSUE_CERTIFICATE, owner_dn=slash_from_name(cert.subject),
+            requester,
+            AuditAction.ISSUE_CERTIFICATE,
+            owner_dn=slash_from_name(cert.subject),
             reason=f"online CA issued serial {cert.serial_number:x} valid until "
-                   f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC", **where)
+            f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC",
+            **where,
+        )
         return cert
 
     def health(self) -> None:
@@ -1314,16 +1670,23 @@ class BrokerService:
         if directory is None:
             raise AuthenticationError(
                 "this broker has no token issuers configured ([tokens] in broker.toml)",
-                reason="tokens_disabled")
+                reason="tokens_disabled",
+            )
         config = directory.settings.by_name(issuer) if isinstance(issuer, str) else None
         if config is None:
             known = ", ".join(i.name for i in directory.settings.issuers)
-            raise NotFound(f"unknown token issuer {str(issuer)[:200]!r}; this broker knows: "
-                           f"{known}", reason="unknown_issuer")
+            raise NotFound(
+                f"unknown token issuer {str(issuer)[:200]!r}; this broker knows: {known}",
+                reason="unknown_issuer",
+            )
         return directory, config
 
     def authenticate_bearer(
-        self, token: str, *, client_address: str | None = None, endpoint: str = Endpoint.REST,
+        self,
+        token: str,
+        *,
+        client_address: str | None = None,
+        endpoint: str = Endpoint.REST,
         request_id: str | None = None,
     ) -> Requester:
         """Verify a bearer token (signature, issuer, audience, times, profile); the
@@ -1334,39 +1697,63 @@ class BrokerService:
             if directory is None:
                 raise AuthenticationError(
                     "this broker accepts no bearer tokens (no [tokens] issuers configured); "
-                    "authenticate with a certificate or proxy", reason="tokens_disabled")
-            claims = verify_bearer(token, directory.settings, directory,
-                                   now=int(self.now().timestamp()))
+                    "authenticate with a certificate or proxy",
+                    reason="tokens_disabled",
+                )
+            claims = verify_bearer(
+                token, directory.settings, directory, now=int(self.now().timestamp())
+            )
         except BrokerError as exc:
-            self.record_refused_authentication(exc, client_address=client_address,
-                                               endpoint=endpoint, request_id=request_id)
+            self.record_refused_authentication(
+                exc, client_address=client_address, endpoint=endpoint, request_id=request_id
+            )
             raise
-        return Requester(dn=None, token=claims, client_address=client_address,
-                         endpoint=endpoint, request_id=request_id)
+        return Requester(
+            dn=None,
+            token=claims,
+            client_address=client_address,
+            endpoint=endpoint,
+            request_id=request_id,
+        )
 
     def store_refresh_token(
-        self, requester: Requester, *, issuer: str, username: str, refresh_token: str,
+        self,
+        requester: Requester,
+        *,
+        issuer: str,
+        username: str,
+        refresh_token: str,
         scopes: Sequence[str] = (),
     ) -> RefreshTokenRecord:
         """The owner (by certificate) stores its refresh token for ``issuer`` under
         ``username``; the policy's ``delegate`` rules decide, credential name
         ``token:ISSUER``."""
-        where: dict[str, Any] = {"username": username, "name": f"token:{issuer}"[:128],
-                                 "owner_dn": requester.dn}
+        where: dict[str, Any] = {
+            "username": username,
+            "name": f"token:{issuer}"[:128],
+            "owner_dn": requester.dn,
+        }
         with self._audited(requester, AuditAction.STORE_REFRESH_TOKEN, where):
             if requester.dn is None or requester.token is not None:
                 raise AuthenticationError(
                     "to store a refresh token you need a client certificate or proxy",
-                    reason="certificate_required")
+                    reason="certificate_required",
+                )
             _refuse_limited(requester, "store a refresh token")
             validate_component(username, what="username")
             _, config = self._token_issuer(issuer)
             where["name"] = f"token:{config.name}"
-            if (not isinstance(refresh_token, str) or not 0 < len(refresh_token) <= 8192
-                    or not refresh_token.isascii() or not refresh_token.isprintable()
-                    or " " in refresh_token):
-                raise InputError("the refresh token must be 1..8192 printable ASCII characters",
-                                 reason="bad_refresh_token")
+            if (
+                not isinstance(refresh_token, str)
+                or not 0 < len(refresh_token) <= 8192
+                or not refresh_token.isascii()
+                or not refresh_token.isprintable()
+                or " " in refresh_token
+            ):
+                raise InputError(
+                    "the refresh token must be 1..8192 printable ASCII characters",
+                    reason="bad_refresh_token",
+                )
             for scope in scopes:
                 _check_scope(scope)
             # A username names one person: refuse it when its proxies belong to another DN
@@ -1375,27 +1762,51 @@ class BrokerService:
             if others - {requester.dn}:
                 raise AuthorizationError(
                     f"the username {username!r} holds credentials of another owner; store the "
-                    "refresh token under your own username", reason="not_owner")
-            self._decide(requester, Action.DELEGATE, owner_dn=requester.dn,
-                         owner_fqans=requester.fqans, name=f"token:{config.name}",
-                         username=username).raise_if_denied()
+                    "refresh token under your own username",
+                    reason="not_owner",
+                )
+            self._decide(
+                requester,
+                Action.DELEGATE,
+                owner_dn=requester.dn,
+                owner_fqans=requester.fqans,
+                name=f"token:{config.name}",
+                username=username,
+            ).raise_if_denied()
             record = self._refresh_tokens.put(
-                owner_dn=requester.dn, username=username, issuer=config.name,
-                token=refresh_token, scopes=tuple(scopes), now=self.now())
-            self.store.add_audit(self._audit(
-                requester, AuditAction.STORE_REFRESH_TOKEN, "allow",
-                reason=f"refresh token for issuer {config.name} stored", **where), now=self.now())
+                owner_dn=requester.dn,
+                username=username,
+                issuer=config.name,
+                token=refresh_token,
+                scopes=tuple(scopes),
+                now=self.now(),
+            )
+            self.store.add_audit(
+                self._audit(
+                    requester,
+                    AuditAction.STORE_REFRESH_TOKEN,
+                    "allow",
+                    reason=f"refresh token for issuer {config.name} stored",
+                    **where,
+                ),
+                now=self.now(),
+            )
         return record
 
     def start_token_device_flow(
-        self, requester: Requester, *, issuer: str, scopes: Sequence[str] = (),
+        self,
+        requester: Requester,
+        *,
+        issuer: str,
+        scopes: Sequence[str] = (),
     ) -> DeviceAuthorization:
         """Begin the OAuth2 device-code flow with the broker's client at ``issuer`` (the
         refresh token must belong to the broker's client, which alone can redeem it)."""
         if requester.dn is None or requester.token is not None:
             raise AuthenticationError(
                 "to store a refresh token you need a client certificate or proxy",
-                reason="certificate_required")
+                reason="certificate_required",
+            )
         directory, config = self._token_issuer(issuer)
         for scope in scopes:
             _check_scope(scope)
@@ -1403,38 +1814,62 @@ class BrokerService:
         return directory.start_device_flow(config, wanted)
 
     def poll_token_device_flow(
-        self, requester: Requester, *, issuer: str, username: str, device_code: str,
+        self,
+        requester: Requester,
+        *,
+        issuer: str,
+        username: str,
+        device_code: str,
     ) -> RefreshTokenRecord | str:
         """Poll the issuer once; the stored refresh token's record, or the pending state
         (``authorization_pending`` / ``slow_down``). A denied or expired flow is an error."""
         directory, config = self._token_issuer(issuer)
         if not isinstance(device_code, str) or not 0 < len(device_code) <= 1024:
             raise InputError("bad device_code", reason="bad_field")
-        device = DeviceAuthorization(device_code=device_code, user_code="",
-                                     verification_uri="", verification_uri_complete=None,
-                                     expires_in=0, interval=0)
+        device = DeviceAuthorization(
+            device_code=device_code,
+            user_code="",
+            verification_uri="",
+            verification_uri_complete=None,
+            expires_in=0,
+            interval=0,
+        )
         result = directory.poll_device_flow(config, device)
         if isinstance(result, str):
             if result in ("authorization_pending", "slow_down"):
                 return result
             raise AuthorizationError(
                 f"issuer {config.name} ended the device flow: {result}; run `broker-init "
-                f"--token-issuer {config.name}` again", reason="device_flow_failed")
+                f"--token-issuer {config.name}` again",
+                reason="device_flow_failed",
+            )
         if result.refresh_token is None:
             raise AuthorizationError(
                 f"issuer {config.name} returned no refresh token (was offline_access granted?)",
-                reason="no_refresh_token")
+                reason="no_refresh_token",
+            )
         scopes = tuple(result.scope.split()) if result.scope else ()
-        return self.store_refresh_token(requester, issuer=config.name, username=username,
-                                        refresh_token=result.refresh_token, scopes=scopes)
+        return self.store_refresh_token(
+            requester,
+            issuer=config.name,
+            username=username,
+            refresh_token=result.refresh_token,
+            scopes=scopes,
+        )
 
     def _token_lock(self, key: tuple[str, str]) -> threading.Lock:
         with self._token_locks_guard:
             return self._token_locks.setdefault(key, threading.Lock())
 
     def issue_access_token(
-        self, requester: Requester, *, username: str, issuer: str,
-        scopes: Sequence[str] = (), audience: str | None = None, job_id: str | None = None,
+        self,
+        requester: Requester,
+        *,
+        username: str,
+        issuer: str,
+        scopes: Sequence[str] = (),
+        audience: str | None = None,
+        job_id: str | None = None,
     ) -> AccessToken:
         """A short access token for a job, from the owner's stored refresh token.
 
@@ -1445,12 +1880,16 @@ class BrokerService:
         the same owner, scopes and audience is reused while more than half of its life is
         left (this throttles calls to the issuer).
         """
-        where: dict[str, Any] = {"username": username, "name": f"token:{issuer}"[:128],
-                                 "job_id": job_id}
+        where: dict[str, Any] = {
+            "username": username,
+            "name": f"token:{issuer}"[:128],
+            "job_id": job_id,
+        }
         with self._audited(requester, AuditAction.RETRIEVE_TOKEN, where):
             if requester.dn is None and requester.token is None:
-                raise AuthenticationError("a token request needs a certificate or bearer token",
-                                          reason="no_identity")
+                raise AuthenticationError(
+                    "a token request needs a certificate or bearer token", reason="no_identity"
+                )
             if job_id is not None:
                 _check_job_id(job_id)
             validate_component(username, what="username")
@@ -1461,42 +1900,62 @@ class BrokerService:
                 raise NotFound(
                     f"{username} has stored no refresh token for issuer {config.name}; the owner "
                     f"must run `broker-init --token-issuer {config.name}`",
-                    reason="no_refresh_token")
+                    reason="no_refresh_token",
+                )
             where["owner_dn"] = record.owner_dn
             auth = AuthMethod.TOKEN if requester.token is not None else AuthMethod.CERTIFICATE
-            decision = self._decide(requester, Action.RETRIEVE, owner_dn=record.owner_dn,
-                                    name=f"token:{config.name}", username=username,
-                                    job_id=job_id, auth=auth)
+            decision = self._decide(
+                requester,
+                Action.RETRIEVE,
+                owner_dn=record.owner_dn,
+                name=f"token:{config.name}",
+                username=username,
+                job_id=job_id,
+                auth=auth,
+            )
             decision.raise_if_denied()
             wanted = _narrow_scopes(config, record, tuple(scopes))
-            if audience is not None and (not 0 < len(audience) <= 1024
-                                         or not audience.isprintable()):
-                raise InputError("the audience must be 1..1024 printable characters",
-                                 reason="bad_field")
+            if audience is not None and (
+                not 0 < len(audience) <= 1024 or not audience.isprintable()
+            ):
+                raise InputError(
+                    "the audience must be 1..1024 printable characters", reason="bad_field"
+                )
             key = (username, config.name, wanted, audience)
             access: AccessToken | None = self._access_tokens.get(key)
             if access is None:
                 with self._token_lock((username, config.name)):
                     access = self._access_tokens.get(key)
                     if access is None:
-                        access = self._refresh_access_token(directory, config, record, wanted,
-                                                            audience)
+                        access = self._refresh_access_token(
+                            directory, config, record, wanted, audience
+                        )
                         life = (access.expires_at - self.now()).total_seconds()
                         if life > 0:
                             self._access_tokens.put(key, access, ttl=life / 2)
-            self.store.add_audit(self._audit(
-                requester, AuditAction.RETRIEVE_TOKEN, "allow",
-                reason=f"{decision.reason}: {decision.rule.name if decision.rule else ''}; "
-                       f"scopes {' '.join(wanted)}", **where), now=self.now())
+            self.store.add_audit(
+                self._audit(
+                    requester,
+                    AuditAction.RETRIEVE_TOKEN,
+                    "allow",
+                    reason=f"{decision.reason}: {decision.rule.name if decision.rule else ''}; "
+                    f"scopes {' '.join(wanted)}",
+                    **where,
+                ),
+                now=self.now(),
+            )
         return access
 
     def _refresh_access_token(
-        self, directory: IssuerDirectory, config: IssuerConfig, record: RefreshTokenRecord,
-        scopes: tuple[str, ...], audience: str | None,
+        self,
+        directory: IssuerDirectory,
+        config: IssuerConfig,
+        record: RefreshTokenRecord,
+        scopes: tuple[str, ...],
+        audience: str | None,
     ) -> AccessToken:
         def use(refresh_token: str) -> tuple[str | None, TokenResponse]:
-            response = directory.refresh(config, refresh_token, scopes=scopes,
-                                         audience=audience)
+            response = directory.refresh(config, refresh_token, scopes=scopes, audience=audience)
             return response.refresh_token, response
 
         now = self.now()
@@ -1507,12 +1966,19 @@ class BrokerService:
             # The issuer gave more than asked: do not pass it on to a job.
             raise ScopeNotAllowed(
                 f"issuer {config.name} granted scopes that were not asked for "
-                f"({' '.join(extra)}); refusing the token", reason="scope_not_allowed")
+                f"({' '.join(extra)}); refusing the token",
+                reason="scope_not_allowed",
+            )
         lifetime = timedelta(seconds=min(response.expires_in or 1200, 24 * 3600))
-        return AccessToken(token=response.access_token, issuer=config.name,
-                           owner_dn=record.owner_dn, username=record.username,
-                           scopes=granted, audience=audience, expires_at=now + lifetime)
-
+        return AccessToken(
+            token=response.access_token,
+            issuer=config.name,
+            owner_dn=record.owner_dn,
+            username=record.username,
+            scopes=granted,
+            audience=audience,
+            expires_at=now + lifetime,
+        )
 
 
 _JOB_ID_MAX = 256
@@ -1543,12 +2009,15 @@ def _not_found(username: str | None, owner_dn: str | None, name: str) -> NotFoun
     """Exactly what :meth:`BrokerService._find` says when nothing matches the request."""
     if username:
         return NotFound(f"no credential {name!r} for user {username!r}")
-    return NotFound(f"no credential named {name!r} is stored for {owner_dn}; the owner can "
-                    f"store one with: broker-init -k {name}")
+    return NotFound(
+        f"no credential named {name!r} is stored for {owner_dn}; the owner can "
+        f"store one with: broker-init -k {name}"
+    )
 
 
-def _retrieval_auth_method(requester: Requester, record: CredentialRecord, action: Action,
-                           passphrase: str | None) -> AuthMethod:
+def _retrieval_auth_method(
+    requester: Requester, record: CredentialRecord, action: Action, passphrase: str | None
+) -> AuthMethod:
     """How the requester of a retrieval authenticated, for the policy's ``auth`` match."""
     if action is Action.RENEW:
         return AuthMethod.CERTIFICATE
@@ -1559,10 +2028,13 @@ def _retrieval_auth_method(requester: Requester, record: CredentialRecord, actio
         # pam:USERGLOB patterns see the credential's username: so a PAM
         # requester may only open credentials stored under its own username.
         if requester.pam_user != record.username:
-            raise _Concealed(AuthorizationError(
-                f"PAM user {requester.pam_user!r} may only retrieve credentials stored "
-                f"under the username {requester.pam_user!r}, not {record.username!r}",
-                reason="pam_user_mismatch"))
+            raise _Concealed(
+                AuthorizationError(
+                    f"PAM user {requester.pam_user!r} may only retrieve credentials stored "
+                    f"under the username {requester.pam_user!r}, not {record.username!r}",
+                    reason="pam_user_mismatch",
+                )
+            )
         return AuthMethod.PAM
     if requester.token is not None:
         return AuthMethod.TOKEN
@@ -1573,7 +2045,9 @@ def _expired_error(record: CredentialRecord) -> CredentialError:
     return CredentialError(
         f"the credential {record.username}/{record.name} expired at "
         f"{record.not_after:%Y-%m-%d %H:%M:%S} UTC; its owner must delegate a new "
-        f"one (broker-init -k {record.name})", reason="expired")
+        f"one (broker-init -k {record.name})",
+        reason="expired",
+    )
 
 
 def _stored_issuer(record: CredentialRecord, key_pem: bytes) -> Credential:
@@ -1585,7 +2059,8 @@ def _stored_issuer(record: CredentialRecord, key_pem: bytes) -> Credential:
         raise CredentialError(
             f"the stored key of {record.username}/{record.name} does not belong to "
             "its certificate; the owner must store the credential again",
-            reason="key_mismatch")
+            reason="key_mismatch",
+        )
     return Credential(chain=chain, key=key)
 
 
@@ -1594,7 +2069,8 @@ def _refuse_limited(requester: Requester, what: str) -> None:
     if requester.limited:
         raise AuthorizationError(
             f"a limited proxy cannot {what}; use your certificate or a full proxy",
-            reason="limited_requester")
+            reason="limited_requester",
+        )
 
 
 def _audit_text(value: str | None, limit: int) -> str | None:
@@ -1618,10 +2094,10 @@ def _claimed_identity(chain: Sequence[x509.Certificate]) -> str | None:
 
 
 def _check_job_id(job_id: str) -> None:
-    if not job_id or len(job_id) > _JOB_ID_MAX or any(ord(c) < 32 or ord(c) == 127
-                                                       for c in job_id):
+    if not job_id or len(job_id) > _JOB_ID_MAX or any(ord(c) < 32 or ord(c) == 127 for c in job_id):
         raise InputError(
-            f"the job id must be 1..{_JOB_ID_MAX} printable characters (e.g. a GlobalJobId)")
+            f"the job id must be 1..{_JOB_ID_MAX} printable characters (e.g. a GlobalJobId)"
+        )
 
 
 def verify_signature(cert: x509.Certificate, message: bytes, signature: bytes) -> None:
@@ -1632,7 +2108,8 @@ def verify_signature(cert: x509.Certificate, message: bytes, signature: bytes) -
     if outcome is SignatureCheck.MISMATCH:
         raise AuthenticationError(
             "the renewal proof's signature does not verify with the presented proxy's key",
-            reason="bad_proof")
+            reason="bad_proof",
+        )
 
 
 def sign_challenge(key: Any, message: bytes) -> bytes:
@@ -1664,28 +2141,37 @@ class AccessToken:
 
 def _check_scope(scope: str) -> None:
     if not isinstance(scope, str) or not 0 < len(scope) <= 256 or not set(scope) <= _SCOPE_CHARS:
-        raise InputError(f"bad scope {str(scope)[:100]!r}: scopes use letters, digits and "
-                         "'_.-:/', e.g. compute.read or storage.read:/cms", reason="bad_scope")
+        raise InputError(
+            f"bad scope {str(scope)[:100]!r}: scopes use letters, digits and "
+            "'_.-:/', e.g. compute.read or storage.read:/cms",
+            reason="bad_scope",
+        )
 
 
-def _narrow_scopes(config: IssuerConfig, record: RefreshTokenRecord,
-                   requested: tuple[str, ...]) -> tuple[str, ...]:
+def _narrow_scopes(
+    config: IssuerConfig, record: RefreshTokenRecord, requested: tuple[str, ...]
+) -> tuple[str, ...]:
     """The scopes a job may get: every one must be within the site's ``job_scopes`` for the
     issuer and within the stored grant (when the grant's scopes are known)."""
     if not config.job_scopes:
         raise ScopeNotAllowed(
             f"issuer {config.name} has no job_scopes configured, so this broker gives jobs no "
-            "access tokens from it", reason="scope_not_allowed")
+            "access tokens from it",
+            reason="scope_not_allowed",
+        )
     wanted = requested or config.job_scopes
     for scope in wanted:
         _check_scope(scope)
         if not any(scope_covers(allowed, scope) for allowed in config.job_scopes):
             raise ScopeNotAllowed(
                 f"the scope {scope!r} is beyond what jobs may get from issuer {config.name} "
-                f"({' '.join(config.job_scopes)})", reason="scope_not_allowed")
+                f"({' '.join(config.job_scopes)})",
+                reason="scope_not_allowed",
+            )
         if record.scopes and not any(scope_covers(granted, scope) for granted in record.scopes):
             raise ScopeNotAllowed(
                 f"the refresh token {record.username} stored for issuer {config.name} was not "
                 f"granted {scope!r} (it has {' '.join(record.scopes)})",
-                reason="scope_not_allowed")
+                reason="scope_not_allowed",
+            )
     return tuple(dict.fromkeys(wanted))

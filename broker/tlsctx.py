@@ -13,8 +13,9 @@ from typing import Any
 from cryptography import x509
 
 
-def server_context(*, host_cert: str, host_key: str, ca_dir: str, certificate_optional: bool,
-                   max_tls: str = "") -> ssl.SSLContext:
+def server_context(
+    *, host_cert: str, host_key: str, ca_dir: str, certificate_optional: bool, max_tls: str = ""
+) -> ssl.SSLContext:
     """A server context for the host credential, trusting the CA directory ``ca_dir``.
 
     ``certificate_optional`` lets clients without a certificate finish the handshake

@@ -58,8 +58,11 @@ def read_ca_dir_files(path: str | os.PathLike[str]) -> dict[str, bytes]:
         )
     files: dict[str, bytes] = {}
     for entry in sorted(directory.iterdir()):
-        if entry.is_file() and (entry.name.split(".")[-1].isdigit() or ".r" in entry.name
-                                or entry.name.endswith(_CA_DIR_SUFFIXES)):
+        if entry.is_file() and (
+            entry.name.split(".")[-1].isdigit()
+            or ".r" in entry.name
+            or entry.name.endswith(_CA_DIR_SUFFIXES)
+        ):
             files[entry.name] = _read_small(entry)
     return files
 
@@ -84,8 +87,9 @@ def load_ca_dir(
     """
     if accept_unconstrained is None:
         accept_unconstrained = accept_unconstrained_default()
-    store = TrustStore.from_files(read_ca_dir_files(path),
-                                  accept_unconstrained=accept_unconstrained)
+    store = TrustStore.from_files(
+        read_ca_dir_files(path), accept_unconstrained=accept_unconstrained
+    )
     if not store.cas:
         raise ConfigError(f"the CA directory {path} holds no CA certificates (<hash>.0 files)")
     for problem in store.problems:
@@ -130,8 +134,13 @@ class CaDirWatch:
     ``version()`` is cheap between looks; a changed directory bumps it. Thread-safe.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, interval: float = RELOAD_INTERVAL,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        interval: float = RELOAD_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.path = Path(path)
         self.interval = interval
         self._clock = clock
@@ -163,8 +172,13 @@ class ReloadingTrustStore:
     store is a new object: callers that cache verdicts compare it by identity.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, interval: float = RELOAD_INTERVAL,
-                 accept_unconstrained: bool | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        interval: float = RELOAD_INTERVAL,
+        accept_unconstrained: bool | None = None,
+    ) -> None:
         self.path = Path(path)
         self.interval = interval
         self._accept = accept_unconstrained
@@ -180,11 +194,18 @@ class ReloadingTrustStore:
         try:
             try:
                 self._store = load_ca_dir(self.path, accept_unconstrained=self._accept)
-                log.info("CA directory %s reloaded (%d CAs, %d CRLs)", self.path,
-                         len(self._store.cas), len(self._store.crls))
+                log.info(
+                    "CA directory %s reloaded (%d CAs, %d CRLs)",
+                    self.path,
+                    len(self._store.cas),
+                    len(self._store.crls),
+                )
             except BrokerError as exc:
-                log.error("CA directory %s not reloaded, keeping the last good one: %s",
-                          self.path, exc.message)
+                log.error(
+                    "CA directory %s not reloaded, keeping the last good one: %s",
+                    self.path,
+                    exc.message,
+                )
             self._loaded = version
             return self._store
         finally:

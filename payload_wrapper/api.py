@@ -304,14 +304,27 @@ def _prepare(
             else None
         )
         mapping = map_identity(
-            identity.dn, identity.fqans, bans=bans, account=settings.account,
+            identity.dn,
+            identity.fqans,
+            bans=bans,
+            account=settings.account,
             gridmap=gridmap,  # type: ignore[arg-type]
-            gridmapdir=gmdir, gridmap_source=str(settings.gridmapfile or "grid-mapfile"),
-            now=now.timestamp(), caller_uid=caller_uid, switching=switching,
+            gridmapdir=gmdir,
+            gridmap_source=str(settings.gridmapfile or "grid-mapfile"),
+            now=now.timestamp(),
+            caller_uid=caller_uid,
+            switching=switching,
         )
     else:
-        map_identity(identity.dn, identity.fqans, bans=bans, account=_caller_account().name,
-                     now=now.timestamp(), caller_uid=caller_uid, switching=False)
+        map_identity(
+            identity.dn,
+            identity.fqans,
+            bans=bans,
+            account=_caller_account().name,
+            now=now.timestamp(),
+            caller_uid=caller_uid,
+            switching=False,
+        )
     run_as = mapping.account if (mapping is not None and switching) else _caller_account()
     audit.account, audit.uid = run_as.name, run_as.uid
     audit.rule = mapping.rule if mapping else "none (no mapping configured)"
@@ -321,12 +334,16 @@ def _prepare(
     uid_lock = None
     if switching:
         uid_lock = UidLock.acquire(
-            settings.state_dir or default_state_dir(), run_as.uid, identity.dn,
-            account=run_as.name, exclusive=containment == "uid",
+            settings.state_dir or default_state_dir(),
+            run_as.uid,
+            identity.dn,
+            account=run_as.name,
+            exclusive=containment == "uid",
         )
     try:
-        job = _prepare_job(settings, command, job_id, caller_env, audit, identity, mapping,
-                           run_as, pem)
+        job = _prepare_job(
+            settings, command, job_id, caller_env, audit, identity, mapping, run_as, pem
+        )
     except BaseException:
         if uid_lock is not None:
             uid_lock.release()
@@ -361,27 +378,32 @@ def choose_containment(settings: WrapperSettings, mapping: AccountMapping | None
         return "cgroup"
     if wanted == "cgroup":
         raise WrapperSystemError(
-            f"containment = \"cgroup\" is configured, but {why_not_cgroup}; the payload was "
-            "not started", reason="no_containment",
+            f'containment = "cgroup" is configured, but {why_not_cgroup}; the payload was '
+            "not started",
+            reason="no_containment",
         )
     if settings.mode == "none":
         if wanted == "uid":
             raise WrapperSystemError(
-                "containment = \"uid\" needs a switched account (mode setuid or sudo)",
+                'containment = "uid" needs a switched account (mode setuid or sudo)',
                 reason="no_containment",
             )
         return "session"
-    dedicated = (mapping is not None and mapping.lease is not None) or \
-        settings.kill_all_target_processes
+    dedicated = (
+        mapping is not None and mapping.lease is not None
+    ) or settings.kill_all_target_processes
     if dedicated:
         return "uid"
     raise WrapperSystemError(
-        ("containment = \"uid\" is configured" if wanted == "uid"
-         else f"no cgroup is available ({why_not_cgroup})")
+        (
+            'containment = "uid" is configured'
+            if wanted == "uid"
+            else f"no cgroup is available ({why_not_cgroup})"
+        )
         + ", and killing by uid is only safe for an account that belongs to the job (a pool "
         "lease through gridmapdir, or kill_all_target_processes = true for an account used "
         "by nothing else); the payload was not started. Use pool accounts, or set "
-        "containment = \"session\" to accept a /proc scan that a payload forking in a "
+        'containment = "session" to accept a /proc scan that a payload forking in a '
         "loop can escape",
         reason="no_containment",
     )
@@ -404,21 +426,37 @@ def _prepare_job(
     egg = sb.egg_cache_path()
     proxy_path = job_dir / "proxy" / sb.PROXY_NAME
     paths = PayloadPaths(
-        user=run_as.name, home=str(job_dir / "home"), tmpdir=str(job_dir / "tmp"),
-        egg_cache=str(egg), proxy=str(proxy_path),
+        user=run_as.name,
+        home=str(job_dir / "home"),
+        tmpdir=str(job_dir / "tmp"),
+        egg_cache=str(egg),
+        proxy=str(proxy_path),
         ca_dir=os.path.abspath(settings.ca_dir or default_ca_dir()),
         vomsdir=os.path.abspath(settings.vomsdir or default_vomsdir()),
-        path=settings.path, job_id=job_id,
+        path=settings.path,
+        job_id=job_id,
     )
     env = build_environment(
-        paths, caller_env=os.environ if caller_env is None else caller_env,
-        keep=settings.keep_env, set_=settings.set_env,
+        paths,
+        caller_env=os.environ if caller_env is None else caller_env,
+        keep=settings.keep_env,
+        set_=settings.set_env,
     )
     pilot_uid = _pilot_uid(settings, workdir, run_as)
     job = PreparedJob(
-        settings=settings, job_id=job_id, identity=identity, mapping=mapping, run_as=run_as,
-        command=tuple(command), env=env, job_dir=job_dir, egg_cache=egg, proxy_path=proxy_path,
-        pilot_uid=pilot_uid, caller_uid=caller_uid, audit=audit,
+        settings=settings,
+        job_id=job_id,
+        identity=identity,
+        mapping=mapping,
+        run_as=run_as,
+        command=tuple(command),
+        env=env,
+        job_dir=job_dir,
+        egg_cache=egg,
+        proxy_path=proxy_path,
+        pilot_uid=pilot_uid,
+        caller_uid=caller_uid,
+        audit=audit,
     )
     if settings.mode == "sudo":
         try:
@@ -433,8 +471,13 @@ def _prepare_job(
             raise
     else:
         job.sandbox = sb.create_sandbox(
-            workdir, job_id, uid=run_as.uid, gid=run_as.gid, pem=pem,
-            pilot_uid=pilot_uid, egg_cache=egg,
+            workdir,
+            job_id,
+            uid=run_as.uid,
+            gid=run_as.gid,
+            pem=pem,
+            pilot_uid=pilot_uid,
+            egg_cache=egg,
         )
     return job
 
@@ -461,9 +504,13 @@ def _prepare_sudo(job: PreparedJob, workdir: Path, pem: bytes) -> None:
         raise WrapperSystemError(f"{job.started_path} is not the FIFO the wrapper made")
     sb.add_acl_user(job.started_fd, job.run_as.uid, read=False, write=True, execute=False)
     spec = {
-        "job_dir": str(job.job_dir), "proxy_pem": pem.decode("ascii"),
-        "egg_cache": str(job.egg_cache), "started": str(job.started_path),
-        "env": job.env, "argv": list(job.command), "umask": job.settings.umask,
+        "job_dir": str(job.job_dir),
+        "proxy_pem": pem.decode("ascii"),
+        "egg_cache": str(job.egg_cache),
+        "started": str(job.started_path),
+        "env": job.env,
+        "argv": list(job.command),
+        "umask": job.settings.umask,
     }
     job.spec_path = workdir / f".spec-{job.job_id}-{token}.json"
     fd = os.open(job.spec_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
@@ -543,8 +590,7 @@ def refresh_proxy(job: PreparedJob, new_pem: bytes, *, now: datetime | None = No
 
 def _sudo_helper(job: PreparedJob, *args: str) -> None:
     argv = sudo_argv(job.settings.sudo, job.settings.sudo_helper, job.run_as.name, *args)
-    done = subprocess.run(argv, env={"PATH": job.settings.path}, cwd="/", check=False,
-                          timeout=120)
+    done = subprocess.run(argv, env={"PATH": job.settings.path}, cwd="/", check=False, timeout=120)
     if done.returncode != 0:
         raise WrapperSystemError(
             f"the sudo helper ({' '.join(args[:1])}) failed with status {done.returncode}; check "
@@ -583,8 +629,9 @@ def _execute(job: PreparedJob) -> int:
             f"the mapping would have chosen "
             f"{job.mapping.account.name if job.mapping else 'no account'} - logging only"
         )
-    spec = LaunchSpec(job.command, job.env, job.job_dir, s.umask,
-                      job.run_as if s.mode == "setuid" else None)
+    spec = LaunchSpec(
+        job.command, job.env, job.job_dir, s.umask, job.run_as if s.mode == "setuid" else None
+    )
     result: RunResult | None = None
     code = EXIT_SYSTEM
     reason: str | None = None
@@ -619,10 +666,15 @@ def _execute(job: PreparedJob) -> int:
                 job.audit.extra["planted"] = note
         _heartbeat(job)
         result = run_tracked(
-            spec, mode=s.mode, timeout=s.payload_timeout, grace=s.kill_grace,
+            spec,
+            mode=s.mode,
+            timeout=s.payload_timeout,
+            grace=s.kill_grace,
             heartbeat=lambda: _heartbeat(job),
-            heartbeat_every=min(300.0, s.lease_expiry / 4), sudo_prefix=sudo_prefix,
-            kill_uid=kill_uid if s.mode == "setuid" else None, remote_kill=remote_kill,
+            heartbeat_every=min(300.0, s.lease_expiry / 4),
+            sudo_prefix=sudo_prefix,
+            kill_uid=kill_uid if s.mode == "setuid" else None,
+            remote_kill=remote_kill,
             cgroup=cgroup,
             reap_uid=job.run_as.uid if s.mode == "setuid" else None,
         )
@@ -669,8 +721,10 @@ def _clean_up_after_run(
 
 def _interpret(job: PreparedJob, result: RunResult) -> tuple[int, str | None]:
     if result.returncode is None:
-        return (result.exit_code_hint or EXIT_SYSTEM,
-                exec_failure_message(job, result.exec_error or "exec failed"))
+        return (
+            result.exit_code_hint or EXIT_SYSTEM,
+            exec_failure_message(job, result.exec_error or "exec failed"),
+        )
     if job.settings.mode == "sudo":
         started, failed = _helper_started(job)
         if not started:
@@ -706,8 +760,9 @@ def _finish(job: PreparedJob, reason: str | None) -> str | None:
                 job.sandbox.remove_egg_cache()
                 job.sandbox.close()
                 if job.pilot_uid is not None:
-                    granted = sb.grant_read(job.job_dir, pilot_uid=job.pilot_uid,
-                                            owner_uid=job.run_as.uid)
+                    granted = sb.grant_read(
+                        job.job_dir, pilot_uid=job.pilot_uid, owner_uid=job.run_as.uid
+                    )
                     if granted.limited:
                         problems.append(
                             f"outputs were made readable only in part: the job directory has "
@@ -728,8 +783,10 @@ def _finish(job: PreparedJob, reason: str | None) -> str | None:
                 job.started_fd = -1
     if s.epilogue:
         env = {
-            "PATH": s.path, "PAYLOAD_WRAPPER_JOB_ID": job.job_id,
-            "PAYLOAD_WRAPPER_JOB_DIR": str(job.job_dir), "PAYLOAD_WRAPPER_ACCOUNT": job.run_as.name,
+            "PATH": s.path,
+            "PAYLOAD_WRAPPER_JOB_ID": job.job_id,
+            "PAYLOAD_WRAPPER_JOB_DIR": str(job.job_dir),
+            "PAYLOAD_WRAPPER_ACCOUNT": job.run_as.name,
             "PAYLOAD_WRAPPER_DN": job.identity.dn,
         }
         status, problem = run_epilogue(s.epilogue, env=env, timeout=s.epilogue_timeout)
@@ -793,13 +850,18 @@ def run_payload(
     """Prepare and execute one payload; returns the wrapper's exit code, never raises."""
     start = now or datetime.now(UTC)
     try:
-        job = prepare(settings, proxy_pem_path, command, job_id=job_id, now=start,
-                      caller_env=caller_env)
+        job = prepare(
+            settings, proxy_pem_path, command, job_id=job_id, now=start, caller_env=caller_env
+        )
     except BrokerError as exc:
         return _refused(settings, exc, job_id=job_id, start=start)
     except OSError as exc:
-        return _refused(settings, WrapperSystemError(f"preparing the job failed: {exc}"),
-                        job_id=job_id, start=start)
+        return _refused(
+            settings,
+            WrapperSystemError(f"preparing the job failed: {exc}"),
+            job_id=job_id,
+            start=start,
+        )
     return execute(job)
 
 
@@ -810,8 +872,9 @@ def _refused(
     say(f"the payload was not started: {exc.message}")
     record = getattr(exc, "audit", None)
     if not isinstance(record, AuditRecord):
-        record = AuditRecord(job_id=job_id or "-", mode=settings.mode, start=start,
-                             caller_uid=os.getuid())
+        record = AuditRecord(
+            job_id=job_id or "-", mode=settings.mode, start=start, caller_uid=os.getuid()
+        )
     record.end, record.exit, record.reason = datetime.now(UTC), code, exc.message
     _audit(settings, record)
     return code

@@ -61,19 +61,32 @@ def build_parser() -> argparse.ArgumentParser:
     add("--lease-expiry", type=float, metavar="S", help="release pool leases unused for S s")
     add("--payload-timeout", type=float, metavar="S", help="kill the payload after S s")
     add("--audit-log", metavar="FILE", help="append one JSON line per job here")
-    add("--pilot-account", metavar="NAME",
-        help="gets read access to outputs (default: the workdir's owner)")
+    add(
+        "--pilot-account",
+        metavar="NAME",
+        help="gets read access to outputs (default: the workdir's owner)",
+    )
     add("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
     return p
 
 
 def _flag_values(ns: argparse.Namespace) -> dict[str, object]:
     return {
-        "account": ns.account, "gridmapfile": ns.gridmapfile, "gridmapdir": ns.gridmapdir,
-        "mode": ns.mode, "umask": ns.umask, "workdir": ns.workdir, "keep_env": ns.keep_env,
-        "set_env": ns.set_env, "ca_dir": ns.ca_dir, "vomsdir": ns.vomsdir, "ban": ns.ban,
-        "ban_file": ns.ban_file, "lease_expiry": ns.lease_expiry,
-        "payload_timeout": ns.payload_timeout, "audit_log": ns.audit_log,
+        "account": ns.account,
+        "gridmapfile": ns.gridmapfile,
+        "gridmapdir": ns.gridmapdir,
+        "mode": ns.mode,
+        "umask": ns.umask,
+        "workdir": ns.workdir,
+        "keep_env": ns.keep_env,
+        "set_env": ns.set_env,
+        "ca_dir": ns.ca_dir,
+        "vomsdir": ns.vomsdir,
+        "ban": ns.ban,
+        "ban_file": ns.ban_file,
+        "lease_expiry": ns.lease_expiry,
+        "payload_timeout": ns.payload_timeout,
+        "audit_log": ns.audit_log,
         "pilot_account": ns.pilot_account,
     }
 

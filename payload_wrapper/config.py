@@ -119,7 +119,7 @@ class WrapperSettings:
         if self.gridmapdir is not None and self.gridmapfile is None:
             raise ClientError(
                 "a gridmapdir was given without a grid-mapfile; pool accounts are "
-                "named in the grid-mapfile (\"DN\" .prefix)",
+                'named in the grid-mapfile ("DN" .prefix)',
                 reason="bad_mapping",
             )
         for name, value in (
@@ -143,13 +143,15 @@ class WrapperSettings:
 def parse_umask(value: str | int) -> int:
     """``"0022"``, ``"022"`` or an int; refuses anything that is not octal."""
     if isinstance(value, bool):
-        raise ClientError(f"umask {value!r} is not an octal number such as 0022",
-                          reason="bad_umask")
+        raise ClientError(
+            f"umask {value!r} is not an octal number such as 0022", reason="bad_umask"
+        )
     if isinstance(value, int):
         return value
     if not isinstance(value, str):
-        raise ClientError(f"umask {value!r} is not an octal number such as 0022",
-                          reason="bad_umask")
+        raise ClientError(
+            f"umask {value!r} is not an octal number such as 0022", reason="bad_umask"
+        )
     text = value.strip()
     try:
         number = int(text, 8)
@@ -160,8 +162,17 @@ def parse_umask(value: str | int) -> int:
     return number
 
 
-_PATH_KEYS = {"gridmapfile", "gridmapdir", "ban_file", "workdir", "ca_dir", "vomsdir", "audit_log",
-              "cgroup_parent", "state_dir"}
+_PATH_KEYS = {
+    "gridmapfile",
+    "gridmapdir",
+    "ban_file",
+    "workdir",
+    "ca_dir",
+    "vomsdir",
+    "audit_log",
+    "cgroup_parent",
+    "state_dir",
+}
 _FLOAT_KEYS = {"lease_expiry", "payload_timeout", "epilogue_timeout", "kill_grace"}
 _STR_KEYS = {"mode", "account", "path", "pilot_account", "sudo", "sudo_helper", "containment"}
 _LIST_KEYS = {"keep_env", "ban", "epilogue"}
@@ -227,7 +238,7 @@ def _convert(name: str, value: Any, origin: str) -> Any:
         else:
             raise bad("a table of NAME = value")
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in items):
-            raise bad("a table of NAME = \"value\" strings")
+            raise bad('a table of NAME = "value" strings')
         return tuple(items)
     if name == "umask":
         try:
@@ -284,8 +295,9 @@ def merge_settings(
         try:
             WrapperSettings(**_merge([("file", file_values)]))
         except ClientError as exc:
-            raise WrapperSystemError(f"the wrapper configuration is invalid: {exc.message}",
-                                     reason="bad_config") from exc
+            raise WrapperSystemError(
+                f"the wrapper configuration is invalid: {exc.message}", reason="bad_config"
+            ) from exc
     merged = _merge([("file", file_values or {}), ("flag", flag_values)])
     try:
         return WrapperSettings(**merged)

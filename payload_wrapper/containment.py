@@ -108,8 +108,9 @@ def cgroup_parent(configured: Path | None) -> Path:
     except OSError as exc:
         raise WrapperSystemError(f"cannot read this process's cgroup: {exc.strerror}") from exc
     if mount is None:
-        raise WrapperSystemError("no cgroup v2 hierarchy is mounted (see /proc/self/mountinfo)",
-                                 reason="no_cgroup")
+        raise WrapperSystemError(
+            "no cgroup v2 hierarchy is mounted (see /proc/self/mountinfo)", reason="no_cgroup"
+        )
     if configured is not None:
         parent = configured
         if not parent.is_absolute() or not (parent == mount or mount in parent.parents):
@@ -119,8 +120,7 @@ def cgroup_parent(configured: Path | None) -> Path:
             )
     else:
         if own is None:
-            raise WrapperSystemError("this process's cgroup v2 path is unknown",
-                                     reason="no_cgroup")
+            raise WrapperSystemError("this process's cgroup v2 path is unknown", reason="no_cgroup")
         parent = mount / own.lstrip("/")
     if not (parent / "cgroup.procs").exists():
         raise WrapperSystemError(f"{parent} is not a cgroup v2 directory", reason="no_cgroup")
@@ -153,15 +153,17 @@ class JobCgroup:
     @classmethod
     def create(cls, parent: Path) -> JobCgroup:
         if os.geteuid() != 0:
-            raise WrapperSystemError("a cgroup per job needs the wrapper to run as root",
-                                     reason="no_cgroup")
+            raise WrapperSystemError(
+                "a cgroup per job needs the wrapper to run as root", reason="no_cgroup"
+            )
         reap_stale_cgroups(parent)
         path = parent / f"{_CGROUP_NAME}{os.getpid()}-{secrets.token_hex(6)}"
         try:
             os.mkdir(path, 0o755)
         except OSError as exc:
-            raise WrapperSystemError(f"cannot create the job's cgroup {path}: {exc.strerror}",
-                                     reason="no_cgroup") from exc
+            raise WrapperSystemError(
+                f"cannot create the job's cgroup {path}: {exc.strerror}", reason="no_cgroup"
+            ) from exc
         try:
             if not (path / "cgroup.kill").exists():
                 raise WrapperSystemError(
@@ -210,8 +212,7 @@ class JobCgroup:
         left = self.members()
         if left:
             raise WrapperSystemError(
-                f"the job's cgroup {self.path} still lists processes {left[:5]} after "
-                "cgroup.kill"
+                f"the job's cgroup {self.path} still lists processes {left[:5]} after cgroup.kill"
             )
         return count
 
@@ -277,7 +278,7 @@ def reap_stale_cgroups(parent: Path) -> list[Path]:
     for name in names:
         if not name.startswith(_CGROUP_NAME):
             continue
-        pid_text = name[len(_CGROUP_NAME):].split("-", 1)[0]
+        pid_text = name[len(_CGROUP_NAME) :].split("-", 1)[0]
         if not pid_text.isdigit() or Path(f"/proc/{pid_text}").exists():
             continue
         stale = JobCgroup(parent / name, -1)
@@ -393,11 +394,15 @@ def _private_dir(path: Path) -> None:
     except FileExistsError:
         pass
     except OSError as exc:
-        raise WrapperSystemError(f"cannot create the state directory {path}: {exc.strerror}",
-                                 reason="state_dir") from exc
+        raise WrapperSystemError(
+            f"cannot create the state directory {path}: {exc.strerror}", reason="state_dir"
+        ) from exc
     st = os.lstat(path)
-    if (not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid()
-            or stat.S_IMODE(st.st_mode) & 0o022):
+    if (
+        not stat.S_ISDIR(st.st_mode)
+        or st.st_uid != os.geteuid()
+        or stat.S_IMODE(st.st_mode) & 0o022
+    ):
         raise WrapperSystemError(
             f"the state directory {path} must be a real directory owned by uid {os.geteuid()} "
             "and writable by nobody else; fix it or set state_dir",
@@ -409,13 +414,13 @@ def _open_private(path: Path) -> int:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as exc:
-        raise WrapperSystemError(f"cannot open the lock file {path}: {exc.strerror}",
-                                 reason="state_dir") from exc
+        raise WrapperSystemError(
+            f"cannot open the lock file {path}: {exc.strerror}", reason="state_dir"
+        ) from exc
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
         os.close(fd)
-        raise WrapperSystemError(f"the lock file {path} is not ours; remove it",
-                                 reason="state_dir")
+        raise WrapperSystemError(f"the lock file {path} is not ours; remove it", reason="state_dir")
     return fd
 
 

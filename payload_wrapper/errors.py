@@ -90,8 +90,9 @@ def exit_code_for(error: BaseException) -> int:
     if isinstance(error, AuthorizationError | AuthenticationError):
         return EXIT_DENIED
     # A missing credential is the job owner's to fix (broker-init), like a bad proxy.
-    if isinstance(error, InputError | ChainError | CredentialError | PayloadTooLarge | Conflict
-                  | NotFound):
+    if isinstance(
+        error, InputError | ChainError | CredentialError | PayloadTooLarge | Conflict | NotFound
+    ):
         return EXIT_CLIENT
     return EXIT_SYSTEM
 

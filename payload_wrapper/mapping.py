@@ -141,12 +141,15 @@ def ban_entry(text: str) -> str:
         if not is_fqan(fqan):
             raise WrapperSystemError(
                 f"the ban entry {text!r} is not an FQAN: write fqan:/vo[/group][/Role=role]",
-                reason="bad_ban")
+                reason="bad_ban",
+            )
         return fqan
     if not entry.startswith("/") or entry == "/":
         raise WrapperSystemError(
             f"the ban entry {text!r} is neither a DN (/DC=org/.../CN=name) nor an FQAN "
-            "(/vo/group or fqan:/vo/group); it would ban nobody", reason="bad_ban")
+            "(/vo/group or fqan:/vo/group); it would ban nobody",
+            reason="bad_ban",
+        )
     return entry
 
 

@@ -93,9 +93,21 @@ __all__ = [
 #: Prefixes of names that make the dynamic loader, glibc or OpenSSL load code or data
 #: from a path of the caller's choosing; the launcher refuses the same ones.
 UNSAFE_PREFIXES = ("LD_", "MALLOC_", "GLIBC_", "GCONV_", "OPENSSL_", "DYLD_", "_RLD")
-UNSAFE_NAMES = frozenset({"GETCONF_DIR", "HOSTALIASES", "LOCALDOMAIN", "LOCPATH", "NIS_PATH",
-                          "NLSPATH", "RESOLV_HOST_CONF", "RES_OPTIONS", "TZDIR", "SSLKEYLOGFILE",
-                          "KRB5_CONFIG"})
+UNSAFE_NAMES = frozenset(
+    {
+        "GETCONF_DIR",
+        "HOSTALIASES",
+        "LOCALDOMAIN",
+        "LOCPATH",
+        "NIS_PATH",
+        "NLSPATH",
+        "RESOLV_HOST_CONF",
+        "RES_OPTIONS",
+        "TZDIR",
+        "SSLKEYLOGFILE",
+        "KRB5_CONFIG",
+    }
+)
 
 #: Names the launcher removes (not refuses) and main() removes again: OpenSSL would
 #: trust the job's CA file, glibc would read the job's zone file, tempfile would
@@ -103,8 +115,13 @@ UNSAFE_NAMES = frozenset({"GETCONF_DIR", "HOSTALIASES", "LOCALDOMAIN", "LOCPATH"
 DROPPED_NAMES = ("TMPDIR", "TMP", "TEMP", "SSL_CERT_FILE", "SSL_CERT_DIR", "CTLOG_FILE", "TZ")
 
 #: Variables from the starter that the payload may still find useful.
-STARTER_NAMES = ("_CONDOR_SCRATCH_DIR", "_CONDOR_JOB_IWD", "_CONDOR_SLOT",
-                 "_CONDOR_JOB_AD", "_CONDOR_MACHINE_AD")
+STARTER_NAMES = (
+    "_CONDOR_SCRATCH_DIR",
+    "_CONDOR_JOB_IWD",
+    "_CONDOR_SLOT",
+    "_CONDOR_JOB_AD",
+    "_CONDOR_MACHINE_AD",
+)
 #: What the payload sees as these when the job's files were copied: its job directory.
 _SCRATCH_NAMES = ("_CONDOR_SCRATCH_DIR", "_CONDOR_JOB_IWD")
 _CREDENTIAL_PREFIXES = ("X509_", "BEARER_TOKEN", "_CONDOR_")
@@ -173,8 +190,10 @@ class KeySource:
             if key is not None:
                 return key
             if not self.pool_empty_noted:
-                say(f"the RSA key pool {self.pool_dir} is empty; generating a {self.key_type} "
-                    "key (refill it with broker-pilot --fill-rsa-pool N)")
+                say(
+                    f"the RSA key pool {self.pool_dir} is empty; generating a {self.key_type} "
+                    "key (refill it with broker-pilot --fill-rsa-pool N)"
+                )
                 self.pool_empty_noted = True
         return generate_key(self.key_type)
 
@@ -194,8 +213,7 @@ class KeySource:
                 except FileNotFoundError:
                     continue  # another pilot was faster
                 try:
-                    return load_private_key(read_private_file(claimed,
-                                                              require_owner=os.geteuid()))
+                    return load_private_key(read_private_file(claimed, require_owner=os.geteuid()))
                 except BrokerError as exc:
                     say(f"skipping the unusable pool key {entry.name}: {exc.message}")
                 finally:
@@ -272,6 +290,7 @@ def starter_scratch(environ: Mapping[str, str]) -> tuple[int, os.stat_result] | 
         return None
     return fd, st
 
+
 def local_job_id(job_id: str) -> str:
     """A path-safe, unique name for the wrapper's job directory derived from the job id."""
     safe = _UNSAFE_ID_CHARS.sub("_", job_id).lstrip(".-")[:100] or "job"
@@ -288,8 +307,13 @@ def _identity_of(cred: Credential) -> str:
 class Pilot:
     """Everything broker-pilot does for one job, reusable in-process (see the benchmark)."""
 
-    def __init__(self, config: PilotConfig, *, client: BrokerClient | None = None,
-                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+    def __init__(
+        self,
+        config: PilotConfig,
+        *,
+        client: BrokerClient | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
         self.config = config
         self.clock = clock
         self.keys = KeySource(config.key_type, config.rsa_pool_dir)
@@ -299,9 +323,13 @@ class Pilot:
     def client(self) -> BrokerClient:
         if self._client is None:
             cfg = self.config
-            self._client = BrokerClient(cfg.broker_url, ClientIdentity(cert=cfg.cert, key=cfg.key),
-                                        ca_dir=str(cfg.ca_dir), timeout=cfg.timeout_seconds,
-                                        bearer_token_file=cfg.token_file)
+            self._client = BrokerClient(
+                cfg.broker_url,
+                ClientIdentity(cert=cfg.cert, key=cfg.key),
+                ca_dir=str(cfg.ca_dir),
+                timeout=cfg.timeout_seconds,
+                bearer_token_file=cfg.token_file,
+            )
         return self._client
 
     # ----------------------------------------------------------------- retrieval
@@ -315,14 +343,20 @@ class Pilot:
             raise AuthorizationDenied(
                 "the job ad has no Owner, so the credential cannot be bound to the submitter; "
                 "set bind_submitter = false in the pilot configuration for hand-made ads",
-                reason="no_submitter")
+                reason="no_submitter",
+            )
         key = self.keys.take()
         for attempt in range(1, cfg.retrieve_attempts + 1):
             try:
                 return self.client.retrieve(
-                    username=username, owner=ad.owner_dn, name=ad.credential,
-                    lifetime_hours=lifetime, job_id=ad.job_id, key=key,
-                    key_type=cfg.key_type)
+                    username=username,
+                    owner=ad.owner_dn,
+                    name=ad.credential,
+                    lifetime_hours=lifetime,
+                    job_id=ad.job_id,
+                    key=key,
+                    key_type=cfg.key_type,
+                )
             except SystemFailure as exc:
                 if exc.reason != "unreachable" or attempt == cfg.retrieve_attempts:
                     raise
@@ -335,24 +369,32 @@ class Pilot:
         it is valid). Asked with the job id, under the ad's Owner as username."""
         cfg = self.config
         if not ad.submitter:
-            raise AuthorizationDenied("the job ad has no Owner, so no job token can be asked "
-                                      "for (the refresh token is stored under a username)",
-                                      reason="no_submitter")
-        body: dict[str, Any] = {"issuer": cfg.job_token_issuer, "username": ad.submitter,
-                                "scopes": list(cfg.job_token_scopes), "job_id": ad.job_id}
+            raise AuthorizationDenied(
+                "the job ad has no Owner, so no job token can be asked "
+                "for (the refresh token is stored under a username)",
+                reason="no_submitter",
+            )
+        body: dict[str, Any] = {
+            "issuer": cfg.job_token_issuer,
+            "username": ad.submitter,
+            "scopes": list(cfg.job_token_scopes),
+            "job_id": ad.job_id,
+        }
         if cfg.job_token_audience:
             body["audience"] = cfg.job_token_audience
         result = self.client.call("POST", "/v1/tokens/access", body)
         if not isinstance(result, dict) or result.get("owner") != ad.owner_dn:
             owner = result.get("owner") if isinstance(result, dict) else None
             raise AuthorizationDenied(
-                f"the broker's job token belongs to {owner}, not to the job owner "
-                f"{ad.owner_dn}", reason="wrong_identity")
+                f"the broker's job token belongs to {owner}, not to the job owner {ad.owner_dn}",
+                reason="wrong_identity",
+            )
         token = result.get("access_token")
         expires = result.get("expires_in")
         if not isinstance(token, str) or not isinstance(expires, int) or expires <= 0:
-            raise AuthorizationDenied("the broker's token answer has no usable access token",
-                                      reason="bad_token")
+            raise AuthorizationDenied(
+                "the broker's token answer has no usable access token", reason="bad_token"
+            )
         return token, float(expires)
 
     def _explain(self, ad: JobAd, exc: BrokerError) -> BrokerError:
@@ -363,24 +405,29 @@ class Pilot:
                 f"the broker holds no credential {ad.credential!r} of {ad.owner_dn}{who} "
                 f"({exc.message}); the owner must store one with 'broker-init -k "
                 f"{ad.credential}' on the submit host, then release the job",
-                reason="no_credential")
+                reason="no_credential",
+            )
             return err
         return exc
 
     # ----------------------------------------------------------------- start
 
-    def start(self, ad: JobAd, command: Sequence[str],
-              environ: dict[str, str] | None = None) -> StartedJob:
+    def start(
+        self, ad: JobAd, command: Sequence[str], environ: dict[str, str] | None = None
+    ) -> StartedJob:
         """Steps 2-5: everything up to the payload's start; raises BrokerError."""
         cfg = self.config
         if not command:
-            raise WrapperSystemError("no payload command was given (broker-pilot CMD ARGS...)",
-                                     reason="no_command")
+            raise WrapperSystemError(
+                "no payload command was given (broker-pilot CMD ARGS...)", reason="no_command"
+            )
         rule = owner_allowed_by_dn(cfg, ad.owner_dn)
         if rule is None and not cfg.fqan_owners:
             raise AuthorizationDenied(
                 f"this pilot does not run jobs of {ad.owner_dn} (not in allowed_owners of "
-                f"{cfg.source})", reason="owner_not_allowed")
+                f"{cfg.source})",
+                reason="owner_not_allowed",
+            )
         try:
             cred, result = self.retrieve(ad)
         except BrokerError as exc:
@@ -389,7 +436,8 @@ class Pilot:
         if identity != ad.owner_dn:
             raise AuthorizationDenied(
                 f"the broker returned a proxy of {identity}, not of the job owner {ad.owner_dn}",
-                reason="wrong_identity")
+                reason="wrong_identity",
+            )
         if rule is None:
             rule = self._check_fqans(cred, ad.owner_dn)
         job_token: tuple[str, float] | None = None
@@ -401,9 +449,17 @@ class Pilot:
         local_id = local_job_id(ad.job_id)
         proxy_path = proxy_dir / f"proxy-{local_id}.pem"
         found = starter_scratch(environ)
-        scratch = None if found is None else Scratch(
-            path=environ["_CONDOR_SCRATCH_DIR"], fd=found[0], slot_uid=found[1].st_uid,
-            slot_gid=found[1].st_gid, inputs={})
+        scratch = (
+            None
+            if found is None
+            else Scratch(
+                path=environ["_CONDOR_SCRATCH_DIR"],
+                fd=found[0],
+                slot_uid=found[1].st_uid,
+                slot_gid=found[1].st_gid,
+                inputs={},
+            )
+        )
         try:
             keep = [n for n in STARTER_NAMES if n in environ]
             job_env = self._job_environment(ad)
@@ -414,18 +470,38 @@ class Pilot:
                 keep = [n for n in keep if n not in _SCRATCH_NAMES]
                 job_env += [f"{n}={job_dir}" for n in _SCRATCH_NAMES]
             settings = cfg.wrapper_settings(keep_env=keep, set_env=job_env)
-            return self._prepare_and_stage(ad, command, settings, proxy_path, pem, local_id,
-                                           environ, scratch, result, rule, job_token)
+            return self._prepare_and_stage(
+                ad,
+                command,
+                settings,
+                proxy_path,
+                pem,
+                local_id,
+                environ,
+                scratch,
+                result,
+                rule,
+                job_token,
+            )
         except BaseException:
             if scratch is not None:
                 scratch.close()
             raise
 
-    def _prepare_and_stage(self, ad: JobAd, command: Sequence[str], settings: Any,
-                           proxy_path: Path, pem: bytes, local_id: str,
-                           environ: dict[str, str],
-                           scratch: Scratch | None, result: dict[str, Any],
-                           rule: str, job_token: tuple[str, float] | None) -> StartedJob:
+    def _prepare_and_stage(
+        self,
+        ad: JobAd,
+        command: Sequence[str],
+        settings: Any,
+        proxy_path: Path,
+        pem: bytes,
+        local_id: str,
+        environ: dict[str, str],
+        scratch: Scratch | None,
+        result: dict[str, Any],
+        rule: str,
+        job_token: tuple[str, float] | None,
+    ) -> StartedJob:
         workdir = Path(settings.workdir or Path.cwd()).absolute()
         job_dir = workdir / f"job-{local_id}"
         shown = command[0]
@@ -434,8 +510,9 @@ class Pilot:
             argv[0] = _staged_command(argv[0], scratch, job_dir)
         write_private_file(proxy_path, pem, mode=0o600)
         try:
-            prepared = prepare(settings, proxy_path, argv, job_id=local_id,
-                               now=self.clock(), caller_env=environ)
+            prepared = prepare(
+                settings, proxy_path, argv, job_id=local_id, now=self.clock(), caller_env=environ
+            )
         finally:
             with contextlib.suppress(OSError):
                 proxy_path.unlink()
@@ -446,8 +523,9 @@ class Pilot:
             except BrokerError as exc:
                 abandon(prepared, exc)
                 raise
-        started = StartedJob(ad=ad, prepared=prepared, lifetime=float(result["lifetime"]),
-                             rule=rule, scratch=scratch)
+        started = StartedJob(
+            ad=ad, prepared=prepared, lifetime=float(result["lifetime"]), rule=rule, scratch=scratch
+        )
         if job_token is not None:
             try:
                 started.token = place_token(prepared, job_token[0])
@@ -458,19 +536,24 @@ class Pilot:
         return started
 
     def _limits(self) -> staging.Limits:
-        return staging.Limits(files=self.config.stage_max_files,
-                              bytes=self.config.stage_max_bytes)
+        return staging.Limits(files=self.config.stage_max_files, bytes=self.config.stage_max_bytes)
 
     def _stage_in(self, job: PreparedJob, scratch: Scratch) -> dict[str, tuple[int, int, int]]:
         try:
             dfd = os.open(job.job_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         except OSError as exc:
-            raise WrapperSystemError(f"cannot open the job directory {job.job_dir}: "
-                                     f"{exc.strerror}") from None
+            raise WrapperSystemError(
+                f"cannot open the job directory {job.job_dir}: {exc.strerror}"
+            ) from None
         try:
-            staged = staging.stage_in(scratch.fd, dfd, slot_uid=scratch.slot_uid,
-                                      uid=job.run_as.uid, gid=job.run_as.gid,
-                                      limits=self._limits())
+            staged = staging.stage_in(
+                scratch.fd,
+                dfd,
+                slot_uid=scratch.slot_uid,
+                uid=job.run_as.uid,
+                gid=job.run_as.gid,
+                limits=self._limits(),
+            )
         finally:
             os.close(dfd)
         for note in staged.notes:
@@ -489,10 +572,15 @@ class Pilot:
             return f"the outputs could not be handed back: {exc.strerror}"
         try:
             staged = staging.stage_out(
-                dfd, scratch.fd, payload_uids=_payload_uids(prepared),
-                slot_uid=scratch.slot_uid, slot_gid=scratch.slot_gid,
-                requested=job.ad.transfer_output, inputs=scratch.inputs,
-                limits=self._limits())
+                dfd,
+                scratch.fd,
+                payload_uids=_payload_uids(prepared),
+                slot_uid=scratch.slot_uid,
+                slot_gid=scratch.slot_gid,
+                requested=job.ad.transfer_output,
+                inputs=scratch.inputs,
+                limits=self._limits(),
+            )
         except BrokerError as exc:
             return f"the outputs were not handed back: {exc.message}"
         except OSError as exc:
@@ -502,8 +590,10 @@ class Pilot:
         for note in staged.notes:
             say(f"output {_one_line(note)}")
         if staged.over_limit:
-            return (f"only part of the outputs were handed back to {scratch.path}: they exceed "
-                    f"{staged.over_limit} (stage_max_files/stage_max_bytes)")
+            return (
+                f"only part of the outputs were handed back to {scratch.path}: they exceed "
+                f"{staged.over_limit} (stage_max_files/stage_max_bytes)"
+            )
         missing = [n for n in staged.notes if n.endswith("was not found in the job directory")]
         if missing:
             return f"not all of transfer_output_files were written: {'; '.join(missing[:3])}"
@@ -514,19 +604,26 @@ class Pilot:
         from broker.trustdir import load_ca_dir, load_vomsdir
 
         try:
-            info = validate_chain(cred.chain, load_ca_dir(self.config.ca_dir), now=self.clock(),
-                                  vomsdir=load_vomsdir(self.config.vomsdir))
+            info = validate_chain(
+                cred.chain,
+                load_ca_dir(self.config.ca_dir),
+                now=self.clock(),
+                vomsdir=load_vomsdir(self.config.vomsdir),
+            )
         except BrokerError as exc:
             raise AuthorizationDenied(
                 f"{dn} is admitted here only through its VOMS attributes, and those of its "
-                f"proxy do not verify: {exc.message}", reason="fqans_unverified") from None
+                f"proxy do not verify: {exc.message}",
+                reason="fqans_unverified",
+            ) from None
         rule = owner_allowed_by_fqans(self.config, dn, info.fqans)
         if rule is None:
             shown = ", ".join(info.fqans) or "none"
             raise AuthorizationDenied(
                 f"this pilot does not run jobs of {dn}: neither the DN nor the proxy's FQANs "
                 f"({shown}) match allowed_owners of {self.config.source}",
-                reason="owner_not_allowed")
+                reason="owner_not_allowed",
+            )
         return rule
 
     @staticmethod
@@ -534,8 +631,12 @@ class Pilot:
         kept = []
         for name, value in ad.environment:
             upper = name.upper()
-            if upper in RESERVED_NAMES or is_refused(name) \
-                    or upper.startswith(_CREDENTIAL_PREFIXES) or upper == "KRB5CCNAME":
+            if (
+                upper in RESERVED_NAMES
+                or is_refused(name)
+                or upper.startswith(_CREDENTIAL_PREFIXES)
+                or upper == "KRB5CCNAME"
+            ):
                 say(f"the job's environment entry {name} is not passed to the payload")
                 continue
             kept.append(f"{name}={value}")
@@ -618,19 +719,24 @@ class _PeriodicRefresher(abc.ABC):
             except Exception as exc:  # never let the thread die silently
                 left = expires - time.monotonic()
                 delay = min(cfg.refresh_retry_seconds, max(1.0, left / 2))
-                detail = exc.message if isinstance(exc, BrokerError) \
-                    else f"{type(exc).__name__}: {exc}"
+                detail = (
+                    exc.message if isinstance(exc, BrokerError) else f"{type(exc).__name__}: {exc}"
+                )
                 if not self._stop.is_set():
-                    say(f"refreshing the payload's {self.what} failed ({detail}); retrying in "
-                        f"{delay:g} s (the current {self.what} has {max(left, 0):.0f} s left)")
+                    say(
+                        f"refreshing the payload's {self.what} failed ({detail}); retrying in "
+                        f"{delay:g} s (the current {self.what} has {max(left, 0):.0f} s left)"
+                    )
                 continue
             if lifetime is None:
                 return
             self.refreshed += 1
             expires = time.monotonic() + lifetime
             delay = self._delay(lifetime)
-            say(f"refreshed the payload's {self.what} (valid {lifetime:.0f} s; next refresh in "
-                f"{delay:g} s)")
+            say(
+                f"refreshed the payload's {self.what} (valid {lifetime:.0f} s; next refresh in "
+                f"{delay:g} s)"
+            )
 
 
 class Refresher(_PeriodicRefresher):
@@ -687,7 +793,7 @@ def _staged_command(cmd: str, scratch: Scratch, job_dir: Path) -> str:
     top = os.path.normpath(scratch.path)
     if not full.startswith(top + "/"):
         return cmd
-    rel = full[len(top) + 1:]
+    rel = full[len(top) + 1 :]
     parts = rel.split("/")
     if parts[0] in staging.RESERVED_NAMES or parts[0] in staging.STARTER_FILES:
         return cmd
@@ -723,8 +829,15 @@ def write_error_file(line: str, error_file: str) -> str | None:
     that is new or still empty (the starter's file is), so the job cannot aim
     it at a device, a FIFO, a link to a system file or any file with content.
     """
-    flags = (os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
-             | os.O_NOCTTY | os.O_CLOEXEC)
+    flags = (
+        os.O_WRONLY
+        | os.O_APPEND
+        | os.O_CREAT
+        | os.O_NOFOLLOW
+        | os.O_NONBLOCK
+        | os.O_NOCTTY
+        | os.O_CLOEXEC
+    )
 
     def unsuitable(st: os.stat_result) -> bool:
         return not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_size != 0
@@ -770,21 +883,28 @@ def _report_line(line: str, error_file: str | None) -> None:
     if error_file:
         why = write_error_file(line, error_file)
         if why is not None:
-            sys.stderr.write(f"broker-pilot: not writing to the wrapper error file "
-                             f"{_one_line(error_file)}: {why}\n")
+            sys.stderr.write(
+                f"broker-pilot: not writing to the wrapper error file "
+                f"{_one_line(error_file)}: {why}\n"
+            )
 
 
 def unsafe_variables(environ: Mapping[str, str]) -> list[str]:
     """The names in ``environ`` that would let the caller load code into the pilot."""
-    return sorted(n for n in environ
-                  if n.upper().startswith(UNSAFE_PREFIXES) or n.upper() in UNSAFE_NAMES)
+    return sorted(
+        n for n in environ if n.upper().startswith(UNSAFE_PREFIXES) or n.upper() in UNSAFE_NAMES
+    )
 
 
 def interpreter_isolated() -> bool:
     """True when Python ignores PYTHON* variables, the user site and the working directory."""
     flags = sys.flags
-    return bool(flags.isolated and flags.ignore_environment and flags.no_user_site
-                and getattr(flags, "safe_path", True))
+    return bool(
+        flags.isolated
+        and flags.ignore_environment
+        and flags.no_user_site
+        and getattr(flags, "safe_path", True)
+    )
 
 
 _USAGE = """usage: broker-pilot [--job-ad FILE] [--config FILE] [--] CMD [ARGS...]
@@ -828,7 +948,7 @@ def _parse(argv: Sequence[str], *, starter: bool = False) -> _Args:
     args = _Args()
     if argv and argv[0].startswith(_LAUNCHER_FLAG):
         # Always the launcher's own first argument (its value may be empty).
-        args.launcher_config = argv[0][len(_LAUNCHER_FLAG):] or None
+        args.launcher_config = argv[0][len(_LAUNCHER_FLAG) :] or None
         argv = argv[1:]
     if starter:
         args.command = tuple(argv)
@@ -874,7 +994,9 @@ def run(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> int:
         report_failure(
             f"the environment sets {', '.join(_one_line(n) for n in unsafe[:5])}, which would "
             "let the job load code or data into the pilot; remove it from the job's "
-            "environment (or the node's STARTER_JOB_ENVIRONMENT)", error_file)
+            "environment (or the node's STARTER_JOB_ENVIRONMENT)",
+            error_file,
+        )
         return EXIT_SYSTEM
     try:
         args = _parse(argv, starter="_CONDOR_JOB_AD" in env)
@@ -887,16 +1009,17 @@ def run(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> int:
         config = load_pilot_config(args.config or args.launcher_config, environ=env)
         if args.fill is not None:
             if config.rsa_pool_dir is None:
-                raise WrapperSystemError(f"set rsa_pool_dir in {config.source} first",
-                                         reason="no_pool")
+                raise WrapperSystemError(
+                    f"set rsa_pool_dir in {config.source} first", reason="no_pool"
+                )
             fill_rsa_pool(config.rsa_pool_dir, args.fill)
             say(f"added {args.fill} RSA keys to {config.rsa_pool_dir}")
             return 0
         ad_path = args.job_ad or env.get("_CONDOR_JOB_AD")
         if not ad_path:
             raise WrapperSystemError(
-                "no job ad: _CONDOR_JOB_AD is not set (by hand: --job-ad FILE)",
-                reason="no_job_ad")
+                "no job ad: _CONDOR_JOB_AD is not set (by hand: --job-ad FILE)", reason="no_job_ad"
+            )
         ad = read_job_ad(ad_path)
         pilot = Pilot(config)
         job = pilot.start(ad, args.command, dict(env))
@@ -904,11 +1027,14 @@ def run(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> int:
         report_failure(exc.message, error_file)
         return _error_code(exc)
     except OSError as exc:
-        report_failure(f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""),
-                       error_file)
+        report_failure(
+            f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""), error_file
+        )
         return EXIT_SYSTEM
-    say(f"running job {ad.job_id} of {ad.owner_dn} as {job.prepared.run_as.name} "
-        f"(allowed by {job.rule!r})")
+    say(
+        f"running job {ad.job_id} of {ad.owner_dn} as {job.prepared.run_as.name} "
+        f"(allowed by {job.rule!r})"
+    )
     code = pilot.run(job)
     reason = job.prepared.audit.reason
     if code != 0 and reason:
@@ -930,9 +1056,11 @@ def _install_launcher(dest: str, config: str | None) -> int:
     except OSError as exc:
         say(f"cannot write the launcher {dest}: {exc.strerror or exc}")
         return EXIT_SYSTEM
-    say(f"built the launcher {path} for {sys.executable}"
+    say(
+        f"built the launcher {path} for {sys.executable}"
         + (f" with the configuration {Path(config).absolute()}" if config else "")
-        + f"; set USER_JOB_WRAPPER = {path}")
+        + f"; set USER_JOB_WRAPPER = {path}"
+    )
     return 0
 
 
@@ -944,7 +1072,8 @@ def main() -> None:
             "broker-pilot runs jobs only through its static launcher (python -I), because "
             "the starter's environment belongs to the job; build it with 'broker-pilot "
             "--install-launcher DEST' and set USER_JOB_WRAPPER = DEST",
-            os.environ.get("_CONDOR_WRAPPER_ERROR_FILE") or None)
+            os.environ.get("_CONDOR_WRAPPER_ERROR_FILE") or None,
+        )
         sys.exit(EXIT_SYSTEM)
     for name in DROPPED_NAMES:
         os.environ.pop(name, None)
@@ -959,8 +1088,13 @@ def _admin_only(argv: Sequence[str]) -> bool:
         args = _parse(argv)  # --help prints the usage and exits here
     except _UsageError:
         return False
-    return args.install_launcher is not None and not args.command \
-        and args.launcher_config is None and args.job_ad is None and args.fill is None
+    return (
+        args.install_launcher is not None
+        and not args.command
+        and args.launcher_config is None
+        and args.job_ad is None
+        and args.fill is None
+    )
 
 
 if __name__ == "__main__":

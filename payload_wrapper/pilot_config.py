@@ -64,8 +64,14 @@ from broker.policy import PatternError, parse_pattern
 from payload_wrapper.config import WrapperSettings, load_config_file, merge_settings
 from payload_wrapper.errors import WrapperSystemError
 
-__all__ = ["DEFAULT_CONFIG", "KEY_TYPES", "PilotConfig", "load_pilot_config", "parse_pilot_config",
-           "trusted_config_path"]
+__all__ = [
+    "DEFAULT_CONFIG",
+    "KEY_TYPES",
+    "PilotConfig",
+    "load_pilot_config",
+    "parse_pilot_config",
+    "trusted_config_path",
+]
 
 DEFAULT_CONFIG = "/etc/broker/pilot.toml"
 KEY_TYPES = ("ec", "rsa")
@@ -112,8 +118,11 @@ class PilotConfig:
 
     def wrapper_settings(self, **flags: Any) -> WrapperSettings:
         """The wrapper's settings: [wrapper] over the pilot's defaults, then ``flags``."""
-        base: dict[str, Any] = {"ca_dir": str(self.ca_dir), "vomsdir": str(self.vomsdir),
-                                "workdir": str(self.workdir)}
+        base: dict[str, Any] = {
+            "ca_dir": str(self.ca_dir),
+            "vomsdir": str(self.vomsdir),
+            "workdir": str(self.workdir),
+        }
         base.update(self.wrapper_file)
         return merge_settings(base, flags)
 
@@ -122,13 +131,15 @@ def _not_admin_owned(path: Path, st: os.stat_result, trusted: frozenset[int], wh
     if st.st_uid not in trusted:
         return f"{what} {path} belongs to uid {st.st_uid}"
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not (
-            stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX):
+        stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX
+    ):
         return f"{what} {path} can be written by its group or others"
     return ""
 
 
-def trusted_config_path(path: str | os.PathLike[str], *, euid: int | None = None,
-                        root_only: bool = False) -> Path:
+def trusted_config_path(
+    path: str | os.PathLike[str], *, euid: int | None = None, root_only: bool = False
+) -> Path:
     """The resolved ``path`` when only the node's administrator can have written it.
 
     Trusted owners are root and ``euid`` (default: the effective uid; only root
@@ -143,25 +154,29 @@ def trusted_config_path(path: str | os.PathLike[str], *, euid: int | None = None
     given = Path(path)
     if not given.is_absolute():
         raise WrapperSystemError(
-            f"the pilot configuration path {given} must be absolute", reason="untrusted_config")
+            f"the pilot configuration path {given} must be absolute", reason="untrusted_config"
+        )
     real = Path(os.path.realpath(given))
     try:
         st = os.stat(real, follow_symlinks=False)
     except FileNotFoundError:
         raise WrapperSystemError(
             f"the pilot configuration {given} does not exist; create it (see docs/htcondor.md)",
-            reason="no_config") from None
+            reason="no_config",
+        ) from None
     except OSError as exc:
-        raise WrapperSystemError(f"cannot read the pilot configuration {given}: {exc.strerror}",
-                                 reason="no_config") from exc
+        raise WrapperSystemError(
+            f"cannot read the pilot configuration {given}: {exc.strerror}", reason="no_config"
+        ) from exc
     problem = "" if stat.S_ISREG(st.st_mode) else f"{real} is not a regular file"
     problem = problem or _not_admin_owned(real, st, trusted, "the file")
     for parent in real.parents:
         if problem:
             break
         try:
-            problem = _not_admin_owned(parent, os.stat(parent, follow_symlinks=False), trusted,
-                                       "its directory")
+            problem = _not_admin_owned(
+                parent, os.stat(parent, follow_symlinks=False), trusted, "its directory"
+            )
         except OSError as exc:
             problem = f"its directory {parent} cannot be checked ({exc.strerror})"
     if problem:
@@ -169,12 +184,14 @@ def trusted_config_path(path: str | os.PathLike[str], *, euid: int | None = None
         raise WrapperSystemError(
             f"the pilot configuration {given} is not trusted: {problem}; only the node's "
             f"administrator may write it (owned by {owners}, chmod go-w, in such directories)",
-            reason="untrusted_config")
+            reason="untrusted_config",
+        )
     return real
 
 
-def load_pilot_config(path: str | os.PathLike[str] | None = None, *,
-                      environ: Mapping[str, str] | None = None) -> PilotConfig:
+def load_pilot_config(
+    path: str | os.PathLike[str] | None = None, *, environ: Mapping[str, str] | None = None
+) -> PilotConfig:
     """Read the file at ``path``, ``$BROKER_PILOT_CONFIG`` or /etc/broker/pilot.toml.
 
     The file must pass :func:`trusted_config_path` wherever its name came from;
@@ -190,11 +207,13 @@ def load_pilot_config(path: str | os.PathLike[str] | None = None, *,
         with os.fdopen(fd, "rb") as handle:
             data = tomllib.load(handle)
     except OSError as exc:
-        raise WrapperSystemError(f"cannot read the pilot configuration {where}: "
-                                 f"{exc.strerror}", reason="no_config") from exc
+        raise WrapperSystemError(
+            f"cannot read the pilot configuration {where}: {exc.strerror}", reason="no_config"
+        ) from exc
     except tomllib.TOMLDecodeError as exc:
-        raise WrapperSystemError(f"the pilot configuration {where} is not valid TOML: {exc}",
-                                 reason="bad_config") from exc
+        raise WrapperSystemError(
+            f"the pilot configuration {where} is not valid TOML: {exc}", reason="bad_config"
+        ) from exc
     wrapper: dict[str, Any] = {}
     if "wrapper" in data:
         # The wrapper's own loader checks its table (names and types) the same way
@@ -207,15 +226,30 @@ def _bad(source: str, message: str) -> WrapperSystemError:
     return WrapperSystemError(f"{source}: {message}", reason="bad_config")
 
 
-def _number(data: Mapping[str, Any], name: str, default: float | None, source: str, *,
-            low: float = 0.0, high: float = math.inf) -> float | None:
+def _number(
+    data: Mapping[str, Any],
+    name: str,
+    default: float | None,
+    source: str,
+    *,
+    low: float = 0.0,
+    high: float = math.inf,
+) -> float | None:
     value = data.get(name, default)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
-            or not low < value <= high:
-        raise _bad(source, f"{name} must be a number above {low:g}"
-                   + ("" if high == math.inf else f" and at most {high:g}") + f", not {value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or not low < value <= high
+    ):
+        raise _bad(
+            source,
+            f"{name} must be a number above {low:g}"
+            + ("" if high == math.inf else f" and at most {high:g}")
+            + f", not {value!r}",
+        )
     return float(value)
 
 
@@ -237,15 +271,38 @@ def _broker_urls(data: Mapping[str, Any], source: str) -> str:
     return _text(data, "broker_url", source)
 
 
-_KNOWN = {"broker_url", "cert", "key", "proxy", "ca_dir", "vomsdir", "allowed_owners", "workdir",
-          "key_type", "rsa_pool_dir", "bind_submitter", "lifetime_hours", "refresh_fraction",
-          "refresh_interval_seconds", "refresh_retry_seconds", "retrieve_attempts",
-          "retry_delay_seconds", "timeout_seconds", "stage_max_files", "stage_max_bytes",
-          "wrapper", "token_file", "job_token_issuer", "job_token_scopes", "job_token_audience"}
+_KNOWN = {
+    "broker_url",
+    "cert",
+    "key",
+    "proxy",
+    "ca_dir",
+    "vomsdir",
+    "allowed_owners",
+    "workdir",
+    "key_type",
+    "rsa_pool_dir",
+    "bind_submitter",
+    "lifetime_hours",
+    "refresh_fraction",
+    "refresh_interval_seconds",
+    "refresh_retry_seconds",
+    "retrieve_attempts",
+    "retry_delay_seconds",
+    "timeout_seconds",
+    "stage_max_files",
+    "stage_max_bytes",
+    "wrapper",
+    "token_file",
+    "job_token_issuer",
+    "job_token_scopes",
+    "job_token_audience",
+}
 
 
-def parse_pilot_config(data: Mapping[str, Any], *, source: str = "pilot.toml",
-                       wrapper: Mapping[str, Any] | None = None) -> PilotConfig:
+def parse_pilot_config(
+    data: Mapping[str, Any], *, source: str = "pilot.toml", wrapper: Mapping[str, Any] | None = None
+) -> PilotConfig:
     """Check the top-level keys (``wrapper`` holds the already-read [wrapper] table)."""
     unknown = sorted(set(data) - _KNOWN)
     if unknown:
@@ -262,12 +319,18 @@ def parse_pilot_config(data: Mapping[str, Any], *, source: str = "pilot.toml",
         key = _text(data, "key", source)
     owners = data.get("allowed_owners")
     if not isinstance(owners, list) or not owners or not all(isinstance(o, str) for o in owners):
-        raise _bad(source, 'allowed_owners must be a non-empty list such as '
-                   '["/DC=org/DC=example/*", "fqan:/atlas"]; use ["*"] to run every owner\'s jobs')
+        raise _bad(
+            source,
+            "allowed_owners must be a non-empty list such as "
+            '["/DC=org/DC=example/*", "fqan:/atlas"]; use ["*"] to run every owner\'s jobs',
+        )
     for pattern in owners:
         if pattern != "*" and not pattern.startswith(_OWNER_FORMS):
-            raise _bad(source, f"allowed_owners entry {pattern!r} must be a DN glob (/...), "
-                       "re:REGEX or fqan:/vo/...")
+            raise _bad(
+                source,
+                f"allowed_owners entry {pattern!r} must be a DN glob (/...), "
+                "re:REGEX or fqan:/vo/...",
+            )
         try:
             parse_pattern(pattern, context="owner")
         except PatternError as exc:
@@ -300,14 +363,19 @@ def parse_pilot_config(data: Mapping[str, Any], *, source: str = "pilot.toml",
     if scopes and "job_token_issuer" not in data:
         raise _bad(source, "job_token_scopes needs job_token_issuer")
     return PilotConfig(
-        **tokens, job_token_scopes=tuple(scopes),
-        broker_url=broker_url, cert=cert, key=key,
+        **tokens,
+        job_token_scopes=tuple(scopes),
+        broker_url=broker_url,
+        cert=cert,
+        key=key,
         ca_dir=Path(_text(data, "ca_dir", source, "/etc/grid-security/certificates")),
         vomsdir=Path(_text(data, "vomsdir", source, "/etc/grid-security/vomsdir")),
         allowed_owners=tuple(owners),
         workdir=Path(_text(data, "workdir", source, "/var/lib/broker-pilot")),
-        source=source, key_type=key_type,
-        rsa_pool_dir=Path(pool) if pool else None, bind_submitter=bind,
+        source=source,
+        key_type=key_type,
+        rsa_pool_dir=Path(pool) if pool else None,
+        bind_submitter=bind,
         lifetime_hours=_number(data, "lifetime_hours", None, source),
         refresh_fraction=_number(data, "refresh_fraction", 0.5, source, high=0.95) or 0.5,
         refresh_interval_seconds=_number(data, "refresh_interval_seconds", None, source),
@@ -316,5 +384,6 @@ def parse_pilot_config(data: Mapping[str, Any], *, source: str = "pilot.toml",
         retry_delay_seconds=_number(data, "retry_delay_seconds", 2.0, source) or 2.0,
         timeout_seconds=_number(data, "timeout_seconds", 30.0, source) or 30.0,
         wrapper_file=dict(wrapper or {}),
-        stage_max_files=stage["stage_max_files"], stage_max_bytes=stage["stage_max_bytes"],
+        stage_max_files=stage["stage_max_files"],
+        stage_max_bytes=stage["stage_max_bytes"],
     )

@@ -361,8 +361,9 @@ class GrantResult:
 
 def _open_entry(name: str, dir_fd: int) -> int | None:
     try:
-        return os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                       dir_fd=dir_fd)
+        return os.open(
+            name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd
+        )
     except OSError:
         return None  # a link (ELOOP), a socket, a FIFO with no writer, or gone
 
@@ -427,8 +428,9 @@ def grant_read(
                     stack.append((fd, _names(fd)))
                     keep = True
                 elif stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
-                    add_acl_user(fd, pilot_uid, read=True, write=False,
-                                 execute=bool(st.st_mode & 0o111))
+                    add_acl_user(
+                        fd, pilot_uid, read=True, write=False, execute=bool(st.st_mode & 0o111)
+                    )
                     result.granted += 1
             finally:
                 if not keep:

@@ -48,11 +48,23 @@ __all__ = [
 ]
 
 #: Files the starter keeps in the scratch directory for itself; never handed to the payload.
-STARTER_FILES = frozenset({
-    ".job.ad", ".machine.ad", ".update.ad", ".execution_overlay.ad", ".chirp.config",
-    ".wrapper_error", ".wrapper_error_file", "_condor_stdout", "_condor_stderr",
-    ".docker_sock", ".docker_stdout", ".docker_stderr", ".condor_creds",
-})
+STARTER_FILES = frozenset(
+    {
+        ".job.ad",
+        ".machine.ad",
+        ".update.ad",
+        ".execution_overlay.ad",
+        ".chirp.config",
+        ".wrapper_error",
+        ".wrapper_error_file",
+        "_condor_stdout",
+        "_condor_stderr",
+        ".docker_sock",
+        ".docker_stdout",
+        ".docker_stderr",
+        ".condor_creds",
+    }
+)
 #: Names the wrapper's sandbox uses inside the job directory.
 RESERVED_NAMES = frozenset({"home", "tmp", "proxy"})
 
@@ -106,14 +118,18 @@ def open_scratch(path: str) -> tuple[int, os.stat_result]:
     except OSError as exc:
         raise WrapperSystemError(
             f"the scratch directory {path} cannot be opened ({exc.strerror}); it must be the "
-            "starter's own directory, not a symbolic link", reason="bad_scratch") from None
+            "starter's own directory, not a symbolic link",
+            reason="bad_scratch",
+        ) from None
     st = os.fstat(fd)
     if st.st_mode & 0o022:
         os.close(fd)
         raise WrapperSystemError(
             f"the scratch directory {path} can be written by its group or others (mode "
             f"{stat.S_IMODE(st.st_mode):04o}); the starter makes it 0700 for the slot user, so "
-            "the job's files there cannot be trusted", reason="bad_scratch")
+            "the job's files there cannot be trusted",
+            reason="bad_scratch",
+        )
     return fd, st
 
 
@@ -146,13 +162,13 @@ def _finish_copy(out: int, st: os.stat_result, side: _Side, executable_bits: int
     if side.acl_uid is not None:
         from payload_wrapper.sandbox import add_acl_user
 
-        add_acl_user(out, side.acl_uid, read=True, write=True,
-                     execute=bool(st.st_mode & 0o100))
+        add_acl_user(out, side.acl_uid, read=True, write=True, execute=bool(st.st_mode & 0o100))
     os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
-def _copy_file(src_dir: int, name: str, dst_dir: int, rel: str, side: _Side, staged: Staged,
-               limits: Limits) -> None:
+def _copy_file(
+    src_dir: int, name: str, dst_dir: int, rel: str, side: _Side, staged: Staged, limits: Limits
+) -> None:
     try:
         src = os.open(name, _READ, dir_fd=src_dir)
     except OSError as exc:
@@ -176,8 +192,12 @@ def _copy_file(src_dir: int, name: str, dst_dir: int, rel: str, side: _Side, sta
             raise _Limit(f"more than {limits.files} files")
         staged.files += 1
         temp = f".staging-{secrets.token_hex(8)}"
-        out = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                      0o600, dir_fd=dst_dir)
+        out = os.open(
+            temp,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
+            dir_fd=dst_dir,
+        )
         try:
             try:
                 _copy_bytes(src, out, st.st_size, staged, limits)
@@ -227,8 +247,16 @@ def _open_or_make_dir(name: str, dst_dir: int, mode: int, side: _Side) -> int:
     return fd
 
 
-def _copy_entry(src_dir: int, name: str, dst_dir: int, rel: str, side: _Side, staged: Staged,
-                limits: Limits, depth: int) -> None:
+def _copy_entry(
+    src_dir: int,
+    name: str,
+    dst_dir: int,
+    rel: str,
+    side: _Side,
+    staged: Staged,
+    limits: Limits,
+    depth: int,
+) -> None:
     try:
         st = os.stat(name, dir_fd=src_dir, follow_symlinks=False)
     except OSError as exc:
@@ -270,8 +298,15 @@ def _is_starter_file(name: str) -> bool:
     return name in STARTER_FILES or name.startswith(("_condor_", ".condor_"))
 
 
-def stage_in(scratch_fd: int, job_dir_fd: int, *, slot_uid: int, uid: int, gid: int,
-             limits: Limits = Limits()) -> Staged:
+def stage_in(
+    scratch_fd: int,
+    job_dir_fd: int,
+    *,
+    slot_uid: int,
+    uid: int,
+    gid: int,
+    limits: Limits = Limits(),
+) -> Staged:
     """Copy the job's files from the scratch directory into the job directory.
 
     As root the copies belong to ``uid:gid`` (the mapped account) and only files of
@@ -279,9 +314,12 @@ def stage_in(scratch_fd: int, job_dir_fd: int, *, slot_uid: int, uid: int, gid: 
     Raises :class:`ClientError` when the job's files exceed the limits.
     """
     root = os.geteuid() == 0
-    side = _Side(uid=uid if root else None, gid=gid if root else None,
-                 acl_uid=None if root or uid == os.geteuid() else uid,
-                 source_uids=frozenset({slot_uid}) if root else None)
+    side = _Side(
+        uid=uid if root else None,
+        gid=gid if root else None,
+        acl_uid=None if root or uid == os.geteuid() else uid,
+        source_uids=frozenset({slot_uid}) if root else None,
+    )
     staged = Staged()
     try:
         for name in sorted(os.listdir(scratch_fd)):
@@ -295,11 +333,14 @@ def stage_in(scratch_fd: int, job_dir_fd: int, *, slot_uid: int, uid: int, gid: 
         raise ClientError(
             f"the job's input files are too many or too large to copy for the mapped account "
             f"({exc}); limits: {limits.files} files, {limits.bytes} bytes, {limits.depth} "
-            "levels", reason="inputs_too_large") from None
+            "levels",
+            reason="inputs_too_large",
+        ) from None
     except OSError as exc:
         raise WrapperSystemError(
-            f"copying the job's input files for the mapped account failed: "
-            f"{exc.strerror or exc}", reason="stage_in") from None
+            f"copying the job's input files for the mapped account failed: {exc.strerror or exc}",
+            reason="stage_in",
+        ) from None
     return staged
 
 
@@ -311,17 +352,24 @@ def output_names(requested: Sequence[str] | None) -> list[str]:
     for raw in requested:
         name = raw.strip().rstrip("/")
         parts = name.split("/")
-        if not name or name.startswith("/") or any(p in ("", ".", "..") for p in parts) \
-                or _is_starter_file(parts[0]):
+        if (
+            not name
+            or name.startswith("/")
+            or any(p in ("", ".", "..") for p in parts)
+            or _is_starter_file(parts[0])
+        ):
             raise ClientError(
                 f"transfer_output_files entry {raw!r} is not a relative path inside the job's "
-                "directory (nor one of the starter's own files)", reason="bad_output_name")
+                "directory (nor one of the starter's own files)",
+                reason="bad_output_name",
+            )
         names.append(name)
     return names
 
 
-def _walk_to_parent(src_top: int, dst_top: int, parts: Sequence[str], side: _Side
-                    ) -> tuple[int, int] | None:
+def _walk_to_parent(
+    src_top: int, dst_top: int, parts: Sequence[str], side: _Side
+) -> tuple[int, int] | None:
     """Open the parent directories of an output on both sides (made on the destination)."""
     src, dst = os.dup(src_top), os.dup(dst_top)
     try:
@@ -339,10 +387,17 @@ def _walk_to_parent(src_top: int, dst_top: int, parts: Sequence[str], side: _Sid
     return src, dst
 
 
-def stage_out(job_dir_fd: int, scratch_fd: int, *, payload_uids: Iterable[int],
-              slot_uid: int, slot_gid: int, requested: Sequence[str] | None,
-              inputs: dict[str, tuple[int, int, int]],
-              limits: Limits = Limits()) -> Staged:
+def stage_out(
+    job_dir_fd: int,
+    scratch_fd: int,
+    *,
+    payload_uids: Iterable[int],
+    slot_uid: int,
+    slot_gid: int,
+    requested: Sequence[str] | None,
+    inputs: dict[str, tuple[int, int, int]],
+    limits: Limits = Limits(),
+) -> Staged:
     """Copy the payload's outputs back into the scratch directory, owned by the slot user.
 
     ``requested``: ``transfer_output_files`` (checked with :func:`output_names`); without
@@ -351,8 +406,12 @@ def stage_out(job_dir_fd: int, scratch_fd: int, *, payload_uids: Iterable[int],
     for one bad file (it is noted); limits end the copy with ``over_limit`` set.
     """
     root = os.geteuid() == 0
-    side = _Side(uid=slot_uid if root else None, gid=slot_gid if root else None, acl_uid=None,
-                 source_uids=frozenset(payload_uids))
+    side = _Side(
+        uid=slot_uid if root else None,
+        gid=slot_gid if root else None,
+        acl_uid=None,
+        source_uids=frozenset(payload_uids),
+    )
     staged = Staged()
     try:
         if requested:

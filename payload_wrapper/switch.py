@@ -288,9 +288,7 @@ def sudo_argv(sudo: str, helper: str, account: str, *args: str) -> list[str]:
     return [sudo, "-n", "-u", account, "--", helper, "helper", *args]
 
 
-def _in_child(
-    account: Account | None, cgroup: JobCgroup | None
-) -> Callable[[], None] | None:
+def _in_child(account: Account | None, cgroup: JobCgroup | None) -> Callable[[], None] | None:
     """What the child runs after the switch and before exec: join the cgroup, verify ids."""
     verify = _verify_switched(account) if account is not None else None
     if verify is None and cgroup is None:
@@ -306,7 +304,9 @@ def _in_child(
 
 
 def _start(
-    spec: LaunchSpec, mode: str, sudo_prefix: Sequence[str] | None,
+    spec: LaunchSpec,
+    mode: str,
+    sudo_prefix: Sequence[str] | None,
     cgroup: JobCgroup | None = None,
 ) -> subprocess.Popen[bytes]:
     if mode == "setuid":
@@ -327,12 +327,21 @@ def _start(
         assert sudo_prefix is not None
         # sudo resets the environment anyway; the payload's travels in the spec file.
         return subprocess.Popen(
-            list(sudo_prefix), env={"PATH": spec.env["PATH"]}, cwd="/",
-            umask=spec.umask, start_new_session=True, close_fds=True,
+            list(sudo_prefix),
+            env={"PATH": spec.env["PATH"]},
+            cwd="/",
+            umask=spec.umask,
+            start_new_session=True,
+            close_fds=True,
         )
     return subprocess.Popen(
-        list(spec.argv), env=dict(spec.env), cwd=spec.cwd, umask=spec.umask,
-        start_new_session=True, close_fds=True, preexec_fn=_in_child(None, cgroup),
+        list(spec.argv),
+        env=dict(spec.env),
+        cwd=spec.cwd,
+        umask=spec.umask,
+        start_new_session=True,
+        close_fds=True,
+        preexec_fn=_in_child(None, cgroup),
     )
 
 
@@ -386,8 +395,9 @@ def run_tracked(
                 "not started"
             ) from exc
         except FileNotFoundError as exc:
-            return RunResult(None, False, exc.strerror or "No such file or directory",
-                             EXIT_NOT_FOUND)
+            return RunResult(
+                None, False, exc.strerror or "No such file or directory", EXIT_NOT_FOUND
+            )
         except OSError as exc:
             return RunResult(None, False, exc.strerror or str(exc), EXIT_EXEC_FAILED)
         pgid = proc.pid  # start_new_session: the payload leads its own group
@@ -536,8 +546,7 @@ def helper_main(argv: Sequence[str]) -> int:
         if len(argv) == 2 and argv[0] == "run":
             return _helper_run(Path(argv[1]))
         if len(argv) == 2 and argv[0] == "kill":
-            kill_job_processes(root=int(argv[1]), uid=None, grace=1.0,
-                               exclude=[os.getppid()])
+            kill_job_processes(root=int(argv[1]), uid=None, grace=1.0, exclude=[os.getppid()])
             return 0
         if len(argv) == 1 and argv[0] == "killall":
             # Only asked for when the account belongs to this job alone (containment uid).
@@ -576,8 +585,9 @@ def _helper_run(spec_path: Path) -> int:
             os.mkdir(sub, 0o700, dir_fd=fd)
         pfd = os.open("proxy", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
         try:
-            sandbox.install_proxy(pfd, spec["proxy_pem"].encode(), uid=os.getuid(),
-                                  gid=os.getgid(), replace=False)
+            sandbox.install_proxy(
+                pfd, spec["proxy_pem"].encode(), uid=os.getuid(), gid=os.getgid(), replace=False
+            )
         finally:
             os.close(pfd)
     finally:

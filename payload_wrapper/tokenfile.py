@@ -48,8 +48,9 @@ class TokenFile:
         data = _check_token(token)
         with self._lock:
             if self.closed:
-                raise WrapperSystemError("the job has ended; its token file is gone",
-                                         reason="job_finished")
+                raise WrapperSystemError(
+                    "the job has ended; its token file is gone", reason="job_finished"
+                )
             _replace(self.dir_fd, data, uid=self.uid, gid=self.gid)
 
     def remove(self) -> None:
@@ -63,10 +64,18 @@ class TokenFile:
 
 
 def _check_token(token: str) -> bytes:
-    if (not isinstance(token, str) or not 0 < len(token) <= MAX_TOKEN_BYTES
-            or not token.isascii() or not token.isprintable() or " " in token):
-        raise WrapperSystemError("the broker returned an access token that is not a compact "
-                                 "JWT (printable ASCII, no spaces)", reason="bad_token")
+    if (
+        not isinstance(token, str)
+        or not 0 < len(token) <= MAX_TOKEN_BYTES
+        or not token.isascii()
+        or not token.isprintable()
+        or " " in token
+    ):
+        raise WrapperSystemError(
+            "the broker returned an access token that is not a compact "
+            "JWT (printable ASCII, no spaces)",
+            reason="bad_token",
+        )
     return token.encode("ascii") + b"\n"
 
 
@@ -77,13 +86,16 @@ def _replace(dir_fd: int, data: bytes, *, uid: int | None, gid: int | None) -> N
         if exc.reason == "not_regular_file":
             raise WrapperSystemError(
                 f"the payload's {TOKEN_NAME} was replaced by something that is not a regular "
-                "file (a symbolic link?); refusing to write through it", reason="symlink"
+                "file (a symbolic link?); refusing to write through it",
+                reason="symlink",
             ) from None
         if exc.reason == "rename_failed":
-            raise WrapperSystemError(f"cannot install the payload's token: {exc.message}",
-                                     reason="token_write") from None
-        raise WrapperSystemError(f"cannot write the payload's token: {exc.message}",
-                                 reason=exc.reason) from None
+            raise WrapperSystemError(
+                f"cannot install the payload's token: {exc.message}", reason="token_write"
+            ) from None
+        raise WrapperSystemError(
+            f"cannot write the payload's token: {exc.message}", reason=exc.reason
+        ) from None
 
 
 def place_token(job: PreparedJob, token: str) -> TokenFile:
@@ -96,12 +108,18 @@ def place_token(job: PreparedJob, token: str) -> TokenFile:
     if job.sandbox is None or job.sandbox.proxy_dir_fd < 0:
         raise WrapperSystemError(
             f"per-job tokens need the setuid or none mode; mode {job.settings.mode!r} gives "
-            "the pilot no handle on the job directory", reason="token_mode")
+            "the pilot no handle on the job directory",
+            reason="token_mode",
+        )
     dir_fd = os.dup(job.sandbox.proxy_dir_fd)
     run_as = job.run_as
     mine = (run_as.uid, run_as.gid) == (os.geteuid(), os.getegid())
-    handle = TokenFile(path=job.proxy_path.parent / TOKEN_NAME, dir_fd=dir_fd,
-                       uid=None if mine else run_as.uid, gid=None if mine else run_as.gid)
+    handle = TokenFile(
+        path=job.proxy_path.parent / TOKEN_NAME,
+        dir_fd=dir_fd,
+        uid=None if mine else run_as.uid,
+        gid=None if mine else run_as.gid,
+    )
     try:
         handle.write(token)
     except BaseException:

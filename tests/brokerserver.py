@@ -18,9 +18,14 @@ from broker.client import BrokerClient, ClientIdentity
 from broker.devpki import DEV_POLICY
 from tests.pkifixtures import GridPki
 
-__all__ = ["DEV_POLICY", "RunningBroker", "free_port", "launch_broker", "start_broker",
-           "wait_ready"]
-
+__all__ = [
+    "DEV_POLICY",
+    "RunningBroker",
+    "free_port",
+    "launch_broker",
+    "start_broker",
+    "wait_ready",
+]
 
 
 def free_port() -> int:
@@ -44,13 +49,15 @@ class RunningBroker:
         return f"localhost:{self.port}"
 
     def client(self, name: str) -> BrokerClient:
-        identity = ClientIdentity(cert=str(self.pki.cert_path(name)),
-                                  key=str(self.pki.key_path(name)))
+        identity = ClientIdentity(
+            cert=str(self.pki.cert_path(name)), key=str(self.pki.key_path(name))
+        )
         return BrokerClient(self.server, identity, ca_dir=str(self.pki.ca_dir))
 
     def proxy_client(self, path: Path) -> BrokerClient:
-        return BrokerClient(self.server, ClientIdentity(cert=str(path), key=str(path)),
-                            ca_dir=str(self.pki.ca_dir))
+        return BrokerClient(
+            self.server, ClientIdentity(cert=str(path), key=str(path)), ca_dir=str(self.pki.ca_dir)
+        )
 
     def cli_env(self) -> dict[str, str]:
         env = self.pki.env()
@@ -72,9 +79,16 @@ class RunningBroker:
                 self.process.wait(timeout=5)
 
 
-def launch_broker(pki: GridPki, base: Path, *, database_url: str = "",
-                  policy: str = DEV_POLICY, extra: tuple[str, ...] = (),
-                  workers: int = 2, new_session: bool = False) -> RunningBroker:
+def launch_broker(
+    pki: GridPki,
+    base: Path,
+    *,
+    database_url: str = "",
+    policy: str = DEV_POLICY,
+    extra: tuple[str, ...] = (),
+    workers: int = 2,
+    new_session: bool = False,
+) -> RunningBroker:
     """Start ``broker serve`` without waiting for it (:func:`wait_ready` does that), so that
     several nodes can be started at the same moment. ``new_session``: the server and its
     workers get their own process group (a test can then kill the whole node)."""
@@ -85,22 +99,49 @@ def launch_broker(pki: GridPki, base: Path, *, database_url: str = "",
     port = free_port()
     log = base / "serve.log"
     argv = [
-        str(Path(sys.executable).parent / "broker"), "serve", "--state-dir", str(state),
-        "--bind", f"127.0.0.1:{port}", "--host-cert", str(pki.cert_path("host")),
-        "--host-key", str(pki.key_path("host")), "--ca-dir", str(pki.ca_dir),
-        "--vomsdir", str(pki.vomsdir), "--policy-dir", str(policy_dir),
+        str(Path(sys.executable).parent / "broker"),
+        "serve",
+        "--state-dir",
+        str(state),
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--host-cert",
+        str(pki.cert_path("host")),
+        "--host-key",
+        str(pki.key_path("host")),
+        "--ca-dir",
+        str(pki.ca_dir),
+        "--vomsdir",
+        str(pki.vomsdir),
+        "--policy-dir",
+        str(policy_dir),
         # The tests store credentials under free usernames; a test of the binding
         # passes "--username-binding", "dn" in extra (the later flag wins).
-        "--workers", str(workers), "--username-binding", "none", *extra,
+        "--workers",
+        str(workers),
+        "--username-binding",
+        "none",
+        *extra,
     ]
     if database_url:
         argv += ["--database-url", database_url]
     with open(log, "wb") as out:
-        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                                   start_new_session=new_session)
-    return RunningBroker(port, state, policy_dir, database_url or
-                         f"sqlite:///{state / 'broker.sqlite'}", log, process, pki)
+        process = subprocess.Popen(
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            start_new_session=new_session,
+        )
+    return RunningBroker(
+        port,
+        state,
+        policy_dir,
+        database_url or f"sqlite:///{state / 'broker.sqlite'}",
+        log,
+        process,
+        pki,
+    )
 
 
 def wait_ready(broker: RunningBroker, timeout: float = 30.0) -> RunningBroker:
@@ -119,11 +160,20 @@ def wait_ready(broker: RunningBroker, timeout: float = 30.0) -> RunningBroker:
     raise AssertionError(f"broker serve did not come up:\n{broker.log.read_text()}")
 
 
-def start_broker(pki: GridPki, base: Path, *, database_url: str = "",
-                 policy: str = DEV_POLICY, extra: tuple[str, ...] = (),
-                 workers: int = 2) -> RunningBroker:
-    return wait_ready(launch_broker(pki, base, database_url=database_url, policy=policy,
-                                    extra=extra, workers=workers))
+def start_broker(
+    pki: GridPki,
+    base: Path,
+    *,
+    database_url: str = "",
+    policy: str = DEV_POLICY,
+    extra: tuple[str, ...] = (),
+    workers: int = 2,
+) -> RunningBroker:
+    return wait_ready(
+        launch_broker(
+            pki, base, database_url=database_url, policy=policy, extra=extra, workers=workers
+        )
+    )
 
 
 @pytest.fixture
@@ -136,8 +186,9 @@ def sqlite_broker(grid_pki: GridPki, tmp_path: Path) -> Iterator[RunningBroker]:
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def any_broker(request: pytest.FixtureRequest, grid_pki: GridPki,
-               tmp_path: Path) -> Iterator[RunningBroker]:
+def any_broker(
+    request: pytest.FixtureRequest, grid_pki: GridPki, tmp_path: Path
+) -> Iterator[RunningBroker]:
     url = "" if request.param == "sqlite" else str(request.getfixturevalue("postgres_database"))
     broker = start_broker(grid_pki, tmp_path, database_url=url)
     try:

@@ -20,8 +20,13 @@ from pathlib import Path
 from tests.prerequisites import unavailable
 
 PWDFILE_MODULE = "pam_pwdfile.so"
-_MODULE_DIRS = ("/lib/x86_64-linux-gnu/security", "/usr/lib/x86_64-linux-gnu/security",
-                "/lib/security", "/usr/lib/security", "/lib64/security")
+_MODULE_DIRS = (
+    "/lib/x86_64-linux-gnu/security",
+    "/usr/lib/x86_64-linux-gnu/security",
+    "/lib/security",
+    "/usr/lib/security",
+    "/lib64/security",
+)
 
 
 @dataclass
@@ -32,8 +37,13 @@ class PamStack:
 
 
 def _hash(password: str) -> str:
-    out = subprocess.run(["openssl", "passwd", "-6", "-stdin"], input=password, text=True,
-                         capture_output=True, check=True)
+    out = subprocess.run(
+        ["openssl", "passwd", "-6", "-stdin"],
+        input=password,
+        text=True,
+        capture_output=True,
+        check=True,
+    )
     return out.stdout.strip()
 
 
@@ -43,8 +53,14 @@ def require_pwdfile_module() -> None:
         unavailable("pam_pwdfile.so is missing: apt-get install libpam-pwdfile")
 
 
-def make_pam_stack(base: Path, passwords: Mapping[str, str], *, locked: Mapping[str, str] = {},
-                   disabled: Mapping[str, str] = {}, service: str = "broker-test") -> PamStack:
+def make_pam_stack(
+    base: Path,
+    passwords: Mapping[str, str],
+    *,
+    locked: Mapping[str, str] = {},
+    disabled: Mapping[str, str] = {},
+    service: str = "broker-test",
+) -> PamStack:
     require_pwdfile_module()
     base.mkdir(parents=True, exist_ok=True)
     pwdfile = base / "pwdfile"

@@ -103,8 +103,10 @@ def forge_proxy(
     if subject is None:
         cn = last_cn if last_cn is not None else str(serial)
         subject = x509.Name(
-            [*issuer.cert.subject.rdns,
-             x509.RelativeDistinguishedName([x509.NameAttribute(NameOID.COMMON_NAME, cn)])]
+            [
+                *issuer.cert.subject.rdns,
+                x509.RelativeDistinguishedName([x509.NameAttribute(NameOID.COMMON_NAME, cn)]),
+            ]
         )
     builder = (
         x509.CertificateBuilder()

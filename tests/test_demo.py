@@ -12,8 +12,14 @@ REPO = Path(__file__).resolve().parent.parent
 def test_demo_runs_end_to_end_and_leaves_nothing() -> None:
     before = set(Path("/tmp").glob("broker-demo.*"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("X509_")}
-    result = subprocess.run([str(REPO / "scripts" / "demo")], env=env, capture_output=True,
-                            text=True, timeout=300, stdin=subprocess.DEVNULL)
+    result = subprocess.run(
+        [str(REPO / "scripts" / "demo")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
     out = result.stdout
     assert result.returncode == 0, out[-3000:] + result.stderr[-3000:]
     # no right on the credential: the not-found answer (exit 4), as for a missing one

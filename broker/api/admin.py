@@ -52,16 +52,22 @@ from broker.service import BrokerService, Requester
 from broker.store import admin_queries as q
 
 AUDIT_ACTIONS = (
-    *(a.value for a in Action), "authenticate", "change-passphrase", "issue-certificate",
-    "admin-login", "admin-page",
+    *(a.value for a in Action),
+    "authenticate",
+    "change-passphrase",
+    "issue-certificate",
+    "admin-login",
+    "admin-page",
 )
 CHART_HOURS = (6, 24, 168, 720)
 _DN_MAX = 1024
 _FIELD_MAX = 255
 _MAX_ID = 2**62  # ids and cursors; larger numbers overflow the database's integers
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src 'self'; form-action 'self'; "
-        "frame-ancestors 'none'; base-uri 'none'")
+_CSP = (
+    "default-src 'none'; style-src 'unsafe-inline'; img-src 'self'; form-action 'self'; "
+    "frame-ancestors 'none'; base-uri 'none'"
+)
 
 ViewResult = str | WerkzeugResponse | tuple[str, int]
 
@@ -104,13 +110,15 @@ def _time_arg(name: str) -> datetime | None:
     try:
         value = datetime.fromisoformat(text)
     except ValueError:
-        raise InputError(f"the field {name!r} must be a UTC date and time such as "
-                         "2026-12-06T14:00") from None
+        raise InputError(
+            f"the field {name!r} must be a UTC date and time such as 2026-12-06T14:00"
+        ) from None
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-def _chart_bars(buckets: list[q.ChartBucket], width: int = 720,
-                height: int = 160) -> tuple[list[_Bar], int, list[tuple[float, str]]]:
+def _chart_bars(
+    buckets: list[q.ChartBucket], width: int = 720, height: int = 160
+) -> tuple[list[_Bar], int, list[tuple[float, str]]]:
     """Bar geometry for the inline SVG: two bars per bucket, scaled to the largest count."""
     top = max([1, *(b.retrievals for b in buckets), *(b.refusals for b in buckets)])
     slot = width / max(1, len(buckets))
@@ -122,9 +130,16 @@ def _chart_bars(buckets: list[q.ChartBucket], width: int = 720,
         for offset, kind, count in ((0.0, "ok", b.retrievals), (bar, "refused", b.refusals)):
             h = height * count / top
             label = "retrievals" if kind == "ok" else "refusals"
-            bars.append(_Bar(round(x + offset, 1), round(height - h, 1), round(bar, 1),
-                             round(h, 1), kind,
-                             f"{b.start:%Y-%m-%d %H:%M} UTC: {count} {label}"))
+            bars.append(
+                _Bar(
+                    round(x + offset, 1),
+                    round(height - h, 1),
+                    round(bar, 1),
+                    round(h, 1),
+                    kind,
+                    f"{b.start:%Y-%m-%d %H:%M} UTC: {count} {label}",
+                )
+            )
         if i % max(1, len(buckets) // 6) == 0:
             labels.append((round(x, 1), f"{b.start:%m-%d %H:%M}"))
     return bars, top, labels
@@ -144,13 +159,19 @@ class _AdminSessions(SecureCookieSessionInterface):
 
     def get_signing_serializer(self, app: Flask) -> URLSafeTimedSerializer | None:
         return URLSafeTimedSerializer(
-            self._key(), salt=self.salt, serializer=self.serializer,
-            signer_kwargs={"key_derivation": self.key_derivation,
-                           "digest_method": self.digest_method})
+            self._key(),
+            salt=self.salt,
+            serializer=self.serializer,
+            signer_kwargs={
+                "key_derivation": self.key_derivation,
+                "digest_method": self.digest_method,
+            },
+        )
 
 
-def admin_blueprint(service: BrokerService, *, pam: PamSettings | None = None,
-                    settings: AdminSettings | None = None) -> Blueprint:
+def admin_blueprint(
+    service: BrokerService, *, pam: PamSettings | None = None, settings: AdminSettings | None = None
+) -> Blueprint:
     """The admin pages under ``/admin``, bound to ``service``; see the module docstring."""
     ui = _AdminUi(service, AdminService(service, settings or AdminSettings()), pam)
     bp = Blueprint("admin", __name__, url_prefix="/admin", template_folder="templates")
@@ -164,8 +185,9 @@ def admin_blueprint(service: BrokerService, *, pam: PamSettings | None = None,
 class _AdminUi:
     """What every admin view shares: the session, CSRF tokens, page rendering, the caller."""
 
-    def __init__(self, service: BrokerService, admin: AdminService,
-                 pam: PamSettings | None) -> None:
+    def __init__(
+        self, service: BrokerService, admin: AdminService, pam: PamSettings | None
+    ) -> None:
         self.service, self.admin, self.pam = service, admin, pam
 
     def configure(self, state: BlueprintSetupState) -> None:
@@ -196,9 +218,15 @@ class _AdminUi:
     def page(self, template: str, status: int = 200, **context: Any) -> tuple[str, int]:
         who: Requester | None = g.get("admin_user")
         return render_template(
-            f"admin/{template}", who=who, who_label=who.label if who else None,
-            csrf=self.csrf_token(), pam_enabled=self.pam is not None, now=self.admin.now(),
-            group=self.admin.settings.group, **context), status
+            f"admin/{template}",
+            who=who,
+            who_label=who.label if who else None,
+            csrf=self.csrf_token(),
+            pam_enabled=self.pam is not None,
+            now=self.admin.now(),
+            group=self.admin.settings.group,
+            **context,
+        ), status
 
     def message(self, status: int, title: str, text: str) -> tuple[str, int]:
         return self.page("message.html", status, title=title, text=text)
@@ -208,8 +236,13 @@ class _AdminUi:
         if self.pam is not None and isinstance(user, str) and isinstance(started, int | float):
             age = self.admin.now().timestamp() - started
             if 0 <= age < self.admin.settings.session_lifetime.total_seconds():
-                return Requester(dn=None, pam_user=user, client_address=request.remote_addr,
-                                 endpoint="rest", request_id=g.get("request_id", ""))
+                return Requester(
+                    dn=None,
+                    pam_user=user,
+                    client_address=request.remote_addr,
+                    endpoint="rest",
+                    request_id=g.get("request_id", ""),
+                )
             session.clear()
         chain = peer_chain()
         if not chain:
@@ -224,18 +257,24 @@ class _AdminUi:
             if who is None:
                 if self.pam is not None:
                     return redirect(url_for("admin.login"), code=303)
-                return self.message(403, "Access refused",
-                                    "This page is for site admins: connect with the client "
-                                    "certificate of a member of the policy group "
-                                    f"'{group}'.")
+                return self.message(
+                    403,
+                    "Access refused",
+                    "This page is for site admins: connect with the client "
+                    "certificate of a member of the policy group "
+                    f"'{group}'.",
+                )
             if not self.admin.is_admin(who):
-                self.admin.record_login(who, allowed=False,
-                                        reason=f"{who.label} is not in the policy group "
-                                               f"{group!r}")
-                return self.message(403, "Access refused",
-                                    f"You are signed in as {who.label}, who is not a site "
-                                    f"admin: the admin page is only for members of the policy "
-                                    f"group '{group}'.")
+                self.admin.record_login(
+                    who, allowed=False, reason=f"{who.label} is not in the policy group {group!r}"
+                )
+                return self.message(
+                    403,
+                    "Access refused",
+                    f"You are signed in as {who.label}, who is not a site "
+                    f"admin: the admin page is only for members of the policy "
+                    f"group '{group}'.",
+                )
             g.admin_user = who
             return view(*args, **kwargs)
 
@@ -255,12 +294,14 @@ def _register_hooks(bp: Blueprint, ui: _AdminUi) -> None:
     @bp.errorhandler(BrokerError)
     def _broker_error(exc: BrokerError) -> tuple[str, int]:
         if exc.http_status >= 500:
-            return ui.message(exc.http_status, "Server problem",
-                              f"The broker could not answer (request {g.get('request_id')}); "
-                              "the administrator can find it in the log.")
+            return ui.message(
+                exc.http_status,
+                "Server problem",
+                f"The broker could not answer (request {g.get('request_id')}); "
+                "the administrator can find it in the log.",
+            )
         if isinstance(exc, AuthenticationError):
-            return ui.message(403, "Access refused",
-                              f"Your certificate was refused: {exc.message}")
+            return ui.message(403, "Access refused", f"Your certificate was refused: {exc.message}")
         return ui.message(exc.http_status, "Bad request", exc.message)
 
 
@@ -269,32 +310,51 @@ def _register_login(bp: Blueprint, ui: _AdminUi) -> None:
     def login() -> ViewResult:
         pam = ui.pam
         if pam is None:
-            return ui.message(404, "No password login",
-                              "This broker has no PAM service configured: site admins connect "
-                              "with their client certificate.")
+            return ui.message(
+                404,
+                "No password login",
+                "This broker has no PAM service configured: site admins connect "
+                "with their client certificate.",
+            )
         if request.method == "GET":
             return ui.page("login.html")
         if not ui.csrf_ok():
-            return ui.message(400, "Form expired",
-                              "The login form expired or came from another site; reload the "
-                              "login page and try again.")
+            return ui.message(
+                400,
+                "Form expired",
+                "The login form expired or came from another site; reload the "
+                "login page and try again.",
+            )
         username = _arg("username", 128, request.form) or ""
         password = request.form.get("password", "")
         try:
             check_password(pam, username, password)
         except (PamRefused, InputError) as exc:
             ui.service.record_refused_authentication(
-                exc, pam_user=username or None, action="admin-login",
-                client_address=request.remote_addr, request_id=g.get("request_id"))
-            return ui.page("login.html", 401, error="The username or password is wrong, or the "
-                           "account is locked.", username=username)
+                exc,
+                pam_user=username or None,
+                action="admin-login",
+                client_address=request.remote_addr,
+                request_id=g.get("request_id"),
+            )
+            return ui.page(
+                "login.html",
+                401,
+                error="The username or password is wrong, or the account is locked.",
+                username=username,
+            )
         session.clear()
         session.permanent = True
         session["pam_user"] = username
         session["at"] = int(ui.admin.now().timestamp())
         session["csrf"] = secrets.token_urlsafe(32)  # a new token with the new session
-        who = Requester(dn=None, pam_user=username, client_address=request.remote_addr,
-                        endpoint="rest", request_id=g.get("request_id", ""))
+        who = Requester(
+            dn=None,
+            pam_user=username,
+            client_address=request.remote_addr,
+            endpoint="rest",
+            request_id=g.get("request_id", ""),
+        )
         if ui.admin.is_admin(who):
             ui.admin.record_login(who, allowed=True, reason="admin page login through PAM")
         return redirect(url_for("admin.overview"), code=303)
@@ -318,28 +378,47 @@ def _register_pages(bp: Blueprint, ui: _AdminUi) -> None:
         owner = _arg("owner", _DN_MAX)
         expiring = request.args.get("expiring") == "1"
         after_owner, after_id = _arg("after_owner", _DN_MAX), _int_arg("after_id")
-        after = (q.CredentialCursor(after_owner, after_id)
-                 if after_owner is not None and after_id is not None else None)
+        after = (
+            q.CredentialCursor(after_owner, after_id)
+            if after_owner is not None and after_id is not None
+            else None
+        )
         hours = _int_arg("hours") or 24
         if hours not in CHART_HOURS:
             raise InputError(f"the chart covers {', '.join(map(str, CHART_HOURS))} hours")
         creds = admin.credentials(owner_dn=owner, expiring_only=expiring, after=after)
         next_url = None
         if creds.next is not None:
-            params = {k: v for k, v in (("owner", owner), ("expiring", "1" if expiring else None),
-                                        ("hours", str(hours))) if v}
+            params = {
+                k: v
+                for k, v in (
+                    ("owner", owner),
+                    ("expiring", "1" if expiring else None),
+                    ("hours", str(hours)),
+                )
+                if v
+            }
             params.update(after_owner=creds.next.owner_dn, after_id=str(creds.next.id))
             next_url = url_for("admin.overview") + "?" + urlencode(params)
         buckets = admin.chart(hours=hours)
         bars, top, labels = _chart_bars(buckets)
         now = admin.now()
-        return ui.page("overview.html", creds=creds, counts=admin.credential_counts(),
-                       owner=owner or "", expiring=expiring, next_url=next_url,
-                       soon=now + admin.settings.expiring_window,
-                       window_hours=admin.settings.expiring_window.total_seconds() / 3600,
-                       hours=hours, chart_hours=CHART_HOURS, bars=bars, top=top, labels=labels,
-                       totals=(sum(b.retrievals for b in buckets),
-                               sum(b.refusals for b in buckets)))
+        return ui.page(
+            "overview.html",
+            creds=creds,
+            counts=admin.credential_counts(),
+            owner=owner or "",
+            expiring=expiring,
+            next_url=next_url,
+            soon=now + admin.settings.expiring_window,
+            window_hours=admin.settings.expiring_window.total_seconds() / 3600,
+            hours=hours,
+            chart_hours=CHART_HOURS,
+            bars=bars,
+            top=top,
+            labels=labels,
+            totals=(sum(b.retrievals for b in buckets), sum(b.refusals for b in buckets)),
+        )
 
     @bp.get("/audit")
     @ui.admin_only
@@ -348,20 +427,27 @@ def _register_pages(bp: Blueprint, ui: _AdminUi) -> None:
         if decision not in (None, "allow", "deny", "error"):
             raise InputError("the decision filter must be allow, deny or error")
         filters = q.AuditFilter(
-            owner_dn=_arg("owner", _DN_MAX), requester_dn=_arg("requester", _DN_MAX),
-            job_id=_arg("job_id"), action=_arg("action", 64), decision=decision,
-            since=_time_arg("since"), until=_time_arg("until"),
+            owner_dn=_arg("owner", _DN_MAX),
+            requester_dn=_arg("requester", _DN_MAX),
+            job_id=_arg("job_id"),
+            action=_arg("action", 64),
+            decision=decision,
+            since=_time_arg("since"),
+            until=_time_arg("until"),
         )
         result = admin.audit(filters, before=_int_arg("before"))
-        form = {k: request.args.get(k, "") for k in
-                ("owner", "requester", "job_id", "action", "decision", "since", "until")}
+        form = {
+            k: request.args.get(k, "")
+            for k in ("owner", "requester", "job_id", "action", "decision", "since", "until")
+        }
         next_url = None
         if result.next_before is not None:
             params = {k: v for k, v in form.items() if v}
             params["before"] = str(result.next_before)
             next_url = url_for("admin.audit") + "?" + urlencode(params)
-        return ui.page("audit.html", result=result, form=form, actions=AUDIT_ACTIONS,
-                       next_url=next_url)
+        return ui.page(
+            "audit.html", result=result, form=form, actions=AUDIT_ACTIONS, next_url=next_url
+        )
 
     @bp.get("/policy")
     @ui.admin_only
@@ -378,21 +464,40 @@ def _register_explain(bp: Blueprint, ui: _AdminUi) -> None:
     @ui.admin_only
     def explain() -> ViewResult:
         source = request.form if request.method == "POST" else request.args
-        form = {k: source.get(k, "") for k in (
-            "requester", "fqans", "action", "owner", "owner_fqans", "credential", "job_id",
-            "auth", "username", "retrievers", "trusted_retrievers", "renewers")}
+        form = {
+            k: source.get(k, "")
+            for k in (
+                "requester",
+                "fqans",
+                "action",
+                "owner",
+                "owner_fqans",
+                "credential",
+                "job_id",
+                "auth",
+                "username",
+                "retrievers",
+                "trusted_retrievers",
+                "renewers",
+            )
+        }
         form["action"] = form["action"] or Action.RETRIEVE.value
         form["auth"] = form["auth"] or AuthMethod.CERTIFICATE.value
         context: dict[str, Any] = {
-            "form": form, "actions": [a.value for a in Action],
-            "auths": [m.value for m in AuthMethod], "decision": None, "error": None,
+            "form": form,
+            "actions": [a.value for a in Action],
+            "auths": [m.value for m in AuthMethod],
+            "decision": None,
+            "error": None,
         }
         if request.method == "GET":
             return ui.page("explain.html", **context)
         if not ui.csrf_ok():
-            return ui.message(400, "Form expired",
-                              "The form expired or came from another site; reload it and "
-                              "retry.")
+            return ui.message(
+                400,
+                "Form expired",
+                "The form expired or came from another site; reload it and retry.",
+            )
         try:
             context["decision"] = admin.explain(_explain_query(form, source))
         except InputError as exc:
@@ -403,12 +508,14 @@ def _register_explain(bp: Blueprint, ui: _AdminUi) -> None:
 
 def _explain_query(form: dict[str, str], source: Any) -> ExplainQuery:
     return ExplainQuery(
-        action=form["action"], owner_dn=_arg("owner", _DN_MAX, source) or "",
+        action=form["action"],
+        owner_dn=_arg("owner", _DN_MAX, source) or "",
         requester_dn=_arg("requester", _DN_MAX, source),
         requester_fqans=split_lines(form["fqans"]),
         owner_fqans=split_lines(form["owner_fqans"]),
         credential=_arg("credential", 128, source) or "",
-        job_id=_arg("job_id", 256, source), auth=form["auth"],
+        job_id=_arg("job_id", 256, source),
+        auth=form["auth"],
         username=_arg("username", 128, source),
         retrievers=split_lines(form["retrievers"]) or None,
         trusted_retrievers=split_lines(form["trusted_retrievers"]) or None,

@@ -43,20 +43,33 @@ _CLIENT_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,64}")
 class _Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("broker_requests", "REST requests by endpoint and status",
-                                ["endpoint", "status"], registry=self.registry)
-        self.latency = Histogram("broker_request_seconds", "REST request latency",
-                                 ["endpoint"], registry=self.registry,
-                                 buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1, 5))
+        self.requests = Counter(
+            "broker_requests",
+            "REST requests by endpoint and status",
+            ["endpoint", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "broker_request_seconds",
+            "REST request latency",
+            ["endpoint"],
+            registry=self.registry,
+            buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1, 5),
+        )
 
 
 # The only paths that end in "/": the root and the admin page's index (a browser address).
 _SLASH_PATHS = frozenset({"/", "/admin/"})
 
 
-def create_app(service: BrokerService, *, pam: PamSettings | None = None,
-               online_ca: OnlineCa | None = None, admin: AdminSettings | None = None,
-               peer_chain: ChainSource = tls_chain) -> Flask:
+def create_app(
+    service: BrokerService,
+    *,
+    pam: PamSettings | None = None,
+    online_ca: OnlineCa | None = None,
+    admin: AdminSettings | None = None,
+    peer_chain: ChainSource = tls_chain,
+) -> Flask:
     """The WSGI app over ``service``.
 
     ``peer_chain`` is where callers' verified chains come from: the TLS socket in
@@ -141,8 +154,7 @@ def _install_error_answers(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> tuple[Response, int]:
         code = exc.code or 500
-        names = {404: "not_found", 405: "method_not_allowed", 413: "too_large",
-                 400: "bad_request"}
+        names = {404: "not_found", 405: "method_not_allowed", 413: "too_large", 400: "bad_request"}
         message = {
             404: f"there is no endpoint {request.path}; see /v1/openapi.json",
             405: f"{request.method} is not allowed on {request.path}",
@@ -153,5 +165,10 @@ def _install_error_answers(app: Flask) -> None:
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> tuple[Response, int]:
         log.exception("request %s: unexpected error", g.get("request_id"))
-        return jsonify({"error": "internal", "message": "an internal error occurred; the "
-                        f"administrator can find request {g.get('request_id')} in the log"}), 500
+        return jsonify(
+            {
+                "error": "internal",
+                "message": "an internal error occurred; the "
+                f"administrator can find request {g.get('request_id')} in the log",
+            }
+        ), 500

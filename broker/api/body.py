@@ -47,8 +47,9 @@ def json_body() -> dict[str, Any]:
     if not raw:
         return {}
     if json_depth(raw) > MAX_JSON_DEPTH:
-        raise InputError(f"the request body nests deeper than {MAX_JSON_DEPTH} levels",
-                         reason="bad_json")
+        raise InputError(
+            f"the request body nests deeper than {MAX_JSON_DEPTH} levels", reason="bad_json"
+        )
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -58,8 +59,14 @@ def json_body() -> dict[str, Any]:
     return body
 
 
-def text(body: dict[str, Any], key: str, *, required: bool = False, default: str | None = None,
-         max_len: int = 4096) -> str | None:
+def text(
+    body: dict[str, Any],
+    key: str,
+    *,
+    required: bool = False,
+    default: str | None = None,
+    max_len: int = 4096,
+) -> str | None:
     """A string field of at most ``max_len`` characters."""
     value = body.get(key, default)
     if value is None:
@@ -69,8 +76,9 @@ def text(body: dict[str, Any], key: str, *, required: bool = False, default: str
     if not isinstance(value, str):
         raise InputError(f"the field {key!r} must be a string", reason="bad_field")
     if len(value) > max_len:
-        raise InputError(f"the field {key!r} is longer than {max_len} characters",
-                         reason="bad_field")
+        raise InputError(
+            f"the field {key!r} is longer than {max_len} characters", reason="bad_field"
+        )
     return value
 
 
@@ -90,8 +98,9 @@ def hours(body: dict[str, Any], key: str, default: float) -> timedelta:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InputError(f"the field {key!r} must be a number of hours", reason="bad_field")
     if not 0 < value <= MAX_HOURS:
-        raise InputError(f"the field {key!r} must be between 0 and {MAX_HOURS} hours",
-                         reason="bad_field")
+        raise InputError(
+            f"the field {key!r} must be between 0 and {MAX_HOURS} hours", reason="bad_field"
+        )
     return timedelta(hours=float(value))
 
 

@@ -53,12 +53,15 @@ def requester(service: BrokerService, *, bearer: bool = False) -> Requester:
     if not chain:
         raise AuthenticationError(
             "the TLS layer gave no verified client chain (a resumed session or no client "
-            "certificate); reconnect with your certificate or proxy", reason="no_chain")
+            "certificate); reconnect with your certificate or proxy",
+            reason="no_chain",
+        )
     return authenticate_chain(service, chain)
 
 
-def authenticate_chain(service: BrokerService, chain: list[x509.Certificate], *,
-                       action: str | None = None) -> Requester:
+def authenticate_chain(
+    service: BrokerService, chain: list[x509.Certificate], *, action: str | None = None
+) -> Requester:
     """The requester ``chain`` proves, for the current request.
 
     A chain OpenSSL accepted but the RFC 3820 / VOMS checks refuse (e.g. a forged AC)
@@ -67,11 +70,12 @@ def authenticate_chain(service: BrokerService, chain: list[x509.Certificate], *,
     """
     request_id = g.get("request_id")
     try:
-        return service.authenticate_chain(chain, client_address=request.remote_addr,
-                                          endpoint="rest", request_id=request_id)
+        return service.authenticate_chain(
+            chain, client_address=request.remote_addr, endpoint="rest", request_id=request_id
+        )
     except AuthenticationError as exc:
         where = {} if action is None else {"action": action}
         service.record_refused_authentication(
-            exc, chain=chain, client_address=request.remote_addr, request_id=request_id,
-            **where)
+            exc, chain=chain, client_address=request.remote_addr, request_id=request_id, **where
+        )
         raise

@@ -32,12 +32,15 @@ from broker.pki.dn import slash_from_name
 from broker.pki.proxy import load_csr
 from broker.service import BrokerService, Requester
 
-_FAILED = ("PAM login failed: the username or password is wrong, or the account is locked or "
-           "expired; check them, or ask the site's account administrators")
+_FAILED = (
+    "PAM login failed: the username or password is wrong, or the account is locked or "
+    "expired; check them, or ask the site's account administrators"
+)
 
 
-def pam_blueprint(service: BrokerService, pam: PamSettings,
-                  online_ca: OnlineCa | None = None) -> Blueprint:
+def pam_blueprint(
+    service: BrokerService, pam: PamSettings, online_ca: OnlineCa | None = None
+) -> Blueprint:
     """The PAM routes, bound to ``service``; register on the app from create_app."""
     bp = Blueprint("pam", __name__)
 
@@ -48,11 +51,22 @@ def pam_blueprint(service: BrokerService, pam: PamSettings,
             check_password(pam, username, password)
         except PamRefused as exc:
             service.record_refused_authentication(
-                exc, pam_user=username, action=action, client_address=request.remote_addr,
-                request_id=g.request_id, username=username, **where)
+                exc,
+                pam_user=username,
+                action=action,
+                client_address=request.remote_addr,
+                request_id=g.request_id,
+                username=username,
+                **where,
+            )
             raise AuthenticationError(_FAILED, reason="pam_failed") from None
-        return Requester(dn=None, pam_user=username, client_address=request.remote_addr,
-                         endpoint="rest", request_id=g.request_id)
+        return Requester(
+            dn=None,
+            pam_user=username,
+            client_address=request.remote_addr,
+            endpoint="rest",
+            request_id=g.request_id,
+        )
 
     @bp.post("/v1/pam/retrievals")
     def pam_retrieve() -> Response:
@@ -63,8 +77,15 @@ def pam_blueprint(service: BrokerService, pam: PamSettings,
         lifetime = hours(body, "lifetime_hours", 12) if "lifetime_hours" in body else None
         limited = flag(body, "limited")
         who = login(body, "retrieve", name=name, job_id=job_id)
-        issued = service.retrieve(who, csr_pem=csr_pem, username=who.pam_user, name=name,
-                                  lifetime=lifetime, job_id=job_id, limited=limited)
+        issued = service.retrieve(
+            who,
+            csr_pem=csr_pem,
+            username=who.pam_user,
+            name=name,
+            lifetime=lifetime,
+            job_id=job_id,
+            limited=limited,
+        )
         return jsonify(issued_json(issued))
 
     if online_ca is None:
@@ -82,12 +103,14 @@ def pam_blueprint(service: BrokerService, pam: PamSettings,
         now = service.now()
         cert = service.issue_certificate(who, ca, csr, lifetime=lifetime)
         subject = slash_from_name(cert.subject)
-        return jsonify({
-            "certificate": cert.public_bytes(Encoding.PEM).decode(),
-            "subject": subject,
-            "issuer": slash_from_name(cert.issuer),
-            "not_after": cert.not_valid_after_utc.isoformat(),
-            "lifetime": int((cert.not_valid_after_utc - now).total_seconds()),
-        }), 201
+        return jsonify(
+            {
+                "certificate": cert.public_bytes(Encoding.PEM).decode(),
+                "subject": subject,
+                "issuer": slash_from_name(cert.issuer),
+                "not_after": cert.not_valid_after_utc.isoformat(),
+                "lifetime": int((cert.not_valid_after_utc - now).total_seconds()),
+            }
+        ), 201
 
     return bp

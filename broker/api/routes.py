@@ -33,8 +33,9 @@ class HousekeepingCollector:
     def collect(self) -> Any:
         from prometheus_client.core import CounterMetricFamily
 
-        family = CounterMetricFamily("broker_housekeeping", "Housekeeping totals of this "
-                                     "worker process", labels=["what"])
+        family = CounterMetricFamily(
+            "broker_housekeeping", "Housekeeping totals of this worker process", labels=["what"]
+        )
         for what, value in sorted(self._service.counters().items()):
             family.add_metric([what], value)
         yield family
@@ -69,9 +70,17 @@ def info_blueprint(service: BrokerService, registry: CollectorRegistry) -> Bluep
     def whoami() -> Response:
         who = requester(service, bearer=True)
         if who.token is not None:
-            return jsonify({"identity": who.label, "token": {
-                "issuer": who.token.issuer, "subject": who.token.subject,
-                "groups": list(who.token.groups), "scopes": list(who.token.scopes)}})
+            return jsonify(
+                {
+                    "identity": who.label,
+                    "token": {
+                        "issuer": who.token.issuer,
+                        "subject": who.token.subject,
+                        "groups": list(who.token.groups),
+                        "scopes": list(who.token.scopes),
+                    },
+                }
+            )
         return jsonify({"identity": who.dn, "fqans": list(who.fqans), "limited": who.limited})
 
     return bp
@@ -101,8 +110,12 @@ def delegations_blueprint(service: BrokerService) -> Blueprint:
     def finish_delegation(delegation_id: str) -> tuple[Response, int]:
         who = requester(service)
         body = json_body()
-        summary = service.finish_delegation(who, delegation_id, pem(body, "chain"),
-                                            passphrase=text(body, "passphrase", max_len=1024))
+        summary = service.finish_delegation(
+            who,
+            delegation_id,
+            pem(body, "chain"),
+            passphrase=text(body, "passphrase", max_len=1024),
+        )
         return jsonify(credential_json(summary, service.now())), 201
 
     return bp
@@ -129,9 +142,12 @@ def issuance_blueprint(service: BrokerService) -> Blueprint:
         who = requester(service, bearer=True)
         body = json_body()
         issued = service.retrieve(
-            who, csr_pem=pem(body, "csr"), lifetime=_lifetime(body),
+            who,
+            csr_pem=pem(body, "csr"),
+            lifetime=_lifetime(body),
             job_id=text(body, "job_id", max_len=256),
-            passphrase=text(body, "passphrase", max_len=1024), limited=flag(body, "limited"),
+            passphrase=text(body, "passphrase", max_len=1024),
+            limited=flag(body, "limited"),
             **_owner(body),
         )
         return jsonify(issued_json(issued))
@@ -146,14 +162,20 @@ def issuance_blueprint(service: BrokerService) -> Blueprint:
         who = requester(service)
         body = json_body()
         try:
-            signature = base64.b64decode(text(body, "signature", required=True) or "",
-                                         validate=True)
+            signature = base64.b64decode(
+                text(body, "signature", required=True) or "", validate=True
+            )
         except ValueError as exc:
             raise InputError("the field 'signature' must be base64", reason="bad_field") from exc
         issued = service.renew(
-            who, csr_pem=pem(body, "csr"), challenge=text(body, "challenge", required=True) or "",
-            authz_chain_pem=pem(body, "authz_chain"), signature=signature,
-            lifetime=_lifetime(body), job_id=text(body, "job_id", max_len=256), **_owner(body),
+            who,
+            csr_pem=pem(body, "csr"),
+            challenge=text(body, "challenge", required=True) or "",
+            authz_chain_pem=pem(body, "authz_chain"),
+            signature=signature,
+            lifetime=_lifetime(body),
+            job_id=text(body, "job_id", max_len=256),
+            **_owner(body),
         )
         return jsonify(issued_json(issued))
 
@@ -171,8 +193,9 @@ def credentials_blueprint(service: BrokerService) -> Blueprint:
         name = request.args.get("name") or None
         summaries = service.info(who, username=username, name=name)
         now = service.now()
-        return jsonify({"identity": who.dn,
-                        "credentials": [credential_json(s, now) for s in summaries]})
+        return jsonify(
+            {"identity": who.dn, "credentials": [credential_json(s, now) for s in summaries]}
+        )
 
     @bp.delete("/v1/credentials/<username>/<name>")
     def destroy(username: str, name: str) -> Response:
@@ -185,8 +208,12 @@ def credentials_blueprint(service: BrokerService) -> Blueprint:
         who = requester(service)
         body = json_body()
         summary = service.change_passphrase(
-            who, username=username, name=name, old=text(body, "old", max_len=1024),
-            new=text(body, "new", max_len=1024))
+            who,
+            username=username,
+            name=name,
+            old=text(body, "old", max_len=1024),
+            new=text(body, "new", max_len=1024),
+        )
         return jsonify(credential_json(summary, service.now()))
 
     return bp

@@ -30,12 +30,20 @@ def credential_json(summary: CredentialSummary, now: datetime) -> dict[str, Any]
 
 def issued_json(issued: IssuedProxy) -> dict[str, Any]:
     """A proxy the broker issued: one shape for retrievals, renewals and PAM retrievals."""
-    return {"chain": issued.pem().decode(), "owner": issued.owner_dn,
-            "username": issued.username, "name": issued.name,
-            "lifetime": int(issued.lifetime.total_seconds()), "limited": issued.limited}
+    return {
+        "chain": issued.pem().decode(),
+        "owner": issued.owner_dn,
+        "username": issued.username,
+        "name": issued.name,
+        "lifetime": int(issued.lifetime.total_seconds()),
+        "limited": issued.limited,
+    }
 
 
 def pending_json(pending: PendingInfo) -> dict[str, Any]:
     """A started delegation: the CSR the owner signs and when the offer lapses."""
-    return {"id": pending.id, "csr": pending.csr_pem.decode(),
-            "expires_at": pending.expires_at.isoformat()}
+    return {
+        "id": pending.id,
+        "csr": pending.csr_pem.decode(),
+        "expires_at": pending.expires_at.isoformat(),
+    }

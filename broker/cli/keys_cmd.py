@@ -17,8 +17,12 @@ from broker.cli.common import reports_errors
 from broker.cli.serve_cmd import keys
 from broker.config import load_config
 
-_config_opt = click.option("--config", "config_path", type=click.Path(dir_okay=False),
-                           help="broker.toml (flags override it).")
+_config_opt = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help="broker.toml (flags override it).",
+)
 _state_opt = click.option("--state-dir", help="State directory [./broker-state].")
 _db_opt = click.option("--database-url", help="SQLAlchemy URL [SQLite in the state dir].")
 _key_opt = click.option("--master-key-file")
@@ -51,13 +55,19 @@ def keys_status(config_path: str | None, as_json: bool, **flags: Any) -> None:
     config = load_config(config_path, flags)
     store = _store(config)
     try:
-        rows = key_status(load_master_keys(config.master_key_file),
-                          store.master_key_ids_in_use())
+        rows = key_status(load_master_keys(config.master_key_file), store.master_key_ids_in_use())
     finally:
         store.close()
     if as_json:
-        click.echo(json.dumps([{"id": r.key_id, "in_file": r.in_file, "active": r.active,
-                                "rows": r.rows} for r in rows], indent=2))
+        click.echo(
+            json.dumps(
+                [
+                    {"id": r.key_id, "in_file": r.in_file, "active": r.active, "rows": r.rows}
+                    for r in rows
+                ],
+                indent=2,
+            )
+        )
         return
     click.echo(f"{'key id':32} {'state':9} rows (credentials + pending delegations)")
     for r in rows:
@@ -65,8 +75,11 @@ def keys_status(config_path: str | None, as_json: bool, **flags: Any) -> None:
         click.echo(f"{r.key_id:32} {state:9} {r.rows}")
     missing = [r.key_id for r in rows if not r.in_file]
     if missing:
-        click.echo(f"warning: the database uses key(s) not in {config.master_key_file}: "
-                   f"{', '.join(missing)}; copy the key file from a node that has them", err=True)
+        click.echo(
+            f"warning: the database uses key(s) not in {config.master_key_file}: "
+            f"{', '.join(missing)}; copy the key file from a node that has them",
+            err=True,
+        )
 
 
 @keys.command("add")
@@ -78,8 +91,10 @@ def keys_add(config_path: str | None, **flags: Any) -> None:
 
     config = load_config(config_path, flags)
     key_id = add_master_key(config.master_key_file)
-    click.echo(f"added {key_id} (standby); copy {config.master_key_file} to every node, "
-               f"then: broker keys activate {key_id}")
+    click.echo(
+        f"added {key_id} (standby); copy {config.master_key_file} to every node, "
+        f"then: broker keys activate {key_id}"
+    )
 
 
 @keys.command("activate")
@@ -92,8 +107,9 @@ def keys_activate(config_path: str | None, key_id: str, **flags: Any) -> None:
 
     config = load_config(config_path, flags)
     activate_master_key(config.master_key_file, key_id)
-    click.echo(f"{key_id} is active; copy {config.master_key_file} to every node, then: "
-               "broker keys rewrap")
+    click.echo(
+        f"{key_id} is active; copy {config.master_key_file} to every node, then: broker keys rewrap"
+    )
 
 
 @keys.command("rewrap")
@@ -109,8 +125,9 @@ def keys_rewrap(config_path: str | None, **flags: Any) -> None:
         count = rewrap_all(store, config.master_key_file)
     finally:
         store.close()
-    click.echo(f"rewrapped {count} row(s); check with 'broker keys status', then retire the "
-               "old key")
+    click.echo(
+        f"rewrapped {count} row(s); check with 'broker keys status', then retire the old key"
+    )
 
 
 @keys.command("retire")

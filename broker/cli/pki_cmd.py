@@ -41,7 +41,10 @@ def dev_pki(directory: str, users: tuple[str, ...], pilots: tuple[str, ...], day
     from broker.devpki import write_dev_pki
 
     _, manifest = write_dev_pki(
-        directory, now=utcnow(), users=users or ("alice", "bob"), pilots=pilots or ("pilot",),
+        directory,
+        now=utcnow(),
+        users=users or ("alice", "bob"),
+        pilots=pilots or ("pilot",),
         days=days,
     )
     click.echo(f"dev PKI written to {directory}")
@@ -68,8 +71,13 @@ def _parse_voms(spec: str) -> tuple[str, str]:
 @click.option("--path-length", type=click.IntRange(min=0), help="Proxy path length constraint.")
 @click.option("--bits", default=2048, show_default=True, help="RSA key size.")
 @click.option("--ec", is_flag=True, help="Use an EC P-256 key instead of RSA.")
-@click.option("--voms", "voms_specs", multiple=True, metavar="VO:FQAN",
-              help="Add a VOMS AC with this FQAN (repeatable; all must name one VO).")
+@click.option(
+    "--voms",
+    "voms_specs",
+    multiple=True,
+    metavar="VO:FQAN",
+    help="Add a VOMS AC with this FQAN (repeatable; all must name one VO).",
+)
 @click.option("--voms-cert", type=click.Path(dir_okay=False), help="VOMS signer certificate.")
 @click.option("--voms-key", type=click.Path(dir_okay=False), help="VOMS signer key.")
 @click.option("--voms-uri", default="voms.example.org:15001", show_default=True)
@@ -77,10 +85,21 @@ def _parse_voms(spec: str) -> tuple[str, str]:
 @click.option("--force", is_flag=True, help="Replace an existing output file.")
 @reports_errors
 def proxy_init(
-    cert: str | None, key: str | None, out: str | None, hours: float, limited: bool,
-    independent: bool, path_length: int | None, bits: int, ec: bool,
-    voms_specs: tuple[str, ...], voms_cert: str | None, voms_key: str | None, voms_uri: str,
-    voms_hours: float | None, force: bool,
+    cert: str | None,
+    key: str | None,
+    out: str | None,
+    hours: float,
+    limited: bool,
+    independent: bool,
+    path_length: int | None,
+    bits: int,
+    ec: bool,
+    voms_specs: tuple[str, ...],
+    voms_cert: str | None,
+    voms_key: str | None,
+    voms_uri: str,
+    voms_hours: float | None,
+    force: bool,
 ) -> None:
     """Make an RFC 3820 proxy (grid-proxy-init / voms-proxy-fake equivalent)."""
     if limited and independent:
@@ -105,22 +124,36 @@ def proxy_init(
         holder = _eec_of(issuer)
         extensions.append(
             make_ac_extension(
-                holder, signer, vo=vos.pop(), fqans=[f for _, f in specs], uri=voms_uri, now=now,
+                holder,
+                signer,
+                vo=vos.pop(),
+                fqans=[f for _, f in specs],
+                uri=voms_uri,
+                now=now,
                 lifetime=timedelta(hours=voms_hours or hours),
             )
         )
-    kind = ProxyType.LIMITED if limited else (
-        ProxyType.INDEPENDENT if independent else ProxyType.IMPERSONATION)
+    kind = (
+        ProxyType.LIMITED
+        if limited
+        else (ProxyType.INDEPENDENT if independent else ProxyType.IMPERSONATION)
+    )
     proxy = new_proxy(
-        issuer, now=now, lifetime=timedelta(hours=hours), proxy_type=kind,
-        path_length=path_length, key=generate_key("ec") if ec else generate_key("rsa", bits),
+        issuer,
+        now=now,
+        lifetime=timedelta(hours=hours),
+        proxy_type=kind,
+        path_length=path_length,
+        key=generate_key("ec") if ec else generate_key("rsa", bits),
         extra_extensions=extensions,
     )
     target = out or default_proxy_path()
     write_private_file(target, credential_to_pem(proxy), mode=0o600, overwrite=force or out is None)
     left = proxy.cert.not_valid_after_utc - now
-    click.echo(f"Your proxy is valid until {proxy.cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC "
-               f"({format_timedelta(left.total_seconds())}); written to {target}")
+    click.echo(
+        f"Your proxy is valid until {proxy.cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC "
+        f"({format_timedelta(left.total_seconds())}); written to {target}"
+    )
 
 
 def _eec_of(cred: Credential):  # type: ignore[no-untyped-def]

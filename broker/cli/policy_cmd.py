@@ -115,13 +115,27 @@ def check_cmd(directory: Path | None) -> None:
     help="How the requester authenticated.",
 )
 @click.option("--username", default=None, help="PAM username (with --auth pam).")
-@click.option("--token-issuer", default=None, metavar="URL",
-              help="Bearer token issuer ('iss'); implies --auth token.")
+@click.option(
+    "--token-issuer",
+    default=None,
+    metavar="URL",
+    help="Bearer token issuer ('iss'); implies --auth token.",
+)
 @click.option("--token-subject", default=None, metavar="SUB", help="Bearer token 'sub'.")
-@click.option("--token-group", "token_groups", multiple=True, metavar="GROUP",
-              help="Bearer token wlcg.groups entry (repeat).")
-@click.option("--token-scope", "token_scopes", multiple=True, metavar="SCOPE",
-              help="Bearer token scope (repeat).")
+@click.option(
+    "--token-group",
+    "token_groups",
+    multiple=True,
+    metavar="GROUP",
+    help="Bearer token wlcg.groups entry (repeat).",
+)
+@click.option(
+    "--token-scope",
+    "token_scopes",
+    multiple=True,
+    metavar="SCOPE",
+    help="Bearer token scope (repeat).",
+)
 @click.option(
     "--retrievers",
     "owner_retrievers",
@@ -240,8 +254,12 @@ def _print_decision(decision: Decision) -> None:
 @policy.command("import-myproxy-config", cls=_InputCommand)
 @click.argument("config_file", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--dir", "directory", type=click.Path(path_type=Path), help=_DIR_HELP)
-@click.option("--file-name", default="50-myproxy.toml", show_default=True,
-              help="Name of the policy file written into the directory.")
+@click.option(
+    "--file-name",
+    default="50-myproxy.toml",
+    show_default=True,
+    help="Name of the policy file written into the directory.",
+)
 def import_myproxy_config_cmd(config_file: Path, directory: Path | None, file_name: str) -> None:
     """Translate a myproxy-server.config into a policy file.
 

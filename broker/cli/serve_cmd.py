@@ -12,8 +12,12 @@ from broker.cli.common import reports_errors
 from broker.config import load_config
 from broker.errors import ConfigError
 
-_config_opt = click.option("--config", "config_path", type=click.Path(dir_okay=False),
-                           help="broker.toml (flags override it).")
+_config_opt = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help="broker.toml (flags override it).",
+)
 _state_opt = click.option("--state-dir", help="State directory [./broker-state].")
 _db_opt = click.option("--database-url", help="SQLAlchemy URL [SQLite in the state dir].")
 
@@ -33,14 +37,29 @@ _db_opt = click.option("--database-url", help="SQLAlchemy URL [SQLite in the sta
 @click.option("--workers", type=int)
 @click.option("--threads", type=int)
 @click.option("--max-tls", type=click.Choice(["1.2", "1.3"]))
-@click.option("--username-binding", type=click.Choice(["dn", "none"]),
-              help="dn: a credential's username must be its owner's DN-derived name [dn].")
-@click.option("--ops-bind", default="", help="Plain-HTTP HOST:PORT (or PORT, on 127.0.0.1) "
-              "serving /metrics and /healthz without a client certificate [off].")
-@click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
-              show_default=True, help="json: one object per line.")
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
-              help="[log_level in the config, info].")
+@click.option(
+    "--username-binding",
+    type=click.Choice(["dn", "none"]),
+    help="dn: a credential's username must be its owner's DN-derived name [dn].",
+)
+@click.option(
+    "--ops-bind",
+    default="",
+    help="Plain-HTTP HOST:PORT (or PORT, on 127.0.0.1) "
+    "serving /metrics and /healthz without a client certificate [off].",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="json: one object per line.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    help="[log_level in the config, info].",
+)
 @reports_errors
 def serve(config_path: str | None, ops_bind: str, log_format: str, **flags: Any) -> None:
     """Run the broker (REST over mutual TLS; MyProxy protocol when --myproxy-bind is set)."""
@@ -72,8 +91,11 @@ def serve(config_path: str | None, ops_bind: str, log_format: str, **flags: Any)
             return policy.last_error
 
         start_ops_listener(config, ops_bind, policy_problem)
-    click.echo(f"broker: REST on https://{config.bind} state={config.state_dir} "
-               f"policy={config.policy_dir}", err=True)
+    click.echo(
+        f"broker: REST on https://{config.bind} state={config.state_dir} "
+        f"policy={config.policy_dir}",
+        err=True,
+    )
     if config.myproxy_bind:
         from broker.myproxy.server import start_myproxy_in_master
 
@@ -132,8 +154,15 @@ def keys_rotate(config_path: str | None, **flags: Any) -> None:
 @click.option("--limit", default=100, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @reports_errors
-def audit(config_path: str | None, owner: str | None, job_id: str | None, action: str | None,
-          limit: int, as_json: bool, **flags: Any) -> None:
+def audit(
+    config_path: str | None,
+    owner: str | None,
+    job_id: str | None,
+    action: str | None,
+    limit: int,
+    as_json: bool,
+    **flags: Any,
+) -> None:
     """Who fetched whose credential, for which job (newest first)."""
     from broker.store import Store, make_engine
     from broker.store.crypto import MasterKeyRing
@@ -156,16 +185,25 @@ def audit(config_path: str | None, owner: str | None, job_id: str | None, action
             who += f" ({', '.join(r.requester_fqans)})"
         target = f"{r.owner_dn or '-'} [{r.username or '-'}/{r.credential_name or '-'}]"
         job = f" job={r.job_id}" if r.job_id else ""
-        click.echo(f"{r.time:%Y-%m-%d %H:%M:%S} {r.endpoint:7} {r.action:17} {r.decision:5} "
-                   f"{who} -> {target}{job}  ({r.reason or ''})")
+        click.echo(
+            f"{r.time:%Y-%m-%d %H:%M:%S} {r.endpoint:7} {r.action:17} {r.decision:5} "
+            f"{who} -> {target}{job}  ({r.reason or ''})"
+        )
 
 
 def _row(r: Any) -> dict[str, Any]:
     return {
-        "time": r.time.isoformat(), "action": r.action, "decision": r.decision,
-        "endpoint": r.endpoint, "requester": r.requester_dn,
+        "time": r.time.isoformat(),
+        "action": r.action,
+        "decision": r.decision,
+        "endpoint": r.endpoint,
+        "requester": r.requester_dn,
         "requester_fqans": list(r.requester_fqans),
-        "owner": r.owner_dn, "username": r.username, "credential": r.credential_name,
-        "job_id": r.job_id, "reason": r.reason, "client_address": r.client_address,
+        "owner": r.owner_dn,
+        "username": r.username,
+        "credential": r.credential_name,
+        "job_id": r.job_id,
+        "reason": r.reason,
+        "client_address": r.client_address,
         "request_id": r.request_id,
     }

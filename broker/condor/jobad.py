@@ -67,13 +67,16 @@ def read_job_ad(path: str | os.PathLike[str]) -> JobAd:
             reason="no_job_ad",
         ) from exc
     if len(raw) > MAX_JOB_AD_BYTES:
-        raise InputError(f"the job ad {os.fspath(path)} is larger than {MAX_JOB_AD_BYTES} bytes",
-                         reason="bad_job_ad")
+        raise InputError(
+            f"the job ad {os.fspath(path)} is larger than {MAX_JOB_AD_BYTES} bytes",
+            reason="bad_job_ad",
+        )
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise InputError(f"the job ad {os.fspath(path)} is not UTF-8 text",
-                         reason="bad_job_ad") from None
+        raise InputError(
+            f"the job ad {os.fspath(path)} is not UTF-8 text", reason="bad_job_ad"
+        ) from None
     return parse_job_ad(text)
 
 
@@ -97,8 +100,9 @@ def _string(ad: Any, name: str) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str):
-        raise InputError(f"the job ad attribute {name} must be a string, not {value!r}",
-                         reason="bad_job_ad")
+        raise InputError(
+            f"the job ad attribute {name} must be a string, not {value!r}", reason="bad_job_ad"
+        )
     return value
 
 
@@ -123,8 +127,10 @@ def parse_job_ad(text: str) -> JobAd:
             reason="no_owner",
         )
     if not owner.startswith("/") or any(ord(c) < 32 for c in owner):
-        raise InputError(f"the job ad's {source} {owner!r} is not a DN in /DC=.../CN=... form",
-                         reason="bad_owner")
+        raise InputError(
+            f"the job ad's {source} {owner!r} is not a DN in /DC=.../CN=... form",
+            reason="bad_owner",
+        )
 
     credential = _string(ad, "BrokerCredential") or DEFAULT_CREDENTIAL
     try:
@@ -134,25 +140,36 @@ def parse_job_ad(text: str) -> JobAd:
 
     lifetime = _evaluate(ad, "BrokerLifetime")
     if lifetime is not None:
-        if isinstance(lifetime, bool) or not isinstance(lifetime, int | float) \
-                or not math.isfinite(lifetime) or lifetime <= 0:
+        if (
+            isinstance(lifetime, bool)
+            or not isinstance(lifetime, int | float)
+            or not math.isfinite(lifetime)
+            or lifetime <= 0
+        ):
             raise InputError(
                 f"BrokerLifetime must be a positive number of hours, not {lifetime!r}",
-                reason="bad_lifetime")
+                reason="bad_lifetime",
+            )
         lifetime = float(lifetime)
 
     job_id = _string(ad, "GlobalJobId")
     if not job_id:
         cluster, proc = _evaluate(ad, "ClusterId"), _evaluate(ad, "ProcId")
-        if not (isinstance(cluster, int) and isinstance(proc, int)) \
-                or isinstance(cluster, bool) or isinstance(proc, bool):
+        if (
+            not (isinstance(cluster, int) and isinstance(proc, int))
+            or isinstance(cluster, bool)
+            or isinstance(proc, bool)
+        ):
             raise InputError(
                 "the job ad has neither GlobalJobId nor integer ClusterId and ProcId; "
-                "cannot name the job", reason="no_job_id")
+                "cannot name the job",
+                reason="no_job_id",
+            )
         job_id = f"{cluster}.{proc}"
     if len(job_id) > 256 or any(ord(c) < 32 or ord(c) == 127 for c in job_id):
-        raise InputError(f"the job id {job_id!r} is not 1..256 printable characters",
-                         reason="bad_job_id")
+        raise InputError(
+            f"the job id {job_id!r} is not 1..256 printable characters", reason="bad_job_id"
+        )
 
     submitter = _string(ad, "Owner")
     environment: list[tuple[str, str]] = []
@@ -167,10 +184,16 @@ def parse_job_ad(text: str) -> JobAd:
     transfer_output = None
     if outputs is not None:
         transfer_output = tuple(n.strip() for n in outputs.split(",") if n.strip())
-    return JobAd(owner_dn=owner, credential=credential, job_id=job_id,
-                 lifetime_hours=lifetime, submitter=submitter or None,
-                 environment=tuple(environment), owner_source=source,
-                 transfer_output=transfer_output)
+    return JobAd(
+        owner_dn=owner,
+        credential=credential,
+        job_id=job_id,
+        lifetime_hours=lifetime,
+        submitter=submitter or None,
+        environment=tuple(environment),
+        owner_source=source,
+        transfer_output=transfer_output,
+    )
 
 
 def parse_environment(text: str) -> list[tuple[str, str]]:
@@ -189,7 +212,7 @@ def parse_environment(text: str) -> list[tuple[str, str]]:
         char = text[i]
         if in_quote:
             if char == "'":
-                if text[i + 1:i + 2] == "'":
+                if text[i + 1 : i + 2] == "'":
                     current.append("'")
                     i += 1
                 else:
@@ -207,8 +230,9 @@ def parse_environment(text: str) -> list[tuple[str, str]]:
             started = True
         i += 1
     if in_quote:
-        raise InputError(f"unbalanced single quote in the job's environment {text!r}",
-                         reason="bad_environment")
+        raise InputError(
+            f"unbalanced single quote in the job's environment {text!r}", reason="bad_environment"
+        )
     if started:
         entries.append("".join(current))
     return [_split_entry(e) for e in entries]
@@ -221,6 +245,7 @@ def _parse_old_environment(text: str) -> list[tuple[str, str]]:
 def _split_entry(entry: str) -> tuple[str, str]:
     name, sep, value = entry.partition("=")
     if not sep or not name:
-        raise InputError(f"the job's environment entry {entry!r} is not NAME=VALUE",
-                         reason="bad_environment")
+        raise InputError(
+            f"the job's environment entry {entry!r} is not NAME=VALUE", reason="bad_environment"
+        )
     return name, value

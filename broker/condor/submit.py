@@ -56,8 +56,16 @@ __all__ = [
 ]
 
 #: Submit keys (lower case, ``+X`` written as ``my.x``) this module writes itself.
-OWNED_KEYS = frozenset({"my.brokerowner", "my.brokercredential", "my.brokerlifetime",
-                        "run_as_owner", "my.runasowner", "getenv"})
+OWNED_KEYS = frozenset(
+    {
+        "my.brokerowner",
+        "my.brokercredential",
+        "my.brokerlifetime",
+        "run_as_owner",
+        "my.runasowner",
+        "getenv",
+    }
+)
 _FORBIDDEN_KEYS = {
     "x509userproxy": "it ships your own proxy file with the job",
     "use_x509userproxy": "it ships your own proxy file with the job",
@@ -66,11 +74,32 @@ _CREDENTIAL_PREFIXES = ("X509_", "BEARER_TOKEN", "_CONDOR_")
 _CREDENTIAL_NAMES = frozenset({"KRB5CCNAME"})
 # Names that would act on broker-pilot (root) before it runs the job: the same
 # loader, glibc and OpenSSL names its launcher refuses, Python's and the pilot's own.
-_PILOT_PREFIXES = ("PYTHON", "LD_", "BROKER_", "MALLOC_", "GLIBC_", "GCONV_", "OPENSSL_",
-                   "DYLD_", "_RLD")
-_PILOT_NAMES = frozenset({"GETCONF_DIR", "HOSTALIASES", "LOCALDOMAIN", "LOCPATH", "NIS_PATH",
-                          "NLSPATH", "RESOLV_HOST_CONF", "RES_OPTIONS", "TZDIR", "SSLKEYLOGFILE",
-                          "KRB5_CONFIG"})
+_PILOT_PREFIXES = (
+    "PYTHON",
+    "LD_",
+    "BROKER_",
+    "MALLOC_",
+    "GLIBC_",
+    "GCONV_",
+    "OPENSSL_",
+    "DYLD_",
+    "_RLD",
+)
+_PILOT_NAMES = frozenset(
+    {
+        "GETCONF_DIR",
+        "HOSTALIASES",
+        "LOCALDOMAIN",
+        "LOCPATH",
+        "NIS_PATH",
+        "NLSPATH",
+        "RESOLV_HOST_CONF",
+        "RES_OPTIONS",
+        "TZDIR",
+        "SSLKEYLOGFILE",
+        "KRB5_CONFIG",
+    }
+)
 _FALSE = frozenset({"false", "no", "0", "f", "n"})
 _QUEUE_RE = re.compile(r"\s*queue(\s|$)", re.IGNORECASE)
 _INCLUDE_RE = re.compile(r"\s*include\s*(:|command\s*:)", re.IGNORECASE)
@@ -109,22 +138,25 @@ def parse_submit(text: str) -> Any:
 
 def check_environment_names(names: Iterable[str]) -> list[str]:
     """The names among ``names`` that would carry a credential or HTCondor internals."""
-    return [n for n in names
-            if n.upper().startswith(_CREDENTIAL_PREFIXES) or n.upper() in _CREDENTIAL_NAMES]
+    return [
+        n
+        for n in names
+        if n.upper().startswith(_CREDENTIAL_PREFIXES) or n.upper() in _CREDENTIAL_NAMES
+    ]
 
 
 def check_pilot_names(names: Iterable[str]) -> list[str]:
     """The names among ``names`` that would reach broker-pilot instead of the job."""
-    return [n for n in names
-            if n.upper().startswith(_PILOT_PREFIXES) or n.upper() in _PILOT_NAMES]
+    return [n for n in names if n.upper().startswith(_PILOT_PREFIXES) or n.upper() in _PILOT_NAMES]
 
 
 def _environment_entries(value: str) -> list[tuple[str, str]]:
     stripped = value.strip()
     if len(stripped) >= 2 and stripped[0] == stripped[-1] == '"':
         return parse_environment(stripped[1:-1].replace('""', '"'))
-    return [(e.partition("=")[0].strip(), e.partition("=")[2]) for e in stripped.split(";")
-            if e.strip()]
+    return [
+        (e.partition("=")[0].strip(), e.partition("=")[2]) for e in stripped.split(";") if e.strip()
+    ]
 
 
 def _refuse_includes(lines: list[str]) -> None:
@@ -133,7 +165,8 @@ def _refuse_includes(lines: list[str]) -> None:
             raise InputError(
                 f"the line {line.strip()!r} includes another file, which broker-submit cannot "
                 "check for environment or proxy settings; paste its content instead",
-                reason="include")
+                reason="include",
+            )
 
 
 def _validate(submit: Any) -> None:
@@ -141,40 +174,50 @@ def _validate(submit: Any) -> None:
     universe = values.get("universe", "vanilla").strip().lower()
     if not values.get("executable", "").strip() and universe != "docker":
         raise InputError(
-            "the submit description has no executable; add a line such as "
-            "'executable = run.sh'", reason="no_executable")
+            "the submit description has no executable; add a line such as 'executable = run.sh'",
+            reason="no_executable",
+        )
     for key, why in _FORBIDDEN_KEYS.items():
         if key in values and values[key].strip().lower() not in _FALSE:
             raise InputError(
                 f"remove '{key}' from the submit description: {why}; the pilot fetches a "
-                "fresh proxy from the broker instead", reason="proxy_shipped")
+                "fresh proxy from the broker instead",
+                reason="proxy_shipped",
+            )
     getenv = values.get("getenv")
     if getenv is not None and getenv.strip().lower() not in _FALSE:
         raise InputError(
             f"'getenv = {getenv.strip()}' copies your environment (proxy path, tokens, HOME) "
             "into the job; remove it and list what the job needs with "
-            "'environment = \"NAME=value ...\"'", reason="getenv")
+            "'environment = \"NAME=value ...\"'",
+            reason="getenv",
+        )
     for key in ("environment", "env"):
         if key not in values:
             continue
         try:
             entries = _environment_entries(values[key])
         except InputError as exc:
-            raise InputError(f"the '{key}' line is malformed: {exc.message}",
-                             reason="bad_environment") from None
+            raise InputError(
+                f"the '{key}' line is malformed: {exc.message}", reason="bad_environment"
+            ) from None
         bad = check_environment_names(n for n, _ in entries)
         if bad:
             raise InputError(
                 f"the '{key}' line sets {', '.join(sorted(set(bad)))}, which would point the "
                 "job at a credential or HTCondor internals; remove it: the pilot sets "
-                "X509_USER_PROXY to the proxy it fetched for the job", reason="credential_env")
+                "X509_USER_PROXY to the proxy it fetched for the job",
+                reason="credential_env",
+            )
         bad = check_pilot_names(n for n, _ in entries)
         if bad:
             raise InputError(
                 f"the '{key}' line sets {', '.join(sorted(set(bad)))}, which the execute node's "
                 "pilot (running as root) would see before your job starts; remove it and set "
                 "it inside your executable instead (e.g. 'export PYTHONPATH=...' in the "
-                "job's script)", reason="pilot_env")
+                "job's script)",
+                reason="pilot_env",
+            )
 
 
 def _logical_lines(text: str) -> list[list[str]]:
@@ -195,9 +238,11 @@ def _classad_string(value: str, what: str) -> str:
     # '$' starts a submit macro and '"'/'\\' need ClassAd escapes; no real DN or
     # credential name holds them, so refusing is simpler than escaping three layers.
     if any(c in value for c in '"\\$') or any(ord(c) < 32 for c in value):
-        raise InputError(f"the {what} {value!r} contains a quote, backslash, '$' or control "
-                         "character and cannot be written into a submit description",
-                         reason="bad_value")
+        raise InputError(
+            f"the {what} {value!r} contains a quote, backslash, '$' or control "
+            "character and cannot be written into a submit description",
+            reason="bad_value",
+        )
     return f'"{value}"'
 
 
@@ -210,8 +255,9 @@ def augment_submit(
     except DnSyntaxError as exc:
         raise InputError(exc.message, reason="bad_credential_name") from None
     if lifetime_hours is not None and not lifetime_hours > 0:
-        raise InputError("the proxy lifetime must be a positive number of hours",
-                         reason="bad_lifetime")
+        raise InputError(
+            "the proxy lifetime must be a positive number of hours", reason="bad_lifetime"
+        )
     groups = _logical_lines(text)
     _refuse_includes(["".join(g) for g in groups])
     _validate(parse_submit(text))
@@ -264,7 +310,8 @@ def submit_to_schedd(augmented: AugmentedSubmit, *, schedd_name: str | None = No
         raise SystemFailure(
             f"no HTCondor schedd can be reached ({exc}); run broker-submit on a submit host "
             "of the pool, or use --dry-run and pass the printed description to condor_submit",
-            reason="no_schedd") from None
+            reason="no_schedd",
+        ) from None
     try:
         result = schedd.submit(augmented.submit)
     except (htcondor2.HTCondorException, RuntimeError, ValueError) as exc:

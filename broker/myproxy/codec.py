@@ -195,8 +195,10 @@ def parse_request(data: bytes) -> Request:
     if lifetime < 0:
         # Refused with the first reply: read as "the default", a GET went on to wait for a CSR
         # the client was not going to send.
-        raise ProtocolError(f"LIFETIME {lifetime} is negative; send the lifetime in seconds "
-                            "(0 for the server's default)")
+        raise ProtocolError(
+            f"LIFETIME {lifetime} is negative; send the lifetime in seconds "
+            "(0 for the server's default)"
+        )
     trusted = fields.get("TRUSTED_CERTS", "0").strip()
     return Request(
         command=command,
@@ -217,12 +219,23 @@ def parse_request(data: bytes) -> Request:
 
 
 def format_request(
-    command: Command, username: str, passphrase: str = "", lifetime: int = 0,
-    extra: Iterable[tuple[str, str]] = (), *, nul: bool = True,
+    command: Command,
+    username: str,
+    passphrase: str = "",
+    lifetime: int = 0,
+    extra: Iterable[tuple[str, str]] = (),
+    *,
+    nul: bool = True,
 ) -> bytes:
     """Build a request as the C client writes it (tests and the load generator use this)."""
-    lines = [("VERSION", VERSION), ("COMMAND", str(int(command))), ("USERNAME", username),
-             ("PASSPHRASE", passphrase), ("LIFETIME", str(lifetime)), *extra]
+    lines = [
+        ("VERSION", VERSION),
+        ("COMMAND", str(int(command))),
+        ("USERNAME", username),
+        ("PASSPHRASE", passphrase),
+        ("LIFETIME", str(lifetime)),
+        *extra,
+    ]
     return _join(lines, nul=nul)
 
 
@@ -293,9 +306,12 @@ class InfoEntry:
 def _info_fields(entry: InfoEntry, prefix: str) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     optional = (
-        ("DESC", entry.description), ("RETRIEVER", entry.retriever),
-        ("KEYRETRIEVERS", entry.key_retrievers), ("RETRIEVER_TRUSTED", entry.retriever_trusted),
-        ("RENEWER", entry.renewer), ("LOCKMSG", entry.lock_message),
+        ("DESC", entry.description),
+        ("RETRIEVER", entry.retriever),
+        ("KEYRETRIEVERS", entry.key_retrievers),
+        ("RETRIEVER_TRUSTED", entry.retriever_trusted),
+        ("RENEWER", entry.renewer),
+        ("LOCKMSG", entry.lock_message),
     )
     out.append((f"{prefix}START_TIME", str(entry.start_time)))
     out.append((f"{prefix}END_TIME", str(entry.end_time)))
@@ -387,8 +403,9 @@ def decode_chain(data: bytes) -> list[bytes]:
         raise _Incomplete("the certificate chain message is empty")
     count = data[0]
     if count == 0 or count > MAX_CHAIN_CERTS:
-        raise ProtocolError(f"the certificate chain announces {count} certificates "
-                            f"(1..{MAX_CHAIN_CERTS} accepted)")
+        raise ProtocolError(
+            f"the certificate chain announces {count} certificates (1..{MAX_CHAIN_CERTS} accepted)"
+        )
     offset = 1
     out = []
     for _ in range(count):
@@ -445,8 +462,12 @@ def parse_auth_reply(data: bytes) -> X509Proof:
 
 
 def format_auth_reply(method: AuthMethodId, signature: bytes, chain: Sequence[bytes]) -> bytes:
-    return (bytes([int(method), 0, 0, 0]) + len(signature).to_bytes(4, "big") + signature
-            + encode_chain(chain))
+    return (
+        bytes([int(method), 0, 0, 0])
+        + len(signature).to_bytes(4, "big")
+        + signature
+        + encode_chain(chain)
+    )
 
 
 def auth_reply_complete(data: bytes) -> bool:

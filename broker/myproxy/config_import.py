@@ -40,13 +40,19 @@ from dataclasses import dataclass, field
 
 #: Directives whose values are lists of DN regular expressions (MyProxy's patterns).
 _LIST_DIRECTIVES = (
-    "accepted_credentials", "allowed_clients", "authorized_retrievers", "allowed_services",
-    "trusted_retrievers", "authorized_renewers", "authorized_key_retrievers",
-    "default_retrievers", "default_trusted_retrievers", "default_renewers",
+    "accepted_credentials",
+    "allowed_clients",
+    "authorized_retrievers",
+    "allowed_services",
+    "trusted_retrievers",
+    "authorized_renewers",
+    "authorized_key_retrievers",
+    "default_retrievers",
+    "default_trusted_retrievers",
+    "default_renewers",
     "default_key_retrievers",
 )
-_ALIASES = {"allowed_clients": "accepted_credentials",
-            "allowed_services": "authorized_retrievers"}
+_ALIASES = {"allowed_clients": "accepted_credentials", "allowed_services": "authorized_retrievers"}
 
 
 @dataclass
@@ -101,10 +107,20 @@ def translate_config(text: str, source: str = "myproxy-server.config") -> Transl
             lists.setdefault(key, []).extend(values)
             first_line.setdefault(key, number)
         elif directive == "cert_dir":
-            notes.append((number, directive, "the broker serves its ca_dir setting as trust "
-                          "roots: point ca_dir at the same directory"))
-        elif directive == "max_proxy_lifetime" and len(values) == 1 and values[0].isdigit() \
-                and 0 < int(values[0]) <= 100_000:
+            notes.append(
+                (
+                    number,
+                    directive,
+                    "the broker serves its ca_dir setting as trust "
+                    "roots: point ca_dir at the same directory",
+                )
+            )
+        elif (
+            directive == "max_proxy_lifetime"
+            and len(values) == 1
+            and values[0].isdigit()
+            and 0 < int(values[0]) <= 100_000
+        ):
             max_hours = int(values[0])
         elif directive == "allow_self_authorization":
             self_authz = bool(values) and values[0].lower() in ("true", "yes", "1", "on")
@@ -119,61 +135,117 @@ def translate_config(text: str, source: str = "myproxy-server.config") -> Transl
     }
     for key, allowed in defaults_ok.items():
         given = lists.get(key)
-        if given is not None and tuple(v.lower() if v.lower() == "none" else v
-                                       for v in given) != allowed:
-            unsupported.append((first_line[key], key,
-                                f"only {allowed[0]!r} is supported: the MyProxy endpoint "
-                                f"applies {allowed[0]!r} when the owner set no list"))
+        if (
+            given is not None
+            and tuple(v.lower() if v.lower() == "none" else v for v in given) != allowed
+        ):
+            unsupported.append(
+                (
+                    first_line[key],
+                    key,
+                    f"only {allowed[0]!r} is supported: the MyProxy endpoint "
+                    f"applies {allowed[0]!r} when the owner set no list",
+                )
+            )
 
     rules = _policy_rules(source, lists, first_line, max_hours=max_hours, self_authz=self_authz)
     return Translation("\n".join(rules), unsupported, notes, count)
 
 
 def _policy_rules(
-    source: str, lists: dict[str, list[str]], first_line: dict[str, int], *,
-    max_hours: int | None, self_authz: bool,
+    source: str,
+    lists: dict[str, list[str]],
+    first_line: dict[str, int],
+    *,
+    max_hours: int | None,
+    self_authz: bool,
 ) -> list[str]:
     """The broker policy rules (TOML text, one per item) for the translated directives."""
     rules: list[str] = [
         f"# Imported from {source} by `broker policy import-myproxy-config`.",
         "# MyProxy semantics: owners always inspect and destroy their own credentials.",
         "",
-        _rule("owners inspect and destroy their own credentials", ["info", "destroy"],
-              ["self"]),
+        _rule("owners inspect and destroy their own credentials", ["info", "destroy"], ["self"]),
     ]
     if "accepted_credentials" in lists:
-        rules.append(_rule("accepted_credentials: who may store", ["delegate"],
-                           _requesters(lists["accepted_credentials"]), line=first_line[
-                               "accepted_credentials"]))
+        rules.append(
+            _rule(
+                "accepted_credentials: who may store",
+                ["delegate"],
+                _requesters(lists["accepted_credentials"]),
+                line=first_line["accepted_credentials"],
+            )
+        )
     if "authorized_retrievers" in lists:
-        rules.append(_rule("authorized_retrievers: retrieval with the passphrase", ["retrieve"],
-                           _requesters(lists["authorized_retrievers"], passphrase=True),
-                           auth=["passphrase"], line=first_line["authorized_retrievers"],
-                           max_hours=max_hours))
+        rules.append(
+            _rule(
+                "authorized_retrievers: retrieval with the passphrase",
+                ["retrieve"],
+                _requesters(lists["authorized_retrievers"], passphrase=True),
+                auth=["passphrase"],
+                line=first_line["authorized_retrievers"],
+                max_hours=max_hours,
+            )
+        )
     if "trusted_retrievers" in lists:
-        rules.append(_rule("trusted_retrievers: retrieval by certificate", ["retrieve"],
-                           _requesters(lists["trusted_retrievers"]), auth=["certificate"],
-                           owner_list=True, line=first_line["trusted_retrievers"],
-                           max_hours=max_hours))
+        rules.append(
+            _rule(
+                "trusted_retrievers: retrieval by certificate",
+                ["retrieve"],
+                _requesters(lists["trusted_retrievers"]),
+                auth=["certificate"],
+                owner_list=True,
+                line=first_line["trusted_retrievers"],
+                max_hours=max_hours,
+            )
+        )
     if "authorized_renewers" in lists:
-        rules.append(_rule("authorized_renewers: renewal", ["renew"],
-                           _requesters(lists["authorized_renewers"]), owner_list=True,
-                           line=first_line["authorized_renewers"], max_hours=max_hours))
+        rules.append(
+            _rule(
+                "authorized_renewers: renewal",
+                ["renew"],
+                _requesters(lists["authorized_renewers"]),
+                owner_list=True,
+                line=first_line["authorized_renewers"],
+                max_hours=max_hours,
+            )
+        )
     if self_authz:
-        rules.append(_rule("allow_self_authorization: owners renew their own credentials",
-                           ["renew"], ["self"], owner_list=True, max_hours=max_hours))
+        rules.append(
+            _rule(
+                "allow_self_authorization: owners renew their own credentials",
+                ["renew"],
+                ["self"],
+                owner_list=True,
+                max_hours=max_hours,
+            )
+        )
     else:
         # MyProxy refuses an owner as its own renewer or trusted retriever unless
         # allow_self_authorization is true; the rule names are its error messages.
-        rules.append(_rule("self-authz not allowed for renewer", ["renew"], ["self"],
-                           effect="deny"))
-        rules.append(_rule("self-authz not allowed for trusted retriever", ["retrieve"],
-                           ["self"], auth=["certificate"], effect="deny"))
+        rules.append(
+            _rule("self-authz not allowed for renewer", ["renew"], ["self"], effect="deny")
+        )
+        rules.append(
+            _rule(
+                "self-authz not allowed for trusted retriever",
+                ["retrieve"],
+                ["self"],
+                auth=["certificate"],
+                effect="deny",
+            )
+        )
     if "authorized_key_retrievers" in lists:
-        rules.append(_rule("authorized_key_retrievers: key retrieval with the passphrase",
-                           ["retrieve-key"], _requesters(lists["authorized_key_retrievers"]),
-                           auth=["passphrase"], owner_list=True,
-                           line=first_line["authorized_key_retrievers"]))
+        rules.append(
+            _rule(
+                "authorized_key_retrievers: key retrieval with the passphrase",
+                ["retrieve-key"],
+                _requesters(lists["authorized_key_retrievers"]),
+                auth=["passphrase"],
+                owner_list=True,
+                line=first_line["authorized_key_retrievers"],
+            )
+        )
     return rules
 
 
@@ -183,14 +255,25 @@ def _requesters(values: list[str], *, passphrase: bool = False) -> list[str]:
     return [_pattern(v) for v in values]
 
 
-def _rule(name: str, actions: list[str], requesters: list[str], *,
-          auth: list[str] | None = None, owner_list: bool = False, line: int = 0,
-          effect: str = "allow", max_hours: int | None = None) -> str:
+def _rule(
+    name: str,
+    actions: list[str],
+    requesters: list[str],
+    *,
+    auth: list[str] | None = None,
+    owner_list: bool = False,
+    line: int = 0,
+    effect: str = "allow",
+    max_hours: int | None = None,
+) -> str:
     lines = ["[[rule]]", f"name = {json.dumps(name)}"]
     if line:
         lines.append(f"description = {json.dumps(f'myproxy-server.config line {line}')}")
-    lines += [f"action = {json.dumps(actions)}", f"effect = {json.dumps(effect)}",
-              f"requester = {json.dumps(requesters)}"]
+    lines += [
+        f"action = {json.dumps(actions)}",
+        f"effect = {json.dumps(effect)}",
+        f"requester = {json.dumps(requesters)}",
+    ]
     if auth:
         lines.append(f"auth = {json.dumps(auth)}")
     if owner_list:
@@ -201,7 +284,12 @@ def _rule(name: str, actions: list[str], requesters: list[str], *,
 
 
 def _why_not(directive: str) -> str:
-    if directive in ("passphrase_policy_program", "accepted_credentials_mapapp",
-                     "check_multiple_credentials", "max_proxy_lifetime", "max_cred_lifetime"):
+    if directive in (
+        "passphrase_policy_program",
+        "accepted_credentials_mapapp",
+        "check_multiple_credentials",
+        "max_proxy_lifetime",
+        "max_cred_lifetime",
+    ):
         return "a server setting with no equivalent in the broker's policy"
     return "not expressible in the broker's policy"

@@ -115,8 +115,10 @@ class _Missing(Refusal):
 
 def _not_found(username: str, cred_name: str | None, *, audited: bool = False) -> Refusal:
     if cred_name:
-        return _Missing(f'No credentials exist with username "{username}" and credential '
-                        f'name "{cred_name}".', audited=audited)
+        return _Missing(
+            f'No credentials exist with username "{username}" and credential name "{cred_name}".',
+            audited=audited,
+        )
     return _Missing(f'No credentials exist for username "{username}".', audited=audited)
 
 
@@ -167,8 +169,9 @@ class Session:
             self._dispatch(request)
         except Refusal as exc:
             if not exc.audited:
-                self._audit_refusal(request, AuthorizationError(exc.message,
-                                                                reason="myproxy_refused"))
+                self._audit_refusal(
+                    request, AuthorizationError(exc.message, reason="myproxy_refused")
+                )
             self._send_error(exc.message)
         except ProtocolError as exc:
             self._audit_refusal(request, exc)
@@ -210,8 +213,10 @@ class Session:
 
     def _need_identity(self, what: str) -> str:
         if self.requester.dn is None:
-            raise Refusal(f"{what} needs a client certificate or proxy; the connection was "
-                          "anonymous (set X509_USER_PROXY or X509_USER_CERT/KEY)")
+            raise Refusal(
+                f"{what} needs a client certificate or proxy; the connection was "
+                "anonymous (set X509_USER_PROXY or X509_USER_CERT/KEY)"
+            )
         return self.requester.dn
 
     # ------------------------------------------------------------------ look-ups
@@ -225,8 +230,11 @@ class Session:
         """
         readings = [(username, _name(cred_name))]
         if cred_name is None:
-            readings += [(username[:i], username[i + 1:]) for i, char in enumerate(username)
-                         if char == "-" and 0 < i < len(username) - 1]
+            readings += [
+                (username[:i], username[i + 1 :])
+                for i, char in enumerate(username)
+                if char == "-" and 0 < i < len(username) - 1
+            ]
         found: list[CredentialRecord] = []
         for user, name in readings:
             try:
@@ -240,8 +248,9 @@ class Session:
             raise _not_found(username, cred_name)
         if len(found) > 1:
             names = ", ".join(f"{r.username}/{_shown(r.name) or '(default)'}" for r in found)
-            raise Refusal(f'the username "{username}" is ambiguous ({names}); name the '
-                          "credential with -k")
+            raise Refusal(
+                f'the username "{username}" is ambiguous ({names}); name the credential with -k'
+            )
         return found[0]
 
     def _trust_lines(self) -> list[tuple[str, str]]:
@@ -270,7 +279,8 @@ class Session:
                 if record.passphrase_protected:
                     raise Refusal(INVALID_PASSPHRASE)
             elif self._allowed(record, Action.RENEW, AuthMethod.CERTIFICATE) and not (
-                    record.passphrase_protected):
+                record.passphrase_protected
+            ):
                 authz_owner = self._renewal_challenge(record)
                 action = Action.RENEW
             else:
@@ -281,8 +291,12 @@ class Session:
         try:
             # All checks and the one passphrase derivation happen here, before the OK.
             grant = self.service.authorize_retrieval(
-                requester, record=record, passphrase=passphrase, action=action,
-                _authz_owner=authz_owner)
+                requester,
+                record=record,
+                passphrase=passphrase,
+                action=action,
+                _authz_owner=authz_owner,
+            )
         except TooManyAttempts as exc:  # say so: "bad password" would invite more guesses
             raise Refusal(exc.message, audited=True) from None
         except AuthenticationError as exc:
@@ -290,8 +304,9 @@ class Session:
                 raise Refusal(BAD_PASSWORD, audited=True) from None
             raise Refusal(exc.message, audited=True) from None
         except NotFound:  # no right on it (the service audited why): as a missing one
-            raise Refusal(BAD_PASSWORD if passphrase is not None else NO_PASSPHRASE,
-                          audited=True) from None
+            raise Refusal(
+                BAD_PASSWORD if passphrase is not None else NO_PASSPHRASE, audited=True
+            ) from None
         except BrokerError as exc:
             raise Refusal(exc.message, audited=True) from None
 
@@ -308,8 +323,9 @@ class Session:
         lifetime = timedelta(seconds=request.lifetime) if request.lifetime > 0 else None
         if lifetime is not None and self.settings.max_lifetime is not None:
             lifetime = min(lifetime, self.settings.max_lifetime)
-        issued = self.service.issue(requester, grant, csr=csr_der, lifetime=lifetime,
-                                    limited=self._renewal_limited)
+        issued = self.service.issue(
+            requester, grant, csr=csr_der, lifetime=lifetime, limited=self._renewal_limited
+        )
         ders = [c.public_bytes(serialization.Encoding.DER) for c in issued.chain]
         self.channel.send(codec.encode_chain(ders))
         self.channel.send(codec.ok())
@@ -320,25 +336,35 @@ class Session:
         authentication failed" for a party that must not learn the credential exists."""
         # The path the owner opened (-R renewers rather than -Z) is the one to explain.
         renewal_first = bool(record.renewers) and record.renewers != (NOBODY,)
-        actions = (Action.RENEW, Action.RETRIEVE) if renewal_first else (
-            Action.RETRIEVE, Action.RENEW)
-        decisions = [self.service.decide(self.requester, record, action, AuthMethod.CERTIFICATE)
-                     for action in actions]
+        actions = (
+            (Action.RENEW, Action.RETRIEVE) if renewal_first else (Action.RETRIEVE, Action.RENEW)
+        )
+        decisions = [
+            self.service.decide(self.requester, record, action, AuthMethod.CERTIFICATE)
+            for action in actions
+        ]
         # The most telling of the two: a deny rule or a job id over "no rule".
         order = [REASON_DENY_RULE, REASON_JOB_ID, REASON_OWNER]
-        decision = min(decisions, key=lambda d: order.index(d.reason) if d.reason in order
-                       else len(order))
+        decision = min(
+            decisions, key=lambda d: order.index(d.reason) if d.reason in order else len(order)
+        )
         rule = f" (rule {decision.rule.name!r})" if decision.rule else ""
         self.service.record_refusal(
-            self.requester, AuditAction.RETRIEVE,
+            self.requester,
+            AuditAction.RETRIEVE,
             AuthorizationError(f"{decision.message}", reason=decision.reason),
-            owner_dn=record.owner_dn, username=record.username, name=record.name)
+            owner_dn=record.owner_dn,
+            username=record.username,
+            name=record.name,
+        )
         dn = self.requester.dn
         if decision.reason == REASON_JOB_ID:
             # Only a party the site would let in learns this; MyProxy cannot send a job id.
-            return Refusal(f'"{dn}" not authorized by server\'s policy{rule}: a job id is '
-                           "required, which MyProxy cannot send; use broker-logon --job-id",
-                           audited=True)
+            return Refusal(
+                f'"{dn}" not authorized by server\'s policy{rule}: a job id is '
+                "required, which MyProxy cannot send; use broker-logon --job-id",
+                audited=True,
+            )
         if dn == record.owner_dn and decision.reason == REASON_DENY_RULE and decision.rule:
             name = decision.rule.name
             if name.startswith("self-authz"):
@@ -353,28 +379,37 @@ class Session:
     def _renewal_challenge(self, record: CredentialRecord) -> str:
         """RESPONSE=2 with the X509 methods; return the identity the client proved."""
         nonce = secrets.token_hex(16)
-        self.channel.send(codec.challenge([
-            (AuthMethodId.X509_CERTIFICATE_SHA256, nonce),
-            (AuthMethodId.X509_CERTIFICATE, nonce),
-        ]))
+        self.channel.send(
+            codec.challenge(
+                [
+                    (AuthMethodId.X509_CERTIFICATE_SHA256, nonce),
+                    (AuthMethodId.X509_CERTIFICATE, nonce),
+                ]
+            )
+        )
         proof = codec.parse_auth_reply(self.channel.recv("auth"))
         certs = _to_der_certs(proof.chain)
         digest: hashes.HashAlgorithm = (
-            hashes.SHA256() if proof.method is AuthMethodId.X509_CERTIFICATE_SHA256
+            hashes.SHA256()
+            if proof.method is AuthMethodId.X509_CERTIFICATE_SHA256
             else hashes.SHA1()  # noqa: S303 - the protocol's method 2 is defined with SHA-1
         )
         _verify(certs[0], nonce.encode("ascii"), proof.signature, digest)
         try:
             proven = self.service.authenticate_chain(
-                certs, client_address=self.requester.client_address, endpoint=Endpoint.MYPROXY,
-                request_id=self.requester.request_id)
+                certs,
+                client_address=self.requester.client_address,
+                endpoint=Endpoint.MYPROXY,
+                request_id=self.requester.request_id,
+            )
         except AuthenticationError as exc:
             raise Refusal(f"renewal authentication failed: {exc.message}") from None
         if proven.dn != record.owner_dn:
             # The owner's DN is not told: the requester may have no right on the credential.
             raise Refusal(
                 f"renewal authentication failed: the proxy presented with -a belongs to "
-                f"{proven.dn}, not to the credential's owner")
+                f"{proven.dn}, not to the credential's owner"
+            )
         assert proven.dn is not None
         # A limited proof of possession yields a limited proxy: renewal never widens rights.
         self._renewal_limited = proven.limited
@@ -388,8 +423,11 @@ class Session:
         trusted = translate_policy(request.retriever_trusted)
         renewers = translate_policy(request.renewer)
         config = self.service.config
-        proxy_life = (timedelta(seconds=request.lifetime) if request.lifetime > 0
-                      else config.max_proxy_lifetime)
+        proxy_life = (
+            timedelta(seconds=request.lifetime)
+            if request.lifetime > 0
+            else config.max_proxy_lifetime
+        )
         return DelegationOptions(
             username=request.username,
             name=_name(request.cred_name),
@@ -418,8 +456,9 @@ class Session:
         ders = codec.decode_chain(self.channel.recv("chain"))
         chain_pem = chain_to_pem(_to_der_certs(ders))
         try:
-            self.service.finish_delegation(self.requester, pending.id, chain_pem,
-                                           passphrase=options.passphrase)
+            self.service.finish_delegation(
+                self.requester, pending.id, chain_pem, passphrase=options.passphrase
+            )
         except ChainError as exc:
             raise Refusal(f"Credentials are not valid.\n{exc.message}", audited=True) from None
         self.channel.send(codec.ok())
@@ -433,7 +472,8 @@ class Session:
             raise Refusal(
                 f"Credentials are already stored for user {options.username} "
                 f"{'' if options.name == DEFAULT_CREDENTIAL else 'name ' + options.name + ' '}"
-                f'and not owned by "{self.requester.dn}".')
+                f'and not owned by "{self.requester.dn}".'
+            )
 
     def _store(self, request: codec.Request) -> None:
         self._need_identity("storing a credential (myproxy-store)")
@@ -452,9 +492,12 @@ class Session:
             # the PEM as it is, and so does the broker (inside its envelope encryption);
             # myproxy-logon's passphrase opens it at retrieval.
             certs = load_certificates(pem, what="stored certificate")
-            self.service.store_credential(self.requester, options,
-                                          Credential(chain=tuple(certs), key=None),
-                                          encrypted_key_pem=encrypted)
+            self.service.store_credential(
+                self.requester,
+                options,
+                Credential(chain=tuple(certs), key=None),
+                encrypted_key_pem=encrypted,
+            )
         else:
             credential = _load_stored(pem, request.passphrase or None)
             self.service.store_credential(self.requester, options, credential)
@@ -465,15 +508,17 @@ class Session:
     def _info(self, request: codec.Request) -> None:
         dn = self._need_identity("myproxy-info")
         try:
-            summaries = self.service.info(self.requester, username=request.username,
-                                          name=request.cred_name)
+            summaries = self.service.info(
+                self.requester, username=request.username, name=request.cred_name
+            )
         except NotFound:
             summaries = []
         if not summaries and request.cred_name is None and "-" in request.username:
             try:
                 record = self._find(request.username, None)
-                summaries = self.service.info(self.requester, username=record.username,
-                                              name=record.name)
+                summaries = self.service.info(
+                    self.requester, username=record.username, name=record.name
+                )
             except (Refusal, NotFound):
                 summaries = []
         if not summaries:
@@ -514,9 +559,12 @@ class Session:
             raise Refusal("no new passphrase was given (NEW_PHRASE is empty)")
         try:
             self.service.change_passphrase(
-                self.requester, username=record.username, name=record.name,
+                self.requester,
+                username=record.username,
+                name=record.name,
                 old=request.passphrase or None if record.passphrase_protected else None,
-                new=request.new_phrase)
+                new=request.new_phrase,
+            )
         except TooManyAttempts as exc:
             raise Refusal(exc.message, audited=True) from None
         except AuthenticationError:
@@ -535,9 +583,11 @@ class Session:
         dn = self._need_identity("key retrieval (myproxy-retrieve)")
         if not self.service.site_allows_any(Action.RETRIEVE_KEY):
             # A site setting, the same for every credential: telling it reveals nothing.
-            raise Refusal(f'"{dn}" not authorized by server\'s authorized_key_retrievers '
-                          "policy: key retrieval (myproxy-retrieve) is not enabled on this "
-                          "server; use myproxy-logon to get a proxy")
+            raise Refusal(
+                f'"{dn}" not authorized by server\'s authorized_key_retrievers '
+                "policy: key retrieval (myproxy-retrieve) is not enabled on this "
+                "server; use myproxy-logon to get a proxy"
+            )
         passphrase = request.passphrase or None
         try:
             record = self._find(request.username, request.cred_name)
@@ -547,8 +597,8 @@ class Session:
             raise Refusal(NO_PASSPHRASE)
         try:
             grant = self.service.authorize_retrieval(
-                self.requester, record=record, passphrase=passphrase,
-                action=Action.RETRIEVE_KEY)
+                self.requester, record=record, passphrase=passphrase, action=Action.RETRIEVE_KEY
+            )
         except TooManyAttempts as exc:
             raise Refusal(exc.message, audited=True) from None
         except (AuthenticationError, NotFound):
@@ -564,21 +614,24 @@ class Session:
         self.channel.send(codec.ok(self._trust_lines()))
 
 
-
-
-def _verify(cert: x509.Certificate, message: bytes, signature: bytes,
-            digest: hashes.HashAlgorithm) -> None:
+def _verify(
+    cert: x509.Certificate, message: bytes, signature: bytes, digest: hashes.HashAlgorithm
+) -> None:
     outcome = check_signature(cert, message, signature, digest)
     if outcome is SignatureCheck.UNSUPPORTED_KEY:
         raise Refusal("renewal authentication failed: unsupported key type")
     if outcome is SignatureCheck.MISMATCH:
-        raise Refusal("renewal authentication failed: the challenge signature does not "
-                      "verify with the presented proxy's key")
+        raise Refusal(
+            "renewal authentication failed: the challenge signature does not "
+            "verify with the presented proxy's key"
+        )
 
 
 _KEY_BLOCK = re.compile(
     rb"-----BEGIN (?:ENCRYPTED |RSA |EC )?PRIVATE KEY-----.*?"
-    rb"-----END (?:ENCRYPTED |RSA |EC )?PRIVATE KEY-----\r?\n?", re.DOTALL)
+    rb"-----END (?:ENCRYPTED |RSA |EC )?PRIVATE KEY-----\r?\n?",
+    re.DOTALL,
+)
 
 
 def _encrypted_key_block(pem: bytes) -> bytes | None:

@@ -45,9 +45,18 @@ ANONYMOUS_IDENTITY = "<anonymous>"
 
 _ERE_SPECIAL = set("|()[]{}+^$\\")
 _POSIX_CLASSES = {
-    "alpha": "a-zA-Z", "digit": "0-9", "alnum": "a-zA-Z0-9", "upper": "A-Z", "lower": "a-z",
-    "space": r" \t\n\r\f\v", "blank": r" \t", "punct": r"!-/:-@\[-`{-~", "xdigit": "0-9A-Fa-f",
-    "print": r" -~", "graph": r"!-~", "cntrl": r"\x00-\x1f\x7f",
+    "alpha": "a-zA-Z",
+    "digit": "0-9",
+    "alnum": "a-zA-Z0-9",
+    "upper": "A-Z",
+    "lower": "a-z",
+    "space": r" \t\n\r\f\v",
+    "blank": r" \t",
+    "punct": r"!-/:-@\[-`{-~",
+    "xdigit": "0-9A-Fa-f",
+    "print": r" -~",
+    "graph": r"!-~",
+    "cntrl": r"\x00-\x1f\x7f",
 }
 
 
@@ -103,8 +112,7 @@ def _bracket_end(text: str, i: int) -> int:
 
 
 def _is_glob(alternative: str) -> bool:
-    return bool(alternative) and alternative[0] in "/*?" and not (
-        set(alternative) & _ERE_SPECIAL)
+    return bool(alternative) and alternative[0] in "/*?" and not (set(alternative) & _ERE_SPECIAL)
 
 
 def dialect_to_python(text: str) -> str:
@@ -158,8 +166,9 @@ def _check_regex(source: str, original: str) -> re.Pattern[str]:
         compile_linear(source)  # what the policy engine will accept (RE2 subset)
         return re.compile(source)
     except (re.error, PatternError) as exc:
-        raise PolicyStringError(f'the policy string "{original}" is not a valid regex: {exc}'
-                                ) from None
+        raise PolicyStringError(
+            f'the policy string "{original}" is not a valid regex: {exc}'
+        ) from None
 
 
 def translate_policy(text: str | None) -> tuple[str, ...] | None:
@@ -199,7 +208,8 @@ def _fqan_entry(alternative: str, original: str) -> str:
     if not alternative.startswith("/") or set(alternative) & (_ERE_SPECIAL | set("*?")):
         raise PolicyStringError(
             f'"{original}": only literal FQAN policies are supported (for example '
-            '"FQAN:/atlas/Role=pilot"); FQAN regular expressions are not')
+            '"FQAN:/atlas/Role=pilot"); FQAN regular expressions are not'
+        )
     value = re.sub(r"/Capability=[^/]*$", "", alternative)
     return "fqan:" + value
 

@@ -91,8 +91,12 @@ class EndpointSettings:
     def from_config(cls, config: ServerConfig, **overrides: Any) -> EndpointSettings:
         host, _, port = config.myproxy_bind.rpartition(":")
         values: dict[str, Any] = {
-            "host": host.strip("[]"), "port": int(port), "host_cert": config.host_cert,
-            "host_key": config.host_key, "ca_dir": config.ca_dir, "max_tls": config.max_tls,
+            "host": host.strip("[]"),
+            "port": int(port),
+            "host_cert": config.host_cert,
+            "host_key": config.host_key,
+            "ca_dir": config.ca_dir,
+            "max_tls": config.max_tls,
             "max_connections": max(4, config.threads * 4),
         }
         values.update(overrides)
@@ -101,9 +105,13 @@ class EndpointSettings:
 
 def make_context(settings: EndpointSettings) -> ssl.SSLContext:
     """Server context: client cert optional, RFC 3820 proxies accepted, no tickets."""
-    return server_context(host_cert=settings.host_cert, host_key=settings.host_key,
-                          ca_dir=settings.ca_dir, certificate_optional=True,
-                          max_tls=settings.max_tls)
+    return server_context(
+        host_cert=settings.host_cert,
+        host_key=settings.host_key,
+        ca_dir=settings.ca_dir,
+        certificate_optional=True,
+        max_tls=settings.max_tls,
+    )
 
 
 def read_trust_files(ca_dir: str) -> dict[str, bytes]:
@@ -259,9 +267,14 @@ class MyProxyServer:
     :meth:`serve` until ``stop`` is set.
     """
 
-    def __init__(self, service: BrokerService, settings: EndpointSettings,
-                 *, handler_settings: Settings | None = None,
-                 listener: socket.socket | None = None) -> None:
+    def __init__(
+        self,
+        service: BrokerService,
+        settings: EndpointSettings,
+        *,
+        handler_settings: Settings | None = None,
+        listener: socket.socket | None = None,
+    ) -> None:
         self.service = service
         self.settings = settings
         self.handler_settings = handler_settings or Settings()
@@ -271,8 +284,9 @@ class MyProxyServer:
         self._context = make_context(settings)
         self._context_version = self._watch.version()
         self._trust = _TrustCache(settings.ca_dir, self._watch)
-        self._pool = ThreadPoolExecutor(max_workers=settings.max_connections,
-                                        thread_name_prefix="myproxy")
+        self._pool = ThreadPoolExecutor(
+            max_workers=settings.max_connections, thread_name_prefix="myproxy"
+        )
         self.sock = listener if listener is not None else listen(settings)
         self.sock.setblocking(False)
         self._selector = selectors.DefaultSelector()
@@ -296,8 +310,9 @@ class MyProxyServer:
             self._context_version = version
         return self._context
 
-    def serve(self, stop: threading.Event, *, should_stop: Callable[[], bool] | None = None
-              ) -> None:
+    def serve(
+        self, stop: threading.Event, *, should_stop: Callable[[], bool] | None = None
+    ) -> None:
         log.info("MyProxy endpoint listening on %s:%d", *self.address)
         self._selector.register(self.sock, selectors.EVENT_READ, None)
         try:
@@ -347,20 +362,26 @@ class MyProxyServer:
         if self._open_count() >= settings.max_open:
             waiting = [a for same in self._arrivals.values() for a in same.values()]
             if not waiting:  # every connection is being served: the newcomer must go
-                log.warning("closing a connection from %s: %d connections are open",
-                            addr[0], settings.max_open)
+                log.warning(
+                    "closing a connection from %s: %d connections are open",
+                    addr[0],
+                    settings.max_open,
+                )
                 conn.close()
                 return
             # Idle peers must not lock the door: the one waiting longest for its request goes.
             oldest = min(waiting, key=lambda a: a.accepted)
-            log.warning("%d connections open; closing the one from %s that has waited "
-                        "longest for its request", settings.max_open, oldest.host)
+            log.warning(
+                "%d connections open; closing the one from %s that has waited "
+                "longest for its request",
+                settings.max_open,
+                oldest.host,
+            )
             self._drop(oldest)
         try:
             conn.setblocking(False)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            tls = self._ctx().wrap_socket(conn, server_side=True,
-                                          do_handshake_on_connect=False)
+            tls = self._ctx().wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
         except (OSError, ssl.SSLError) as exc:
             log.info("MyProxy connection from %s failed: %s", addr[0], exc)
             conn.close()
@@ -372,8 +393,11 @@ class MyProxyServer:
             # one peer cannot hold more than per_address of them, and a new client behind
             # the same address still gets in.
             oldest = next(iter(same.values()))
-            log.info("MyProxy client %s has %d connections without a request; closing the "
-                     "oldest", arrival.host, len(same))
+            log.info(
+                "MyProxy client %s has %d connections without a request; closing the oldest",
+                arrival.host,
+                len(same),
+            )
             self._drop(oldest)
             same = self._arrivals.setdefault(arrival.host, {})
         same[id(arrival)] = arrival
@@ -398,8 +422,11 @@ class MyProxyServer:
         cutoff = time.monotonic() - self.settings.first_request_timeout
         for same in list(self._arrivals.values()):
             for arrival in [a for a in same.values() if a.accepted <= cutoff]:
-                log.info("MyProxy client %s sent no request within %.0f s; closing",
-                         arrival.host, self.settings.first_request_timeout)
+                log.info(
+                    "MyProxy client %s sent no request within %.0f s; closing",
+                    arrival.host,
+                    self.settings.first_request_timeout,
+                )
                 self._drop(arrival)
 
     def _step(self, arrival: _Arrival) -> None:
@@ -420,8 +447,11 @@ class MyProxyServer:
                     return
                 arrival.buf += chunk
                 if len(arrival.buf) > self.settings.request_size_limit:
-                    log.info("MyProxy client %s: the request is larger than the server's "
-                             "request size limit", arrival.host)
+                    log.info(
+                        "MyProxy client %s: the request is larger than the server's "
+                        "request size limit",
+                        arrival.host,
+                    )
                     self._drop(arrival)
                     return
         except ssl.SSLWantReadError:
@@ -491,8 +521,13 @@ class MyProxyServer:
                     channel.recv("text")
                     channel.send(codec.error(exc.message))
                 return
-            Session(self.service, channel, requester, trust_files=self._trust,
-                    settings=self.handler_settings).run()
+            Session(
+                self.service,
+                channel,
+                requester,
+                trust_files=self._trust,
+                settings=self.handler_settings,
+            ).run()
             with contextlib.suppress(OSError, ssl.SSLError):
                 tls.settimeout(1.0)
                 tls.unwrap()
@@ -500,10 +535,12 @@ class MyProxyServer:
     def _requester(self, tls: ssl.SSLSocket, addr: Any, request_id: str) -> Requester:
         chain = verified_peer_chain(tls)
         if not chain:
-            return Requester(dn=None, client_address=addr[0], endpoint="myproxy",
-                             request_id=request_id)
-        return self.service.authenticate_chain(chain, client_address=addr[0],
-                                               endpoint="myproxy", request_id=request_id)
+            return Requester(
+                dn=None, client_address=addr[0], endpoint="myproxy", request_id=request_id
+            )
+        return self.service.authenticate_chain(
+            chain, client_address=addr[0], endpoint="myproxy", request_id=request_id
+        )
 
 
 def serve_myproxy(
@@ -548,8 +585,16 @@ def start_myproxy_in_master(config: ServerConfig) -> subprocess.Popen[bytes]:
     # The config travels through a pipe, not the command line: /proc/PID/cmdline is readable
     # by every local user, and a database URL may hold a password.
     payload = json.dumps(dataclasses.asdict(config)).encode()
-    command = [sys.executable, "-m", "broker.myproxy.server", "--config-stdin",
-               "--parent-pid", str(os.getpid()), "--processes", str(max(1, config.workers))]
+    command = [
+        sys.executable,
+        "-m",
+        "broker.myproxy.server",
+        "--config-stdin",
+        "--parent-pid",
+        str(os.getpid()),
+        "--processes",
+        str(max(1, config.workers)),
+    ]
     child = subprocess.Popen(command, stdin=subprocess.PIPE)
     assert child.stdin is not None
     child.stdin.write(payload)
@@ -582,10 +627,14 @@ def _die_with_parent(parent_pid: int) -> Callable[[], bool]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m broker.myproxy.server",
-                                     description="Run the broker's MyProxy endpoint.")
-    parser.add_argument("--config-stdin", action="store_true",
-                        help="Read a resolved ServerConfig as JSON from stdin (broker serve).")
+    parser = argparse.ArgumentParser(
+        prog="python -m broker.myproxy.server", description="Run the broker's MyProxy endpoint."
+    )
+    parser.add_argument(
+        "--config-stdin",
+        action="store_true",
+        help="Read a resolved ServerConfig as JSON from stdin (broker serve).",
+    )
     parser.add_argument("--config", help="broker.toml")
     parser.add_argument("--myproxy-bind")
     parser.add_argument("--state-dir")
@@ -593,27 +642,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tls", choices=["1.2", "1.3"])
     parser.add_argument("--max-connections", type=int)
     parser.add_argument("--parent-pid", type=int)
-    parser.add_argument("--processes", type=int, default=1,
-                        help="worker processes sharing the socket (default 1)")
+    parser.add_argument(
+        "--processes", type=int, default=1, help="worker processes sharing the socket (default 1)"
+    )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s[myproxy]: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s[myproxy]: %(message)s"
+    )
     if args.config_stdin:
         config = ServerConfig(**json.loads(sys.stdin.buffer.read(1 << 20)))
     else:
         from broker.config import load_config
         from broker.runtime import prepare_state
 
-        config = load_config(args.config, {
-            "myproxy_bind": args.myproxy_bind, "state_dir": args.state_dir,
-            "policy_dir": args.policy_dir, "max_tls": args.max_tls})
+        config = load_config(
+            args.config,
+            {
+                "myproxy_bind": args.myproxy_bind,
+                "state_dir": args.state_dir,
+                "policy_dir": args.policy_dir,
+                "max_tls": args.max_tls,
+            },
+        )
         prepare_state(config)
     if not config.myproxy_bind:
         parser.error("no MyProxy bind address (--myproxy-bind or myproxy_bind in the config)")
     from broker.observability import configure_logging, inherited_log_format
 
-    configure_logging(config.log_level, inherited_log_format(),  # as broker serve logs
-                      text_format="%(asctime)s %(levelname)s %(name)s[myproxy]: %(message)s")
+    configure_logging(
+        config.log_level,
+        inherited_log_format(),  # as broker serve logs
+        text_format="%(asctime)s %(levelname)s %(name)s[myproxy]: %(message)s",
+    )
     should_stop = _die_with_parent(args.parent_pid) if args.parent_pid else None
     overrides = {"max_connections": args.max_connections} if args.max_connections else {}
     if args.processes > 1:

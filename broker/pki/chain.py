@@ -247,9 +247,7 @@ def _check_names(certs: Sequence[x509.Certificate]) -> None:
                 )
 
 
-def _check_namespaces(
-    verified: Sequence[x509.Certificate], first: int, trust: TrustStore
-) -> None:
+def _check_namespaces(verified: Sequence[x509.Certificate], first: int, trust: TrustStore) -> None:
     """Each CA-issued certificate from ``verified[first]`` up must be in its issuer's namespace."""
     for index in range(first, len(verified) - 1):
         cert, ca = verified[index], verified[index + 1]
@@ -260,9 +258,7 @@ def _check_namespaces(
             raise _fail("namespace", why)
 
 
-def _check_revocation(
-    certs: Sequence[x509.Certificate], trust: TrustStore, now: datetime
-) -> None:
+def _check_revocation(certs: Sequence[x509.Certificate], trust: TrustStore, now: datetime) -> None:
     """Check each non-proxy, non-root certificate against its issuer's CRL, when one is held."""
     for cert in certs:
         if _is_self_issued(cert):
@@ -362,7 +358,7 @@ def validate_chain(
     _check_names(verified)
     _check_times(verified, now)
     _check_namespaces(verified, len(infos), trust)
-    _check_revocation(verified[len(infos):], trust, now)
+    _check_revocation(verified[len(infos) :], trust, now)
     not_after = min(c.not_valid_after_utc for c in chain[: len(infos) + 1])
     # An independent proxy starts a new identity: the topmost one names the holder.
     independent = [i for i, info in enumerate(infos) if info.type is ProxyType.INDEPENDENT]

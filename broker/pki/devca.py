@@ -52,9 +52,15 @@ def make_ca(
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=False, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-                encipher_only=False, decipher_only=False,
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -92,9 +98,15 @@ def issue_certificate(
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=True,
-                data_encipherment=kind == "user", key_agreement=False, key_cert_sign=False,
-                crl_sign=False, encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=True,
+                data_encipherment=kind == "user",
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -150,15 +162,19 @@ def namespaces_text(ca: x509.Certificate, namespaces: Sequence[str] = (f"{BASE_D
     """The EUGridPMA ``.namespaces`` text for the same globs as :func:`signing_policy`."""
     lines = [f"# namespace of {slash_from_name(ca.subject)}"]
     for glob in namespaces:
-        regex = "".join(".*" if c == "*" else "." if c == "?" else
-                        ("\\" + c if c in ".^$+()[]{}|\\" else c) for c in glob)
-        lines.append(f'TO Issuer "{slash_from_name(ca.subject)}" \\\n'
-                     f'  PERMIT Subject "{regex}"')
+        regex = "".join(
+            ".*" if c == "*" else "." if c == "?" else ("\\" + c if c in ".^$+()[]{}|\\" else c)
+            for c in glob
+        )
+        lines.append(f'TO Issuer "{slash_from_name(ca.subject)}" \\\n  PERMIT Subject "{regex}"')
     return "\n".join(lines) + "\n"
 
 
-def ca_files(ca: x509.Certificate, namespaces: Sequence[str] = (f"{BASE_DN}/*",),
-             crl: x509.CertificateRevocationList | None = None) -> dict[str, bytes]:
+def ca_files(
+    ca: x509.Certificate,
+    namespaces: Sequence[str] = (f"{BASE_DN}/*",),
+    crl: x509.CertificateRevocationList | None = None,
+) -> dict[str, bytes]:
     """``{file name: content}`` of one CA in a CA directory: certificate, both namespace
     files (for ``namespaces`` globs), and the CRL when given."""
     from cryptography.hazmat.primitives.serialization import Encoding

@@ -134,7 +134,8 @@ def name_from_slash(text: str) -> x509.Name:
         key, sep, raw = piece.partition("=")
         if not sep:
             raise DnSyntaxError(
-                f"the distinguished name {text!r} has a part without '=': {piece!r}")
+                f"the distinguished name {text!r} has a part without '=': {piece!r}"
+            )
         oid = _BY_SHORT_NAME.get(key)
         if oid is None:
             if not _OID_TEXT.match(key):
@@ -162,8 +163,11 @@ def name_from_slash(text: str) -> x509.Name:
 def rfc4514_from_name(name: x509.Name) -> str:
     """Render ``name`` in RFC 4514 form (last RDN first), with OpenSSL short names."""
     return name.rfc4514_string(
-        {NameOID.EMAIL_ADDRESS: "emailAddress", NameOID.USER_ID: "UID",
-         NameOID.SERIAL_NUMBER: "serialNumber"}
+        {
+            NameOID.EMAIL_ADDRESS: "emailAddress",
+            NameOID.USER_ID: "UID",
+            NameOID.SERIAL_NUMBER: "serialNumber",
+        }
     )
 
 
@@ -173,12 +177,17 @@ def name_from_rfc4514(text: str) -> x509.Name:
         raise DnSyntaxError("a distinguished name in RFC 4514 form is empty, too long or holds NUL")
     try:
         return x509.Name.from_rfc4514_string(
-            text, {"emailAddress": NameOID.EMAIL_ADDRESS, "UID": NameOID.USER_ID,
-                   "serialNumber": NameOID.SERIAL_NUMBER}
+            text,
+            {
+                "emailAddress": NameOID.EMAIL_ADDRESS,
+                "UID": NameOID.USER_ID,
+                "serialNumber": NameOID.SERIAL_NUMBER,
+            },
         )
     except ValueError as exc:
         raise DnSyntaxError(
-            f"the distinguished name {text!r} is not valid RFC 4514: {exc}") from exc
+            f"the distinguished name {text!r} is not valid RFC 4514: {exc}"
+        ) from exc
 
 
 def normalize_dn(text: str) -> str:

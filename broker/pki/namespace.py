@@ -75,8 +75,9 @@ def _canonical_dn(text: str, where: str) -> str:
     """The CA name as :func:`slash_from_name` prints it (aliases such as ``Email``
     normalised); a name with attribute types this module does not know is kept as written."""
     if not text.startswith("/"):
-        raise NamespaceFileError(f"{where}: the CA name {text!r} is not a valid DN in the "
-                                 "/-separated form")
+        raise NamespaceFileError(
+            f"{where}: the CA name {text!r} is not a valid DN in the /-separated form"
+        )
     try:
         return slash_from_name(name_from_slash(text))
     except BrokerError:
@@ -127,8 +128,7 @@ def parse_signing_policy(text: str, filename: str) -> dict[str, tuple[SubjectRul
             if kind != "X509":
                 raise NamespaceFileError(f"{where}: access_id_CA must be of type X509, not {kind}")
             if current is not None and not result[current]:
-                raise NamespaceFileError(f"{where}: the previous access_id_CA has no "
-                                         "cond_subjects")
+                raise NamespaceFileError(f"{where}: the previous access_id_CA has no cond_subjects")
             current = _canonical_dn(_single_quoted(value, where, "CA name"), where)
             result.setdefault(current, [])
             rights = False
@@ -141,14 +141,16 @@ def parse_signing_policy(text: str, filename: str) -> dict[str, tuple[SubjectRul
         elif keyword == "cond_subjects":
             if current is None or not rights:
                 raise NamespaceFileError(
-                    f"{where}: cond_subjects must follow access_id_CA and pos_rights")
+                    f"{where}: cond_subjects must follow access_id_CA and pos_rights"
+                )
             if kind != "globus":
                 raise NamespaceFileError(f"{where}: cond_subjects must be of type globus")
             inner = _single_quoted(value, where, "subject list")
             globs = _QUOTED.findall(inner)
             if _QUOTED.sub("", inner).strip() or not globs:
                 raise NamespaceFileError(
-                    f"{where}: cond_subjects must list subject patterns each in double quotes")
+                    f"{where}: cond_subjects must list subject patterns each in double quotes"
+                )
             for glob in globs:
                 if not glob:
                     raise NamespaceFileError(f"{where}: an empty subject pattern")
@@ -217,13 +219,19 @@ def parse_namespaces(text: str, filename: str) -> dict[str, tuple[SubjectRule, .
         while tokens:
             statement, tokens = tokens[:6], tokens[6:]
             words = [t for t, _ in statement]
-            if (len(statement) < 6 or words[0].upper() != "TO" or words[1].upper() != "ISSUER"
-                    or words[3].upper() not in ("PERMIT", "DENY")
-                    or words[4].upper() != "SUBJECT" or (statement[2][1] is False
-                    and words[2].upper() != SELF) or not statement[5][1]):
+            if (
+                len(statement) < 6
+                or words[0].upper() != "TO"
+                or words[1].upper() != "ISSUER"
+                or words[3].upper() not in ("PERMIT", "DENY")
+                or words[4].upper() != "SUBJECT"
+                or (statement[2][1] is False and words[2].upper() != SELF)
+                or not statement[5][1]
+            ):
                 raise NamespaceFileError(
-                    f"{where}: expected 'TO Issuer \"<CA DN>\"|SELF PERMIT|DENY Subject "
-                    f"\"<regex>\"', got {line!r}")
+                    f'{where}: expected \'TO Issuer "<CA DN>"|SELF PERMIT|DENY Subject '
+                    f'"<regex>"\', got {line!r}'
+                )
             issuer = SELF if not statement[2][1] else _canonical_dn(words[2], where)
             pattern = words[5]
             if not pattern:
@@ -233,7 +241,8 @@ def parse_namespaces(text: str, filename: str) -> dict[str, tuple[SubjectRule, .
             except re.error as exc:
                 raise NamespaceFileError(
                     f"{where}: the subject pattern {pattern!r} is not a valid regular "
-                    f"expression: {exc}") from exc
+                    f"expression: {exc}"
+                ) from exc
             rules = result.setdefault(issuer, [])
             rules.append(SubjectRule(words[3].upper() == "PERMIT", pattern, regex, where))
             if len(rules) > MAX_PATTERNS:
@@ -264,8 +273,9 @@ class CaNamespace:
             globs = " ".join(f'"{r.pattern}"' for r in self.signing_policy)
             parts.append(f"signing_policy {globs}")
         if self.namespaces is not None:
-            rules = " ".join(f'{"PERMIT" if r.permit else "DENY"} "{r.pattern}"'
-                             for r in self.namespaces)
+            rules = " ".join(
+                f'{"PERMIT" if r.permit else "DENY"} "{r.pattern}"' for r in self.namespaces
+            )
             parts.append(f"namespaces {rules}")
         return "; ".join(parts) if parts else "no namespace"
 
@@ -274,7 +284,8 @@ class CaNamespace:
         if self.error is not None:
             return f"its namespace file is unusable ({self.error})"
         if self.signing_policy is not None and not any(
-                r.matches(subject) for r in self.signing_policy):
+            r.matches(subject) for r in self.signing_policy
+        ):
             return f"{subject} is outside its namespace ({self.describe()})"
         if self.namespaces is not None:
             denied = [r for r in self.namespaces if not r.permit and r.matches(subject)]

@@ -121,8 +121,7 @@ def proxy_info(cert: x509.Certificate) -> ProxyInfo | None:
 
 def job_id_extension(job_id: str) -> x509.UnrecognizedExtension:
     """The non-critical extension that binds a proxy to ``job_id`` (see :data:`JOB_ID_OID`)."""
-    if not job_id or len(job_id) > JOB_ID_MAX or any(ord(c) < 32 or ord(c) == 127
-                                                     for c in job_id):
+    if not job_id or len(job_id) > JOB_ID_MAX or any(ord(c) < 32 or ord(c) == 127 for c in job_id):
         raise InputError(f"a job id must be 1 to {JOB_ID_MAX} printable characters")
     return x509.UnrecognizedExtension(JOB_ID_OID, core.UTF8String(job_id).dump())
 
@@ -286,14 +285,16 @@ def create_proxy(
         raise InputError("a proxy path length must be 0 or more")
     if now >= parent.not_valid_after_utc:
         raise CredentialError(
-            "the issuing credential expired at "
-            f"{parent.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC", reason="expired"
+            f"the issuing credential expired at {parent.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC",
+            reason="expired",
         )
     proxy_type, path_length = _inherited_limits(issuer, proxy_type, path_length)
     serial = secrets.randbits(62) | (1 << 62)  # positive, fixed width, never zero
     subject = x509.Name(
-        [*parent.subject.rdns,
-         x509.RelativeDistinguishedName([x509.NameAttribute(NameOID.COMMON_NAME, str(serial))])]
+        [
+            *parent.subject.rdns,
+            x509.RelativeDistinguishedName([x509.NameAttribute(NameOID.COMMON_NAME, str(serial))]),
+        ]
     )
     not_after = min(now + lifetime, parent.not_valid_after_utc)
     builder = (
@@ -332,8 +333,13 @@ def new_proxy(
     """A complete proxy credential (new key unless one is given): grid-proxy-init's job."""
     key = key if key is not None else generate_key()
     cert = create_proxy(
-        issuer, key.public_key(), now=now, lifetime=lifetime, proxy_type=proxy_type,
-        path_length=path_length, extra_extensions=extra_extensions,
+        issuer,
+        key.public_key(),
+        now=now,
+        lifetime=lifetime,
+        proxy_type=proxy_type,
+        path_length=path_length,
+        extra_extensions=extra_extensions,
     )
     return Credential(chain=(cert, *issuer.chain), key=key)
 
@@ -357,7 +363,11 @@ def sign_request(
     if not isinstance(public_key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
         raise CsrError(f"unsupported public key type {type(public_key).__name__}")
     cert = create_proxy(
-        issuer, public_key, now=now, lifetime=lifetime, proxy_type=proxy_type,
+        issuer,
+        public_key,
+        now=now,
+        lifetime=lifetime,
+        proxy_type=proxy_type,
         path_length=path_length,
         extra_extensions=[job_id_extension(job_id)] if job_id is not None else (),
     )
@@ -376,8 +386,9 @@ class SignatureCheck(enum.Enum):
     MISMATCH = "mismatch"
 
 
-def check_signature(cert: x509.Certificate, message: bytes, signature: bytes,
-                    digest: hashes.HashAlgorithm) -> SignatureCheck:
+def check_signature(
+    cert: x509.Certificate, message: bytes, signature: bytes, digest: hashes.HashAlgorithm
+) -> SignatureCheck:
     """Whether ``signature`` over ``message`` verifies with ``cert``'s public key.
 
     RSA keys use PKCS#1 v1.5 and EC keys ECDSA, both with ``digest``; other key

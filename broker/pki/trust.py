@@ -65,10 +65,12 @@ class TrustStore:
         if namespace is None or (not namespace.constrained and namespace.error is None):
             if self.accept_unconstrained:
                 return None
-            return (f"the CA {ca_dn} has no namespace (neither a .signing_policy nor a "
-                    f".namespaces file names it in the CA directory), so {subject} issued by "
-                    "it is not accepted; install the CA's namespace files, or set "
-                    "BROKER_ACCEPT_CA_WITHOUT_NAMESPACE=1 to accept such CAs (docs/trust.md)")
+            return (
+                f"the CA {ca_dn} has no namespace (neither a .signing_policy nor a "
+                f".namespaces file names it in the CA directory), so {subject} issued by "
+                "it is not accepted; install the CA's namespace files, or set "
+                "BROKER_ACCEPT_CA_WITHOUT_NAMESPACE=1 to accept such CAs (docs/trust.md)"
+            )
         why = namespace.violation(subject)
         if why is None:
             return None
@@ -98,10 +100,15 @@ class TrustStore:
         namespaces: dict[bytes, CaNamespace] = {}
         for ca in cas:
             namespaces[ca.public_bytes(Encoding.DER)] = ca_namespace(
-                slash_from_name(ca.subject), subject_hash(ca), files)
-        return cls(cas=tuple(cas), crls=tuple(crls), namespaces=namespaces,
-                   accept_unconstrained=accept_unconstrained,
-                   problems=tuple(check_files(files)))
+                slash_from_name(ca.subject), subject_hash(ca), files
+            )
+        return cls(
+            cas=tuple(cas),
+            crls=tuple(crls),
+            namespaces=namespaces,
+            accept_unconstrained=accept_unconstrained,
+            problems=tuple(check_files(files)),
+        )
 
 
 def subject_hash(cert: x509.Certificate) -> str:

@@ -137,6 +137,7 @@ class _FqanAttributeValues(core.SetOf):  # type: ignore[misc]
 
 # --------------------------------------------------------------------------- FQANs
 
+
 def _fqan_parts(text: str) -> tuple[str, str, str]:
     """Split an FQAN with the one FQAN parser (:func:`broker.policy.parse_fqan`).
 
@@ -144,11 +145,11 @@ def _fqan_parts(text: str) -> tuple[str, str, str]:
     every refusal is a ``VomsError(reason="bad_fqan")``.
     """
     if not isinstance(text, str) or not text:
-        raise VomsError("an FQAN is empty; give it as /vo[/group...][/Role=role]",
-                        reason="bad_fqan")
+        raise VomsError(
+            "an FQAN is empty; give it as /vo[/group...][/Role=role]", reason="bad_fqan"
+        )
     if len(text) > MAX_FQAN_LENGTH:
-        raise VomsError(f"an FQAN is longer than {MAX_FQAN_LENGTH} characters",
-                        reason="bad_fqan")
+        raise VomsError(f"an FQAN is longer than {MAX_FQAN_LENGTH} characters", reason="bad_fqan")
     if not text.startswith("/"):
         raise VomsError(
             f"the FQAN {text!r} does not start with '/'; give it as /vo[/group...][/Role=role]",
@@ -257,9 +258,7 @@ def parse_lsc(data: bytes, *, name: str = "LSC file") -> tuple[LscEntry, ...]:
 class VomsDir:
     """The LSC files of an ``X509_VOMS_DIR``: VO -> VOMS host -> accepted DN chains."""
 
-    entries: Mapping[str, Mapping[str, tuple[tuple[str, ...], ...]]] = field(
-        default_factory=dict
-    )
+    entries: Mapping[str, Mapping[str, tuple[tuple[str, ...], ...]]] = field(default_factory=dict)
 
     @classmethod
     def from_files(cls, files: Mapping[str, bytes]) -> VomsDir:
@@ -323,8 +322,7 @@ class ParsedAC:
 
 
 def _malformed(what: str) -> VomsError:
-    return VomsError(f"the VOMS attribute certificate is malformed: {what}",
-                     reason="malformed_ac")
+    return VomsError(f"the VOMS attribute certificate is malformed: {what}", reason="malformed_ac")
 
 
 def _host_of(uri: str) -> str:
@@ -522,8 +520,11 @@ def _parse_fqan_attribute(attributes: Any) -> tuple[str, str, tuple[str, ...]]:
         raise _malformed("the FQAN attribute must hold exactly one IetfAttrSyntax")
     syntax = values[0]
     authority = syntax["policy_authority"]
-    if authority.native is None or len(authority) != 1 \
-            or authority[0].name != "uniform_resource_identifier":
+    if (
+        authority.native is None
+        or len(authority) != 1
+        or authority[0].name != "uniform_resource_identifier"
+    ):
         raise _malformed("the FQAN attribute must name one policyAuthority URI (vo://host:port)")
     vo, sep, uri = str(authority[0].native).partition("://")
     if not sep or not vo or not uri:
@@ -592,8 +593,7 @@ def verify_chain_acs(
         ders = find_acs(cert)
         if ders:
             break
-    return tuple(_verify_one(parse_ac(der), eec, vomsdir, trust, now, target_host)
-                 for der in ders)
+    return tuple(_verify_one(parse_ac(der), eec, vomsdir, trust, now, target_host) for der in ders)
 
 
 def _as_utc(moment: datetime) -> datetime:
@@ -612,36 +612,51 @@ def _verify_one(
     if ac.version != 1:
         raise _malformed(f"{label} is not a version 2 AC")
     if not ac.has_no_rev_avail or ac.authority_key_id is None:
-        raise _malformed(f"{label} lacks the noRevAvail or authorityKeyIdentifier extension "
-                         "that VOMS requires")
+        raise _malformed(
+            f"{label} lacks the noRevAvail or authorityKeyIdentifier extension that VOMS requires"
+        )
     if ac.unknown_critical:
-        raise _malformed(f"{label} has critical extensions this verifier does not know: "
-                         + ", ".join(ac.unknown_critical))
+        raise _malformed(
+            f"{label} has critical extensions this verifier does not know: "
+            + ", ".join(ac.unknown_critical)
+        )
     if ac.signature_algorithm != ac.inner_signature_algorithm:
         raise _malformed(f"{label} names two different signature algorithms")
 
     holder_issuer, holder_serial = _check_holder(ac, eec, label)
 
     if now + CLOCK_SKEW < ac.not_before:
-        raise VomsError(f"{label} is not valid before {ac.not_before:%Y-%m-%d %H:%M:%S} UTC",
-                        reason="ac_not_yet_valid")
+        raise VomsError(
+            f"{label} is not valid before {ac.not_before:%Y-%m-%d %H:%M:%S} UTC",
+            reason="ac_not_yet_valid",
+        )
     if now > ac.not_after:
-        raise VomsError(f"{label} expired at {ac.not_after:%Y-%m-%d %H:%M:%S} UTC; "
-                        "get a fresh VOMS proxy (voms-proxy-init)", reason="expired_ac")
+        raise VomsError(
+            f"{label} expired at {ac.not_after:%Y-%m-%d %H:%M:%S} UTC; "
+            "get a fresh VOMS proxy (voms-proxy-init)",
+            reason="expired_ac",
+        )
 
     if ac.targets is not None and (target_host is None or target_host not in ac.targets):
         allowed = ", ".join(ac.targets) or "no host at all"
-        raise VomsError(f"{label} may only be used at {allowed}, not at "
-                        f"{target_host or 'this service'}", reason="target_mismatch")
+        raise VomsError(
+            f"{label} may only be used at {allowed}, not at {target_host or 'this service'}",
+            reason="target_mismatch",
+        )
 
     signer = _find_signer(ac, label)
     path = _signer_path(signer, ac.signer_certs, trust, now, label)
     _check_lsc(ac, path, vomsdir, label)
 
     return VomsAttributes(
-        vo=ac.vo, fqans=ac.fqans, issuer=ac.issuer, uri=ac.uri,
-        not_before=ac.not_before, not_after=ac.not_after,
-        holder_issuer=holder_issuer, holder_serial=holder_serial,
+        vo=ac.vo,
+        fqans=ac.fqans,
+        issuer=ac.issuer,
+        uri=ac.uri,
+        not_before=ac.not_before,
+        not_after=ac.not_after,
+        holder_issuer=holder_issuer,
+        holder_serial=holder_serial,
     )
 
 
@@ -650,8 +665,10 @@ def _check_holder(ac: ParsedAC, eec: x509.Certificate, label: str) -> tuple[str,
     # -newformat writes the EEC's own subject instead.  libvomsapi accepts both, so do we.
     expected = (slash_from_name(eec.issuer), slash_from_name(eec.subject))
     if ac.holder_issuer is None or ac.holder_serial is None:
-        raise VomsError(f"{label} does not name its holder by issuer and serial number",
-                        reason="holder_mismatch")
+        raise VomsError(
+            f"{label} does not name its holder by issuer and serial number",
+            reason="holder_mismatch",
+        )
     if ac.holder_serial != eec.serial_number or ac.holder_issuer not in expected:
         raise VomsError(
             f"{label} is an AC for another holder (serial {ac.holder_serial:#x} of "
@@ -664,8 +681,10 @@ def _check_holder(ac: ParsedAC, eec: x509.Certificate, label: str) -> tuple[str,
 
 def _hash_named(name: str) -> hashes.HashAlgorithm | None:
     return {
-        "sha224": hashes.SHA224(), "sha256": hashes.SHA256(),
-        "sha384": hashes.SHA384(), "sha512": hashes.SHA512(),
+        "sha224": hashes.SHA224(),
+        "sha256": hashes.SHA256(),
+        "sha384": hashes.SHA384(),
+        "sha512": hashes.SHA512(),
     }.get(name)
 
 
@@ -674,12 +693,18 @@ def _signature_ok(ac: ParsedAC, signer: x509.Certificate, label: str) -> bool:
         alg = cms.SignedDigestAlgorithm({"algorithm": ac.signature_algorithm})
         sig_algo, hash_name = alg.signature_algo, alg.hash_algo
     except (ValueError, KeyError) as exc:
-        raise VomsError(f"{label} uses the signature algorithm {ac.signature_algorithm}, "
-                        "which this verifier does not support", reason="bad_ac_signature") from exc
+        raise VomsError(
+            f"{label} uses the signature algorithm {ac.signature_algorithm}, "
+            "which this verifier does not support",
+            reason="bad_ac_signature",
+        ) from exc
     digest = _hash_named(hash_name)
     if digest is None:
-        raise VomsError(f"{label} is signed with {hash_name}, which is too weak or unsupported; "
-                        "SHA-224/256/384/512 are accepted", reason="bad_ac_signature")
+        raise VomsError(
+            f"{label} is signed with {hash_name}, which is too weak or unsupported; "
+            "SHA-224/256/384/512 are accepted",
+            reason="bad_ac_signature",
+        )
     key = signer.public_key()
     try:
         if sig_algo == "rsassa_pkcs1v15" and isinstance(key, rsa.RSAPublicKey):
@@ -735,31 +760,45 @@ def _check_time(cert: x509.Certificate, now: datetime, label: str) -> None:
     if now < cert.not_valid_before_utc:
         raise _untrusted(label, f"the certificate of {who} is not valid yet")
     if now > cert.not_valid_after_utc:
-        raise _untrusted(label, f"the certificate of {who} expired at "
-                         f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC")
+        raise _untrusted(
+            label,
+            f"the certificate of {who} expired at {cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC",
+        )
 
 
-def _check_not_revoked(child: x509.Certificate, ca: x509.Certificate,
-                       trust: TrustStore, label: str) -> None:
+def _check_not_revoked(
+    child: x509.Certificate, ca: x509.Certificate, trust: TrustStore, label: str
+) -> None:
     ca_key = ca.public_key()
     if not isinstance(ca_key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
         return
     for crl in trust.crls_for(ca):
-        if crl.is_signature_valid(ca_key) and \
-                crl.get_revoked_certificate_by_serial_number(child.serial_number) is not None:
-            raise _untrusted(label, f"the certificate of {slash_from_name(child.subject)} "
-                             f"is revoked by {slash_from_name(ca.subject)}")
+        if (
+            crl.is_signature_valid(ca_key)
+            and crl.get_revoked_certificate_by_serial_number(child.serial_number) is not None
+        ):
+            raise _untrusted(
+                label,
+                f"the certificate of {slash_from_name(child.subject)} "
+                f"is revoked by {slash_from_name(ca.subject)}",
+            )
 
 
-def _check_namespace(child: x509.Certificate, ca: x509.Certificate, trust: TrustStore,
-                     label: str) -> None:
+def _check_namespace(
+    child: x509.Certificate, ca: x509.Certificate, trust: TrustStore, label: str
+) -> None:
     why = trust.namespace_violation(child, ca)
     if why is not None:
         raise _untrusted(label, why)
 
 
-def _signer_path(signer: x509.Certificate, embedded: Sequence[x509.Certificate],
-                 trust: TrustStore, now: datetime, label: str) -> list[x509.Certificate]:
+def _signer_path(
+    signer: x509.Certificate,
+    embedded: Sequence[x509.Certificate],
+    trust: TrustStore,
+    now: datetime,
+    label: str,
+) -> list[x509.Certificate]:
     """The signer, any embedded intermediates, then the trust anchor that issued the last."""
     path = [signer]
     current = signer
@@ -771,8 +810,11 @@ def _signer_path(signer: x509.Certificate, embedded: Sequence[x509.Certificate],
                 _check_namespace(current, ca, trust, label)
                 _check_not_revoked(current, ca, trust, label)
                 return [*path, ca]
-        nexts = [c for c in embedded
-                 if c != current and c not in path and _is_ca(c) and _signed_by(current, c)]
+        nexts = [
+            c
+            for c in embedded
+            if c != current and c not in path and _is_ca(c) and _signed_by(current, c)
+        ]
         if not nexts:
             break
         _check_namespace(current, nexts[0], trust, label)
@@ -785,8 +827,9 @@ def _signer_path(signer: x509.Certificate, embedded: Sequence[x509.Certificate],
     )
 
 
-def _check_lsc(ac: ParsedAC, path: Sequence[x509.Certificate], vomsdir: VomsDir,
-               label: str) -> None:
+def _check_lsc(
+    ac: ParsedAC, path: Sequence[x509.Certificate], vomsdir: VomsDir, label: str
+) -> None:
     host = ac.host
     chains = vomsdir.chains_for(ac.vo, host)
     if chains is None:
@@ -812,7 +855,8 @@ def _signature_algorithm_for(key: Any) -> dict[str, Any]:
         return {"algorithm": "sha256_rsa", "parameters": core.Null()}
     if isinstance(key, ec.EllipticCurvePrivateKey):
         name = {"secp384r1": "sha384_ecdsa", "secp521r1": "sha512_ecdsa"}.get(
-            key.curve.name, "sha256_ecdsa")
+            key.curve.name, "sha256_ecdsa"
+        )
         return {"algorithm": name}
     raise InputError(f"cannot sign an AC with a {type(key).__name__} key; use RSA or EC")
 
@@ -822,9 +866,9 @@ def _sign(key: Any, data: bytes) -> bytes:
         return key.sign(data, padding.PKCS1v15(), hashes.SHA256())
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise InputError(f"cannot sign an AC with a {type(key).__name__} key; use RSA or EC")
-    digest: hashes.HashAlgorithm = {
-        "secp384r1": hashes.SHA384(), "secp521r1": hashes.SHA512()
-    }.get(key.curve.name, hashes.SHA256())
+    digest: hashes.HashAlgorithm = {"secp384r1": hashes.SHA384(), "secp521r1": hashes.SHA512()}.get(
+        key.curve.name, hashes.SHA256()
+    )
     return key.sign(data, ec.ECDSA(digest))
 
 
@@ -841,9 +885,7 @@ def _key_identifier(cert: x509.Certificate) -> bytes:
         return x509.SubjectKeyIdentifier.from_public_key(cert.public_key()).digest
 
 
-def _checked_ac_fqans(
-    *, vo: str, uri: str, fqans: Sequence[str], lifetime: timedelta
-) -> list[str]:
+def _checked_ac_fqans(*, vo: str, uri: str, fqans: Sequence[str], lifetime: timedelta) -> list[str]:
     """Check what :func:`make_ac_extension` is asked for; the FQANs in full form."""
     if not re.fullmatch(r"[A-Za-z0-9_.\-]+", vo):
         raise VomsError(f"the VO name {vo!r} is not valid", reason="bad_fqan")
@@ -890,48 +932,72 @@ def make_ac_extension(
         raise InputError("an AC serial number must be positive and at most 20 bytes")
 
     signer_cert = signer.cert
-    attribute_value = cms.IetfAttrSyntax({
-        "policy_authority": [asn1_x509.GeneralName(
-            name="uniform_resource_identifier", value=f"{vo}://{uri}")],
-        "values": [cms.IetfAttrValue(name="octets", value=q.encode("utf-8")) for q in full],
-    })
-    accerts = _AcCerts({"certs": [asn1_x509.Certificate.load(c.public_bytes(Encoding.DER))
-                                  for c in signer.chain if not _is_self_signed(c)]})
+    attribute_value = cms.IetfAttrSyntax(
+        {
+            "policy_authority": [
+                asn1_x509.GeneralName(name="uniform_resource_identifier", value=f"{vo}://{uri}")
+            ],
+            "values": [cms.IetfAttrValue(name="octets", value=q.encode("utf-8")) for q in full],
+        }
+    )
+    accerts = _AcCerts(
+        {
+            "certs": [
+                asn1_x509.Certificate.load(c.public_bytes(Encoding.DER))
+                for c in signer.chain
+                if not _is_self_signed(c)
+            ]
+        }
+    )
     extensions = [
         {"extn_id": ACCERTS_OID, "extn_value": accerts.dump()},
         {"extn_id": NO_REV_AVAIL_OID, "extn_value": core.Null().dump()},
-        {"extn_id": AUTHORITY_KEY_ID_OID, "extn_value": asn1_x509.AuthorityKeyIdentifier(
-            {"key_identifier": _key_identifier(signer_cert)})},
+        {
+            "extn_id": AUTHORITY_KEY_ID_OID,
+            "extn_value": asn1_x509.AuthorityKeyIdentifier(
+                {"key_identifier": _key_identifier(signer_cert)}
+            ),
+        },
     ]
     algorithm = _signature_algorithm_for(signer.key)
-    info = cms.AttributeCertificateInfoV2({
-        "version": "v2",
-        "holder": {"base_certificate_id": {
-            "issuer": [_directory_name(holder.issuer)],
-            "serial": holder.serial_number,
-        }},
-        "issuer": cms.AttCertIssuer(name="v2_form", value={
-            "issuer_name": [_directory_name(signer_cert.subject)],
-        }),
-        "signature": algorithm,
-        "serial_number": serial,
-        "att_cert_validity_period": {"not_before_time": start, "not_after_time": end},
-        "attributes": [{
-            "type": FQAN_ATTRIBUTE_OID,
-            "values": cms.SetOfAny([core.Any.load(attribute_value.dump())]),
-        }],
-        "extensions": extensions,
-    })
+    info = cms.AttributeCertificateInfoV2(
+        {
+            "version": "v2",
+            "holder": {
+                "base_certificate_id": {
+                    "issuer": [_directory_name(holder.issuer)],
+                    "serial": holder.serial_number,
+                }
+            },
+            "issuer": cms.AttCertIssuer(
+                name="v2_form",
+                value={
+                    "issuer_name": [_directory_name(signer_cert.subject)],
+                },
+            ),
+            "signature": algorithm,
+            "serial_number": serial,
+            "att_cert_validity_period": {"not_before_time": start, "not_after_time": end},
+            "attributes": [
+                {
+                    "type": FQAN_ATTRIBUTE_OID,
+                    "values": cms.SetOfAny([core.Any.load(attribute_value.dump())]),
+                }
+            ],
+            "extensions": extensions,
+        }
+    )
     tbs = bytes(info.dump())
-    ac = cms.AttributeCertificateV2({
-        "ac_info": info,
-        "signature_algorithm": algorithm,
-        "signature": _sign(signer.key, tbs),
-    })
+    ac = cms.AttributeCertificateV2(
+        {
+            "ac_info": info,
+            "signature_algorithm": algorithm,
+            "signature": _sign(signer.key, tbs),
+        }
+    )
     envelope = _AcWrapper([_AcList([ac])])
     return x509.UnrecognizedExtension(_VOMS_AC_EXT, bytes(envelope.dump()))
 
 
 def _is_self_signed(cert: x509.Certificate) -> bool:
     return cert.issuer == cert.subject and _signed_by(cert, cert)
-

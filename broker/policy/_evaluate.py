@@ -441,8 +441,7 @@ def _explain_hint(request: Request) -> str:
     if request.username:
         parts += ["--username", request.username]
     if request.token is not None:
-        parts += ["--token-issuer", request.token.issuer, "--token-subject",
-                  request.token.subject]
+        parts += ["--token-issuer", request.token.issuer, "--token-subject", request.token.subject]
         for group in request.token.groups:
             parts += ["--token-group", group]
         for scope in request.token.scopes:

@@ -190,8 +190,11 @@ class _FileReader:
 
         actions = self._actions(item.get("action"), issue) if "action" in item else frozenset()
         effect = self._effect(item, issue)
-        if (effect is Effect.ALLOW and Action.RETRIEVE_KEY in actions
-                and _names_star(item.get("action"))):
+        if (
+            effect is Effect.ALLOW
+            and Action.RETRIEVE_KEY in actions
+            and _names_star(item.get("action"))
+        ):
             # Handing out the private key must be named: an allow "*" does not grant it
             # (a deny "*" still forbids it).
             actions = actions - {Action.RETRIEVE_KEY}
@@ -262,8 +265,7 @@ class _FileReader:
         if not isinstance(raw, str):
             issue(
                 "max_lifetime",
-                f'max_lifetime must be a string with a unit such as "12h", '
-                f"not {_type_name(raw)}",
+                f'max_lifetime must be a string with a unit such as "12h", not {_type_name(raw)}',
             )
             return None
         try:

@@ -84,8 +84,10 @@ class Request:
             raise InputError("a certificate-authenticated request needs the requester's DN")
         validate_dn(self.owner_dn, what="owner DN")
         if (auth is AuthMethod.TOKEN) != (self.token is not None):
-            raise InputError("a token-authenticated request needs the token's claims, and "
-                             "only such a request may carry them")
+            raise InputError(
+                "a token-authenticated request needs the token's claims, and "
+                "only such a request may carry them"
+            )
         if auth is AuthMethod.PAM and not self.username:
             raise InputError("a PAM-authenticated request needs the username")
         if self.job_id is not None and not self.job_id.strip():

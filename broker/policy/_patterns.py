@@ -102,8 +102,11 @@ class Subject:
 # Python's own parse of the source and refused with a clear message, before RE2 sees them
 # (RE2 would also print a C++ log line on stderr).
 _UNSUPPORTED_OPS = {
-    "ASSERT": "a look-around", "ASSERT_NOT": "a look-around", "GROUPREF": "a back-reference",
-    "GROUPREF_EXISTS": "a conditional group", "ATOMIC_GROUP": "an atomic group",
+    "ASSERT": "a look-around",
+    "ASSERT_NOT": "a look-around",
+    "GROUPREF": "a back-reference",
+    "GROUPREF_EXISTS": "a conditional group",
+    "ATOMIC_GROUP": "an atomic group",
     "POSSESSIVE_REPEAT": "a possessive repeat",
 }
 
@@ -124,8 +127,16 @@ def _unsupported(tree: object) -> str | None:
             if isinstance(sub, sre_parser.SubPattern):
                 found = _unsupported(sub)
             elif isinstance(sub, tuple | list):
-                found = next((f for f in (_unsupported(x) for x in sub
-                                          if isinstance(x, sre_parser.SubPattern)) if f), None)
+                found = next(
+                    (
+                        f
+                        for f in (
+                            _unsupported(x) for x in sub if isinstance(x, sre_parser.SubPattern)
+                        )
+                        if f
+                    ),
+                    None,
+                )
             else:
                 found = None
             if found:
@@ -287,8 +298,11 @@ class TokenSubjectPattern:
 
 
 def _group_within(group: str, parent: str) -> bool:
-    return group == parent or (parent == "/" and group.startswith("/")) or group.startswith(
-        parent + "/")
+    return (
+        group == parent
+        or (parent == "/" and group.startswith("/"))
+        or group.startswith(parent + "/")
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -345,8 +359,16 @@ class GroupRef:
 
 
 Leaf = (
-    DnGlob | DnRegex | FqanPattern | PamPattern | PassphraseSubject | AnonymousSubject | SelfSubject
-    | TokenSubjectPattern | TokenGroupPattern | ScopePattern
+    DnGlob
+    | DnRegex
+    | FqanPattern
+    | PamPattern
+    | PassphraseSubject
+    | AnonymousSubject
+    | SelfSubject
+    | TokenSubjectPattern
+    | TokenGroupPattern
+    | ScopePattern
 )
 Parsed = Leaf | GroupRef
 
@@ -437,20 +459,23 @@ def _parse_token_pattern(text: str) -> TokenSubjectPattern | TokenGroupPattern |
         if not _SCOPE_RE.fullmatch(body):
             raise PatternError(
                 f'bad scope pattern "{text}": write "scope:NAME" or "scope:NAME:/path", '
-                'e.g. "scope:compute.read" or "scope:storage.read:/cms"')
+                'e.g. "scope:compute.read" or "scope:storage.read:/cms"'
+            )
         return ScopePattern(text, body)
     if kind == "token-group":
         issuer, sep, group = body.rpartition("#")
         if not _TOKEN_GROUP_RE.fullmatch(group) or (sep and not issuer):
             raise PatternError(
                 f'bad token group pattern "{text}": write "token-group:/vo/group" or '
-                '"token-group:ISSUER#/vo/group" (no wildcards; subgroups match)')
+                '"token-group:ISSUER#/vo/group" (no wildcards; subgroups match)'
+            )
         return TokenGroupPattern(text, group, issuer if sep else None)
     issuer, sep, sub = body.rpartition("#")
     if not sep or not issuer or not sub:
         raise PatternError(
             f'bad token pattern "{text}": write "token:ISSUER#SUBJECT" with the exact issuer '
-            'URL; SUBJECT may use "*" and "?" (e.g. "token:https://iam.example#*")')
+            'URL; SUBJECT may use "*" and "?" (e.g. "token:https://iam.example#*")'
+        )
     if any(c in issuer for c in "*?"):
         raise PatternError(f'"{text}": the issuer of a token: pattern takes no wildcards')
     regex = None

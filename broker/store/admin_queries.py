@@ -115,14 +115,25 @@ class CredentialCounts:
 
 
 _CRED_COLUMNS = (
-    _CRED.c.id, _CRED.c.owner_dn, _CRED.c.username, _CRED.c.name, _CRED.c.description,
-    _CRED.c.not_after, _CRED.c.passphrase_protected, _CRED.c.limited, _CRED.c.created_at,
+    _CRED.c.id,
+    _CRED.c.owner_dn,
+    _CRED.c.username,
+    _CRED.c.name,
+    _CRED.c.description,
+    _CRED.c.not_after,
+    _CRED.c.passphrase_protected,
+    _CRED.c.limited,
+    _CRED.c.created_at,
 )
 
 
 def credential_page(
-    engine: Engine, *, owner_dn: str | None = None, expiring_before: datetime | None = None,
-    after: CredentialCursor | None = None, limit: int = 50,
+    engine: Engine,
+    *,
+    owner_dn: str | None = None,
+    expiring_before: datetime | None = None,
+    after: CredentialCursor | None = None,
+    limit: int = 50,
 ) -> CredentialPage:
     """One page of credentials ordered by owner DN, optionally of one owner only, or only
     those whose ``not_after`` is before ``expiring_before`` (expired ones included)."""
@@ -134,16 +145,23 @@ def credential_page(
         stmt = stmt.where(_CRED.c.not_after < expiring_before)
     if after is not None:
         # (owner, id) > (a, b), spelt so that both planners see a range on owner_dn
-        stmt = stmt.where(_CRED.c.owner_dn >= after.owner_dn, or_(
-            _CRED.c.owner_dn > after.owner_dn, _CRED.c.id > after.id))
+        stmt = stmt.where(
+            _CRED.c.owner_dn >= after.owner_dn,
+            or_(_CRED.c.owner_dn > after.owner_dn, _CRED.c.id > after.id),
+        )
     stmt = stmt.order_by(_CRED.c.owner_dn, _CRED.c.id).limit(limit + 1)
     with _reading(engine) as conn:
         found = conn.execute(stmt).all()
     rows = tuple(
         CredentialRow(
-            id=int(r.id), owner_dn=r.owner_dn, username=r.username, name=r.name,
-            description=r.description, not_after=_utc(r.not_after),
-            passphrase_protected=bool(r.passphrase_protected), limited=bool(r.limited),
+            id=int(r.id),
+            owner_dn=r.owner_dn,
+            username=r.username,
+            name=r.name,
+            description=r.description,
+            not_after=_utc(r.not_after),
+            passphrase_protected=bool(r.passphrase_protected),
+            limited=bool(r.limited),
             created_at=_utc(r.created_at),
         )
         for r in found[:limit]
@@ -165,8 +183,9 @@ def credential_counts(engine: Engine, *, now: datetime, window: timedelta) -> Cr
             select(func.count()).select_from(_CRED).where(_CRED.c.not_after <= now)
         ).scalar_one()
         expiring = conn.execute(
-            select(func.count()).select_from(_CRED).where(
-                _CRED.c.not_after > now, _CRED.c.not_after <= soon)
+            select(func.count())
+            .select_from(_CRED)
+            .where(_CRED.c.not_after > now, _CRED.c.not_after <= soon)
         ).scalar_one()
     return CredentialCounts(int(total), int(expiring), int(expired))
 
@@ -189,8 +208,10 @@ class AuditFilter:
     def conditions(self) -> list[ColumnElement[bool]]:
         where: list[ColumnElement[bool]] = []
         for column, value in (
-            (_AUDIT.c.owner_dn, self.owner_dn), (_AUDIT.c.requester_dn, self.requester_dn),
-            (_AUDIT.c.job_id, self.job_id), (_AUDIT.c.action, self.action),
+            (_AUDIT.c.owner_dn, self.owner_dn),
+            (_AUDIT.c.requester_dn, self.requester_dn),
+            (_AUDIT.c.job_id, self.job_id),
+            (_AUDIT.c.action, self.action),
             (_AUDIT.c.decision, self.decision),
         ):
             if value is not None:
@@ -208,8 +229,9 @@ class AuditPage:
     next_before: int | None  # the id to pass as ``before`` for the next (older) page
 
 
-def audit_page(engine: Engine, filters: AuditFilter, *, before: int | None = None,
-               limit: int = 50) -> AuditPage:
+def audit_page(
+    engine: Engine, filters: AuditFilter, *, before: int | None = None, limit: int = 50
+) -> AuditPage:
     """The newest audit rows matching ``filters`` with an id below ``before``."""
     limit = _check_limit(limit)
     stmt = select(_AUDIT).where(*filters.conditions())
@@ -220,11 +242,20 @@ def audit_page(engine: Engine, filters: AuditFilter, *, before: int | None = Non
         found = conn.execute(stmt).all()
     rows = tuple(
         AuditRecord(
-            id=int(r.id), time=_utc(r.time), action=r.action, decision=r.decision,
-            endpoint=r.endpoint, requester_dn=r.requester_dn,
-            requester_fqans=tuple(r.requester_fqans or ()), owner_dn=r.owner_dn,
-            username=r.username, credential_name=r.credential_name, job_id=r.job_id,
-            reason=r.reason, client_address=r.client_address, request_id=r.request_id,
+            id=int(r.id),
+            time=_utc(r.time),
+            action=r.action,
+            decision=r.decision,
+            endpoint=r.endpoint,
+            requester_dn=r.requester_dn,
+            requester_fqans=tuple(r.requester_fqans or ()),
+            owner_dn=r.owner_dn,
+            username=r.username,
+            credential_name=r.credential_name,
+            job_id=r.job_id,
+            reason=r.reason,
+            client_address=r.client_address,
+            request_id=r.request_id,
         )
         for r in found[:limit]
     )
@@ -251,8 +282,9 @@ def _epoch_bucket(engine: Engine, width: int) -> ColumnElement[int]:
     return seconds // width  # integer operands: floor division on both backends
 
 
-def activity_chart(engine: Engine, *, since: datetime, until: datetime,
-                   bucket: timedelta) -> list[ChartBucket]:
+def activity_chart(
+    engine: Engine, *, since: datetime, until: datetime, bucket: timedelta
+) -> list[ChartBucket]:
     """Allowed retrievals and refusals per time bucket in ``[since, until)``.
 
     Buckets are aligned to multiples of ``bucket`` since the epoch (the first and
@@ -272,9 +304,14 @@ def activity_chart(engine: Engine, *, since: datetime, until: datetime,
     starts = [max(since, datetime.fromtimestamp(k * width, UTC)) for k in range(first, last + 1)]
     ends = [*starts[1:], until]
     allowed = (
-        select(func.count()).select_from(_AUDIT)
-        .where(_AUDIT.c.decision == "allow", _AUDIT.c.action.in_(RETRIEVAL_ACTIONS),
-               _AUDIT.c.time >= bindparam("start"), _AUDIT.c.time < bindparam("end"))
+        select(func.count())
+        .select_from(_AUDIT)
+        .where(
+            _AUDIT.c.decision == "allow",
+            _AUDIT.c.action.in_(RETRIEVAL_ACTIONS),
+            _AUDIT.c.time >= bindparam("start"),
+            _AUDIT.c.time < bindparam("end"),
+        )
     )
     key = _epoch_bucket(engine, width).label("bucket")
     denied = (
@@ -283,8 +320,10 @@ def activity_chart(engine: Engine, *, since: datetime, until: datetime,
         .group_by(key)
     )
     with _reading(engine) as conn:
-        retrievals = [int(conn.execute(allowed, {"start": s, "end": e}).scalar_one())
-                      for s, e in zip(starts, ends, strict=True)]
+        retrievals = [
+            int(conn.execute(allowed, {"start": s, "end": e}).scalar_one())
+            for s, e in zip(starts, ends, strict=True)
+        ]
         refusals = {int(r.bucket): int(r.n) for r in conn.execute(denied)}
     return [
         ChartBucket(datetime.fromtimestamp(k * width, UTC), retrievals[i], refusals.get(k, 0))

@@ -263,7 +263,8 @@ def load_master_keys(path: str | os.PathLike[str]) -> MasterKeyRing:
         if not stat.S_ISREG(st.st_mode):
             raise ConfigError(
                 f"the master key file {target} is not a regular file (a FIFO, device or "
-                "directory); point the configuration at the key file itself")
+                "directory); point the configuration at the key file itself"
+            )
         os.set_blocking(fd, True)
         if st.st_uid != os.geteuid():
             raise ConfigError(
@@ -473,8 +474,11 @@ OWNER_ENCRYPTED_PEM = {"kdf": "owner-pem"}
 
 
 def is_owner_encrypted(envelope: Envelope) -> bool:
-    return bool(envelope.passphrase_protected and envelope.kdf_params
-                and envelope.kdf_params.get("kdf") == OWNER_ENCRYPTED_PEM["kdf"])
+    return bool(
+        envelope.passphrase_protected
+        and envelope.kdf_params
+        and envelope.kdf_params.get("kdf") == OWNER_ENCRYPTED_PEM["kdf"]
+    )
 
 
 def _data_key(
@@ -537,7 +541,8 @@ def open_envelope(
     data_key = _data_key(ring, envelope, context, passphrase)
     try:
         plaintext = AESGCM(data_key).decrypt(
-            envelope.nonce, envelope.ciphertext, _DATA_AAD + context)
+            envelope.nonce, envelope.ciphertext, _DATA_AAD + context
+        )
     except InvalidTag:
         raise StoreError(
             "a stored private key failed its integrity check (tampered or swapped row)",
@@ -556,8 +561,9 @@ def decrypt_owner_pem(pem: bytes, passphrase: str) -> bytes:
         key = serialization.load_pem_private_key(pem, password=passphrase.encode())
     except (TypeError, ValueError, UnsupportedAlgorithm):
         raise AuthenticationError(INVALID_PASSPHRASE, reason=INVALID_PASSPHRASE_REASON) from None
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def seal_owner_encrypted(pem: bytes, context: bytes, ring: MasterKeyRing) -> Envelope:
@@ -719,10 +725,15 @@ class KeyStatus:
 
 def key_status(ring: MasterKeyRing, in_use: dict[str, int]) -> list[KeyStatus]:
     """Every key the file or the database knows, the file's order first (pure)."""
-    rows = [KeyStatus(key_id, True, key_id == ring.active_id, in_use.get(key_id, 0))
-            for key_id in ring.ids]
-    rows += [KeyStatus(key_id, False, False, count)
-             for key_id, count in sorted(in_use.items()) if ring.get(key_id) is None]
+    rows = [
+        KeyStatus(key_id, True, key_id == ring.active_id, in_use.get(key_id, 0))
+        for key_id in ring.ids
+    ]
+    rows += [
+        KeyStatus(key_id, False, False, count)
+        for key_id, count in sorted(in_use.items())
+        if ring.get(key_id) is None
+    ]
     return rows
 
 
@@ -747,8 +758,9 @@ def activate_master_key(keyfile: str | os.PathLike[str], key_id: str) -> None:
     replace_master_key_file(keyfile, MasterKeyRing(keys=(*others, (key_id, key))))
 
 
-def rewrap_all(store: RotatableStore, keyfile: str | os.PathLike[str], *,
-               batch_size: int = 100) -> int:
+def rewrap_all(
+    store: RotatableStore, keyfile: str | os.PathLike[str], *, batch_size: int = 100
+) -> int:
     """Step 3: rewrap every row not under the file's active key; returns how many."""
     if batch_size < 1:
         raise InputError("batch_size must be at least 1")
@@ -757,7 +769,8 @@ def rewrap_all(store: RotatableStore, keyfile: str | os.PathLike[str], *,
     if missing:
         raise ConfigError(
             f"the database references master keys missing from {keyfile}: {', '.join(missing)}; "
-            "copy the key file from a node that has them first")
+            "copy the key file from a node that has them first"
+        )
     store.use_master_keys(ring)
     done = 0
     while count := store.rewrap_batch(batch_size):
@@ -765,8 +778,7 @@ def rewrap_all(store: RotatableStore, keyfile: str | os.PathLike[str], *,
     return done
 
 
-def retire_master_key(store: RotatableStore, keyfile: str | os.PathLike[str],
-                      key_id: str) -> None:
+def retire_master_key(store: RotatableStore, keyfile: str | os.PathLike[str], key_id: str) -> None:
     """Step 4: drop ``key_id`` from the file; refused while it is active or still in use."""
     current = load_master_keys(keyfile)
     if current.get(key_id) is None:
@@ -777,6 +789,8 @@ def retire_master_key(store: RotatableStore, keyfile: str | os.PathLike[str],
     if in_use:
         raise Conflict(
             f"{in_use} row(s) are still wrapped with {key_id}; run 'broker keys rewrap' "
-            "(after every node has the file with the new active key) and retry")
+            "(after every node has the file with the new active key) and retry"
+        )
     replace_master_key_file(
-        keyfile, MasterKeyRing(keys=tuple((k, v) for k, v in current.keys if k != key_id)))
+        keyfile, MasterKeyRing(keys=tuple((k, v) for k, v in current.keys if k != key_id))
+    )

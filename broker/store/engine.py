@@ -113,8 +113,9 @@ def _create_private_database_file(path: Path) -> None:
     -wal and -shm files the database file's mode, so those follow. An existing file is
     left as it is (its mode is the administrator's choice)."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600)
+        fd = os.open(
+            path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
     except FileExistsError:
         return
     except OSError as exc:
@@ -167,8 +168,7 @@ def _configure_sqlite(engine: Engine) -> None:
         if mode not in ("DEFERRED", "IMMEDIATE"):
             raise ValueError(f"bad {SQLITE_BEGIN_OPTION} option {mode!r}")
         if mode == "IMMEDIATE" and not conn.info.get(_WRITE_LOCK_HELD):
-            conn.info[_WRITE_LOCK_HELD] = write_lock.acquire(
-                timeout=SQLITE_WRITE_QUEUE_WAIT_S)
+            conn.info[_WRITE_LOCK_HELD] = write_lock.acquire(timeout=SQLITE_WRITE_QUEUE_WAIT_S)
         try:
             conn.exec_driver_sql(f"BEGIN {mode}")
         except BaseException:
@@ -262,8 +262,7 @@ def lock_for_migration(connection: Connection) -> None:
     if connection.dialect.name != "postgresql":
         return
     connection.exec_driver_sql(f"SET LOCAL lock_timeout = {MIGRATION_LOCK_TIMEOUT_MS:d}")
-    connection.execute(text("SELECT pg_advisory_xact_lock(:key)"),
-                       {"key": MIGRATION_LOCK_KEY})
+    connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
 
 
 def alembic_config() -> Config:

@@ -118,7 +118,6 @@ class PendingDelegation:
     envelope: Envelope = field(repr=False, compare=False)
 
 
-
 @dataclass(frozen=True, kw_only=True)
 class CredentialWrite:
     """One credential to store, as :meth:`CredentialStore.put_credential` takes it.
@@ -276,13 +275,17 @@ def _check_key_encryption_cost(pem: bytes) -> None:
         kdf = algorithm.kdf
         iterations = int(algorithm.kdf_iterations)
     except Exception:  # asn1crypto raises many types for unknown input
-        raise PemError("the private key is encrypted with a scheme this broker does not "
-                       "accept; use PKCS#8 with PBKDF2 (openssl pkcs8 -topk8 -v2 aes256)"
-                       ) from None
+        raise PemError(
+            "the private key is encrypted with a scheme this broker does not "
+            "accept; use PKCS#8 with PBKDF2 (openssl pkcs8 -topk8 -v2 aes256)"
+        ) from None
     if kdf not in ("pbkdf2", "pbkdf1", "pkcs12_kdf") or not 1 <= iterations <= (
-            MAX_KEY_KDF_ITERATIONS):
-        raise PemError(f"the private key's encryption asks for {iterations} {kdf} rounds; "
-                       f"at most {MAX_KEY_KDF_ITERATIONS} are accepted")
+        MAX_KEY_KDF_ITERATIONS
+    ):
+        raise PemError(
+            f"the private key's encryption asks for {iterations} {kdf} rounds; "
+            f"at most {MAX_KEY_KDF_ITERATIONS} are accepted"
+        )
 
 
 def _check_chain(chain: object, private_key_pem: bytes | None) -> tuple[str, datetime]:
@@ -312,7 +315,6 @@ def _check_chain(chain: object, private_key_pem: bytes | None) -> tuple[str, dat
             )
     normalised = "".join(c.public_bytes(serialization.Encoding.PEM).decode("ascii") for c in certs)
     return normalised, min(c.not_valid_after_utc for c in certs)
-
 
 
 @dataclass(frozen=True)
@@ -421,6 +423,7 @@ def _locked_owned_row(
             f"credential {name!r} of user {username!r} is not owned by {expected_owner}"
         )
     return row
+
 
 def _check_audit(event: AuditEvent) -> None:
     if not isinstance(event, AuditEvent):
@@ -639,8 +642,9 @@ class Store:
         SQLite writers already run one at a time (BEGIN IMMEDIATE); PostgreSQL takes a
         transaction-scoped advisory lock on a hash of the key."""
         if self._engine.dialect.name == "postgresql":
-            session.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))"),
-                            {"k": key})
+            session.execute(
+                text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))"), {"k": key}
+            )
 
     def _now(self, now: datetime) -> datetime:
         return _aware(now, "now")
@@ -817,9 +821,7 @@ class Store:
 
         return self._with_retry(attempt)
 
-    def get_credential(
-        self, username: str, name: str = DEFAULT_CREDENTIAL
-    ) -> CredentialRecord:
+    def get_credential(self, username: str, name: str = DEFAULT_CREDENTIAL) -> CredentialRecord:
         username, name = _username(username), _credname(name)
         table = Credential.__table__
         with self._core(write=False) as conn:
@@ -951,16 +953,20 @@ class Store:
             if max_live is not None:
                 self._serialise(session, f"pending:{requester_dn}")
                 live = session.execute(
-                    select(func.count()).select_from(PendingDelegationRow).where(
+                    select(func.count())
+                    .select_from(PendingDelegationRow)
+                    .where(
                         PendingDelegationRow.requester_dn == requester_dn,
-                        PendingDelegationRow.expires_at > moment)
+                        PendingDelegationRow.expires_at > moment,
+                    )
                 ).scalar_one()
                 if live >= max_live:
                     raise TooManyAttempts(
                         f"{requester_dn} already has {live} delegations waiting for their "
                         f"signed chain (at most {max_live}); finish or let them expire "
                         f"({int(ttl.total_seconds() // 60)} minutes) before starting another",
-                        reason="too_many_pending")
+                        reason="too_many_pending",
+                    )
             row = PendingDelegationRow(
                 id=pending_id,
                 requester_dn=requester_dn,
@@ -1057,12 +1063,18 @@ class Store:
         counts: dict[str, int] = {}
         with self._transaction(write=True) as session:
             for label, stmt in (
-                ("pending", delete(PendingDelegationRow)
-                 .where(PendingDelegationRow.expires_at <= moment)),
-                ("challenges", delete(UsedChallengeRow)
-                 .where(UsedChallengeRow.expires_at <= moment)),
-                ("attempts", delete(PassphraseAttemptRow)
-                 .where(PassphraseAttemptRow.time < horizon)),
+                (
+                    "pending",
+                    delete(PendingDelegationRow).where(PendingDelegationRow.expires_at <= moment),
+                ),
+                (
+                    "challenges",
+                    delete(UsedChallengeRow).where(UsedChallengeRow.expires_at <= moment),
+                ),
+                (
+                    "attempts",
+                    delete(PassphraseAttemptRow).where(PassphraseAttemptRow.time < horizon),
+                ),
             ):
                 counts[label] = int(getattr(session.execute(stmt), "rowcount", 0) or 0)
         return counts
@@ -1070,9 +1082,14 @@ class Store:
     def count_pending(self, requester_dn: str, *, now: datetime) -> int:
         """Unexpired pending delegations of one requester."""
         moment = self._now(now)
-        stmt = select(func.count()).select_from(PendingDelegationRow).where(
-            PendingDelegationRow.requester_dn == _dn(requester_dn, "requester DN"),
-            PendingDelegationRow.expires_at > moment)
+        stmt = (
+            select(func.count())
+            .select_from(PendingDelegationRow)
+            .where(
+                PendingDelegationRow.requester_dn == _dn(requester_dn, "requester DN"),
+                PendingDelegationRow.expires_at > moment,
+            )
+        )
         with self._transaction(write=False) as session:
             return int(session.execute(stmt).scalar_one())
 
@@ -1090,9 +1107,14 @@ class Store:
                 return bytes(value)
             try:
                 with self._core(write=True) as conn:
-                    conn.execute(insert(ServiceSecretRow), {
-                        "name": name, "value": secrets.token_bytes(length),
-                        "created_at": self._now(now)})
+                    conn.execute(
+                        insert(ServiceSecretRow),
+                        {
+                            "name": name,
+                            "value": secrets.token_bytes(length),
+                            "created_at": self._now(now),
+                        },
+                    )
             except Conflict as exc:
                 if exc.reason != "race":
                     raise
@@ -1108,20 +1130,29 @@ class Store:
         nonce = _text(nonce, "challenge nonce", 64)
         try:
             with self._core(write=True) as conn:
-                conn.execute(insert(UsedChallengeRow),
-                             {"nonce": nonce, "expires_at": _aware(expires_at, "expires_at")})
+                conn.execute(
+                    insert(UsedChallengeRow),
+                    {"nonce": nonce, "expires_at": _aware(expires_at, "expires_at")},
+                )
         except Conflict as exc:
             if exc.reason != "race":
                 raise
             raise AuthenticationError(
                 "this renewal challenge was already used; ask for a new one",
-                reason="challenge_reused") from None
+                reason="challenge_reused",
+            ) from None
 
     # -- passphrase attempts (the throttle) ----------------------------------
 
     def reserve_passphrase_attempt(
-        self, *, username: str, credential_name: str, client_address: str | None,
-        since: datetime, limit: int, now: datetime,
+        self,
+        *,
+        username: str,
+        credential_name: str,
+        client_address: str | None,
+        since: datetime,
+        limit: int,
+        now: datetime,
     ) -> tuple[int | None, int]:
         """Count the tries for one credential from one address since ``since`` (failed
         ones and ones still running) and, below ``limit``, reserve one more, all in one
@@ -1129,19 +1160,28 @@ class Store:
         username, credential_name = _username(username), _credname(credential_name)
         moment = self._now(now)
         model = PassphraseAttemptRow
-        where = [model.username == username, model.credential_name == credential_name,
-                 model.time >= _aware(since, "since"),
-                 model.client_address.is_(None) if client_address is None
-                 else model.client_address == client_address]
+        where = [
+            model.username == username,
+            model.credential_name == credential_name,
+            model.time >= _aware(since, "since"),
+            model.client_address.is_(None)
+            if client_address is None
+            else model.client_address == client_address,
+        ]
         with self._transaction(write=True) as session:
             self._serialise(session, f"passphrase:{username}/{credential_name}")
-            count = int(session.execute(
-                select(func.count()).select_from(model).where(*where)).scalar_one())
+            count = int(
+                session.execute(select(func.count()).select_from(model).where(*where)).scalar_one()
+            )
             if count >= limit:
                 return None, count
-            row = PassphraseAttemptRow(username=username, credential_name=credential_name,
-                                       client_address=client_address, time=moment,
-                                       state="pending")
+            row = PassphraseAttemptRow(
+                username=username,
+                credential_name=credential_name,
+                client_address=client_address,
+                time=moment,
+                state="pending",
+            )
             session.add(row)
             session.flush()
             return int(row.id), count
@@ -1151,8 +1191,7 @@ class Store:
         model = PassphraseAttemptRow
         with self._transaction(write=True) as session:
             if failed:
-                session.execute(update(model).where(model.id == attempt_id)
-                                .values(state="failed"))
+                session.execute(update(model).where(model.id == attempt_id).values(state="failed"))
             else:
                 session.execute(delete(model).where(model.id == attempt_id))
 
@@ -1167,20 +1206,32 @@ class Store:
             return int(key[0])
 
     def count_audit(
-        self, *, username: str, credential_name: str, client_address: str | None,
-        reason_prefix: str, since: datetime,
+        self,
+        *,
+        username: str,
+        credential_name: str,
+        client_address: str | None,
+        reason_prefix: str,
+        since: datetime,
     ) -> int:
         """Audit rows for one credential and client address since ``since`` whose reason
         starts with ``reason_prefix`` (e.g. the wrong passphrases the throttle counts)."""
         table = AuditEventRow.__table__
-        stmt = select(func.count()).select_from(table).where(
-            table.c.username == username,
-            table.c.credential_name == credential_name,
-            table.c.time >= _aware(since, "since"),
-            table.c.reason.startswith(reason_prefix, autoescape=True),
+        stmt = (
+            select(func.count())
+            .select_from(table)
+            .where(
+                table.c.username == username,
+                table.c.credential_name == credential_name,
+                table.c.time >= _aware(since, "since"),
+                table.c.reason.startswith(reason_prefix, autoescape=True),
+            )
         )
-        stmt = stmt.where(table.c.client_address.is_(None) if client_address is None
-                          else table.c.client_address == client_address)
+        stmt = stmt.where(
+            table.c.client_address.is_(None)
+            if client_address is None
+            else table.c.client_address == client_address
+        )
         with self._core(write=False) as conn:
             return int(conn.execute(stmt).scalar_one())
 

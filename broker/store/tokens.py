@@ -68,10 +68,14 @@ def _context(owner_dn: str, username: str, issuer: str) -> bytes:
 
 def _envelope(row: RefreshTokenRow) -> crypto.Envelope:
     return crypto.Envelope(
-        ciphertext=row.key_ciphertext, nonce=row.key_nonce,
-        wrapped_data_key=row.wrapped_data_key, master_key_id=row.master_key_id,
-        passphrase_protected=row.passphrase_protected, kdf_salt=row.kdf_salt,
-        kdf_params=row.kdf_params)
+        ciphertext=row.key_ciphertext,
+        nonce=row.key_nonce,
+        wrapped_data_key=row.wrapped_data_key,
+        master_key_id=row.master_key_id,
+        passphrase_protected=row.passphrase_protected,
+        kdf_salt=row.kdf_salt,
+        kdf_params=row.kdf_params,
+    )
 
 
 def _put_envelope(row: RefreshTokenRow, envelope: crypto.Envelope) -> None:
@@ -85,8 +89,15 @@ def _put_envelope(row: RefreshTokenRow, envelope: crypto.Envelope) -> None:
 
 
 def _record(row: RefreshTokenRow) -> RefreshTokenRecord:
-    return RefreshTokenRecord(row.owner_dn, row.username, row.issuer, tuple(row.scopes),
-                              row.rotations, row.created_at, row.updated_at)
+    return RefreshTokenRecord(
+        row.owner_dn,
+        row.username,
+        row.issuer,
+        tuple(row.scopes),
+        row.rotations,
+        row.created_at,
+        row.updated_at,
+    )
 
 
 class RefreshTokenStore:
@@ -98,7 +109,8 @@ class RefreshTokenStore:
         self._read = sessionmaker(bind=engine, expire_on_commit=False)
         self._write = sessionmaker(
             bind=engine.execution_options(**{SQLITE_BEGIN_OPTION: "IMMEDIATE"}),
-            expire_on_commit=False)
+            expire_on_commit=False,
+        )
 
     @contextmanager
     def _session(self, *, write: bool) -> Iterator[Session]:
@@ -106,28 +118,41 @@ class RefreshTokenStore:
         with self._store._database_errors(), factory.begin() as session:
             yield session
 
-    def _row(self, session: Session, username: str, issuer: str, *, lock: bool
-             ) -> RefreshTokenRow | None:
-        stmt = select(RefreshTokenRow).where(RefreshTokenRow.username == username,
-                                             RefreshTokenRow.issuer == issuer)
+    def _row(
+        self, session: Session, username: str, issuer: str, *, lock: bool
+    ) -> RefreshTokenRow | None:
+        stmt = select(RefreshTokenRow).where(
+            RefreshTokenRow.username == username, RefreshTokenRow.issuer == issuer
+        )
         if lock:
             stmt = stmt.with_for_update()
         return session.scalars(stmt).one_or_none()
 
-    def put(self, *, owner_dn: str, username: str, issuer: str, token: str,
-            scopes: tuple[str, ...], now: datetime) -> RefreshTokenRecord:
+    def put(
+        self,
+        *,
+        owner_dn: str,
+        username: str,
+        issuer: str,
+        token: str,
+        scopes: tuple[str, ...],
+        now: datetime,
+    ) -> RefreshTokenRecord:
         """Store (or replace, for the same owner) the refresh token of username at issuer."""
-        envelope = crypto.seal(token.encode(), _context(owner_dn, username, issuer),
-                               self._store._ring_for_encrypt())
+        envelope = crypto.seal(
+            token.encode(), _context(owner_dn, username, issuer), self._store._ring_for_encrypt()
+        )
         with self._session(write=True) as session:
             row = self._row(session, username, issuer, lock=True)
             if row is not None and row.owner_dn != owner_dn:
                 raise AuthorizationError(
                     f"the refresh token of {username} at {issuer} belongs to {row.owner_dn}",
-                    reason="not_owner")
+                    reason="not_owner",
+                )
             if row is None:
-                row = RefreshTokenRow(owner_dn=owner_dn, username=username, issuer=issuer,
-                                      created_at=now, rotations=0)
+                row = RefreshTokenRow(
+                    owner_dn=owner_dn, username=username, issuer=issuer, created_at=now, rotations=0
+                )
                 session.add(row)
             row.scopes = list(scopes)
             row.updated_at = now
@@ -148,23 +173,27 @@ class RefreshTokenStore:
             session.delete(row)
             return True
 
-    def redeem(self, username: str, issuer: str, now: datetime,
-               use: Callable[[str], tuple[str | None, T]]) -> T:
+    def redeem(
+        self, username: str, issuer: str, now: datetime, use: Callable[[str], tuple[str | None, T]]
+    ) -> T:
         """Call ``use(refresh_token)`` under the row lock; it returns (rotated token or None,
         result). A rotated token replaces the stored one in the same transaction; when
         ``use`` raises, nothing changes."""
         with self._session(write=True) as session:
             row = self._row(session, username, issuer, lock=True)
             if row is None:
-                raise NotFound(f"no refresh token of {username} at {issuer} is stored",
-                               reason="no_refresh_token")
+                raise NotFound(
+                    f"no refresh token of {username} at {issuer} is stored",
+                    reason="no_refresh_token",
+                )
             context = _context(row.owner_dn, row.username, row.issuer)
             ring = self._store._ring_for(row.master_key_id)
             token = crypto.open_envelope(_envelope(row), context, ring).decode()
             rotated, result = use(token)
             if rotated is not None and rotated != token:
-                _put_envelope(row, crypto.seal(rotated.encode(), context,
-                                               self._store._ring_for_encrypt()))
+                _put_envelope(
+                    row, crypto.seal(rotated.encode(), context, self._store._ring_for_encrypt())
+                )
                 row.rotations += 1
                 row.updated_at = now
             return result
@@ -174,16 +203,25 @@ class RefreshTokenStore:
     def master_key_ids_in_use(self) -> dict[str, int]:
         with self._session(write=False) as session:
             stmt = select(RefreshTokenRow.master_key_id, func.count()).group_by(
-                RefreshTokenRow.master_key_id)
+                RefreshTokenRow.master_key_id
+            )
             return {key_id: int(count) for key_id, count in session.execute(stmt)}
 
     def rewrap_batch(self, batch_size: int = 100) -> int:
         ring = self._store.master_keys
         with self._session(write=True) as session:
             rows = session.scalars(
-                select(RefreshTokenRow).where(RefreshTokenRow.master_key_id != ring.active_id)
-                .order_by(RefreshTokenRow.id).limit(batch_size).with_for_update()).all()
+                select(RefreshTokenRow)
+                .where(RefreshTokenRow.master_key_id != ring.active_id)
+                .order_by(RefreshTokenRow.id)
+                .limit(batch_size)
+                .with_for_update()
+            ).all()
             for row in rows:
-                _put_envelope(row, crypto.rewrap(
-                    _envelope(row), _context(row.owner_dn, row.username, row.issuer), ring))
+                _put_envelope(
+                    row,
+                    crypto.rewrap(
+                        _envelope(row), _context(row.owner_dn, row.username, row.issuer), ring
+                    ),
+                )
             return len(rows)

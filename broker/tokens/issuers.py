@@ -71,9 +71,13 @@ class _Keys:
 class IssuerDirectory:
     """The configured issuers, their endpoints and keys; thread-safe, one per process."""
 
-    def __init__(self, settings: TokenSettings, *,
-                 clock: Callable[[], float] = time.monotonic,
-                 session: requests.Session | None = None) -> None:
+    def __init__(
+        self,
+        settings: TokenSettings,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        session: requests.Session | None = None,
+    ) -> None:
         self.settings = settings
         self._clock = clock
         self._session = session or requests.Session()
@@ -85,19 +89,28 @@ class IssuerDirectory:
 
     # ---------------------------------------------------------------- HTTP
 
-    def _call(self, issuer: IssuerConfig, method: str, url: str, what: str,
-              **kwargs: Any) -> requests.Response:
+    def _call(
+        self, issuer: IssuerConfig, method: str, url: str, what: str, **kwargs: Any
+    ) -> requests.Response:
         try:
             check_url(url, insecure_loopback_http=issuer.insecure_loopback_http, what=what)
         except ConfigError as exc:
             raise IssuerUnavailable(
                 f"issuer {issuer.name} ({issuer.issuer}) advertises an unusable {what}: "
-                f"{exc.message}", reason="issuer_unavailable") from None
+                f"{exc.message}",
+                reason="issuer_unavailable",
+            ) from None
         timeout = self.settings.http_timeout_seconds
         try:
-            response = self._session.request(method, url, timeout=(timeout, timeout),
-                                              allow_redirects=False, stream=True,
-                                              verify=issuer.ca_bundle or True, **kwargs)
+            response = self._session.request(
+                method,
+                url,
+                timeout=(timeout, timeout),
+                allow_redirects=False,
+                stream=True,
+                verify=issuer.ca_bundle or True,
+                **kwargs,
+            )
             try:
                 body = response.raw.read(_MAX_RESPONSE + 1, decode_content=True)
             finally:
@@ -105,15 +118,17 @@ class IssuerDirectory:
         except (requests.RequestException, Urllib3Error, OSError) as exc:
             raise IssuerUnavailable(
                 f"issuer {issuer.name} ({issuer.issuer}) is unreachable ({what} {url}): "
-                f"{type(exc).__name__}", reason="issuer_unavailable") from None
+                f"{type(exc).__name__}",
+                reason="issuer_unavailable",
+            ) from None
         if len(body) > _MAX_RESPONSE:
-            raise IssuerUnavailable(f"issuer {issuer.name}: the {what} answer is too large",
-                                    reason="issuer_unavailable")
+            raise IssuerUnavailable(
+                f"issuer {issuer.name}: the {what} answer is too large", reason="issuer_unavailable"
+            )
         response._content = body
         return response
 
-    def _json(self, issuer: IssuerConfig, response: requests.Response, what: str
-              ) -> dict[str, Any]:
+    def _json(self, issuer: IssuerConfig, response: requests.Response, what: str) -> dict[str, Any]:
         try:
             data = json.loads(response.content)
         except ValueError:
@@ -121,7 +136,9 @@ class IssuerDirectory:
         if not isinstance(data, dict):
             raise IssuerUnavailable(
                 f"issuer {issuer.name} ({issuer.issuer}) answered the {what} request with "
-                f"HTTP {response.status_code} and no JSON object", reason="issuer_unavailable")
+                f"HTTP {response.status_code} and no JSON object",
+                reason="issuer_unavailable",
+            )
         return data
 
     # ---------------------------------------------------------------- discovery
@@ -139,7 +156,9 @@ class IssuerDirectory:
             if response.status_code != 200:
                 raise IssuerUnavailable(
                     f"issuer {issuer.name} ({issuer.issuer}): discovery answered HTTP "
-                    f"{response.status_code}", reason="issuer_unavailable")
+                    f"{response.status_code}",
+                    reason="issuer_unavailable",
+                )
         except IssuerUnavailable:
             if cached is not None and now - cached[1] < _MAX_STALE:
                 return cached[0]
@@ -147,15 +166,21 @@ class IssuerDirectory:
         if doc.get("issuer") != issuer.issuer:
             raise IssuerUnavailable(
                 f"issuer {issuer.name}: the discovery document names issuer "
-                f"{doc.get('issuer')!r}, not {issuer.issuer!r}", reason="issuer_unavailable")
+                f"{doc.get('issuer')!r}, not {issuer.issuer!r}",
+                reason="issuer_unavailable",
+            )
         jwks_uri = doc.get("jwks_uri")
         if not isinstance(jwks_uri, str):
-            raise IssuerUnavailable(f"issuer {issuer.name}: discovery has no jwks_uri",
-                                    reason="issuer_unavailable")
+            raise IssuerUnavailable(
+                f"issuer {issuer.name}: discovery has no jwks_uri", reason="issuer_unavailable"
+            )
         token = doc.get("token_endpoint")
         device = doc.get("device_authorization_endpoint")
-        found = Endpoints(jwks_uri, token if isinstance(token, str) else None,
-                          device if isinstance(device, str) else None)
+        found = Endpoints(
+            jwks_uri,
+            token if isinstance(token, str) else None,
+            device if isinstance(device, str) else None,
+        )
         with self._lock:
             self._endpoints[issuer.name] = (found, now)
         return found
@@ -169,27 +194,38 @@ class IssuerDirectory:
             except (OSError, ValueError) as exc:
                 raise IssuerUnavailable(
                     f"issuer {issuer.name}: cannot read the JWKS file {issuer.jwks_file}: {exc}",
-                    reason="issuer_unavailable") from None
+                    reason="issuer_unavailable",
+                ) from None
         else:
             jwks_uri = self.endpoints(issuer).jwks_uri
             response = self._call(issuer, "GET", jwks_uri, "JWKS")
             raw = self._json(issuer, response, "JWKS")
             if response.status_code != 200:
-                raise IssuerUnavailable(f"issuer {issuer.name}: JWKS answered HTTP "
-                                        f"{response.status_code}", reason="issuer_unavailable")
+                raise IssuerUnavailable(
+                    f"issuer {issuer.name}: JWKS answered HTTP {response.status_code}",
+                    reason="issuer_unavailable",
+                )
         if not isinstance(raw, dict) or not isinstance(raw.get("keys"), list):
-            raise IssuerUnavailable(f"issuer {issuer.name}: the JWKS has no 'keys' list",
-                                    reason="issuer_unavailable")
+            raise IssuerUnavailable(
+                f"issuer {issuer.name}: the JWKS has no 'keys' list", reason="issuer_unavailable"
+            )
         # Only public signing keys with a kid; a symmetric key in a JWKS would let
         # anyone who read the JWKS sign tokens.
-        usable = [k for k in raw["keys"] if isinstance(k, dict) and k.get("kty") in ("RSA", "EC")
-                  and isinstance(k.get("kid"), str) and "d" not in k
-                  and k.get("use", "sig") == "sig"]
+        usable = [
+            k
+            for k in raw["keys"]
+            if isinstance(k, dict)
+            and k.get("kty") in ("RSA", "EC")
+            and isinstance(k.get("kid"), str)
+            and "d" not in k
+            and k.get("use", "sig") == "sig"
+        ]
         try:
             return KeySet.import_key_set({"keys": usable})
         except (JoseError, ValueError, TypeError) as exc:
-            raise IssuerUnavailable(f"issuer {issuer.name}: bad key in the JWKS: {exc}",
-                                    reason="issuer_unavailable") from None
+            raise IssuerUnavailable(
+                f"issuer {issuer.name}: bad key in the JWKS: {exc}", reason="issuer_unavailable"
+            ) from None
 
     def keys(self, issuer: IssuerConfig, kid: str) -> KeySet:
         """The issuer's key set, refetched when stale or when ``kid`` is unknown."""
@@ -225,22 +261,39 @@ class IssuerDirectory:
     def _token_endpoint(self, issuer: IssuerConfig) -> str:
         endpoint = self.endpoints(issuer).token_endpoint
         if endpoint is None:
-            raise IssuerUnavailable(f"issuer {issuer.name}: discovery has no token_endpoint",
-                                    reason="issuer_unavailable")
+            raise IssuerUnavailable(
+                f"issuer {issuer.name}: discovery has no token_endpoint",
+                reason="issuer_unavailable",
+            )
         return endpoint
 
-    def refresh(self, issuer: IssuerConfig, refresh_token: str, *, scopes: tuple[str, ...],
-                audience: str | None) -> TokenResponse:
+    def refresh(
+        self,
+        issuer: IssuerConfig,
+        refresh_token: str,
+        *,
+        scopes: tuple[str, ...],
+        audience: str | None,
+    ) -> TokenResponse:
         """Redeem a refresh token for an access token with ``scopes`` (and a rotated refresh
         token when the issuer rotates)."""
-        form = {"grant_type": "refresh_token", "refresh_token": refresh_token,
-                "client_id": issuer.client_id}
+        form = {
+            "grant_type": "refresh_token",
+            "refresh_token": refresh_token,
+            "client_id": issuer.client_id,
+        }
         if scopes:
             form["scope"] = " ".join(scopes)
         if audience:
             form["audience"] = audience
-        response = self._call(issuer, "POST", self._token_endpoint(issuer), "token endpoint",
-                              data=form, **self._client_auth(issuer))
+        response = self._call(
+            issuer,
+            "POST",
+            self._token_endpoint(issuer),
+            "token endpoint",
+            data=form,
+            **self._client_auth(issuer),
+        )
         data = self._json(issuer, response, "token")
         if response.status_code == 200:
             return _token_response(issuer, data)
@@ -249,47 +302,75 @@ class IssuerDirectory:
             raise RefreshTokenRevoked(
                 f"issuer {issuer.name} refused the stored refresh token (revoked, expired or "
                 f"already used); its owner must run `broker-init --token-issuer {issuer.name}` "
-                "again", reason="refresh_token_revoked")
+                "again",
+                reason="refresh_token_revoked",
+            )
         if error == "invalid_scope":
             raise ScopeNotAllowed(
                 f"issuer {issuer.name} refused the scopes {' '.join(scopes)!r}: "
-                f"{data.get('error_description', '')}", reason="scope_not_allowed")
+                f"{data.get('error_description', '')}",
+                reason="scope_not_allowed",
+            )
         raise IssuerUnavailable(
             f"issuer {issuer.name} ({issuer.issuer}) refused the refresh: HTTP "
             f"{response.status_code} {error} {data.get('error_description', '')}".rstrip(),
-            reason="issuer_unavailable")
+            reason="issuer_unavailable",
+        )
 
-    def start_device_flow(self, issuer: IssuerConfig, scopes: tuple[str, ...]
-                          ) -> DeviceAuthorization:
+    def start_device_flow(
+        self, issuer: IssuerConfig, scopes: tuple[str, ...]
+    ) -> DeviceAuthorization:
         endpoint = self.endpoints(issuer).device_authorization_endpoint
         if endpoint is None:
-            raise IssuerUnavailable(f"issuer {issuer.name} offers no device-code flow",
-                                    reason="issuer_unavailable")
+            raise IssuerUnavailable(
+                f"issuer {issuer.name} offers no device-code flow", reason="issuer_unavailable"
+            )
         form = {"client_id": issuer.client_id, "scope": " ".join(scopes)}
-        response = self._call(issuer, "POST", endpoint, "device authorization endpoint",
-                              data=form, **self._client_auth(issuer))
+        response = self._call(
+            issuer,
+            "POST",
+            endpoint,
+            "device authorization endpoint",
+            data=form,
+            **self._client_auth(issuer),
+        )
         data = self._json(issuer, response, "device authorization")
         if response.status_code != 200 or not all(
-                isinstance(data.get(k), str)
-                for k in ("device_code", "user_code", "verification_uri")):
+            isinstance(data.get(k), str) for k in ("device_code", "user_code", "verification_uri")
+        ):
             raise IssuerUnavailable(
                 f"issuer {issuer.name} refused the device authorization: HTTP "
-                f"{response.status_code} {data.get('error', '')}", reason="issuer_unavailable")
+                f"{response.status_code} {data.get('error', '')}",
+                reason="issuer_unavailable",
+            )
         complete = data.get("verification_uri_complete")
         return DeviceAuthorization(
-            device_code=data["device_code"], user_code=data["user_code"],
+            device_code=data["device_code"],
+            user_code=data["user_code"],
             verification_uri=data["verification_uri"],
             verification_uri_complete=complete if isinstance(complete, str) else None,
-            expires_in=_int(data.get("expires_in"), 600), interval=_int(data.get("interval"), 5))
+            expires_in=_int(data.get("expires_in"), 600),
+            interval=_int(data.get("interval"), 5),
+        )
 
-    def poll_device_flow(self, issuer: IssuerConfig, device: DeviceAuthorization
-                         ) -> TokenResponse | str:
+    def poll_device_flow(
+        self, issuer: IssuerConfig, device: DeviceAuthorization
+    ) -> TokenResponse | str:
         """One poll: the tokens, or the OAuth2 error string (authorization_pending, slow_down,
         access_denied, expired_token)."""
-        form = {"grant_type": "urn:ietf:params:oauth:grant-type:device_code",
-                "device_code": device.device_code, "client_id": issuer.client_id}
-        response = self._call(issuer, "POST", self._token_endpoint(issuer), "token endpoint",
-                              data=form, **self._client_auth(issuer))
+        form = {
+            "grant_type": "urn:ietf:params:oauth:grant-type:device_code",
+            "device_code": device.device_code,
+            "client_id": issuer.client_id,
+        }
+        response = self._call(
+            issuer,
+            "POST",
+            self._token_endpoint(issuer),
+            "token endpoint",
+            data=form,
+            **self._client_auth(issuer),
+        )
         data = self._json(issuer, response, "token")
         if response.status_code == 200:
             return _token_response(issuer, data)
@@ -301,19 +382,24 @@ def _has_kid(keys: KeySet, kid: str) -> bool:
 
 
 def _int(value: Any, default: int) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 \
-        else default
+    return (
+        value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else default
+    )
 
 
 def _token_response(issuer: IssuerConfig, data: dict[str, Any]) -> TokenResponse:
     access = data.get("access_token")
     if not isinstance(access, str) or not access:
-        raise IssuerUnavailable(f"issuer {issuer.name}: the token answer has no access_token",
-                                reason="issuer_unavailable")
+        raise IssuerUnavailable(
+            f"issuer {issuer.name}: the token answer has no access_token",
+            reason="issuer_unavailable",
+        )
     refresh = data.get("refresh_token")
     scope = data.get("scope")
     expires = data.get("expires_in")
     return TokenResponse(
-        access_token=access, refresh_token=refresh if isinstance(refresh, str) else None,
-        expires_in=expires if isinstance(expires, int) and not isinstance(expires, bool)
-        else None, scope=scope if isinstance(scope, str) else None)
+        access_token=access,
+        refresh_token=refresh if isinstance(refresh, str) else None,
+        expires_in=expires if isinstance(expires, int) and not isinstance(expires, bool) else None,
+        scope=scope if isinstance(scope, str) else None,
+    )

@@ -58,7 +58,8 @@ class IssuerConfig:
         except OSError as exc:
             raise ConfigError(
                 f"issuer {self.name}: cannot read client_secret_file "
-                f"{self.client_secret_file}: {exc.strerror}") from exc
+                f"{self.client_secret_file}: {exc.strerror}"
+            ) from exc
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,8 @@ def check_url(url: str, *, insecure_loopback_http: bool, what: str) -> str:
             return url
         raise ConfigError(
             f"{what} {url!r} is plain HTTP; set insecure_loopback_http = true (tests and "
-            "development only) or use https://")
+            "development only) or use https://"
+        )
     raise ConfigError(f"{what} {url!r} must be an https:// URL")
 
 
@@ -107,8 +109,17 @@ def _strings(value: Any, what: str) -> tuple[str, ...]:
     return tuple(value)
 
 
-_ISSUER_KEYS = {"name", "issuer", "audience", "jwks_file", "client_id", "client_secret_file",
-                "job_scopes", "insecure_loopback_http", "ca_bundle"}
+_ISSUER_KEYS = {
+    "name",
+    "issuer",
+    "audience",
+    "jwks_file",
+    "client_id",
+    "client_secret_file",
+    "job_scopes",
+    "insecure_loopback_http",
+    "ca_bundle",
+}
 
 
 def parse_issuer(raw: Any, where: str) -> IssuerConfig:
@@ -136,37 +147,53 @@ def parse_issuer(raw: Any, where: str) -> IssuerConfig:
             raise ConfigError(f"{where}: {key} must be a string")
         text[key] = value
     return IssuerConfig(
-        name=name, issuer=issuer, audience=audience, job_scopes=_strings(
-            raw.get("job_scopes", []), f"{where}: job_scopes"),
-        insecure_loopback_http=insecure, **text)
+        name=name,
+        issuer=issuer,
+        audience=audience,
+        job_scopes=_strings(raw.get("job_scopes", []), f"{where}: job_scopes"),
+        insecure_loopback_http=insecure,
+        **text,
+    )
 
 
 def parse_token_settings(raw: Any, where: str = "[tokens]") -> TokenSettings:
     """Validate the ``[tokens]`` table; ConfigError names the bad setting."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{where} must be a table")
-    unknown = set(raw) - {"issuers", "leeway_seconds", "jwks_refresh_seconds",
-                          "http_timeout_seconds"}
+    unknown = set(raw) - {
+        "issuers",
+        "leeway_seconds",
+        "jwks_refresh_seconds",
+        "http_timeout_seconds",
+    }
     if unknown:
         raise ConfigError(f"{where}: unknown setting(s) {', '.join(sorted(unknown))}")
     issuers_raw = raw.get("issuers", [])
     if not isinstance(issuers_raw, list):
         raise ConfigError(f"{where}: issuers must be an array of tables ([[tokens.issuers]])")
-    issuers = tuple(parse_issuer(item, f"{where} issuer #{n + 1}")
-                    for n, item in enumerate(issuers_raw))
+    issuers = tuple(
+        parse_issuer(item, f"{where} issuer #{n + 1}") for n, item in enumerate(issuers_raw)
+    )
     names = [i.name for i in issuers]
     if len(set(names)) != len(names) or len({i.issuer for i in issuers}) != len(issuers):
         raise ConfigError(f"{where}: issuer names and issuer URLs must be unique")
     numbers: dict[str, float] = {}
-    for key, low, high, default in (("leeway_seconds", 0, 600, 60),
-                                    ("jwks_refresh_seconds", 10, 86400, 300),
-                                    ("http_timeout_seconds", 0.1, 60, 5)):
+    for key, low, high, default in (
+        ("leeway_seconds", 0, 600, 60),
+        ("jwks_refresh_seconds", 10, 86400, 300),
+        ("http_timeout_seconds", 0.1, 60, 5),
+    ):
         value = raw.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not (
-                low <= value <= high):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not (low <= value <= high)
+        ):
             raise ConfigError(f"{where}: {key} must be a number between {low} and {high}")
         numbers[key] = value
     return TokenSettings(
-        issuers=issuers, leeway_seconds=int(numbers["leeway_seconds"]),
+        issuers=issuers,
+        leeway_seconds=int(numbers["leeway_seconds"]),
         jwks_refresh_seconds=int(numbers["jwks_refresh_seconds"]),
-        http_timeout_seconds=float(numbers["http_timeout_seconds"]))
+        http_timeout_seconds=float(numbers["http_timeout_seconds"]),
+    )

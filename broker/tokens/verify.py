@@ -30,8 +30,17 @@ from broker.tokens.errors import TokenRejected
 from broker.tokens.issuers import IssuerDirectory
 from broker.tokens.settings import TokenSettings
 
-ALLOWED_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384",
-                      "ES512")
+ALLOWED_ALGORITHMS = (
+    "RS256",
+    "RS384",
+    "RS512",
+    "PS256",
+    "PS384",
+    "PS512",
+    "ES256",
+    "ES384",
+    "ES512",
+)
 _MAX_CLAIM_ITEMS = 256
 
 
@@ -58,20 +67,26 @@ def _strings(value: Any, what: str) -> tuple[str, ...]:
         return ()
     if isinstance(value, str):
         value = value.split()
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value) or len(
-            value) > _MAX_CLAIM_ITEMS:
+    if (
+        not isinstance(value, list)
+        or not all(isinstance(v, str) for v in value)
+        or len(value) > _MAX_CLAIM_ITEMS
+    ):
         raise _reject(f"its {what} claim is not a list of strings", "token_claims")
     return tuple(value)
 
 
-def verify_bearer(raw: str, settings: TokenSettings, directory: IssuerDirectory, *,
-                  now: int) -> TokenClaims:
+def verify_bearer(
+    raw: str, settings: TokenSettings, directory: IssuerDirectory, *, now: int
+) -> TokenClaims:
     """Verify ``raw`` (the compact JWT) at time ``now`` (Unix seconds)."""
     header, unverified = _unverified(raw, settings)
     alg = header.get("alg")
     if alg not in ALLOWED_ALGORITHMS:
-        raise _reject(f"its algorithm {alg!r} is not accepted (use one of "
-                      f"{', '.join(ALLOWED_ALGORITHMS)})", "token_algorithm")
+        raise _reject(
+            f"its algorithm {alg!r} is not accepted (use one of {', '.join(ALLOWED_ALGORITHMS)})",
+            "token_algorithm",
+        )
     kid = header.get("kid")
     if not isinstance(kid, str) or not kid:
         raise _reject("its header names no key id (kid)", "token_kid")
@@ -88,7 +103,8 @@ def verify_bearer(raw: str, settings: TokenSettings, directory: IssuerDirectory,
         raise _reject(f"its signature does not verify ({exc.error})", "token_signature") from None
     claims = dict(token.claims)
     registry = jwt.JWTClaimsRegistry(
-        now=now, leeway=settings.leeway_seconds,
+        now=now,
+        leeway=settings.leeway_seconds,
         iss={"essential": True, "value": issuer.issuer},
         sub={"essential": True},
         exp={"essential": True},
@@ -98,24 +114,35 @@ def verify_bearer(raw: str, settings: TokenSettings, directory: IssuerDirectory,
     except JoseError as exc:
         raise _reject(f"{exc.description or exc.error}", f"token_{exc.error}") from None
     iat = claims.get("iat")
-    if iat is not None and (not isinstance(iat, int | float) or iat > now
-                            + settings.leeway_seconds):
+    if iat is not None and (
+        not isinstance(iat, int | float) or iat > now + settings.leeway_seconds
+    ):
         raise _reject("it was issued in the future (iat)", "token_iat")
     audiences = _strings(claims.get("aud"), "aud")
     if not set(audiences) & set(issuer.audience):
-        raise _reject(f"its audience {list(audiences)} names none of this broker's audiences "
-                      f"for issuer {issuer.name}", "token_audience")
+        raise _reject(
+            f"its audience {list(audiences)} names none of this broker's audiences "
+            f"for issuer {issuer.name}",
+            "token_audience",
+        )
     subject = claims.get("sub")
     if not isinstance(subject, str) or not subject or len(subject) > 512:
         raise _reject("its subject (sub) is missing or too long", "token_claims")
     if isinstance(claims.get("wlcg.ver"), str):
         scopes = _strings(claims.get("scope"), "scope")
-    elif (str(claims.get("ver", "")).startswith("scitoken:") or "scp" in claims
-          or isinstance(claims.get("scope"), str)):  # SciTokens 2.0, or 1.0 (no "ver")
+    elif (
+        str(claims.get("ver", "")).startswith("scitoken:")
+        or "scp" in claims
+        or isinstance(claims.get("scope"), str)
+    ):  # SciTokens 2.0, or 1.0 (no "ver")
         scopes = _strings(claims.get("scope", claims.get("scp")), "scope")
     else:
-        raise _reject("it follows neither the WLCG token profile (wlcg.ver) nor SciTokens "
-                      "(ver / scp)", "token_profile")
-    groups = tuple(g if g.startswith("/") else "/" + g
-                   for g in _strings(claims.get("wlcg.groups"), "wlcg.groups"))
+        raise _reject(
+            "it follows neither the WLCG token profile (wlcg.ver) nor SciTokens (ver / scp)",
+            "token_profile",
+        )
+    groups = tuple(
+        g if g.startswith("/") else "/" + g
+        for g in _strings(claims.get("wlcg.groups"), "wlcg.groups")
+    )
     return TokenClaims(issuer=issuer.issuer, subject=subject, groups=groups, scopes=scopes)

@@ -27,8 +27,13 @@ SOURCE = Path(__file__).with_name("broker_pilot_launcher.c")
 _UNSAFE_IN_C_STRING = frozenset('"\\\n\r\0?')
 
 
-def build_launcher(dest: str | os.PathLike[str], *, python: str | None = None,
-                   config: str | None = None, compiler: str = "gcc") -> Path:
+def build_launcher(
+    dest: str | os.PathLike[str],
+    *,
+    python: str | None = None,
+    config: str | None = None,
+    compiler: str = "gcc",
+) -> Path:
     """Compile the launcher to ``dest`` (mode 0755) for ``python`` (default: this interpreter).
 
     ``config`` (absolute) is compiled in as the pilot's configuration file, which
@@ -44,34 +49,55 @@ def build_launcher(dest: str | os.PathLike[str], *, python: str | None = None,
         raise WrapperSystemError(
             f"the interpreter path {interpreter!r} must be absolute and free of quotes, "
             "backslashes, '?' and line breaks to be compiled into the launcher",
-            reason="bad_interpreter")
+            reason="bad_interpreter",
+        )
     if config is not None and (not os.path.isabs(config) or set(config) & _UNSAFE_IN_C_STRING):
         raise WrapperSystemError(
             f"the configuration path {config!r} must be absolute and free of quotes, "
             "backslashes, '?' and line breaks to be compiled into the launcher",
-            reason="bad_config_path")
+            reason="bad_config_path",
+        )
     if not os.access(interpreter, os.X_OK):
-        raise WrapperSystemError(f"the interpreter {interpreter} is not executable",
-                                 reason="bad_interpreter")
+        raise WrapperSystemError(
+            f"the interpreter {interpreter} is not executable", reason="bad_interpreter"
+        )
     cc = shutil.which(compiler)
     if cc is None:
         raise WrapperSystemError(
             f"{compiler} is not installed; the launcher needs a C compiler and a static libc "
-            "(Debian: apt-get install gcc libc6-dev)", reason="no_compiler")
+            "(Debian: apt-get install gcc libc6-dev)",
+            reason="no_compiler",
+        )
     target = Path(dest).absolute()
     fd, partial = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     os.close(fd)
     try:
         result = subprocess.run(
-            [cc, "-static", "-O2", "-Wall", "-Wextra", "-Werror",
-             f'-DPILOT_PYTHON="{interpreter}"', f'-DPILOT_CONFIG="{config or ""}"',
-             "-o", partial, str(SOURCE)],
-            capture_output=True, text=True, timeout=120, check=False)
+            [
+                cc,
+                "-static",
+                "-O2",
+                "-Wall",
+                "-Wextra",
+                "-Werror",
+                f'-DPILOT_PYTHON="{interpreter}"',
+                f'-DPILOT_CONFIG="{config or ""}"',
+                "-o",
+                partial,
+                str(SOURCE),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
         if result.returncode != 0:
             detail = (result.stderr.strip().splitlines() or ["no output"])[-1]
             raise WrapperSystemError(
                 f"building the launcher failed ({detail}); a static build needs libc.a "
-                "(Debian: apt-get install libc6-dev)", reason="build_failed")
+                "(Debian: apt-get install libc6-dev)",
+                reason="build_failed",
+            )
         os.chmod(partial, 0o755)  # noqa: S103 - a program the starter executes
         os.replace(partial, target)
     finally:

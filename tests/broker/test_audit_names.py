@@ -14,9 +14,23 @@ def test_every_policy_action_has_an_audit_action() -> None:
 
 def test_values_are_the_strings_rows_already_hold() -> None:
     assert {a.value for a in AuditAction} == {
-        "delegate-start", "delegate", "store", "retrieve", "renew", "retrieve-key", "info",
-        "destroy", "change-passphrase", "trustroots", "authenticate", "issue-certificate",
-        "store-refresh-token", "retrieve-token", "admin-login", "admin-page", "myproxy",
+        "delegate-start",
+        "delegate",
+        "store",
+        "retrieve",
+        "renew",
+        "retrieve-key",
+        "info",
+        "destroy",
+        "change-passphrase",
+        "trustroots",
+        "authenticate",
+        "issue-certificate",
+        "store-refresh-token",
+        "retrieve-token",
+        "admin-login",
+        "admin-page",
+        "myproxy",
     }
     assert {e.value for e in Endpoint} == {"rest", "myproxy"}
     assert type(AuditAction.RETRIEVE.value) is str

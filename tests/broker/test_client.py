@@ -87,7 +87,10 @@ def _client(pki: GridPki, server: str) -> BrokerClient:
 
 def test_server_lists_are_parsed_in_order() -> None:
     assert parse_servers("a.example:1,https://b.example:2/ c.example") == [
-        ("a.example", 1), ("b.example", 2), ("c.example", 8443)]
+        ("a.example", 1),
+        ("b.example", 2),
+        ("c.example", 8443),
+    ]
     assert parse_servers("[::1]:9000, a:1 ,a:1") == [("::1", 9000), ("a", 1)]
     assert parse_server("x:5,y:6") == ("x", 5)
 
@@ -106,8 +109,7 @@ def test_bad_server_entries_are_refused(bad: str) -> None:
 # ------------------------------------------------------------------ failover
 
 
-def test_failover_to_the_next_server_when_one_is_down(
-        sqlite_broker: RunningBroker) -> None:  # noqa: F811
+def test_failover_to_the_next_server_when_one_is_down(sqlite_broker: RunningBroker) -> None:  # noqa: F811
     dead = free_port()
     client = _client(sqlite_broker.pki, f"127.0.0.1:{dead},{sqlite_broker.server}")
     assert client.call("GET", "/healthz")["status"] == "ok"
@@ -118,7 +120,9 @@ def test_failover_to_the_next_server_when_one_is_down(
 
 
 def test_failover_on_503_but_not_on_a_refusal(
-        sqlite_broker: RunningBroker, stubs: list[_Stub]) -> None:  # noqa: F811
+    sqlite_broker: RunningBroker,  # noqa: F811
+    stubs: list[_Stub],
+) -> None:
     pki = sqlite_broker.pki
     busy = _Stub(pki, 503)
     refusing = _Stub(pki, 404)
@@ -154,8 +158,7 @@ def test_every_server_failing_names_them_all(grid_pki: GridPki, stubs: list[_Stu
 # ------------------------------------------------------------------ connection reuse
 
 
-def test_one_tls_connection_serves_many_calls(
-        sqlite_broker: RunningBroker) -> None:  # noqa: F811
+def test_one_tls_connection_serves_many_calls(sqlite_broker: RunningBroker) -> None:  # noqa: F811
     client = sqlite_broker.client("alice")
     for _ in range(5):
         assert client.call("GET", "/healthz")["status"] == "ok"
@@ -165,8 +168,7 @@ def test_one_tls_connection_serves_many_calls(
     assert client.connections_opened == 2
 
 
-def test_a_connection_the_server_closed_is_reopened(grid_pki: GridPki,
-                                                   stubs: list[_Stub]) -> None:
+def test_a_connection_the_server_closed_is_reopened(grid_pki: GridPki, stubs: list[_Stub]) -> None:
     closing = _Stub(grid_pki, 200, close_after_reply=True)
     stubs.append(closing)
     client = _client(grid_pki, f"localhost:{closing.port}")
@@ -199,7 +201,8 @@ def test_pilot_broker_url_takes_a_list() -> None:
 
 
 def test_a_client_shared_by_threads_keeps_one_connection_per_thread(
-        sqlite_broker: RunningBroker) -> None:  # noqa: F811
+    sqlite_broker: RunningBroker,  # noqa: F811
+) -> None:
     client = sqlite_broker.client("alice")
     failures: list[BaseException] = []
 
@@ -220,7 +223,8 @@ def test_a_client_shared_by_threads_keeps_one_connection_per_thread(
 
 
 def test_a_connection_gunicorn_closed_after_its_keepalive_is_reopened(
-        sqlite_broker: RunningBroker) -> None:  # noqa: F811
+    sqlite_broker: RunningBroker,  # noqa: F811
+) -> None:
     """A pilot refreshes every few minutes; gunicorn closes idle connections after 5 s."""
     client = sqlite_broker.client("alice")
     assert client.call("GET", "/v1/whoami")["identity"] == "/DC=org/DC=example/CN=Alice"

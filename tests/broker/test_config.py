@@ -39,12 +39,15 @@ def test_throttle_settings_reach_the_service(tmp_path: Path) -> None:
         runtime.service.store.close()
 
 
-@pytest.mark.parametrize(("limits", "words"), [
-    ("passphrase_failures = -1", "passphrase_failures must be between 0"),
-    ("passphrase_failures = 100000", "passphrase_failures must be between 0"),
-    ("passphrase_failure_minutes = 0", "passphrase_failure_minutes must be between 0 and 1440"),
-    ("passphrase_failure_minutes = 5000", "passphrase_failure_minutes must be between"),
-])
+@pytest.mark.parametrize(
+    ("limits", "words"),
+    [
+        ("passphrase_failures = -1", "passphrase_failures must be between 0"),
+        ("passphrase_failures = 100000", "passphrase_failures must be between 0"),
+        ("passphrase_failure_minutes = 0", "passphrase_failure_minutes must be between 0 and 1440"),
+        ("passphrase_failure_minutes = 5000", "passphrase_failure_minutes must be between"),
+    ],
+)
 def test_bad_throttle_settings_are_refused(tmp_path: Path, limits: str, words: str) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(_write(tmp_path, limits), {})
@@ -60,8 +63,11 @@ def test_hardening_defaults_bind_usernames_and_cap_pending() -> None:
 
 
 def test_hardening_settings_reach_the_service(tmp_path: Path) -> None:
-    path = _write(tmp_path, 'username_binding = "none"\nmax_pending_per_user = 4\n'
-                            "housekeeping_seconds = 1\nrefusal_audit_seconds = 0")
+    path = _write(
+        tmp_path,
+        'username_binding = "none"\nmax_pending_per_user = 4\n'
+        "housekeeping_seconds = 1\nrefusal_audit_seconds = 0",
+    )
     config = load_config(path, {"state_dir": str(tmp_path / "state")})
     prepare_state(config)
     runtime = build_runtime(config)
@@ -79,8 +85,12 @@ def test_hardening_settings_reach_the_service(tmp_path: Path) -> None:
 
         past = datetime.now(UTC) - timedelta(hours=1)
         service.store.create_pending(
-            requester_dn="/DC=org/CN=Alice", username="alice", params={}, now=past,
-            private_key_pem=key_to_pem(ec.generate_private_key(ec.SECP256R1())))
+            requester_dn="/DC=org/CN=Alice",
+            username="alice",
+            params={},
+            now=past,
+            private_key_pem=key_to_pem(ec.generate_private_key(ec.SECP256R1())),
+        )
         assert service.store.master_key_ids_in_use()
         deadline = time.monotonic() + 10
         while service.store.master_key_ids_in_use() and time.monotonic() < deadline:
@@ -92,12 +102,15 @@ def test_hardening_settings_reach_the_service(tmp_path: Path) -> None:
         runtime.service.store.close()
 
 
-@pytest.mark.parametrize(("limits", "words"), [
-    ('username_binding = "cn"', "username_binding must be 'dn'"),
-    ("max_pending_per_user = -1", "max_pending_per_user must be between 0"),
-    ("housekeeping_seconds = 0", "housekeeping_seconds must be between 1"),
-    ("refusal_audit_seconds = 7200", "refusal_audit_seconds must be between 0"),
-])
+@pytest.mark.parametrize(
+    ("limits", "words"),
+    [
+        ('username_binding = "cn"', "username_binding must be 'dn'"),
+        ("max_pending_per_user = -1", "max_pending_per_user must be between 0"),
+        ("housekeeping_seconds = 0", "housekeeping_seconds must be between 1"),
+        ("refusal_audit_seconds = 7200", "refusal_audit_seconds must be between 0"),
+    ],
+)
 def test_bad_hardening_settings_are_refused(tmp_path: Path, limits: str, words: str) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(_write(tmp_path, limits), {})

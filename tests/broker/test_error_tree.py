@@ -50,7 +50,8 @@ def _real() -> dict[str, tuple[str | None, str]]:
     def walk(cls: type[BrokerError]) -> None:
         for sub in cls.__subclasses__():
             if sub.__name__.startswith("_") or not sub.__module__.startswith(
-                    ("broker.", "payload_wrapper.")):
+                ("broker.", "payload_wrapper.")
+            ):
                 continue
             real[sub.__name__] = (cls.__name__, sub.code)
             walk(sub)

@@ -53,8 +53,9 @@ def test_issue_for_a_username(online: OnlineCa, ca: Credential) -> None:
     assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH]
     # the holder can use it as a grid credential: it verifies and signs proxies
     user = Credential(chain=(cert,), key=key)
-    info = validate_chain(new_proxy(user, now=NOW, lifetime=timedelta(hours=1)).chain,
-                          _trust(ca), now=NOW)
+    info = validate_chain(
+        new_proxy(user, now=NOW, lifetime=timedelta(hours=1)).chain, _trust(ca), now=NOW
+    )
     assert info.identity == "/DC=org/DC=example/OU=Online/CN=alice"
 
 
@@ -79,8 +80,9 @@ def test_serials_are_random(online: OnlineCa) -> None:
     assert len(serials) == 5
 
 
-@pytest.mark.parametrize("username", ["a/CN=root", "..", "alice,CN=x", "x=y", "", "-x",
-                                      "al ice", "é"])
+@pytest.mark.parametrize(
+    "username", ["a/CN=root", "..", "alice,CN=x", "x=y", "", "-x", "al ice", "é"]
+)
 def test_unsafe_usernames_refused(online: OnlineCa, username: str) -> None:
     with pytest.raises(InputError):
         online.issue(username, make_csr(generate_key("ec")), now=NOW)
@@ -90,14 +92,20 @@ def test_username_stays_one_attribute_value(online: OnlineCa) -> None:
     # '+' and '@' are allowed in usernames; they must not split or add RDNs
     name = online.subject_for("a+b@site.org")
     assert len(name.rdns) == 4
-    assert name.rdns[-1].get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value == \
-        "a+b@site.org"
+    assert name.rdns[-1].get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value == "a+b@site.org"
 
 
-@pytest.mark.parametrize("template", [
-    "/DC=org/CN=fixed", "/DC=org/CN={username}/CN={username}", "/DC=org/CN={user}",
-    "/DC=org/CN={username}{x}", "DC=org/CN={username}", "/XX=org/CN={username}",
-])
+@pytest.mark.parametrize(
+    "template",
+    [
+        "/DC=org/CN=fixed",
+        "/DC=org/CN={username}/CN={username}",
+        "/DC=org/CN={user}",
+        "/DC=org/CN={username}{x}",
+        "DC=org/CN={username}",
+        "/XX=org/CN={username}",
+    ],
+)
 def test_bad_templates(ca: Credential, template: str) -> None:
     with pytest.raises(ConfigError):
         OnlineCa(ca, dn_template=template)

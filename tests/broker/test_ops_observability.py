@@ -32,9 +32,21 @@ REST_RETRIEVALS = 14
 @pytest.fixture
 def observed(grid_pki: GridPki, tmp_path: Path) -> Iterator[tuple[RunningBroker, int, int]]:
     ops, myproxy = free_port(), free_port()
-    broker = start_broker(grid_pki, tmp_path, workers=2, extra=(
-        "--ops-bind", f"127.0.0.1:{ops}", "--myproxy-bind", f"127.0.0.1:{myproxy}",
-        "--log-format", "json", "--log-level", "info"))
+    broker = start_broker(
+        grid_pki,
+        tmp_path,
+        workers=2,
+        extra=(
+            "--ops-bind",
+            f"127.0.0.1:{ops}",
+            "--myproxy-bind",
+            f"127.0.0.1:{myproxy}",
+            "--log-format",
+            "json",
+            "--log-level",
+            "info",
+        ),
+    )
     try:
         deadline = time.monotonic() + 30  # the MyProxy child comes up on its own
         while time.monotonic() < deadline:
@@ -68,17 +80,29 @@ def _sample(text: str, name: str, **labels: str) -> float:
 def _myproxy_logon(broker: RunningBroker, port: int, out: Path) -> subprocess.CompletedProcess[str]:
     need("myproxy-logon")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("X509_", "MYPROXY_"))}
-    env.update(X509_CERT_DIR=str(broker.pki.ca_dir), MYPROXY_SERVER="localhost",
-               MYPROXY_SERVER_PORT=str(port), MYPROXY_SERVER_DN=HOST_DN,
-               GLOBUS_HOSTNAME="localhost", LC_ALL="C",
-               X509_USER_CERT=str(broker.pki.cert_path("pilot")),
-               X509_USER_KEY=str(broker.pki.key_path("pilot")))
-    return subprocess.run(["myproxy-logon", "-n", "-l", "alice", "-o", str(out)], env=env,
-                          capture_output=True, text=True, timeout=60, check=False)
+    env.update(
+        X509_CERT_DIR=str(broker.pki.ca_dir),
+        MYPROXY_SERVER="localhost",
+        MYPROXY_SERVER_PORT=str(port),
+        MYPROXY_SERVER_DN=HOST_DN,
+        GLOBUS_HOSTNAME="localhost",
+        LC_ALL="C",
+        X509_USER_CERT=str(broker.pki.cert_path("pilot")),
+        X509_USER_KEY=str(broker.pki.key_path("pilot")),
+    )
+    return subprocess.run(
+        ["myproxy-logon", "-n", "-l", "alice", "-o", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def test_metrics_add_up_over_workers_and_endpoints(
-        observed: tuple[RunningBroker, int, int], tmp_path: Path) -> None:
+    observed: tuple[RunningBroker, int, int], tmp_path: Path
+) -> None:
     broker, ops, myproxy = observed
     alice = broker.client("alice")
     alice.delegate(broker.pki.load("alice"), username="alice", now=datetime.now(UTC))
@@ -93,29 +117,56 @@ def test_metrics_add_up_over_workers_and_endpoints(
 
     status, text = _get(ops, "/metrics")  # plain HTTP, no client certificate
     assert status == 200
-    audit = json.loads(subprocess.run(
-        broker.broker_cmd("audit", "--state-dir", str(broker.state_dir), "--action",
-                          "retrieve", "--json", "--limit", "1000"),
-        capture_output=True, text=True, check=True).stdout)
+    audit = json.loads(
+        subprocess.run(
+            broker.broker_cmd(
+                "audit",
+                "--state-dir",
+                str(broker.state_dir),
+                "--action",
+                "retrieve",
+                "--json",
+                "--limit",
+                "1000",
+            ),
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
     allowed = [r for r in audit if r["decision"] == "allow"]
     by_endpoint = {e: sum(1 for r in allowed if r["endpoint"] == e) for e in ("rest", "myproxy")}
     assert by_endpoint == {"rest": REST_RETRIEVALS, "myproxy": 2}
-    assert _sample(text, "broker_operations_total", endpoint="rest", action="retrieve",
-                   outcome="allow") == REST_RETRIEVALS
-    assert _sample(text, "broker_operations_total", endpoint="myproxy", action="retrieve",
-                   outcome="allow") == 2
-    assert _sample(text, "broker_operations_total", endpoint="rest", action="delegate",
-                   outcome="allow") == 1
+    assert (
+        _sample(
+            text, "broker_operations_total", endpoint="rest", action="retrieve", outcome="allow"
+        )
+        == REST_RETRIEVALS
+    )
+    assert (
+        _sample(
+            text, "broker_operations_total", endpoint="myproxy", action="retrieve", outcome="allow"
+        )
+        == 2
+    )
+    assert (
+        _sample(
+            text, "broker_operations_total", endpoint="rest", action="delegate", outcome="allow"
+        )
+        == 1
+    )
     assert _sample(text, "broker_refusals_total", endpoint="rest", action="retrieve") == 1
-    assert _sample(text, "broker_operation_seconds_count", endpoint="myproxy",
-                   action="retrieve") == 2
+    assert (
+        _sample(text, "broker_operation_seconds_count", endpoint="myproxy", action="retrieve") == 2
+    )
     assert _sample(text, "broker_credentials_stored") == 1
     assert _sample(text, "broker_credentials_expiring", within="7d") == 1
     assert _sample(text, "broker_health_check", check="database") == 1
     assert _sample(text, "broker_host_certificate_expiry_timestamp_seconds") > 0
     # More than one worker answered (their values are summed above).
-    found = re.search(r"metrics of every process are summed from (/[^\"\s]+)",
-                      broker.log.read_text())
+    found = re.search(
+        r"metrics of every process are summed from (/[^\"\s]+)", broker.log.read_text()
+    )
     assert found, broker.log.read_text()[-2000:]
     directory = Path(found.group(1))
     assert directory.parent == Path("/dev/shm") and (directory.stat().st_mode & 0o777) == 0o700
@@ -123,8 +174,9 @@ def test_metrics_add_up_over_workers_and_endpoints(
     assert len(pids) >= 2, pids
 
 
-def test_ops_healthz_and_json_logs(observed: tuple[RunningBroker, int, int],
-                                   tmp_path: Path) -> None:
+def test_ops_healthz_and_json_logs(
+    observed: tuple[RunningBroker, int, int], tmp_path: Path
+) -> None:
     broker, ops, myproxy = observed
     status, body = _get(ops, "/healthz")
     doc = json.loads(body)
@@ -143,12 +195,14 @@ def test_ops_healthz_and_json_logs(observed: tuple[RunningBroker, int, int],
     finally:
         os.chmod(key_file, 0o600)
 
-    broker.client("alice").delegate(broker.pki.load("alice"), username="alice",
-                                    now=datetime.now(UTC))
+    broker.client("alice").delegate(
+        broker.pki.load("alice"), username="alice", now=datetime.now(UTC)
+    )
     result = _myproxy_logon(broker, myproxy, tmp_path / "p.pem")
     assert result.returncode == 0, result.stdout + result.stderr
-    lines = [json.loads(line) for line in broker.log.read_text().splitlines()
-             if line.startswith("{")]
+    lines = [
+        json.loads(line) for line in broker.log.read_text().splitlines() if line.startswith("{")
+    ]
     requests = [r for r in lines if r.get("action") == "delegate"]
     assert requests, broker.log.read_text()[-3000:]
     line = requests[-1]
@@ -158,26 +212,34 @@ def test_ops_healthz_and_json_logs(observed: tuple[RunningBroker, int, int],
     served = [r for r in lines if r.get("endpoint") == "myproxy" and r.get("action") == "retrieve"]
     assert served and served[-1]["requester"] == "/DC=org/DC=example/CN=pilot", lines[-5:]
     # Every line is JSON, gunicorn's own included.
-    text_lines = [line for line in broker.log.read_text().splitlines()
-                  if line.strip() and not line.startswith("{") and not line.startswith("broker:")]
+    text_lines = [
+        line
+        for line in broker.log.read_text().splitlines()
+        if line.strip() and not line.startswith("{") and not line.startswith("broker:")
+    ]
     assert text_lines == []
 
 
 def test_log_level_is_honoured(grid_pki: GridPki, tmp_path: Path) -> None:
-    broker = start_broker(grid_pki, tmp_path, workers=1,
-                          extra=("--log-format", "json", "--log-level", "warning"))
+    broker = start_broker(
+        grid_pki, tmp_path, workers=1, extra=("--log-format", "json", "--log-level", "warning")
+    )
     try:
-        broker.client("alice").delegate(broker.pki.load("alice"), username="alice",
-                                        now=datetime.now(UTC))
+        broker.client("alice").delegate(
+            broker.pki.load("alice"), username="alice", now=datetime.now(UTC)
+        )
     finally:
         broker.stop()
-    lines = [json.loads(line) for line in broker.log.read_text().splitlines()
-             if line.startswith("{")]
+    lines = [
+        json.loads(line) for line in broker.log.read_text().splitlines() if line.startswith("{")
+    ]
     assert lines and all(r["level"] in ("warning", "error", "critical") for r in lines), lines
 
 
-@pytest.mark.parametrize(("value", "expected"), [
-    ("9180", ("127.0.0.1", 9180)), ("[::1]:9", ("::1", 9)), ("0.0.0.0:80", ("0.0.0.0", 80))])
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("9180", ("127.0.0.1", 9180)), ("[::1]:9", ("::1", 9)), ("0.0.0.0:80", ("0.0.0.0", 80))],
+)
 def test_ops_bind_values(value: str, expected: tuple[str, int]) -> None:
     assert parse_ops_bind(value) == expected
 

@@ -17,8 +17,12 @@ PASSWORD = "c0rrect horse"
 
 @pytest.fixture
 def stack(tmp_path: Path) -> PamStack:
-    return make_pam_stack(tmp_path / "pam", {"alice": PASSWORD, "bob": "bob-pw"},
-                          locked={"carol": PASSWORD}, disabled={"dave": PASSWORD})
+    return make_pam_stack(
+        tmp_path / "pam",
+        {"alice": PASSWORD, "bob": "bob-pw"},
+        locked={"carol": PASSWORD},
+        disabled={"dave": PASSWORD},
+    )
 
 
 @pytest.fixture
@@ -78,8 +82,9 @@ def test_bad_passwords(settings: PamSettings, password: str) -> None:
 
 
 def test_broken_stack_is_a_system_failure(stack: PamStack) -> None:
-    (stack.confdir / "broken").write_text("auth required pam_no_such_module.so\n"
-                                          "account required pam_permit.so\n")
+    (stack.confdir / "broken").write_text(
+        "auth required pam_no_such_module.so\naccount required pam_permit.so\n"
+    )
     with pytest.raises(SystemFailure) as err:
         check_password(PamSettings("broken", confdir=str(stack.confdir)), "alice", PASSWORD)
     assert err.value.reason == "pam_unavailable"
@@ -104,8 +109,13 @@ def test_password_never_logged(settings: PamSettings, caplog: pytest.LogCaptureF
 
 def test_concurrent_logins(settings: PamSettings) -> None:
     """One pam.pam() per call: threads never see each other's result."""
-    cases = [("alice", PASSWORD, True), ("alice", "nope", False), ("bob", "bob-pw", True),
-             ("mallory", "x", False), ("carol", PASSWORD, False)]
+    cases = [
+        ("alice", PASSWORD, True),
+        ("alice", "nope", False),
+        ("bob", "bob-pw", True),
+        ("mallory", "x", False),
+        ("carol", PASSWORD, False),
+    ]
     mismatches: list[tuple[str, str]] = []
     done: list[int] = []
 

@@ -134,10 +134,12 @@ def test_workers_apply_a_settled_change_together(tmp_path: Path) -> None:
     write(site, rule("everyone", "/CN=*"))
     wall = [time.time()]
     early_clock, late_clock = [0.0], [0.0]
-    early = PolicyDirectory(tmp_path, allow_unsafe=True, clock=lambda: early_clock[0],
-                            wall_clock=lambda: wall[0])
-    late = PolicyDirectory(tmp_path, allow_unsafe=True, clock=lambda: late_clock[0],
-                           wall_clock=lambda: wall[0])
+    early = PolicyDirectory(
+        tmp_path, allow_unsafe=True, clock=lambda: early_clock[0], wall_clock=lambda: wall[0]
+    )
+    late = PolicyDirectory(
+        tmp_path, allow_unsafe=True, clock=lambda: late_clock[0], wall_clock=lambda: wall[0]
+    )
     write(site, rule("everyone", "/CN=*") + deny("not mallory", "/CN=mallory"))
     wall[0] = time.time()
     assert early.reload_if_changed() is False  # just written: not settled for anyone

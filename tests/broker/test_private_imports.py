@@ -53,8 +53,11 @@ def private_imports() -> list[str]:
                 if parts[0] not in PROJECT:
                     continue
                 for i, part in enumerate(parts):
-                    if part.startswith("_") and not part.startswith("__") and _is_module(
-                            parts[: i + 1]):
+                    if (
+                        part.startswith("_")
+                        and not part.startswith("__")
+                        and _is_module(parts[: i + 1])
+                    ):
                         owner = ".".join(parts[:i])  # the package the private module belongs to
                         if importer != owner and not importer.startswith(owner + "."):
                             found.append(f"{importer} imports {name}")

@@ -57,8 +57,9 @@ def service(grid_pki: GridPki, tmp_path: Path, clock: Clock) -> Iterator[BrokerS
     url = default_sqlite_url(tmp_path)
     migrate(url)
     with Store(url, MasterKeyRing.generate()) as store:
-        yield BrokerService(store, grid_pki.trust, lambda: load_policy({"p.toml": DEV_POLICY}),
-                            clock=clock)
+        yield BrokerService(
+            store, grid_pki.trust, lambda: load_policy({"p.toml": DEV_POLICY}), clock=clock
+        )
 
 
 def who(service: BrokerService, grid_pki: GridPki, name: str) -> Requester:
@@ -69,42 +70,49 @@ def delegate(service: BrokerService, grid_pki: GridPki, **options: object) -> No
     alice = who(service, grid_pki, "alice")
     opts = DelegationOptions(username="alice", **options)  # type: ignore[arg-type]
     pending = service.start_delegation(alice, opts)
-    chain = sign_request(grid_pki.user("alice"), load_csr(pending.csr_pem), now=service.now(),
-                         lifetime=opts.stored_lifetime)
-    service.finish_delegation(alice, pending.id, chain_to_pem(chain),
-                              passphrase=opts.passphrase)
+    chain = sign_request(
+        grid_pki.user("alice"),
+        load_csr(pending.csr_pem),
+        now=service.now(),
+        lifetime=opts.stored_lifetime,
+    )
+    service.finish_delegation(alice, pending.id, chain_to_pem(chain), passphrase=opts.passphrase)
 
 
 def csr() -> bytes:
     return csr_to_pem(make_csr(generate_key("ec")))
 
 
-def test_pending_delegation_expires(service: BrokerService, grid_pki: GridPki,
-                                    clock: Clock) -> None:
+def test_pending_delegation_expires(
+    service: BrokerService, grid_pki: GridPki, clock: Clock
+) -> None:
     alice = who(service, grid_pki, "alice")
     pending = service.start_delegation(alice, DelegationOptions(username="alice"))
     clock.now += timedelta(minutes=11)
-    chain = sign_request(grid_pki.user("alice"), load_csr(pending.csr_pem), now=clock.now,
-                         lifetime=timedelta(hours=2))
+    chain = sign_request(
+        grid_pki.user("alice"),
+        load_csr(pending.csr_pem),
+        now=clock.now,
+        lifetime=timedelta(hours=2),
+    )
     with pytest.raises(NotFound) as err:
         service.finish_delegation(alice, pending.id, chain_to_pem(chain))
     assert err.value.reason == "expired"
 
 
-def test_lifetime_is_the_minimum_of_all_caps(service: BrokerService, grid_pki: GridPki,
-                                             clock: Clock) -> None:
-    delegate(service, grid_pki, stored_lifetime=timedelta(hours=5),
-             max_proxy_lifetime=timedelta(hours=4))
+def test_lifetime_is_the_minimum_of_all_caps(
+    service: BrokerService, grid_pki: GridPki, clock: Clock
+) -> None:
+    delegate(
+        service, grid_pki, stored_lifetime=timedelta(hours=5), max_proxy_lifetime=timedelta(hours=4)
+    )
     pilot = who(service, grid_pki, "pilot")
-    issued = service.retrieve(pilot, csr_pem=csr(), username="alice",
-                              lifetime=timedelta(hours=3))
+    issued = service.retrieve(pilot, csr_pem=csr(), username="alice", lifetime=timedelta(hours=3))
     assert issued.lifetime == timedelta(hours=3)  # requested
-    issued = service.retrieve(pilot, csr_pem=csr(), username="alice",
-                              lifetime=timedelta(hours=48))
+    issued = service.retrieve(pilot, csr_pem=csr(), username="alice", lifetime=timedelta(hours=48))
     assert issued.lifetime == timedelta(hours=4)  # owner's -t
     clock.now += timedelta(hours=4, minutes=30)
-    issued = service.retrieve(pilot, csr_pem=csr(), username="alice",
-                              lifetime=timedelta(hours=48))
+    issued = service.retrieve(pilot, csr_pem=csr(), username="alice", lifetime=timedelta(hours=48))
     assert timedelta(minutes=29) < issued.lifetime <= timedelta(minutes=31)  # chain's life
     clock.now += timedelta(hours=1)
     from broker.errors import CredentialError
@@ -121,84 +129,101 @@ def test_owner_policy_narrows_site_policy(service: BrokerService, grid_pki: Grid
     with pytest.raises(NotFound):
         service.retrieve(who(service, grid_pki, "pilot"), csr_pem=csr(), username="alice")
     assert service.store.query_audit(username="alice", action="retrieve")[0].reason.startswith(
-        "owner_policy:")
+        "owner_policy:"
+    )
     service.retrieve(who(service, grid_pki, "pilot2"), csr_pem=csr(), username="alice")
     # the owner list cannot widen: bob is not a pilot, the site does not let him retrieve
     delegate(service, grid_pki, name="wide", trusted_retrievers=("/DC=org/DC=example/CN=Bob",))
     with pytest.raises(NotFound):
-        service.retrieve(who(service, grid_pki, "bob"), csr_pem=csr(), username="alice",
-                         name="wide")
+        service.retrieve(
+            who(service, grid_pki, "bob"), csr_pem=csr(), username="alice", name="wide"
+        )
 
 
 def test_wrong_passphrases_are_throttled_per_credential_and_address(
-        service: BrokerService, grid_pki: GridPki, clock: Clock) -> None:
+    service: BrokerService, grid_pki: GridPki, clock: Clock
+) -> None:
     delegate(service, grid_pki, name="pp", passphrase="sesame-123")
     guesser = Requester(dn=None, endpoint="myproxy", client_address="192.0.2.7")
     for attempt in range(service.config.passphrase_failures):
         with pytest.raises(AuthenticationError) as err:
-            service.retrieve(guesser, csr_pem=csr(), username="alice", name="pp",
-                             passphrase=f"guess-{attempt}")
+            service.retrieve(
+                guesser, csr_pem=csr(), username="alice", name="pp", passphrase=f"guess-{attempt}"
+            )
         assert err.value.reason == "invalid_passphrase"
         clock.now += timedelta(seconds=30)
     # Now even the right passphrase is not tried from that address ...
     with pytest.raises(TooManyAttempts) as throttled:
-        service.retrieve(guesser, csr_pem=csr(), username="alice", name="pp",
-                         passphrase="sesame-123")
+        service.retrieve(
+            guesser, csr_pem=csr(), username="alice", name="pp", passphrase="sesame-123"
+        )
     assert throttled.value.http_status == 429
     assert "5 wrong passphrases for alice/pp from 192.0.2.7" in throttled.value.message
     # ... while the owner elsewhere, and other credentials, are unaffected.
     elsewhere = Requester(dn=None, endpoint="myproxy", client_address="198.51.100.1")
-    service.retrieve(elsewhere, csr_pem=csr(), username="alice", name="pp",
-                     passphrase="sesame-123")
+    service.retrieve(elsewhere, csr_pem=csr(), username="alice", name="pp", passphrase="sesame-123")
     delegate(service, grid_pki, name="other", passphrase="other-pass-1")
-    service.retrieve(guesser, csr_pem=csr(), username="alice", name="other",
-                     passphrase="other-pass-1")
+    service.retrieve(
+        guesser, csr_pem=csr(), username="alice", name="other", passphrase="other-pass-1"
+    )
     # The refusal is audited with its own reason (it does not count as a failure).
     rows = service.store.query_audit(username="alice", action="retrieve")
-    assert any(r.reason and r.reason.startswith("too_many_attempts:") and r.decision == "deny"
-               and r.client_address == "192.0.2.7" for r in rows)
+    assert any(
+        r.reason
+        and r.reason.startswith("too_many_attempts:")
+        and r.decision == "deny"
+        and r.client_address == "192.0.2.7"
+        for r in rows
+    )
     # Once the oldest failure is older than the window, passphrases are tried again.
     clock.now += service.config.passphrase_failure_window - timedelta(seconds=60)
-    issued = service.retrieve(guesser, csr_pem=csr(), username="alice", name="pp",
-                              passphrase="sesame-123")
+    issued = service.retrieve(
+        guesser, csr_pem=csr(), username="alice", name="pp", passphrase="sesame-123"
+    )
     assert issued.owner_dn == ALICE
 
 
 def test_passphrase_throttle_covers_change_passphrase(
-        service: BrokerService, grid_pki: GridPki) -> None:
+    service: BrokerService, grid_pki: GridPki
+) -> None:
     delegate(service, grid_pki, name="cp", passphrase="sesame-123")
     alice = who(service, grid_pki, "alice")
     for attempt in range(service.config.passphrase_failures):
         with pytest.raises(AuthenticationError):
-            service.change_passphrase(alice, username="alice", name="cp",
-                                      old=f"guess-{attempt}", new="new-pass-123")
+            service.change_passphrase(
+                alice, username="alice", name="cp", old=f"guess-{attempt}", new="new-pass-123"
+            )
     with pytest.raises(TooManyAttempts):
-        service.change_passphrase(alice, username="alice", name="cp", old="sesame-123",
-                                  new="new-pass-123")
+        service.change_passphrase(
+            alice, username="alice", name="cp", old="sesame-123", new="new-pass-123"
+        )
 
 
 def test_passphrase_protected_credential(service: BrokerService, grid_pki: GridPki) -> None:
     delegate(service, grid_pki, name="pp", passphrase="sesame-123")
     anonymous = Requester(dn=None, endpoint="myproxy")
     with pytest.raises(AuthenticationError):
-        service.retrieve(anonymous, csr_pem=csr(), username="alice", name="pp",
-                         passphrase="wrong-pass")
-    issued = service.retrieve(anonymous, csr_pem=csr(), username="alice", name="pp",
-                              passphrase="sesame-123")
+        service.retrieve(
+            anonymous, csr_pem=csr(), username="alice", name="pp", passphrase="wrong-pass"
+        )
+    issued = service.retrieve(
+        anonymous, csr_pem=csr(), username="alice", name="pp", passphrase="sesame-123"
+    )
     assert issued.owner_dn == ALICE
     with pytest.raises(AuthenticationError) as err:
-        service.retrieve(who(service, grid_pki, "pilot"), csr_pem=csr(), username="alice",
-                         name="pp")
+        service.retrieve(
+            who(service, grid_pki, "pilot"), csr_pem=csr(), username="alice", name="pp"
+        )
     assert err.value.reason == "passphrase_required"
 
 
 def test_every_outcome_is_audited(service: BrokerService, grid_pki: GridPki) -> None:
     delegate(service, grid_pki)
-    service.retrieve(who(service, grid_pki, "pilot"), csr_pem=csr(), username="alice",
-                     job_id="7.0")
+    service.retrieve(who(service, grid_pki, "pilot"), csr_pem=csr(), username="alice", job_id="7.0")
     with pytest.raises(NotFound):
-        service.retrieve(who(service, grid_pki, "bob"), csr_pem=csr(), username="alice",
-                         job_id="7.1")
+        service.retrieve(
+            who(service, grid_pki, "bob"), csr_pem=csr(), username="alice", job_id="7.1"
+        )
     rows = service.store.query_audit(owner_dn=ALICE)
     summary = [(r.action, r.decision, r.job_id) for r in rows]
     assert ("retrieve", "allow", "7.0") in summary
@@ -209,14 +234,20 @@ def test_every_outcome_is_audited(service: BrokerService, grid_pki: GridPki) -> 
     assert denied.reason and "no rule lets" in denied.reason
 
 
-def test_owner_stored_lifetime_ends_the_credential(service: BrokerService, grid_pki: GridPki,
-                                                   clock: Clock) -> None:
+def test_owner_stored_lifetime_ends_the_credential(
+    service: BrokerService, grid_pki: GridPki, clock: Clock
+) -> None:
     alice = who(service, grid_pki, "alice")
-    pending = service.start_delegation(alice, DelegationOptions(
-        username="alice", stored_lifetime=timedelta(hours=1)))
+    pending = service.start_delegation(
+        alice, DelegationOptions(username="alice", stored_lifetime=timedelta(hours=1))
+    )
     # the chain itself lives 100 hours; the owner asked the broker to keep it for one
-    chain = sign_request(grid_pki.user("alice"), load_csr(pending.csr_pem), now=clock.now,
-                         lifetime=timedelta(hours=100))
+    chain = sign_request(
+        grid_pki.user("alice"),
+        load_csr(pending.csr_pem),
+        now=clock.now,
+        lifetime=timedelta(hours=100),
+    )
     service.finish_delegation(alice, pending.id, chain_to_pem(chain))
     clock.now += timedelta(hours=2)
     from broker.errors import CredentialError
@@ -227,7 +258,8 @@ def test_owner_stored_lifetime_ends_the_credential(service: BrokerService, grid_
 
 
 def test_revoked_owner_cannot_be_retrieved_once_the_crl_arrives(
-        grid_pki: GridPki, tmp_path: Path, clock: Clock) -> None:
+    grid_pki: GridPki, tmp_path: Path, clock: Clock
+) -> None:
     from broker.errors import CredentialError
     from broker.pki.devca import make_crl
 
@@ -235,12 +267,19 @@ def test_revoked_owner_cannot_be_retrieved_once_the_crl_arrives(
     migrate(url)
     current = {"trust": grid_pki.trust}
     with Store(url, MasterKeyRing.generate()) as store:
-        svc = BrokerService(store, lambda: current["trust"],
-                            lambda: load_policy({"p.toml": DEV_POLICY}), clock=clock)
+        svc = BrokerService(
+            store,
+            lambda: current["trust"],
+            lambda: load_policy({"p.toml": DEV_POLICY}),
+            clock=clock,
+        )
         delegate(svc, grid_pki)
         svc.retrieve(who(svc, grid_pki, "pilot"), csr_pem=csr(), username="alice")
-        crl = make_crl(grid_pki.pki.ca, now=clock.now,
-                       revoked_serials=[grid_pki.user("alice").cert.serial_number])
+        crl = make_crl(
+            grid_pki.pki.ca,
+            now=clock.now,
+            revoked_serials=[grid_pki.user("alice").cert.serial_number],
+        )
         current["trust"] = dataclasses.replace(grid_pki.trust, crls=(crl,))
         clock.now += timedelta(minutes=2)  # past the one-minute cache of the stored chain
         with pytest.raises(CredentialError) as err:
@@ -248,13 +287,18 @@ def test_revoked_owner_cannot_be_retrieved_once_the_crl_arrives(
         assert err.value.reason == "revoked"
 
 
-def test_limited_proxies_cannot_manage_credentials(service: BrokerService,
-                                                    grid_pki: GridPki) -> None:
+def test_limited_proxies_cannot_manage_credentials(
+    service: BrokerService, grid_pki: GridPki
+) -> None:
     from broker.pki.proxy import ProxyType, new_proxy
 
     delegate(service, grid_pki)
-    limited = new_proxy(grid_pki.user("alice"), now=service.now(), lifetime=timedelta(hours=1),
-                        proxy_type=ProxyType.LIMITED)
+    limited = new_proxy(
+        grid_pki.user("alice"),
+        now=service.now(),
+        lifetime=timedelta(hours=1),
+        proxy_type=ProxyType.LIMITED,
+    )
     requester = service.authenticate_chain(list(limited.chain))
     with pytest.raises(AuthorizationError) as err:
         service.destroy(requester, username="alice")
@@ -265,10 +309,16 @@ def test_limited_proxies_cannot_manage_credentials(service: BrokerService,
 # --------------------------------------------------------------------------- issue 18/19
 
 
-def _service(store: Store, grid_pki: GridPki, clock: Clock, policy: str = DEV_POLICY,
-             **config: object) -> BrokerService:
-    return BrokerService(store, grid_pki.trust, lambda: load_policy({"p.toml": policy}),
-                         clock=clock, config=ServiceConfig(**config))  # type: ignore[arg-type]
+def _service(
+    store: Store, grid_pki: GridPki, clock: Clock, policy: str = DEV_POLICY, **config: object
+) -> BrokerService:
+    return BrokerService(
+        store,
+        grid_pki.trust,
+        lambda: load_policy({"p.toml": policy}),
+        clock=clock,
+        config=ServiceConfig(**config),  # type: ignore[arg-type]
+    )
 
 
 @pytest.fixture
@@ -279,10 +329,13 @@ def store(tmp_path: Path, clock: Clock) -> Iterator[Store]:
         yield s
 
 
-def test_limited_proxy_cannot_start_a_delegation(service: BrokerService,
-                                                 grid_pki: GridPki) -> None:
-    limited = new_proxy(grid_pki.user("alice"), now=service.now(), lifetime=timedelta(hours=1),
-                        proxy_type=ProxyType.LIMITED)
+def test_limited_proxy_cannot_start_a_delegation(service: BrokerService, grid_pki: GridPki) -> None:
+    limited = new_proxy(
+        grid_pki.user("alice"),
+        now=service.now(),
+        lifetime=timedelta(hours=1),
+        proxy_type=ProxyType.LIMITED,
+    )
     requester = service.authenticate_chain(list(limited.chain))
     with pytest.raises(AuthorizationError) as err:
         service.start_delegation(requester, DelegationOptions(username="alice"))
@@ -292,7 +345,8 @@ def test_limited_proxy_cannot_start_a_delegation(service: BrokerService,
 
 
 def test_pending_delegations_are_capped_per_user_and_purged(
-        store: Store, grid_pki: GridPki, clock: Clock) -> None:
+    store: Store, grid_pki: GridPki, clock: Clock
+) -> None:
     svc = _service(store, grid_pki, clock, max_pending_per_user=3)
     alice = who(svc, grid_pki, "alice")
     for i in range(3):
@@ -308,20 +362,32 @@ def test_pending_delegations_are_capped_per_user_and_purged(
     svc.start_delegation(alice, DelegationOptions(username="alice", name="again"))
 
 
-def _renew(svc: BrokerService, grid_pki: GridPki, challenge: str | None = None,
-           issuer: BrokerService | None = None, **kw: object) -> tuple[str, object]:
+def _renew(
+    svc: BrokerService,
+    grid_pki: GridPki,
+    challenge: str | None = None,
+    issuer: BrokerService | None = None,
+    **kw: object,
+) -> tuple[str, object]:
     pilot = who(svc, grid_pki, "pilot")
     challenge = challenge or (issuer or svc).renewal_challenge(pilot)
     old = new_proxy(grid_pki.user("alice"), now=svc.now(), lifetime=timedelta(hours=1))
     proof = sign_challenge(old.key, challenge.encode())
-    issued = svc.renew(pilot, csr_pem=csr(), challenge=challenge,
-                       authz_chain_pem=chain_to_pem(old.chain), signature=proof,
-                       username="alice", **kw)  # type: ignore[arg-type]
+    issued = svc.renew(
+        pilot,
+        csr_pem=csr(),
+        challenge=challenge,
+        authz_chain_pem=chain_to_pem(old.chain),
+        signature=proof,
+        username="alice",
+        **kw,  # type: ignore[arg-type]
+    )
     return challenge, issued
 
 
 def test_renewal_challenge_is_single_use_and_shared_by_processes(
-        store: Store, grid_pki: GridPki, clock: Clock) -> None:
+    store: Store, grid_pki: GridPki, clock: Clock
+) -> None:
     # two services on one database stand for two gunicorn workers (or two nodes)
     one, two = _service(store, grid_pki, clock), _service(store, grid_pki, clock)
     delegate(one, grid_pki)
@@ -330,23 +396,27 @@ def test_renewal_challenge_is_single_use_and_shared_by_processes(
     old = new_proxy(grid_pki.user("alice"), now=one.now(), lifetime=timedelta(hours=1))
     for svc in (one, two):  # the same challenge again, with a fresh valid signature
         with pytest.raises(AuthenticationError) as err:
-            svc.renew(pilot, csr_pem=csr(), challenge=challenge,
-                      authz_chain_pem=chain_to_pem(old.chain),
-                      signature=sign_challenge(old.key, challenge.encode()), username="alice")
+            svc.renew(
+                pilot,
+                csr_pem=csr(),
+                challenge=challenge,
+                authz_chain_pem=chain_to_pem(old.chain),
+                signature=sign_challenge(old.key, challenge.encode()),
+                username="alice",
+            )
         assert err.value.reason == "challenge_reused"
 
 
 RETRIEVE_LIMITED_POLICY = (
-    '[groups]\npilots = ["/DC=org/DC=example/CN=pilot*"]\n\n' + OWNERS_RULE
-    + "[[rule]]\nname = \"pilots retrieve limited\"\naction = \"retrieve\"\neffect = \"allow\"\n"
-      "requester = [\"group:pilots\"]\nauth = [\"certificate\"]\nmax_lifetime = \"1h\"\n"
-      "limited = true\n\n"
-    + policy_rule("renewal by pilots", "renew", ["group:pilots"])
+    '[groups]\npilots = ["/DC=org/DC=example/CN=pilot*"]\n\n'
+    + OWNERS_RULE
+    + '[[rule]]\nname = "pilots retrieve limited"\naction = "retrieve"\neffect = "allow"\n'
+    'requester = ["group:pilots"]\nauth = ["certificate"]\nmax_lifetime = "1h"\n'
+    "limited = true\n\n" + policy_rule("renewal by pilots", "renew", ["group:pilots"])
 )
 
 
-def test_renewal_obeys_the_caps_of_retrieval(store: Store, grid_pki: GridPki,
-                                             clock: Clock) -> None:
+def test_renewal_obeys_the_caps_of_retrieval(store: Store, grid_pki: GridPki, clock: Clock) -> None:
     svc = _service(store, grid_pki, clock, policy=RETRIEVE_LIMITED_POLICY)
     delegate(svc, grid_pki)
     retrieved = svc.retrieve(who(svc, grid_pki, "pilot"), csr_pem=csr(), username="alice")
@@ -357,7 +427,8 @@ def test_renewal_obeys_the_caps_of_retrieval(store: Store, grid_pki: GridPki,
 
 
 def test_concurrent_wrong_passphrases_never_exceed_the_limit(
-        service: BrokerService, grid_pki: GridPki) -> None:
+    service: BrokerService, grid_pki: GridPki
+) -> None:
     delegate(service, grid_pki, name="pp", passphrase="sesame-123")
     guesser = Requester(dn=None, endpoint="myproxy", client_address="192.0.2.9")
     barrier = threading.Barrier(16)
@@ -365,8 +436,9 @@ def test_concurrent_wrong_passphrases_never_exceed_the_limit(
     def guess(i: int) -> str:
         barrier.wait()
         try:
-            service.retrieve(guesser, csr_pem=csr(), username="alice", name="pp",
-                             passphrase=f"guess-{i}")
+            service.retrieve(
+                guesser, csr_pem=csr(), username="alice", name="pp", passphrase=f"guess-{i}"
+            )
         except AuthenticationError as exc:
             return exc.reason
         return "accepted"
@@ -377,8 +449,7 @@ def test_concurrent_wrong_passphrases_never_exceed_the_limit(
     assert outcomes.count("too_many_attempts") == 16 - service.config.passphrase_failures
 
 
-def test_username_binding_stops_squatting(store: Store, grid_pki: GridPki,
-                                          clock: Clock) -> None:
+def test_username_binding_stops_squatting(store: Store, grid_pki: GridPki, clock: Clock) -> None:
     svc = _service(store, grid_pki, clock, username_binding="dn")
     assert dn_username(ALICE) == "alice"
     assert dn_username("/DC=org/CN=Alice Smith/CN=proxy") == "proxy"
@@ -392,8 +463,7 @@ def test_username_binding_stops_squatting(store: Store, grid_pki: GridPki,
         svc.store_credential(bob, DelegationOptions(username="alice"), bob_cred)
     assert store.count_pending("/DC=org/DC=example/CN=Bob", now=clock.now) == 0
     delegate(svc, grid_pki, name="prod")  # alice under "alice": allowed
-    issued = svc.retrieve(who(svc, grid_pki, "pilot"), csr_pem=csr(), username="alice",
-                          name="prod")
+    issued = svc.retrieve(who(svc, grid_pki, "pilot"), csr_pem=csr(), username="alice", name="prod")
     assert issued.owner_dn == ALICE
     # "none" keeps the old first-come, first-served behaviour
     loose = _service(store, grid_pki, clock, username_binding="none")
@@ -401,7 +471,8 @@ def test_username_binding_stops_squatting(store: Store, grid_pki: GridPki,
 
 
 def test_refusals_do_not_reveal_credentials_to_parties_without_a_right(
-        service: BrokerService, grid_pki: GridPki) -> None:
+    service: BrokerService, grid_pki: GridPki
+) -> None:
     delegate(service, grid_pki)
     delegate(service, grid_pki, name="pp", passphrase="sesame-123")
     bob = who(service, grid_pki, "bob")
@@ -417,8 +488,9 @@ def test_refusals_do_not_reveal_credentials_to_parties_without_a_right(
     replies = []
     for name in ("default", "pp"):
         with pytest.raises(AuthenticationError) as perr:
-            service.retrieve(anonymous, csr_pem=csr(), username="alice", name=name,
-                             passphrase="not-it-123")
+            service.retrieve(
+                anonymous, csr_pem=csr(), username="alice", name=name, passphrase="not-it-123"
+            )
         replies.append((perr.value.reason, perr.value.message))
     assert replies[0] == replies[1] == ("invalid_passphrase", "invalid credential passphrase")
     # not the owner: destroy and change-passphrase answer as for a missing credential
@@ -436,8 +508,9 @@ def test_refusals_do_not_reveal_credentials_to_parties_without_a_right(
     assert any(r.startswith("no_passphrase_set:") for r in reasons)
 
 
-def test_unauthenticated_refusals_are_aggregated(store: Store, grid_pki: GridPki,
-                                                 clock: Clock) -> None:
+def test_unauthenticated_refusals_are_aggregated(
+    store: Store, grid_pki: GridPki, clock: Clock
+) -> None:
     svc = _service(store, grid_pki, clock)
     anonymous = Requester(dn=None, endpoint="myproxy", client_address="203.0.113.5")
     for _ in range(200):
@@ -459,8 +532,9 @@ def test_unauthenticated_refusals_are_aggregated(store: Store, grid_pki: GridPki
     assert len(store.query_audit(username="nobody-here")) == 5
 
 
-def test_housekeeping_totals_are_in_the_metrics(store: Store, grid_pki: GridPki,
-                                                clock: Clock) -> None:
+def test_housekeeping_totals_are_in_the_metrics(
+    store: Store, grid_pki: GridPki, clock: Clock
+) -> None:
     from broker.api.app import create_app
 
     svc = _service(store, grid_pki, clock)

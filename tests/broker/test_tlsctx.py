@@ -14,8 +14,13 @@ from tests.pkifixtures import GridPki
 
 
 def _server(pki: GridPki, *, optional: bool, max_tls: str = "") -> ssl.SSLContext:
-    return server_context(host_cert=str(pki.cert_path("host")), host_key=str(pki.key_path("host")),
-                          ca_dir=str(pki.ca_dir), certificate_optional=optional, max_tls=max_tls)
+    return server_context(
+        host_cert=str(pki.cert_path("host")),
+        host_key=str(pki.key_path("host")),
+        ca_dir=str(pki.ca_dir),
+        certificate_optional=optional,
+        max_tls=max_tls,
+    )
 
 
 def _handshake(server: ssl.SSLContext, pki: GridPki, user: str | None) -> ssl.SSLSocket:
@@ -64,8 +69,8 @@ def test_the_verified_chain_is_read_leaf_first(grid_pki: GridPki, max_tls: str) 
     finally:
         sock.close()
     assert [slash_from_name(c.subject) for c in chain] == [
-        slash_from_name(c.subject) for c in grid_pki.user("alice").chain] + [
-        slash_from_name(grid_pki.pki.ca.chain[0].subject)]
+        slash_from_name(c.subject) for c in grid_pki.user("alice").chain
+    ] + [slash_from_name(grid_pki.pki.ca.chain[0].subject)]
 
 
 def test_no_certificate_or_no_tls_gives_an_empty_chain(grid_pki: GridPki) -> None:

@@ -51,14 +51,19 @@ def trust_box(grid_pki: GridPki) -> dict[str, TrustStore]:
 
 
 @pytest.fixture
-def service(grid_pki: GridPki, tmp_path: Path,
-            trust_box: dict[str, TrustStore]) -> Iterator[BrokerService]:
+def service(
+    grid_pki: GridPki, tmp_path: Path, trust_box: dict[str, TrustStore]
+) -> Iterator[BrokerService]:
     url = default_sqlite_url(tmp_path)
     migrate(url)
     clock = Clock(grid_pki.now + timedelta(minutes=1))
     with Store(url, MasterKeyRing.generate()) as store:
-        yield BrokerService(store, lambda: trust_box["trust"],
-                            lambda: load_policy({"p.toml": DEV_POLICY}), clock=clock)
+        yield BrokerService(
+            store,
+            lambda: trust_box["trust"],
+            lambda: load_policy({"p.toml": DEV_POLICY}),
+            clock=clock,
+        )
 
 
 def _csr() -> bytes:
@@ -67,24 +72,29 @@ def _csr() -> bytes:
     return csr_to_pem(make_csr(generate_key("ec")))
 
 
-def _delegate(service: BrokerService, requester: Requester, issuer_chain: object,
-              issuer: object) -> None:
+def _delegate(
+    service: BrokerService, requester: Requester, issuer_chain: object, issuer: object
+) -> None:
     pending = service.start_delegation(requester, DelegationOptions(username="alice"))
-    chain = sign_request(issuer, load_csr(pending.csr_pem), now=service.now(),  # type: ignore[arg-type]
-                         lifetime=timedelta(hours=12))
+    chain = sign_request(
+        issuer,  # type: ignore[arg-type]
+        load_csr(pending.csr_pem),
+        now=service.now(),
+        lifetime=timedelta(hours=12),
+    )
     service.finish_delegation(requester, pending.id, chain_to_pem(chain), passphrase=None)
 
 
 # ----------------------------------------------------------------- independent proxies
 
 
-def test_independent_proxy_is_not_alice_anywhere(service: BrokerService,
-                                                 grid_pki: GridPki) -> None:
+def test_independent_proxy_is_not_alice_anywhere(service: BrokerService, grid_pki: GridPki) -> None:
     alice_cred = grid_pki.user("alice")
     alice = service.authenticate_chain(list(alice_cred.chain))
     _delegate(service, alice, alice_cred.chain, alice_cred)
-    indep = new_proxy(alice_cred, now=grid_pki.now, lifetime=timedelta(hours=2),
-                      proxy_type=ProxyType.INDEPENDENT)
+    indep = new_proxy(
+        alice_cred, now=grid_pki.now, lifetime=timedelta(hours=2), proxy_type=ProxyType.INDEPENDENT
+    )
     # TLS authentication: the identity is the proxy's own subject.
     who = service.authenticate_chain(list(indep.chain))
     assert who.dn == slash_from_name(indep.cert.subject) != ALICE
@@ -95,37 +105,44 @@ def test_independent_proxy_is_not_alice_anywhere(service: BrokerService,
     assert service.info(alice)  # still there
     # Delegating a chain through an independent proxy, as Alice, is refused.
     pending = service.start_delegation(alice, DelegationOptions(username="alice", name="ind"))
-    chain = sign_request(indep, load_csr(pending.csr_pem), now=service.now(),
-                         lifetime=timedelta(hours=1))
+    chain = sign_request(
+        indep, load_csr(pending.csr_pem), now=service.now(), lifetime=timedelta(hours=1)
+    )
     with pytest.raises(ChainError) as refused:
         service.finish_delegation(alice, pending.id, chain_to_pem(chain), passphrase=None)
     assert refused.value.reason == "independent_proxy"
 
 
-def test_stored_chain_with_independent_proxy_is_not_served(service: BrokerService,
-                                                           grid_pki: GridPki) -> None:
+def test_stored_chain_with_independent_proxy_is_not_served(
+    service: BrokerService, grid_pki: GridPki
+) -> None:
     """A record written before delegation refused them (or behind the broker's back)."""
     alice_cred = grid_pki.user("alice")
-    indep = new_proxy(alice_cred, now=grid_pki.now, lifetime=timedelta(hours=6),
-                      proxy_type=ProxyType.INDEPENDENT)
+    indep = new_proxy(
+        alice_cred, now=grid_pki.now, lifetime=timedelta(hours=6), proxy_type=ProxyType.INDEPENDENT
+    )
     now = service.now()
     assert indep.key is not None
-    service.store.put_credential(CredentialWrite(
-        owner_dn=ALICE,
-        username="alice",
-        name="default",
-        private_key_pem=key_to_pem(indep.key),
-        certificate_chain=chain_to_pem(indep.chain).decode(),
-        description=None,
-        retrievers=(),
-        trusted_retrievers=(),
-        renewers=(),
-        max_lifetime_seconds=3600,
-        limited=False,
-        passphrase=None,
-        consume_pending=None,
-        not_after=now + timedelta(hours=5),
-    ), now=now, audit=None)
+    service.store.put_credential(
+        CredentialWrite(
+            owner_dn=ALICE,
+            username="alice",
+            name="default",
+            private_key_pem=key_to_pem(indep.key),
+            certificate_chain=chain_to_pem(indep.chain).decode(),
+            description=None,
+            retrievers=(),
+            trusted_retrievers=(),
+            renewers=(),
+            max_lifetime_seconds=3600,
+            limited=False,
+            passphrase=None,
+            consume_pending=None,
+            not_after=now + timedelta(hours=5),
+        ),
+        now=now,
+        audit=None,
+    )
     pilot = service.authenticate_chain(list(grid_pki.user("pilot").chain))
     with pytest.raises(CredentialError) as err:
         service.retrieve(pilot, csr_pem=_csr(), username="alice")
@@ -133,32 +150,40 @@ def test_stored_chain_with_independent_proxy_is_not_served(service: BrokerServic
 
 
 def test_stored_chain_outside_its_ca_namespace_is_not_served(
-        service: BrokerService, grid_pki: GridPki, trust_box: dict[str, TrustStore]) -> None:
+    service: BrokerService, grid_pki: GridPki, trust_box: dict[str, TrustStore]
+) -> None:
     """Retrieval re-verifies the stored chain: a second CA's "Alice" stored before the
     namespace rule (or written behind the broker's back) is not handed out."""
     rogue = make_ca(now=grid_pki.now, dn="/DC=org/DC=rogue/CN=Rogue CA")
     files = {**grid_pki.pki.ca_directory(), **ca_files(rogue.cert, ("/DC=org/DC=rogue/*",))}
     trust_box["trust"] = TrustStore.from_files(files)
-    fake = new_proxy(issue_certificate(rogue, ALICE, now=grid_pki.now),
-                     now=grid_pki.now, lifetime=timedelta(hours=6))
+    fake = new_proxy(
+        issue_certificate(rogue, ALICE, now=grid_pki.now),
+        now=grid_pki.now,
+        lifetime=timedelta(hours=6),
+    )
     now = service.now()
     assert fake.key is not None
-    service.store.put_credential(CredentialWrite(
-        owner_dn=ALICE,
-        username="alice",
-        name="default",
-        private_key_pem=key_to_pem(fake.key),
-        certificate_chain=chain_to_pem(fake.chain).decode(),
-        description=None,
-        retrievers=(),
-        trusted_retrievers=(),
-        renewers=(),
-        max_lifetime_seconds=3600,
-        limited=False,
-        passphrase=None,
-        consume_pending=None,
-        not_after=now + timedelta(hours=5),
-    ), now=now, audit=None)
+    service.store.put_credential(
+        CredentialWrite(
+            owner_dn=ALICE,
+            username="alice",
+            name="default",
+            private_key_pem=key_to_pem(fake.key),
+            certificate_chain=chain_to_pem(fake.chain).decode(),
+            description=None,
+            retrievers=(),
+            trusted_retrievers=(),
+            renewers=(),
+            max_lifetime_seconds=3600,
+            limited=False,
+            passphrase=None,
+            consume_pending=None,
+            not_after=now + timedelta(hours=5),
+        ),
+        now=now,
+        audit=None,
+    )
     pilot = service.authenticate_chain(list(grid_pki.user("pilot").chain))
     with pytest.raises(CredentialError) as err:
         service.retrieve(pilot, csr_pem=_csr(), username="alice")
@@ -169,7 +194,8 @@ def test_stored_chain_outside_its_ca_namespace_is_not_served(
 
 
 def test_cached_verdict_dropped_when_the_trust_store_changes(
-        service: BrokerService, grid_pki: GridPki, trust_box: dict[str, TrustStore]) -> None:
+    service: BrokerService, grid_pki: GridPki, trust_box: dict[str, TrustStore]
+) -> None:
     """The REST lag: a chain verdict was cached for 60 s whatever the CA directory did."""
     bob = grid_pki.user("bob")
     proxy = new_proxy(bob, now=grid_pki.now, lifetime=timedelta(hours=1))
@@ -196,7 +222,8 @@ def _write_crl(ca_dir: Path, grid_pki: GridPki, serials: list[int]) -> None:
 
 
 def test_reloading_trust_store_sees_a_new_crl_within_its_interval(
-        grid_pki: GridPki, tmp_path: Path) -> None:
+    grid_pki: GridPki, tmp_path: Path
+) -> None:
     ca_dir = _copy_ca_dir(grid_pki, tmp_path)
     reloading = ReloadingTrustStore(ca_dir, interval=0.5)
     first = reloading()
@@ -207,8 +234,10 @@ def test_reloading_trust_store_sees_a_new_crl_within_its_interval(
         time.sleep(0.1)
     store = reloading()
     assert store is not first
-    assert any(c.get_revoked_certificate_by_serial_number(grid_pki.user("bob").cert.serial_number)
-               for c in store.crls)
+    assert any(
+        c.get_revoked_certificate_by_serial_number(grid_pki.user("bob").cert.serial_number)
+        for c in store.crls
+    )
 
 
 def test_default_reload_interval_is_short(grid_pki: GridPki, tmp_path: Path) -> None:
@@ -231,8 +260,9 @@ def test_ca_dir_watch_counts_changes(grid_pki: GridPki, tmp_path: Path) -> None:
     assert watch.version() == 1
 
 
-def test_ca_without_namespace_switch(grid_pki: GridPki, tmp_path: Path,
-                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ca_without_namespace_switch(
+    grid_pki: GridPki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     ca_dir = _copy_ca_dir(grid_pki, tmp_path)
     for path in ca_dir.iterdir():
         if path.name.endswith((".signing_policy", ".namespaces")):
@@ -265,18 +295,35 @@ def test_shipped_ban_covers_owners() -> None:
     policy = load_policy({p.name: p.read_text() for p in files})
     banned = "/DC=org/DC=example/OU=People/CN=Mallory"
     pilot = "/DC=org/DC=example/OU=Robots/CN=pilot3"
-    ok = Request(action=Action.RETRIEVE, requester_dn=pilot,
-                 owner_dn="/DC=org/DC=example/OU=People/CN=Bob", owner_fqans=("/atlas",),
-                 job_id="42.0")
+    ok = Request(
+        action=Action.RETRIEVE,
+        requester_dn=pilot,
+        owner_dn="/DC=org/DC=example/OU=People/CN=Bob",
+        owner_fqans=("/atlas",),
+        job_id="42.0",
+    )
     assert evaluate(policy, ok).allowed  # the pilot rule itself works
     for action in (Action.RETRIEVE, Action.RENEW):
-        req = Request(action=action, requester_dn=pilot, owner_dn=banned,
-                      owner_fqans=("/atlas",), job_id="42.0")
+        req = Request(
+            action=action,
+            requester_dn=pilot,
+            owner_dn=banned,
+            owner_fqans=("/atlas",),
+            job_id="42.0",
+        )
         assert not evaluate(policy, req).allowed
     for auth, username in ((AuthMethod.PASSPHRASE, None), (AuthMethod.PAM, "mallory")):
-        req = Request(action=Action.RETRIEVE, requester_dn=None, owner_dn=banned, auth=auth,
-                      username=username)
+        req = Request(
+            action=Action.RETRIEVE, requester_dn=None, owner_dn=banned, auth=auth, username=username
+        )
         assert not evaluate(policy, req).allowed
-        assert evaluate(policy, Request(action=Action.RETRIEVE, requester_dn=None,
-                                        owner_dn="/DC=org/DC=example/OU=People/CN=Bob",
-                                        auth=auth, username=username)).allowed
+        assert evaluate(
+            policy,
+            Request(
+                action=Action.RETRIEVE,
+                requester_dn=None,
+                owner_dn="/DC=org/DC=example/OU=People/CN=Bob",
+                auth=auth,
+                username=username,
+            ),
+        ).allowed

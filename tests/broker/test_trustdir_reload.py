@@ -53,14 +53,16 @@ def time_until(refused: Callable[[], bool], limit: float, *, streak: int = 4) ->
     return None
 
 
-def test_revocation_reaches_rest_and_myproxy_within_the_bound(grid_pki: GridPki,
-                                                              tmp_path: Path) -> None:
+def test_revocation_reaches_rest_and_myproxy_within_the_bound(
+    grid_pki: GridPki, tmp_path: Path
+) -> None:
     ca_dir = tmp_path / "certificates"
     shutil.copytree(grid_pki.ca_dir, ca_dir)
     pki = dataclasses.replace(grid_pki, ca_dir=ca_dir)
     mp_port = free_port()
-    broker = start_broker(pki, tmp_path / "b", workers=2,
-                          extra=("--myproxy-bind", f"127.0.0.1:{mp_port}"))
+    broker = start_broker(
+        pki, tmp_path / "b", workers=2, extra=("--myproxy-bind", f"127.0.0.1:{mp_port}")
+    )
     try:
         wait_port(mp_port, 20)
         bob = broker.client("bob")
@@ -73,8 +75,7 @@ def test_revocation_reaches_rest_and_myproxy_within_the_bound(grid_pki: GridPki,
                 return True
             return False
 
-        mp = MyProxyClient(mp_port, ca_dir, pki.cert_path("bob"), pki.key_path("bob"),
-                           timeout=10)
+        mp = MyProxyClient(mp_port, ca_dir, pki.cert_path("bob"), pki.key_path("bob"), timeout=10)
 
         def myproxy_refused() -> bool:
             try:

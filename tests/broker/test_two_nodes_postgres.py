@@ -50,16 +50,28 @@ class Nodes:
 
     def client(self, who: str, *nodes: RunningBroker) -> BrokerClient:
         servers = ",".join(n.server for n in nodes)
-        identity = ClientIdentity(cert=str(self.pki.cert_path(who)),
-                                  key=str(self.pki.key_path(who)))
+        identity = ClientIdentity(
+            cert=str(self.pki.cert_path(who)), key=str(self.pki.key_path(who))
+        )
         return BrokerClient(servers, identity, ca_dir=str(self.pki.ca_dir))
 
     def broker(self, node: str, *args: str) -> subprocess.CompletedProcess[str]:
         """``broker ARGS`` as an operator on ``node`` runs it (its key file, the shared DB)."""
         return subprocess.run(
-            [*self.a.broker_cmd(*args), "--state-dir", str(self.keys[node].parent),
-             "--database-url", self.database_url, "--master-key-file", str(self.keys[node])],
-            capture_output=True, text=True, timeout=120, check=False)
+            [
+                *self.a.broker_cmd(*args),
+                "--state-dir",
+                str(self.keys[node].parent),
+                "--database-url",
+                self.database_url,
+                "--master-key-file",
+                str(self.keys[node]),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
 
     def copy_key_file(self, source: str, target: str) -> None:
         """What scp/config management does: replace the target node's file (0600)."""
@@ -79,8 +91,13 @@ def nodes(grid_pki: GridPki, postgres_database: str, tmp_path: Path) -> Iterator
     shutil.copyfile(keys["a"], keys["b"])
     os.chmod(keys["b"], 0o600)
     started = [
-        launch_broker(grid_pki, tmp_path / node, database_url=postgres_database,
-                      extra=("--master-key-file", str(keys[node])), new_session=True)
+        launch_broker(
+            grid_pki,
+            tmp_path / node,
+            database_url=postgres_database,
+            extra=("--master-key-file", str(keys[node])),
+            new_session=True,
+        )
         for node in ("a", "b")
     ]
     try:
@@ -93,8 +110,13 @@ def nodes(grid_pki: GridPki, postgres_database: str, tmp_path: Path) -> Iterator
 
 
 def _delegate(client: BrokerClient, pki: GridPki, name: str, **kw: object) -> dict[str, object]:
-    return client.delegate(pki.load("alice"), username="alice", name=name,  # type: ignore[arg-type]
-                           now=datetime.now(UTC), **kw)  # type: ignore[arg-type]
+    return client.delegate(
+        pki.load("alice"),
+        username="alice",
+        name=name,
+        now=datetime.now(UTC),
+        **kw,  # type: ignore[arg-type]
+    )
 
 
 def test_nodes_started_at_once_share_delegation_renewal_and_destruction(nodes: Nodes) -> None:
@@ -108,23 +130,44 @@ def test_nodes_started_at_once_share_delegation_renewal_and_destruction(nodes: N
     assert result["owner"] == "/DC=org/DC=example/CN=Alice"
 
     # A delegation begun on A (key pair made there) is completed on B.
-    started = alice_a.call("POST", "/v1/delegations", {
-        "username": "alice", "name": "split", "stored_hours": 24, "max_proxy_hours": 12,
-        "retrievers": [], "trusted_retrievers": [], "renewers": [], "description": None})
-    chain = sign_request(pki.load("alice"), load_csr(started["csr"].encode()),
-                         now=datetime.now(UTC), lifetime=timedelta(hours=24))
-    alice_b.call("PUT", f"/v1/delegations/{started['id']}",
-                 {"chain": chain_to_pem(chain).decode()})
+    started = alice_a.call(
+        "POST",
+        "/v1/delegations",
+        {
+            "username": "alice",
+            "name": "split",
+            "stored_hours": 24,
+            "max_proxy_hours": 12,
+            "retrievers": [],
+            "trusted_retrievers": [],
+            "renewers": [],
+            "description": None,
+        },
+    )
+    chain = sign_request(
+        pki.load("alice"),
+        load_csr(started["csr"].encode()),
+        now=datetime.now(UTC),
+        lifetime=timedelta(hours=24),
+    )
+    alice_b.call("PUT", f"/v1/delegations/{started['id']}", {"chain": chain_to_pem(chain).decode()})
     pilot_a.retrieve(username="alice", name="split")
 
     # Renewal: the challenge comes from A, the signed answer goes to B.
     old = new_proxy(pki.load("alice"), now=datetime.now(UTC), lifetime=timedelta(hours=1))
     challenge = pilot_a.call("GET", "/v1/renewals/challenge")["challenge"]
-    renewed = pilot_b.call("POST", "/v1/renewals", {
-        "csr": csr_to_pem(make_csr(generate_key("ec"))).decode(), "name": "default",
-        "username": "alice", "challenge": challenge,
-        "authz_chain": chain_to_pem(old.chain).decode(),
-        "signature": base64.b64encode(sign_challenge(old.key, challenge.encode())).decode()})
+    renewed = pilot_b.call(
+        "POST",
+        "/v1/renewals",
+        {
+            "csr": csr_to_pem(make_csr(generate_key("ec"))).decode(),
+            "name": "default",
+            "username": "alice",
+            "challenge": challenge,
+            "authz_chain": chain_to_pem(old.chain).decode(),
+            "signature": base64.b64encode(sign_challenge(old.key, challenge.encode())).decode(),
+        },
+    )
     assert renewed["owner"] == "/DC=org/DC=example/CN=Alice"
 
     # Destroyed on B: gone on A too.
@@ -139,12 +182,12 @@ def test_passphrase_throttle_counts_across_nodes(nodes: Nodes) -> None:
     for attempt in range(5):  # the default limit, spread over both nodes
         client = alice_a if attempt % 2 else alice_b
         with pytest.raises(AuthenticationError) as err:
-            client.retrieve(username="alice", name="locked", passphrase=f"guess {attempt}",
-                            key_type="ec")
+            client.retrieve(
+                username="alice", name="locked", passphrase=f"guess {attempt}", key_type="ec"
+            )
         assert not isinstance(err.value, TooManyAttempts)
     with pytest.raises(TooManyAttempts):
-        alice_a.retrieve(username="alice", name="locked", passphrase="correct horse",
-                         key_type="ec")
+        alice_a.retrieve(username="alice", name="locked", passphrase="correct horse", key_type="ec")
 
 
 def test_staged_key_rotation_with_a_key_file_per_node(nodes: Nodes) -> None:
@@ -182,7 +225,9 @@ def test_staged_key_rotation_with_a_key_file_per_node(nodes: Nodes) -> None:
     assert rewrap.returncode == 0 and "rewrapped 2 row(s)" in rewrap.stdout, rewrap
     status = json.loads(nodes.broker("b", "keys", "status", "--json").stdout)
     assert {(k["id"], k["active"], k["rows"]) for k in status} == {
-        (old["id"], False, 0), (new_id, True, 3)}
+        (old["id"], False, 0),
+        (new_id, True, 3),
+    }
     retired = nodes.broker("a", "keys", "retire", old["id"])
     assert retired.returncode == 0, retired.stderr
     nodes.copy_key_file("a", "b")
@@ -193,7 +238,8 @@ def test_staged_key_rotation_with_a_key_file_per_node(nodes: Nodes) -> None:
 
 
 def test_node_killed_mid_run_clients_fail_over_and_lose_no_acknowledged_delegation(
-        nodes: Nodes) -> None:
+    nodes: Nodes,
+) -> None:
     pki = nodes.pki
     owner = nodes.client("alice", nodes.a, nodes.b)  # A first, B when A fails
     acknowledged: list[str] = []
@@ -222,8 +268,9 @@ def test_node_killed_mid_run_clients_fail_over_and_lose_no_acknowledged_delegati
         os.killpg(nodes.a.process.pid, signal.SIGKILL)  # the node and its workers
         nodes.a.process.wait(timeout=10)
         # A killed node cannot remove its metrics directory; the test does.
-        found = re.search(r"metrics of every process are summed from (/\S+)",
-                          nodes.a.log.read_text())
+        found = re.search(
+            r"metrics of every process are summed from (/\S+)", nodes.a.log.read_text()
+        )
         if found:
             shutil.rmtree(found.group(1), ignore_errors=True)
         deadline = time.monotonic() + 60
@@ -241,28 +288,56 @@ def test_node_killed_mid_run_clients_fail_over_and_lose_no_acknowledged_delegati
         pilot.retrieve(username="alice", name=name, key_type="ec")
 
 
-def test_backup_and_restore_then_retrieve(nodes: Nodes, postgres_cluster: PostgresCluster,
-                                          tmp_path: Path) -> None:
+def test_backup_and_restore_then_retrieve(
+    nodes: Nodes, postgres_cluster: PostgresCluster, tmp_path: Path
+) -> None:
     """The procedure of docs/deployment.md: pg_dump -Fc of the live database, pg_restore
     into an empty one, a node started on it with the same key file serves the credential."""
     _delegate(nodes.client("alice", nodes.a), nodes.pki, "kept")
     dump = tmp_path / "broker.dump"
     source = nodes.database_url.rsplit("/", 1)[1]
-    connection = ["-h", "127.0.0.1", "-p", str(postgres_cluster.port), "-U",
-                  postgres_cluster.user]
-    done = subprocess.run([str(postgres_cluster.bindir / "pg_dump"), *connection, "-Fc",
-                           "-d", source, "-f", str(dump)], capture_output=True, text=True,
-                          timeout=120, check=False)
+    connection = ["-h", "127.0.0.1", "-p", str(postgres_cluster.port), "-U", postgres_cluster.user]
+    done = subprocess.run(
+        [
+            str(postgres_cluster.bindir / "pg_dump"),
+            *connection,
+            "-Fc",
+            "-d",
+            source,
+            "-f",
+            str(dump),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     target = f"r_{source[2:]}"
     restored_url = postgres_cluster.create_database(target)
     try:
-        done = subprocess.run([str(postgres_cluster.bindir / "pg_restore"), *connection,
-                               "--no-owner", "-d", target, str(dump)], capture_output=True,
-                              text=True, timeout=120, check=False)
+        done = subprocess.run(
+            [
+                str(postgres_cluster.bindir / "pg_restore"),
+                *connection,
+                "--no-owner",
+                "-d",
+                target,
+                str(dump),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
         assert done.returncode == 0, done.stderr
-        restored = launch_broker(nodes.pki, tmp_path / "restored", database_url=restored_url,
-                                 extra=("--master-key-file", str(nodes.keys["a"])), workers=1)
+        restored = launch_broker(
+            nodes.pki,
+            tmp_path / "restored",
+            database_url=restored_url,
+            extra=("--master-key-file", str(nodes.keys["a"])),
+            workers=1,
+        )
         try:
             wait_ready(restored, timeout=60)
             with restored.client("pilot") as pilot:

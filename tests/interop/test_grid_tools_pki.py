@@ -28,9 +28,15 @@ def _chain_of(grid_pki: GridPki, kind: str):  # type: ignore[no-untyped-def]
     if kind == "ec":
         return new_proxy(alice, now=now, lifetime=timedelta(hours=6), key=generate_key("ec"))
     if kind == "voms":
-        ac = make_ac_extension(alice.cert, grid_pki.pki.voms, vo="atlas",
-                               fqans=["/atlas/Role=production"], uri="voms.example.org:15001",
-                               now=now, lifetime=timedelta(hours=6))
+        ac = make_ac_extension(
+            alice.cert,
+            grid_pki.pki.voms,
+            vo="atlas",
+            fqans=["/atlas/Role=production"],
+            uri="voms.example.org:15001",
+            now=now,
+            lifetime=timedelta(hours=6),
+        )
         return new_proxy(alice, now=now, lifetime=timedelta(hours=6), extra_extensions=[ac])
     cred = alice
     for _ in range(3):
@@ -44,8 +50,18 @@ def test_our_proxies_accepted_by_openssl_and_globus(
 ) -> None:
     proxy = _chain_of(grid_pki, kind)
     path = write_proxy_file(tmp_path / "proxy.pem", proxy)
-    verify = run(["openssl", "verify", "-CApath", str(grid_pki.ca_dir), "-allow_proxy_certs",
-                  "-untrusted", str(path), str(path)])
+    verify = run(
+        [
+            "openssl",
+            "verify",
+            "-CApath",
+            str(grid_pki.ca_dir),
+            "-allow_proxy_certs",
+            "-untrusted",
+            str(path),
+            str(path),
+        ]
+    )
     assert verify.returncode == 0, verify.stderr
     assert f"{path}: OK" in verify.stdout
     info = run(["grid-proxy-info", "-file", str(path)], grid_pki.env())
@@ -54,8 +70,9 @@ def test_our_proxies_accepted_by_openssl_and_globus(
     expected_type = "limited proxy" if kind == "limited" else "impersonation proxy"
     assert f"RFC 3820 compliant {expected_type}" in info.stdout
     # grid-proxy-init -verify style check: globus verifies the whole chain against the CA dir
-    exists = run(["grid-proxy-info", "-file", str(path), "-exists", "-valid", "5:00"],
-                 grid_pki.env())
+    exists = run(
+        ["grid-proxy-info", "-file", str(path), "-exists", "-valid", "5:00"], grid_pki.env()
+    )
     assert exists.returncode == 0, exists.stderr
     if kind == "voms":
         voms = run(["voms-proxy-info", "-all", "-file", str(path)], grid_pki.env())
@@ -66,8 +83,19 @@ def test_our_proxies_accepted_by_openssl_and_globus(
 
 def _grid_proxy_init(grid_pki: GridPki, out: Path, *extra: str) -> Path:
     result = run(
-        ["grid-proxy-init", "-q", "-cert", str(grid_pki.cert_path("alice")),
-         "-key", str(grid_pki.key_path("alice")), "-out", str(out), "-hours", "4", *extra],
+        [
+            "grid-proxy-init",
+            "-q",
+            "-cert",
+            str(grid_pki.cert_path("alice")),
+            "-key",
+            str(grid_pki.key_path("alice")),
+            "-out",
+            str(out),
+            "-hours",
+            "4",
+            *extra,
+        ],
         grid_pki.env(),
     )
     assert result.returncode == 0, result.stderr + result.stdout
@@ -79,7 +107,10 @@ def _grid_proxy_init(grid_pki: GridPki, out: Path, *extra: str) -> Path:
     [((), False, None), (("-limited",), True, None), (("-path-length", "2"), False, 2)],
 )
 def test_grid_proxy_init_output_validates(
-    grid_pki: GridPki, tmp_path: Path, extra: tuple[str, ...], limited: bool,
+    grid_pki: GridPki,
+    tmp_path: Path,
+    extra: tuple[str, ...],
+    limited: bool,
     path_length: int | None,
 ) -> None:
     path = _grid_proxy_init(grid_pki, tmp_path / "gpi.pem", *extra)
@@ -102,13 +133,28 @@ def test_grid_proxy_init_legacy_proxy_refused(grid_pki: GridPki, tmp_path: Path)
 
 def test_grid_proxy_init_proxy_of_our_proxy(grid_pki: GridPki, tmp_path: Path) -> None:
     """grid-proxy-init can sign with our proxy as its credential; we validate the result."""
-    ours = write_proxy_file(tmp_path / "ours.pem",
-                            new_proxy(grid_pki.user("alice"), now=datetime.now(UTC),
-                                      lifetime=timedelta(hours=6)))
+    ours = write_proxy_file(
+        tmp_path / "ours.pem",
+        new_proxy(grid_pki.user("alice"), now=datetime.now(UTC), lifetime=timedelta(hours=6)),
+    )
     out = tmp_path / "theirs.pem"
-    result = run(["grid-proxy-init", "-q", "-cert", str(ours), "-key", str(ours), "-out", str(out),
-                  "-hours", "1"], grid_pki.env())
+    result = run(
+        [
+            "grid-proxy-init",
+            "-q",
+            "-cert",
+            str(ours),
+            "-key",
+            str(ours),
+            "-out",
+            str(out),
+            "-hours",
+            "1",
+        ],
+        grid_pki.env(),
+    )
     assert result.returncode == 0, result.stderr
-    info = validate_chain(load_certificates(out.read_bytes()), grid_pki.trust,
-                          now=datetime.now(UTC))
+    info = validate_chain(
+        load_certificates(out.read_bytes()), grid_pki.trust, now=datetime.now(UTC)
+    )
     assert info.proxy_depth == 2 and info.identity == "/DC=org/DC=example/CN=Alice"

@@ -52,8 +52,7 @@ def sample_policy_1(ca_dir: Path) -> str:
     """Debian's "Complete Sample Policy #1" (commented out in the file), uncommented."""
     text = DEBIAN_SAMPLE.read_text()
     block = text.split("Complete Sample Policy #1", 1)[1].split("Complete Sample Policy #2")[0]
-    lines = [line[1:] for line in block.splitlines()
-             if re.match(r"#[a-z_]+\s", line)]
+    lines = [line[1:] for line in block.splitlines() if re.match(r"#[a-z_]+\s", line)]
     assert any(line.startswith("trusted_retrievers") for line in lines), block
     lines = [f"cert_dir {ca_dir}" if line.startswith("cert_dir") else line for line in lines]
     return "\n".join([*lines, "allow_self_authorization true", ""])
@@ -85,18 +84,43 @@ def run_script(pki: GridPki, port: int, home: Path) -> str:
     """myproxy-test as alice (a 12 h proxy), no -startserver; its stdout."""
     home.mkdir(mode=0o700)
     proxy = home / "x509up"
-    env = {"PATH": "/usr/sbin:/usr/bin:/bin", "HOME": str(home), "LC_ALL": "C",
-           "X509_CERT_DIR": str(pki.ca_dir)}
+    env = {
+        "PATH": "/usr/sbin:/usr/bin:/bin",
+        "HOME": str(home),
+        "LC_ALL": "C",
+        "X509_CERT_DIR": str(pki.ca_dir),
+    }
     made = subprocess.run(
-        ["grid-proxy-init", "-q", "-hours", "12", "-out", str(proxy),
-         "-cert", str(pki.cert_path("alice")), "-key", str(pki.key_path("alice"))],
-        env=env, capture_output=True, text=True, timeout=60)
+        [
+            "grid-proxy-init",
+            "-q",
+            "-hours",
+            "12",
+            "-out",
+            str(proxy),
+            "-cert",
+            str(pki.cert_path("alice")),
+            "-key",
+            str(pki.key_path("alice")),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert made.returncode == 0, made.stderr
-    env.update(LOGNAME="alice", USER="alice", X509_USER_PROXY=str(proxy),
-               MYPROXY_SERVER="localhost", MYPROXY_SERVER_PORT=str(port),
-               MYPROXY_SERVER_DN=HOST_DN, TMPDIR=str(home))
-    result = subprocess.run(["perl", str(MYPROXY_TEST)], env=env, capture_output=True,
-                            text=True, timeout=600, cwd=home)
+    env.update(
+        LOGNAME="alice",
+        USER="alice",
+        X509_USER_PROXY=str(proxy),
+        MYPROXY_SERVER="localhost",
+        MYPROXY_SERVER_PORT=str(port),
+        MYPROXY_SERVER_DN=HOST_DN,
+        TMPDIR=str(home),
+    )
+    result = subprocess.run(
+        ["perl", str(MYPROXY_TEST)], env=env, capture_output=True, text=True, timeout=600, cwd=home
+    )
     (home / "stderr.txt").write_text(result.stderr)
     return result.stdout
 
@@ -104,8 +128,9 @@ def run_script(pki: GridPki, port: int, home: Path) -> str:
 @pytest.fixture(scope="module")
 def config_file(grid_pki: GridPki, tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not MYPROXY_TEST.exists() or not DEBIAN_SAMPLE.exists():
-        unavailable("myproxy-test needs the Debian package myproxy-admin (scripts/test "
-                    "installs it)")
+        unavailable(
+            "myproxy-test needs the Debian package myproxy-admin (scripts/test installs it)"
+        )
     need("grid-cert-info")
     need("myproxy-server")
     path = tmp_path_factory.mktemp("mpconfig") / "myproxy-server.config"
@@ -114,20 +139,39 @@ def config_file(grid_pki: GridPki, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 @pytest.fixture(scope="module")
-def reference(grid_pki: GridPki, config_file: Path,
-              tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+def reference(
+    grid_pki: GridPki, config_file: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[int]:
     base = tmp_path_factory.mktemp("mpref")
     store = base / "store"
     store.mkdir(mode=0o700)
     pidfile = base / "server.pid"
     port = _free_port()
-    env = {**os.environ, "X509_CERT_DIR": str(grid_pki.ca_dir),
-           "X509_USER_CERT": str(grid_pki.root / "host.pem"),
-           "X509_USER_KEY": str(grid_pki.root / "host.key")}
+    env = {
+        **os.environ,
+        "X509_CERT_DIR": str(grid_pki.ca_dir),
+        "X509_USER_CERT": str(grid_pki.root / "host.pem"),
+        "X509_USER_KEY": str(grid_pki.root / "host.key"),
+    }
     started = subprocess.run(
-        ["myproxy-server", "-c", str(config_file), "-s", str(store), "-l", "127.0.0.1",
-         "-p", str(port), "-P", str(pidfile)], env=env, capture_output=True, text=True,
-        timeout=30)
+        [
+            "myproxy-server",
+            "-c",
+            str(config_file),
+            "-s",
+            str(store),
+            "-l",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-P",
+            str(pidfile),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert started.returncode == 0, started.stderr
     _wait_port(port)
     pid = int(pidfile.read_text().strip())
@@ -141,28 +185,61 @@ def reference(grid_pki: GridPki, config_file: Path,
 
 
 @pytest.fixture(scope="module")
-def broker(grid_pki: GridPki, config_file: Path,
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+def broker(
+    grid_pki: GridPki, config_file: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[int]:
     base = tmp_path_factory.mktemp("mpbroker")
     bindir = Path(sys.executable).parent
     imported = subprocess.run(
-        [str(bindir / "broker"), "policy", "import-myproxy-config", str(config_file),
-         "--dir", str(base / "policies")], capture_output=True, text=True, timeout=60)
+        [
+            str(bindir / "broker"),
+            "policy",
+            "import-myproxy-config",
+            str(config_file),
+            "--dir",
+            str(base / "policies"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert imported.returncode == 0, imported.stdout + imported.stderr
     # The script tries wrong passphrases on one credential on purpose more often than the
     # default throttle (5 in 10 minutes) allows; the throttle is a site setting.
     (base / "broker.toml").write_text("[limits]\npassphrase_failures = 50\n")
     rest, wire = _free_port(), _free_port()
     proc = subprocess.Popen(
-        [str(bindir / "broker"), "serve", "--config", str(base / "broker.toml"),
-         "--state-dir", str(base / "state"), "--policy-dir", str(base / "policies"),
-         "--bind", f"127.0.0.1:{rest}", "--myproxy-bind", f"127.0.0.1:{wire}",
-         "--host-cert", str(grid_pki.root / "host.pem"),
-         "--host-key", str(grid_pki.root / "host.key"), "--ca-dir", str(grid_pki.ca_dir),
-         "--vomsdir", str(grid_pki.vomsdir), "--workers", "1",
-         # MyProxy has no username binding; myproxy-test stores under $LOGNAME.myproxy-test
-         "--username-binding", "none"],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(base / "serve.log", "wb"))
+        [
+            str(bindir / "broker"),
+            "serve",
+            "--config",
+            str(base / "broker.toml"),
+            "--state-dir",
+            str(base / "state"),
+            "--policy-dir",
+            str(base / "policies"),
+            "--bind",
+            f"127.0.0.1:{rest}",
+            "--myproxy-bind",
+            f"127.0.0.1:{wire}",
+            "--host-cert",
+            str(grid_pki.root / "host.pem"),
+            "--host-key",
+            str(grid_pki.root / "host.key"),
+            "--ca-dir",
+            str(grid_pki.ca_dir),
+            "--vomsdir",
+            str(grid_pki.vomsdir),
+            "--workers",
+            "1",
+            # MyProxy has no username binding; myproxy-test stores under $LOGNAME.myproxy-test
+            "--username-binding",
+            "none",
+        ],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=open(base / "serve.log", "wb"),
+    )
     try:
         _wait_port(wire, proc)
         yield wire
@@ -184,14 +261,17 @@ def test_sample_policy_is_extracted() -> None:
 
 
 def test_parse_reads_every_result_line() -> None:
-    out = ("MyProxy Test 1 (store credential with default name): SUCCEEDED\n"
-           "MyProxy Test 3- (retrieve stored credential to stdout): FAILED\n"
-           "MyProxy Test 10.a (kill -HUP <myproxy-server>): SKIPPED\n")
+    out = (
+        "MyProxy Test 1 (store credential with default name): SUCCEEDED\n"
+        "MyProxy Test 3- (retrieve stored credential to stdout): FAILED\n"
+        "MyProxy Test 10.a (kill -HUP <myproxy-server>): SKIPPED\n"
+    )
     assert parse(out) == {"1": "SUCCEEDED", "3-": "FAILED", "10.a": "SKIPPED"}
 
 
-def test_myproxy_test_parity(grid_pki: GridPki, reference: int, broker: int,
-                             tmp_path: Path) -> None:
+def test_myproxy_test_parity(
+    grid_pki: GridPki, reference: int, broker: int, tmp_path: Path
+) -> None:
     need("perl")
     ref = parse(run_script(grid_pki, reference, tmp_path / "ref"))
     ours = parse(run_script(grid_pki, broker, tmp_path / "broker"))
@@ -199,13 +279,17 @@ def test_myproxy_test_parity(grid_pki: GridPki, reference: int, broker: int,
     # The reference with this policy passes all it runs (47 with myproxy-admin 6.2.14).
     assert len(passed_ref) >= 40, ref
     assert not [n for n, r in ref.items() if r == "FAILED"], ref
-    missing = {n: ours.get(n, "not run") for n in sorted(passed_ref)
-               if ours.get(n) != "SUCCEEDED" and n not in DEVIATIONS}
+    missing = {
+        n: ours.get(n, "not run")
+        for n in sorted(passed_ref)
+        if ours.get(n) != "SUCCEEDED" and n not in DEVIATIONS
+    }
     log = (tmp_path / "broker" / "stderr.txt").read_text()[-4000:]
     assert not missing, f"passed on myproxy-server, not on the broker: {missing}\n{log}"
     # A deviation that starts passing must be taken off the list (and out of the docs).
     assert {n for n in DEVIATIONS if ours.get(n) == "SUCCEEDED"} == set()
     # Nothing that the script skips on the reference runs differently on the broker.
-    assert {n for n, r in ref.items() if r == "SKIPPED"} == \
-        {n for n, r in ours.items() if r == "SKIPPED"}
+    assert {n for n, r in ref.items() if r == "SKIPPED"} == {
+        n for n, r in ours.items() if r == "SKIPPED"
+    }
     shutil.rmtree(tmp_path / "ref", ignore_errors=True)

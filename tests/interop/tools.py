@@ -17,11 +17,18 @@ def need(tool: str) -> str:
 
 
 def run(
-    argv: Sequence[str], env: Mapping[str, str] | None = None, *, input: bytes | None = None,
+    argv: Sequence[str],
+    env: Mapping[str, str] | None = None,
+    *,
+    input: bytes | None = None,
     timeout: float = 60,
 ) -> subprocess.CompletedProcess[str]:
     need(argv[0])
     return subprocess.run(
-        list(argv), env=dict(env) if env is not None else None, capture_output=True,
-        text=True, timeout=timeout, input=input.decode() if input is not None else None,
+        list(argv),
+        env=dict(env) if env is not None else None,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        input=input.decode() if input is not None else None,
     )

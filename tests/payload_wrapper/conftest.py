@@ -126,9 +126,17 @@ def make_account() -> Iterator[Callable[[str], str]]:
     def make(name: str) -> str:
         subprocess.run(["userdel", name], capture_output=True, check=False)  # leftovers
         subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--user-group",
-             "--shell", "/usr/sbin/nologin", name],
-            check=True, capture_output=True,
+            [
+                "useradd",
+                "--system",
+                "--no-create-home",
+                "--user-group",
+                "--shell",
+                "/usr/sbin/nologin",
+                name,
+            ],
+            check=True,
+            capture_output=True,
         )
         created.append(name)
         return name

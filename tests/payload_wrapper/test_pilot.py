@@ -88,8 +88,14 @@ class Site:
         }
         values.update(overrides)
         lines = [f"{k} = {json.dumps(v)}" for k, v in values.items()]
-        lines += ["[wrapper]", 'mode = "setuid"', 'account = "nobody"', 'umask = "0022"',
-                  "kill_grace = 0.5", f'audit_log = "{self.base / "wrapper-audit.log"}"']
+        lines += [
+            "[wrapper]",
+            'mode = "setuid"',
+            'account = "nobody"',
+            'umask = "0022"',
+            "kill_grace = 0.5",
+            f'audit_log = "{self.base / "wrapper-audit.log"}"',
+        ]
         path = self.base / f"pilot-{len(list(self.base.glob('pilot-*.toml')))}.toml"
         path.write_text("\n".join(lines) + "\n")
         return path
@@ -110,8 +116,9 @@ class StarterRun:
         return self.error_file.read_text() if self.error_file.exists() else ""
 
 
-def job_ad(*, owner_dn: str | None = ALICE, submitter: str = "alice", cluster: int = 42,
-           extra: str = "") -> str:
+def job_ad(
+    *, owner_dn: str | None = ALICE, submitter: str = "alice", cluster: int = 42, extra: str = ""
+) -> str:
     lines = [
         'MyType = "Job"',
         f"ClusterId = {cluster}",
@@ -127,8 +134,9 @@ def job_ad(*, owner_dn: str | None = ALICE, submitter: str = "alice", cluster: i
     return "\n".join(lines) + ("\n" + extra if extra else "") + "\n"
 
 
-def run_as_starter(site: Site, config: Path, ad_text: str, *args: str,
-                   timeout: float = 120) -> StarterRun:
+def run_as_starter(
+    site: Site, config: Path, ad_text: str, *args: str, timeout: float = 120
+) -> StarterRun:
     """Do what condor_starter does for a USER_JOB_WRAPPER."""
     scratch = Path(tempfile.mkdtemp(prefix="scratch-", dir=site.base))  # 0700, like the starter's
     (scratch / ".job.ad").write_text(ad_text)
@@ -143,9 +151,14 @@ def run_as_starter(site: Site, config: Path, ad_text: str, *args: str,
         "BROKER_PILOT_CONFIG": str(config),
         "BROKER_TEST_LEAK": "the starter's environment",  # must not reach the payload
     }
-    result = subprocess.run([str(site.launcher), str(site.payload), str(marker), *args],
-                            env=env, capture_output=True, text=True, timeout=timeout,
-                            check=False)
+    result = subprocess.run(
+        [str(site.launcher), str(site.payload), str(marker), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
     return StarterRun(result, error_file, marker, scratch)
 
 
@@ -171,8 +184,9 @@ def site(grid_pki: GridPki) -> Iterator[Site]:  # noqa: F811 - fixture parameter
     broker = start_broker(grid_pki, broker_dir)  # DEV_POLICY
     try:
         alice = broker.client("alice")
-        alice.delegate(alice.identity.load(), username="alice", now=datetime.now(UTC),
-                       max_proxy_hours=6)
+        alice.delegate(
+            alice.identity.load(), username="alice", now=datetime.now(UTC), max_proxy_hours=6
+        )
         yield Site(base, broker, ca_dir, vomsdir, workdir, payload, marks, grid_pki, launcher)
     finally:
         broker.stop()
@@ -183,9 +197,22 @@ def site(grid_pki: GridPki) -> Iterator[Site]:  # noqa: F811 - fixture parameter
 
 def _audit_rows(site: Site, job_id: str) -> list[dict[str, object]]:
     out = subprocess.run(
-        [str(BIN / "broker"), "audit", "--state-dir", str(site.broker.state_dir),
-         "--database-url", site.broker.database_url, "--job-id", job_id, "--json"],
-        capture_output=True, text=True, check=True, timeout=60).stdout
+        [
+            str(BIN / "broker"),
+            "audit",
+            "--state-dir",
+            str(site.broker.state_dir),
+            "--database-url",
+            site.broker.database_url,
+            "--job-id",
+            job_id,
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
     rows: list[dict[str, object]] = json.loads(out)
     return rows
 
@@ -201,15 +228,17 @@ def _new_job_dir(site: Site, before: list[Path]) -> Path:
 
 def test_payload_runs_as_nobody_with_the_owners_fresh_proxy(site: Site) -> None:
     before = site.job_dirs()
-    ad = job_ad(cluster=101, extra="Environment = \"SITE_NOTE='hello world' "
-                "X509_USER_PROXY=/tmp/stolen\"")
+    ad = job_ad(
+        cluster=101, extra="Environment = \"SITE_NOTE='hello world' X509_USER_PROXY=/tmp/stolen\""
+    )
     run = run_as_starter(site, site.config(), ad)
     assert run.result.returncode == 0, run.result.stderr
     assert run.marker.exists()
     assert run.error_text == ""
     job_dir = _new_job_dir(site, before)
-    nobody = int(subprocess.run(["id", "-u", "nobody"], capture_output=True, text=True,
-                                check=True).stdout)
+    nobody = int(
+        subprocess.run(["id", "-u", "nobody"], capture_output=True, text=True, check=True).stdout
+    )
     assert int((job_dir / "uid.txt").read_text()) == nobody
     info = (job_dir / "proxyinfo.txt").read_text()
     assert f"identity : {ALICE}" in info, info
@@ -227,7 +256,8 @@ def test_payload_runs_as_nobody_with_the_owners_fresh_proxy(site: Site) -> None:
     # the broker's audit names the pilot, the owner and the GlobalJobId
     rows = _audit_rows(site, "submit.example.org#101.0#1700000000")
     assert [(r["action"], r["decision"], r["requester"], r["owner"]) for r in rows] == [
-        ("retrieve", "allow", "/DC=org/DC=example/CN=pilot", ALICE)]
+        ("retrieve", "allow", "/DC=org/DC=example/CN=pilot", ALICE)
+    ]
 
 
 # --------------------------------------------------------------------------- fail closed
@@ -253,8 +283,7 @@ def test_owner_not_on_the_allow_list_is_refused_before_retrieval(site: Site) -> 
 
 
 def test_owner_without_a_credential_is_told_to_delegate(site: Site) -> None:
-    run = run_as_starter(site, site.config(), job_ad(owner_dn=BOB, submitter="bob",
-                                                     cluster=103))
+    run = run_as_starter(site, site.config(), job_ad(owner_dn=BOB, submitter="bob", cluster=103))
     _assert_refused(run, 201, BOB, "broker-init -k default")
 
 
@@ -280,17 +309,32 @@ def test_job_ad_without_an_owner_is_refused(site: Site) -> None:
 
 def test_missing_job_ad_and_bad_config(site: Site) -> None:
     marker = site.marks / "ran-no-ad"
-    env = {"PATH": "/usr/bin:/bin", "BROKER_PILOT_CONFIG": str(site.config()),
-           "_CONDOR_WRAPPER_ERROR_FILE": str(site.base / "err-no-ad")}
-    result = subprocess.run([str(site.launcher), str(site.payload), str(marker)],
-                            env=env, capture_output=True, text=True, timeout=60, check=False)
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "BROKER_PILOT_CONFIG": str(site.config()),
+        "_CONDOR_WRAPPER_ERROR_FILE": str(site.base / "err-no-ad"),
+    }
+    result = subprocess.run(
+        [str(site.launcher), str(site.payload), str(marker)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 202
     assert "_CONDOR_JOB_AD" in (site.base / "err-no-ad").read_text()
     bad = site.base / "bad.toml"
     bad.write_text('broker_url = "https://x"\ncert = "c"\nkey = "k"\n')
     env["BROKER_PILOT_CONFIG"] = str(bad)
-    result = subprocess.run([str(site.launcher), str(site.payload), str(marker)],
-                            env=env, capture_output=True, text=True, timeout=60, check=False)
+    result = subprocess.run(
+        [str(site.launcher), str(site.payload), str(marker)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 202
     assert "allowed_owners" in result.stderr
     assert not marker.exists()
@@ -302,8 +346,7 @@ def test_missing_job_ad_and_bad_config(site: Site) -> None:
 def test_refresh_replaces_the_proxy_of_a_running_payload(site: Site) -> None:
     before = site.job_dirs()
     config = site.config(refresh_interval_seconds=1.0)
-    run = run_as_starter(site, config, job_ad(cluster=107, extra="BrokerLifetime = 0.05"),
-                         "6")
+    run = run_as_starter(site, config, job_ad(cluster=107, extra="BrokerLifetime = 0.05"), "6")
     assert run.result.returncode == 0, run.result.stderr
     assert "refreshed the payload's proxy" in run.result.stderr
     job_dir = _new_job_dir(site, before)
@@ -325,19 +368,35 @@ def test_refresh_replaces_the_proxy_of_a_running_payload(site: Site) -> None:
 def test_by_hand_with_job_ad_and_rsa_pool(site: Site) -> None:
     pool = site.base / "keys"
     config = site.config(rsa_pool_dir=str(pool), key_type="rsa")
-    filled = subprocess.run([str(site.launcher), "--config", str(config),
-                             "--fill-rsa-pool", "2"], capture_output=True, text=True,
-                            timeout=120, check=False)
+    filled = subprocess.run(
+        [str(site.launcher), "--config", str(config), "--fill-rsa-pool", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert filled.returncode == 0, filled.stderr
     assert len(list(pool.glob("*.pem"))) == 2
     ad = site.base / "hand.job.ad"
     ad.write_text(job_ad(cluster=108))
     marker = site.marks / "ran-by-hand"
     result = subprocess.run(
-        [str(site.launcher), "--config", str(config), "--job-ad", str(ad), "--",
-         str(site.payload), str(marker)],
-        env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=120,
-        check=False)
+        [
+            str(site.launcher),
+            "--config",
+            str(config),
+            "--job-ad",
+            str(ad),
+            "--",
+            str(site.payload),
+            str(marker),
+        ],
+        env={"PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     assert marker.exists()
     assert len(list(pool.glob("*.pem"))) == 1  # one pool key consumed
@@ -355,17 +414,26 @@ def _delegate_voms(site: Site, name: str, vo: str, fqan: str) -> None:
 
     alice = site.pki.load("alice")
     now = datetime.now(UTC)
-    ac = make_ac_extension(alice.cert, site.pki.pki.voms, vo=vo, fqans=[fqan],
-                           uri="voms.example.org:15001", now=now, lifetime=timedelta(hours=6))
+    ac = make_ac_extension(
+        alice.cert,
+        site.pki.pki.voms,
+        vo=vo,
+        fqans=[fqan],
+        uri="voms.example.org:15001",
+        now=now,
+        lifetime=timedelta(hours=6),
+    )
     voms_proxy = new_proxy(alice, now=now, lifetime=timedelta(hours=6), extra_extensions=[ac])
-    site.broker.client("alice").delegate(voms_proxy, username="alice", name=name, now=now,
-                                         max_proxy_hours=2)
+    site.broker.client("alice").delegate(
+        voms_proxy, username="alice", name=name, now=now, max_proxy_hours=2
+    )
 
 
 def test_fqan_allow_list_admits_a_job_after_retrieval(site: Site) -> None:
     _delegate_voms(site, "atlasjob", "atlas", "/atlas/higgs")
-    ad = job_ad(cluster=131).replace('BrokerCredential = "default"',
-                                     'BrokerCredential = "atlasjob"')
+    ad = job_ad(cluster=131).replace(
+        'BrokerCredential = "default"', 'BrokerCredential = "atlasjob"'
+    )
     run = run_as_starter(site, site.config(allowed_owners=["fqan:/atlas"]), ad)
     assert run.result.returncode == 0, run.result.stderr
     assert run.marker.exists() and run.error_text == ""
@@ -373,8 +441,9 @@ def test_fqan_allow_list_admits_a_job_after_retrieval(site: Site) -> None:
 
 def test_fqan_allow_list_refuses_another_vo(site: Site) -> None:
     _delegate_voms(site, "atlasjob2", "atlas", "/atlas")
-    ad = job_ad(cluster=132).replace('BrokerCredential = "default"',
-                                     'BrokerCredential = "atlasjob2"')
+    ad = job_ad(cluster=132).replace(
+        'BrokerCredential = "default"', 'BrokerCredential = "atlasjob2"'
+    )
     run = run_as_starter(site, site.config(allowed_owners=["fqan:/cms"]), ad)
     _assert_refused(run, 203, "FQANs (/atlas/Role=NULL/Capability=NULL)", "allowed_owners")
     # the FQAN check needs the proxy, so the retrieval happened and is audited
@@ -398,11 +467,18 @@ with open({marker!r}, "w") as out:
 """
 
 
-def run_hostile(site: Site, config: Path | None, ad_text: str, job_env: dict[str, str],
-                files: dict[str, str], *command: str) -> StarterRun:
+def run_hostile(
+    site: Site,
+    config: Path | None,
+    ad_text: str,
+    job_env: dict[str, str],
+    files: dict[str, str],
+    *command: str,
+) -> StarterRun:
     """The starter running a job whose Environment is ``job_env`` and whose files are ``files``."""
-    nobody = int(subprocess.run(["id", "-u", "nobody"], capture_output=True, text=True,
-                                check=True).stdout)
+    nobody = int(
+        subprocess.run(["id", "-u", "nobody"], capture_output=True, text=True, check=True).stdout
+    )
     scratch = Path(tempfile.mkdtemp(prefix="scratch-", dir=site.base))
     (scratch / ".job.ad").write_text(ad_text)
     for name, text in files.items():
@@ -424,16 +500,23 @@ def run_hostile(site: Site, config: Path | None, ad_text: str, job_env: dict[str
     if config is not None:
         starter["BROKER_PILOT_CONFIG"] = str(config)
     env = {**starter, **{k: v.replace("@SCRATCH@", str(scratch)) for k, v in job_env.items()}}
-    cmd = [c.replace("@SCRATCH@", str(scratch)) for c in command] or [str(site.payload),
-                                                                      str(marker)]
-    result = subprocess.run(["env", "-i", *(f"{k}={v}" for k, v in env.items()),
-                             str(site.launcher), *cmd],
-                            cwd=scratch, capture_output=True, text=True, timeout=120, check=False)
+    cmd = [c.replace("@SCRATCH@", str(scratch)) for c in command] or [
+        str(site.payload),
+        str(marker),
+    ]
+    result = subprocess.run(
+        ["env", "-i", *(f"{k}={v}" for k, v in env.items()), str(site.launcher), *cmd],
+        cwd=scratch,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     return StarterRun(result, error_file, marker, scratch)
 
 
 def _ad_environment(job_env: dict[str, str]) -> str:
-    return "Environment = \"" + " ".join(f"{k}={v}" for k, v in job_env.items()) + "\""
+    return 'Environment = "' + " ".join(f"{k}={v}" for k, v in job_env.items()) + '"'
 
 
 def test_job_python_variables_and_modules_never_run_in_the_pilot(site: Site) -> None:
@@ -442,14 +525,24 @@ def test_job_python_variables_and_modules_never_run_in_the_pilot(site: Site) -> 
     # them: before the fix sitecustomize ran as root and read the pilot's key.
     evidence = site.marks / "sitecustomize-ran"
     code = SITECUSTOMIZE.format(marker=str(evidence), key=str(site.pki.key_path("pilot")))
-    job_env = {"PYTHONPATH": "@SCRATCH@/lib", "PYTHONSTARTUP": "@SCRATCH@/lib/sitecustomize.py",
-               "PYTHONUSERBASE": "@SCRATCH@/user", "PYTHONINSPECT": "1",
-               "PYTHONWARNINGS": "error", "HOME": "@SCRATCH@"}
-    files = {"lib/sitecustomize.py": code, "tomllib.py": code, "secrets.py": code,
-             "payload_wrapper/__init__.py": code,
-             "user/lib/python3.11/site-packages/usercustomize.py": code}
-    run = run_hostile(site, site.config(), job_ad(cluster=120, extra=_ad_environment(job_env)),
-                      job_env, files)
+    job_env = {
+        "PYTHONPATH": "@SCRATCH@/lib",
+        "PYTHONSTARTUP": "@SCRATCH@/lib/sitecustomize.py",
+        "PYTHONUSERBASE": "@SCRATCH@/user",
+        "PYTHONINSPECT": "1",
+        "PYTHONWARNINGS": "error",
+        "HOME": "@SCRATCH@",
+    }
+    files = {
+        "lib/sitecustomize.py": code,
+        "tomllib.py": code,
+        "secrets.py": code,
+        "payload_wrapper/__init__.py": code,
+        "user/lib/python3.11/site-packages/usercustomize.py": code,
+    }
+    run = run_hostile(
+        site, site.config(), job_ad(cluster=120, extra=_ad_environment(job_env)), job_env, files
+    )
     assert not evidence.exists(), evidence.read_text()
     assert run.result.returncode == 0, run.result.stderr
     assert run.marker.exists()
@@ -461,20 +554,26 @@ def test_ld_preload_from_the_job_is_refused_before_any_code_runs(site: Site) -> 
     evidence = site.marks / "constructor-ran"
     source = site.base / "evil.c"
     source.write_text(
-        '#include <stdio.h>\n__attribute__((constructor)) static void evil(void) {\n'
+        "#include <stdio.h>\n__attribute__((constructor)) static void evil(void) {\n"
         f'    FILE *f = fopen("{evidence}", "w"); if (f) {{ fputs("ran", f); fclose(f); }}\n'
-        "}\n")
+        "}\n"
+    )
     library = site.base / "evil.so"
-    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(library), str(source)], check=True,
-                   timeout=60)
+    subprocess.run(
+        ["gcc", "-shared", "-fPIC", "-o", str(library), str(source)], check=True, timeout=60
+    )
     # the library is a working one: it does run in a dynamically linked program
     subprocess.run(["env", "-i", f"LD_PRELOAD={library}", "/bin/true"], check=True, timeout=30)
     assert evidence.exists()
     evidence.unlink()
-    for job_env in ({"LD_PRELOAD": str(library)}, {"LD_LIBRARY_PATH": "@SCRATCH@"},
-                    {"LD_AUDIT": str(library)}):
-        run = run_hostile(site, site.config(), job_ad(cluster=121, extra=_ad_environment(job_env)),
-                          job_env, {})
+    for job_env in (
+        {"LD_PRELOAD": str(library)},
+        {"LD_LIBRARY_PATH": "@SCRATCH@"},
+        {"LD_AUDIT": str(library)},
+    ):
+        run = run_hostile(
+            site, site.config(), job_ad(cluster=121, extra=_ad_environment(job_env)), job_env, {}
+        )
         _assert_refused(run, 202, f"the environment sets {next(iter(job_env))}")
         assert not evidence.exists()
         assert _audit_rows(site, "submit.example.org#121.0#1700000000") == []
@@ -483,11 +582,18 @@ def test_ld_preload_from_the_job_is_refused_before_any_code_runs(site: Site) -> 
 def test_job_written_pilot_config_is_refused(site: Site) -> None:
     # Before the fix the job's config (mode none, every owner) ran the payload
     # unswitched as root.
-    evil = ('broker_url = "https://127.0.0.1:1"\nproxy = "/nonexistent"\n'
-            'allowed_owners = ["*"]\n[wrapper]\nmode = "none"\n')
+    evil = (
+        'broker_url = "https://127.0.0.1:1"\nproxy = "/nonexistent"\n'
+        'allowed_owners = ["*"]\n[wrapper]\nmode = "none"\n'
+    )
     job_env = {"BROKER_PILOT_CONFIG": "@SCRATCH@/evil.toml"}
-    run = run_hostile(site, site.config(), job_ad(cluster=122, extra=_ad_environment(job_env)),
-                      job_env, {"evil.toml": evil})
+    run = run_hostile(
+        site,
+        site.config(),
+        job_ad(cluster=122, extra=_ad_environment(job_env)),
+        job_env,
+        {"evil.toml": evil},
+    )
     _assert_refused(run, 202, "evil.toml is not trusted", "belongs to uid")
     # root-owned but writable by others, or reached through a job-owned directory
     loose = site.base / "loose.toml"
@@ -505,8 +611,17 @@ def test_job_command_is_never_read_as_pilot_options(site: Site) -> None:
     # The job chooses Cmd, which the starter passes first: "--job-ad FORGED" must be
     # the job's command line, not a job ad of the job's making.
     forged = job_ad(cluster=123)
-    run = run_hostile(site, site.config(), job_ad(cluster=124), {}, {"forged.ad": forged},
-                      "--job-ad", "@SCRATCH@/forged.ad", str(site.payload), "unused")
+    run = run_hostile(
+        site,
+        site.config(),
+        job_ad(cluster=124),
+        {},
+        {"forged.ad": forged},
+        "--job-ad",
+        "@SCRATCH@/forged.ad",
+        str(site.payload),
+        "unused",
+    )
     assert run.result.returncode != 0
     assert _audit_rows(site, "submit.example.org#123.0#1700000000") == []
 
@@ -522,16 +637,26 @@ def test_wrapper_error_file_aimed_at_other_files_is_not_written(site: Site) -> N
     os.link(victim, aim / "hardlink")
     os.mkfifo(aim / "fifo")
     for name in ("symlink", "full", "hardlink", "fifo"):
-        run = run_hostile(site, site.config(), job_ad(owner_dn=None, cluster=125),
-                          {"_CONDOR_WRAPPER_ERROR_FILE": str(aim / name)}, {})
+        run = run_hostile(
+            site,
+            site.config(),
+            job_ad(owner_dn=None, cluster=125),
+            {"_CONDOR_WRAPPER_ERROR_FILE": str(aim / name)},
+            {},
+        )
         assert run.result.returncode == 201, run.result.stderr
         assert "BrokerOwner" in run.result.stderr
         assert "not writing to the wrapper error file" in run.result.stderr, name
     assert victim.read_text() == "root's file\n"
     assert (aim / "full").read_text() == "earlier content\n"
     # the launcher's own refusal obeys the same rule
-    run = run_hostile(site, site.config(), job_ad(cluster=125),
-                      {"_CONDOR_WRAPPER_ERROR_FILE": str(aim / "symlink"), "LD_PRELOAD": "x"}, {})
+    run = run_hostile(
+        site,
+        site.config(),
+        job_ad(cluster=125),
+        {"_CONDOR_WRAPPER_ERROR_FILE": str(aim / "symlink"), "LD_PRELOAD": "x"},
+        {},
+    )
     assert run.result.returncode == 202
     assert "not writing to the wrapper error file" in run.result.stderr
     assert victim.read_text() == "root's file\n"

@@ -33,8 +33,9 @@ from payload_wrapper.pilot import (
 from payload_wrapper.pilot_config import load_pilot_config, trusted_config_path
 from tests.prerequisites import needs_root, require_tools
 
-GOOD = ('broker_url = "https://broker.example.org:8443"\nproxy = "/p"\n'
-        'allowed_owners = ["/DC=org/*"]\n')
+GOOD = (
+    'broker_url = "https://broker.example.org:8443"\nproxy = "/p"\nallowed_owners = ["/DC=org/*"]\n'
+)
 
 
 @pytest.fixture(scope="module")
@@ -57,11 +58,13 @@ def recording_launcher(place: Path) -> tuple[Path, Path]:
     """A launcher whose "interpreter" records its argv and environment."""
     record = place / "record"
     fake = place / "fake-python"
-    fake.write_text(f'#!/bin/sh\nprintf "%s\\n" "$0" "$@" > {record}.argv\n'
-                    f'/usr/bin/env > {record}.env\n')
+    fake.write_text(
+        f'#!/bin/sh\nprintf "%s\\n" "$0" "$@" > {record}.argv\n/usr/bin/env > {record}.env\n'
+    )
     fake.chmod(0o755)
-    return build_launcher(place / "recording", python=str(fake),
-                          config="/etc/broker/site.toml"), record
+    return build_launcher(
+        place / "recording", python=str(fake), config="/etc/broker/site.toml"
+    ), record
 
 
 # --------------------------------------------------------------------------- the launcher
@@ -71,55 +74,99 @@ def _has_interpreter(path: Path) -> bool:
     """True when the ELF file asks for a dynamic loader (a PT_INTERP program header)."""
     data = path.read_bytes()
     assert data[:5] == b"\x7fELF\x02", "not a 64-bit ELF file"
-    phoff, = struct.unpack_from("<Q", data, 0x20)
+    (phoff,) = struct.unpack_from("<Q", data, 0x20)
     phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
-    return any(struct.unpack_from("<I", data, phoff + i * phentsize)[0] == 3
-               for i in range(phnum))
+    return any(struct.unpack_from("<I", data, phoff + i * phentsize)[0] == 3 for i in range(phnum))
 
 
 def test_launcher_is_static_and_runs_the_isolated_interpreter(
-        recording_launcher: tuple[Path, Path]) -> None:
+    recording_launcher: tuple[Path, Path],
+) -> None:
     path, record = recording_launcher
     assert not _has_interpreter(path), "the launcher is dynamically linked"
-    env = {"PATH": "/job/bin", "TMPDIR": "/scratch", "TMP": "/scratch", "SITE_X": "kept",
-           "PYTHONPATH": "/job/lib", "_CONDOR_JOB_AD": "/scratch/.job.ad",
-           "SSL_CERT_FILE": "/scratch/evil-ca.pem", "SSL_CERT_DIR": "/scratch",
-           "TZ": ":/scratch/zone"}
-    done = subprocess.run([str(path), "--config", "/job/c.toml", "a b"], env=env,
-                          capture_output=True, text=True, timeout=30, check=False)
+    env = {
+        "PATH": "/job/bin",
+        "TMPDIR": "/scratch",
+        "TMP": "/scratch",
+        "SITE_X": "kept",
+        "PYTHONPATH": "/job/lib",
+        "_CONDOR_JOB_AD": "/scratch/.job.ad",
+        "SSL_CERT_FILE": "/scratch/evil-ca.pem",
+        "SSL_CERT_DIR": "/scratch",
+        "TZ": ":/scratch/zone",
+    }
+    done = subprocess.run(
+        [str(path), "--config", "/job/c.toml", "a b"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     argv = Path(f"{record}.argv").read_text().splitlines()
-    assert argv == [str(path.parent / "fake-python"), "-I", "-m", "payload_wrapper.pilot",
-                    "--launcher-config=/etc/broker/site.toml", "--config", "/job/c.toml", "a b"]
-    seen = dict(line.split("=", 1) for line in Path(f"{record}.env").read_text().splitlines()
-                if "=" in line)
+    assert argv == [
+        str(path.parent / "fake-python"),
+        "-I",
+        "-m",
+        "payload_wrapper.pilot",
+        "--launcher-config=/etc/broker/site.toml",
+        "--config",
+        "/job/c.toml",
+        "a b",
+    ]
+    seen = dict(
+        line.split("=", 1) for line in Path(f"{record}.env").read_text().splitlines() if "=" in line
+    )
     for dropped in ("TMPDIR", "TMP", "SSL_CERT_FILE", "SSL_CERT_DIR", "TZ"):
         assert dropped not in seen, dropped
     assert seen["SITE_X"] == "kept" and seen["PYTHONPATH"] == "/job/lib"  # -I ignores it
 
 
-@pytest.mark.parametrize("name", ["LD_PRELOAD", "LD_BIND_NOW", "GCONV_PATH", "GLIBC_TUNABLES",
-                                  "MALLOC_PERTURB_", "OPENSSL_CONF", "OPENSSL_MODULES", "LOCPATH",
-                                  "NLSPATH", "HOSTALIASES", "RES_OPTIONS", "TZDIR",
-                                  "RESOLV_HOST_CONF", "GETCONF_DIR", "NIS_PATH", "LOCALDOMAIN"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "LD_PRELOAD",
+        "LD_BIND_NOW",
+        "GCONV_PATH",
+        "GLIBC_TUNABLES",
+        "MALLOC_PERTURB_",
+        "OPENSSL_CONF",
+        "OPENSSL_MODULES",
+        "LOCPATH",
+        "NLSPATH",
+        "HOSTALIASES",
+        "RES_OPTIONS",
+        "TZDIR",
+        "RESOLV_HOST_CONF",
+        "GETCONF_DIR",
+        "NIS_PATH",
+        "LOCALDOMAIN",
+    ],
+)
 def test_launcher_refuses_loader_variables_before_anything_runs(
-        recording_launcher: tuple[Path, Path], place: Path, name: str) -> None:
+    recording_launcher: tuple[Path, Path], place: Path, name: str
+) -> None:
     path, record = recording_launcher
     for leftover in (Path(f"{record}.argv"), place / "err"):
         leftover.unlink(missing_ok=True)
     env = {"PATH": "/usr/bin:/bin", name: "x", "_CONDOR_WRAPPER_ERROR_FILE": str(place / "err")}
-    done = subprocess.run([str(path), "/bin/true"], env=env, capture_output=True, text=True,
-                          timeout=30, check=False)
+    done = subprocess.run(
+        [str(path), "/bin/true"], env=env, capture_output=True, text=True, timeout=30, check=False
+    )
     assert done.returncode == 202
-    assert done.stderr.startswith(f"broker-pilot: the job was not started: the environment sets "
-                                  f"{name}, which would make the loader"), done.stderr
+    assert done.stderr.startswith(
+        f"broker-pilot: the job was not started: the environment sets "
+        f"{name}, which would make the loader"
+    ), done.stderr
     assert (place / "err").read_text() == done.stderr
     assert not Path(f"{record}.argv").exists(), "the interpreter was started"
 
 
 def test_launcher_prints_a_hostile_name_on_one_line(launcher: Path) -> None:
-    done = subprocess.run([str(launcher)], env={"LD_\nX$(id)": "1"}, capture_output=True,
-                          timeout=30, check=False)
+    done = subprocess.run(
+        [str(launcher)], env={"LD_\nX$(id)": "1"}, capture_output=True, timeout=30, check=False
+    )
     assert done.returncode == 202
     assert done.stderr.count(b"\n") == 1
     assert b"LD_?X??id?" in done.stderr
@@ -131,8 +178,9 @@ def test_launcher_reports_a_missing_interpreter(place: Path) -> None:
     gone.chmod(0o755)
     path = build_launcher(place / "orphan", python=str(gone))
     gone.unlink()
-    done = subprocess.run([str(path)], env={}, capture_output=True, text=True, timeout=30,
-                          check=False)
+    done = subprocess.run(
+        [str(path)], env={}, capture_output=True, text=True, timeout=30, check=False
+    )
     assert done.returncode == 202
     assert "cannot be started" in done.stderr
 
@@ -145,8 +193,14 @@ def test_build_refuses_an_interpreter_path_it_cannot_embed(place: Path) -> None:
 
 
 def test_the_real_launcher_runs_the_pilot(launcher: Path) -> None:
-    done = subprocess.run([str(launcher), "--help"], env={"PATH": "/usr/bin:/bin"},
-                          capture_output=True, text=True, timeout=60, check=False)
+    done = subprocess.run(
+        [str(launcher), "--help"],
+        env={"PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     assert "usage: broker-pilot" in done.stdout
 
@@ -155,17 +209,37 @@ def test_the_real_launcher_runs_the_pilot(launcher: Path) -> None:
 
 
 def test_pilot_refuses_a_job_outside_an_isolated_interpreter(place: Path) -> None:
-    env = {"PATH": "/usr/bin:/bin", "_CONDOR_JOB_AD": str(place / "none.ad"),
-           "_CONDOR_WRAPPER_ERROR_FILE": str(place / "err-main")}
-    done = subprocess.run([sys.executable, "-m", "payload_wrapper.pilot", "/bin/true"], env=env,
-                          capture_output=True, text=True, timeout=60, check=False)
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "_CONDOR_JOB_AD": str(place / "none.ad"),
+        "_CONDOR_WRAPPER_ERROR_FILE": str(place / "err-main"),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "payload_wrapper.pilot", "/bin/true"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 202
     assert "only through its static launcher" in done.stderr
     assert "only through its static launcher" in (place / "err-main").read_text()
     # the admin's own commands still work from a plain interpreter
-    built = subprocess.run([sys.executable, "-m", "payload_wrapper.pilot", "--install-launcher",
-                            str(place / "installed")], env={"PATH": "/usr/bin:/bin"},
-                           capture_output=True, text=True, timeout=120, check=False)
+    built = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "payload_wrapper.pilot",
+            "--install-launcher",
+            str(place / "installed"),
+        ],
+        env={"PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert built.returncode == 0, built.stderr
     assert os.stat(place / "installed").st_mode & 0o777 == 0o755
 
@@ -175,8 +249,9 @@ def test_in_process_run_refuses_loader_variables(tmp_path: Path) -> None:
     code = run(["/bin/true"], {"LD_PRELOAD": "/x.so", "_CONDOR_WRAPPER_ERROR_FILE": str(err)})
     assert code == 202
     assert "the environment sets LD_PRELOAD" in err.read_text()
-    assert unsafe_variables({"ld_audit": "1", "OPENSSL_CONF": "c", "HOME": "h",
-                             "PYTHONPATH": "p"}) == ["OPENSSL_CONF", "ld_audit"]
+    assert unsafe_variables(
+        {"ld_audit": "1", "OPENSSL_CONF": "c", "HOME": "h", "PYTHONPATH": "p"}
+    ) == ["OPENSSL_CONF", "ld_audit"]
 
 
 def test_under_the_starter_every_argument_is_the_jobs_command() -> None:
@@ -185,12 +260,13 @@ def test_under_the_starter_every_argument_is_the_jobs_command() -> None:
     assert _parse(argv, starter=True).config is None
     assert _parse(argv).config == "/scratch/evil.toml"  # by hand, options are read
     # the launcher's first argument is its own; a Cmd imitating it is the job's
-    args = _parse(["--launcher-config=", "--launcher-config=/scratch/evil.toml", "x"],
-                  starter=True)
+    args = _parse(["--launcher-config=", "--launcher-config=/scratch/evil.toml", "x"], starter=True)
     assert args.launcher_config is None
     assert args.command == ("--launcher-config=/scratch/evil.toml", "x")
-    assert _parse(["--launcher-config=/etc/b.toml", "x"], starter=True).launcher_config == \
-        "/etc/b.toml"
+    assert (
+        _parse(["--launcher-config=/etc/b.toml", "x"], starter=True).launcher_config
+        == "/etc/b.toml"
+    )
 
 
 # --------------------------------------------------------------------------- config trust
@@ -254,8 +330,9 @@ def test_config_owned_by_someone_else_is_refused_even_through_a_link(tmp_path: P
         trusted_config_path(evil, euid=4242, root_only=True)
 
 
-def test_default_config_gets_the_same_check(monkeypatch: pytest.MonkeyPatch,
-                                            tmp_path: Path) -> None:
+def test_default_config_gets_the_same_check(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setattr("payload_wrapper.pilot_config.DEFAULT_CONFIG", str(tmp_path / "x.toml"))
     with pytest.raises(WrapperSystemError, match="does not exist"):
         load_pilot_config(environ={})

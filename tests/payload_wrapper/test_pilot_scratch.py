@@ -61,8 +61,9 @@ def slot(site: Site, make_account: Callable[[str], str]) -> Iterator[Slot]:
     mapped = make_account("brkmap01")
     entry = subprocess.run(["id", "-u", slot_user], capture_output=True, text=True, check=True)
     gid = subprocess.run(["id", "-g", slot_user], capture_output=True, text=True, check=True)
-    mapped_uid = int(subprocess.run(["id", "-u", mapped], capture_output=True, text=True,
-                                    check=True).stdout)
+    mapped_uid = int(
+        subprocess.run(["id", "-u", mapped], capture_output=True, text=True, check=True).stdout
+    )
     config = site.config()
     text = config.read_text().replace('account = "nobody"', f'account = "{mapped}"')
     config.write_text(text + 'containment = "session"\n')
@@ -108,7 +109,12 @@ def start_job(site: Site, slot: Slot, scratch: Path, ad_text: str, *command: str
     }
     result = subprocess.run(
         ["env", "-i", *(f"{k}={v}" for k, v in starter.items()), str(site.launcher), *command],
-        cwd=scratch, capture_output=True, text=True, timeout=180, check=False)
+        cwd=scratch,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
     return Job(scratch, result)
 
 
@@ -117,12 +123,12 @@ def _owned(path: Path, uid: int) -> bool:
     return st.st_uid == uid and not os.path.islink(path)
 
 
-def test_vanilla_job_with_file_transfer_runs_as_the_mapped_account(site: Site,
-                                                                    slot: Slot) -> None:
+def test_vanilla_job_with_file_transfer_runs_as_the_mapped_account(site: Site, slot: Slot) -> None:
     # Before the fix: exit 126 "Permission denied" (the mapped account cannot enter the
     # 0700 scratch dir), an empty error file, and no outputs where the starter looks.
-    scratch = transferred(site, slot, {"analysis.sh": (ANALYSIS, 0o755),
-                                       "input.dat": ("event data 42\n", 0o644)})
+    scratch = transferred(
+        site, slot, {"analysis.sh": (ANALYSIS, 0o755), "input.dat": ("event data 42\n", 0o644)}
+    )
     ad = job_ad(cluster=301, extra='TransferInput = "input.dat"')
     job = start_job(site, slot, scratch, ad, str(scratch / "analysis.sh"), "first")
     assert job.result.returncode == 0, job.result.stderr
@@ -151,8 +157,9 @@ def test_vanilla_job_with_file_transfer_runs_as_the_mapped_account(site: Site,
 
 
 def test_transfer_output_files_are_handed_back_by_name(site: Site, slot: Slot) -> None:
-    scratch = transferred(site, slot, {"analysis.sh": (ANALYSIS, 0o755),
-                                       "input.dat": ("x\n", 0o644)})
+    scratch = transferred(
+        site, slot, {"analysis.sh": (ANALYSIS, 0o755), "input.dat": ("x\n", 0o644)}
+    )
     ad = job_ad(cluster=302, extra='TransferOutput = "result.txt,sub"')
     job = start_job(site, slot, scratch, ad, str(scratch / "analysis.sh"), "second")
     assert job.result.returncode == 0, job.result.stderr
@@ -163,27 +170,34 @@ def test_transfer_output_files_are_handed_back_by_name(site: Site, slot: Slot) -
     assert not (scratch / "who.txt").exists()  # not named
     # a named output the payload never wrote puts the job on hold with a sentence
     ad = job_ad(cluster=303, extra='TransferOutput = "result.txt,never.txt"')
-    scratch = transferred(site, slot, {"analysis.sh": (ANALYSIS, 0o755),
-                                       "input.dat": ("x\n", 0o644)})
+    scratch = transferred(
+        site, slot, {"analysis.sh": (ANALYSIS, 0o755), "input.dat": ("x\n", 0o644)}
+    )
     job = start_job(site, slot, scratch, ad, str(scratch / "analysis.sh"), "third")
     assert job.result.returncode == 202, job.result.stderr
     assert "never.txt was not found in the job directory" in job.error_text
 
 
-@pytest.mark.parametrize(("mode", "name", "code", "why"), [
-    (0o644, "analysis.sh", 126, "Permission denied"),
-    (0o755, "missing.sh", 127, "No such file or directory"),
-])
-def test_exec_failure_is_explained_in_the_error_file(site: Site, slot: Slot, mode: int,
-                                                     name: str, code: int, why: str) -> None:
+@pytest.mark.parametrize(
+    ("mode", "name", "code", "why"),
+    [
+        (0o644, "analysis.sh", 126, "Permission denied"),
+        (0o755, "missing.sh", 127, "No such file or directory"),
+    ],
+)
+def test_exec_failure_is_explained_in_the_error_file(
+    site: Site, slot: Slot, mode: int, name: str, code: int, why: str
+) -> None:
     # Before the fix the error file stayed empty: the owner saw only "exit 126".
-    scratch = transferred(site, slot, {"analysis.sh": (ANALYSIS, mode),
-                                       "input.dat": ("x\n", 0o644)})
+    scratch = transferred(
+        site, slot, {"analysis.sh": (ANALYSIS, mode), "input.dat": ("x\n", 0o644)}
+    )
     job = start_job(site, slot, scratch, job_ad(cluster=304), str(scratch / name))
     assert job.result.returncode == code, job.result.stderr
     assert job.error_text == (
         f"broker-pilot: the job was not started: the mapped account {slot.mapped} cannot "
-        f"execute {scratch / name}: {why}\n")
+        f"execute {scratch / name}: {why}\n"
+    )
     assert "Traceback" not in job.result.stderr
 
 
@@ -216,8 +230,7 @@ def test_links_planted_by_the_payload_reach_nothing(site: Site, slot: Slot) -> N
     assert (scratch / "fine.txt").read_text() == "fine\n"
     assert victim.read_text() == "root's config\n"
     assert sorted(p.name for p in victim_dir.iterdir()) == ["victim.conf"]
-    for name in ("stolen.txt", "result.txt", "hard.txt", "own.txt", "own-again.txt", "sub",
-                 "pipe"):
+    for name in ("stolen.txt", "result.txt", "hard.txt", "own.txt", "own-again.txt", "sub", "pipe"):
         assert not (scratch / name).exists(), name
     assert (scratch / ".job.ad").read_text() == job_ad_text
     assert not (scratch / "_condor_stdout").exists()
@@ -225,9 +238,13 @@ def test_links_planted_by_the_payload_reach_nothing(site: Site, slot: Slot) -> N
     assert "output own.txt has 2 hard links: not copied" in job.result.stderr
     # with transfer_output_files naming the links, nothing is written through them either
     scratch = transferred(site, slot, {"hostile.sh": (script, 0o755)})
-    job = start_job(site, slot, scratch,
-                    job_ad(cluster=306, extra='TransferOutput = "result.txt,sub/victim.conf"'),
-                    str(scratch / "hostile.sh"))
+    job = start_job(
+        site,
+        slot,
+        scratch,
+        job_ad(cluster=306, extra='TransferOutput = "result.txt,sub/victim.conf"'),
+        str(scratch / "hostile.sh"),
+    )
     assert job.result.returncode == 202, job.result.stderr
     assert victim.read_text() == "root's config\n"
     assert not (scratch / "result.txt").exists() and not (scratch / "sub").exists()
@@ -239,8 +256,10 @@ def test_links_in_the_scratch_dir_give_the_payload_nothing(site: Site, slot: Slo
     secret = site.base / "root-secret-2"
     secret.write_text("root's secret\n")
     secret.chmod(0o600)
-    reader = ("#!/bin/sh\nls -a > list.txt\n"
-              "for f in *; do [ -f \"$f\" ] && cat \"$f\"; done > seen.txt 2>&1\nexit 0\n")
+    reader = (
+        "#!/bin/sh\nls -a > list.txt\n"
+        'for f in *; do [ -f "$f" ] && cat "$f"; done > seen.txt 2>&1\nexit 0\n'
+    )
     scratch = transferred(site, slot, {"reader.sh": (reader, 0o755)})
     (scratch / "sym").symlink_to(secret)
     os.link(secret, scratch / "hard")
@@ -252,8 +271,11 @@ def test_links_in_the_scratch_dir_give_the_payload_nothing(site: Site, slot: Slo
     listed = (scratch / "list.txt").read_text().split()
     assert "reader.sh" in listed
     assert not {"sym", "hard", "rootfile", ".job.ad"} & set(listed), listed
-    for note in ("input sym is a symbolic link", "input hard has 2 hard links",
-                 "input rootfile belongs to uid 0"):
+    for note in (
+        "input sym is a symbolic link",
+        "input hard has 2 hard links",
+        "input rootfile belongs to uid 0",
+    ):
         assert note in job.result.stderr
 
 
@@ -266,24 +288,32 @@ def test_scratch_dir_open_to_others_is_refused(site: Site, slot: Slot) -> None:
     assert json.dumps(job.error_text).count("\\n") == 1
 
 
-def test_inputs_over_the_limit_refuse_the_job_and_free_the_account(site: Site,
-                                                                   slot: Slot) -> None:
+def test_inputs_over_the_limit_refuse_the_job_and_free_the_account(site: Site, slot: Slot) -> None:
     text = slot.config.read_text().replace("[wrapper]", "stage_max_files = 1\n[wrapper]")
     small = slot.config.with_name("pilot-small.toml")
     small.write_text(text)
-    scratch = transferred(site, slot, {"analysis.sh": (ANALYSIS, 0o755),
-                                       "input.dat": ("x\n", 0o644)})
-    job = start_job(site, Slot(**{**slot.__dict__, "config": small}), scratch,
-                    job_ad(cluster=309), str(scratch / "analysis.sh"), "x")
+    scratch = transferred(
+        site, slot, {"analysis.sh": (ANALYSIS, 0o755), "input.dat": ("x\n", 0o644)}
+    )
+    job = start_job(
+        site,
+        Slot(**{**slot.__dict__, "config": small}),
+        scratch,
+        job_ad(cluster=309),
+        str(scratch / "analysis.sh"),
+        "x",
+    )
     assert job.result.returncode == 201, job.result.stderr
-    assert job.error_text.startswith("broker-pilot: the job was not started: the job's input "
-                                     "files are too many or too large"), job.error_text
+    assert job.error_text.startswith(
+        "broker-pilot: the job was not started: the job's input files are too many or too large"
+    ), job.error_text
     assert not (scratch / "who.txt").exists()
     [job_dir] = site.workdir.glob("job-submit.example.org_309.*")
     assert not (job_dir / "proxy" / "x509up").exists()  # the refused job's proxy copy is gone
     # nothing of the refused job holds the account: the next job runs
-    scratch = transferred(site, slot, {"analysis.sh": (ANALYSIS, 0o755),
-                                       "input.dat": ("x\n", 0o644)})
+    scratch = transferred(
+        site, slot, {"analysis.sh": (ANALYSIS, 0o755), "input.dat": ("x\n", 0o644)}
+    )
     job = start_job(site, slot, scratch, job_ad(cluster=310), str(scratch / "analysis.sh"), "y")
     assert job.result.returncode == 0, job.result.stderr
 
@@ -297,22 +327,33 @@ def test_mode_sudo_job_with_file_transfer(site: Site, slot: Slot) -> None:
     runuser = shutil.which("runuser")
     assert runuser is not None
     shim = site.base / "sudo-shim"
-    shim.write_text('#!/bin/sh\n[ "$1" = -n ] && [ "$2" = -u ] && [ "$4" = -- ] || exit 1\n'
-                    f'account=$3\nshift 4\nexec {runuser} -u "$account" -- "$@"\n')
+    shim.write_text(
+        '#!/bin/sh\n[ "$1" = -n ] && [ "$2" = -u ] && [ "$4" = -- ] || exit 1\n'
+        f'account=$3\nshift 4\nexec {runuser} -u "$account" -- "$@"\n'
+    )
     shim.chmod(0o755)
     paths = [str(Path(__file__).resolve().parents[2]), *pysite.getsitepackages()]
     helper = site.base / "sudo-helper"
-    helper.write_text(f"#!/usr/bin/python3\nimport sys\nsys.path[:0] = {paths!r}\n"
-                      "from payload_wrapper.switch import helper_main\n"
-                      "sys.exit(helper_main(sys.argv[2:]))\n")
+    helper.write_text(
+        f"#!/usr/bin/python3\nimport sys\nsys.path[:0] = {paths!r}\n"
+        "from payload_wrapper.switch import helper_main\n"
+        "sys.exit(helper_main(sys.argv[2:]))\n"
+    )
     helper.chmod(0o755)
     text = slot.config.read_text().replace('mode = "setuid"', 'mode = "sudo"')
     config = slot.config.with_name("pilot-sudo.toml")
     config.write_text(text + f'sudo = "{shim}"\nsudo_helper = "{helper}"\n')
-    scratch = transferred(site, slot, {"analysis.sh": (ANALYSIS, 0o755),
-                                       "input.dat": ("sudo data\n", 0o644)})
-    job = start_job(site, Slot(**{**slot.__dict__, "config": config}), scratch,
-                    job_ad(cluster=311), str(scratch / "analysis.sh"), "s")
+    scratch = transferred(
+        site, slot, {"analysis.sh": (ANALYSIS, 0o755), "input.dat": ("sudo data\n", 0o644)}
+    )
+    job = start_job(
+        site,
+        Slot(**{**slot.__dict__, "config": config}),
+        scratch,
+        job_ad(cluster=311),
+        str(scratch / "analysis.sh"),
+        "s",
+    )
     assert job.result.returncode == 0, job.result.stderr
     assert (scratch / "who.txt").read_text().strip() == slot.mapped
     assert (scratch / "result.txt").read_text() == "processed: sudo data\narg: s\n"

@@ -40,7 +40,7 @@ def config(**changes: Any) -> PilotConfig:
 
 def test_issue_example_loads_with_the_wrapper_table(tmp_path: Path) -> None:
     path = tmp_path / "pilot.toml"
-    path.write_text('''
+    path.write_text("""
 broker_url = "https://broker.example.org:8443"
 cert = "/etc/grid-security/pilotcert.pem"
 key = "/etc/grid-security/pilotkey.pem"
@@ -52,7 +52,7 @@ workdir = "/var/lib/broker-pilot"
 mode = "setuid"
 account = "nobody"
 umask = "0027"
-''')
+""")
     cfg = load_pilot_config(path)
     assert cfg.key_type == "ec" and cfg.refresh_fraction == 0.5
     settings = cfg.wrapper_settings()
@@ -61,8 +61,9 @@ umask = "0027"
     assert settings.ca_dir == Path("/etc/grid-security/certificates")
 
 
-def test_config_from_the_environment_variable(tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_config_from_the_environment_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = tmp_path / "p.toml"
     path.write_text('broker_url = "b:1"\nproxy = "/p"\nallowed_owners = ["*"]\n')
     monkeypatch.setenv("BROKER_PILOT_CONFIG", str(path))
@@ -103,15 +104,17 @@ def test_missing_and_broken_files(tmp_path: Path) -> None:
     bad.write_text("broker_url = \n")
     with pytest.raises(WrapperSystemError, match="not valid TOML"):
         load_pilot_config(bad)
-    bad.write_text('broker_url = "b"\nproxy = "/p"\nallowed_owners = ["*"]\n'
-                   "[wrapper]\nnot_a_wrapper_key = 1\n")
+    bad.write_text(
+        'broker_url = "b"\nproxy = "/p"\nallowed_owners = ["*"]\n[wrapper]\nnot_a_wrapper_key = 1\n'
+    )
     with pytest.raises(WrapperSystemError, match="not_a_wrapper_key"):
         load_pilot_config(bad)
 
 
 def test_dn_allow_list_uses_the_policy_glob_language() -> None:
-    cfg = config(allowed_owners=["/DC=org/DC=example/CN=A*", "re:/DC=org/DC=other/CN=[bc]",
-                                 "fqan:/atlas"])
+    cfg = config(
+        allowed_owners=["/DC=org/DC=example/CN=A*", "re:/DC=org/DC=other/CN=[bc]", "fqan:/atlas"]
+    )
     assert owner_allowed_by_dn(cfg, "/DC=org/DC=example/CN=Alice") == "/DC=org/DC=example/CN=A*"
     assert owner_allowed_by_dn(cfg, "/DC=org/DC=other/CN=b") is not None
     assert owner_allowed_by_dn(cfg, "/DC=org/DC=example/CN=Bob") is None
@@ -144,10 +147,10 @@ def test_rsa_pool_keys_are_claimed_once(tmp_path: Path) -> None:
     assert os.stat(pool).st_mode & 0o777 == 0o700
     source = KeySource("ec", pool)
     first, second = source.take(), source.take()
-    assert first.key_size == 1024 and second.key_size == 1024  # type: ignore[union-attr]
+    assert first.key_size == 1024 and second.key_size == 1024
     assert list(pool.iterdir()) == []
     third = source.take()  # empty pool: a fresh key of key_type
-    assert third.curve.name == "secp256r1"  # type: ignore[union-attr]
+    assert third.curve.name == "secp256r1"
     assert source.pool_empty_noted
 
 
@@ -161,7 +164,8 @@ def test_refresh_schedule_follows_the_fraction() -> None:
 
 
 def test_token_refresher_retries_a_failed_refresh_and_keeps_going(
-        capsys: pytest.CaptureFixture[str]) -> None:
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     """The one refresh loop both refreshers share: a failure is said and retried, never fatal."""
 
     class Token:
@@ -171,8 +175,11 @@ def test_token_refresher_retries_a_failed_refresh_and_keeps_going(
         def write(self, token: str) -> None:
             self.written.append(token)
 
-    answers: list[Any] = [SystemFailure("issuer down", reason="unreachable"), ("t1", 60.0),
-                          ("t2", 60.0)]
+    answers: list[Any] = [
+        SystemFailure("issuer down", reason="unreachable"),
+        ("t1", 60.0),
+        ("t2", 60.0),
+    ]
 
     class FakePilot(Pilot):
         def job_token(self, ad: JobAd) -> tuple[str, float]:
@@ -199,9 +206,19 @@ def test_token_refresher_retries_a_failed_refresh_and_keeps_going(
 
 
 def test_job_environment_drops_credential_and_loader_names() -> None:
-    ad = JobAd(owner_dn="/CN=a", credential="default", job_id="1.0",
-               environment=(("A", "1"), ("X509_USER_PROXY", "/x"), ("LD_PRELOAD", "/y"),
-                            ("HOME", "/h"), ("_CONDOR_SLOT", "s"), ("B", "two words")))
+    ad = JobAd(
+        owner_dn="/CN=a",
+        credential="default",
+        job_id="1.0",
+        environment=(
+            ("A", "1"),
+            ("X509_USER_PROXY", "/x"),
+            ("LD_PRELOAD", "/y"),
+            ("HOME", "/h"),
+            ("_CONDOR_SLOT", "s"),
+            ("B", "two words"),
+        ),
+    )
     assert Pilot._job_environment(ad) == ["A=1", "B=two words"]
 
 

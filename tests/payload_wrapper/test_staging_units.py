@@ -45,7 +45,8 @@ def _ids(name: str) -> tuple[int, int]:
 
 
 def test_stage_in_copies_the_slot_users_files_for_the_mapped_account(
-    dirs: tuple[Path, Path], make_account: Callable[[str], str],
+    dirs: tuple[Path, Path],
+    make_account: Callable[[str], str],
 ) -> None:
     src, dst = dirs
     slot_uid, slot_gid = _ids(make_account("stgslot1"))
@@ -79,8 +80,12 @@ def test_stage_in_copies_the_slot_users_files_for_the_mapped_account(
     assert (dst / "data" / "in.txt").read_text() == "input"
     assert set(staged.copies) == {"run.sh", "data/in.txt"}
     notes = " | ".join(staged.notes)
-    for phrase in ("link is a symbolic link", "hard has 2 hard links",
-                   "fifo is not a regular file", "home is a name the wrapper uses"):
+    for phrase in (
+        "link is a symbolic link",
+        "hard has 2 hard links",
+        "fifo is not a regular file",
+        "home is a name the wrapper uses",
+    ):
         assert phrase in notes
 
 
@@ -99,8 +104,9 @@ def test_stage_in_limits_refuse_the_job(dirs: tuple[Path, Path]) -> None:
         os.close(dfd)
 
 
-def test_stage_out_default_named_and_hostile(dirs: tuple[Path, Path],
-                                             make_account: Callable[[str], str]) -> None:
+def test_stage_out_default_named_and_hostile(
+    dirs: tuple[Path, Path], make_account: Callable[[str], str]
+) -> None:
     job, scratch = dirs
     mapped_uid, mapped_gid = _ids(make_account("stgmap2"))
     slot_uid, slot_gid = _ids(make_account("stgslot2"))
@@ -117,30 +123,51 @@ def test_stage_out_default_named_and_hostile(dirs: tuple[Path, Path],
     inputs = {"input.dat": (st.st_ino, st.st_size, st.st_mtime_ns)}
     jfd, sfd = _fd(job), _fd(scratch)
     try:
-        staged = stage_out(jfd, sfd, payload_uids={mapped_uid}, slot_uid=slot_uid,
-                           slot_gid=slot_gid, requested=None, inputs=inputs)
+        staged = stage_out(
+            jfd,
+            sfd,
+            payload_uids={mapped_uid},
+            slot_uid=slot_uid,
+            slot_gid=slot_gid,
+            requested=None,
+            inputs=inputs,
+        )
         assert sorted(p.name for p in scratch.iterdir()) == ["new.txt"]
         assert os.stat(scratch / "new.txt").st_uid == slot_uid
         assert "root.txt belongs to uid 0" in " ".join(staged.notes)
-        staged = stage_out(jfd, sfd, payload_uids={mapped_uid}, slot_uid=slot_uid,
-                           slot_gid=slot_gid, requested=["out", "escape/passwd", "gone"],
-                           inputs=inputs)
+        staged = stage_out(
+            jfd,
+            sfd,
+            payload_uids={mapped_uid},
+            slot_uid=slot_uid,
+            slot_gid=slot_gid,
+            requested=["out", "escape/passwd", "gone"],
+            inputs=inputs,
+        )
         assert (scratch / "out" / "a.txt").read_text() == "a"
         assert os.stat(scratch / "out" / "a.txt").st_uid == slot_uid
         assert not (scratch / "escape").exists() and not (scratch / "passwd").exists()
         assert "escape/passwd was not found" in " ".join(staged.notes)
         assert "gone was not found" in " ".join(staged.notes)
-        staged = stage_out(jfd, sfd, payload_uids={mapped_uid}, slot_uid=slot_uid,
-                           slot_gid=slot_gid, requested=["out"], inputs=inputs,
-                           limits=Limits(bytes=0))
+        staged = stage_out(
+            jfd,
+            sfd,
+            payload_uids={mapped_uid},
+            slot_uid=slot_uid,
+            slot_gid=slot_gid,
+            requested=["out"],
+            inputs=inputs,
+            limits=Limits(bytes=0),
+        )
         assert staged.over_limit == "more than 0 bytes"
     finally:
         os.close(jfd)
         os.close(sfd)
 
 
-@pytest.mark.parametrize("bad", ["/etc/passwd", "../x", "a/../../b", ".job.ad", "", "a//b",
-                                 "_condor_stdout"])
+@pytest.mark.parametrize(
+    "bad", ["/etc/passwd", "../x", "a/../../b", ".job.ad", "", "a//b", "_condor_stdout"]
+)
 def test_output_names_are_relative_and_never_the_starters(bad: str) -> None:
     with pytest.raises(ClientError):
         output_names([bad])
@@ -188,9 +215,23 @@ def test_unprivileged_pilot_copies_as_itself(dirs: tuple[Path, Path]) -> None:
     script.chmod(0o644)
     runuser = shutil.which("runuser")
     assert runuser is not None
-    done = subprocess.run([runuser, "-u", "nobody", "--", "/usr/bin/python3", str(script),
-                           str(src), str(dst), str(back)], capture_output=True, text=True,
-                          timeout=60, check=False)
+    done = subprocess.run(
+        [
+            runuser,
+            "-u",
+            "nobody",
+            "--",
+            "/usr/bin/python3",
+            str(script),
+            str(src),
+            str(dst),
+            str(back),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "['in.txt'] 1"
     assert sorted(p.name for p in back.iterdir()) == ["made.txt"]

@@ -13,12 +13,22 @@ from payload_wrapper.switch import sudo_argv
 
 def test_flags_win_and_lists_merge(tmp_path: Path) -> None:
     f = tmp_path / "w.toml"
-    f.write_text('[wrapper]\nmode = "sudo"\numask = "0077"\nkeep_env = ["LANG"]\n'
-                 'ban = ["/CN=a"]\nset_env = { A = "1", B = "2" }\n'
-                 'epilogue = ["/bin/true"]\npayload_timeout = 60\n')
-    s = merge_settings(load_config_file(f), {"mode": "none", "umask": "0022",
-                                             "keep_env": ["TZ"], "set_env": ["B=3"],
-                                             "ban": ["/CN=b"], "account": None})
+    f.write_text(
+        '[wrapper]\nmode = "sudo"\numask = "0077"\nkeep_env = ["LANG"]\n'
+        'ban = ["/CN=a"]\nset_env = { A = "1", B = "2" }\n'
+        'epilogue = ["/bin/true"]\npayload_timeout = 60\n'
+    )
+    s = merge_settings(
+        load_config_file(f),
+        {
+            "mode": "none",
+            "umask": "0022",
+            "keep_env": ["TZ"],
+            "set_env": ["B=3"],
+            "ban": ["/CN=b"],
+            "account": None,
+        },
+    )
     assert s.mode == "none" and s.umask == 0o022
     assert s.keep_env == ("LANG", "TZ") and s.ban == ("/CN=a", "/CN=b")
     assert dict(s.set_env) == {"A": "1", "B": "3"}
@@ -52,14 +62,36 @@ def test_account_and_gridmapfile_exclusive() -> None:
 
 
 def test_sudo_argv_is_a_list_without_shell() -> None:
-    argv = sudo_argv("/usr/bin/sudo", "/opt/pw/bin/payload-wrapper", "pool01", "run",
-                     "/w/job-1/.spec.json")
-    assert argv == ["/usr/bin/sudo", "-n", "-u", "pool01", "--", "/opt/pw/bin/payload-wrapper",
-                    "helper", "run", "/w/job-1/.spec.json"]
+    argv = sudo_argv(
+        "/usr/bin/sudo", "/opt/pw/bin/payload-wrapper", "pool01", "run", "/w/job-1/.spec.json"
+    )
+    assert argv == [
+        "/usr/bin/sudo",
+        "-n",
+        "-u",
+        "pool01",
+        "--",
+        "/opt/pw/bin/payload-wrapper",
+        "helper",
+        "run",
+        "/w/job-1/.spec.json",
+    ]
     assert "sh" not in argv and "-c" not in argv
 
 
-@pytest.mark.parametrize(("rc", "code"), [(0, 0), (1, 1), (200, 200), (201, 204), (203, 204),
-                                         (204, 204), (205, 205), (-9, 137), (-15, 143)])
+@pytest.mark.parametrize(
+    ("rc", "code"),
+    [
+        (0, 0),
+        (1, 1),
+        (200, 200),
+        (201, 204),
+        (203, 204),
+        (204, 204),
+        (205, 205),
+        (-9, 137),
+        (-15, 143),
+    ],
+)
 def test_payload_exit_code(rc: int, code: int) -> None:
     assert payload_exit_code(rc) == code

@@ -63,8 +63,7 @@ def hopper() -> Iterator[Path]:
     source = top / "hopper.c"
     source.write_text(HOPPER_C)
     binary = top / "hopper"
-    subprocess.run(["gcc", "-O2", "-o", str(binary), str(source)], check=True,
-                   capture_output=True)
+    subprocess.run(["gcc", "-O2", "-o", str(binary), str(source)], check=True, capture_output=True)
     binary.chmod(0o755)
     yield binary
     shutil.rmtree(top, ignore_errors=True)
@@ -98,15 +97,19 @@ def hop_script(place: JobPlace, hopper: Path, pause_us: int) -> list[str]:
 
 @pytest.mark.parametrize("pause_us", [0, 100, 1000])
 def test_pid_hopping_payload_is_killed_by_the_cgroup(
-    place: JobPlace, make_account: Callable[[str], str], hopper: Path, state_dir: Path,
+    place: JobPlace,
+    make_account: Callable[[str], str],
+    hopper: Path,
+    state_dir: Path,
     pause_us: int,
 ) -> None:
     account = make_account("pwhop01")
     uid = pwd.getpwnam(account).pw_uid
     settings = place.settings(account=account, state_dir=state_dir)
     try:
-        code = api.run_payload(settings, place.proxy, hop_script(place, hopper, pause_us),
-                               job_id=f"hop{pause_us}")
+        code = api.run_payload(
+            settings, place.proxy, hop_script(place, hopper, pause_us), job_id=f"hop{pause_us}"
+        )
         left = survivors(uid)
     finally:
         kill_uid(uid, pwd.getpwnam(account).pw_gid)  # never leave a hopper behind
@@ -119,15 +122,18 @@ def test_pid_hopping_payload_is_killed_by_the_cgroup(
 
 
 def test_pid_hopping_payload_is_killed_by_uid_on_a_dedicated_account(
-    place: JobPlace, make_account: Callable[[str], str], hopper: Path, state_dir: Path,
+    place: JobPlace,
+    make_account: Callable[[str], str],
+    hopper: Path,
+    state_dir: Path,
 ) -> None:
     account = make_account("pwhop02")
     entry = pwd.getpwnam(account)
-    settings = place.settings(account=account, state_dir=state_dir, containment="uid",
-                              kill_all_target_processes=True)
+    settings = place.settings(
+        account=account, state_dir=state_dir, containment="uid", kill_all_target_processes=True
+    )
     try:
-        code = api.run_payload(settings, place.proxy, hop_script(place, hopper, 0),
-                               job_id="hopuid")
+        code = api.run_payload(settings, place.proxy, hop_script(place, hopper, 0), job_id="hopuid")
         left = survivors(entry.pw_uid)
     finally:
         kill_uid(entry.pw_uid, entry.pw_gid)
@@ -137,7 +143,9 @@ def test_pid_hopping_payload_is_killed_by_uid_on_a_dedicated_account(
 
 
 def test_uid_containment_is_refused_for_a_shared_account(
-    place: JobPlace, make_account: Callable[[str], str], state_dir: Path,
+    place: JobPlace,
+    make_account: Callable[[str], str],
+    state_dir: Path,
 ) -> None:
     account = make_account("pwshared1")
     settings = place.settings(account=account, state_dir=state_dir, containment="uid")
@@ -148,19 +156,40 @@ def test_uid_containment_is_refused_for_a_shared_account(
 
 
 def test_two_owners_never_share_an_account(
-    place: JobPlace, make_account: Callable[[str], str], state_dir: Path,
+    place: JobPlace,
+    make_account: Callable[[str], str],
+    state_dir: Path,
 ) -> None:
     account = make_account("pwshared2")
     config = place.base / "wrapper.toml"
     config.write_text(f'state_dir = "{state_dir}"\n')
     gate = place.base / "gate"
     first = subprocess.Popen(
-        [WRAPPER, "--config", str(config), "--proxy", str(place.proxy), "--ca-dir",
-         str(place.pki.ca_dir), "--vomsdir", str(place.pki.vomsdir), "--workdir",
-         str(place.workdir), "--account", account, "--job-id", "alice1", "--",
-         "/bin/sh", "-c", f"touch {place.workdir}/job-alice1/started; "
-         f"while [ ! -e {gate} ]; do sleep 0.05; done"],
-        env={"PATH": "/usr/bin:/bin"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            WRAPPER,
+            "--config",
+            str(config),
+            "--proxy",
+            str(place.proxy),
+            "--ca-dir",
+            str(place.pki.ca_dir),
+            "--vomsdir",
+            str(place.pki.vomsdir),
+            "--workdir",
+            str(place.workdir),
+            "--account",
+            account,
+            "--job-id",
+            "alice1",
+            "--",
+            "/bin/sh",
+            "-c",
+            f"touch {place.workdir}/job-alice1/started; while [ ! -e {gate} ]; do sleep 0.05; done",
+        ],
+        env={"PATH": "/usr/bin:/bin"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         deadline = time.monotonic() + 30
@@ -196,13 +225,14 @@ with open("leaf", "w") as out:
 
 
 def test_deep_output_tree_still_gets_epilogue_and_audit(
-    place: JobPlace, make_account: Callable[[str], str], state_dir: Path,
+    place: JobPlace,
+    make_account: Callable[[str], str],
+    state_dir: Path,
 ) -> None:
     pilot = make_account("pwpilot05")
     epilogue_mark = place.base / "epilogue-ran"
     epilogue = place.script("epilogue.sh", f"#!/bin/sh\ntouch {epilogue_mark}\n")
-    settings = place.settings(state_dir=state_dir, pilot_account=pilot,
-                              epilogue=(str(epilogue),))
+    settings = place.settings(state_dir=state_dir, pilot_account=pilot, epilogue=(str(epilogue),))
     script = place.script("deep.py", DEEP_TREE)
     try:
         code = api.run_payload(settings, place.proxy, [str(script)], job_id="deep")
@@ -215,8 +245,9 @@ def test_deep_output_tree_still_gets_epilogue_and_audit(
     assert line["exit"] == 0
     assert "deeper than" in str(line["reason"])
     # The top of the tree was still made readable for the pilot.
-    acl = subprocess.run(["getfacl", "-p", str(place.job_dir("deep") / "d")],
-                         capture_output=True, text=True).stdout
+    acl = subprocess.run(
+        ["getfacl", "-p", str(place.job_dir("deep") / "d")], capture_output=True, text=True
+    ).stdout
     assert f"user:{pilot}:r-x" in acl
     # shutil.rmtree recurses too: GNU rm removes any depth.
     subprocess.run(["rm", "-rf", str(place.job_dir("deep"))], check=True)
@@ -236,8 +267,10 @@ def sudo_shim(place: JobPlace) -> Path:
     require_tools("runuser")
     runuser = shutil.which("runuser")
     return place.script(
-        "sudo", '#!/bin/sh\n[ "$1" = -n ] && [ "$2" = -u ] && [ "$4" = -- ] || exit 1\n'
-        f'account=$3\nshift 4\nexec {runuser} -u "$account" -- "$@"\n')
+        "sudo",
+        '#!/bin/sh\n[ "$1" = -n ] && [ "$2" = -u ] && [ "$4" = -- ] || exit 1\n'
+        f'account=$3\nshift 4\nexec {runuser} -u "$account" -- "$@"\n',
+    )
 
 
 def helper_script(place: JobPlace) -> Path:
@@ -249,20 +282,34 @@ def helper_script(place: JobPlace) -> Path:
     import site
 
     paths = [str(Path(__file__).resolve().parents[2]), *site.getsitepackages()]
-    return place.script("helper", f"#!/usr/bin/python3\nimport sys\nsys.path[:0] = {paths!r}\n"
-                        "from payload_wrapper.switch import helper_main\n"
-                        "sys.exit(helper_main(sys.argv[2:]))\n")
+    return place.script(
+        "helper",
+        f"#!/usr/bin/python3\nimport sys\nsys.path[:0] = {paths!r}\n"
+        "from payload_wrapper.switch import helper_main\n"
+        "sys.exit(helper_main(sys.argv[2:]))\n",
+    )
 
 
 def test_sudo_payload_cannot_fake_a_helper_failure(
-    place: JobPlace, make_account: Callable[[str], str], state_dir: Path,
+    place: JobPlace,
+    make_account: Callable[[str], str],
+    state_dir: Path,
 ) -> None:
     account = make_account("pwsudo01")
-    settings = place.settings(mode="sudo", account=account, state_dir=state_dir,
-                              sudo=str(sudo_shim(place)), sudo_helper=str(helper_script(place)),
-                              kill_all_target_processes=True)
-    code = api.run_payload(settings, place.proxy, [
-        "/bin/sh", "-c", "echo '{}' > .spec.json; echo ran > ran.txt; exit 0"], job_id="sp")
+    settings = place.settings(
+        mode="sudo",
+        account=account,
+        state_dir=state_dir,
+        sudo=str(sudo_shim(place)),
+        sudo_helper=str(helper_script(place)),
+        kill_all_target_processes=True,
+    )
+    code = api.run_payload(
+        settings,
+        place.proxy,
+        ["/bin/sh", "-c", "echo '{}' > .spec.json; echo ran > ran.txt; exit 0"],
+        job_id="sp",
+    )
     assert (place.job_dir("sp") / "ran.txt").read_text() == "ran\n"
     assert code == 0, audit_lines(place)[-1]
     assert audit_lines(place)[-1]["containment"] == "uid"
@@ -270,19 +317,25 @@ def test_sudo_payload_cannot_fake_a_helper_failure(
 
 
 def test_sudo_failure_before_the_payload_is_still_202(
-    place: JobPlace, make_account: Callable[[str], str], state_dir: Path,
+    place: JobPlace,
+    make_account: Callable[[str], str],
+    state_dir: Path,
 ) -> None:
     account = make_account("pwsudo02")
     failing = place.script("sudo", "#!/bin/sh\necho 'sudo: a password is required' >&2\nexit 1\n")
-    settings = place.settings(mode="sudo", account=account, state_dir=state_dir,
-                              sudo=str(failing), containment="session")
+    settings = place.settings(
+        mode="sudo", account=account, state_dir=state_dir, sudo=str(failing), containment="session"
+    )
     assert api.run_payload(settings, place.proxy, ["/bin/true"], job_id="sf") == 202
     assert "failed before the payload started" in str(audit_lines(place)[-1]["reason"])
 
 
 @pytest.mark.parametrize("planted", ["symlink", "file"])
 def test_planted_default_proxy_path_never_receives_a_proxy(
-    place: JobPlace, make_account: Callable[[str], str], state_dir: Path, planted: str,
+    place: JobPlace,
+    make_account: Callable[[str], str],
+    state_dir: Path,
+    planted: str,
 ) -> None:
     target = pwd.getpwnam(make_account("pwtarget1"))
     attacker = pwd.getpwnam(make_account("pwattack1"))
@@ -302,9 +355,12 @@ def test_planted_default_proxy_path_never_receives_a_proxy(
     try:
         # A grid tool of the payload storing its proxy at the default location.
         settings = place.settings(account=target.pw_name, state_dir=state_dir)
-        code = api.run_payload(settings, place.proxy, [
-            "/bin/sh", "-c", 'cat "$X509_USER_PROXY" > /tmp/x509up_u$(id -u)'],
-            job_id=f"pl{planted}")
+        code = api.run_payload(
+            settings,
+            place.proxy,
+            ["/bin/sh", "-c", 'cat "$X509_USER_PROXY" > /tmp/x509up_u$(id -u)'],
+            job_id=f"pl{planted}",
+        )
         caught = catch.read_text()
         still_planted = path.is_symlink() or (path.exists() and path.stat().st_uid != target.pw_uid)
         leftover = path.exists() and path.stat().st_size > 0

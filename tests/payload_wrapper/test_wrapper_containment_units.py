@@ -26,8 +26,10 @@ def test_cgroup2_mount_is_found_on_hybrid_and_pure_hosts() -> None:
 
 
 def test_own_cgroup_path() -> None:
-    assert own_cgroup("4:memory:/x\n0::/system.slice/condor.service\n") == \
-        "/system.slice/condor.service"
+    assert (
+        own_cgroup("4:memory:/x\n0::/system.slice/condor.service\n")
+        == "/system.slice/condor.service"
+    )
     assert own_cgroup("0::/\n") == "/"
     assert own_cgroup("0::/../../elsewhere\n") is None
     assert own_cgroup("4:memory:/x\n") is None
@@ -44,8 +46,9 @@ def test_unknown_containment_is_refused() -> None:
         WrapperSettings(containment="none")
     with pytest.raises(WrapperSystemError, match="unknown containment"):
         merge_settings({"containment": "maybe"}, {})
-    assert merge_settings({"containment": "cgroup", "state_dir": "/run/x"}, {}).state_dir == \
-        Path("/run/x")
+    assert merge_settings({"containment": "cgroup", "state_dir": "/run/x"}, {}).state_dir == Path(
+        "/run/x"
+    )
 
 
 def test_two_owners_never_hold_one_uid(tmp_path: Path) -> None:

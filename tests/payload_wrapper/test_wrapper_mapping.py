@@ -44,7 +44,10 @@ def make_gridmapdir(tmp_path: Path, *names: str) -> GridmapDir:
 def test_parse_gridmapfile() -> None:
     entries = parse_gridmapfile(GRIDMAP)
     assert [(e.pattern, e.target) for e in entries][:3] == [
-        (ALICE, "nobody"), (BOB, ".pool"), ("/atlas/Role=pilot", ".atlpilot")]
+        (ALICE, "nobody"),
+        (BOB, ".pool"),
+        ("/atlas/Role=pilot", ".atlpilot"),
+    ]
     assert entries[2].is_fqan and not entries[0].is_fqan
     assert entries[2].matches_fqan("/atlas/Role=pilot/Capability=NULL")
 
@@ -86,8 +89,14 @@ def test_banned_dn_is_denied_with_reason() -> None:
 
 def test_unmapped_dn_is_denied() -> None:
     with pytest.raises(AuthorizationDenied, match="no grid-mapfile entry"):
-        map_identity("/CN=Nobody", (), bans=BanList(), gridmap=parse_gridmapfile(GRIDMAP),
-                     now=T0, caller_uid=0)
+        map_identity(
+            "/CN=Nobody",
+            (),
+            bans=BanList(),
+            gridmap=parse_gridmapfile(GRIDMAP),
+            now=T0,
+            caller_uid=0,
+        )
 
 
 def test_never_root_never_caller() -> None:
@@ -98,18 +107,31 @@ def test_never_root_never_caller() -> None:
         with pytest.raises(AuthorizationDenied, match="caller"):
             map_identity(ALICE, (), bans=BanList(), account=me, now=T0, caller_uid=os.getuid())
     # mode none maps to anything: nothing is switched
-    assert map_identity(ALICE, (), bans=BanList(), account="root", now=T0, caller_uid=0,
-                        switching=False).account.uid == 0
+    assert (
+        map_identity(
+            ALICE, (), bans=BanList(), account="root", now=T0, caller_uid=0, switching=False
+        ).account.uid
+        == 0
+    )
 
 
 def test_gridmapfile_dn_and_fqan_lines(tmp_path: Path) -> None:
     gm = parse_gridmapfile(GRIDMAP)
-    assert map_identity(ALICE, (), bans=BanList(), gridmap=gm, now=T0,
-                        caller_uid=0).account.name == "nobody"
+    assert (
+        map_identity(ALICE, (), bans=BanList(), gridmap=gm, now=T0, caller_uid=0).account.name
+        == "nobody"
+    )
     gmdir = make_gridmapdir(tmp_path, "atlpilot01")
     with pytest.raises(WrapperSystemError, match="atlpilot01"):  # leased, but no such user
-        map_identity(ALICE, ("/atlas/Role=pilot/Capability=NULL",), bans=BanList(), gridmap=gm,
-                     gridmapdir=gmdir, now=T0, caller_uid=0)
+        map_identity(
+            ALICE,
+            ("/atlas/Role=pilot/Capability=NULL",),
+            bans=BanList(),
+            gridmap=gm,
+            gridmapdir=gmdir,
+            now=T0,
+            caller_uid=0,
+        )
     assert os.stat(gmdir.path / "atlpilot01").st_nlink == 2  # the FQAN line won over the DN
 
 

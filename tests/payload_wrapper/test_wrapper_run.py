@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.root, needs_root]
 
 WRAPPER = str(Path(sys.executable).parent / "payload-wrapper")
 
-REPORT = r'''#!/usr/bin/python3
+REPORT = r"""#!/usr/bin/python3
 import json, os, stat, subprocess, sys
 pilot_pid, pilot_proxy, workdir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 
@@ -60,17 +60,32 @@ with open("report.json", "w") as out:
     json.dump(report, out)
 with open("id.txt", "w") as out:
     out.write(report["id"])
-'''
+"""
 
 
-def run_cli(place: JobPlace, *args: str, env: dict[str, str] | None = None,
-            timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    place: JobPlace, *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     base = {"PATH": "/usr/bin:/bin", "CI": os.environ.get("CI", "")}
     return subprocess.run(
-        [WRAPPER, "--proxy", str(place.proxy), "--ca-dir", str(place.pki.ca_dir),
-         "--vomsdir", str(place.pki.vomsdir), "--workdir", str(place.workdir),
-         "--audit-log", str(place.audit), *args],
-        env={**base, **(env or {})}, capture_output=True, text=True, timeout=timeout,
+        [
+            WRAPPER,
+            "--proxy",
+            str(place.proxy),
+            "--ca-dir",
+            str(place.pki.ca_dir),
+            "--vomsdir",
+            str(place.pki.vomsdir),
+            "--workdir",
+            str(place.workdir),
+            "--audit-log",
+            str(place.audit),
+            *args,
+        ],
+        env={**base, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -119,10 +134,26 @@ def test_payload_runs_as_nobody(place: JobPlace) -> None:
     unwritable = place.base / "unwritable"
     unwritable.mkdir(mode=0o700)
     done = run_cli(
-        place, "--account", "nobody", "--job-id", "n1", "--umask", "0027",
-        "--keep-env", "LANG", "--set-env", "SITE=x y", "--", *report_cmd(place),
-        env={"LD_PRELOAD": "/nonexistent.so", "MALLOC_CHECK_": "3", "TMPDIR": str(unwritable),
-             "LANG": "C.UTF-8", "PYTHONPATH": "/evil"},
+        place,
+        "--account",
+        "nobody",
+        "--job-id",
+        "n1",
+        "--umask",
+        "0027",
+        "--keep-env",
+        "LANG",
+        "--set-env",
+        "SITE=x y",
+        "--",
+        *report_cmd(place),
+        env={
+            "LD_PRELOAD": "/nonexistent.so",
+            "MALLOC_CHECK_": "3",
+            "TMPDIR": str(unwritable),
+            "LANG": "C.UTF-8",
+            "PYTHONPATH": "/evil",
+        },
     )
     assert done.returncode == 0, done.stderr
     report = check_common(place, "n1", "nobody", 0o027)
@@ -135,7 +166,7 @@ def test_payload_runs_as_nobody(place: JobPlace) -> None:
 
 
 def test_payload_runs_as_pool_account(place: JobPlace, make_account: object) -> None:
-    make = make_account  # type: ignore[assignment]
+    make = make_account
     account = make("bwpool01")  # type: ignore[operator]
     gridmapdir = place.base / "gridmapdir"
     gridmapdir.mkdir(mode=0o755)
@@ -143,8 +174,10 @@ def test_payload_runs_as_pool_account(place: JobPlace, make_account: object) -> 
     gridmap = place.base / "grid-mapfile"
     gridmap.write_text(f'"{place.pki.dn("alice")}" .bwpool\n')
     config = place.base / "wrapper.toml"
-    config.write_text(f'gridmapfile = "{gridmap}"\ngridmapdir = "{gridmapdir}"\n'
-                      'lease_expiry = 3600\numask = "0022"\n')
+    config.write_text(
+        f'gridmapfile = "{gridmap}"\ngridmapdir = "{gridmapdir}"\n'
+        'lease_expiry = 3600\numask = "0022"\n'
+    )
     done = run_cli(place, "--config", str(config), "--job-id", "p1", "--", *report_cmd(place))
     assert done.returncode == 0, done.stderr
     check_common(place, "p1", account, 0o022)
@@ -154,7 +187,7 @@ def test_payload_runs_as_pool_account(place: JobPlace, make_account: object) -> 
     assert audit_lines(place)[0]["account"] == account
 
 
-DOUBLE_FORK = r'''#!/usr/bin/python3
+DOUBLE_FORK = r"""#!/usr/bin/python3
 import os, sys, time
 pidfile = sys.argv[1]
 if os.fork() == 0:
@@ -166,7 +199,7 @@ if os.fork() == 0:
     os._exit(0)
 while not os.path.exists(pidfile) or not open(pidfile).read():
     time.sleep(0.01)
-'''
+"""
 
 
 def test_double_forked_sleeper_is_killed(place: JobPlace) -> None:
@@ -174,8 +207,9 @@ def test_double_forked_sleeper_is_killed(place: JobPlace) -> None:
     pidfile = place.base / "sleeper.pid"
     place.base.chmod(0o777)  # the payload writes the pid file here
     try:
-        done = run_cli(place, "--account", "nobody", "--job-id", "df", "--", str(script),
-                       str(pidfile))
+        done = run_cli(
+            place, "--account", "nobody", "--job-id", "df", "--", str(script), str(pidfile)
+        )
     finally:
         place.base.chmod(0o755)
     assert done.returncode == 0, done.stderr
@@ -185,8 +219,7 @@ def test_double_forked_sleeper_is_killed(place: JobPlace) -> None:
 
 
 def test_banned_dn_gets_203_with_a_reason(place: JobPlace) -> None:
-    done = run_cli(place, "--account", "nobody", "--ban", place.pki.dn("alice"), "--",
-                   "/bin/true")
+    done = run_cli(place, "--account", "nobody", "--ban", place.pki.dn("alice"), "--", "/bin/true")
     assert done.returncode == 203
     assert "banned" in done.stderr and place.pki.dn("alice") in done.stderr
     assert "not started" in done.stderr
@@ -234,8 +267,19 @@ def test_refusals(place: JobPlace, args: list[str], code: int) -> None:
 
 
 def test_none_mode_runs_unswitched_and_says_so(place: JobPlace) -> None:
-    done = run_cli(place, "--mode", "none", "--account", "nobody", "--job-id", "nm", "--",
-                   "/bin/sh", "-c", "id -u > uid.txt")
+    done = run_cli(
+        place,
+        "--mode",
+        "none",
+        "--account",
+        "nobody",
+        "--job-id",
+        "nm",
+        "--",
+        "/bin/sh",
+        "-c",
+        "id -u > uid.txt",
+    )
     assert done.returncode == 0, done.stderr
     assert "MODE NONE" in done.stderr and "UNSWITCHED" in done.stderr
     assert (place.job_dir("nm") / "uid.txt").read_text().strip() == str(os.getuid())
@@ -256,8 +300,7 @@ def test_missing_command_gets_127(place: JobPlace) -> None:
 
 def test_payload_timeout(place: JobPlace) -> None:
     start = time.monotonic()
-    done = run_cli(place, "--account", "nobody", "--payload-timeout", "1", "--",
-                   "/bin/sleep", "60")
+    done = run_cli(place, "--account", "nobody", "--payload-timeout", "1", "--", "/bin/sleep", "60")
     assert done.returncode == 124
     assert "time limit" in done.stderr
     assert time.monotonic() - start < 20
@@ -268,8 +311,19 @@ def test_outputs_readable_by_pilot_through_acl(place: JobPlace, make_account: ob
     entry = pwd.getpwnam(pilot)
     os.chown(place.workdir, entry.pw_uid, entry.pw_gid)
     os.chmod(place.workdir, 0o711)
-    done = run_cli(place, "--account", "nobody", "--job-id", "acl", "--umask", "0077", "--",
-                   "/bin/sh", "-c", "mkdir out && echo result > out/data && chmod 600 out/data")
+    done = run_cli(
+        place,
+        "--account",
+        "nobody",
+        "--job-id",
+        "acl",
+        "--umask",
+        "0077",
+        "--",
+        "/bin/sh",
+        "-c",
+        "mkdir out && echo result > out/data && chmod 600 out/data",
+    )
     assert done.returncode == 0, done.stderr
     job_dir = place.job_dir("acl")
     data = job_dir / "out" / "data"
@@ -277,12 +331,32 @@ def test_outputs_readable_by_pilot_through_acl(place: JobPlace, make_account: ob
     acl = subprocess.run(["getfacl", "-p", str(data)], capture_output=True, text=True).stdout
     assert f"user:{pilot}:r--" in acl
     assert "group::---" in acl and "other::---" in acl
-    read = subprocess.run(["setpriv", f"--reuid={pilot}", f"--regid={entry.pw_gid}",
-                           "--clear-groups", "cat", str(data)], capture_output=True, text=True)
+    read = subprocess.run(
+        [
+            "setpriv",
+            f"--reuid={pilot}",
+            f"--regid={entry.pw_gid}",
+            "--clear-groups",
+            "cat",
+            str(data),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert read.stdout == "result\n", read.stderr
-    write = subprocess.run(["setpriv", f"--reuid={pilot}", f"--regid={entry.pw_gid}",
-                            "--clear-groups", "sh", "-c", f"echo x >> {data}"],
-                           capture_output=True, text=True)
+    write = subprocess.run(
+        [
+            "setpriv",
+            f"--reuid={pilot}",
+            f"--regid={entry.pw_gid}",
+            "--clear-groups",
+            "sh",
+            "-c",
+            f"echo x >> {data}",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert write.returncode != 0
 
 
@@ -329,24 +403,42 @@ def test_refresh_proxy_replaces_the_copy_and_refuses_links(place: JobPlace) -> N
 def test_epilogue_runs_and_is_timed_out(place: JobPlace) -> None:
     marker = place.base / "epilogue.out"
     epi = place.script("epilogue.sh", f'#!/bin/sh\necho "$PAYLOAD_WRAPPER_ACCOUNT" > {marker}\n')
-    assert api.run_payload(place.settings(epilogue=(str(epi),)), place.proxy,
-                           ["/bin/true"]) == 0
+    assert api.run_payload(place.settings(epilogue=(str(epi),)), place.proxy, ["/bin/true"]) == 0
     assert marker.read_text() == "nobody\n"
     slow = place.script("slow.sh", "#!/bin/sh\nsleep 30\n")
     start = time.monotonic()
-    assert api.run_payload(place.settings(epilogue=(str(slow),), epilogue_timeout=0.5),
-                           place.proxy, ["/bin/true"]) == 0
+    assert (
+        api.run_payload(
+            place.settings(epilogue=(str(slow),), epilogue_timeout=0.5), place.proxy, ["/bin/true"]
+        )
+        == 0
+    )
     assert time.monotonic() - start < 10
-    assert "killed" in audit_lines(place)[-1]["reason"]  # type: ignore[operator]
+    assert "killed" in audit_lines(place)[-1]["reason"]
 
 
 def test_sigterm_is_forwarded(place: JobPlace) -> None:
     proc = subprocess.Popen(
-        [WRAPPER, "--proxy", str(place.proxy), "--ca-dir", str(place.pki.ca_dir),
-         "--workdir", str(place.workdir), "--account", "nobody", "--job-id", "sig",
-         "--", "/bin/sh", "-c", "trap 'echo got > term.txt; exit 7' TERM; "
-         "touch started; while :; do sleep 0.1; done"],
-        env={"PATH": "/usr/bin:/bin"}, stderr=subprocess.PIPE, text=True,
+        [
+            WRAPPER,
+            "--proxy",
+            str(place.proxy),
+            "--ca-dir",
+            str(place.pki.ca_dir),
+            "--workdir",
+            str(place.workdir),
+            "--account",
+            "nobody",
+            "--job-id",
+            "sig",
+            "--",
+            "/bin/sh",
+            "-c",
+            "trap 'echo got > term.txt; exit 7' TERM; touch started; while :; do sleep 0.1; done",
+        ],
+        env={"PATH": "/usr/bin:/bin"},
+        stderr=subprocess.PIPE,
+        text=True,
     )
     started = place.job_dir("sig") / "started"
     deadline = time.monotonic() + 30
@@ -369,8 +461,15 @@ def _voms_proxy(place: JobPlace, fqan: str) -> Path:
     alice = load_cert_and_key((root / "alice.pem").read_bytes(), (root / "alice.key").read_bytes())
     voms = load_cert_and_key((root / "voms.pem").read_bytes(), (root / "voms.key").read_bytes())
     now = datetime.now(UTC)
-    ac = make_ac_extension(alice.cert, voms, vo="atlas", fqans=[fqan],
-                           uri="voms.example.org:15001", now=now, lifetime=timedelta(hours=2))
+    ac = make_ac_extension(
+        alice.cert,
+        voms,
+        vo="atlas",
+        fqans=[fqan],
+        uri="voms.example.org:15001",
+        now=now,
+        lifetime=timedelta(hours=2),
+    )
     proxy = new_proxy(alice, now=now, lifetime=timedelta(hours=2), extra_extensions=[ac])
     path = place.proxy.parent / "voms-proxy.pem"
     write_private_file(path, credential_to_pem(proxy))

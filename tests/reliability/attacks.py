@@ -46,23 +46,42 @@ HOUR = timedelta(hours=1)
 # --------------------------------------------------------------------------- helpers
 
 
-def _forge(issuer: Credential, public_key: Any, *, now: datetime,
-           proxy_type: ProxyType = ProxyType.IMPERSONATION, path_length: int | None = None,
-           not_before: datetime | None = None, not_after: datetime | None = None,
-           subject: x509.Name | None = None,
-           extensions: tuple[x509.ExtensionType, ...] = ()) -> x509.Certificate:
+def _forge(
+    issuer: Credential,
+    public_key: Any,
+    *,
+    now: datetime,
+    proxy_type: ProxyType = ProxyType.IMPERSONATION,
+    path_length: int | None = None,
+    not_before: datetime | None = None,
+    not_after: datetime | None = None,
+    subject: x509.Name | None = None,
+    extensions: tuple[x509.ExtensionType, ...] = (),
+) -> x509.Certificate:
     """A proxy-shaped certificate for ``public_key`` signed with none of the library's checks."""
     assert issuer.key is not None
     serial = x509.random_serial_number()
-    subject = subject or x509.Name([*issuer.cert.subject.rdns, x509.RelativeDistinguishedName(
-        [x509.NameAttribute(NameOID.COMMON_NAME, str(serial))])])
-    builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer.cert.subject)
-               .public_key(public_key).serial_number(serial)
-               .not_valid_before(not_before or now - timedelta(minutes=5))
-               .not_valid_after(not_after or now + HOUR)
-               .add_extension(x509.UnrecognizedExtension(
-                   PROXY_CERT_INFO_OID, encode_proxy_cert_info(proxy_type, path_length)),
-                   critical=True))
+    subject = subject or x509.Name(
+        [
+            *issuer.cert.subject.rdns,
+            x509.RelativeDistinguishedName([x509.NameAttribute(NameOID.COMMON_NAME, str(serial))]),
+        ]
+    )
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer.cert.subject)
+        .public_key(public_key)
+        .serial_number(serial)
+        .not_valid_before(not_before or now - timedelta(minutes=5))
+        .not_valid_after(not_after or now + HOUR)
+        .add_extension(
+            x509.UnrecognizedExtension(
+                PROXY_CERT_INFO_OID, encode_proxy_cert_info(proxy_type, path_length)
+            ),
+            critical=True,
+        )
+    )
     for ext in extensions:
         builder = builder.add_extension(ext, critical=False)
     return builder.sign(issuer.key, hashes.SHA256())
@@ -78,23 +97,43 @@ def _rogue_ca_user(dn_cn: str = "Alice") -> tuple[Credential, Credential]:
     """A CA nobody trusts and a user named exactly like a real one."""
     now = datetime.now(UTC)
     ca_key = generate_key("ec")
-    ca_name = x509.Name([x509.NameAttribute(NameOID.DOMAIN_COMPONENT, "org"),
-                         x509.NameAttribute(NameOID.DOMAIN_COMPONENT, "example"),
-                         x509.NameAttribute(NameOID.COMMON_NAME, "Example Test CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(now - HOUR).not_valid_after(now + 24 * HOUR)
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .sign(ca_key, hashes.SHA256()))
+    ca_name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.DOMAIN_COMPONENT, "org"),
+            x509.NameAttribute(NameOID.DOMAIN_COMPONENT, "example"),
+            x509.NameAttribute(NameOID.COMMON_NAME, "Example Test CA"),
+        ]
+    )
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - HOUR)
+        .not_valid_after(now + 24 * HOUR)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
     user_key = generate_key("ec")
-    user_name = x509.Name([x509.NameAttribute(NameOID.DOMAIN_COMPONENT, "org"),
-                           x509.NameAttribute(NameOID.DOMAIN_COMPONENT, "example"),
-                           x509.NameAttribute(NameOID.COMMON_NAME, dn_cn)])
-    user = (x509.CertificateBuilder().subject_name(user_name).issuer_name(ca_name)
-            .public_key(user_key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - HOUR).not_valid_after(now + 24 * HOUR)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .sign(ca_key, hashes.SHA256()))
+    user_name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.DOMAIN_COMPONENT, "org"),
+            x509.NameAttribute(NameOID.DOMAIN_COMPONENT, "example"),
+            x509.NameAttribute(NameOID.COMMON_NAME, dn_cn),
+        ]
+    )
+    user = (
+        x509.CertificateBuilder()
+        .subject_name(user_name)
+        .issuer_name(ca_name)
+        .public_key(user_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - HOUR)
+        .not_valid_after(now + 24 * HOUR)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
     return Credential(chain=(ca,), key=ca_key), Credential(chain=(user, ca), key=user_key)
 
 
@@ -106,23 +145,36 @@ class _Tls:
         self.workdir = workdir
         self.count = 0
 
-    def status(self, cred: Credential | None, method: str, path: str,
-               body: dict[str, Any] | bytes | None = None, *,
-               extra_headers: str = "") -> tuple[int, bytes]:
+    def status(
+        self,
+        cred: Credential | None,
+        method: str,
+        path: str,
+        body: dict[str, Any] | bytes | None = None,
+        *,
+        extra_headers: str = "",
+    ) -> tuple[int, bytes]:
         ctx = ssl.create_default_context(capath=str(self.broker.pki.ca_dir))
         if cred is not None:
             self.count += 1
             path_file = write_proxy_file(self.workdir / f"cred{self.count}.pem", cred)
             ctx.load_cert_chain(str(path_file))
-        payload = body if isinstance(body, bytes) else (
-            json.dumps(body).encode() if body is not None else b"")
-        head = (f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
-                f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
-                f"{extra_headers}\r\n").encode()
+        payload = (
+            body
+            if isinstance(body, bytes)
+            else (json.dumps(body).encode() if body is not None else b"")
+        )
+        head = (
+            f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
+            f"{extra_headers}\r\n"
+        ).encode()
         data = b""
         try:
-            with socket.create_connection(("127.0.0.1", self.broker.port), timeout=20) as raw, \
-                    ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+            with (
+                socket.create_connection(("127.0.0.1", self.broker.port), timeout=20) as raw,
+                ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+            ):
                 try:
                     tls.sendall(head + payload)
                 except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
@@ -154,8 +206,9 @@ class _Attack:
         if 200 <= status < 300:
             self.outcome.fail(f"ACCEPTED {label}: HTTP {status} {body[:160]!r}")
         elif status >= 500:
-            self.outcome.fail(f"{label}: HTTP {status} (a server error, not a refusal) "
-                              f"{body[:160]!r}")
+            self.outcome.fail(
+                f"{label}: HTTP {status} (a server error, not a refusal) {body[:160]!r}"
+            )
         else:
             reason = ""
             if body:
@@ -167,22 +220,26 @@ class _Attack:
 
 
 def _pending(broker: RunningBroker, who: str, username: str, name: str) -> tuple[str, Any]:
-    started = broker.client(who).call("POST", "/v1/delegations",
-                                      {"username": username, "name": name})
+    started = broker.client(who).call(
+        "POST", "/v1/delegations", {"username": username, "name": name}
+    )
     return started["id"], load_csr(started["csr"].encode())
 
 
-def _put(tls: _Tls, who: Credential, pending_id: str, chain: tuple[x509.Certificate, ...]
-         ) -> tuple[int, bytes]:
-    return tls.status(who, "PUT", f"/v1/delegations/{pending_id}",
-                      {"chain": chain_to_pem(chain).decode()})
+def _put(
+    tls: _Tls, who: Credential, pending_id: str, chain: tuple[x509.Certificate, ...]
+) -> tuple[int, bytes]:
+    return tls.status(
+        who, "PUT", f"/v1/delegations/{pending_id}", {"chain": chain_to_pem(chain).decode()}
+    )
 
 
 # --------------------------------------------------------------------------- the attacks
 
 
-def all_attacks(pki: GridPki, base: Path, sizes: Any, rng: random.Random, *,
-                myproxy: bool) -> Iterator[tuple[str, Callable[[Outcome], None]]]:
+def all_attacks(
+    pki: GridPki, base: Path, sizes: Any, rng: random.Random, *, myproxy: bool
+) -> Iterator[tuple[str, Callable[[Outcome], None]]]:
     """(name, body) pairs; one broker serves the broker-side attacks (started lazily)."""
     state: dict[str, Any] = {}
 
@@ -201,6 +258,7 @@ def all_attacks(pki: GridPki, base: Path, sizes: Any, rng: random.Random, *,
         def body(outcome: Outcome) -> None:
             b, tls, mp = broker()
             fn(pki, b, tls, mp, _Attack(outcome))
+
         return body
 
     yield "forged VOMS AC", wrap(_forged_ac)
@@ -252,10 +310,18 @@ def all_attacks(pki: GridPki, base: Path, sizes: Any, rng: random.Random, *,
 
 def _voms_proxy(pki: GridPki, *, holder: x509.Certificate, signer: Credential) -> Credential:
     now = datetime.now(UTC)
-    ext = voms.make_ac_extension(holder, signer, vo="atlas", fqans=["/atlas/Role=pilot"],
-                                 uri=str(pki.manifest["voms_uri"]), now=now, lifetime=HOUR)
-    return new_proxy(pki.load("alice"), now=now, lifetime=HOUR, key=generate_key("ec"),
-                     extra_extensions=[ext])
+    ext = voms.make_ac_extension(
+        holder,
+        signer,
+        vo="atlas",
+        fqans=["/atlas/Role=pilot"],
+        uri=str(pki.manifest["voms_uri"]),
+        now=now,
+        lifetime=HOUR,
+    )
+    return new_proxy(
+        pki.load("alice"), now=now, lifetime=HOUR, key=generate_key("ec"), extra_extensions=[ext]
+    )
 
 
 def _forged_ac(pki: GridPki, b: RunningBroker, tls: _Tls, mp: int, a: _Attack) -> None:
@@ -264,20 +330,26 @@ def _forged_ac(pki: GridPki, b: RunningBroker, tls: _Tls, mp: int, a: _Attack) -
     proxy = _voms_proxy(pki, holder=pki.load("alice").cert, signer=forger)
     a.expect_refused("whoami with a forged AC", *tls.status(proxy, "GET", "/v1/whoami"))
     # the forged Role=pilot would let alice retrieve as a pilot if it were believed
-    a.expect_refused("retrieval as fqan:/atlas/Role=pilot with a forged AC", *tls.status(
-        proxy, "POST", "/v1/retrievals", {"username": "alice", "csr": _csr()}))
+    a.expect_refused(
+        "retrieval as fqan:/atlas/Role=pilot with a forged AC",
+        *tls.status(proxy, "POST", "/v1/retrievals", {"username": "alice", "csr": _csr()}),
+    )
     self_signed = Credential(chain=(rogue.cert,), key=rogue.key)  # a whole fake signer
     proxy2 = _voms_proxy(pki, holder=pki.load("alice").cert, signer=self_signed)
-    a.expect_refused("whoami with an AC from an untrusted signer",
-                     *tls.status(proxy2, "GET", "/v1/whoami"))
+    a.expect_refused(
+        "whoami with an AC from an untrusted signer", *tls.status(proxy2, "GET", "/v1/whoami")
+    )
 
 
 def _ac_other_holder(pki: GridPki, b: RunningBroker, tls: _Tls, mp: int, a: _Attack) -> None:
     proxy = _voms_proxy(pki, holder=pki.load("bob").cert, signer=pki.pki.voms)
-    a.expect_refused("whoami with bob's AC in alice's proxy",
-                     *tls.status(proxy, "GET", "/v1/whoami"))
-    a.expect_refused("retrieval with bob's AC in alice's proxy", *tls.status(
-        proxy, "POST", "/v1/retrievals", {"username": "alice", "csr": _csr()}))
+    a.expect_refused(
+        "whoami with bob's AC in alice's proxy", *tls.status(proxy, "GET", "/v1/whoami")
+    )
+    a.expect_refused(
+        "retrieval with bob's AC in alice's proxy",
+        *tls.status(proxy, "POST", "/v1/retrievals", {"username": "alice", "csr": _csr()}),
+    )
 
 
 def _csr() -> str:
@@ -288,22 +360,24 @@ def _csr() -> str:
 
 def _wrong_ca(pki: GridPki, b: RunningBroker, tls: _Tls, mp: int, a: _Attack) -> None:
     _, fake_alice = _rogue_ca_user("Alice")
-    a.expect_refused("TLS as a look-alike Alice from an untrusted CA",
-                     *tls.status(fake_alice, "GET", "/v1/whoami"))
-    fake_proxy = new_proxy(fake_alice, now=datetime.now(UTC), lifetime=HOUR,
-                           key=generate_key("ec"))
-    a.expect_refused("TLS with a proxy of the look-alike",
-                     *tls.status(fake_proxy, "GET", "/v1/credentials"))
+    a.expect_refused(
+        "TLS as a look-alike Alice from an untrusted CA",
+        *tls.status(fake_alice, "GET", "/v1/whoami"),
+    )
+    fake_proxy = new_proxy(fake_alice, now=datetime.now(UTC), lifetime=HOUR, key=generate_key("ec"))
+    a.expect_refused(
+        "TLS with a proxy of the look-alike", *tls.status(fake_proxy, "GET", "/v1/credentials")
+    )
     pending_id, csr = _pending(b, "alice", "alice", "wrongca")
     chain = (_forge(fake_alice, csr.public_key(), now=datetime.now(UTC)), *fake_alice.chain)
-    a.expect_refused("delegating a chain from an untrusted CA",
-                     *_put(tls, pki.load("alice"), pending_id, chain))
+    a.expect_refused(
+        "delegating a chain from an untrusted CA", *_put(tls, pki.load("alice"), pending_id, chain)
+    )
     if mp:
         _myproxy_refused(a, "MyProxy PUT as the look-alike", b, mp, fake_alice)
 
 
-def _myproxy_refused(a: _Attack, label: str, b: RunningBroker, mp: int,
-                     cred: Credential) -> None:
+def _myproxy_refused(a: _Attack, label: str, b: RunningBroker, mp: int, cred: Credential) -> None:
     path = write_proxy_file(Path(tempfile.mkdtemp()) / "c.pem", cred)
     try:
         client = MyProxyClient(mp, b.pki.ca_dir, path, path, timeout=10)
@@ -322,13 +396,16 @@ def _validity(pki: GridPki, b: RunningBroker, tls: _Tls, mp: int, a: _Attack) ->
     expired = _forged_cred(alice, not_before=now - 3 * HOUR, not_after=now - HOUR)
     future = _forged_cred(alice, not_before=now + HOUR, not_after=now + 3 * HOUR)
     a.expect_refused("TLS with an expired proxy", *tls.status(expired, "GET", "/v1/whoami"))
-    a.expect_refused("TLS with a not-yet-valid proxy",
-                     *tls.status(future, "GET", "/v1/whoami"))
-    for label, nb, na in (("expired", now - 3 * HOUR, now - HOUR),
-                          ("not-yet-valid", now + HOUR, now + 3 * HOUR)):
+    a.expect_refused("TLS with a not-yet-valid proxy", *tls.status(future, "GET", "/v1/whoami"))
+    for label, nb, na in (
+        ("expired", now - 3 * HOUR, now - HOUR),
+        ("not-yet-valid", now + HOUR, now + 3 * HOUR),
+    ):
         pending_id, csr = _pending(b, "alice", "alice", f"v{label[:3]}")
-        chain = (_forge(alice, csr.public_key(), now=now, not_before=nb, not_after=na),
-                 *alice.chain)
+        chain = (
+            _forge(alice, csr.public_key(), now=now, not_before=nb, not_after=na),
+            *alice.chain,
+        )
         a.expect_refused(f"delegating an {label} chain", *_put(tls, alice, pending_id, chain))
 
 
@@ -336,12 +413,12 @@ def _path_length(pki: GridPki, b: RunningBroker, tls: _Tls, mp: int, a: _Attack)
     alice = pki.load("alice")
     zero = _forged_cred(alice, path_length=0)
     below = _forged_cred(zero)
-    a.expect_refused("TLS with a proxy under a path-length-0 proxy",
-                     *tls.status(below, "GET", "/v1/whoami"))
+    a.expect_refused(
+        "TLS with a proxy under a path-length-0 proxy", *tls.status(below, "GET", "/v1/whoami")
+    )
     pending_id, csr = _pending(b, "alice", "alice", "plen")
     chain = (_forge(zero, csr.public_key(), now=datetime.now(UTC)), *zero.chain)
-    a.expect_refused("delegating under a path-length-0 proxy",
-                     *_put(tls, zero, pending_id, chain))
+    a.expect_refused("delegating under a path-length-0 proxy", *_put(tls, zero, pending_id, chain))
 
 
 def _full_from_limited(pki: GridPki, b: RunningBroker, tls: _Tls, mp: int, a: _Attack) -> None:
@@ -354,8 +431,9 @@ def _full_from_limited(pki: GridPki, b: RunningBroker, tls: _Tls, mp: int, a: _A
     a.expect_refused("TLS with a full proxy under a limited one", status, body)
     pending_id, csr = _pending(b, "alice", "alice", "lim")
     chain = (_forge(limited, csr.public_key(), now=datetime.now(UTC)), *limited.chain)
-    a.expect_refused("delegating a full proxy signed by a limited one",
-                     *_put(tls, limited, pending_id, chain))
+    a.expect_refused(
+        "delegating a full proxy signed by a limited one", *_put(tls, limited, pending_id, chain)
+    )
 
 
 def _foreign_chain(pki: GridPki, b: RunningBroker, tls: _Tls, mp: int, a: _Attack) -> None:
@@ -364,13 +442,17 @@ def _foreign_chain(pki: GridPki, b: RunningBroker, tls: _Tls, mp: int, a: _Attac
     from broker.pki.proxy import sign_request
 
     chain = sign_request(bob, csr, now=datetime.now(UTC), lifetime=HOUR)
-    a.expect_refused("alice stores a chain of bob (delegation of a foreign chain)",
-                     *_put(tls, alice, pending_id, chain))
+    a.expect_refused(
+        "alice stores a chain of bob (delegation of a foreign chain)",
+        *_put(tls, alice, pending_id, chain),
+    )
     pending_id, csr = _pending(b, "alice", "alice", "foreign2")
     other_key = generate_key("ec")
     chain2 = (_forge(alice, other_key.public_key(), now=datetime.now(UTC)), *alice.chain)
-    a.expect_refused("a valid alice chain for a key other than the pending one",
-                     *_put(tls, alice, pending_id, chain2))
+    a.expect_refused(
+        "a valid alice chain for a key other than the pending one",
+        *_put(tls, alice, pending_id, chain2),
+    )
 
 
 def _replay(pki: GridPki, b: RunningBroker, tls: _Tls, mp: int, a: _Attack) -> None:
@@ -387,28 +469,52 @@ def _replay(pki: GridPki, b: RunningBroker, tls: _Tls, mp: int, a: _Attack) -> N
     a.expect_refused("alice PUTs the same id twice (replay)", *_put(tls, alice, pending_id, good))
     a.expect_refused("PUT to an invented id", *_put(tls, alice, "A" * 22, good))
     pending2, csr2 = _pending(b, "bob", "bob", "bobs")
-    a.expect_refused("alice PUTs bob's pending id with her chain", *_put(
-        tls, alice, pending2, sign_request(alice, csr2, now=datetime.now(UTC), lifetime=HOUR)))
+    a.expect_refused(
+        "alice PUTs bob's pending id with her chain",
+        *_put(
+            tls, alice, pending2, sign_request(alice, csr2, now=datetime.now(UTC), lifetime=HOUR)
+        ),
+    )
 
 
 def _names(pki: GridPki, b: RunningBroker, tls: _Tls, mp: int, a: _Attack) -> None:
     from urllib.parse import quote
 
     alice = pki.load("alice")
-    bad = ["../etc", "..", "a/../../b", "a\0b", "\0", "x/y", ".", "../../../../tmp/pwn",
-           "..\\x", "a\nb", "%2e%2e", "con\0.toml"]
+    bad = [
+        "../etc",
+        "..",
+        "a/../../b",
+        "a\0b",
+        "\0",
+        "x/y",
+        ".",
+        "../../../../tmp/pwn",
+        "..\\x",
+        "a\nb",
+        "%2e%2e",
+        "con\0.toml",
+    ]
     for value in bad:
         # Usernames are database keys (DNs and "../x" included, as in MyProxy); only
         # control characters are refused there. Credential names stay single path components.
         fields = ("username", "name") if any(c < " " for c in value) else ("name",)
         for field in fields:
             body = {"username": "alice", "name": "ok", field: value}
-            a.expect_refused(f"POST delegation with {field}={value!r}",
-                             *tls.status(alice, "POST", "/v1/delegations", body))
-        a.expect_refused(f"DELETE /v1/credentials/{value!r}/default", *tls.status(
-            alice, "DELETE", f"/v1/credentials/{quote(value, safe='')}/default"))
-        a.expect_refused(f"retrieval of username {value!r}", *tls.status(
-            pki.load("pilot"), "POST", "/v1/retrievals", {"username": value, "csr": _csr()}))
+            a.expect_refused(
+                f"POST delegation with {field}={value!r}",
+                *tls.status(alice, "POST", "/v1/delegations", body),
+            )
+        a.expect_refused(
+            f"DELETE /v1/credentials/{value!r}/default",
+            *tls.status(alice, "DELETE", f"/v1/credentials/{quote(value, safe='')}/default"),
+        )
+        a.expect_refused(
+            f"retrieval of username {value!r}",
+            *tls.status(
+                pki.load("pilot"), "POST", "/v1/retrievals", {"username": value, "csr": _csr()}
+            ),
+        )
     if mp:
         path = write_proxy_file(Path(tempfile.mkdtemp()) / "a.pem", alice)
         try:
@@ -429,22 +535,38 @@ def _names(pki: GridPki, b: RunningBroker, tls: _Tls, mp: int, a: _Attack) -> No
 
 def _oversize(pki: GridPki, b: RunningBroker, tls: _Tls, mp: int, a: _Attack) -> None:
     pilot = pki.load("pilot")
-    a.expect_refused("a 300 kB JSON body", *tls.status(pilot, "POST", "/v1/retrievals",
-                                                      b"{" + b" " * 300_000 + b"}"))
-    a.expect_refused("a 16 kB header line", *tls.status(
-        pilot, "GET", "/v1/whoami", extra_headers="X-Big: " + "a" * 16_000 + "\r\n"))
-    a.expect_refused("200 header fields", *tls.status(
-        pilot, "GET", "/v1/whoami",
-        extra_headers="".join(f"X-H{i}: v\r\n" for i in range(200))))
-    a.expect_refused("a 10 kB request line", *tls.status(pilot, "GET", "/v1/whoami?" + "a" *
-                                                          10_000))
+    a.expect_refused(
+        "a 300 kB JSON body",
+        *tls.status(pilot, "POST", "/v1/retrievals", b"{" + b" " * 300_000 + b"}"),
+    )
+    a.expect_refused(
+        "a 16 kB header line",
+        *tls.status(pilot, "GET", "/v1/whoami", extra_headers="X-Big: " + "a" * 16_000 + "\r\n"),
+    )
+    a.expect_refused(
+        "200 header fields",
+        *tls.status(
+            pilot, "GET", "/v1/whoami", extra_headers="".join(f"X-H{i}: v\r\n" for i in range(200))
+        ),
+    )
+    a.expect_refused(
+        "a 10 kB request line", *tls.status(pilot, "GET", "/v1/whoami?" + "a" * 10_000)
+    )
     chain = chain_to_pem(pki.load("alice").chain).decode() * 60
     pending_id, _ = _pending(b, "alice", "alice", "big")
-    a.expect_refused("a 120 kB chain", *tls.status(
-        pki.load("alice"), "PUT", f"/v1/delegations/{pending_id}", {"chain": chain}))
-    a.expect_refused("retrievers list of 10,000 entries", *tls.status(
-        pki.load("alice"), "POST", "/v1/delegations",
-        {"username": "alice", "name": "many", "retrievers": ["/CN=x"] * 10_000}))
+    a.expect_refused(
+        "a 120 kB chain",
+        *tls.status(pki.load("alice"), "PUT", f"/v1/delegations/{pending_id}", {"chain": chain}),
+    )
+    a.expect_refused(
+        "retrievers list of 10,000 entries",
+        *tls.status(
+            pki.load("alice"),
+            "POST",
+            "/v1/delegations",
+            {"username": "alice", "name": "many", "retrievers": ["/CN=x"] * 10_000},
+        ),
+    )
 
 
 def _slowloris(b: RunningBroker, count: int, outcome: Outcome, *, short: bool) -> None:
@@ -459,8 +581,10 @@ def _slowloris(b: RunningBroker, count: int, outcome: Outcome, *, short: bool) -
         ctx.load_cert_chain(str(b.pki.cert_path("bob")), str(b.pki.key_path("bob")))
         started = time.monotonic()
         try:
-            with socket.create_connection(("127.0.0.1", b.port), timeout=5) as raw, \
-                    ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+            with (
+                socket.create_connection(("127.0.0.1", b.port), timeout=5) as raw,
+                ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+            ):
                 request = b"GET /v1/whoami HTTP/1.1\r\nHost: localhost\r\nX-Slow: "
                 tls.sendall(request)
                 for _ in range(int(hold / 0.5)):
@@ -511,11 +635,17 @@ def _slowloris(b: RunningBroker, count: int, outcome: Outcome, *, short: bool) -
     if worst > 5.0:
         outcome.fail(f"a normal request took {worst:.1f} s during the slow-loris (bound 5 s)")
     still_open = count - len(closed_after)
-    outcome.note(f"{count} slow connections for up to {hold:.0f} s; {probes} normal requests, "
-                 f"{failures} failed, worst {worst * 1000:.0f} ms")
-    outcome.note(f"slow connections closed by the server: {len(closed_after)} (after "
-                 f"{min(closed_after, default=0):.1f}-{max(closed_after, default=0):.1f} s); "
-                 f"still open after {hold:.0f} s: {still_open}")
+    outcome.note(
+        f"{count} slow connections for up to {hold:.0f} s; {probes} normal requests, "
+        f"{failures} failed, worst {worst * 1000:.0f} ms"
+    )
+    outcome.note(
+        f"slow connections closed by the server: {len(closed_after)} (after "
+        f"{min(closed_after, default=0):.1f}-{max(closed_after, default=0):.1f} s); "
+        f"still open after {hold:.0f} s: {still_open}"
+    )
     if still_open:
-        outcome.fail(f"{still_open} slow-loris connections were still open after {hold:.0f} s: "
-                     "the server has no timeout for a client that trickles its headers")
+        outcome.fail(
+            f"{still_open} slow-loris connections were still open after {hold:.0f} s: "
+            "the server has no timeout for a client that trickles its headers"
+        )

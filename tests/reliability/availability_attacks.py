@@ -51,14 +51,15 @@ def _judge(outcome: Outcome, what: str, latencies: list[float], failures: list[s
     for failure in failures[:5]:
         outcome.fail(f"{what}: a legitimate request failed: {failure}")
     worst = max(latencies, default=0.0)
-    outcome.note(f"{what}: {len(latencies)} legitimate requests, p99 {_p99(latencies) * 1000:.0f}"
-                 f" ms, worst {worst * 1000:.0f} ms")
+    outcome.note(
+        f"{what}: {len(latencies)} legitimate requests, p99 {_p99(latencies) * 1000:.0f}"
+        f" ms, worst {worst * 1000:.0f} ms"
+    )
     if worst > BOUND_S:
         outcome.fail(f"{what}: a legitimate request took {worst:.1f} s (bound {BOUND_S:.0f} s)")
 
 
-def _probe(call: Callable[[], object], seconds: float = PROBE_S
-           ) -> tuple[list[float], list[str]]:
+def _probe(call: Callable[[], object], seconds: float = PROBE_S) -> tuple[list[float], list[str]]:
     latencies: list[float] = []
     failures: list[str] = []
     end = time.monotonic() + seconds
@@ -70,8 +71,7 @@ def _probe(call: Callable[[], object], seconds: float = PROBE_S
         except MyProxyRefused:
             latencies.append(time.monotonic() - started)  # answered: a refusal is an answer
         except (BrokerError, OSError, ssl.SSLError) as exc:
-            failures.append(f"{type(exc).__name__}: {exc} after {time.monotonic() - started:.1f}"
-                            " s")
+            failures.append(f"{type(exc).__name__}: {exc} after {time.monotonic() - started:.1f} s")
         time.sleep(0.05)
     return latencies, failures
 
@@ -89,8 +89,10 @@ def _https(b: RunningBroker, request: bytes) -> tuple[int, dict[str, str], bytes
     """One raw HTTPS exchange as alice; status 0 when no HTTP answer came."""
     data = b""
     try:
-        with socket.create_connection(("127.0.0.1", b.port), timeout=20) as raw, \
-                _client_ctx(b, "alice").wrap_socket(raw, server_hostname="localhost") as tls:
+        with (
+            socket.create_connection(("127.0.0.1", b.port), timeout=20) as raw,
+            _client_ctx(b, "alice").wrap_socket(raw, server_hostname="localhost") as tls,
+        ):
             tls.sendall(request)
             while chunk := tls.recv(65536):
                 data += chunk
@@ -112,8 +114,11 @@ def _silent_rest(b: RunningBroker, mp: int, outcome: Outcome) -> None:
     silent: list[socket.socket] = []
     try:
         for i in range(300):
-            silent.append(socket.create_connection(("127.0.0.1", b.port), timeout=5,
-                                                   source_address=_source(i)))
+            silent.append(
+                socket.create_connection(
+                    ("127.0.0.1", b.port), timeout=5, source_address=_source(i)
+                )
+            )
         client = b.client("alice")
         client.timeout = 30
         latencies, failures = _probe(lambda: client.call("GET", "/v1/whoami"))
@@ -133,11 +138,16 @@ def _trickled_bodies(b: RunningBroker, mp: int, outcome: Outcome) -> None:
     def trickle(index: int) -> None:
         started = time.monotonic()
         try:
-            with socket.create_connection(("127.0.0.1", b.port), timeout=10,
-                                          source_address=_source(index)) as raw, \
-                    _client_ctx(b, "bob").wrap_socket(raw, server_hostname="localhost") as tls:
-                tls.sendall(b"POST /v1/retrievals HTTP/1.1\r\nHost: localhost\r\n"
-                            b"Content-Type: application/json\r\nContent-Length: 4000\r\n\r\n{")
+            with (
+                socket.create_connection(
+                    ("127.0.0.1", b.port), timeout=10, source_address=_source(index)
+                ) as raw,
+                _client_ctx(b, "bob").wrap_socket(raw, server_hostname="localhost") as tls,
+            ):
+                tls.sendall(
+                    b"POST /v1/retrievals HTTP/1.1\r\nHost: localhost\r\n"
+                    b"Content-Type: application/json\r\nContent-Length: 4000\r\n\r\n{"
+                )
                 while not stop.wait(0.3):
                     tls.sendall(b" ")
                 return
@@ -159,11 +169,15 @@ def _trickled_bodies(b: RunningBroker, mp: int, outcome: Outcome) -> None:
         thread.join(5)
     _judge(outcome, "REST, 40 trickled bodies", latencies, failures)
     outcome.tried += 40
-    outcome.note(f"trickling clients closed by the server: {len(cut_after)} of 40, after "
-                 f"{min(cut_after, default=0):.1f}-{max(cut_after, default=0):.1f} s")
+    outcome.note(
+        f"trickling clients closed by the server: {len(cut_after)} of 40, after "
+        f"{min(cut_after, default=0):.1f}-{max(cut_after, default=0):.1f} s"
+    )
     if len(cut_after) < 40:
-        outcome.fail(f"{40 - len(cut_after)} trickling clients were still connected after "
-                     f"{PROBE_S + 8.5:.0f} s: no deadline for the body")
+        outcome.fail(
+            f"{40 - len(cut_after)} trickling clients were still connected after "
+            f"{PROBE_S + 8.5:.0f} s: no deadline for the body"
+        )
 
 
 def _idle_myproxy(b: RunningBroker, mp: int, outcome: Outcome) -> None:
@@ -175,8 +189,9 @@ def _idle_myproxy(b: RunningBroker, mp: int, outcome: Outcome) -> None:
 
     def connect(index: int) -> None:
         try:
-            raw = socket.create_connection(("127.0.0.1", mp), timeout=10,
-                                           source_address=_source(index))
+            raw = socket.create_connection(
+                ("127.0.0.1", mp), timeout=10, source_address=_source(index)
+            )
             tls = ctx.wrap_socket(raw, server_hostname="localhost")
         except (OSError, ssl.SSLError):
             return
@@ -188,8 +203,9 @@ def _idle_myproxy(b: RunningBroker, mp: int, outcome: Outcome) -> None:
         thread.start()
     for thread in threads:
         thread.join(15)
-    legit = MyProxyClient(mp, b.pki.ca_dir, b.pki.cert_path("alice"), b.pki.key_path("alice"),
-                          timeout=20)
+    legit = MyProxyClient(
+        mp, b.pki.ca_dir, b.pki.cert_path("alice"), b.pki.key_path("alice"), timeout=20
+    )
     try:
         outcome.note(f"MyProxy: {len(idle)} of 128 idle TLS connections established")
         latencies, failures = _probe(lambda: legit.info("alice"))
@@ -201,9 +217,14 @@ def _idle_myproxy(b: RunningBroker, mp: int, outcome: Outcome) -> None:
 
 def _nested_json(b: RunningBroker, mp: int, outcome: Outcome) -> None:
     body = b"[" * 60_000 + b"]" * 60_000
-    status, _, answer = _https(b, (
-        "POST /v1/retrievals HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body)
+    status, _, answer = _https(
+        b,
+        (
+            "POST /v1/retrievals HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        + body,
+    )
     outcome.tried += 1
     if status != 400:
         outcome.fail(f"JSON nested 60,000 deep: HTTP {status} (want 400) {answer[:120]!r}")
@@ -213,17 +234,25 @@ def _nested_json(b: RunningBroker, mp: int, outcome: Outcome) -> None:
 
 def _odd_paths_and_ids(b: RunningBroker, mp: int, outcome: Outcome) -> None:
     def get(path: str, extra: str = "") -> bytes:
-        return f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{extra}\r\n" \
-            .encode()
+        return (
+            f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{extra}\r\n".encode()
+        )
 
     chosen = "0123456789abcdef0123456789abcdef"  # shaped like ours, to collide with a real one
     status, headers, _ = _https(b, get("/v1/whoami", f"X-Request-Id: {chosen}\r\n"))
     outcome.tried += 1
     if status != 200 or headers.get("x-request-id") in (None, "", chosen):
-        outcome.fail(f"client-chosen X-Request-Id: HTTP {status}, request id "
-                     f"{headers.get('x-request-id')!r} (the server must make its own)")
-    for request in (get("//v1/whoami"), get("/v1//credentials"), get("/healthz/"),
-                    b"BOGUS\r\n\r\n", b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n"):
+        outcome.fail(
+            f"client-chosen X-Request-Id: HTTP {status}, request id "
+            f"{headers.get('x-request-id')!r} (the server must make its own)"
+        )
+    for request in (
+        get("//v1/whoami"),
+        get("/v1//credentials"),
+        get("/healthz/"),
+        b"BOGUS\r\n\r\n",
+        b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n",
+    ):
         status, headers, body = _https(b, request)
         outcome.tried += 1
         label = request[:40].decode("latin-1").split("\r\n")[0]
@@ -231,10 +260,15 @@ def _odd_paths_and_ids(b: RunningBroker, mp: int, outcome: Outcome) -> None:
             error = json.loads(body).get("error")
         except ValueError:
             error = None
-        if not 400 <= status < 500 or headers.get("content-type") != "application/json" \
-                or not error:
-            outcome.fail(f"{label!r}: HTTP {status} {headers.get('content-type')} "
-                         f"{body[:80]!r} (want a 4xx JSON error)")
+        if (
+            not 400 <= status < 500
+            or headers.get("content-type") != "application/json"
+            or not error
+        ):
+            outcome.fail(
+                f"{label!r}: HTTP {status} {headers.get('content-type')} "
+                f"{body[:80]!r} (want a 4xx JSON error)"
+            )
         else:
             outcome.note(f"{label!r}: {status} {error}")
 
@@ -243,13 +277,16 @@ def _negative_lifetime(b: RunningBroker, mp: int, outcome: Outcome) -> None:
     started = time.monotonic()
     data = b""
     try:
-        with socket.create_connection(("127.0.0.1", mp), timeout=10) as raw, \
-                _client_ctx(b, "pilot").wrap_socket(raw, server_hostname="localhost") as tls:
+        with (
+            socket.create_connection(("127.0.0.1", mp), timeout=10) as raw,
+            _client_ctx(b, "pilot").wrap_socket(raw, server_hostname="localhost") as tls,
+        ):
             if tls.version() == "TLSv1.3":
                 tls.recv(1)
             tls.sendall(b"0")
-            tls.sendall(codec.format_request(Command.GET, "alice").replace(
-                b"LIFETIME=0", b"LIFETIME=-5"))
+            tls.sendall(
+                codec.format_request(Command.GET, "alice").replace(b"LIFETIME=0", b"LIFETIME=-5")
+            )
             while b"\0" not in data:
                 chunk = tls.recv(65536)
                 if not chunk:
@@ -260,8 +297,10 @@ def _negative_lifetime(b: RunningBroker, mp: int, outcome: Outcome) -> None:
     spent = time.monotonic() - started
     outcome.tried += 1
     if b"RESPONSE=1" not in data or spent > 1.0:
-        outcome.fail(f"MyProxy GET with LIFETIME=-5: {data[:100]!r} after {spent:.1f} s "
-                     "(want an ERROR within 1 s)")
+        outcome.fail(
+            f"MyProxy GET with LIFETIME=-5: {data[:100]!r} after {spent:.1f} s "
+            "(want an ERROR within 1 s)"
+        )
     else:
         outcome.note(f"MyProxy LIFETIME=-5: ERROR after {spent * 1000:.0f} ms")
 
@@ -271,10 +310,15 @@ def _truncated_policy(outcome: Outcome) -> None:
     rule (issue 18: that state was applied for ~3 s)."""
     work = Path(tempfile.mkdtemp(prefix="policy-truncated-"))
     try:
-        allow = ('[[rule]]\nname = "everyone"\naction = "retrieve"\neffect = "allow"\n'
-                 'requester = ["/CN=*"]\n')
-        deny = allow.replace('"everyone"', '"not mallory"').replace('"allow"', '"deny"') \
+        allow = (
+            '[[rule]]\nname = "everyone"\naction = "retrieve"\neffect = "allow"\n'
+            'requester = ["/CN=*"]\n'
+        )
+        deny = (
+            allow.replace('"everyone"', '"not mallory"')
+            .replace('"allow"', '"deny"')
             .replace('"/CN=*"', '"/CN=mallory"')
+        )
         site = work / "10-site.toml"
         site.write_text(allow + deny)
         directory = PolicyDirectory(work, allow_unsafe=True)  # the server's defaults
@@ -293,17 +337,22 @@ def _truncated_policy(outcome: Outcome) -> None:
             handle.write(deny)
         outcome.tried += looks
         if leaked:
-            outcome.fail(f"the truncated policy (deny rule missing) was in force at {leaked} "
-                         f"of {looks} looks during the 3 s rewrite")
+            outcome.fail(
+                f"the truncated policy (deny rule missing) was in force at {leaked} "
+                f"of {looks} looks during the 3 s rewrite"
+            )
         else:
-            outcome.note(f"truncated policy never applied ({looks} looks over 3 s, settle "
-                         f"{directory.settle:.0f} s)")
+            outcome.note(
+                f"truncated policy never applied ({looks} looks over 3 s, settle "
+                f"{directory.settle:.0f} s)"
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def attacks(pki: GridPki, base: Path, *, myproxy: bool
-            ) -> Iterator[tuple[str, Callable[[Outcome], None]]]:
+def attacks(
+    pki: GridPki, base: Path, *, myproxy: bool
+) -> Iterator[tuple[str, Callable[[Outcome], None]]]:
     state: dict[str, Any] = {}
 
     def broker() -> tuple[RunningBroker, int]:
@@ -314,14 +363,16 @@ def attacks(pki: GridPki, base: Path, *, myproxy: bool
             alice.delegate(alice.identity.load(), username="alice", now=datetime.now(UTC))
         return state["broker"], state["mp"]
 
-    def case(fn: Callable[[RunningBroker, int, Outcome], None], *, needs_myproxy: bool = False
-             ) -> Callable[[Outcome], None]:
+    def case(
+        fn: Callable[[RunningBroker, int, Outcome], None], *, needs_myproxy: bool = False
+    ) -> Callable[[Outcome], None]:
         def body(outcome: Outcome) -> None:
             b, mp = broker()
             if needs_myproxy and not mp:
                 outcome.skipped = "the MyProxy endpoint is not available"
                 return
             fn(b, mp, outcome)
+
         return body
 
     yield "availability: REST, 300 silent connections", case(_silent_rest)

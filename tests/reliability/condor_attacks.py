@@ -39,6 +39,7 @@ def attacks(base: Path) -> Iterator[tuple[str, Callable[[Outcome], None]]]:
                 fn(outcome, place)
             finally:
                 shutil.rmtree(place, ignore_errors=True)
+
         return body
 
     def layout(place: Path) -> tuple[Path, Path, Path, Path]:
@@ -57,14 +58,22 @@ def attacks(base: Path) -> Iterator[tuple[str, Callable[[Outcome], None]]]:
         return secret, victim_dir, job, scratch
 
     def as_payload(job: Path, script: str) -> None:
-        subprocess.run(["runuser", "-u", "nobody", "--", "/bin/sh", "-c", script], cwd=job,
-                       check=False, capture_output=True, timeout=20)
+        subprocess.run(
+            ["runuser", "-u", "nobody", "--", "/bin/sh", "-c", script],
+            cwd=job,
+            check=False,
+            capture_output=True,
+            timeout=20,
+        )
 
     def leaked(scratch: Path) -> list[str]:
         found = []
         for path in scratch.rglob("*"):
-            if path.is_file() and not path.is_symlink() and SECRET in path.read_text("utf-8",
-                                                                                     "replace"):
+            if (
+                path.is_file()
+                and not path.is_symlink()
+                and SECRET in path.read_text("utf-8", "replace")
+            ):
                 found.append(str(path.relative_to(scratch)))
         return found
 
@@ -73,18 +82,30 @@ def attacks(base: Path) -> Iterator[tuple[str, Callable[[Outcome], None]]]:
 
     def planted_outputs(outcome: Outcome, place: Path) -> None:
         secret, victim_dir, job, scratch = layout(place)
-        as_payload(job, f"ln -s {secret} stolen.txt; ln -s {victim_dir}/victim.conf result.txt;"
-                        f" ln -s {victim_dir} sub; ln {secret} hard.txt 2>/dev/null;"
-                        " echo mine > own.txt; ln own.txt own2.txt; mkfifo pipe;"
-                        " echo forged > .job.ad; echo fine > fine.txt")
+        as_payload(
+            job,
+            f"ln -s {secret} stolen.txt; ln -s {victim_dir}/victim.conf result.txt;"
+            f" ln -s {victim_dir} sub; ln {secret} hard.txt 2>/dev/null;"
+            " echo mine > own.txt; ln own.txt own2.txt; mkfifo pipe;"
+            " echo forged > .job.ad; echo fine > fine.txt",
+        )
         jfd, sfd = fds(job, scratch)
         try:
-            for requested in (None, ["result.txt", "sub/victim.conf", "stolen.txt", "pipe",
-                                     "own.txt"]):
+            for requested in (
+                None,
+                ["result.txt", "sub/victim.conf", "stolen.txt", "pipe", "own.txt"],
+            ):
                 outcome.tried += 1
                 started = time.monotonic()
-                stage_out(jfd, sfd, payload_uids={NOBODY}, slot_uid=0, slot_gid=0,
-                          requested=requested, inputs={})
+                stage_out(
+                    jfd,
+                    sfd,
+                    payload_uids={NOBODY},
+                    slot_uid=0,
+                    slot_gid=0,
+                    requested=requested,
+                    inputs={},
+                )
                 if time.monotonic() - started > 5:
                     outcome.fail("the hand-back blocked (a FIFO?)")
         finally:
@@ -92,8 +113,9 @@ def attacks(base: Path) -> Iterator[tuple[str, Callable[[Outcome], None]]]:
             os.close(sfd)
         if leaked(scratch):
             outcome.fail(f"root copied the secret into the scratch dir: {leaked(scratch)}")
-        if (victim_dir / "victim.conf").read_text() != "keep me" or \
-                sorted(p.name for p in victim_dir.iterdir()) != ["victim.conf"]:
+        if (victim_dir / "victim.conf").read_text() != "keep me" or sorted(
+            p.name for p in victim_dir.iterdir()
+        ) != ["victim.conf"]:
             outcome.fail("a file outside the job was written through a link")
         if (scratch / ".job.ad").read_text() != "the starter's ad":
             outcome.fail("the payload overwrote the starter's .job.ad")
@@ -130,17 +152,34 @@ def attacks(base: Path) -> Iterator[tuple[str, Callable[[Outcome], None]]]:
         # between a regular file and a link to root's secret while root copies it back.
         secret, _victim_dir, job, scratch = layout(place)
         flipper = subprocess.Popen(
-            ["runuser", "-u", "nobody", "--", "/bin/sh", "-c",
-             f"while :; do echo mine > o.tmp; mv -f o.tmp out.txt; ln -sf {secret} l.tmp;"
-             " mv -f l.tmp out.txt; done"], cwd=job, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL)
+            [
+                "runuser",
+                "-u",
+                "nobody",
+                "--",
+                "/bin/sh",
+                "-c",
+                f"while :; do echo mine > o.tmp; mv -f o.tmp out.txt; ln -sf {secret} l.tmp;"
+                " mv -f l.tmp out.txt; done",
+            ],
+            cwd=job,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         jfd, sfd = fds(job, scratch)
         try:
             deadline = time.monotonic() + 1.5
             while time.monotonic() < deadline:
                 outcome.tried += 1
-                stage_out(jfd, sfd, payload_uids={NOBODY}, slot_uid=0, slot_gid=0,
-                          requested=["out.txt"], inputs={})
+                stage_out(
+                    jfd,
+                    sfd,
+                    payload_uids={NOBODY},
+                    slot_uid=0,
+                    slot_gid=0,
+                    requested=["out.txt"],
+                    inputs={},
+                )
         finally:
             flipper.kill()
             flipper.wait(timeout=10)

@@ -74,6 +74,7 @@ def attacks(pki: GridPki, base: Path) -> Iterator[tuple[str, Callable[[Outcome],
                 fn(outcome, place)
             finally:
                 subprocess.run(["rm", "-rf", str(place)], check=False)  # any depth
+
         return body
 
     def proxy(place: Path, user: str) -> Path:
@@ -91,22 +92,41 @@ def attacks(pki: GridPki, base: Path) -> Iterator[tuple[str, Callable[[Outcome],
         if not config.exists():
             (place / "state").mkdir(mode=0o700)
             mark = f"touch {place}/epilogue-$PAYLOAD_WRAPPER_JOB_ID"
-            config.write_text(f'state_dir = "{place / "state"}"\n'
-                              f'epilogue = ["/bin/sh", "-c", "{mark}"]\n')
-        return [WRAPPER, "--config", str(config), "--proxy", str(prx), "--ca-dir",
-                str(pki.ca_dir), "--vomsdir", str(pki.vomsdir), "--workdir", str(workdir),
-                "--audit-log", str(place / "audit.log"), "--account", "nobody",
-                "--job-id", job, "--", *payload]
+            config.write_text(
+                f'state_dir = "{place / "state"}"\nepilogue = ["/bin/sh", "-c", "{mark}"]\n'
+            )
+        return [
+            WRAPPER,
+            "--config",
+            str(config),
+            "--proxy",
+            str(prx),
+            "--ca-dir",
+            str(pki.ca_dir),
+            "--vomsdir",
+            str(pki.vomsdir),
+            "--workdir",
+            str(workdir),
+            "--audit-log",
+            str(place / "audit.log"),
+            "--account",
+            "nobody",
+            "--job-id",
+            job,
+            "--",
+            *payload,
+        ]
 
     def run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(cmd, env={"PATH": "/usr/bin:/bin"}, capture_output=True,
-                              text=True, timeout=120)
+        return subprocess.run(
+            cmd, env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=120
+        )
 
     def audit(place: Path, job: str) -> dict[str, object]:
         for line in (place / "audit.log").read_text().splitlines():
             record = json.loads(line)
             if record["job_id"] == job:
-                return record  # type: ignore[no-any-return]
+                return record
         return {}
 
     def hopping(outcome: Outcome, place: Path) -> None:
@@ -116,8 +136,9 @@ def attacks(pki: GridPki, base: Path) -> Iterator[tuple[str, Callable[[Outcome],
         source = place / "hopper.c"
         source.write_text(HOPPER_C)
         hopper = place / "hopper"
-        subprocess.run(["gcc", "-O2", "-o", str(hopper), str(source)], check=True,
-                       capture_output=True)
+        subprocess.run(
+            ["gcc", "-O2", "-o", str(hopper), str(source)], check=True, capture_output=True
+        )
         hopper.chmod(0o755)
         prx = proxy(place, "alice")
         for n in range(3):
@@ -137,18 +158,29 @@ def attacks(pki: GridPki, base: Path) -> Iterator[tuple[str, Callable[[Outcome],
             elif done.returncode != 0:
                 outcome.fail(f"the hopping job failed: exit {done.returncode} {done.stderr[-200:]}")
             else:
-                outcome.note(f"hopper killed ({record.get('containment')}, "
-                             f"{record.get('leftovers')} leftovers)")
+                outcome.note(
+                    f"hopper killed ({record.get('containment')}, "
+                    f"{record.get('leftovers')} leftovers)"
+                )
 
     def two_owners(outcome: Outcome, place: Path) -> None:
         alice, bob = proxy(place, "alice"), proxy(place, "bob")
         gate = place / "gate"
         started = place / "work" / "job-own1" / "up"
         first = subprocess.Popen(
-            command(place, alice, "own1", "/bin/sh", "-c",
-                    f"touch {started}; while [ ! -e {gate} ]; do sleep 0.05; done"),
-            env={"PATH": "/usr/bin:/bin"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            text=True)
+            command(
+                place,
+                alice,
+                "own1",
+                "/bin/sh",
+                "-c",
+                f"touch {started}; while [ ! -e {gate} ]; do sleep 0.05; done",
+            ),
+            env={"PATH": "/usr/bin:/bin"},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         try:
             deadline = time.monotonic() + 30
             while not started.exists() and first.poll() is None and time.monotonic() < deadline:
@@ -156,8 +188,16 @@ def attacks(pki: GridPki, base: Path) -> Iterator[tuple[str, Callable[[Outcome],
             if not started.exists():
                 outcome.fail("the first owner's job did not start")
                 return
-            second = run(command(place, bob, "own2", "/bin/sh", "-c",
-                                 "cat /proc/[0-9]*/environ > /dev/null 2>&1; echo ran > ran"))
+            second = run(
+                command(
+                    place,
+                    bob,
+                    "own2",
+                    "/bin/sh",
+                    "-c",
+                    "cat /proc/[0-9]*/environ > /dev/null 2>&1; echo ran > ran",
+                )
+            )
             outcome.tried += 1
             if (place / "work" / "job-own2" / "ran").exists():
                 outcome.fail("ACCEPTED: a second owner ran under the account of a running job")
@@ -172,8 +212,10 @@ def attacks(pki: GridPki, base: Path) -> Iterator[tuple[str, Callable[[Outcome],
     def deep_tree(outcome: Outcome, place: Path) -> None:
         prx = proxy(place, "alice")
         script = place / "deep.py"
-        script.write_text("#!/usr/bin/python3\nimport os\nfor _ in range(3000):\n"
-                          "    os.mkdir('d')\n    os.chdir('d')\n")
+        script.write_text(
+            "#!/usr/bin/python3\nimport os\nfor _ in range(3000):\n"
+            "    os.mkdir('d')\n    os.chdir('d')\n"
+        )
         script.chmod(0o755)
         pilot_dir = place / "work"
         pilot_dir.mkdir(mode=0o755, exist_ok=True)
@@ -182,13 +224,17 @@ def attacks(pki: GridPki, base: Path) -> Iterator[tuple[str, Callable[[Outcome],
         outcome.tried += 1
         record = audit(place, "deep")
         if "Traceback" in done.stderr or not record:
-            outcome.fail(f"deep tree: exit {done.returncode}, audit line {bool(record)}, "
-                         f"{done.stderr[-160:]}")
+            outcome.fail(
+                f"deep tree: exit {done.returncode}, audit line {bool(record)}, "
+                f"{done.stderr[-160:]}"
+            )
         elif not (place / "epilogue-deep").exists():
             outcome.fail("deep tree: the epilogue did not run")
         else:
-            outcome.note(f"deep tree: exit {done.returncode}, audit reason: "
-                         f"{str(record.get('reason'))[:100]}")
+            outcome.note(
+                f"deep tree: exit {done.returncode}, audit reason: "
+                f"{str(record.get('reason'))[:100]}"
+            )
 
     def planted(outcome: Outcome, place: Path) -> None:
         prx = proxy(place, "alice")
@@ -203,8 +249,9 @@ def attacks(pki: GridPki, base: Path) -> Iterator[tuple[str, Callable[[Outcome],
         path.symlink_to(catch)
         os.chown(path, 1, 1, follow_symlinks=False)  # planted by daemon
         try:
-            done = run(command(place, prx, "plant", "/bin/sh", "-c",
-                               f'cat "$X509_USER_PROXY" > {path}'))
+            done = run(
+                command(place, prx, "plant", "/bin/sh", "-c", f'cat "$X509_USER_PROXY" > {path}')
+            )
         finally:
             if path.exists() or path.is_symlink():
                 path.unlink()
@@ -212,8 +259,10 @@ def attacks(pki: GridPki, base: Path) -> Iterator[tuple[str, Callable[[Outcome],
         if catch.read_text():
             outcome.fail("ACCEPTED: the proxy went through a planted /tmp/x509up_u link")
         else:
-            outcome.note(f"planted link: exit {done.returncode}, "
-                         f"{audit(place, 'plant').get('planted', 'no note')}")
+            outcome.note(
+                f"planted link: exit {done.returncode}, "
+                f"{audit(place, 'plant').get('planted', 'no note')}"
+            )
 
     yield "containment: pid-hopping payload", need_root(hopping)
     yield "containment: two owners, one account", need_root(two_owners)

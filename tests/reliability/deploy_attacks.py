@@ -55,14 +55,20 @@ def attacks(pki: GridPki, base: Path) -> Iterator[tuple[str, Callable[[Outcome],
     def ops_abuse(outcome: Outcome) -> None:
         b, ops = broker()
         probes: list[tuple[str, bytes, bytes]] = [
-            ("POST /metrics", b"POST /metrics HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello",
-             b" 405 "),
+            (
+                "POST /metrics",
+                b"POST /metrics HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello",
+                b" 405 ",
+            ),
             ("DELETE /healthz", b"DELETE /healthz HTTP/1.1\r\n\r\n", b" 405 "),
             ("64 KiB path", b"GET /" + b"a" * 65536 + b" HTTP/1.1\r\n\r\n", b" 414 "),
             ("garbage request line", b"\x00\xff\xfe garbage\r\n\r\n", b" 400 "),
             ("unknown path", b"GET /v1/credentials HTTP/1.1\r\n\r\n", b" 404 "),
-            ("TLS hello on plain HTTP",
-             b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 64, b" 400 "),
+            (
+                "TLS hello on plain HTTP",
+                b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 64,
+                b" 400 ",
+            ),
         ]
         for label, data, expected in probes:
             outcome.tried += 1
@@ -111,10 +117,15 @@ def attacks(pki: GridPki, base: Path) -> Iterator[tuple[str, Callable[[Outcome],
         thread = threading.Thread(target=accept, daemon=True)
         thread.start()
         try:
-            identity = ClientIdentity(cert=str(pki.cert_path("pilot")),
-                                      key=str(pki.key_path("pilot")))
-            client = BrokerClient(f"127.0.0.1:{hole.getsockname()[1]},{b.server}", identity,
-                                  ca_dir=str(pki.ca_dir), timeout=1.0)
+            identity = ClientIdentity(
+                cert=str(pki.cert_path("pilot")), key=str(pki.key_path("pilot"))
+            )
+            client = BrokerClient(
+                f"127.0.0.1:{hole.getsockname()[1]},{b.server}",
+                identity,
+                ca_dir=str(pki.ca_dir),
+                timeout=1.0,
+            )
             started = time.monotonic()
             for _ in range(3):
                 outcome.tried += 1
@@ -123,8 +134,10 @@ def attacks(pki: GridPki, base: Path) -> Iterator[tuple[str, Callable[[Outcome],
                 except Exception as exc:
                     outcome.fail(f"failover past a silent server: {type(exc).__name__}: {exc}")
             took = time.monotonic() - started
-            outcome.note(f"3 retrievals past a silent first server in {took:.1f} s "
-                         "(one 1 s timeout, then the live server is kept)")
+            outcome.note(
+                f"3 retrievals past a silent first server in {took:.1f} s "
+                "(one 1 s timeout, then the live server is kept)"
+            )
             if took > 10:
                 outcome.fail(f"failover took {took:.1f} s")
         finally:

@@ -43,8 +43,9 @@ class _Acks:
     retrievals: int = 0
 
 
-def _traffic(index: int, broker: RunningBroker, mp_port: int, tag: str, stop: threading.Event,
-             acks: _Acks) -> None:
+def _traffic(
+    index: int, broker: RunningBroker, mp_port: int, tag: str, stop: threading.Event, acks: _Acks
+) -> None:
     """Delegate and retrieve until stopped; remember each acknowledged delegation."""
     who = "alice" if index % 2 == 0 else "bob"
     username = f"f{tag}x{index}"
@@ -55,8 +56,13 @@ def _traffic(index: int, broker: RunningBroker, mp_port: int, tag: str, stop: th
     cred = rest.identity.load()
     mp = None
     if mp_port and index % 3 == 2:
-        mp = MyProxyClient(mp_port, broker.pki.ca_dir, broker.pki.cert_path(who),
-                           broker.pki.key_path(who), timeout=10.0)
+        mp = MyProxyClient(
+            mp_port,
+            broker.pki.ca_dir,
+            broker.pki.cert_path(who),
+            broker.pki.key_path(who),
+            timeout=10.0,
+        )
     done: list[str] = []
     for serial in range(10_000):
         if stop.is_set():
@@ -96,8 +102,17 @@ def _healthy(broker: RunningBroker, timeout: float) -> bool:
     return False
 
 
-def kill_rounds(pki: GridPki, base: Path, *, rounds: int, mode: str, myproxy: bool,
-                outcome: Outcome, keys_out: list[bytes], rng: random.Random) -> None:
+def kill_rounds(
+    pki: GridPki,
+    base: Path,
+    *,
+    rounds: int,
+    mode: str,
+    myproxy: bool,
+    outcome: Outcome,
+    keys_out: list[bytes],
+    rng: random.Random,
+) -> None:
     """``mode`` "server": kill -9 the master (and its children); "worker": one worker only."""
     workdir = base / f"kill-{mode}"
     broker, mp_port = launch(pki, workdir, myproxy=myproxy)
@@ -105,9 +120,14 @@ def kill_rounds(pki: GridPki, base: Path, *, rounds: int, mode: str, myproxy: bo
     try:
         for round_no in range(rounds):
             stop = threading.Event()
-            threads = [threading.Thread(target=_traffic, daemon=True,
-                                        args=(i, broker, mp_port, f"{mode[0]}{round_no}", stop,
-                                              acks)) for i in range(6)]
+            threads = [
+                threading.Thread(
+                    target=_traffic,
+                    daemon=True,
+                    args=(i, broker, mp_port, f"{mode[0]}{round_no}", stop, acks),
+                )
+                for i in range(6)
+            ]
             for thread in threads:
                 thread.start()
             time.sleep(rng.uniform(0.4, 2.5))  # a random point in the traffic
@@ -116,8 +136,9 @@ def kill_rounds(pki: GridPki, base: Path, *, rounds: int, mode: str, myproxy: bo
             else:
                 victims = worker_pids(broker)
                 if not victims:
-                    outcome.fail(f"round {round_no}: no gunicorn worker found under "
-                                 f"{broker.process.pid}")
+                    outcome.fail(
+                        f"round {round_no}: no gunicorn worker found under {broker.process.pid}"
+                    )
                 else:
                     os.kill(rng.choice(victims), signal.SIGKILL)
             outcome.tried += 1
@@ -146,12 +167,15 @@ def kill_rounds(pki: GridPki, base: Path, *, rounds: int, mode: str, myproxy: bo
                 outcome.fail(problem)
     finally:
         broker.stop()
-    outcome.note(f"{mode} kills: {rounds}; delegations attempted {acks.attempts}, acknowledged "
-                 f"{len(acks.acked)}, retrievals during traffic {acks.retrievals}")
+    outcome.note(
+        f"{mode} kills: {rounds}; delegations attempted {acks.attempts}, acknowledged "
+        f"{len(acks.acked)}, retrievals during traffic {acks.retrievals}"
+    )
 
 
-def _verify(broker: RunningBroker, acks: _Acks, outcome: Outcome, label: str,
-            keys_out: list[bytes]) -> None:
+def _verify(
+    broker: RunningBroker, acks: _Acks, outcome: Outcome, label: str, keys_out: list[bytes]
+) -> None:
     with open_store(broker.state_dir, broker.database_url) as store:
         integrity = check_rows(store, keep_keys=40)
     keys_out.extend(integrity.keys[: max(0, 200 - len(keys_out))])
@@ -174,16 +198,21 @@ def _verify(broker: RunningBroker, acks: _Acks, outcome: Outcome, label: str,
 # --------------------------------------------------------------------------- PostgreSQL
 
 
-def _raw_get(broker: RunningBroker, path: str, body: Mapping[str, object] | None = None,
-             method: str = "GET") -> tuple[int, bytes]:
+def _raw_get(
+    broker: RunningBroker, path: str, body: Mapping[str, object] | None = None, method: str = "GET"
+) -> tuple[int, bytes]:
     ctx = ssl.create_default_context(capath=str(broker.pki.ca_dir))
     ctx.load_cert_chain(str(broker.pki.cert_path("pilot")), str(broker.pki.key_path("pilot")))
     payload = json.dumps(body).encode() if body is not None else b""
-    with socket.create_connection(("127.0.0.1", broker.port), timeout=30) as raw, \
-            ctx.wrap_socket(raw, server_hostname="localhost") as tls:
-        tls.sendall(f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
-                    f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
-                    .encode() + payload)
+    with (
+        socket.create_connection(("127.0.0.1", broker.port), timeout=30) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        tls.sendall(
+            f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n".encode()
+            + payload
+        )
         data = b""
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and (chunk := tls.recv(65536)):
@@ -221,15 +250,19 @@ def postgres_outage(pki: GridPki, base: Path, outcome: Outcome, rng: random.Rand
             time.sleep(rng.uniform(0.1, 1.0))
             pg_stop(cluster)
             outcome.tried += 1
-            for path, body, method in (("/healthz", None, "GET"),
-                                       ("/v1/retrievals", retrieval, "POST")):
+            for path, body, method in (
+                ("/healthz", None, "GET"),
+                ("/v1/retrievals", retrieval, "POST"),
+            ):
                 status, answer = _raw_get(broker, path, body, method)
                 problem = _clear_json(status, answer, (503,))
                 if problem:
                     outcome.fail(f"PostgreSQL down, {method} {path}: {problem}")
                 else:
-                    outcome.note(f"PostgreSQL down, {method} {path}: {status} "
-                                 f"{json.loads(answer).get('message', '')[:110]}")
+                    outcome.note(
+                        f"PostgreSQL down, {method} {path}: {status} "
+                        f"{json.loads(answer).get('message', '')[:110]}"
+                    )
             pg_start(cluster)
             deadline = time.monotonic() + 30
             recovered = False
@@ -241,11 +274,15 @@ def postgres_outage(pki: GridPki, base: Path, outcome: Outcome, rng: random.Rand
             status, answer = _raw_get(broker, "/v1/retrievals", retrieval, "POST")
             same = broker.process.poll() is None and broker.process.pid == pid_before
             if not (recovered and status == 200 and same):
-                outcome.fail(f"no recovery after PostgreSQL came back: healthz ok={recovered}, "
-                             f"retrieval {status} {answer[:120]!r}, same process={same}")
+                outcome.fail(
+                    f"no recovery after PostgreSQL came back: healthz ok={recovered}, "
+                    f"retrieval {status} {answer[:120]!r}, same process={same}"
+                )
             else:
-                outcome.note("PostgreSQL back: healthz 200 and retrieval 200 from the same "
-                             "server process (no restart)")
+                outcome.note(
+                    "PostgreSQL back: healthz 200 and retrieval 200 from the same "
+                    "server process (no restart)"
+                )
             with open_store(broker.state_dir, broker.database_url) as store:
                 keys = check_rows(store, keep_keys=5).keys
         finally:
@@ -264,8 +301,10 @@ def _scan_pg(data: Path, keys: list[bytes], outcome: Outcome) -> None:
         for needle in needles:
             if needle in blob:
                 outcome.fail(f"PostgreSQL file {path.name} holds private-key bytes")
-    outcome.note(f"PostgreSQL data dir: {len(files)} files scanned for {len(keys)} stored keys "
-                 "and PEM markers")
+    outcome.note(
+        f"PostgreSQL data dir: {len(files)} files scanned for {len(keys)} stored keys "
+        "and PEM markers"
+    )
 
 
 # --------------------------------------------------------------------------- disk full
@@ -277,14 +316,17 @@ def disk_full(pki: GridPki, base: Path, outcome: Outcome) -> None:
         return
     mount = base / "tinyfs"
     mount.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(mount)],
-                   check=True, capture_output=True, timeout=30)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(mount)],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
     broker = None
     try:
         broker = _launch_on(pki, base, mount / "state")
         alice = broker.client("alice")
-        alice.delegate(alice.identity.load(), username="df", name="before",
-                       now=datetime.now(UTC))
+        alice.delegate(alice.identity.load(), username="df", name="before", now=datetime.now(UTC))
         filler = mount / "filler"
         _fill(filler, 65536)
         _fill(mount / "filler2", 512)  # the last few bytes
@@ -297,23 +339,26 @@ def disk_full(pki: GridPki, base: Path, outcome: Outcome) -> None:
             if problem:
                 outcome.fail(f"disk full, delegation: {problem}")
             elif attempt == 0:
-                outcome.note(f"disk full: HTTP {status} "
-                             f"{json.loads(answer).get('message', '')[:140]}")
+                outcome.note(
+                    f"disk full: HTTP {status} {json.loads(answer).get('message', '')[:140]}"
+                )
         status, _ = _raw_get(broker, "/healthz")
         outcome.note(f"disk full: /healthz answers {status}")
         for path in (filler, mount / "filler2"):
             path.unlink(missing_ok=True)
         outcome.tried += 1
         try:
-            alice.delegate(alice.identity.load(), username="df", name="after",
-                           now=datetime.now(UTC))
+            alice.delegate(
+                alice.identity.load(), username="df", name="after", now=datetime.now(UTC)
+            )
             broker.client("pilot").retrieve(username="df", name="before", key_type="ec")
             outcome.note("space freed: delegation and retrieval work again without a restart")
         except BrokerError as exc:
             outcome.fail(f"after freeing space the broker did not recover: {exc}")
         log = broker.log.read_text(errors="replace")
-        outcome.note(f"server log: {log.count('Traceback')} tracebacks (log only, "
-                     "never in a response)")
+        outcome.note(
+            f"server log: {log.count('Traceback')} tracebacks (log only, never in a response)"
+        )
     finally:
         if broker is not None:
             broker.stop()
@@ -346,14 +391,19 @@ def _delegate_raw(broker: RunningBroker, name: str) -> tuple[int, bytes]:
     return _raw_get_ctx(broker, ctx, "/v1/delegations", {"username": "df", "name": name})
 
 
-def _raw_get_ctx(broker: RunningBroker, ctx: ssl.SSLContext, path: str,
-                 body: dict[str, object]) -> tuple[int, bytes]:
+def _raw_get_ctx(
+    broker: RunningBroker, ctx: ssl.SSLContext, path: str, body: dict[str, object]
+) -> tuple[int, bytes]:
     payload = json.dumps(body).encode()
-    with socket.create_connection(("127.0.0.1", broker.port), timeout=30) as raw, \
-            ctx.wrap_socket(raw, server_hostname="localhost") as tls:
-        tls.sendall(f"POST {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
-                    f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
-                    .encode() + payload)
+    with (
+        socket.create_connection(("127.0.0.1", broker.port), timeout=30) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        tls.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n".encode()
+            + payload
+        )
         data = b""
         while chunk := tls.recv(65536):
             data += chunk

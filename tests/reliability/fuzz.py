@@ -40,10 +40,30 @@ from tests.reliability.harness import Outcome, launch
 
 HANG_SECONDS = 10
 REPO = Path(__file__).resolve().parents[2]
-INTERESTING = [b"\x00", b"\xff", b"\x7f", b"\x80", b"\x81\x80", b"\x84\xff\xff\xff\xff", b"\n",
-               b"=", b"\r\n", b"-----BEGIN CERTIFICATE-----\n", b"-----END CERTIFICATE-----\n",
-               b"VERSION=MYPROXYv2\n", b"COMMAND=", b"\x30\x80", b"\x30\x82\xff\xff", b"[[rule]]\n",
-               b'"""', b"'", b"\\u0000", b"%n%s", "é".encode(), b"\xf0\x9f\x92\xa9"]
+INTERESTING = [
+    b"\x00",
+    b"\xff",
+    b"\x7f",
+    b"\x80",
+    b"\x81\x80",
+    b"\x84\xff\xff\xff\xff",
+    b"\n",
+    b"=",
+    b"\r\n",
+    b"-----BEGIN CERTIFICATE-----\n",
+    b"-----END CERTIFICATE-----\n",
+    b"VERSION=MYPROXYv2\n",
+    b"COMMAND=",
+    b"\x30\x80",
+    b"\x30\x82\xff\xff",
+    b"[[rule]]\n",
+    b'"""',
+    b"'",
+    b"\\u0000",
+    b"%n%s",
+    "é".encode(),
+    b"\xf0\x9f\x92\xa9",
+]
 
 
 class _Hang(BaseException):
@@ -63,26 +83,46 @@ def _seeds(pki: GridPki) -> dict[str, list[bytes]]:
     proxy = new_proxy(alice, now=now, lifetime=timedelta(hours=1), key=generate_key("ec"))
     ders = [c.public_bytes(serialization.Encoding.DER) for c in proxy.chain]
     csr = make_csr(generate_key("ec"))
-    ext = voms.make_ac_extension(alice.cert, pki.pki.voms, vo="atlas",
-                                 fqans=["/atlas", "/atlas/Role=pilot"],
-                                 uri=str(pki.manifest["voms_uri"]), now=now,
-                                 lifetime=timedelta(hours=1))
-    voms_proxy = new_proxy(alice, now=now, lifetime=timedelta(hours=1),
-                           key=generate_key("ec"), extra_extensions=[ext])
+    ext = voms.make_ac_extension(
+        alice.cert,
+        pki.pki.voms,
+        vo="atlas",
+        fqans=["/atlas", "/atlas/Role=pilot"],
+        uri=str(pki.manifest["voms_uri"]),
+        now=now,
+        lifetime=timedelta(hours=1),
+    )
+    voms_proxy = new_proxy(
+        alice, now=now, lifetime=timedelta(hours=1), key=generate_key("ec"), extra_extensions=[ext]
+    )
     acs = voms.find_acs(voms_proxy.chain[0])
-    policies = [DEV_POLICY.encode()] + [p.read_bytes() for p in sorted(
-        (REPO / "policies").glob("*.toml"))]
+    policies = [DEV_POLICY.encode()] + [
+        p.read_bytes() for p in sorted((REPO / "policies").glob("*.toml"))
+    ]
     return {
-        "request": [codec.format_request(c, "alice", "pass phrase", 43200,
-                                         [("CRED_NAME", "x"), ("RETRIEVER", "*/CN=pilot"),
-                                          ("VONAME", "atlas"), ("TRUSTED_CERTS", "1")])
-                    for c in Command],
-        "response": [codec.ok([("CRED_NAME", "x")]), codec.error("denied\nsecond line"),
-                     codec.challenge([(AuthMethodId.X509_CERTIFICATE_SHA256, "abcd")]),
-                     codec.format_response(ResponseCode.OK)],
+        "request": [
+            codec.format_request(
+                c,
+                "alice",
+                "pass phrase",
+                43200,
+                [
+                    ("CRED_NAME", "x"),
+                    ("RETRIEVER", "*/CN=pilot"),
+                    ("VONAME", "atlas"),
+                    ("TRUSTED_CERTS", "1"),
+                ],
+            )
+            for c in Command
+        ],
+        "response": [
+            codec.ok([("CRED_NAME", "x")]),
+            codec.error("denied\nsecond line"),
+            codec.challenge([(AuthMethodId.X509_CERTIFICATE_SHA256, "abcd")]),
+            codec.format_response(ResponseCode.OK),
+        ],
         "chain": [codec.encode_chain(ders), codec.encode_chain(ders[:1])],
-        "auth": [codec.format_auth_reply(AuthMethodId.X509_CERTIFICATE_SHA256, b"s" * 256,
-                                         ders)],
+        "auth": [codec.format_auth_reply(AuthMethodId.X509_CERTIFICATE_SHA256, b"s" * 256, ders)],
         "pem": [chain_to_pem(proxy.chain), chain_to_pem(voms_proxy.chain)],
         "der": [*ders, voms_proxy.chain[0].public_bytes(serialization.Encoding.DER)],
         "csr": [csr_to_pem(csr), csr.public_bytes(serialization.Encoding.DER)],
@@ -112,7 +152,7 @@ def mutate(data: bytes, rng: random.Random, pool: list[bytes]) -> bytes:
             del out[pos:end]
         elif op == 4 and out:  # duplicate a range
             start = rng.randrange(len(out))
-            chunk = out[start:start + rng.choice((1, 8, 64, 512))]
+            chunk = out[start : start + rng.choice((1, 8, 64, 512))]
             out[pos:pos] = chunk * rng.choice((1, 2, 16))
         elif op == 5:  # truncate
             del out[pos:]
@@ -136,11 +176,17 @@ def _pem_wrap(der: bytes, label: bytes = b"CERTIFICATE") -> bytes:
 
 def _cert_with_extension(value: bytes, key: Any, subject: x509.Name) -> x509.Certificate:
     now = datetime.now(UTC)
-    return (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
-            .public_key(key.public_key()).serial_number(1)
-            .not_valid_before(now - timedelta(minutes=1)).not_valid_after(now + timedelta(hours=1))
-            .add_extension(x509.UnrecognizedExtension(voms._VOMS_AC_EXT, value), critical=False)
-            .sign(key, hashes.SHA256()))
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(hours=1))
+        .add_extension(x509.UnrecognizedExtension(voms._VOMS_AC_EXT, value), critical=False)
+        .sign(key, hashes.SHA256())
+    )
 
 
 class _Checker:
@@ -172,12 +218,15 @@ class _Checker:
 
     def _crash(self, target: str, data: bytes, why: str) -> None:
         digest = hashlib.sha256(data).hexdigest()[:12]
-        self.outcome.fail(f"{target}: {why[:200]} (input sha256 {digest}, "
-                          f"{len(data)} bytes, head {data[:48].hex()})")
+        self.outcome.fail(
+            f"{target}: {why[:200]} (input sha256 {digest}, "
+            f"{len(data)} bytes, head {data[:48].hex()})"
+        )
 
 
-def fuzz_parsers(pki: GridPki, total: int, rng: random.Random, outcome: Outcome, *,
-                 myproxy: bool) -> None:
+def fuzz_parsers(
+    pki: GridPki, total: int, rng: random.Random, outcome: Outcome, *, myproxy: bool
+) -> None:
     seeds = _seeds(pki)
     pool = [s for group in seeds.values() for s in group]
     check = _Checker(outcome)
@@ -196,11 +245,14 @@ def fuzz_parsers(pki: GridPki, total: int, rng: random.Random, outcome: Outcome,
     targets: list[tuple[str, str, Callable[[bytes], object], int]] = [
         # name, seed group, function, weight
         ("PEM chain (load_certificates)", "pem", load_certificates, 12),
-        ("DER in PEM (load_certificates)", "der", lambda d: load_certificates(_pem_wrap(d)),
-         12),
+        ("DER in PEM (load_certificates)", "der", lambda d: load_certificates(_pem_wrap(d)), 12),
         ("CSR PEM/DER (load_csr)", "csr", load_csr, 10),
-        ("CSR DER in PEM (load_csr)", "csr",
-         lambda d: load_csr(_pem_wrap(d, b"CERTIFICATE REQUEST")), 4),
+        (
+            "CSR DER in PEM (load_csr)",
+            "csr",
+            lambda d: load_csr(_pem_wrap(d, b"CERTIFICATE REQUEST")),
+            4,
+        ),
         ("VOMS AC (parse_ac)", "ac", voms.parse_ac, 14),
         ("VOMS AC extension (split_ac_extension)", "acext", voms.split_ac_extension, 6),
         ("VOMS AC in a certificate (find_acs)", "acext", find, 4),
@@ -222,20 +274,26 @@ def fuzz_parsers(pki: GridPki, total: int, rng: random.Random, outcome: Outcome,
         for name, group, fn, w in targets:
             for _ in range(mutated * w // weight):
                 base = rng.choice(seeds[group])
-                data = mutate(base, rng, pool) if rng.random() < 0.97 else rng.randbytes(
-                    rng.randrange(0, 600))
+                data = (
+                    mutate(base, rng, pool)
+                    if rng.random() < 0.97
+                    else rng.randbytes(rng.randrange(0, 600))
+                )
                 check(name, fn, data)
         _hypothesis(targets, seeds, total - outcome.tried, check)
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
-    outcome.note("inputs per target: " + "; ".join(f"{k} {v}" for k, v in
-                                                     check.by_target.items()))
+    outcome.note("inputs per target: " + "; ".join(f"{k} {v}" for k, v in check.by_target.items()))
     outcome.note(f"slowest single input {check.slowest[0] * 1000:.0f} ms ({check.slowest[1]})")
 
 
-def _hypothesis(targets: list[tuple[str, str, Callable[[bytes], object], int]],
-                seeds: dict[str, list[bytes]], budget: int, check: _Checker) -> None:
+def _hypothesis(
+    targets: list[tuple[str, str, Callable[[bytes], object], int]],
+    seeds: dict[str, list[bytes]],
+    budget: int,
+    check: _Checker,
+) -> None:
     """Hypothesis-generated inputs: raw bytes, seed-derived bytes, structured policy TOML."""
     from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis import strategies as st
@@ -243,30 +301,79 @@ def _hypothesis(targets: list[tuple[str, str, Callable[[bytes], object], int]],
     if budget <= 0:
         return
     per = max(budget // (len(targets) + 1), 1)
-    config = settings(max_examples=per, deadline=None, database=None, phases=[Phase.generate],
-                      derandomize=True,
-                      suppress_health_check=list(HealthCheck))
+    config = settings(
+        max_examples=per,
+        deadline=None,
+        database=None,
+        phases=[Phase.generate],
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
+    )
     for name, group, fn, _ in targets:
         strategy = st.one_of(
             st.binary(max_size=2048),
-            st.tuples(st.sampled_from(seeds[group]), st.integers(0, 4096), st.binary(max_size=64))
-            .map(lambda t: t[0][: t[1]] + t[2] + t[0][t[1] + len(t[2]):]),
+            st.tuples(
+                st.sampled_from(seeds[group]), st.integers(0, 4096), st.binary(max_size=64)
+            ).map(lambda t: t[0][: t[1]] + t[2] + t[0][t[1] + len(t[2]) :]),
         )
 
         _given_bytes(config, strategy, f"{name} [hypothesis]", fn, check)()
 
-    words = st.sampled_from(["self", "group:pilots", "fqan:/atlas/Role=pilot", "re:(", "re:.*",
-                             "*", "/DC=org/*", "passphrase", "pam:alice", "anonymous", "12h",
-                             "-1h", "0s", "retrieve", "delegate", "renew", "info", "destroy",
-                             "allow", "deny", "certificate", "group:nope", "fqan:bad", ""])
-    scalar = st.one_of(words, st.text(max_size=40), st.integers(-2**70, 2**70), st.booleans(),
-                       st.floats(allow_nan=False, allow_infinity=False))
+    words = st.sampled_from(
+        [
+            "self",
+            "group:pilots",
+            "fqan:/atlas/Role=pilot",
+            "re:(",
+            "re:.*",
+            "*",
+            "/DC=org/*",
+            "passphrase",
+            "pam:alice",
+            "anonymous",
+            "12h",
+            "-1h",
+            "0s",
+            "retrieve",
+            "delegate",
+            "renew",
+            "info",
+            "destroy",
+            "allow",
+            "deny",
+            "certificate",
+            "group:nope",
+            "fqan:bad",
+            "",
+        ]
+    )
+    scalar = st.one_of(
+        words,
+        st.text(max_size=40),
+        st.integers(-(2**70), 2**70),
+        st.booleans(),
+        st.floats(allow_nan=False, allow_infinity=False),
+    )
     value = st.one_of(scalar, st.lists(scalar, max_size=5))
-    keys = st.sampled_from(["name", "action", "effect", "requester", "auth", "max_lifetime",
-                            "limited", "credential", "require_job_id", "owner", "bogus"])
+    keys = st.sampled_from(
+        [
+            "name",
+            "action",
+            "effect",
+            "requester",
+            "auth",
+            "max_lifetime",
+            "limited",
+            "credential",
+            "require_job_id",
+            "owner",
+            "bogus",
+        ]
+    )
     rule = st.dictionaries(keys, value, max_size=8)
-    groups = st.dictionaries(st.text("abcxyz_-", min_size=1, max_size=8),
-                             st.lists(words, max_size=4), max_size=4)
+    groups = st.dictionaries(
+        st.text("abcxyz_-", min_size=1, max_size=8), st.lists(words, max_size=4), max_size=4
+    )
 
     @config
     @given(st.lists(rule, max_size=5), groups)
@@ -276,14 +383,18 @@ def _hypothesis(targets: list[tuple[str, str, Callable[[bytes], object], int]],
             lines.append("[[rule]]")
             lines += [f"{k} = {_toml(v)}" for k, v in r.items()]
         text = "\n".join(lines) + "\n"
-        check("policy files [hypothesis, structured]",
-              lambda d: load_policy({"10-h.toml": d.decode()}), text.encode())
+        check(
+            "policy files [hypothesis, structured]",
+            lambda d: load_policy({"10-h.toml": d.decode()}),
+            text.encode(),
+        )
 
     structured()
 
 
-def _given_bytes(config: Any, strategy: Any, label: str, fn: Callable[[bytes], object],
-                 check: _Checker) -> Callable[[], None]:
+def _given_bytes(
+    config: Any, strategy: Any, label: str, fn: Callable[[bytes], object], check: _Checker
+) -> Callable[[], None]:
     from hypothesis import given
 
     @config
@@ -291,7 +402,7 @@ def _given_bytes(config: Any, strategy: Any, label: str, fn: Callable[[bytes], o
     def run(data: bytes) -> None:
         check(label, fn, data)
 
-    return run  # type: ignore[no-any-return]
+    return run
 
 
 def _toml(value: Any) -> str:
@@ -306,10 +417,30 @@ def _toml(value: Any) -> str:
 
 # --------------------------------------------------------------------------- REST bodies
 
-_FIELDS = ["username", "name", "stored_hours", "max_proxy_hours", "retrievers",
-           "trusted_retrievers", "renewers", "description", "chain", "passphrase", "csr",
-           "owner", "job_id", "lifetime_hours", "limited", "challenge", "authz_chain",
-           "signature", "old", "new", "extra", "__proto__"]
+_FIELDS = [
+    "username",
+    "name",
+    "stored_hours",
+    "max_proxy_hours",
+    "retrievers",
+    "trusted_retrievers",
+    "renewers",
+    "description",
+    "chain",
+    "passphrase",
+    "csr",
+    "owner",
+    "job_id",
+    "lifetime_hours",
+    "limited",
+    "challenge",
+    "authz_chain",
+    "signature",
+    "old",
+    "new",
+    "extra",
+    "__proto__",
+]
 
 
 def _json_value(rng: random.Random, depth: int, samples: list[str]) -> Any:
@@ -319,21 +450,38 @@ def _json_value(rng: random.Random, depth: int, samples: list[str]) -> Any:
     if kind == 1:
         return rng.choice([True, False])
     if kind == 2:
-        return rng.choice([0, -1, 1, 2**31, -2**63, 2**64, 10**400 // 10**380, 24 * 367])
+        return rng.choice([0, -1, 1, 2**31, -(2**63), 2**64, 10**400 // 10**380, 24 * 367])
     if kind == 3:
         return rng.choice([0.0, -0.5, 1e308, 1e-308, 12.5, 8784.0001])
     if kind == 4:
         return rng.choice(samples)
     if kind == 5:
-        return "".join(chr(rng.choice([0, 10, 47, 46, 92, 0x202E, 0xFFFF, rng.randrange(32, 127),
-                                        rng.randrange(0x80, 0x2FFF)]))
-                       for _ in range(rng.choice((0, 1, 5, 40, 300))))
+        return "".join(
+            chr(
+                rng.choice(
+                    [
+                        0,
+                        10,
+                        47,
+                        46,
+                        92,
+                        0x202E,
+                        0xFFFF,
+                        rng.randrange(32, 127),
+                        rng.randrange(0x80, 0x2FFF),
+                    ]
+                )
+            )
+            for _ in range(rng.choice((0, 1, 5, 40, 300)))
+        )
     if kind == 6:
         return "x" * rng.choice((129, 1025, 4097, 70_000))
     if kind in (7, 8):
         return [_json_value(rng, depth + 1, samples) for _ in range(rng.choice((0, 1, 3, 300)))]
-    return {rng.choice(_FIELDS): _json_value(rng, depth + 1, samples)
-            for _ in range(rng.randrange(0, 6))}
+    return {
+        rng.choice(_FIELDS): _json_value(rng, depth + 1, samples)
+        for _ in range(rng.randrange(0, 6))
+    }
 
 
 def _body(rng: random.Random, samples: list[str]) -> bytes:
@@ -350,12 +498,28 @@ def _body(rng: random.Random, samples: list[str]) -> bytes:
 
 
 def _segment(rng: random.Random) -> str:
-    return quote(rng.choice(["alice", "..", "../etc", "a\0b", "%00", "x" * 300, "default",
-                             "ü", "a/b", " ", "load0", "-"]), safe="")
+    return quote(
+        rng.choice(
+            [
+                "alice",
+                "..",
+                "../etc",
+                "a\0b",
+                "%00",
+                "x" * 300,
+                "default",
+                "ü",
+                "a/b",
+                " ",
+                "load0",
+                "-",
+            ]
+        ),
+        safe="",
+    )
 
 
-def fuzz_rest(pki: GridPki, base: Path, total: int, rng: random.Random,
-              outcome: Outcome) -> None:
+def fuzz_rest(pki: GridPki, base: Path, total: int, rng: random.Random, outcome: Outcome) -> None:
     broker, _ = launch(pki, base / "rest-fuzz")
     try:
         alice = broker.client("alice")
@@ -363,15 +527,28 @@ def fuzz_rest(pki: GridPki, base: Path, total: int, rng: random.Random,
         pending = alice.call("POST", "/v1/delegations", {"username": "alice", "name": "p"})
         csr = csr_to_pem(make_csr(generate_key("ec"))).decode()
         chain = chain_to_pem(pki.load("alice").chain).decode()
-        samples = [csr, chain, "alice", "default", "/DC=org/DC=example/CN=Alice", "1.0",
-                   pending["id"], "*/CN=pilot", "group:pilots", "fqan:/atlas", "c2lnbmF0dXJl"]
+        samples = [
+            csr,
+            chain,
+            "alice",
+            "default",
+            "/DC=org/DC=example/CN=Alice",
+            "1.0",
+            pending["id"],
+            "*/CN=pilot",
+            "group:pilots",
+            "fqan:/atlas",
+            "c2lnbmF0dXJl",
+        ]
         _fuzz_rest_threads(broker, total, rng.randrange(2**32), samples, pending["id"], outcome)
         _bad_version(broker, pki, outcome)
     finally:
         broker.stop()
     log = broker.log.read_text(errors="replace")
-    outcome.note(f"server log after REST fuzzing: {log.count('Traceback')} tracebacks, "
-                 f"{log.count('unexpected error')} 'unexpected error' lines")
+    outcome.note(
+        f"server log after REST fuzzing: {log.count('Traceback')} tracebacks, "
+        f"{log.count('unexpected error')} 'unexpected error' lines"
+    )
     if "unexpected error" in log:
         outcome.fail("the server logged an unexpected error (a 500 path) during REST fuzzing")
 
@@ -387,21 +564,41 @@ def _bad_version(broker: RunningBroker, pki: GridPki, outcome: Outcome) -> None:
     csr_der = bytearray(make_csr(generate_key("ec")).public_bytes(serialization.Encoding.DER))
     csr_der[csr_der.index(b"\x02\x01\x00") + 2] = 0x41  # CSR version 66
     pending = alice.call("POST", "/v1/delegations", {"username": "alice", "name": "ver"})
-    cases = [("PUT", f"/v1/delegations/{pending['id']}",
-              {"chain": _pem_wrap(bytes(der)).decode()}, alice._ctx),
-             ("POST", "/v1/retrievals", {"username": "alice", "csr": _pem_wrap(
-                 bytes(csr_der), b"CERTIFICATE REQUEST").decode()},
-              broker.client("pilot")._ctx)]
+    cases = [
+        (
+            "PUT",
+            f"/v1/delegations/{pending['id']}",
+            {"chain": _pem_wrap(bytes(der)).decode()},
+            alice._ctx,
+        ),
+        (
+            "POST",
+            "/v1/retrievals",
+            {
+                "username": "alice",
+                "csr": _pem_wrap(bytes(csr_der), b"CERTIFICATE REQUEST").decode(),
+            },
+            broker.client("pilot")._ctx,
+        ),
+    ]
     for method, path, body, ctx in cases:
         outcome.tried += 1
         status, answer = _send(broker, ctx, method, path, json.dumps(body).encode())
         if status >= 500 or status == 0:
-            outcome.fail(f"{method} {path} with an out-of-range X.509 version: HTTP {status} "
-                         f"{answer[:120]!r}")
+            outcome.fail(
+                f"{method} {path} with an out-of-range X.509 version: HTTP {status} "
+                f"{answer[:120]!r}"
+            )
 
 
-def _fuzz_rest_threads(broker: RunningBroker, total: int, seed: int, samples: list[str],
-                       pending_id: str, outcome: Outcome) -> None:
+def _fuzz_rest_threads(
+    broker: RunningBroker,
+    total: int,
+    seed: int,
+    samples: list[str],
+    pending_id: str,
+    outcome: Outcome,
+) -> None:
     lock = threading.Lock()
     statuses: dict[int, int] = {}
     sent = [0]
@@ -416,25 +613,33 @@ def _fuzz_rest_threads(broker: RunningBroker, total: int, seed: int, samples: li
                 if sent[0] >= total:
                     return
                 sent[0] += 1
-            method, path = rng.choice([
-                ("POST", "/v1/delegations"), ("PUT", f"/v1/delegations/{pending_id}"),
-                ("PUT", f"/v1/delegations/{_segment(rng)}"), ("POST", "/v1/retrievals"),
-                ("POST", "/v1/renewals"), ("GET", "/v1/renewals/challenge"),
-                ("GET", f"/v1/credentials?username={_segment(rng)}&name={_segment(rng)}"),
-                ("DELETE", f"/v1/credentials/{_segment(rng)}/{_segment(rng)}"),
-                ("POST", f"/v1/credentials/alice/{_segment(rng)}/passphrase"),
-                ("GET", "/v1/whoami")])
+            method, path = rng.choice(
+                [
+                    ("POST", "/v1/delegations"),
+                    ("PUT", f"/v1/delegations/{pending_id}"),
+                    ("PUT", f"/v1/delegations/{_segment(rng)}"),
+                    ("POST", "/v1/retrievals"),
+                    ("POST", "/v1/renewals"),
+                    ("GET", "/v1/renewals/challenge"),
+                    ("GET", f"/v1/credentials?username={_segment(rng)}&name={_segment(rng)}"),
+                    ("DELETE", f"/v1/credentials/{_segment(rng)}/{_segment(rng)}"),
+                    ("POST", f"/v1/credentials/alice/{_segment(rng)}/passphrase"),
+                    ("GET", "/v1/whoami"),
+                ]
+            )
             body = _body(rng, samples)
             status, answer = _send(broker, contexts[rng.randrange(3)], method, path, body)
             with lock:
                 statuses[status] = statuses.get(status, 0) + 1
                 outcome.tried += 1
                 if status >= 500 or status == 0:
-                    outcome.fail(f"{method} {path} body {body[:100]!r}: HTTP {status} "
-                                 f"{answer[:150]!r}")
+                    outcome.fail(
+                        f"{method} {path} body {body[:100]!r}: HTTP {status} {answer[:150]!r}"
+                    )
                 elif status >= 400 and not _json_error(answer):
-                    outcome.fail(f"{method} {path}: HTTP {status} without a JSON error body "
-                                 f"{answer[:150]!r}")
+                    outcome.fail(
+                        f"{method} {path}: HTTP {status} without a JSON error body {answer[:150]!r}"
+                    )
 
     threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(8)]
     for thread in threads:
@@ -452,16 +657,21 @@ def _json_error(answer: bytes) -> bool:
     return isinstance(doc, dict) and "error" in doc and "message" in doc
 
 
-def _send(broker: RunningBroker, ctx: Any, method: str, path: str,
-          body: bytes) -> tuple[int, bytes]:
+def _send(
+    broker: RunningBroker, ctx: Any, method: str, path: str, body: bytes
+) -> tuple[int, bytes]:
     """One request on a fresh TLS connection; the answer is read even when the server
     stopped reading an oversize body (it answers 413 and closes: our send then fails)."""
-    head = (f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    head = (
+        f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
     data = b""
     try:
-        with socket.create_connection(("127.0.0.1", broker.port), timeout=30) as raw, \
-                ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+        with (
+            socket.create_connection(("127.0.0.1", broker.port), timeout=30) as raw,
+            ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+        ):
             try:
                 tls.sendall(head + body)
             except (BrokenPipeError, ConnectionResetError, ssl.SSLError):

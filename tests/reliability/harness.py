@@ -67,8 +67,9 @@ def make_pki(base: Path) -> GridPki:
     base.mkdir(parents=True, exist_ok=True)
     os.chmod(base, 0o755)
     now = datetime.now(UTC)
-    pki, manifest = write_dev_pki(base / "pki", now=now, users=("alice", "bob", "mallory"),
-                                  pilots=("pilot", "pilot2"))
+    pki, manifest = write_dev_pki(
+        base / "pki", now=now, users=("alice", "bob", "mallory"), pilots=("pilot", "pilot2")
+    )
     root = base / "pki"
     for d in (root, root / "certificates", root / "vomsdir"):
         d.chmod(0o755)
@@ -84,16 +85,22 @@ def myproxy_usable() -> str:
     return ""
 
 
-def launch(pki: GridPki, base: Path, *, database_url: str = "", myproxy: bool = False,
-           workers: int = 2, extra: tuple[str, ...] = ()) -> tuple[RunningBroker, int]:
+def launch(
+    pki: GridPki,
+    base: Path,
+    *,
+    database_url: str = "",
+    myproxy: bool = False,
+    workers: int = 2,
+    extra: tuple[str, ...] = (),
+) -> tuple[RunningBroker, int]:
     """``broker serve`` on loopback; returns the broker and its MyProxy port (0: none)."""
     mp_port = 0
     args = list(extra)
     if myproxy:
         mp_port = free_port()
         args += ["--myproxy-bind", f"127.0.0.1:{mp_port}"]
-    broker = start_broker(pki, base, database_url=database_url, extra=tuple(args),
-                          workers=workers)
+    broker = start_broker(pki, base, database_url=database_url, extra=tuple(args), workers=workers)
     if mp_port:
         wait_port(mp_port, 20)
     return broker, mp_port
@@ -124,7 +131,7 @@ def children_of(pid: int) -> list[int]:
         except OSError:
             continue
         # the command name is in parentheses and may hold spaces: split after it
-        fields = stat[stat.rfind(")") + 2:].split()
+        fields = stat[stat.rfind(")") + 2 :].split()
         if int(fields[1]) == pid:
             out.append(int(entry))
     return sorted(out)
@@ -196,8 +203,19 @@ def _current_pid(data: Path) -> int | None:
 def pg_start(cluster: PostgresCluster) -> None:
     root = os.geteuid() == 0
     options = f"-c listen_addresses=127.0.0.1 -p {cluster.port} -k {cluster.base} {TEST_OPTIONS}"
-    argv = [str(cluster.bindir / "pg_ctl"), "-w", "-t", "30", "-D", str(cluster.data),
-            "-l", str(cluster.base / "server.log"), "-o", options, "start"]
+    argv = [
+        str(cluster.bindir / "pg_ctl"),
+        "-w",
+        "-t",
+        "30",
+        "-D",
+        str(cluster.data),
+        "-l",
+        str(cluster.base / "server.log"),
+        "-o",
+        options,
+        "start",
+    ]
     if root:
         argv = ["runuser", "-u", "postgres", "--", *argv]
     subprocess.run(argv, check=True, capture_output=True, timeout=60)

@@ -58,8 +58,11 @@ class _World:
 
 
 def _csr_body(username: str, name: str = "default") -> dict[str, Any]:
-    return {"csr": csr_to_pem(make_csr(generate_key("ec"))).decode(), "username": username,
-            "name": name}
+    return {
+        "csr": csr_to_pem(make_csr(generate_key("ec"))).decode(),
+        "username": username,
+        "name": name,
+    }
 
 
 def _myproxy(world: _World, cred: Credential) -> tuple[MyProxyClient, Path]:
@@ -67,8 +70,9 @@ def _myproxy(world: _World, cred: Credential) -> tuple[MyProxyClient, Path]:
     return MyProxyClient(world.mp, world.pki.ca_dir, path, path, timeout=10), path
 
 
-def _myproxy_refused(a: _Attack, world: _World, label: str, cred: Credential,
-                     act: Callable[[MyProxyClient], object]) -> None:
+def _myproxy_refused(
+    a: _Attack, world: _World, label: str, cred: Credential, act: Callable[[MyProxyClient], object]
+) -> None:
     client, path = _myproxy(world, cred)
     a.outcome.tried += 1
     try:
@@ -82,8 +86,9 @@ def _myproxy_refused(a: _Attack, world: _World, label: str, cred: Credential,
         shutil.rmtree(path.parent, ignore_errors=True)
 
 
-def _myproxy_works(a: _Attack, world: _World, label: str, cred: Credential,
-                   act: Callable[[MyProxyClient], object]) -> None:
+def _myproxy_works(
+    a: _Attack, world: _World, label: str, cred: Credential, act: Callable[[MyProxyClient], object]
+) -> None:
     """A control: the same MyProxy command with a genuine credential must succeed."""
     client, path = _myproxy(world, cred)
     a.outcome.tried += 1
@@ -118,22 +123,39 @@ def _not_alice(a: _Attack, label: str, status: int, body: bytes) -> None:
 def _second_ca(world: _World, a: _Attack) -> None:
     now = datetime.now(UTC)
     fake_alice = issue_certificate(world.rogue, ALICE, now=now, days=1)
-    fake_pilot = issue_certificate(world.rogue, "/DC=org/DC=example/CN=pilot-rogue", now=now,
-                                   days=1)
+    fake_pilot = issue_certificate(
+        world.rogue, "/DC=org/DC=example/CN=pilot-rogue", now=now, days=1
+    )
     tls = world.tls
-    _not_alice(a, "rogue-CA Alice lists credentials",
-               *tls.status(fake_alice, "GET", "/v1/credentials"))
-    a.expect_refused("rogue-CA pilot retrieves Alice's proxy",
-                     *tls.status(fake_pilot, "POST", "/v1/retrievals", _csr_body("alice")))
-    a.expect_refused("rogue-CA Alice destroys her credential",
-                     *tls.status(fake_alice, "DELETE", "/v1/credentials/alice/default"))
+    _not_alice(
+        a, "rogue-CA Alice lists credentials", *tls.status(fake_alice, "GET", "/v1/credentials")
+    )
+    a.expect_refused(
+        "rogue-CA pilot retrieves Alice's proxy",
+        *tls.status(fake_pilot, "POST", "/v1/retrievals", _csr_body("alice")),
+    )
+    a.expect_refused(
+        "rogue-CA Alice destroys her credential",
+        *tls.status(fake_alice, "DELETE", "/v1/credentials/alice/default"),
+    )
     if world.mp:
-        _myproxy_refused(a, world, "MyProxy GET of Alice's proxy by the rogue-CA pilot",
-                         fake_pilot, lambda c: c.get("alice", "default"))
-        _myproxy_refused(a, world, "MyProxy INFO as the rogue-CA Alice", fake_alice,
-                         lambda c: c.info("alice"))
-        _myproxy_works(a, world, "MyProxy INFO as the real Alice", world.pki.load("alice"),
-                       lambda c: c.info("alice"))
+        _myproxy_refused(
+            a,
+            world,
+            "MyProxy GET of Alice's proxy by the rogue-CA pilot",
+            fake_pilot,
+            lambda c: c.get("alice", "default"),
+        )
+        _myproxy_refused(
+            a, world, "MyProxy INFO as the rogue-CA Alice", fake_alice, lambda c: c.info("alice")
+        )
+        _myproxy_works(
+            a,
+            world,
+            "MyProxy INFO as the real Alice",
+            world.pki.load("alice"),
+            lambda c: c.info("alice"),
+        )
     # The second CA inside its own namespace still works (not a blanket refusal).
     carol = issue_certificate(world.rogue, "/DC=org/DC=rogue/CN=Carol", now=now, days=1)
     status, body = tls.status(carol, "GET", "/v1/whoami")
@@ -147,47 +169,75 @@ def _slash_dn(world: _World, a: _Attack) -> None:
     assert ca.key is not None
     now = datetime.now(UTC)
     key = generate_key("ec")
-    name = x509.Name([
-        x509.RelativeDistinguishedName([x509.NameAttribute(NameOID.DOMAIN_COMPONENT, "org")]),
-        x509.RelativeDistinguishedName([x509.NameAttribute(NameOID.DOMAIN_COMPONENT,
-                                                           "example/CN=Alice")])])
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(ca.cert.subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - HOUR).not_valid_after(now + HOUR)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .sign(ca.key, hashes.SHA256()))
+    name = x509.Name(
+        [
+            x509.RelativeDistinguishedName([x509.NameAttribute(NameOID.DOMAIN_COMPONENT, "org")]),
+            x509.RelativeDistinguishedName(
+                [x509.NameAttribute(NameOID.DOMAIN_COMPONENT, "example/CN=Alice")]
+            ),
+        ]
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(ca.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - HOUR)
+        .not_valid_after(now + HOUR)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(ca.key, hashes.SHA256())
+    )
     fake = Credential(chain=(cert,), key=key)
-    _not_alice(a, "DC='example/CN=Alice' lists credentials",
-               *world.tls.status(fake, "GET", "/v1/credentials"))
+    _not_alice(
+        a,
+        "DC='example/CN=Alice' lists credentials",
+        *world.tls.status(fake, "GET", "/v1/credentials"),
+    )
     _not_alice(a, "DC='example/CN=Alice' whoami", *world.tls.status(fake, "GET", "/v1/whoami"))
-    a.expect_refused("DC='example/CN=Alice' destroys Alice's credential",
-                     *world.tls.status(fake, "DELETE", "/v1/credentials/alice/default"))
+    a.expect_refused(
+        "DC='example/CN=Alice' destroys Alice's credential",
+        *world.tls.status(fake, "DELETE", "/v1/credentials/alice/default"),
+    )
     if world.mp:
-        _myproxy_refused(a, world, "MyProxy INFO as DC='example/CN=Alice'", fake,
-                         lambda c: c.info("alice"))
+        _myproxy_refused(
+            a, world, "MyProxy INFO as DC='example/CN=Alice'", fake, lambda c: c.info("alice")
+        )
 
 
 def _independent(world: _World, a: _Attack) -> None:
     alice = world.pki.load("alice")
     now = datetime.now(UTC)
-    indep = new_proxy(alice, now=now, lifetime=HOUR, proxy_type=ProxyType.INDEPENDENT,
-                      key=generate_key("ec"))
+    indep = new_proxy(
+        alice, now=now, lifetime=HOUR, proxy_type=ProxyType.INDEPENDENT, key=generate_key("ec")
+    )
     tls = world.tls
     _not_alice(a, "independent proxy whoami", *tls.status(indep, "GET", "/v1/whoami"))
-    _not_alice(a, "independent proxy lists credentials",
-               *tls.status(indep, "GET", "/v1/credentials"))
-    a.expect_refused("independent proxy destroys Alice's credential",
-                     *tls.status(indep, "DELETE", "/v1/credentials/alice/default"))
+    _not_alice(
+        a, "independent proxy lists credentials", *tls.status(indep, "GET", "/v1/credentials")
+    )
+    a.expect_refused(
+        "independent proxy destroys Alice's credential",
+        *tls.status(indep, "DELETE", "/v1/credentials/alice/default"),
+    )
     pending_id, csr = _pending(world.broker, "alice", "alice", "indep")
     chain = sign_request(indep, csr, now=now, lifetime=HOUR)
-    a.expect_refused("a chain through an independent proxy delegated as Alice's",
-                     *_put(tls, alice, pending_id, chain))
-    a.expect_refused("pilot retrieves from that chain",
-                     *tls.status(world.pki.load("pilot"), "POST", "/v1/retrievals",
-                                 _csr_body("alice", "indep")))
+    a.expect_refused(
+        "a chain through an independent proxy delegated as Alice's",
+        *_put(tls, alice, pending_id, chain),
+    )
+    a.expect_refused(
+        "pilot retrieves from that chain",
+        *tls.status(world.pki.load("pilot"), "POST", "/v1/retrievals", _csr_body("alice", "indep")),
+    )
     if world.mp:
-        _myproxy_refused(a, world, "MyProxy PUT with an independent proxy as Alice's",
-                         indep, lambda c: c.put(indep, "alice", "mpindep"))
+        _myproxy_refused(
+            a,
+            world,
+            "MyProxy PUT with an independent proxy as Alice's",
+            indep,
+            lambda c: c.put(indep, "alice", "mpindep"),
+        )
 
 
 def _banned_owner(world: _World, a: _Attack) -> None:
@@ -196,9 +246,11 @@ def _banned_owner(world: _World, a: _Attack) -> None:
     mallory = b.client("mallory")
     mallory.delegate(mallory.identity.load(), username="mallory", now=datetime.now(UTC))
     site = (REPO / "policies" / "10-site.toml").read_text()
-    lines = [('banned = ["/DC=org/DC=example/CN=Mallory*"]' if line.startswith("banned =")
-              else line) for line in site.splitlines()]
-    assert any("CN=Mallory*\"]" in line for line in lines)
+    lines = [
+        ('banned = ["/DC=org/DC=example/CN=Mallory*"]' if line.startswith("banned =") else line)
+        for line in site.splitlines()
+    ]
+    assert any('CN=Mallory*"]' in line for line in lines)
     (b.policy_dir / "05-site.toml").write_text("\n".join(lines) + "\n")
     written = time.monotonic()
     # Each worker applies a changed policy directory once it has been stable for
@@ -217,9 +269,10 @@ def _banned_owner(world: _World, a: _Attack) -> None:
         return
     pilot = world.pki.load("pilot")
     for attempt in range(4):  # fresh connections: both workers
-        a.expect_refused(f"pilot retrieves banned Mallory's credential ({attempt + 1})",
-                         *world.tls.status(pilot, "POST", "/v1/retrievals",
-                                           _csr_body("mallory")))
+        a.expect_refused(
+            f"pilot retrieves banned Mallory's credential ({attempt + 1})",
+            *world.tls.status(pilot, "POST", "/v1/retrievals", _csr_body("mallory")),
+        )
     # The ban does not spill over: the pilot still gets Alice's.
     status, body = world.tls.status(pilot, "POST", "/v1/retrievals", _csr_body("alice"))
     a.outcome.tried += 1
@@ -234,8 +287,7 @@ def _revocation(world: _World, a: _Attack) -> None:
     # A stored credential, so that MyProxy INFO as bob succeeds until the CRL says otherwise.
     world.broker.client("bob").delegate(bob, username="bob", now=datetime.now(UTC))
     if world.mp:
-        _myproxy_works(a, world, "MyProxy INFO as bob before the CRL", bob,
-                       lambda c: c.info("bob"))
+        _myproxy_works(a, world, "MyProxy INFO as bob before the CRL", bob, lambda c: c.info("bob"))
     for _ in range(6):  # warm the chain caches of both workers
         status, _ = tls.status(bob, "GET", "/v1/whoami")
         if status != 200:
@@ -258,11 +310,14 @@ def _revocation(world: _World, a: _Attack) -> None:
         time.sleep(0.05)
     a.outcome.tried += 1
     if took is None or took > REVOCATION_BOUND:
-        a.outcome.fail(f"REST still accepted revoked bob {REVOCATION_BOUND:.0f} s after the "
-                       "CRL update")
+        a.outcome.fail(
+            f"REST still accepted revoked bob {REVOCATION_BOUND:.0f} s after the CRL update"
+        )
     else:
-        a.outcome.note(f"REST refused revoked bob {took:.1f} s after the CRL update "
-                       f"(bound {REVOCATION_BOUND:.0f} s)")
+        a.outcome.note(
+            f"REST refused revoked bob {took:.1f} s after the CRL update "
+            f"(bound {REVOCATION_BOUND:.0f} s)"
+        )
     if world.mp:
         # The MyProxy endpoint watches the CA directory on its own clock: it must refuse
         # within the same bound, counted from the CRL update (not from REST's refusal).
@@ -280,24 +335,30 @@ def _revocation(world: _World, a: _Attack) -> None:
                     break
                 time.sleep(0.1)
             if refused is None:
-                a.outcome.fail(f"ACCEPTED MyProxy INFO as revoked bob {REVOCATION_BOUND:.0f} s "
-                               "after the CRL update")
+                a.outcome.fail(
+                    f"ACCEPTED MyProxy INFO as revoked bob {REVOCATION_BOUND:.0f} s "
+                    "after the CRL update"
+                )
             elif "revoked" not in refused:
                 a.outcome.fail(f"MyProxy refused revoked bob for another reason: {refused}")
             else:
-                a.outcome.note(f"refused MyProxy INFO as revoked bob "
-                               f"{time.monotonic() - start:.1f} s after the CRL update: revoked")
+                a.outcome.note(
+                    f"refused MyProxy INFO as revoked bob "
+                    f"{time.monotonic() - start:.1f} s after the CRL update: revoked"
+                )
         finally:
             shutil.rmtree(path.parent, ignore_errors=True)
-        _myproxy_works(a, world, "MyProxy INFO as alice", world.pki.load("alice"),
-                       lambda c: c.info("alice"))
+        _myproxy_works(
+            a, world, "MyProxy INFO as alice", world.pki.load("alice"), lambda c: c.info("alice")
+        )
 
 
 # --------------------------------------------------------------------------- the list
 
 
-def attacks(pki: GridPki, base: Path, *, myproxy: bool
-            ) -> Iterator[tuple[str, Callable[[Outcome], None]]]:
+def attacks(
+    pki: GridPki, base: Path, *, myproxy: bool
+) -> Iterator[tuple[str, Callable[[Outcome], None]]]:
     state: dict[str, _World] = {}
 
     def world() -> _World:
@@ -322,6 +383,7 @@ def attacks(pki: GridPki, base: Path, *, myproxy: bool
     def wrap(fn: Callable[[_World, _Attack], None]) -> Callable[[Outcome], None]:
         def body(outcome: Outcome) -> None:
             fn(world(), _Attack(outcome))
+
         return body
 
     yield "identity: second CA outside its namespace", wrap(_second_ca)

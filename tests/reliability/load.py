@@ -41,8 +41,9 @@ class _Tally:
             self.latencies.append(seconds)
 
 
-def _client_loop(index: int, broker: RunningBroker, mp_port: int, deadline: float,
-                 tally: _Tally) -> None:
+def _client_loop(
+    index: int, broker: RunningBroker, mp_port: int, deadline: float, tally: _Tally
+) -> None:
     rng = random.Random(index)
     who = "alice" if index % 2 == 0 else "bob"
     use_myproxy = bool(mp_port) and index % 4 in (1, 2)
@@ -55,8 +56,7 @@ def _client_loop(index: int, broker: RunningBroker, mp_port: int, deadline: floa
     owner_mp = pilot_mp = None
     if use_myproxy:
         owner_mp = MyProxyClient(mp_port, pki.ca_dir, pki.cert_path(who), pki.key_path(who))
-        pilot_mp = MyProxyClient(mp_port, pki.ca_dir, pki.cert_path("pilot"),
-                                 pki.key_path("pilot"))
+        pilot_mp = MyProxyClient(mp_port, pki.ca_dir, pki.cert_path("pilot"), pki.key_path("pilot"))
     mine: list[str] = []
     serial = 0
     for _ in range(MAX_OPS_PER_CLIENT):
@@ -87,8 +87,7 @@ def _client_loop(index: int, broker: RunningBroker, mp_port: int, deadline: floa
                     owner_mp.destroy(username, name)
             else:
                 if op == "delegate":
-                    owner_rest.delegate(cred, username=username, name=name,
-                                        now=datetime.now(UTC))
+                    owner_rest.delegate(cred, username=username, name=name, now=datetime.now(UTC))
                 elif op == "retrieve":
                     pilot_rest.retrieve(username=username, name=name, key_type="ec")
                 elif op == "info":
@@ -100,8 +99,9 @@ def _client_loop(index: int, broker: RunningBroker, mp_port: int, deadline: floa
             with tally.lock:
                 if isinstance(exc, BrokerError) and status >= 500:
                     tally.five_xx += 1
-                tally.errors.append(f"{endpoint} {op} {username}/{name}: "
-                                    f"{type(exc).__name__}: {exc}")
+                tally.errors.append(
+                    f"{endpoint} {op} {username}/{name}: {type(exc).__name__}: {exc}"
+                )
             # A delegation that failed half-way may have left one audit row or two;
             # stop counting this client's requests exactly by recording the doubt.
             tally.add(endpoint, "error", sent, time.monotonic() - started)
@@ -116,16 +116,24 @@ def _client_loop(index: int, broker: RunningBroker, mp_port: int, deadline: floa
         tally.live.update((username, n) for n in mine)
 
 
-def run_load(broker: RunningBroker, mp_port: int, *, clients: int, seconds: float,
-             outcome: Outcome) -> None:
+def run_load(
+    broker: RunningBroker, mp_port: int, *, clients: int, seconds: float, outcome: Outcome
+) -> None:
     with open_store(broker.state_dir, broker.database_url) as store:
         audit_before = audit_count(store)
     cpu_before = _server_cpu(broker)
     own_before = time.process_time()
     tally = _Tally()
     deadline = time.monotonic() + seconds
-    threads = [threading.Thread(target=_client_loop, args=(i, broker, mp_port, deadline, tally),
-                                name=f"load-{i}", daemon=True) for i in range(clients)]
+    threads = [
+        threading.Thread(
+            target=_client_loop,
+            args=(i, broker, mp_port, deadline, tally),
+            name=f"load-{i}",
+            daemon=True,
+        )
+        for i in range(clients)
+    ]
     started = time.monotonic()
     for thread in threads:
         thread.start()
@@ -142,14 +150,20 @@ def run_load(broker: RunningBroker, mp_port: int, *, clients: int, seconds: floa
         outcome.fail(message)
     outcome.failed += max(len(tally.errors) - 20, 0)
     lat = sorted(tally.latencies) or [0.0]
-    outcome.note(f"{clients} clients for {seconds:.0f} s ({elapsed:.1f} s wall): {total} "
-                 f"requests, {total / elapsed:.1f}/s; by endpoint {tally.requests}")
+    outcome.note(
+        f"{clients} clients for {seconds:.0f} s ({elapsed:.1f} s wall): {total} "
+        f"requests, {total / elapsed:.1f}/s; by endpoint {tally.requests}"
+    )
     outcome.note("operations " + ", ".join(f"{k}={v}" for k, v in sorted(tally.ops.items())))
-    outcome.note(f"operation latency p50 {lat[len(lat) // 2] * 1000:.0f} ms, p95 "
-                 f"{lat[int(len(lat) * 0.95)] * 1000:.0f} ms, max {lat[-1] * 1000:.0f} ms")
-    outcome.note(f"errors {len(tally.errors)}, 5xx {tally.five_xx}; server CPU {cpu:.1f} s "
-                 f"(load generator {own:.1f} s) over {elapsed:.1f} s wall on "
-                 f"{os.cpu_count()} cores")
+    outcome.note(
+        f"operation latency p50 {lat[len(lat) // 2] * 1000:.0f} ms, p95 "
+        f"{lat[int(len(lat) * 0.95)] * 1000:.0f} ms, max {lat[-1] * 1000:.0f} ms"
+    )
+    outcome.note(
+        f"errors {len(tally.errors)}, 5xx {tally.five_xx}; server CPU {cpu:.1f} s "
+        f"(load generator {own:.1f} s) over {elapsed:.1f} s wall on "
+        f"{os.cpu_count()} cores"
+    )
     with open_store(broker.state_dir, broker.database_url) as store:
         rows = audit_count(store) - audit_before
         integrity = check_rows(store)

@@ -26,8 +26,9 @@ class MyProxyRefused(Exception):
 
 
 class MyProxyClient:
-    def __init__(self, port: int, ca_dir: Path, cert: Path, key: Path, *,
-                 timeout: float = 30.0) -> None:
+    def __init__(
+        self, port: int, ca_dir: Path, cert: Path, key: Path, *, timeout: float = 30.0
+    ) -> None:
         self.port = port
         self.timeout = timeout
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -101,20 +102,33 @@ class MyProxyClient:
 
     # ------------------------------------------------------------------ commands
 
-    def put(self, cred: Credential, username: str, name: str, *, hours: int = 12,
-            trusted_retrievers: str = "*/CN=pilot") -> None:
+    def put(
+        self,
+        cred: Credential,
+        username: str,
+        name: str,
+        *,
+        hours: int = 12,
+        trusted_retrievers: str = "*/CN=pilot",
+    ) -> None:
         """myproxy-init: the server makes the key, we sign its CSR with ``cred``."""
         tls, buf = self._open()
         try:
-            tls.sendall(codec.format_request(
-                Command.PUT, username, "", hours * 3600,
-                [("CRED_NAME", name), ("RETRIEVER_TRUSTED", trusted_retrievers)]))
+            tls.sendall(
+                codec.format_request(
+                    Command.PUT,
+                    username,
+                    "",
+                    hours * 3600,
+                    [("CRED_NAME", name), ("RETRIEVER_TRUSTED", trusted_retrievers)],
+                )
+            )
             self._response(tls, buf)
             csr = load_csr(self._der(tls, buf, chain=False))
-            chain = sign_request(cred, csr, now=datetime.now(UTC),
-                                 lifetime=timedelta(hours=hours))
-            tls.sendall(codec.encode_chain(
-                [c.public_bytes(serialization.Encoding.DER) for c in chain]))
+            chain = sign_request(cred, csr, now=datetime.now(UTC), lifetime=timedelta(hours=hours))
+            tls.sendall(
+                codec.encode_chain([c.public_bytes(serialization.Encoding.DER) for c in chain])
+            )
             self._response(tls, buf)
         finally:
             self._close(tls)
@@ -124,8 +138,9 @@ class MyProxyClient:
         key = generate_key("ec")
         tls, buf = self._open()
         try:
-            tls.sendall(codec.format_request(Command.GET, username, "", hours * 3600,
-                                             [("CRED_NAME", name)]))
+            tls.sendall(
+                codec.format_request(Command.GET, username, "", hours * 3600, [("CRED_NAME", name)])
+            )
             self._response(tls, buf)
             tls.sendall(make_csr(key).public_bytes(serialization.Encoding.DER))
             blob = self._der(tls, buf, chain=True)
@@ -146,8 +161,9 @@ class MyProxyClient:
     def destroy(self, username: str, name: str) -> None:
         tls, buf = self._open()
         try:
-            tls.sendall(codec.format_request(Command.DESTROY, username, "", 0,
-                                             [("CRED_NAME", name)]))
+            tls.sendall(
+                codec.format_request(Command.DESTROY, username, "", 0, [("CRED_NAME", name)])
+            )
             self._response(tls, buf)
         finally:
             self._close(tls)

@@ -57,36 +57,64 @@ def attacks(base: Path) -> Iterator[tuple[str, Callable[[Outcome], None]]]:
                 fn(outcome, exe, job)
             finally:
                 shutil.rmtree(job, ignore_errors=True)
+
         return body
 
-    def starter(exe: Path, job: Path, job_env: dict[str, str], *command: str
-                ) -> subprocess.CompletedProcess[str]:
-        env = {"PATH": "/usr/bin:/bin", "_CONDOR_JOB_AD": str(job / ".job.ad"),
-               "_CONDOR_SCRATCH_DIR": str(job), "_CONDOR_WRAPPER_ERROR_FILE":
-               str(job / ".wrapper_error"), "TMPDIR": str(job),
-               "BROKER_PILOT_CONFIG": str(state["place"] / "absent.toml"), **job_env}
-        return subprocess.run(["env", "-i", *(f"{k}={v}" for k, v in env.items()), str(exe),
-                               *(command or ("/bin/true",))],
-                              cwd=job, capture_output=True, text=True, timeout=30, check=False)
+    def starter(
+        exe: Path, job: Path, job_env: dict[str, str], *command: str
+    ) -> subprocess.CompletedProcess[str]:
+        env = {
+            "PATH": "/usr/bin:/bin",
+            "_CONDOR_JOB_AD": str(job / ".job.ad"),
+            "_CONDOR_SCRATCH_DIR": str(job),
+            "_CONDOR_WRAPPER_ERROR_FILE": str(job / ".wrapper_error"),
+            "TMPDIR": str(job),
+            "BROKER_PILOT_CONFIG": str(state["place"] / "absent.toml"),
+            **job_env,
+        }
+        return subprocess.run(
+            [
+                "env",
+                "-i",
+                *(f"{k}={v}" for k, v in env.items()),
+                str(exe),
+                *(command or ("/bin/true",)),
+            ],
+            cwd=job,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
 
     def loader(outcome: Outcome, exe: Path, job: Path) -> None:
         evidence = job / "constructor-ran"
         (job / "evil.c").write_text(EVIL_C % evidence)
-        subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(job / "evil.so"),
-                        str(job / "evil.c")], check=True, timeout=60)
+        subprocess.run(
+            ["gcc", "-shared", "-fPIC", "-o", str(job / "evil.so"), str(job / "evil.c")],
+            check=True,
+            timeout=60,
+        )
         library = str(job / "evil.so")
-        for name, value in (("LD_PRELOAD", library), ("LD_AUDIT", library),
-                            ("LD_LIBRARY_PATH", str(job)), ("GCONV_PATH", str(job)),
-                            ("GLIBC_TUNABLES", "glibc.malloc.check=3"),
-                            ("OPENSSL_CONF", str(job / "evil.cnf")), ("MALLOC_PERTURB_", "85")):
+        for name, value in (
+            ("LD_PRELOAD", library),
+            ("LD_AUDIT", library),
+            ("LD_LIBRARY_PATH", str(job)),
+            ("GCONV_PATH", str(job)),
+            ("GLIBC_TUNABLES", "glibc.malloc.check=3"),
+            ("OPENSSL_CONF", str(job / "evil.cnf")),
+            ("MALLOC_PERTURB_", "85"),
+        ):
             outcome.tried += 1
             done = starter(exe, job, {name: value})
             if evidence.exists():
                 outcome.fail(f"ACCEPTED {name}: the job's constructor ran in the pilot")
                 evidence.unlink()
             elif done.returncode != 202 or f"sets {name}" not in done.stderr:
-                outcome.fail(f"{name}: exit {done.returncode}, not the launcher's refusal: "
-                             f"{done.stderr.strip()[:160]}")
+                outcome.fail(
+                    f"{name}: exit {done.returncode}, not the launcher's refusal: "
+                    f"{done.stderr.strip()[:160]}"
+                )
             else:
                 outcome.note(f"refused {name} before anything ran (202)")
 
@@ -97,27 +125,35 @@ def attacks(base: Path) -> Iterator[tuple[str, Callable[[Outcome], None]]]:
             (job / name).write_text(code)
         (job / "payload_wrapper").mkdir()
         (job / "payload_wrapper" / "__init__.py").write_text(code)
-        for label, job_env in (("PYTHONPATH", {"PYTHONPATH": str(job)}),
-                               ("PYTHONSTARTUP+PYTHONINSPECT",
-                                {"PYTHONSTARTUP": str(job / "tomllib.py"), "PYTHONINSPECT": "1"}),
-                               ("PYTHONHOME", {"PYTHONHOME": str(job)}),
-                               ("PYTHONUSERBASE", {"PYTHONUSERBASE": str(job), "HOME": str(job)}),
-                               ("modules in the working directory", {})):
+        for label, job_env in (
+            ("PYTHONPATH", {"PYTHONPATH": str(job)}),
+            (
+                "PYTHONSTARTUP+PYTHONINSPECT",
+                {"PYTHONSTARTUP": str(job / "tomllib.py"), "PYTHONINSPECT": "1"},
+            ),
+            ("PYTHONHOME", {"PYTHONHOME": str(job)}),
+            ("PYTHONUSERBASE", {"PYTHONUSERBASE": str(job), "HOME": str(job)}),
+            ("modules in the working directory", {}),
+        ):
             outcome.tried += 1
             done = starter(exe, job, job_env)
             if evidence.exists():
                 outcome.fail(f"ACCEPTED {label}: {evidence.read_text()}")
                 evidence.unlink()
             elif "pilot configuration" not in done.stderr:
-                outcome.fail(f"{label}: the pilot did not get as far as its configuration: "
-                             f"exit {done.returncode} {done.stderr.strip()[:160]}")
+                outcome.fail(
+                    f"{label}: the pilot did not get as far as its configuration: "
+                    f"exit {done.returncode} {done.stderr.strip()[:160]}"
+                )
             else:
                 outcome.note(f"ignored {label}: the isolated pilot ran none of the job's code")
 
     def config(outcome: Outcome, exe: Path, job: Path) -> None:
         evil = job / "evil.toml"
-        evil.write_text('broker_url = "https://127.0.0.1:1"\nproxy = "/p"\n'
-                        'allowed_owners = ["*"]\n[wrapper]\nmode = "none"\n')
+        evil.write_text(
+            'broker_url = "https://127.0.0.1:1"\nproxy = "/p"\n'
+            'allowed_owners = ["*"]\n[wrapper]\nmode = "none"\n'
+        )
         evil.chmod(0o666)
         if os.geteuid() == 0:
             os.chown(evil, 65534, 65534)
@@ -128,8 +164,10 @@ def attacks(base: Path) -> Iterator[tuple[str, Callable[[Outcome], None]]]:
             if done.returncode == 202 and "is not trusted" in done.stderr:
                 outcome.note(f"refused a job-written config via {label} (202)")
             else:
-                outcome.fail(f"ACCEPTED a job-written config via {label}: exit "
-                             f"{done.returncode} {done.stderr.strip()[:160]}")
+                outcome.fail(
+                    f"ACCEPTED a job-written config via {label}: exit "
+                    f"{done.returncode} {done.stderr.strip()[:160]}"
+                )
         outcome.tried += 1
         done = starter(exe, job, {}, "--config", str(evil), "/bin/true")
         if "is not trusted" in done.stderr or "pilot configuration" not in done.stderr:
@@ -147,8 +185,9 @@ def attacks(base: Path) -> Iterator[tuple[str, Callable[[Outcome], None]]]:
             for trigger, why in (({"LD_PRELOAD": "x"}, "launcher"), ({}, "pilot")):
                 outcome.tried += 1
                 try:
-                    done = starter(exe, job, {**trigger,
-                                              "_CONDOR_WRAPPER_ERROR_FILE": str(job / name)})
+                    done = starter(
+                        exe, job, {**trigger, "_CONDOR_WRAPPER_ERROR_FILE": str(job / name)}
+                    )
                 except subprocess.TimeoutExpired:
                     outcome.fail(f"the {why} blocked on a wrapper error file that is a {name}")
                     continue

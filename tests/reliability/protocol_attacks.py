@@ -66,14 +66,14 @@ def attacks(pki: GridPki, base: Path) -> Iterator[tuple[str, Callable[[Outcome],
     def broker() -> RunningBroker:
         if "broker" not in state:
             work.mkdir(parents=True, exist_ok=True)
-            b, _ = launch(pki, work / "server", workers=2,
-                          extra=("--username-binding", "dn"))
+            b, _ = launch(pki, work / "server", workers=2, extra=("--username-binding", "dn"))
             state["broker"] = b
             alice = b.client("alice")
             now = datetime.now(UTC)
             alice.delegate(alice.identity.load(), username="alice", now=now)
-            alice.delegate(alice.identity.load(), username="alice", name="pp", now=now,
-                           passphrase=PASS)
+            alice.delegate(
+                alice.identity.load(), username="alice", name="pp", now=now, passphrase=PASS
+            )
         b = state["broker"]
         assert isinstance(b, RunningBroker)
         return b
@@ -86,19 +86,27 @@ def attacks(pki: GridPki, base: Path) -> Iterator[tuple[str, Callable[[Outcome],
         clock = _Clock()
         store = Store(url, MasterKeyRing.generate())
         state.setdefault("stores", []).append(store)
-        svc = BrokerService(store, pki.trust, lambda: load_policy({"p.toml": policy}),
-                            clock=clock, config=ServiceConfig(**config))
+        svc = BrokerService(
+            store,
+            pki.trust,
+            lambda: load_policy({"p.toml": policy}),
+            clock=clock,
+            config=ServiceConfig(**config),
+        )
         return svc, clock
 
     def who(svc: BrokerService, name: str) -> Requester:
         return svc.authenticate_chain(list(pki.user(name).chain))
 
-    def delegate(svc: BrokerService, name: str = "default", passphrase: str | None = None
-                 ) -> None:
+    def delegate(svc: BrokerService, name: str = "default", passphrase: str | None = None) -> None:
         alice = who(svc, "alice")
         pending = svc.start_delegation(alice, DelegationOptions(username="alice", name=name))
-        chain = sign_request(pki.user("alice"), load_csr(pending.csr_pem), now=svc.now(),
-                             lifetime=timedelta(hours=24))
+        chain = sign_request(
+            pki.user("alice"),
+            load_csr(pending.csr_pem),
+            now=svc.now(),
+            lifetime=timedelta(hours=24),
+        )
         svc.finish_delegation(alice, pending.id, chain_to_pem(chain), passphrase=passphrase)
 
     # ------------------------------------------------------------------ issue 19
@@ -116,28 +124,39 @@ def attacks(pki: GridPki, base: Path) -> Iterator[tuple[str, Callable[[Outcome],
                 if exc.reason != "too_many_pending":
                     outcome.fail(f"pending #{i}: unexpected refusal {exc.reason}")
                 refused += 1
-        outcome.note(f"15 delegations started in a row by one user: {accepted} accepted, "
-                     f"{refused} refused with 429 too_many_pending")
+        outcome.note(
+            f"15 delegations started in a row by one user: {accepted} accepted, "
+            f"{refused} refused with 429 too_many_pending"
+        )
         if accepted > 10:
             outcome.fail(f"{accepted} pending delegations for one user (cap 10)")
         # a limited proxy is refused before any key is made
-        proxy = write_proxy_file(work / "alice-limited.pem", new_proxy(
-            pki.load("alice"), now=datetime.now(UTC), lifetime=timedelta(hours=1),
-            proxy_type=ProxyType.LIMITED))
+        proxy = write_proxy_file(
+            work / "alice-limited.pem",
+            new_proxy(
+                pki.load("alice"),
+                now=datetime.now(UTC),
+                lifetime=timedelta(hours=1),
+                proxy_type=ProxyType.LIMITED,
+            ),
+        )
         early = 0
         for i in range(5):
             outcome.tried += 1
             try:
-                b.proxy_client(proxy).call("POST", "/v1/delegations",
-                                           {"username": "alice", "name": f"lim{i}"})
+                b.proxy_client(proxy).call(
+                    "POST", "/v1/delegations", {"username": "alice", "name": f"lim{i}"}
+                )
                 outcome.fail("ACCEPTED a delegation started with a limited proxy")
             except BrokerError as exc:
                 if exc.reason != "limited_requester":
                     outcome.fail(f"limited proxy refused with {exc.reason}, not early")
                 else:
                     early += 1
-        outcome.note(f"5 delegations started with a limited proxy: {early} refused at once "
-                     "(limited_requester)")
+        outcome.note(
+            f"5 delegations started with a limited proxy: {early} refused at once "
+            "(limited_requester)"
+        )
 
     def pending_purge(outcome: Outcome) -> None:
         svc, clock = local()
@@ -149,9 +168,11 @@ def attacks(pki: GridPki, base: Path) -> Iterator[tuple[str, Callable[[Outcome],
         purged = svc.maintain()["pending"]
         outcome.tried += 16
         left = svc.store.master_key_ids_in_use()
-        outcome.note(f"16 expired pending delegations: {purged} purged by housekeeping, "
-                     f"{sum(left.values())} encrypted keys left; "
-                     f"metrics counter pending_purged={svc.counters()['pending_purged']}")
+        outcome.note(
+            f"16 expired pending delegations: {purged} purged by housekeeping, "
+            f"{sum(left.values())} encrypted keys left; "
+            f"metrics counter pending_purged={svc.counters()['pending_purged']}"
+        )
         if purged != 16 or sum(left.values()) != 0 or svc.counters()["pending_purged"] != 16:
             outcome.fail("expired pending delegations were not all purged and counted")
 
@@ -185,10 +206,13 @@ def attacks(pki: GridPki, base: Path) -> Iterator[tuple[str, Callable[[Outcome],
             except BrokerError as exc:
                 outcome.fail(f"a fair renewal failed across workers: {exc.reason}")
         challenge = pilot.call("GET", "/v1/renewals/challenge")["challenge"]
-        body = {"csr": _csr().decode(), "challenge": challenge, "username": "alice",
-                "authz_chain": chain_to_pem(old.chain).decode(),
-                "signature": base64.b64encode(sign_challenge(old.key,
-                                                             challenge.encode())).decode()}
+        body = {
+            "csr": _csr().decode(),
+            "challenge": challenge,
+            "username": "alice",
+            "authz_chain": chain_to_pem(old.chain).decode(),
+            "signature": base64.b64encode(sign_challenge(old.key, challenge.encode())).decode(),
+        }
         replays = 0
         for i in range(6):
             outcome.tried += 1
@@ -199,30 +223,42 @@ def attacks(pki: GridPki, base: Path) -> Iterator[tuple[str, Callable[[Outcome],
             except BrokerError as exc:
                 if i == 0:
                     outcome.fail(f"the first answer to a challenge failed: {exc.reason}")
-        outcome.note(f"{ok}/6 renewals with fresh challenges over 2 workers; the same "
-                     f"challenge + signature replayed 5 times: {replays} accepted")
+        outcome.note(
+            f"{ok}/6 renewals with fresh challenges over 2 workers; the same "
+            f"challenge + signature replayed 5 times: {replays} accepted"
+        )
         if replays:
             outcome.fail(f"ACCEPTED {replays} replayed renewal challenges")
 
     def renewal_caps(outcome: Outcome) -> None:
-        policy = ('[groups]\npilots = ["/DC=org/DC=example/CN=pilot*"]\n\n' + OWNERS_RULE
-                  + '[[rule]]\nname = "pilots retrieve limited"\naction = "retrieve"\n'
-                    'effect = "allow"\nrequester = ["group:pilots"]\nauth = ["certificate"]\n'
-                    'max_lifetime = "1h"\nlimited = true\n\n'
-                  + policy_rule("renewal by pilots", "renew", ["group:pilots"]))
+        policy = (
+            '[groups]\npilots = ["/DC=org/DC=example/CN=pilot*"]\n\n'
+            + OWNERS_RULE
+            + '[[rule]]\nname = "pilots retrieve limited"\naction = "retrieve"\n'
+            'effect = "allow"\nrequester = ["group:pilots"]\nauth = ["certificate"]\n'
+            'max_lifetime = "1h"\nlimited = true\n\n'
+            + policy_rule("renewal by pilots", "renew", ["group:pilots"])
+        )
         svc, _ = local(policy)
         delegate(svc)
         pilot = who(svc, "pilot")
         retrieved = svc.retrieve(pilot, csr_pem=_csr(), username="alice")
         old = new_proxy(pki.user("alice"), now=svc.now(), lifetime=timedelta(hours=1))
         challenge = svc.renewal_challenge(pilot)
-        renewed = svc.renew(pilot, csr_pem=_csr(), challenge=challenge,
-                            authz_chain_pem=chain_to_pem(old.chain),
-                            signature=sign_challenge(old.key, challenge.encode()),
-                            username="alice", lifetime=timedelta(hours=12))
+        renewed = svc.renew(
+            pilot,
+            csr_pem=_csr(),
+            challenge=challenge,
+            authz_chain_pem=chain_to_pem(old.chain),
+            signature=sign_challenge(old.key, challenge.encode()),
+            username="alice",
+            lifetime=timedelta(hours=12),
+        )
         outcome.tried += 1
-        outcome.note(f"retrieval: limited={retrieved.limited} {retrieved.lifetime}; renewal "
-                     f"asking 12 h: limited={renewed.limited} {renewed.lifetime}")
+        outcome.note(
+            f"retrieval: limited={retrieved.limited} {retrieved.lifetime}; renewal "
+            f"asking 12 h: limited={renewed.limited} {renewed.lifetime}"
+        )
         if not renewed.limited or renewed.lifetime > retrieved.lifetime:
             outcome.fail("renewal yielded more than retrieval by the same pilot")
 
@@ -252,8 +288,9 @@ def attacks(pki: GridPki, base: Path) -> Iterator[tuple[str, Callable[[Outcome],
         def wire_guess(i: int) -> str:
             gate.wait()
             try:
-                svc.authorize_retrieval(guesser, username="alice", name="pp",
-                                        passphrase=f"wrong-guess-{i}")
+                svc.authorize_retrieval(
+                    guesser, username="alice", name="pp", passphrase=f"wrong-guess-{i}"
+                )
             except BrokerError as exc:
                 return exc.reason
             return "accepted"
@@ -262,8 +299,10 @@ def attacks(pki: GridPki, base: Path) -> Iterator[tuple[str, Callable[[Outcome],
             wire = list(pool.map(wire_guess, range(100)))
         tried_wire = wire.count("invalid_passphrase")
         outcome.tried += 100
-        outcome.note(f"concurrent wrong passphrases (limit 5): REST 32 sent, {tried_rest} "
-                     f"tried; MyProxy path 100 sent, {tried_wire} tried")
+        outcome.note(
+            f"concurrent wrong passphrases (limit 5): REST 32 sent, {tried_rest} "
+            f"tried; MyProxy path 100 sent, {tried_wire} tried"
+        )
         if tried_rest > 5 or tried_wire > 5 or "accepted" in rest + wire:
             outcome.fail("the passphrase throttle let more than 5 tries through")
 
@@ -273,8 +312,9 @@ def attacks(pki: GridPki, base: Path) -> Iterator[tuple[str, Callable[[Outcome],
         for name in ("prod", "default", "x"):
             outcome.tried += 1
             try:
-                mallory.delegate(mallory.identity.load(), username="alice", name=name,
-                                 now=datetime.now(UTC))
+                mallory.delegate(
+                    mallory.identity.load(), username="alice", name=name, now=datetime.now(UTC)
+                )
                 outcome.fail(f"ACCEPTED bob storing alice/{name}")
             except BrokerError as exc:
                 if exc.reason != "username_binding":
@@ -282,8 +322,10 @@ def attacks(pki: GridPki, base: Path) -> Iterator[tuple[str, Callable[[Outcome],
         result = b.client("pilot").retrieve(username="alice")
         outcome.tried += 1
         owner = result[1].get("owner") if isinstance(result, tuple) else None
-        outcome.note(f"bob storing under alice/*: 3 refused (username_binding); retrieval "
-                     f"by username reports owner {owner}")
+        outcome.note(
+            f"bob storing under alice/*: 3 refused (username_binding); retrieval "
+            f"by username reports owner {owner}"
+        )
         if owner != "/DC=org/DC=example/CN=Alice":
             outcome.fail(f"a retrieval by username did not show the owner ({owner})")
 
@@ -297,13 +339,16 @@ def attacks(pki: GridPki, base: Path) -> Iterator[tuple[str, Callable[[Outcome],
                 bob.retrieve(username="alice", name=name)
                 outcome.fail(f"ACCEPTED bob retrieving alice/{name}")
             except BrokerError as exc:
-                answers.append((type(exc).__name__, exc.reason,
-                                exc.message.replace(repr(name), "NAME")))
+                answers.append(
+                    (type(exc).__name__, exc.reason, exc.message.replace(repr(name), "NAME"))
+                )
         same = len(set(answers)) == 1
         leaks = [a for a in answers if "CN=Alice" in a[2] or "passphrase" in a[2]]
-        outcome.note(f"bob asking for alice's existing, passphrase-protected and missing "
-                     f"credentials: {'identical' if same else 'DIFFERENT'} answers "
-                     f"({answers[0][1]})")
+        outcome.note(
+            f"bob asking for alice's existing, passphrase-protected and missing "
+            f"credentials: {'identical' if same else 'DIFFERENT'} answers "
+            f"({answers[0][1]})"
+        )
         if not same or leaks:
             outcome.fail(f"refusals tell credentials apart: {answers}")
 
@@ -321,10 +366,15 @@ def attacks(pki: GridPki, base: Path) -> Iterator[tuple[str, Callable[[Outcome],
         clock.now += timedelta(seconds=61)
         svc.maintain()
         after = svc.store.query_audit(username="ghost", limit=10_000)
-        counted = sum(int(r.reason.split()[1]) for r in after
-                      if r.reason and r.reason.startswith("aggregated:"))
-        outcome.note(f"1000 anonymous refusals: {rows} row(s) at once, {len(after)} after the "
-                     f"window with {counted} counted in the aggregate")
+        counted = sum(
+            int(r.reason.split()[1])
+            for r in after
+            if r.reason and r.reason.startswith("aggregated:")
+        )
+        outcome.note(
+            f"1000 anonymous refusals: {rows} row(s) at once, {len(after)} after the "
+            f"window with {counted} counted in the aggregate"
+        )
         if rows > 2 or len(after) + counted - 1 != 1000:
             outcome.fail("anonymous refusals flooded the audit trail or lost their count")
 

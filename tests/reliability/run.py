@@ -33,19 +33,32 @@ class Sizes:
     slow_connections: int
 
 
-FULL = Sizes(load_clients=64, load_seconds=60, kills=20, fuzz_inputs=100_000, rest_fuzz=6_000,
-             slow_connections=40)
-SHORT = Sizes(load_clients=16, load_seconds=10, kills=3, fuzz_inputs=4_000, rest_fuzz=400,
-              slow_connections=12)
+FULL = Sizes(
+    load_clients=64,
+    load_seconds=60,
+    kills=20,
+    fuzz_inputs=100_000,
+    rest_fuzz=6_000,
+    slow_connections=40,
+)
+SHORT = Sizes(
+    load_clients=16, load_seconds=10, kills=3, fuzz_inputs=4_000, rest_fuzz=400, slow_connections=12
+)
 CATEGORIES = ("load", "faults", "fuzz", "attacks", "secrets")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="scripts/reliability", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="scripts/reliability",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--short", action="store_true", help="the CI form (about 3 minutes)")
-    parser.add_argument("--only", default=",".join(CATEGORIES),
-                        help=f"comma-separated subset of {','.join(CATEGORIES)}")
+    parser.add_argument(
+        "--only",
+        default=",".join(CATEGORIES),
+        help=f"comma-separated subset of {','.join(CATEGORIES)}",
+    )
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: time)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args(argv)
@@ -60,8 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     base = Path(tempfile.mkdtemp(prefix="broker-reliability-"))
     os.chmod(base, 0o755)
     started = time.monotonic()
-    print(f"reliability: {'short' if args.short else 'full'} run, seed {seed}, work dir {base}",
-          flush=True)
+    print(
+        f"reliability: {'short' if args.short else 'full'} run, seed {seed}, work dir {base}",
+        flush=True,
+    )
     outcomes: list[Outcome] = []
     keys: list[bytes] = []  # decrypted stored keys, for the secrets scan
     mp_problem = myproxy_usable()
@@ -81,8 +96,11 @@ def main(argv: list[str] | None = None) -> int:
                 outcome.fail(f"harness error: {type(exc).__name__}: {exc}")
                 traceback.print_exc()
             outcome.seconds = time.monotonic() - t0
-            print(f"reliability: {name}: {outcome.verdict} ({outcome.tried} tried, "
-                  f"{outcome.failed} failed, {outcome.seconds:.1f} s)", flush=True)
+            print(
+                f"reliability: {name}: {outcome.verdict} ({outcome.tried} tried, "
+                f"{outcome.failed} failed, {outcome.seconds:.1f} s)",
+                flush=True,
+            )
 
         if "load" in only:
             from tests.reliability.load import run_load
@@ -90,8 +108,13 @@ def main(argv: list[str] | None = None) -> int:
             def load(outcome: Outcome) -> None:
                 broker, mp_port = launch(pki, base / "load", myproxy=not mp_problem)
                 try:
-                    run_load(broker, mp_port, clients=sizes.load_clients,
-                             seconds=sizes.load_seconds, outcome=outcome)
+                    run_load(
+                        broker,
+                        mp_port,
+                        clients=sizes.load_clients,
+                        seconds=sizes.load_seconds,
+                        outcome=outcome,
+                    )
                 finally:
                     broker.stop()
                 if mp_problem:
@@ -101,27 +124,49 @@ def main(argv: list[str] | None = None) -> int:
         if "faults" in only:
             from tests.reliability import faults
 
-            step("faults: kill -9 server", lambda o: faults.kill_rounds(
-                pki, base, rounds=sizes.kills, mode="server", myproxy=not mp_problem,
-                outcome=o, keys_out=keys, rng=rng))
-            step("faults: kill -9 worker", lambda o: faults.kill_rounds(
-                pki, base, rounds=sizes.kills, mode="worker", myproxy=not mp_problem,
-                outcome=o, keys_out=keys, rng=rng))
-            step("faults: PostgreSQL stopped", lambda o: faults.postgres_outage(
-                pki, base, o, rng))
+            step(
+                "faults: kill -9 server",
+                lambda o: faults.kill_rounds(
+                    pki,
+                    base,
+                    rounds=sizes.kills,
+                    mode="server",
+                    myproxy=not mp_problem,
+                    outcome=o,
+                    keys_out=keys,
+                    rng=rng,
+                ),
+            )
+            step(
+                "faults: kill -9 worker",
+                lambda o: faults.kill_rounds(
+                    pki,
+                    base,
+                    rounds=sizes.kills,
+                    mode="worker",
+                    myproxy=not mp_problem,
+                    outcome=o,
+                    keys_out=keys,
+                    rng=rng,
+                ),
+            )
+            step("faults: PostgreSQL stopped", lambda o: faults.postgres_outage(pki, base, o, rng))
             step("faults: disk full (SQLite)", lambda o: faults.disk_full(pki, base, o))
         if "fuzz" in only:
             from tests.reliability import fuzz
 
-            step("fuzz: parsers", lambda o: fuzz.fuzz_parsers(
-                pki, sizes.fuzz_inputs, rng, o, myproxy=not mp_problem))
-            step("fuzz: REST JSON bodies", lambda o: fuzz.fuzz_rest(
-                pki, base, sizes.rest_fuzz, rng, o))
+            step(
+                "fuzz: parsers",
+                lambda o: fuzz.fuzz_parsers(pki, sizes.fuzz_inputs, rng, o, myproxy=not mp_problem),
+            )
+            step(
+                "fuzz: REST JSON bodies",
+                lambda o: fuzz.fuzz_rest(pki, base, sizes.rest_fuzz, rng, o),
+            )
         if "attacks" in only:
             from tests.reliability import attacks
 
-            for name, body in attacks.all_attacks(pki, base, sizes, rng,
-                                                  myproxy=not mp_problem):
+            for name, body in attacks.all_attacks(pki, base, sizes, rng, myproxy=not mp_problem):
                 step(f"attack: {name}", body)
         if "secrets" in only:
             from tests.reliability.secrets_scan import scan
@@ -155,8 +200,11 @@ def _table(outcomes: list[Outcome], total: float) -> None:
         print(f"{o.category:<44} {o.tried:>9} {o.failed:>16} {o.seconds:>8.1f}  {o.verdict}")
     print("-" * len(head))
     verdict = "PASS" if outcomes and all(o.verdict == "PASS" for o in outcomes) else "FAIL"
-    print(f"{'overall':<44} {sum(o.tried for o in outcomes):>9} "
-          f"{sum(o.failed for o in outcomes):>16} {total:>8.1f}  {verdict}", flush=True)
+    print(
+        f"{'overall':<44} {sum(o.tried for o in outcomes):>9} "
+        f"{sum(o.failed for o in outcomes):>16} {total:>8.1f}  {verdict}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

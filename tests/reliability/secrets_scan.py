@@ -23,8 +23,9 @@ SCANNED = ("broker.sqlite", "broker.sqlite-wal", "broker.sqlite-shm", "serve.log
 
 def _needles(pem: bytes) -> list[bytes]:
     key = load_private_key(pem)
-    der = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
+    der = key.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     if isinstance(key, rsa.RSAPrivateKey):
         secret = key.private_numbers().d
         size = (key.key_size + 7) // 8
@@ -37,8 +38,11 @@ def _needles(pem: bytes) -> list[bytes]:
 
 
 def scan(pki: GridPki, base: Path, stored_keys: list[bytes], outcome: Outcome) -> None:
-    files = [p for p in base.rglob("*") if p.is_file() and (
-        p.name in SCANNED or p.name.startswith("broker.sqlite"))]
+    files = [
+        p
+        for p in base.rglob("*")
+        if p.is_file() and (p.name in SCANNED or p.name.startswith("broker.sqlite"))
+    ]
     keys = list(stored_keys)
     for who in ("alice", "bob", "mallory", "pilot", "pilot2"):
         keys.append(pki.key_path(who).read_bytes())
@@ -55,8 +59,10 @@ def scan(pki: GridPki, base: Path, stored_keys: list[bytes], outcome: Outcome) -
             outcome.tried += 1
             if needle in blob:
                 outcome.fail(f"{path.relative_to(base)} contains bytes of a known private key")
-    outcome.note(f"{len(files)} files ({total / 1e6:.1f} MB: SQLite databases with WAL and "
-                 f"shm, server logs, wrapper audit logs) against {len(keys)} known keys "
-                 f"({len(needles)} byte needles + {len(MARKERS)} PEM markers)")
+    outcome.note(
+        f"{len(files)} files ({total / 1e6:.1f} MB: SQLite databases with WAL and "
+        f"shm, server logs, wrapper audit logs) against {len(keys)} known keys "
+        f"({len(needles)} byte needles + {len(MARKERS)} PEM markers)"
+    )
     if not files:
         outcome.fail("no files to scan: the run left no database or log behind")

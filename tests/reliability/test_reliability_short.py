@@ -19,11 +19,20 @@ LIMIT_S = 480  # the short run takes about three to four minutes on two cores (m
 @needs_root  # tmpfs, identity switch
 def test_reliability_short_run() -> None:
     started = time.monotonic()
-    done = subprocess.run([str(REPO / "scripts" / "reliability"), "--short"], cwd=REPO,
-                          capture_output=True, text=True, timeout=LIMIT_S)
+    done = subprocess.run(
+        [str(REPO / "scripts" / "reliability"), "--short"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=LIMIT_S,
+    )
     elapsed = time.monotonic() - started
-    table = done.stdout[done.stdout.rfind("=" * 100):] if "=" * 100 in done.stdout \
+    table = (
+        done.stdout[done.stdout.rfind("=" * 100) :]
+        if "=" * 100 in done.stdout
         else done.stdout[-6000:]
-    assert done.returncode == 0, f"scripts/reliability --short failed:\n{table}\n" \
-        f"{done.stderr[-3000:]}"
+    )
+    assert done.returncode == 0, (
+        f"scripts/reliability --short failed:\n{table}\n{done.stderr[-3000:]}"
+    )
     assert elapsed < LIMIT_S

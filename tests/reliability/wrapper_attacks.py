@@ -26,7 +26,7 @@ from tests.reliability.harness import Outcome
 
 WRAPPER = str(Path(sys.executable).parent / "payload-wrapper")
 
-PROBE = r'''#!/usr/bin/python3
+PROBE = r"""#!/usr/bin/python3
 import json, os, signal, sys
 pilot_pid, pilot_proxy, pilot_key = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 
@@ -51,7 +51,7 @@ report = {
 }
 with open("probe.json", "w") as out:
     json.dump(report, out)
-'''
+"""
 
 
 def attacks(pki: GridPki, base: Path) -> Iterator[tuple[str, Callable[[Outcome], None]]]:
@@ -66,6 +66,7 @@ def attacks(pki: GridPki, base: Path) -> Iterator[tuple[str, Callable[[Outcome],
                 fn(outcome, place)
             finally:
                 shutil.rmtree(place, ignore_errors=True)
+
         return body
 
     def proxy(place: Path) -> Path:
@@ -76,25 +77,51 @@ def attacks(pki: GridPki, base: Path) -> Iterator[tuple[str, Callable[[Outcome],
         write_private_file(path, credential_to_pem(cred))
         return path
 
-    def run(place: Path, prx: Path, args: list[str], env: dict[str, str]
-            ) -> subprocess.CompletedProcess[str]:
+    def run(
+        place: Path, prx: Path, args: list[str], env: dict[str, str]
+    ) -> subprocess.CompletedProcess[str]:
         workdir = place / "work"
         workdir.mkdir(mode=0o755, exist_ok=True)
         return subprocess.run(
-            [WRAPPER, "--proxy", str(prx), "--ca-dir", str(pki.ca_dir), "--vomsdir",
-             str(pki.vomsdir), "--workdir", str(workdir), "--audit-log",
-             str(place / "audit.log"), "--account", "nobody", *args],
-            env={"PATH": "/usr/bin:/bin", **env}, capture_output=True, text=True, timeout=60)
+            [
+                WRAPPER,
+                "--proxy",
+                str(prx),
+                "--ca-dir",
+                str(pki.ca_dir),
+                "--vomsdir",
+                str(pki.vomsdir),
+                "--workdir",
+                str(workdir),
+                "--audit-log",
+                str(place / "audit.log"),
+                "--account",
+                "nobody",
+                *args,
+            ],
+            env={"PATH": "/usr/bin:/bin", **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     def smuggling(outcome: Outcome, place: Path) -> None:
         prx = proxy(place)
         script = place / "probe.py"
         script.write_text(PROBE)
         script.chmod(0o755)
-        evil = {"LD_PRELOAD": "/tmp/evil.so", "LD_LIBRARY_PATH": "/tmp/evil",
-                "LD_AUDIT": "/tmp/evil.so", "MALLOC_CHECK_": "3", "MALLOC_PERTURB_": "85",
-                "MALLOC_ARENA_MAX": "1", "GCONV_PATH": "/tmp/evil", "PYTHONPATH": "/evil",
-                "PYTHONSTARTUP": "/evil/x.py", "LD_DEBUG": "all"}
+        evil = {
+            "LD_PRELOAD": "/tmp/evil.so",
+            "LD_LIBRARY_PATH": "/tmp/evil",
+            "LD_AUDIT": "/tmp/evil.so",
+            "MALLOC_CHECK_": "3",
+            "MALLOC_PERTURB_": "85",
+            "MALLOC_ARENA_MAX": "1",
+            "GCONV_PATH": "/tmp/evil",
+            "PYTHONPATH": "/evil",
+            "PYTHONSTARTUP": "/evil/x.py",
+            "LD_DEBUG": "all",
+        }
         cases: list[tuple[str, list[str], dict[str, str]]] = [
             ("inherited from the pilot", [], evil)
         ]
@@ -103,13 +130,28 @@ def attacks(pki: GridPki, base: Path) -> Iterator[tuple[str, Callable[[Outcome],
             cases.append((f"--set-env {name}=...", ["--set-env", f"{name}=/tmp/evil.so"], {}))
         for n, (label, args, env) in enumerate(cases):
             job = f"sm{n}"
-            done = run(place, prx, [*args, "--job-id", job, "--", str(script), str(os.getpid()),
-                                    str(prx), str(pki.key_path("alice"))], env)
+            done = run(
+                place,
+                prx,
+                [
+                    *args,
+                    "--job-id",
+                    job,
+                    "--",
+                    str(script),
+                    str(os.getpid()),
+                    str(prx),
+                    str(pki.key_path("alice")),
+                ],
+                env,
+            )
             outcome.tried += 1
             report = place / "work" / f"job-{job}" / "probe.json"
             if done.returncode != 0 and not report.exists():
-                outcome.note(f"refused {label}: exit {done.returncode} "
-                             f"{done.stderr.strip().splitlines()[-1][:120] if done.stderr else ''}")
+                outcome.note(
+                    f"refused {label}: exit {done.returncode} "
+                    f"{done.stderr.strip().splitlines()[-1][:120] if done.stderr else ''}"
+                )
                 continue
             seen = json.loads(report.read_text())["env"] if report.exists() else []
             if seen:
@@ -122,15 +164,34 @@ def attacks(pki: GridPki, base: Path) -> Iterator[tuple[str, Callable[[Outcome],
         script = place / "probe.py"
         script.write_text(PROBE)
         script.chmod(0o755)
-        done = run(place, prx, ["--job-id", "reach", "--", str(script), str(os.getpid()),
-                                str(prx), str(pki.key_path("alice"))], {})
+        done = run(
+            place,
+            prx,
+            [
+                "--job-id",
+                "reach",
+                "--",
+                str(script),
+                str(os.getpid()),
+                str(prx),
+                str(pki.key_path("alice")),
+            ],
+            {},
+        )
         report_file = place / "work" / "job-reach" / "probe.json"
         if not report_file.exists():
             outcome.fail(f"the probe payload did not run: exit {done.returncode} {done.stderr}")
             return
         report = json.loads(report_file.read_text())
-        for key in ("read_pilot_proxy", "read_pilot_key", "signal_pilot_0", "signal_pilot_stop",
-                    "signal_pilot_term", "ptrace_pilot_mem", "pilot_environ"):
+        for key in (
+            "read_pilot_proxy",
+            "read_pilot_key",
+            "signal_pilot_0",
+            "signal_pilot_stop",
+            "signal_pilot_term",
+            "ptrace_pilot_mem",
+            "pilot_environ",
+        ):
             outcome.tried += 1
             if report[key] == "ok":
                 outcome.fail(f"ACCEPTED payload {key} (uid {report['uid']})")
@@ -163,8 +224,10 @@ def attacks(pki: GridPki, base: Path) -> Iterator[tuple[str, Callable[[Outcome],
         done = run(place, link, ["--job-id", "lnk", "--", "/bin/true"], {})
         outcome.tried += 1
         if done.returncode == 0:
-            outcome.note("a --proxy given through a symlink was followed (the pilot's own "
-                         "file, owned by root 0600: allowed by design)")
+            outcome.note(
+                "a --proxy given through a symlink was followed (the pilot's own "
+                "file, owned by root 0600: allowed by design)"
+            )
         else:
             outcome.note(f"a --proxy symlink was refused: exit {done.returncode}")
         if victim.read_text() != "keep me":

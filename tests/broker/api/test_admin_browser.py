@@ -53,10 +53,19 @@ def browser() -> Iterator[Any]:
     profile = tempfile.mkdtemp(prefix="broker-chromium-")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
-                 "--window-size=1280,900", f"--user-data-dir={profile}"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        "--window-size=1280,900",
+        f"--user-data-dir={profile}",
+    ):
         options.add_argument(flag)
     # The broker's host certificate comes from the test PKI, not a public CA.
     options.accept_insecure_certs = True
@@ -70,8 +79,9 @@ def browser() -> Iterator[Any]:
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def admin_broker(request: pytest.FixtureRequest, grid_pki: GridPki,
-                 tmp_path: Path) -> Iterator[AdminBroker]:
+def admin_broker(
+    request: pytest.FixtureRequest, grid_pki: GridPki, tmp_path: Path
+) -> Iterator[AdminBroker]:
     url = "" if request.param == "sqlite" else str(request.getfixturevalue("postgres_database"))
     running = start_admin_broker(grid_pki, tmp_path, database_url=url)
     try:
@@ -119,8 +129,7 @@ def _no_alert(driver: Any) -> None:
         driver.switch_to.alert.text  # noqa: B018
 
 
-def test_admin_page_in_chromium(browser: Any, admin_broker: AdminBroker,
-                                artefacts: Path) -> None:
+def test_admin_page_in_chromium(browser: Any, admin_broker: AdminBroker, artefacts: Path) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
@@ -139,8 +148,10 @@ def test_admin_page_in_chromium(browser: Any, admin_broker: AdminBroker,
     _login(d, base, ADMIN_USER, ADMIN_PASSWORD)
     assert d.current_url.endswith("/admin/")
     assert find(By.ID, "who").text == f"PAM user {ADMIN_USER}"
-    rows = {r.get_attribute("data-username"): r
-            for r in d.find_elements(By.CSS_SELECTOR, "#credentials tbody tr")}
+    rows = {
+        r.get_attribute("data-username"): r
+        for r in d.find_elements(By.CSS_SELECTOR, "#credentials tbody tr")
+    }
     assert set(rows) == {"alice", "bob", "xss"}
     assert "expiring" in rows["alice"].get_attribute("class")
     assert "expiring soon" in rows["alice"].text
@@ -168,8 +179,10 @@ def test_admin_page_in_chromium(browser: Any, admin_broker: AdminBroker,
     shot("03-audit-filtered")
     Select(find(By.NAME, "decision")).select_by_value("")
     _click_and_wait(d, find(By.ID, "apply-filters"))
-    assert [c.text for c in d.find_elements(By.CSS_SELECTOR, "#audit td.job-id")
-            ] == [JOB_ID, JOB_ID]
+    assert [c.text for c in d.find_elements(By.CSS_SELECTOR, "#audit td.job-id")] == [
+        JOB_ID,
+        JOB_ID,
+    ]
 
     # -- a "why": the pilot retrieving Alice's credential
     d.get(f"{base}/admin/explain")

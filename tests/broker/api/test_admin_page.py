@@ -60,8 +60,9 @@ def test_admin_by_client_certificate_sees_credentials_escaped(admin_broker: Admi
     for secret in ("PRIVATE KEY", "a passphrase nobody may see", "BEGIN CERTIFICATE"):
         assert secret not in body
     # the audit filtered by job id, the attacker's job id escaped too
-    status, _, _, body = admin_broker.request("GET", f"/admin/audit?job_id={quote(JOB_ID)}",
-                                              cert="alice")
+    status, _, _, body = admin_broker.request(
+        "GET", f"/admin/audit?job_id={quote(JOB_ID)}", cert="alice"
+    )
     assert status == 200
     assert body.count(f'<td class="mono job-id">{JOB_ID}</td>') == 2
     assert "other-job" not in body
@@ -92,8 +93,11 @@ def test_pam_login_sets_a_strict_session_cookie(admin_broker: AdminBroker) -> No
     assert not any(f.startswith("domain=") for f in flags)
     # a login without the form's CSRF token is refused before PAM is asked
     status, _, _, body = admin_broker.request(
-        "POST", "/admin/login", cookie=cookie.split(";")[0],
-        form={"username": ADMIN_USER, "password": ADMIN_PASSWORD})
+        "POST",
+        "/admin/login",
+        cookie=cookie.split(";")[0],
+        form={"username": ADMIN_USER, "password": ADMIN_PASSWORD},
+    )
     assert status == 400 and "came from another site" in body
     status, _, body = admin_broker.login(ADMIN_USER, "wrong password")
     assert status == 401 and "username or password is wrong" in body
@@ -102,24 +106,32 @@ def test_pam_login_sets_a_strict_session_cookie(admin_broker: AdminBroker) -> No
     status, _, _, body = admin_broker.request("GET", "/admin/", cookie=session)
     assert status == 200 and f"PAM user {ADMIN_USER}" in body
     # the "why" form: CSRF required, then the engine's trace
-    explain = {"requester": "/DC=org/DC=example/CN=pilot", "owner": admin_broker.alice_dn,
-               "action": "retrieve", "auth": "certificate"}
-    status, _, _, body = admin_broker.request("POST", "/admin/explain", cookie=session,
-                                              form=explain)
+    explain = {
+        "requester": "/DC=org/DC=example/CN=pilot",
+        "owner": admin_broker.alice_dn,
+        "action": "retrieve",
+        "auth": "certificate",
+    }
+    status, _, _, body = admin_broker.request(
+        "POST", "/admin/explain", cookie=session, form=explain
+    )
     assert status == 400 and "came from another site" in body
     status, _, _, page = admin_broker.request("GET", "/admin/explain", cookie=session)
     status, _, _, body = admin_broker.request(
-        "POST", "/admin/explain", cookie=session, form={**explain, "csrf": csrf_of(page)})
+        "POST", "/admin/explain", cookie=session, form={**explain, "csrf": csrf_of(page)}
+    )
     assert status == 200
     assert 'id="explain-decision" class="allow">allow<' in body
     assert "pilots retrieve for users" in body and 'id="explain-trace"' in body
     # the login is in the audit trail
-    status, _, _, body = admin_broker.request("GET", "/admin/audit?action=admin-login",
-                                              cookie=session)
+    status, _, _, body = admin_broker.request(
+        "GET", "/admin/audit?action=admin-login", cookie=session
+    )
     assert f"pam:{ADMIN_USER}" in body
     # sign out ends the session (the cookie is emptied)
     status, _, set_cookies, _ = admin_broker.request(
-        "POST", "/admin/logout", cookie=session, form={"csrf": csrf_of(page)})
+        "POST", "/admin/logout", cookie=session, form={"csrf": csrf_of(page)}
+    )
     assert status == 303 and "__Host-broker-admin=;" in set_cookies[0]
 
 
@@ -128,23 +140,26 @@ def test_pam_user_outside_the_admin_group_is_refused(admin_broker: AdminBroker) 
     assert status == 303
     status, _, _, body = admin_broker.request("GET", "/admin/", cookie=session)
     assert status == 403 and f"PAM user {OTHER_USER}, who is not a site admin" in body
-    status, _, _, body = admin_broker.request("GET", "/admin/audit?action=admin-page",
-                                              cert="alice")
+    status, _, _, body = admin_broker.request("GET", "/admin/audit?action=admin-page", cert="alice")
     assert f"pam:{OTHER_USER}" in body and "not in the policy group" in body
 
 
-@pytest.mark.parametrize(("path", "sentence"), [
-    ("/admin/audit?since=yesterday", "must be a UTC date and time"),
-    ("/admin/audit?before=-1", "must be a positive whole number"),
-    ("/admin/audit?decision=maybe", "must be allow, deny or error"),
-    ("/admin/audit?job_id=" + "j" * 300, "longer than 255 characters"),
-    ("/admin/audit?before=" + "9" * 19, "must be a positive whole number below"),
-    ("/admin/audit?owner=%2FCN%3Da%00b", "contains control characters"),
-    ("/admin/?hours=5", "the chart covers"),
-    ("/admin/?after_id=x&after_owner=%2FCN%3Da", "must be a positive whole number"),
-])
-def test_bad_filters_get_a_400_sentence(admin_broker: AdminBroker, path: str,
-                                        sentence: str) -> None:
+@pytest.mark.parametrize(
+    ("path", "sentence"),
+    [
+        ("/admin/audit?since=yesterday", "must be a UTC date and time"),
+        ("/admin/audit?before=-1", "must be a positive whole number"),
+        ("/admin/audit?decision=maybe", "must be allow, deny or error"),
+        ("/admin/audit?job_id=" + "j" * 300, "longer than 255 characters"),
+        ("/admin/audit?before=" + "9" * 19, "must be a positive whole number below"),
+        ("/admin/audit?owner=%2FCN%3Da%00b", "contains control characters"),
+        ("/admin/?hours=5", "the chart covers"),
+        ("/admin/?after_id=x&after_owner=%2FCN%3Da", "must be a positive whole number"),
+    ],
+)
+def test_bad_filters_get_a_400_sentence(
+    admin_broker: AdminBroker, path: str, sentence: str
+) -> None:
     status, headers, _, body = admin_broker.request("GET", path, cert="alice")
     assert status == 400, body
     assert headers["content-type"].startswith("text/html")
@@ -156,8 +171,11 @@ def test_explain_with_bad_input_names_the_problem(admin_broker: AdminBroker) -> 
     cookie_less_csrf = csrf_of(page)
     # a certificate user's CSRF token is bound to its session cookie: without it, refused
     status, _, _, body = admin_broker.request(
-        "POST", "/admin/explain", cert="alice",
-        form={"csrf": cookie_less_csrf, "owner": "not a dn", "action": "retrieve"})
+        "POST",
+        "/admin/explain",
+        cert="alice",
+        form={"csrf": cookie_less_csrf, "owner": "not a dn", "action": "retrieve"},
+    )
     assert status == 400 and "came from another site" in body
     status, _, cookies, page = admin_broker.request("GET", "/admin/explain", cert="alice")
     cookie = cookies[0].split(";")[0]
@@ -167,7 +185,11 @@ def test_explain_with_bad_input_names_the_problem(admin_broker: AdminBroker) -> 
         ({"owner": "/CN=o", "requester": "/CN=x", "fqans": "atlas"}, "must start with"),
     ):
         status, _, _, body = admin_broker.request(
-            "POST", "/admin/explain", cert="alice", cookie=cookie,
-            form={"action": "retrieve", **form, "csrf": csrf_of(page)})
+            "POST",
+            "/admin/explain",
+            cert="alice",
+            cookie=cookie,
+            form={"action": "retrieve", **form, "csrf": csrf_of(page)},
+        )
         assert status == 400, body
         assert 'id="explain-error"' in body and sentence in _text(body)

@@ -35,22 +35,38 @@ def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
 
 def _credential(owner: str, username: str, not_after: datetime) -> dict[str, object]:
     return {
-        "owner_dn": owner, "username": username, "name": "default",
+        "owner_dn": owner,
+        "username": username,
+        "name": "default",
         "certificate_chain": "-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n",
-        "not_after": not_after, "retrievers": [], "trusted_retrievers": [], "renewers": [],
-        "limited": False, "created_at": NOW, "updated_at": NOW,
-        "key_ciphertext": b"SECRET-CIPHERTEXT", "key_nonce": b"n" * 12,
-        "wrapped_data_key": b"SECRET-WRAPPED", "master_key_id": "k1",
+        "not_after": not_after,
+        "retrievers": [],
+        "trusted_retrievers": [],
+        "renewers": [],
+        "limited": False,
+        "created_at": NOW,
+        "updated_at": NOW,
+        "key_ciphertext": b"SECRET-CIPHERTEXT",
+        "key_nonce": b"n" * 12,
+        "wrapped_data_key": b"SECRET-WRAPPED",
+        "master_key_id": "k1",
         "passphrase_protected": True,
     }
 
 
 def _audit(i: int, **values: object) -> dict[str, object]:
     row: dict[str, object] = {
-        "time": NOW - timedelta(minutes=i), "action": "retrieve", "decision": "allow",
-        "endpoint": "rest", "requester_dn": "/CN=pilot", "requester_fqans": [],
-        "owner_dn": "/CN=alice", "username": "alice", "credential_name": "default",
-        "job_id": f"job-{i}", "reason": "ok",
+        "time": NOW - timedelta(minutes=i),
+        "action": "retrieve",
+        "decision": "allow",
+        "endpoint": "rest",
+        "requester_dn": "/CN=pilot",
+        "requester_fqans": [],
+        "owner_dn": "/CN=alice",
+        "username": "alice",
+        "credential_name": "default",
+        "job_id": f"job-{i}",
+        "reason": "ok",
     }
     row.update(values)
     return row
@@ -59,9 +75,13 @@ def _audit(i: int, **values: object) -> dict[str, object]:
 def test_credential_pages_walk_every_row_once_in_owner_order(engine: Engine) -> None:
     owners = [f"/DC=org/CN=user{i % 7:02d}" for i in range(23)]
     with engine.begin() as conn:
-        conn.execute(insert(Credential), [
-            _credential(owner, f"u{i}", NOW + timedelta(hours=i)) for i, owner in enumerate(owners)
-        ])
+        conn.execute(
+            insert(Credential),
+            [
+                _credential(owner, f"u{i}", NOW + timedelta(hours=i))
+                for i, owner in enumerate(owners)
+            ],
+        )
     seen: list[tuple[str, int]] = []
     cursor = None
     pages = 0
@@ -92,11 +112,14 @@ def test_credential_rows_carry_no_key_material(engine: Engine) -> None:
 
 def test_counts_split_expired_and_expiring(engine: Engine) -> None:
     with engine.begin() as conn:
-        conn.execute(insert(Credential), [
-            _credential("/CN=a", "gone", NOW - timedelta(hours=1)),
-            _credential("/CN=a", "soon", NOW + timedelta(hours=5)),
-            _credential("/CN=a", "later", NOW + timedelta(days=5)),
-        ])
+        conn.execute(
+            insert(Credential),
+            [
+                _credential("/CN=a", "gone", NOW - timedelta(hours=1)),
+                _credential("/CN=a", "soon", NOW + timedelta(hours=5)),
+                _credential("/CN=a", "later", NOW + timedelta(days=5)),
+            ],
+        )
     counts = q.credential_counts(engine, now=NOW, window=timedelta(hours=24))
     assert counts == q.CredentialCounts(total=3, expiring=1, expired=1)
 
@@ -111,12 +134,15 @@ def test_audit_filters_and_paging(engine: Engine) -> None:
     job = q.audit_page(engine, q.AuditFilter(job_id="<script>alert(1)</script>"))
     assert [r.job_id for r in job.rows] == ["<script>alert(1)</script>"] and job.next_before is None
     assert [r.job_id for r in q.audit_page(engine, q.AuditFilter(decision="deny")).rows] == [
-        "<script>alert(1)</script>"]
-    assert [r.job_id for r in q.audit_page(engine, q.AuditFilter(requester_dn="/CN=other")).rows
-            ] == ["job-4"]
+        "<script>alert(1)</script>"
+    ]
+    assert [
+        r.job_id for r in q.audit_page(engine, q.AuditFilter(requester_dn="/CN=other")).rows
+    ] == ["job-4"]
     assert [r.job_id for r in q.audit_page(engine, q.AuditFilter(action="info")).rows] == ["job-4"]
     assert [r.job_id for r in q.audit_page(engine, q.AuditFilter(owner_dn="/CN=bob")).rows] == [
-        "job-5"]
+        "job-5"
+    ]
     # [since, until): minutes 10..12 ago
     window = q.AuditFilter(since=NOW - timedelta(minutes=12), until=NOW - timedelta(minutes=9))
     assert [r.job_id for r in q.audit_page(engine, window).rows] == ["job-10", "job-11", "job-12"]
@@ -157,5 +183,6 @@ def test_bad_page_sizes_and_chart_ranges_are_input_errors(engine: Engine) -> Non
     with pytest.raises(InputError):
         q.audit_page(engine, q.AuditFilter(), limit=q.MAX_PAGE_SIZE + 1)
     with pytest.raises(InputError):
-        q.activity_chart(engine, since=NOW - timedelta(days=30), until=NOW,
-                         bucket=timedelta(minutes=1))
+        q.activity_chart(
+            engine, since=NOW - timedelta(days=30), until=NOW, bucket=timedelta(minutes=1)
+        )

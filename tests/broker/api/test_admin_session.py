@@ -36,14 +36,18 @@ class World:
 
     def login(self) -> int:
         form = self.client.get("/admin/login", base_url=BASE).text
-        response = self.client.post("/admin/login", base_url=BASE, data={
-            "csrf": csrf_of(form), "username": ADMIN_USER, "password": ADMIN_PASSWORD})
+        response = self.client.post(
+            "/admin/login",
+            base_url=BASE,
+            data={"csrf": csrf_of(form), "username": ADMIN_USER, "password": ADMIN_PASSWORD},
+        )
         return response.status_code
 
 
 def _policy(members: str) -> PolicySet:
-    return load_policy({"05-admins.toml": f"[groups]\nsite-admins = [{members}]\n",
-                        "10-test.toml": DEV_POLICY})
+    return load_policy(
+        {"05-admins.toml": f"[groups]\nsite-admins = [{members}]\n", "10-test.toml": DEV_POLICY}
+    )
 
 
 @pytest.fixture
@@ -55,8 +59,11 @@ def world(grid_pki: GridPki, tmp_path: Path) -> Iterator[World]:
     policy = {"current": _policy(f'"pam:{ADMIN_USER}"')}
     with Store(url, MasterKeyRing.generate()) as store:
         service = BrokerService(store, grid_pki.trust, lambda: policy["current"], clock=clock)
-        app = create_app(service, pam=PamSettings(stack.service, confdir=str(stack.confdir)),
-                         admin=AdminSettings(session_lifetime=timedelta(minutes=30)))
+        app = create_app(
+            service,
+            pam=PamSettings(stack.service, confdir=str(stack.confdir)),
+            admin=AdminSettings(session_lifetime=timedelta(minutes=30)),
+        )
         yield World(app.test_client(), clock, policy)
 
 
@@ -81,16 +88,21 @@ def test_leaving_the_admin_group_closes_the_page_within_a_session(world: World) 
 def test_admin_group_membership_rules() -> None:
     policy = _policy('"/DC=org/DC=example/CN=Admin*", "fqan:/ops/Role=admin", "pam:root-*"')
     assert is_admin(policy, "site-admins", Requester(dn="/DC=org/DC=example/CN=Admin One"))
-    assert is_admin(policy, "site-admins",
-                    Requester(dn="/DC=org/CN=x", fqans=("/ops/Role=admin/Capability=NULL",)))
+    assert is_admin(
+        policy,
+        "site-admins",
+        Requester(dn="/DC=org/CN=x", fqans=("/ops/Role=admin/Capability=NULL",)),
+    )
     assert is_admin(policy, "site-admins", Requester(dn=None, pam_user="root-ann"))
     # a limited proxy (a job's) is never an admin; neither is anyone when the group is missing
-    assert not is_admin(policy, "site-admins",
-                        Requester(dn="/DC=org/DC=example/CN=Admin One", limited=True))
+    assert not is_admin(
+        policy, "site-admins", Requester(dn="/DC=org/DC=example/CN=Admin One", limited=True)
+    )
     assert not is_admin(policy, "ops-admins", Requester(dn="/DC=org/DC=example/CN=Admin One"))
     assert not is_admin(policy, "site-admins", Requester(dn="/DC=org/CN=Admin One"))
     assert not is_admin(policy, "site-admins", Requester(dn=None, pam_user="ann"))
     assert not is_admin(policy, "site-admins", Requester(dn=None))
     # a PAM user is not matched by a DN entry that happens to look like its name
-    assert not is_admin(_policy('"/CN=root-ann"'), "site-admins",
-                        Requester(dn=None, pam_user="root-ann"))
+    assert not is_admin(
+        _policy('"/CN=root-ann"'), "site-admins", Requester(dn=None, pam_user="root-ann")
+    )

@@ -38,8 +38,7 @@ def broker(grid_pki: GridPki, tmp_path_factory: pytest.TempPathFactory) -> Itera
 def _tls(b: RunningBroker, who: str = "alice", source: str = "127.0.0.1") -> ssl.SSLSocket:
     ctx = ssl.create_default_context(capath=str(b.pki.ca_dir))
     ctx.load_cert_chain(str(b.pki.cert_path(who)), str(b.pki.key_path(who)))
-    raw = socket.create_connection(("127.0.0.1", b.port), timeout=10,
-                                   source_address=(source, 0))
+    raw = socket.create_connection(("127.0.0.1", b.port), timeout=10, source_address=(source, 0))
     return ctx.wrap_socket(raw, server_hostname="localhost")
 
 
@@ -62,8 +61,7 @@ def _exchange(b: RunningBroker, request: bytes) -> tuple[int, dict[str, str], by
 
 
 def _get(path: str, extra: str = "") -> bytes:
-    return (f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{extra}\r\n"
-            ).encode()
+    return (f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{extra}\r\n").encode()
 
 
 def _legit_latencies(b: RunningBroker, seconds: float) -> list[float]:
@@ -99,17 +97,29 @@ def test_request_ids_are_made_by_the_server(broker: RunningBroker) -> None:
 
 def test_deeply_nested_json_is_a_400(broker: RunningBroker) -> None:
     body = b"[" * 60_000 + b"]" * 60_000
-    status, _, answer = _exchange(broker, (
-        "POST /v1/retrievals HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body)
+    status, _, answer = _exchange(
+        broker,
+        (
+            "POST /v1/retrievals HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        + body,
+    )
     assert status == 400, answer[:200]
     assert json.loads(answer)["error"] == "bad_json"
 
 
-@pytest.mark.parametrize(("raw", "depth"), [
-    (b"{}", 1), (b'{"a": [1, {"b": []}]}', 4), (b'{"a": "[[[[{{{{"}', 1),
-    (b'["\\"[[[", [[]]]', 3), (b"17", 0), (b"[" * 100, 100),
-])
+@pytest.mark.parametrize(
+    ("raw", "depth"),
+    [
+        (b"{}", 1),
+        (b'{"a": [1, {"b": []}]}', 4),
+        (b'{"a": "[[[[{{{{"}', 1),
+        (b'["\\"[[[", [[]]]', 3),
+        (b"17", 0),
+        (b"[" * 100, 100),
+    ],
+)
 def test_json_depth_ignores_brackets_in_strings(raw: bytes, depth: int) -> None:
     assert json_depth(raw) == depth
 
@@ -119,18 +129,25 @@ def test_gunicorn_level_errors_are_json(broker: RunningBroker) -> None:
     assert status == 400
     assert headers["content-type"] == "application/json"
     assert json.loads(body)["error"] == "bad_request"
-    status, headers, body = _exchange(broker, (
-        b"POST /v1/retrievals HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n"
-        b"\r\n2\r\n{}\r\n0\r\n\r\n"))
+    status, headers, body = _exchange(
+        broker,
+        (
+            b"POST /v1/retrievals HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n"
+            b"\r\n2\r\n{}\r\n0\r\n\r\n"
+        ),
+    )
     assert status == 411
     assert json.loads(body)["error"] == "length_required"
 
 
 def test_silent_connections_do_not_delay_others(broker: RunningBroker) -> None:
     """300 TCP connections that never speak (issue 18): before, a request waited ~24 s."""
-    silent = [socket.create_connection(("127.0.0.1", broker.port),
-                                       source_address=(f"127.0.0.{2 + i % 6}", 0))
-              for i in range(300)]
+    silent = [
+        socket.create_connection(
+            ("127.0.0.1", broker.port), source_address=(f"127.0.0.{2 + i % 6}", 0)
+        )
+        for i in range(300)
+    ]
     try:
         latencies = _legit_latencies(broker, 3.0)
     finally:
@@ -149,8 +166,10 @@ def test_trickled_bodies_do_not_delay_others_and_are_cut(broker: RunningBroker) 
         try:
             with _tls(broker, "bob", source=f"127.0.0.{2 + index % 6}") as tls:
                 started = time.monotonic()
-                tls.sendall(b"POST /v1/retrievals HTTP/1.1\r\nHost: localhost\r\n"
-                            b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{")
+                tls.sendall(
+                    b"POST /v1/retrievals HTTP/1.1\r\nHost: localhost\r\n"
+                    b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"
+                )
                 while not stop.wait(0.3):
                     tls.sendall(b" ")
         except OSError:
@@ -171,15 +190,15 @@ def test_trickled_bodies_do_not_delay_others_and_are_cut(broker: RunningBroker) 
     assert max(cut_after) < 9  # ... long before the 30 s request deadline
 
 
-def test_one_address_cannot_fill_the_incoming_stage(broker: RunningBroker,
-                                                    tmp_path: Path) -> None:
+def test_one_address_cannot_fill_the_incoming_stage(broker: RunningBroker, tmp_path: Path) -> None:
     """More silent connections from one address than the stage keeps: the oldest are closed
     and a new client from that address is still served."""
     from broker.server import PER_ADDRESS_INCOMING
 
-    flood = [socket.create_connection(("127.0.0.1", broker.port),
-                                      source_address=("127.0.0.9", 0))
-             for _ in range(PER_ADDRESS_INCOMING * WORKERS + 40)]
+    flood = [
+        socket.create_connection(("127.0.0.1", broker.port), source_address=("127.0.0.9", 0))
+        for _ in range(PER_ADDRESS_INCOMING * WORKERS + 40)
+    ]
     try:
         time.sleep(0.5)
         closed = 0
@@ -203,9 +222,13 @@ def test_one_address_cannot_fill_the_incoming_stage(broker: RunningBroker,
 def test_expect_100_continue_is_answered_once(broker: RunningBroker) -> None:
     body = json.dumps({"csr": "x" * 2000}).encode()
     with _tls(broker) as tls:
-        tls.sendall(("POST /v1/retrievals HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
-                     "Expect: 100-continue\r\nContent-Type: application/json\r\n"
-                     f"Content-Length: {len(body)}\r\n\r\n").encode())
+        tls.sendall(
+            (
+                "POST /v1/retrievals HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+                "Expect: 100-continue\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n"
+            ).encode()
+        )
         tls.settimeout(0.8)  # curl waits 1 s for the 100 before sending anyway
         assert tls.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
         tls.settimeout(10)
@@ -219,8 +242,13 @@ def test_expect_100_continue_is_answered_once(broker: RunningBroker) -> None:
 
 def test_an_oversize_body_gets_its_413_even_while_still_sending(broker: RunningBroker) -> None:
     body = b"x" * (2 << 20)
-    status, _, answer = _exchange(broker, (
-        "POST /v1/retrievals HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body)
+    status, _, answer = _exchange(
+        broker,
+        (
+            "POST /v1/retrievals HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        + body,
+    )
     assert status == 413
     assert json.loads(answer)["error"] == "too_large"

@@ -35,8 +35,11 @@ def _full_app() -> Flask:
     create_app and the blueprints only store the service and settings until a request
     comes, so stand-ins are enough to read the URL map."""
     service = SimpleNamespace(token_directory=object())  # tokens on
-    return create_app(service, pam=PamSettings("broker-test"),  # type: ignore[arg-type]
-                      online_ca=object())  # type: ignore[arg-type]
+    return create_app(
+        service,  # type: ignore[arg-type]
+        pam=PamSettings("broker-test"),
+        online_ca=object(),  # type: ignore[arg-type]
+    )
 
 
 def _flask_routes() -> set[tuple[str, str]]:
@@ -52,8 +55,12 @@ def _flask_routes() -> set[tuple[str, str]]:
 
 
 def _documented_routes(doc: dict[str, Any]) -> set[tuple[str, str]]:
-    return {(method, path) for path, item in doc["paths"].items() for method in item
-            if method in METHODS}
+    return {
+        (method, path)
+        for path, item in doc["paths"].items()
+        for method in item
+        if method in METHODS
+    }
 
 
 def _resolve(doc: dict[str, Any], node: Any) -> Any:
@@ -90,8 +97,9 @@ def test_document_structure() -> None:
         for name in re.findall(r"{([^}]+)}", path):
             for method, operation in item.items():
                 params = [_resolve(doc, p) for p in operation.get("parameters", [])]
-                assert any(p["name"] == name and p["in"] == "path" and p["required"]
-                           for p in params), (method, path, name)
+                assert any(
+                    p["name"] == name and p["in"] == "path" and p["required"] for p in params
+                ), (method, path, name)
         for method, operation in item.items():
             assert method in METHODS, (path, method)
             assert operation["operationId"] and operation["responses"]
@@ -107,8 +115,16 @@ def test_error_statuses_per_route() -> None:
     doc = _document()
     expected = {
         ("post", "/v1/delegations"): {"400", "401", "403", "409", "413", "503"},
-        ("put", "/v1/delegations/{delegation_id}"): {"400", "401", "403", "404", "409",
-                                                     "413", "422", "503"},
+        ("put", "/v1/delegations/{delegation_id}"): {
+            "400",
+            "401",
+            "403",
+            "404",
+            "409",
+            "413",
+            "422",
+            "503",
+        },
         ("post", "/v1/retrievals"): {"400", "401", "403", "404", "413", "422", "503"},
         ("post", "/v1/renewals"): {"400", "401", "403", "404", "413", "422", "503"},
         ("get", "/v1/whoami"): {"401"},
@@ -132,8 +148,12 @@ def test_request_body_limits_match_the_code() -> None:
     assert retrieval["required"] == ["csr"]
     assert retrieval["properties"]["job_id"]["maxLength"] == 256
     assert retrieval["properties"]["limited"]["type"] == "boolean"
-    assert set(schemas["RenewalRequest"]["required"]) == {"csr", "challenge", "authz_chain",
-                                                          "signature"}
+    assert set(schemas["RenewalRequest"]["required"]) == {
+        "csr",
+        "challenge",
+        "authz_chain",
+        "signature",
+    }
 
 
 def test_every_route_is_documented_and_nothing_else() -> None:
@@ -151,13 +171,19 @@ def test_optional_routes_are_in_the_map_and_the_document() -> None:
     something when the app it reads has them all registered."""
     routes = _flask_routes()
     documented = _documented_routes(_document())
-    optional = {("post", "/v1/pam/retrievals"), ("post", "/v1/pam/certificate"),
-                ("post", "/v1/tokens/refresh-tokens"), ("post", "/v1/tokens/device"),
-                ("post", "/v1/tokens/device/poll"), ("post", "/v1/tokens/access")}
+    optional = {
+        ("post", "/v1/pam/retrievals"),
+        ("post", "/v1/pam/certificate"),
+        ("post", "/v1/tokens/refresh-tokens"),
+        ("post", "/v1/tokens/device"),
+        ("post", "/v1/tokens/device/poll"),
+        ("post", "/v1/tokens/access"),
+    }
     assert optional <= routes
     assert optional <= documented
-    admin = {rule.rule for rule in _full_app().url_map.iter_rules()
-             if rule.endpoint.startswith("admin.")}
+    admin = {
+        rule.rule for rule in _full_app().url_map.iter_rules() if rule.endpoint.startswith("admin.")
+    }
     assert admin and not any(path.startswith("/admin") for _, path in documented)
 
 

@@ -24,27 +24,46 @@ ALICE = "/DC=org/DC=example/CN=Alice"
 PILOT_FQAN = "/atlas/Role=pilot"
 
 # Only the FQAN admits pilots here: a plain pilot certificate must be refused.
-FQAN_POLICY = OWNERS_RULE + policy_rule("atlas pilots retrieve", "retrieve",
-                                        ["fqan:/atlas/Role=pilot"], auth=["certificate"])
+FQAN_POLICY = OWNERS_RULE + policy_rule(
+    "atlas pilots retrieve", "retrieve", ["fqan:/atlas/Role=pilot"], auth=["certificate"]
+)
 
-BOB_RULE = policy_rule("bob retrieves too", "retrieve", ["/DC=org/DC=example/CN=Bob"],
-                       auth=["certificate"])
+BOB_RULE = policy_rule(
+    "bob retrieves too", "retrieve", ["/DC=org/DC=example/CN=Bob"], auth=["certificate"]
+)
 
 
 def _voms_proxy(pki: GridPki, who: str, signer: Credential, path: Path) -> Path:
     holder = pki.load(who)
     now = datetime.now(UTC)
-    ext = make_ac_extension(holder.cert, signer, vo="atlas", fqans=[PILOT_FQAN],
-                            uri="voms.example.org:15001", now=now, lifetime=timedelta(hours=2))
+    ext = make_ac_extension(
+        holder.cert,
+        signer,
+        vo="atlas",
+        fqans=[PILOT_FQAN],
+        uri="voms.example.org:15001",
+        now=now,
+        lifetime=timedelta(hours=2),
+    )
     proxy = new_proxy(holder, now=now, lifetime=timedelta(hours=2), extra_extensions=[ext])
     return write_proxy_file(path, proxy)
 
 
 def _audit(broker: RunningBroker, *args: str) -> list[dict[str, object]]:
     out = subprocess.run(
-        broker.broker_cmd("audit", "--state-dir", str(broker.state_dir), "--database-url",
-                          broker.database_url, "--json", *args),
-        capture_output=True, text=True, check=True).stdout
+        broker.broker_cmd(
+            "audit",
+            "--state-dir",
+            str(broker.state_dir),
+            "--database-url",
+            broker.database_url,
+            "--json",
+            *args,
+        ),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     rows: list[dict[str, object]] = json.loads(out)
     return rows
 
@@ -68,12 +87,14 @@ def test_pilots_with_the_fqan_retrieve(fqan_broker: RunningBroker, tmp_path: Pat
     voms = fqan_broker.pki.load("voms")
     for pilot in ("pilot", "pilot2"):
         path = _voms_proxy(fqan_broker.pki, pilot, voms, tmp_path / f"{pilot}.pem")
-        _, result = fqan_broker.proxy_client(path).retrieve(username="alice",
-                                                            job_id=f"fqan-{pilot}")
+        _, result = fqan_broker.proxy_client(path).retrieve(
+            username="alice", job_id=f"fqan-{pilot}"
+        )
         assert result["owner"] == ALICE
         rows = _audit(fqan_broker, "--job-id", f"fqan-{pilot}")
         assert [(r["decision"], r["requester"]) for r in rows] == [
-            ("allow", f"/DC=org/DC=example/CN={pilot}")]
+            ("allow", f"/DC=org/DC=example/CN={pilot}")
+        ]
         assert any("Role=pilot" in f for f in rows[0]["requester_fqans"])  # type: ignore[attr-defined]
         assert "atlas pilots retrieve" in str(rows[0]["reason"])
 
@@ -85,12 +106,14 @@ def test_pilot_without_the_fqan_is_refused(fqan_broker: RunningBroker) -> None:
     assert err.value.reason == "not_found"
     rows = _audit(fqan_broker, "--job-id", "no-fqan")
     assert [(r["decision"], r["requester"]) for r in rows] == [
-        ("deny", "/DC=org/DC=example/CN=pilot")]
+        ("deny", "/DC=org/DC=example/CN=pilot")
+    ]
     assert str(rows[0]["reason"]).startswith("no_matching_rule")
 
 
-def test_forged_acs_are_refused_and_audited(fqan_broker: RunningBroker, grid_pki: GridPki,
-                                            tmp_path: Path) -> None:
+def test_forged_acs_are_refused_and_audited(
+    fqan_broker: RunningBroker, grid_pki: GridPki, tmp_path: Path
+) -> None:
     now = datetime.now(UTC)
     rogue_ca = make_ca(now=now, dn="/DC=org/DC=rogue/CN=Rogue CA")
     rogue_voms = issue_certificate(rogue_ca, VOMS_DN, now=now, kind="host")
@@ -98,21 +121,28 @@ def test_forged_acs_are_refused_and_audited(fqan_broker: RunningBroker, grid_pki
     # the real VOMS certificate, but the AC signed with bob's key
     bob_key = grid_pki.load("bob").key
     stolen_name = Credential(chain=grid_pki.load("voms").chain, key=bob_key)
-    for label, signer, reason in (("rogue", rogue, "untrusted_signer"),
-                                  ("bobkey", stolen_name, "bad_ac_signature")):
+    for label, signer, reason in (
+        ("rogue", rogue, "untrusted_signer"),
+        ("bobkey", stolen_name, "bad_ac_signature"),
+    ):
         path = _voms_proxy(grid_pki, "pilot", signer, tmp_path / f"{label}.pem")
         with pytest.raises(AuthenticationError) as err:
             fqan_broker.proxy_client(path).retrieve(username="alice", job_id=f"forged-{label}")
         assert err.value.reason == reason, err.value.message
-        rows = [r for r in _audit(fqan_broker, "--action", "authenticate")
-                if str(r["reason"]).startswith(reason)]
+        rows = [
+            r
+            for r in _audit(fqan_broker, "--action", "authenticate")
+            if str(r["reason"]).startswith(reason)
+        ]
         assert len(rows) == 1, rows
         assert rows[0]["decision"] == "deny"
         assert rows[0]["requester"] == "/DC=org/DC=example/CN=pilot"
     # nothing was issued to the forgers
     assert _audit(fqan_broker, "--job-id", "forged-rogue") == []
-    assert all(r["decision"] != "allow" or r["requester"] != "/DC=org/DC=example/CN=pilot"
-               for r in _audit(fqan_broker, "--action", "retrieve"))
+    assert all(
+        r["decision"] != "allow" or r["requester"] != "/DC=org/DC=example/CN=pilot"
+        for r in _audit(fqan_broker, "--action", "retrieve")
+    )
 
 
 def _wait_for(check: object, timeout: float = 15.0) -> bool:

@@ -40,7 +40,8 @@ ISSUED_FIELDS = {"chain", "owner", "username", "name", "lifetime", "limited"}
 
 def _document() -> dict[str, Any]:
     doc: dict[str, Any] = json.loads(
-        resources.files("broker.api").joinpath("openapi.json").read_text())
+        resources.files("broker.api").joinpath("openapi.json").read_text()
+    )
     return doc
 
 
@@ -81,8 +82,9 @@ def service(grid_pki: GridPki, tmp_path: Path, clock: Clock) -> Iterator[BrokerS
     url = default_sqlite_url(tmp_path)
     migrate(url)
     with Store(url, MasterKeyRing.generate()) as store:
-        yield BrokerService(store, grid_pki.trust, lambda: load_policy({"p.toml": DEV_POLICY}),
-                            clock=clock)
+        yield BrokerService(
+            store, grid_pki.trust, lambda: load_policy({"p.toml": DEV_POLICY}), clock=clock
+        )
 
 
 @pytest.fixture
@@ -105,13 +107,20 @@ def _json(response: Any, status: int, method: str, path: str) -> Any:
 def _delegate(client: FlaskClient, caller: Caller, grid_pki: GridPki, clock: Clock) -> None:
     alice = grid_pki.user("alice")
     caller.chain = list(alice.chain)
-    pending = _json(client.post("/v1/delegations", json={"username": "alice"}), 201,
-                    "post", "/v1/delegations")
-    signed = sign_request(alice, load_csr(pending["csr"].encode()), now=clock.now,
-                          lifetime=timedelta(days=7))
-    stored = _json(client.put(f"/v1/delegations/{pending['id']}",
-                              json={"chain": chain_to_pem(signed).decode()}), 201,
-                   "put", "/v1/delegations/{delegation_id}")
+    pending = _json(
+        client.post("/v1/delegations", json={"username": "alice"}), 201, "post", "/v1/delegations"
+    )
+    signed = sign_request(
+        alice, load_csr(pending["csr"].encode()), now=clock.now, lifetime=timedelta(days=7)
+    )
+    stored = _json(
+        client.put(
+            f"/v1/delegations/{pending['id']}", json={"chain": chain_to_pem(signed).decode()}
+        ),
+        201,
+        "put",
+        "/v1/delegations/{delegation_id}",
+    )
     assert stored["owner"] == ALICE and stored["username"] == "alice"
 
 
@@ -120,9 +129,14 @@ def _csr() -> str:
 
 
 def test_without_a_chain_every_certificate_route_is_refused(client: FlaskClient) -> None:
-    for method, path in (("get", "/v1/whoami"), ("get", "/v1/credentials"),
-                         ("post", "/v1/delegations"), ("post", "/v1/retrievals"),
-                         ("get", "/v1/renewals/challenge"), ("post", "/v1/renewals")):
+    for method, path in (
+        ("get", "/v1/whoami"),
+        ("get", "/v1/credentials"),
+        ("post", "/v1/delegations"),
+        ("post", "/v1/retrievals"),
+        ("get", "/v1/renewals/challenge"),
+        ("post", "/v1/renewals"),
+    ):
         response = getattr(client, method)(path, json={})
         body = _json(response, 401, method, path)
         assert body["error"] == "no_chain", (method, path)
@@ -135,60 +149,94 @@ def test_the_default_chain_source_fails_closed(service: BrokerService) -> None:
     assert response.get_json()["error"] == "no_chain"
 
 
-def test_whoami_reads_the_seams_chain(client: FlaskClient, caller: Caller,
-                                      grid_pki: GridPki) -> None:
+def test_whoami_reads_the_seams_chain(
+    client: FlaskClient, caller: Caller, grid_pki: GridPki
+) -> None:
     caller.chain = list(grid_pki.user("alice").chain)
     body = _json(client.get("/v1/whoami"), 200, "get", "/v1/whoami")
     assert body == {"identity": ALICE, "fqans": [], "limited": False}
 
 
-def test_delegate_list_retrieve_renew_destroy(client: FlaskClient, caller: Caller,
-                                              grid_pki: GridPki, clock: Clock) -> None:
+def test_delegate_list_retrieve_renew_destroy(
+    client: FlaskClient, caller: Caller, grid_pki: GridPki, clock: Clock
+) -> None:
     _delegate(client, caller, grid_pki, clock)
     listed = _json(client.get("/v1/credentials"), 200, "get", "/v1/credentials")
     assert [c["name"] for c in listed["credentials"]] == ["default"]
 
     caller.chain = list(grid_pki.user("pilot").chain)
-    retrieved = _json(client.post("/v1/retrievals", json={"csr": _csr(), "username": "alice"}),
-                      200, "post", "/v1/retrievals")
+    retrieved = _json(
+        client.post("/v1/retrievals", json={"csr": _csr(), "username": "alice"}),
+        200,
+        "post",
+        "/v1/retrievals",
+    )
     assert set(retrieved) == ISSUED_FIELDS
     assert (retrieved["owner"], retrieved["username"], retrieved["name"]) == (
-        ALICE, "alice", "default")
+        ALICE,
+        "alice",
+        "default",
+    )
 
-    challenge = _json(client.get("/v1/renewals/challenge"), 200, "get",
-                      "/v1/renewals/challenge")["challenge"]
+    challenge = _json(client.get("/v1/renewals/challenge"), 200, "get", "/v1/renewals/challenge")[
+        "challenge"
+    ]
     old = new_proxy(grid_pki.user("alice"), now=clock.now, lifetime=timedelta(hours=1))
     proof = base64.b64encode(sign_challenge(old.key, challenge.encode())).decode()
-    renewed = _json(client.post("/v1/renewals", json={
-        "csr": _csr(), "challenge": challenge, "authz_chain": chain_to_pem(old.chain).decode(),
-        "signature": proof, "username": "alice"}), 200, "post", "/v1/renewals")
+    renewed = _json(
+        client.post(
+            "/v1/renewals",
+            json={
+                "csr": _csr(),
+                "challenge": challenge,
+                "authz_chain": chain_to_pem(old.chain).decode(),
+                "signature": proof,
+                "username": "alice",
+            },
+        ),
+        200,
+        "post",
+        "/v1/renewals",
+    )
     # Retrieve and renew answer the same shape.
     assert set(renewed) == set(retrieved)
     assert (renewed["owner"], renewed["username"], renewed["name"]) == (ALICE, "alice", "default")
 
     caller.chain = list(grid_pki.user("alice").chain)
-    destroyed = _json(client.delete("/v1/credentials/alice/default"), 200, "delete",
-                      "/v1/credentials/{username}/{name}")
+    destroyed = _json(
+        client.delete("/v1/credentials/alice/default"),
+        200,
+        "delete",
+        "/v1/credentials/{username}/{name}",
+    )
     assert destroyed["destroyed"]["username"] == "alice"
     empty = _json(client.get("/v1/credentials"), 200, "get", "/v1/credentials")
     assert empty["credentials"] == []
 
 
-def test_the_pilot_may_not_destroy_alices_credential(client: FlaskClient, caller: Caller,
-                                                     grid_pki: GridPki, clock: Clock) -> None:
+def test_the_pilot_may_not_destroy_alices_credential(
+    client: FlaskClient, caller: Caller, grid_pki: GridPki, clock: Clock
+) -> None:
     _delegate(client, caller, grid_pki, clock)
     caller.chain = list(grid_pki.user("pilot").chain)
     response = client.delete("/v1/credentials/alice/default")
     assert response.status_code in (403, 404)
-    check_against_document("delete", "/v1/credentials/{username}/{name}",
-                           response.status_code, response.get_json())
+    check_against_document(
+        "delete", "/v1/credentials/{username}/{name}", response.status_code, response.get_json()
+    )
 
 
-def test_bad_input_is_a_specific_400(client: FlaskClient, caller: Caller,
-                                     grid_pki: GridPki) -> None:
+def test_bad_input_is_a_specific_400(
+    client: FlaskClient, caller: Caller, grid_pki: GridPki
+) -> None:
     caller.chain = list(grid_pki.user("alice").chain)
-    cases = [(b"[1]", "bad_json"), (b"{", "bad_json"), (b'{"username": 5}', "bad_field"),
-             (b"{}", "missing_field"), (b'{"username": "a", "stored_hours": 0}', "bad_field")]
+    cases = [
+        (b"[1]", "bad_json"),
+        (b"{", "bad_json"),
+        (b'{"username": 5}', "bad_field"),
+        (b"{}", "missing_field"),
+        (b'{"username": "a", "stored_hours": 0}', "bad_field"),
+    ]
     for raw, reason in cases:
         response = client.post("/v1/delegations", data=raw, content_type="application/json")
         body = _json(response, 400, "post", "/v1/delegations")
@@ -207,9 +255,12 @@ def test_pam_routes_answer_documented_errors(service: BrokerService, tmp_path: P
     app = create_app(service, pam=PamSettings(stack.service, confdir=str(stack.confdir)))
     client = app.test_client()
     path = "/v1/pam/retrievals"
-    wrong = _json(client.post(path, json={"username": "carol", "password": "wrong",
-                                          "csr": _csr()}), 401, "post", path)
+    wrong = _json(
+        client.post(path, json={"username": "carol", "password": "wrong", "csr": _csr()}),
+        401,
+        "post",
+        path,
+    )
     assert wrong["error"] == "pam_failed"
-    missing = _json(client.post(path, json={"username": "carol", "csr": _csr()}), 400,
-                    "post", path)
+    missing = _json(client.post(path, json={"username": "carol", "csr": _csr()}), 400, "post", path)
     assert missing["error"] == "missing_field"

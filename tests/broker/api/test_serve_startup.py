@@ -18,10 +18,10 @@ BROKER = str(Path(sys.executable).parent / "broker")
 
 
 def _serve(cwd: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("X509_", "BROKER_"))}
-    return subprocess.run([BROKER, "serve", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("X509_", "BROKER_"))}
+    return subprocess.run(
+        [BROKER, "serve", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _policy_dir(tmp_path: Path, text: str) -> Path:
@@ -32,16 +32,26 @@ def _policy_dir(tmp_path: Path, text: str) -> Path:
 
 
 def test_refuses_an_unsafe_policy(tmp_path: Path) -> None:
-    unsafe = DEV_POLICY + '''
+    unsafe = (
+        DEV_POLICY
+        + """
 [[rule]]
 name = "anyone with a certificate"
 action = "retrieve"
 effect = "allow"
 auth = ["certificate"]
 requester = ["*"]
-'''
-    result = _serve(tmp_path, "--policy-dir", str(_policy_dir(tmp_path, unsafe)),
-                    "--state-dir", str(tmp_path / "state"), "--bind", "127.0.0.1:1")
+"""
+    )
+    result = _serve(
+        tmp_path,
+        "--policy-dir",
+        str(_policy_dir(tmp_path, unsafe)),
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--bind",
+        "127.0.0.1:1",
+    )
     assert result.returncode == 1
     assert "unsafe" in result.stderr and "anyone with a certificate" in result.stderr
     assert "Traceback" not in result.stderr
@@ -49,8 +59,15 @@ requester = ["*"]
 
 def test_refuses_an_invalid_policy_naming_file_and_line(tmp_path: Path) -> None:
     broken = DEV_POLICY + '\n[[rule]]\nname = "typo"\naction = "retreive"\neffect = "allow"\n'
-    result = _serve(tmp_path, "--policy-dir", str(_policy_dir(tmp_path, broken)),
-                    "--state-dir", str(tmp_path / "state"), "--bind", "127.0.0.1:1")
+    result = _serve(
+        tmp_path,
+        "--policy-dir",
+        str(_policy_dir(tmp_path, broken)),
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--bind",
+        "127.0.0.1:1",
+    )
     assert result.returncode == 1
     assert "10-site.toml:" in result.stderr and "retreive" in result.stderr
     assert "Traceback" not in result.stderr
@@ -83,8 +100,9 @@ def test_runs_with_no_arguments_on_the_embedded_default(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("X509_", "BROKER_"))}
     log = tmp_path / "serve.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([BROKER, "serve"], cwd=tmp_path, env=env, stdout=out,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [BROKER, "serve"], cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
     try:
         deadline = time.monotonic() + 40
         while time.monotonic() < deadline and _port_free(8443):
@@ -100,10 +118,11 @@ def test_runs_with_no_arguments_on_the_embedded_default(tmp_path: Path) -> None:
         from broker.client import BrokerClient, ClientIdentity
 
         devpki = state / "devpki"
-        client = BrokerClient("localhost:8443",
-                              ClientIdentity(cert=str(devpki / "alice.pem"),
-                                             key=str(devpki / "alice.key")),
-                              ca_dir=str(devpki / "certificates"))
+        client = BrokerClient(
+            "localhost:8443",
+            ClientIdentity(cert=str(devpki / "alice.pem"), key=str(devpki / "alice.key")),
+            ca_dir=str(devpki / "certificates"),
+        )
         assert client.call("GET", "/v1/whoami")["identity"] == "/DC=org/DC=example/CN=Alice"
     finally:
         proc.send_signal(signal.SIGTERM)

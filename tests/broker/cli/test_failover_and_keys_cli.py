@@ -28,9 +28,22 @@ def broker(grid_pki: GridPki, tmp_path: Path) -> Iterator[RunningBroker]:
 def _info(broker: RunningBroker, servers: str, *args: str) -> subprocess.CompletedProcess[str]:
     pki = broker.pki
     env = {**broker.cli_env(), "BROKER_SERVER": servers}
-    return subprocess.run([str(BIN / "broker-info"), "--cert", str(pki.cert_path("alice")),
-                           "--key", str(pki.key_path("alice")), "--json", *args],
-                          env=env, capture_output=True, text=True, timeout=60, check=False)
+    return subprocess.run(
+        [
+            str(BIN / "broker-info"),
+            "--cert",
+            str(pki.cert_path("alice")),
+            "--key",
+            str(pki.key_path("alice")),
+            "--json",
+            *args,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def test_cli_fails_over_to_the_next_server(broker: RunningBroker) -> None:
@@ -58,27 +71,44 @@ def test_keys_status_counts_credentials_per_key(broker: RunningBroker) -> None:
 
     alice = broker.client("alice")
     alice.delegate(alice.identity.load(), username="alice", now=datetime.now(UTC))
-    done = subprocess.run([*broker.broker_cmd("keys", "status", "--json"), "--state-dir",
-                           str(broker.state_dir)], capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [*broker.broker_cmd("keys", "status", "--json"), "--state-dir", str(broker.state_dir)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     (key,) = json.loads(done.stdout)
     assert key["active"] and key["in_file"] and key["rows"] == 1
-    text = subprocess.run([*broker.broker_cmd("keys", "status"), "--state-dir",
-                           str(broker.state_dir)], capture_output=True, text=True, check=True)
+    text = subprocess.run(
+        [*broker.broker_cmd("keys", "status"), "--state-dir", str(broker.state_dir)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert key["id"] in text.stdout and "active" in text.stdout
 
 
-@pytest.mark.parametrize(("flag", "value", "message"), [
-    ("--ops-bind", "nonsense", "give HOST:PORT or PORT"),
-    ("--ops-bind", "127.0.0.1:99999", "give HOST:PORT or PORT"),
-    ("--log-format", "xml", "Invalid value for '--log-format'"),
-    ("--log-level", "loud", "Invalid value for '--log-level'"),
-])
-def test_serve_refuses_bad_ops_and_log_flags(tmp_path: Path, flag: str, value: str,
-                                             message: str) -> None:
-    done = subprocess.run([str(BIN / "broker"), "serve", "--state-dir", str(tmp_path / "s"),
-                           flag, value], capture_output=True, text=True, timeout=60,
-                          check=False, cwd=tmp_path)
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--ops-bind", "nonsense", "give HOST:PORT or PORT"),
+        ("--ops-bind", "127.0.0.1:99999", "give HOST:PORT or PORT"),
+        ("--log-format", "xml", "Invalid value for '--log-format'"),
+        ("--log-level", "loud", "Invalid value for '--log-level'"),
+    ],
+)
+def test_serve_refuses_bad_ops_and_log_flags(
+    tmp_path: Path, flag: str, value: str, message: str
+) -> None:
+    done = subprocess.run(
+        [str(BIN / "broker"), "serve", "--state-dir", str(tmp_path / "s"), flag, value],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=tmp_path,
+    )
     assert done.returncode == 1, done.stderr
     assert message in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "s").exists()  # refused before anything was created

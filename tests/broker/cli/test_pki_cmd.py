@@ -27,8 +27,11 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _env(pki: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("X509_")}
-    return {**env, "X509_CERT_DIR": str(pki / "certificates"),
-            "X509_VOMS_DIR": str(pki / "vomsdir")}
+    return {
+        **env,
+        "X509_CERT_DIR": str(pki / "certificates"),
+        "X509_VOMS_DIR": str(pki / "vomsdir"),
+    }
 
 
 def test_dev_pki_layout_and_permissions(pki: Path) -> None:
@@ -39,17 +42,36 @@ def test_dev_pki_layout_and_permissions(pki: Path) -> None:
     names = sorted(p.name for p in (pki / "certificates").iterdir())
     assert [n.split(".")[1] for n in names] == ["0", "namespaces", "r0", "signing_policy"]
     assert (pki / "vomsdir" / "atlas" / "voms.example.org.lsc").read_text().splitlines() == [
-        "/DC=org/DC=example/CN=voms.example.org", "/DC=org/DC=example/CN=Example Dev CA"]
+        "/DC=org/DC=example/CN=voms.example.org",
+        "/DC=org/DC=example/CN=Example Dev CA",
+    ]
     again = _run("dev-pki", str(pki))
     assert again.returncode == 1 and "already holds a dev PKI" in again.stderr
 
 
 def test_proxy_init_and_info_json(pki: Path, tmp_path: Path) -> None:
     out = tmp_path / "p.pem"
-    made = _run("proxy-init", "--cert", str(pki / "alice.pem"), "--key", str(pki / "alice.key"),
-                "--out", str(out), "--hours", "3", "--limited", "--path-length", "2",
-                "--voms", "atlas:/atlas/Role=production", "--voms-cert", str(pki / "voms.pem"),
-                "--voms-key", str(pki / "voms.key"), env=_env(pki))
+    made = _run(
+        "proxy-init",
+        "--cert",
+        str(pki / "alice.pem"),
+        "--key",
+        str(pki / "alice.key"),
+        "--out",
+        str(out),
+        "--hours",
+        "3",
+        "--limited",
+        "--path-length",
+        "2",
+        "--voms",
+        "atlas:/atlas/Role=production",
+        "--voms-cert",
+        str(pki / "voms.pem"),
+        "--voms-key",
+        str(pki / "voms.key"),
+        env=_env(pki),
+    )
     assert made.returncode == 0, made.stderr
     assert out.stat().st_mode & 0o777 == 0o600
     info = _run("proxy-info", str(out), "--json", env=_env(pki))
@@ -68,8 +90,19 @@ def test_proxy_init_and_info_json(pki: Path, tmp_path: Path) -> None:
 
 def test_proxy_info_refuses_with_reason(pki: Path, tmp_path: Path) -> None:
     out = tmp_path / "p.pem"
-    assert _run("proxy-init", "--cert", str(pki / "bob.pem"), "--key", str(pki / "bob.key"),
-                "--out", str(out), env=_env(pki)).returncode == 0
+    assert (
+        _run(
+            "proxy-init",
+            "--cert",
+            str(pki / "bob.pem"),
+            "--key",
+            str(pki / "bob.key"),
+            "--out",
+            str(out),
+            env=_env(pki),
+        ).returncode
+        == 0
+    )
     # an empty vomsdir is fine for a proxy without ACs, a wrong CA dir is not
     wrong = tmp_path / "emptyca"
     wrong.mkdir()
@@ -90,9 +123,22 @@ def test_proxy_info_refuses_with_reason(pki: Path, tmp_path: Path) -> None:
 def test_forged_voms_ac_rejected_by_proxy_info(pki: Path, tmp_path: Path) -> None:
     # an AC signed by bob's key posing as the VOMS server: proxy-info must refuse it
     out = tmp_path / "forged.pem"
-    made = _run("proxy-init", "--cert", str(pki / "alice.pem"), "--key", str(pki / "alice.key"),
-                "--out", str(out), "--voms", "atlas:/atlas", "--voms-cert", str(pki / "bob.pem"),
-                "--voms-key", str(pki / "bob.key"), env=_env(pki))
+    made = _run(
+        "proxy-init",
+        "--cert",
+        str(pki / "alice.pem"),
+        "--key",
+        str(pki / "alice.key"),
+        "--out",
+        str(out),
+        "--voms",
+        "atlas:/atlas",
+        "--voms-cert",
+        str(pki / "bob.pem"),
+        "--voms-key",
+        str(pki / "bob.key"),
+        env=_env(pki),
+    )
     assert made.returncode == 0, made.stderr
     result = _run("proxy-info", str(out), env=_env(pki))
     assert result.returncode == 1
@@ -108,8 +154,9 @@ def test_proxy_info_shows_the_job_a_proxy_was_issued_for(pki: Path, tmp_path: Pa
     alice = load_cert_and_key((pki / "alice.pem").read_bytes(), (pki / "alice.key").read_bytes())
     key = generate_key("ec")
     job = "submit.example.org#7.0#1700000000"
-    chain = sign_request(alice, make_csr(key), now=datetime.now(UTC),
-                         lifetime=timedelta(hours=1), job_id=job)
+    chain = sign_request(
+        alice, make_csr(key), now=datetime.now(UTC), lifetime=timedelta(hours=1), job_id=job
+    )
     out = tmp_path / "job.pem"
     out.write_bytes(credential_to_pem(Credential(chain=chain, key=key)))
     out.chmod(0o600)
@@ -119,8 +166,17 @@ def test_proxy_info_shows_the_job_a_proxy_was_issued_for(pki: Path, tmp_path: Pa
     assert f"job id   : {job}" in text
     # a proxy made by hand names no job
     plain = tmp_path / "plain.pem"
-    made = _run("proxy-init", "--cert", str(pki / "alice.pem"), "--key", str(pki / "alice.key"),
-                "--out", str(plain), env=_env(pki))
+    made = _run(
+        "proxy-init",
+        "--cert",
+        str(pki / "alice.pem"),
+        "--key",
+        str(pki / "alice.key"),
+        "--out",
+        str(plain),
+        env=_env(pki),
+    )
     assert made.returncode == 0, made.stderr
-    assert json.loads(_run("proxy-info", str(plain), "--json", env=_env(pki)).stdout)["job_id"] \
-        is None
+    assert (
+        json.loads(_run("proxy-info", str(plain), "--json", env=_env(pki)).stdout)["job_id"] is None
+    )

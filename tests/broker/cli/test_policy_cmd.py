@@ -139,8 +139,9 @@ def _debian_samples() -> dict[str, str]:
                 lines.append(line[1:])
         samples[number] = "\n".join(lines) + "\n"
     # and every directive the file shows anywhere, one per line, as a third "sample"
-    samples["all"] = "\n".join(line[1:] for line in text.splitlines()
-                               if re.match(r"#[a-z_]+\s+\S", line)) + "\n"
+    samples["all"] = (
+        "\n".join(line[1:] for line in text.splitlines() if re.match(r"#[a-z_]+\s+\S", line)) + "\n"
+    )
     return samples
 
 
@@ -179,8 +180,7 @@ def test_import_every_debian_sample_is_handled(tmp_path: Path) -> None:
         code, _, err = run("import-myproxy-config", str(config), "--dir", str(target))
         assert code in (0, 1), err
         assert "Traceback" not in err
-        assert run("check", str(target))[0] == 0, (number, (target / "50-myproxy.toml")
-                                                   .read_text())
+        assert run("check", str(target))[0] == 0, (number, (target / "50-myproxy.toml").read_text())
 
 
 def test_import_refuses_unsupported_defaults_and_keeps_existing_files(tmp_path: Path) -> None:
@@ -190,15 +190,17 @@ def test_import_refuses_unsupported_defaults_and_keeps_existing_files(tmp_path: 
     assert code == 1 and f"{config}:2: not imported: default_renewers" in err
     code, _, err = run("import-myproxy-config", str(config), "--dir", str(tmp_path / "p"))
     assert code == 1 and "already exists" in err
-    code, _, err = run("import-myproxy-config", str(tmp_path / "missing"), "--dir",
-                       str(tmp_path / "q"))
+    code, _, err = run(
+        "import-myproxy-config", str(tmp_path / "missing"), "--dir", str(tmp_path / "q")
+    )
     assert code == 1 and "cannot read" in err
 
 
 def test_import_allow_self_authorization(tmp_path: Path) -> None:
     config = tmp_path / "c.config"
-    config.write_text('authorized_renewers "*"\ndefault_renewers "none"\n'
-                      "allow_self_authorization true\n")
+    config.write_text(
+        'authorized_renewers "*"\ndefault_renewers "none"\nallow_self_authorization true\n'
+    )
     code, _, err = run("import-myproxy-config", str(config), "--dir", str(tmp_path / "p"))
     assert code == 0, err
     text = (tmp_path / "p" / "50-myproxy.toml").read_text()
@@ -207,8 +209,7 @@ def test_import_allow_self_authorization(tmp_path: Path) -> None:
 
 def test_import_max_proxy_lifetime_caps_issuing_rules(tmp_path: Path) -> None:
     config = tmp_path / "c.config"
-    config.write_text('authorized_retrievers "*"\nauthorized_renewers "*"\n'
-                      "max_proxy_lifetime 12\n")
+    config.write_text('authorized_retrievers "*"\nauthorized_renewers "*"\nmax_proxy_lifetime 12\n')
     code, _, err = run("import-myproxy-config", str(config), "--dir", str(tmp_path / "p"))
     assert code == 0, err
     text = (tmp_path / "p" / "50-myproxy.toml").read_text()
@@ -219,8 +220,19 @@ def test_explain_key_retrieval_with_owner_list(tmp_path: Path) -> None:
     config = tmp_path / "c.config"
     config.write_text('authorized_key_retrievers "*"\ndefault_key_retrievers "none"\n')
     assert run("import-myproxy-config", str(config), "--dir", str(tmp_path / "p"))[0] == 0
-    base = ["explain", "--dir", str(tmp_path / "p"), "--action", "retrieve-key", "--owner", BOB,
-            "--requester", PILOT, "--auth", "passphrase"]
+    base = [
+        "explain",
+        "--dir",
+        str(tmp_path / "p"),
+        "--action",
+        "retrieve-key",
+        "--owner",
+        BOB,
+        "--requester",
+        PILOT,
+        "--auth",
+        "passphrase",
+    ]
     code, out, _ = run(*base)
     assert code == 3 and "owner_list_required" in out
     code, out, _ = run(*base, "--key-retrievers", PILOT)

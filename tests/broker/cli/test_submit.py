@@ -26,37 +26,68 @@ def broker(grid_pki: GridPki) -> Iterator[RunningBroker]:  # noqa: F811 - fixtur
     running = start_broker(grid_pki, base)
     try:
         alice = running.client("alice")
-        alice.delegate(alice.identity.load(), username="alice", name="analysis",
-                       stored_hours=48, now=datetime.now(UTC))
+        alice.delegate(
+            alice.identity.load(),
+            username="alice",
+            name="analysis",
+            stored_hours=48,
+            now=datetime.now(UTC),
+        )
         yield running
     finally:
         running.stop()
         shutil.rmtree(base, ignore_errors=True)
 
 
-def _submit(broker: RunningBroker, who: str, *args: str,
-            ) -> subprocess.CompletedProcess[str]:
+def _submit(
+    broker: RunningBroker,
+    who: str,
+    *args: str,
+) -> subprocess.CompletedProcess[str]:
     pki = broker.pki
     env = {**broker.cli_env(), "CONDOR_CONFIG": "/dev/null"}
     return subprocess.run(
-        [str(BIN / "broker-submit"), *args, "--cert", str(pki.cert_path(who)),
-         "--key", str(pki.key_path(who)), "--ca-dir", str(pki.ca_dir)],
-        env=env, capture_output=True, text=True, timeout=120, check=False)
+        [
+            str(BIN / "broker-submit"),
+            *args,
+            "--cert",
+            str(pki.cert_path(who)),
+            "--key",
+            str(pki.key_path(who)),
+            "--ca-dir",
+            str(pki.ca_dir),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 @pytest.fixture
 def job(tmp_path: Path) -> Path:
     path = tmp_path / "job.sub"
-    path.write_text("executable = /bin/echo\narguments = hello\nrequest_cpus = 1\n"
-                    "queue 2\n")
+    path.write_text("executable = /bin/echo\narguments = hello\nrequest_cpus = 1\nqueue 2\n")
     return path
 
 
-def test_dry_run_prints_a_description_that_reparses(broker: RunningBroker, job: Path,
-                                                    tmp_path: Path) -> None:
+def test_dry_run_prints_a_description_that_reparses(
+    broker: RunningBroker, job: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "augmented.sub"
-    result = _submit(broker, "alice", str(job), "-k", "analysis", "--dry-run",
-                     "--min-hours", "24", "-o", str(out))
+    result = _submit(
+        broker,
+        "alice",
+        str(job),
+        "-k",
+        "analysis",
+        "--dry-run",
+        "--min-hours",
+        "24",
+        "-o",
+        str(out),
+    )
     assert result.returncode == 0, result.stderr
     submit = htcondor2.Submit(result.stdout)
     values = {k.lower(): str(v) for k, v in submit.items()}
@@ -80,24 +111,24 @@ def test_missing_credential_says_how_to_delegate(broker: RunningBroker, job: Pat
 
 
 def test_too_short_a_credential_is_refused(broker: RunningBroker, job: Path) -> None:
-    result = _submit(broker, "alice", str(job), "-k", "analysis", "--dry-run",
-                     "--min-hours", "100")
+    result = _submit(broker, "alice", str(job), "-k", "analysis", "--dry-run", "--min-hours", "100")
     assert result.returncode == 4
     assert "less than the 100 h" in result.stderr and "broker-init -k analysis" in result.stderr
 
 
-def test_bad_description_is_refused_before_the_broker_is_asked(broker: RunningBroker,
-                                                               tmp_path: Path) -> None:
+def test_bad_description_is_refused_before_the_broker_is_asked(
+    broker: RunningBroker, tmp_path: Path
+) -> None:
     bad = tmp_path / "bad.sub"
     bad.write_text("arguments = 1\ngetenv = true\nqueue\n")
-    result = _submit(broker, "alice", str(bad), "-k", "analysis", "--dry-run",
-                     "-s", "localhost:1")
+    result = _submit(broker, "alice", str(bad), "-k", "analysis", "--dry-run", "-s", "localhost:1")
     assert result.returncode == 1
     assert "no executable" in result.stderr
 
 
 def test_without_a_schedd_prints_the_description_and_a_clear_error(
-        broker: RunningBroker, job: Path) -> None:
+    broker: RunningBroker, job: Path
+) -> None:
     result = _submit(broker, "alice", str(job), "-k", "analysis")
     assert result.returncode == 2
     assert "no HTCondor schedd can be reached" in result.stderr

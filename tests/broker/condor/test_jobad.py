@@ -36,10 +36,11 @@ def test_reads_the_broker_attributes(tmp_path: Path) -> None:
 
 
 def test_fallbacks_subject_default_name_and_cluster_proc() -> None:
-    ad = parse_job_ad('ClusterId = 7\nProcId = 0\n'
-                      'x509UserProxySubject = "/DC=org/DC=example/CN=Bob"\nEnv = "X=1;Y=2"\n')
-    assert (ad.owner_dn, ad.owner_source) == ("/DC=org/DC=example/CN=Bob",
-                                              "x509UserProxySubject")
+    ad = parse_job_ad(
+        "ClusterId = 7\nProcId = 0\n"
+        'x509UserProxySubject = "/DC=org/DC=example/CN=Bob"\nEnv = "X=1;Y=2"\n'
+    )
+    assert (ad.owner_dn, ad.owner_source) == ("/DC=org/DC=example/CN=Bob", "x509UserProxySubject")
     assert ad.credential == "default"
     assert ad.job_id == "7.0"
     assert ad.lifetime_hours is None and ad.submitter is None
@@ -47,8 +48,7 @@ def test_fallbacks_subject_default_name_and_cluster_proc() -> None:
 
 
 def test_attribute_lookup_ignores_case_and_evaluates() -> None:
-    ad = parse_job_ad('clusterid = 1\nprocid = 2\nbrokerowner = "/CN=x"\n'
-                      "brokerlifetime = 2 * 3\n")
+    ad = parse_job_ad('clusterid = 1\nprocid = 2\nbrokerowner = "/CN=x"\nbrokerlifetime = 2 * 3\n')
     assert ad.owner_dn == "/CN=x" and ad.job_id == "1.2" and ad.lifetime_hours == 6.0
 
 
@@ -57,17 +57,29 @@ def test_attribute_lookup_ignores_case_and_evaluates() -> None:
     [
         ("ClusterId = 1\nProcId = 0\n", "no_owner", "broker-submit"),
         ('ClusterId = 1\nProcId = 0\nBrokerOwner = "alice"\n', "bad_owner", "DN"),
-        ('ClusterId = 1\nProcId = 0\nBrokerOwner = 5\n', "bad_job_ad", "string"),
-        ('ClusterId = 1\nProcId = 0\nBrokerOwner = "/CN=a"\nBrokerCredential = "../etc"\n',
-         "bad_credential_name", "credential name"),
-        ('ClusterId = 1\nProcId = 0\nBrokerOwner = "/CN=a"\nBrokerLifetime = -1\n',
-         "bad_lifetime", "positive"),
-        ('ClusterId = 1\nProcId = 0\nBrokerOwner = "/CN=a"\nBrokerLifetime = "x"\n',
-         "bad_lifetime", "positive"),
+        ("ClusterId = 1\nProcId = 0\nBrokerOwner = 5\n", "bad_job_ad", "string"),
+        (
+            'ClusterId = 1\nProcId = 0\nBrokerOwner = "/CN=a"\nBrokerCredential = "../etc"\n',
+            "bad_credential_name",
+            "credential name",
+        ),
+        (
+            'ClusterId = 1\nProcId = 0\nBrokerOwner = "/CN=a"\nBrokerLifetime = -1\n',
+            "bad_lifetime",
+            "positive",
+        ),
+        (
+            'ClusterId = 1\nProcId = 0\nBrokerOwner = "/CN=a"\nBrokerLifetime = "x"\n',
+            "bad_lifetime",
+            "positive",
+        ),
         ('BrokerOwner = "/CN=a"\n', "no_job_id", "GlobalJobId"),
         ("this is not a job ad at all\n", "no_owner", "BrokerOwner"),
-        ('ClusterId = 1\nProcId = 0\nBrokerOwner = "/CN=a"\nEnvironment = "A=\'open"\n',
-         "bad_environment", "quote"),
+        (
+            'ClusterId = 1\nProcId = 0\nBrokerOwner = "/CN=a"\nEnvironment = "A=\'open"\n',
+            "bad_environment",
+            "quote",
+        ),
     ],
 )
 def test_unusable_ads_are_refused_with_a_reason(text: str, reason: str, phrase: str) -> None:

@@ -64,21 +64,42 @@ def test_no_queue_statement_appends_the_block() -> None:
         ("this is garbage\nqueue\n", "bad_submit", "cannot be parsed"),
         ("executable = a\ngetenv = True\nqueue\n", "getenv", "getenv = True"),
         ("executable = a\ngetenv = HOME, PATH\nqueue\n", "getenv", "environment"),
-        ('executable = a\nenvironment = "A=1 X509_USER_PROXY=/tmp/x509up_u1"\nqueue\n',
-         "credential_env", "X509_USER_PROXY"),
-        ("executable = a\nenv = BEARER_TOKEN_FILE=/t;A=1\nqueue\n", "credential_env",
-         "BEARER_TOKEN_FILE"),
-        ('executable = a\nenvironment = "A=1 PYTHONPATH=/home/a/lib"\nqueue\n', "pilot_env",
-         "PYTHONPATH"),
+        (
+            'executable = a\nenvironment = "A=1 X509_USER_PROXY=/tmp/x509up_u1"\nqueue\n',
+            "credential_env",
+            "X509_USER_PROXY",
+        ),
+        (
+            "executable = a\nenv = BEARER_TOKEN_FILE=/t;A=1\nqueue\n",
+            "credential_env",
+            "BEARER_TOKEN_FILE",
+        ),
+        (
+            'executable = a\nenvironment = "A=1 PYTHONPATH=/home/a/lib"\nqueue\n',
+            "pilot_env",
+            "PYTHONPATH",
+        ),
         ("executable = a\nenv = LD_PRELOAD=/home/a/x.so\nqueue\n", "pilot_env", "LD_PRELOAD"),
-        ('executable = a\nenvironment = "BROKER_PILOT_CONFIG=/home/a/p.toml"\nqueue\n',
-         "pilot_env", "BROKER_PILOT_CONFIG"),
-        ('executable = a\nenvironment = "pythonhome=/x GCONV_PATH=/y"\nqueue\n', "pilot_env",
-         "GCONV_PATH, pythonhome"),
-        ("executable = a\nenv = OPENSSL_CONF=/home/a/engine.cnf\nqueue\n", "pilot_env",
-         "inside your executable"),
-        ("executable = a\nx509userproxy = /tmp/x509up_u1\nqueue\n", "proxy_shipped",
-         "x509userproxy"),
+        (
+            'executable = a\nenvironment = "BROKER_PILOT_CONFIG=/home/a/p.toml"\nqueue\n',
+            "pilot_env",
+            "BROKER_PILOT_CONFIG",
+        ),
+        (
+            'executable = a\nenvironment = "pythonhome=/x GCONV_PATH=/y"\nqueue\n',
+            "pilot_env",
+            "GCONV_PATH, pythonhome",
+        ),
+        (
+            "executable = a\nenv = OPENSSL_CONF=/home/a/engine.cnf\nqueue\n",
+            "pilot_env",
+            "inside your executable",
+        ),
+        (
+            "executable = a\nx509userproxy = /tmp/x509up_u1\nqueue\n",
+            "proxy_shipped",
+            "x509userproxy",
+        ),
         ("executable = a\nuse_x509userproxy = true\nqueue\n", "proxy_shipped", "broker"),
         ("include : other.sub\nexecutable = a\nqueue\n", "include", "paste"),
     ],
@@ -91,13 +112,15 @@ def test_refusals_say_what_to_change(text: str, reason: str, phrase: str) -> Non
 
 
 def test_docker_universe_may_omit_the_executable() -> None:
-    result = augment_submit("universe = docker\ndocker_image = debian:12\nqueue\n",
-                            owner_dn=OWNER, credential="default")
+    result = augment_submit(
+        "universe = docker\ndocker_image = debian:12\nqueue\n", owner_dn=OWNER, credential="default"
+    )
     assert "+BrokerOwner" in result.text
 
 
-@pytest.mark.parametrize(("owner", "name"), [('/CN=a"b', "default"), ("/CN=$(x)", "default"),
-                                             (OWNER, "../etc")])
+@pytest.mark.parametrize(
+    ("owner", "name"), [('/CN=a"b', "default"), ("/CN=$(x)", "default"), (OWNER, "../etc")]
+)
 def test_values_that_cannot_be_written_safely(owner: str, name: str) -> None:
     with pytest.raises(InputError):
         augment_submit("executable = a\nqueue\n", owner_dn=owner, credential=name)
@@ -109,8 +132,7 @@ def test_parse_error_is_an_input_error() -> None:
 
 
 def test_no_schedd_is_a_clear_system_failure() -> None:
-    result = augment_submit("executable = /bin/true\nqueue\n", owner_dn=OWNER,
-                            credential="default")
+    result = augment_submit("executable = /bin/true\nqueue\n", owner_dn=OWNER, credential="default")
     with pytest.raises(SystemFailure) as err:
         submit_to_schedd(result)
     assert err.value.reason == "no_schedd"
@@ -121,10 +143,21 @@ def test_broker_submit_refuses_pilot_variables_before_asking_the_broker(tmp_path
     job = tmp_path / "job.sub"
     job.write_text('executable = /bin/true\nenvironment = "PYTHONPATH=/home/a/lib A=1"\nqueue\n')
     result = subprocess.run(
-        [str(Path(sys.executable).parent / "broker-submit"), str(job), "-k", "default",
-         "--dry-run", "-s", "localhost:1"],
-        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}, capture_output=True, text=True,
-        timeout=60, check=False)
+        [
+            str(Path(sys.executable).parent / "broker-submit"),
+            str(job),
+            "-k",
+            "default",
+            "--dry-run",
+            "-s",
+            "localhost:1",
+        ],
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 1, result.stderr
     assert "PYTHONPATH" in result.stderr and "inside your executable" in result.stderr
     assert "Traceback" not in result.stderr

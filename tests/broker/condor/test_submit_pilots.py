@@ -31,10 +31,17 @@ def broker(grid_pki: GridPki) -> Iterator[RunningBroker]:  # noqa: F811 - fixtur
     try:
         alice = running.client("alice")
         now = datetime.now(UTC)
-        alice.delegate(alice.identity.load(), username="alice", name="open", stored_hours=48,
-                       now=now)
-        alice.delegate(alice.identity.load(), username="alice", name="narrow", stored_hours=48,
-                       trusted_retrievers=["/DC=org/DC=example/CN=other-pilot"], now=now)
+        alice.delegate(
+            alice.identity.load(), username="alice", name="open", stored_hours=48, now=now
+        )
+        alice.delegate(
+            alice.identity.load(),
+            username="alice",
+            name="narrow",
+            stored_hours=48,
+            trusted_retrievers=["/DC=org/DC=example/CN=other-pilot"],
+            now=now,
+        )
         yield running
     finally:
         running.stop()
@@ -48,29 +55,67 @@ def job(tmp_path: Path) -> Path:
     return path
 
 
-def _submit(broker: RunningBroker, who: str, *args: str,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def _submit(
+    broker: RunningBroker, who: str, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     pki = broker.pki
-    base = {k: v for k, v in broker.cli_env().items()
-            if k not in ("BROKER_POLICY_DIR", "BROKER_SUBMIT_PILOTS")}
+    base = {
+        k: v
+        for k, v in broker.cli_env().items()
+        if k not in ("BROKER_POLICY_DIR", "BROKER_SUBMIT_PILOTS")
+    }
     full = {**base, "CONDOR_CONFIG": "/dev/null", **(env or {})}
     return subprocess.run(
-        [str(BIN / "broker-submit"), *args, "--dry-run", "--cert", str(pki.cert_path(who)),
-         "--key", str(pki.key_path(who)), "--ca-dir", str(pki.ca_dir)],
-        env=full, capture_output=True, text=True, timeout=120, check=False)
+        [
+            str(BIN / "broker-submit"),
+            *args,
+            "--dry-run",
+            "--cert",
+            str(pki.cert_path(who)),
+            "--key",
+            str(pki.key_path(who)),
+            "--ca-dir",
+            str(pki.ca_dir),
+        ],
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 def test_no_warning_when_a_pilot_may_retrieve(broker: RunningBroker, job: Path) -> None:
-    result = _submit(broker, "alice", str(job), "-k", "open", "--pilot", ROBOT, "--pilot", PILOT,
-                     "--policy-dir", str(broker.policy_dir))
+    result = _submit(
+        broker,
+        "alice",
+        str(job),
+        "-k",
+        "open",
+        "--pilot",
+        ROBOT,
+        "--pilot",
+        PILOT,
+        "--policy-dir",
+        str(broker.policy_dir),
+    )
     assert result.returncode == 0, result.stderr
     assert "warning" not in result.stderr
 
 
 def test_site_policy_refusing_every_pilot_warns(broker: RunningBroker, job: Path) -> None:
     # Before: submitted silently; the job was held on the execute node much later.
-    result = _submit(broker, "alice", str(job), "-k", "open", "--pilot", ROBOT,
-                     "--policy-dir", str(broker.policy_dir))
+    result = _submit(
+        broker,
+        "alice",
+        str(job),
+        "-k",
+        "open",
+        "--pilot",
+        ROBOT,
+        "--policy-dir",
+        str(broker.policy_dir),
+    )
     assert result.returncode == 0, result.stderr
     assert "warning: no configured pilot may retrieve your credential 'open'" in result.stderr
     assert ROBOT in result.stderr
@@ -78,8 +123,7 @@ def test_site_policy_refusing_every_pilot_warns(broker: RunningBroker, job: Path
     assert "+BrokerOwner" in result.stdout  # a warning, not a refusal
 
 
-def test_owner_retriever_list_excluding_the_pilots_warns(broker: RunningBroker,
-                                                         job: Path) -> None:
+def test_owner_retriever_list_excluding_the_pilots_warns(broker: RunningBroker, job: Path) -> None:
     env = {"BROKER_SUBMIT_PILOTS": f"{PILOT}\n", "BROKER_POLICY_DIR": str(broker.policy_dir)}
     result = _submit(broker, "alice", str(job), "-k", "narrow", env=env)
     assert result.returncode == 0, result.stderr

@@ -33,11 +33,13 @@ PASSPHRASE = "alicepass1"
 
 # MyProxy semantics: owners do not retrieve their own credentials by certificate alone.
 SITE_POLICY = (
-    policy_rule("owners store and manage their own credentials",
-                ["delegate", "info", "destroy"], ["self"])
+    policy_rule(
+        "owners store and manage their own credentials", ["delegate", "info", "destroy"], ["self"]
+    )
     + PASSPHRASE_RULE
-    + policy_rule("the pilot retrieves by certificate", "retrieve", [PILOT_DN],
-                  auth=["certificate"])
+    + policy_rule(
+        "the pilot retrieves by certificate", "retrieve", [PILOT_DN], auth=["certificate"]
+    )
     + policy_rule("the pilot renews", "renew", [PILOT_DN])
 )
 
@@ -52,12 +54,27 @@ class Endpoint:
 
     def client_env(self, who: str | None, **extra: str) -> dict[str, str]:
         """Environment for the Debian myproxy clients acting as ``who`` (None: anonymous)."""
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("X509_USER_CERT", "X509_USER_KEY", "X509_USER_PROXY",
-                            "MYPROXY_SERVER", "MYPROXY_SERVER_PORT", "MYPROXY_SERVER_DN")}
-        env.update(X509_CERT_DIR=str(self.pki.ca_dir), MYPROXY_SERVER="localhost",
-                   MYPROXY_SERVER_PORT=str(self.port), MYPROXY_SERVER_DN=HOST_DN,
-                   GLOBUS_HOSTNAME="localhost", LC_ALL="C")
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k
+            not in (
+                "X509_USER_CERT",
+                "X509_USER_KEY",
+                "X509_USER_PROXY",
+                "MYPROXY_SERVER",
+                "MYPROXY_SERVER_PORT",
+                "MYPROXY_SERVER_DN",
+            )
+        }
+        env.update(
+            X509_CERT_DIR=str(self.pki.ca_dir),
+            MYPROXY_SERVER="localhost",
+            MYPROXY_SERVER_PORT=str(self.port),
+            MYPROXY_SERVER_DN=HOST_DN,
+            GLOBUS_HOSTNAME="localhost",
+            LC_ALL="C",
+        )
         if who is None:
             # No cert anywhere the client looks: it must fall back to anonymous.
             env["X509_USER_PROXY"] = "/nonexistent/proxy"
@@ -108,9 +125,12 @@ def running_endpoint(tmp: Path, pki: GridPki, **changes: Any) -> Iterator[Endpoi
         ready.set()
 
     thread = threading.Thread(
-        target=serve_myproxy, args=(config, stop),
+        target=serve_myproxy,
+        args=(config, stop),
         kwargs={"service": runtime.service, "ready": on_ready, **overrides},
-        name="myproxy-test-server", daemon=True)
+        name="myproxy-test-server",
+        daemon=True,
+    )
     thread.start()
     assert ready.wait(10), "the MyProxy endpoint did not start"
     host, port = bound[0]
@@ -128,9 +148,14 @@ def running_endpoint(tmp: Path, pki: GridPki, **changes: Any) -> Iterator[Endpoi
 class RawClient:
     """Speaks the wire protocol directly (for hostile or precise tests)."""
 
-    def __init__(self, endpoint: Endpoint | tuple[str, int], ca_dir: Path,
-                 cert: Path | None = None, key: Path | None = None,
-                 max_tls: ssl.TLSVersion | None = None) -> None:
+    def __init__(
+        self,
+        endpoint: Endpoint | tuple[str, int],
+        ca_dir: Path,
+        cert: Path | None = None,
+        key: Path | None = None,
+        max_tls: ssl.TLSVersion | None = None,
+    ) -> None:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.check_hostname = False
         ctx.load_verify_locations(capath=str(ca_dir))
@@ -138,8 +163,7 @@ class RawClient:
             ctx.maximum_version = max_tls
         if cert is not None:
             ctx.load_cert_chain(str(cert), str(key) if key else None)
-        host, port = (endpoint.host, endpoint.port) if isinstance(endpoint, Endpoint) \
-            else endpoint
+        host, port = (endpoint.host, endpoint.port) if isinstance(endpoint, Endpoint) else endpoint
         raw = socket.create_connection((host, port), timeout=20)
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = ctx.wrap_socket(raw, server_hostname="localhost")
@@ -161,13 +185,22 @@ class RawClient:
             data += chunk
         return codec.parse_response(data)
 
-    def request(self, command: codec.Command, username: str, passphrase: str = "",
-                lifetime: int = 0, extra: Mapping[str, str] | None = None,
-                flag: bytes = b"0") -> codec.Response:
+    def request(
+        self,
+        command: codec.Command,
+        username: str,
+        passphrase: str = "",
+        lifetime: int = 0,
+        extra: Mapping[str, str] | None = None,
+        flag: bytes = b"0",
+    ) -> codec.Response:
         if flag:
             self.send(flag)
-        self.send(codec.format_request(command, username, passphrase, lifetime,
-                                       list((extra or {}).items())))
+        self.send(
+            codec.format_request(
+                command, username, passphrase, lifetime, list((extra or {}).items())
+            )
+        )
         return self.recv_response()
 
     def close(self) -> None:

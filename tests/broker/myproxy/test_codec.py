@@ -33,8 +33,10 @@ def test_parses_the_c_client_request() -> None:
 
 
 def test_myproxyclient_style_without_nul_and_with_indentation() -> None:
-    data = (b"VERSION=MYPROXYv2\n COMMAND=4\n USERNAME=alice-job7\n PASSPHRASE=oldpass1\n"
-            b" NEW_PHRASE=newpass2\n LIFETIME=0")
+    data = (
+        b"VERSION=MYPROXYv2\n COMMAND=4\n USERNAME=alice-job7\n PASSPHRASE=oldpass1\n"
+        b" NEW_PHRASE=newpass2\n LIFETIME=0"
+    )
     request = codec.parse_request(data)
     assert request.command is Command.CHANGE_PASSPHRASE
     assert request.username == "alice-job7"
@@ -57,8 +59,10 @@ def test_bytes_after_the_nul_are_not_part_of_the_request() -> None:
         (b"VERSION=MYPROXYv2\nCOMMAND=0\nUSERNAME=a\nUSERNAME=b\n\0", "more than once"),
         (b"VERSION=MYPROXYv2\nCOMMAND=0\n\0", "no USERNAME"),
         (b"VERSION=MYPROXYv2\nCOMMAND=0\nUSERNAME=\n\0", "empty USERNAME"),
-        (b"VERSION=MYPROXYv2\nCOMMAND=0\nUSERNAME=a\nPASSPHRASE=" + b"x" * 1025 + b"\n\0",
-         "longer than 1024"),
+        (
+            b"VERSION=MYPROXYv2\nCOMMAND=0\nUSERNAME=a\nPASSPHRASE=" + b"x" * 1025 + b"\n\0",
+            "longer than 1024",
+        ),
     ],
 )
 def test_refusals(data: bytes, message: str) -> None:
@@ -77,16 +81,18 @@ def test_repeated_voname_lines_are_joined() -> None:
     assert codec.parse_request(data).vonames == ("atlas", "cms")
 
 
-@pytest.mark.parametrize(("text", "value"), [("43200", 43200), ("0x10", 16), ("010", 8),
-                                             ("0", 0), ("-5", -5), ("+7", 7)])
+@pytest.mark.parametrize(
+    ("text", "value"), [("43200", 43200), ("0x10", 16), ("010", 8), ("0", 0), ("-5", -5), ("+7", 7)]
+)
 def test_integers_like_strtol_base_0(text: str, value: int) -> None:
     assert codec.parse_int(text, "LIFETIME") == value
 
 
 @pytest.mark.parametrize("text", ["-5", "-100", "-0x10"])
 def test_negative_lifetime_is_refused(text: str) -> None:
-    data = codec.format_request(Command.GET, "a").replace(b"LIFETIME=0",
-                                                          b"LIFETIME=" + text.encode())
+    data = codec.format_request(Command.GET, "a").replace(
+        b"LIFETIME=0", b"LIFETIME=" + text.encode()
+    )
     with pytest.raises(ProtocolError, match="negative"):
         codec.parse_request(data)
 
@@ -100,10 +106,13 @@ def test_response_bytes() -> None:
     assert len(codec.ok()) == 30
     assert codec.error("Bad password\ninvalid credential passphrase") == (
         b"VERSION=MYPROXYv2\nRESPONSE=1\nERROR=Bad password\n"
-        b"ERROR=invalid credential passphrase\n\0")
+        b"ERROR=invalid credential passphrase\n\0"
+    )
     data = codec.challenge([(AuthMethodId.X509_CERTIFICATE_SHA256, "ab" * 16)])
-    assert data == (b"VERSION=MYPROXYv2\nRESPONSE=2\nAUTHORIZATION_DATA="
-                    b"X509_certificate_SHA256:" + b"ab" * 16 + b"\n\0")
+    assert data == (
+        b"VERSION=MYPROXYv2\nRESPONSE=2\nAUTHORIZATION_DATA="
+        b"X509_certificate_SHA256:" + b"ab" * 16 + b"\n\0"
+    )
     response = codec.parse_response(data)
     assert response.code is ResponseCode.AUTHORIZATION
     assert response.auth_methods() == [("X509_certificate_SHA256", "ab" * 16)]
@@ -123,8 +132,12 @@ def test_info_lines_put_the_default_first_and_list_the_rest() -> None:
         codec.InfoEntry(name="bad,name", owner="/CN=A", start_time=1, end_time=2),
     ]
     lines = codec.info_lines(entries)
-    assert lines[:4] == [("CRED_START_TIME", "3"), ("CRED_END_TIME", "4"),
-                         ("CRED_OWNER", "/CN=A"), ("CRED_DESC", "d")]
+    assert lines[:4] == [
+        ("CRED_START_TIME", "3"),
+        ("CRED_END_TIME", "4"),
+        ("CRED_OWNER", "/CN=A"),
+        ("CRED_DESC", "d"),
+    ]
     assert ("ADDL_CREDS", "b") in lines
     assert ("CRED_b_RENEWER", "*/CN=p") in lines
     assert not any("bad" in key for key, _ in lines)
@@ -171,11 +184,25 @@ def test_auth_reply_round_trip() -> None:
 
 # --------------------------------------------------------------------------- fuzzing
 
-_KEYS = ["VERSION", "COMMAND", "USERNAME", "PASSPHRASE", "NEW_PHRASE", "LIFETIME", "RETRIEVER",
-         "RENEWER", "CRED_NAME", "CRED_DESC", "RETRIEVER_TRUSTED", "TRUSTED_CERTS", "VONAME"]
+_KEYS = [
+    "VERSION",
+    "COMMAND",
+    "USERNAME",
+    "PASSPHRASE",
+    "NEW_PHRASE",
+    "LIFETIME",
+    "RETRIEVER",
+    "RENEWER",
+    "CRED_NAME",
+    "CRED_DESC",
+    "RETRIEVER_TRUSTED",
+    "TRUSTED_CERTS",
+    "VONAME",
+]
 
 _line = st.tuples(st.sampled_from(_KEYS), st.text(max_size=40)).map(
-    lambda kv: f"{kv[0]}={kv[1]}".encode("utf-8", "surrogatepass"))
+    lambda kv: f"{kv[0]}={kv[1]}".encode("utf-8", "surrogatepass")
+)
 _structured = st.lists(
     st.one_of(_line, st.just(b"VERSION=MYPROXYv2"), st.binary(max_size=30)), max_size=12
 ).map(lambda lines: b"\n".join(lines) + b"\0")

@@ -27,7 +27,7 @@ def matches(entries: tuple[str, ...], dn: str | None) -> bool:
     for entry in entries:
         parsed = parse_pattern(entry)
         assert not hasattr(parsed, "name"), "no group refs expected"
-        leaves.append(parsed)  # type: ignore[arg-type]
+        leaves.append(parsed)
     from broker.policy import AuthMethod
 
     subject = Subject(dn=dn, auth=AuthMethod.CERTIFICATE)
@@ -79,8 +79,7 @@ def test_star_admits_anonymous_clients() -> None:
 def test_prefixes() -> None:
     assert translate_policy("SUBJECT:*/CN=pilot") == ("*/CN=pilot",)
     assert translate_policy("fqan:/atlas/Role=pilot") == ("fqan:/atlas/Role=pilot",)
-    assert translate_policy("FQAN:/atlas/Role=pilot/Capability=NULL") == (
-        "fqan:/atlas/Role=pilot",)
+    assert translate_policy("FQAN:/atlas/Role=pilot/Capability=NULL") == ("fqan:/atlas/Role=pilot",)
     with pytest.raises(PolicyStringError, match="literal FQAN"):
         translate_policy("FQAN:/atlas/*")
 
@@ -101,9 +100,13 @@ def test_split_respects_groups_and_escapes() -> None:
 
 
 def test_render_round_trip_for_info() -> None:
-    for text in ("*/CN=pilot", "/DC=org/DC=example/CN=pilot|*/CN=Bob Test",
-                 "*/CN=(Jim|James) Basney", "*/CN=host/pilot.example.org",
-                 "FQAN:/atlas/Role=pilot"):
+    for text in (
+        "*/CN=pilot",
+        "/DC=org/DC=example/CN=pilot|*/CN=Bob Test",
+        "*/CN=(Jim|James) Basney",
+        "*/CN=host/pilot.example.org",
+        "FQAN:/atlas/Role=pilot",
+    ):
         assert render_policy(translate_policy(text)) == text
     assert render_policy((NOBODY,)) is None
     assert render_policy(("*", "anonymous")) == "*"

@@ -37,22 +37,34 @@ from tests.pkifixtures import GridPki
 
 @pytest.fixture(scope="module")
 def endpoint(grid_pki: GridPki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Endpoint]:
-    with running_endpoint(tmp_path_factory.mktemp("myproxy-raw"), grid_pki,
-                          overrides={"request_timeout": 3.0, "max_connections": 4,
-                                     "first_request_timeout": 2.0,
-                                     "request_size_limit": 64 * 1024}) as ep:
+    with running_endpoint(
+        tmp_path_factory.mktemp("myproxy-raw"),
+        grid_pki,
+        overrides={
+            "request_timeout": 3.0,
+            "max_connections": 4,
+            "first_request_timeout": 2.0,
+            "request_size_limit": 64 * 1024,
+        },
+    ) as ep:
         yield ep
 
 
 def client(ep: Endpoint, who: str | None = None, **kw: object) -> RawClient:
     if who is None:
         return RawClient(ep, ep.pki.ca_dir, **kw)  # type: ignore[arg-type]
-    return RawClient(ep, ep.pki.ca_dir, ep.pki.cert_path(who), ep.pki.key_path(who),
-                     **kw)  # type: ignore[arg-type]
+    return RawClient(ep, ep.pki.ca_dir, ep.pki.cert_path(who), ep.pki.key_path(who), **kw)  # type: ignore[arg-type]
 
 
-def put(ep: Endpoint, user: str, *, passphrase: str = PASSPHRASE, name: str | None = None,
-        extra: dict[str, str] | None = None, who: str = "alice") -> codec.Response:
+def put(
+    ep: Endpoint,
+    user: str,
+    *,
+    passphrase: str = PASSPHRASE,
+    name: str | None = None,
+    extra: dict[str, str] | None = None,
+    who: str = "alice",
+) -> codec.Response:
     """myproxy-init's exchange, signing the server's CSR with the user's certificate."""
     fields = dict(extra or {})
     if name:
@@ -64,17 +76,24 @@ def put(ep: Endpoint, user: str, *, passphrase: str = PASSPHRASE, name: str | No
             return first
         csr_der = c.recv()
         issuer = ep.pki.load(who)
-        chain = sign_request(issuer, load_csr(csr_der), now=ep.service.now(),
-                             lifetime=timedelta(hours=24))
-        c.send(codec.encode_chain([cert.public_bytes(serialization.Encoding.DER)
-                                   for cert in chain]))
+        chain = sign_request(
+            issuer, load_csr(csr_der), now=ep.service.now(), lifetime=timedelta(hours=24)
+        )
+        c.send(
+            codec.encode_chain([cert.public_bytes(serialization.Encoding.DER) for cert in chain])
+        )
         return c.recv_response()
     finally:
         c.close()
 
 
-def get(ep: Endpoint, user: str, passphrase: str = PASSPHRASE, who: str | None = None,
-        extra: dict[str, str] | None = None) -> tuple[codec.Response, list[x509.Certificate]]:
+def get(
+    ep: Endpoint,
+    user: str,
+    passphrase: str = PASSPHRASE,
+    who: str | None = None,
+    extra: dict[str, str] | None = None,
+) -> tuple[codec.Response, list[x509.Certificate]]:
     c = client(ep, who)
     try:
         first = c.request(Command.GET, user, passphrase, 3600, extra)
@@ -134,8 +153,12 @@ def test_requests_without_nul_are_served(endpoint: Endpoint) -> None:
 
 
 def test_info_fields(endpoint: Endpoint) -> None:
-    put(endpoint, "r-info", extra={"RETRIEVER_TRUSTED": "*/CN=pilot", "CRED_DESC": "d1"},
-        passphrase="")
+    put(
+        endpoint,
+        "r-info",
+        extra={"RETRIEVER_TRUSTED": "*/CN=pilot", "CRED_DESC": "d1"},
+        passphrase="",
+    )
     put(endpoint, "r-info", name="second")
     c = client(endpoint, "alice")
     try:
@@ -177,7 +200,7 @@ def test_renewal_challenge_exchange(endpoint: Endpoint) -> None:
         nonce = methods["X509_certificate_SHA256"]
         assert len(nonce) == 32
         assert old.key is not None
-        signature = old.key.sign(nonce.encode(), padding.PKCS1v15(), hashes.SHA256())  # type: ignore[call-arg, union-attr, arg-type]
+        signature = old.key.sign(nonce.encode(), padding.PKCS1v15(), hashes.SHA256())  # type: ignore[call-arg, arg-type]
         ders = [cert.public_bytes(serialization.Encoding.DER) for cert in old.chain]
         c.send(codec.format_auth_reply(AuthMethodId.X509_CERTIFICATE_SHA256, signature, ders))
         assert c.recv_response().code is ResponseCode.OK
@@ -244,15 +267,19 @@ def test_get_trustroots_anonymous(endpoint: Endpoint) -> None:
 # --------------------------------------------------------------------------- hostile input
 
 
-@pytest.mark.parametrize("payload", [
-    b"garbage\0",
-    b"VERSION=MYPROXYv9\nCOMMAND=0\nUSERNAME=a\n\0",
-    b"VERSION=MYPROXYv2\nCOMMAND=0\nUSERNAME=../../etc\nPASSPHRASE=abcdefg\nLIFETIME=1\n\0",
-    b"VERSION=MYPROXYv2\nCOMMAND=0\nUSERNAME=a\nLIFETIME=99999999999999999999999\n\0",
-    b"\xff\xfe\x00",
-])
-def test_malformed_requests_get_an_error_and_the_server_lives(endpoint: Endpoint,
-                                                              payload: bytes) -> None:
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"garbage\0",
+        b"VERSION=MYPROXYv9\nCOMMAND=0\nUSERNAME=a\n\0",
+        b"VERSION=MYPROXYv2\nCOMMAND=0\nUSERNAME=../../etc\nPASSPHRASE=abcdefg\nLIFETIME=1\n\0",
+        b"VERSION=MYPROXYv2\nCOMMAND=0\nUSERNAME=a\nLIFETIME=99999999999999999999999\n\0",
+        b"\xff\xfe\x00",
+    ],
+)
+def test_malformed_requests_get_an_error_and_the_server_lives(
+    endpoint: Endpoint, payload: bytes
+) -> None:
     c = client(endpoint)
     try:
         c.send(b"0")
@@ -356,10 +383,14 @@ def test_child_process_dies_with_its_parent(grid_pki: GridPki, tmp_path: Path) -
     import dataclasses
     import json
 
-    payload = json.dumps(dataclasses.asdict(
-        dataclasses.replace(config, myproxy_bind=f"127.0.0.1:{port}")))
-    parent = subprocess.Popen([sys.executable, "-c", script, payload], stdout=subprocess.PIPE,
-                              cwd=Path(__file__).resolve().parents[3])
+    payload = json.dumps(
+        dataclasses.asdict(dataclasses.replace(config, myproxy_bind=f"127.0.0.1:{port}"))
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", script, payload],
+        stdout=subprocess.PIPE,
+        cwd=Path(__file__).resolve().parents[3],
+    )
     try:
         assert parent.stdout is not None
         child_pid = int(parent.stdout.readline())
@@ -455,9 +486,11 @@ def test_idle_tls_peers_do_not_hold_the_pool(endpoint: Endpoint) -> None:
 
 
 def test_one_address_keeps_at_most_per_address_first_stage_connections(
-        grid_pki: GridPki, tmp_path: Path) -> None:
-    with running_endpoint(tmp_path, grid_pki,
-                          overrides={"per_address": 3, "first_request_timeout": 30.0}) as ep:
+    grid_pki: GridPki, tmp_path: Path
+) -> None:
+    with running_endpoint(
+        tmp_path, grid_pki, overrides={"per_address": 3, "first_request_timeout": 30.0}
+    ) as ep:
         raws = [socket.create_connection((ep.host, ep.port)) for _ in range(5)]
         try:
             for raw in raws[:2]:  # the two oldest made room for the two newest
@@ -469,10 +502,12 @@ def test_one_address_keeps_at_most_per_address_first_stage_connections(
                 raw.close()
 
 
-def test_a_full_server_closes_the_longest_waiting_connection(grid_pki: GridPki,
-                                                              tmp_path: Path) -> None:
-    with running_endpoint(tmp_path, grid_pki,
-                          overrides={"max_open": 4, "first_request_timeout": 30.0}) as ep:
+def test_a_full_server_closes_the_longest_waiting_connection(
+    grid_pki: GridPki, tmp_path: Path
+) -> None:
+    with running_endpoint(
+        tmp_path, grid_pki, overrides={"max_open": 4, "first_request_timeout": 30.0}
+    ) as ep:
         raws = []
         for _ in range(6):
             raws.append(socket.create_connection((ep.host, ep.port)))

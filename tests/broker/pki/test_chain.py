@@ -49,8 +49,12 @@ def test_expired_and_not_yet_valid(grid_pki: GridPki) -> None:
     now = grid_pki.now
     proxy = new_proxy(grid_pki.user("alice"), now=now, lifetime=timedelta(hours=1))
     assert _reason(proxy.chain, grid_pki.trust, now + timedelta(hours=2)) == "expired"
-    future = forge_proxy(grid_pki.user("alice"), now=now, not_before=now + timedelta(hours=1),
-                         not_after=now + timedelta(hours=3))
+    future = forge_proxy(
+        grid_pki.user("alice"),
+        now=now,
+        not_before=now + timedelta(hours=1),
+        not_after=now + timedelta(hours=3),
+    )
     assert _reason(future.chain, grid_pki.trust, now) == "not_yet_valid"
 
 
@@ -81,25 +85,30 @@ def test_path_length_exceeded(grid_pki: GridPki) -> None:
 def test_proxy_naming_violation(grid_pki: GridPki) -> None:
     now = grid_pki.now
     bad = forge_proxy(
-        grid_pki.user("alice"), now=now,
+        grid_pki.user("alice"),
+        now=now,
         subject=x509.Name.from_rfc4514_string("CN=123,CN=Bob,DC=example,DC=org"),
     )
     assert _reason(bad.chain, grid_pki.trust, now) == "proxy_naming"
     two_rdns = forge_proxy(
-        grid_pki.user("alice"), now=now,
-        subject=x509.Name([*grid_pki.user("alice").cert.subject.rdns,
-                           x509.RelativeDistinguishedName(
-                               [x509.NameAttribute(NameOID.COMMON_NAME, "1")]),
-                           x509.RelativeDistinguishedName(
-                               [x509.NameAttribute(NameOID.COMMON_NAME, "2")])]),
+        grid_pki.user("alice"),
+        now=now,
+        subject=x509.Name(
+            [
+                *grid_pki.user("alice").cert.subject.rdns,
+                x509.RelativeDistinguishedName([x509.NameAttribute(NameOID.COMMON_NAME, "1")]),
+                x509.RelativeDistinguishedName([x509.NameAttribute(NameOID.COMMON_NAME, "2")]),
+            ]
+        ),
     )
     assert _reason(two_rdns.chain, grid_pki.trust, now) == "proxy_naming"
 
 
 def test_full_proxy_from_limited(grid_pki: GridPki) -> None:
     now = grid_pki.now
-    limited = new_proxy(grid_pki.user("alice"), now=now, lifetime=timedelta(hours=1),
-                        proxy_type=ProxyType.LIMITED)
+    limited = new_proxy(
+        grid_pki.user("alice"), now=now, lifetime=timedelta(hours=1), proxy_type=ProxyType.LIMITED
+    )
     full = forge_proxy(limited, now=now, proxy_type=ProxyType.IMPERSONATION)
     assert _reason(full.chain, grid_pki.trust, now) == "limited_parent"
     fine = forge_proxy(limited, now=now, proxy_type=ProxyType.LIMITED)
@@ -111,7 +120,9 @@ def test_legacy_and_draft_proxies(grid_pki: GridPki) -> None:
     legacy = forge_proxy(grid_pki.user("alice"), now=now, last_cn="proxy", with_pci=False)
     assert _reason(legacy.chain, grid_pki.trust, now) == "legacy_proxy"
     draft = forge_proxy(
-        grid_pki.user("alice"), now=now, with_pci=False,
+        grid_pki.user("alice"),
+        now=now,
+        with_pci=False,
         extensions=[(x509.UnrecognizedExtension(DRAFT_PROXY_CERT_INFO_OID, b"\x30\x00"), True)],
     )
     assert _reason(draft.chain, grid_pki.trust, now) == "draft_proxy"

@@ -83,29 +83,43 @@ def test_matches_openssl_compat_output(tmp_path) -> None:  # type: ignore[no-unt
     )
     now = datetime.now(UTC)
     cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name)
-        .public_key(key.public_key()).serial_number(1)
-        .not_valid_before(now).not_valid_after(now + timedelta(days=1))
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + timedelta(days=1))
         .sign(key, hashes.SHA256())
     )
     path = tmp_path / "c.pem"
     path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     out = subprocess.run(
         ["openssl", "x509", "-in", str(path), "-noout", "-subject", "-nameopt", "compat"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.strip()
     assert out == "subject=" + slash_from_name(name)
 
 
 _ATTRS = st.sampled_from(
-    [NameOID.COUNTRY_NAME, NameOID.ORGANIZATION_NAME, NameOID.ORGANIZATIONAL_UNIT_NAME,
-     NameOID.COMMON_NAME, NameOID.DOMAIN_COMPONENT, NameOID.USER_ID, NameOID.LOCALITY_NAME]
+    [
+        NameOID.COUNTRY_NAME,
+        NameOID.ORGANIZATION_NAME,
+        NameOID.ORGANIZATIONAL_UNIT_NAME,
+        NameOID.COMMON_NAME,
+        NameOID.DOMAIN_COMPONENT,
+        NameOID.USER_ID,
+        NameOID.LOCALITY_NAME,
+    ]
 )
 # Values without '/' followed by an attribute name and without a literal "\x":
 # the slash form itself cannot represent those unambiguously (OpenSSL neither).
 _VALUE = st.text(
     alphabet=st.characters(blacklist_categories=("Cs", "Cc"), blacklist_characters="/\\"),
-    min_size=1, max_size=15,  # cryptography caps CN at 64 UTF-8 bytes
+    min_size=1,
+    max_size=15,  # cryptography caps CN at 64 UTF-8 bytes
 )
 
 

@@ -34,13 +34,18 @@ JOB = "submit.example.org#42.0#1700000000"
 def _job_proxy(grid_pki: GridPki, job_id: str | None = JOB, *, voms: bool = False) -> Credential:
     alice, now = grid_pki.user("alice"), grid_pki.now
     if voms:
-        ac = make_ac_extension(alice.cert, grid_pki.pki.voms, vo="atlas",
-                               fqans=["/atlas/Role=production"], uri="voms.example.org:15001",
-                               now=now, lifetime=timedelta(hours=6))
+        ac = make_ac_extension(
+            alice.cert,
+            grid_pki.pki.voms,
+            vo="atlas",
+            fqans=["/atlas/Role=production"],
+            uri="voms.example.org:15001",
+            now=now,
+            lifetime=timedelta(hours=6),
+        )
         alice = new_proxy(alice, now=now, lifetime=timedelta(hours=6), extra_extensions=[ac])
     key = generate_key("ec")
-    chain = sign_request(alice, make_csr(key), now=now, lifetime=timedelta(hours=2),
-                         job_id=job_id)
+    chain = sign_request(alice, make_csr(key), now=now, lifetime=timedelta(hours=2), job_id=job_id)
     return Credential(chain=chain, key=key)
 
 
@@ -72,8 +77,7 @@ def test_a_malformed_extension_value_reads_as_no_job(grid_pki: GridPki) -> None:
 
     alice = grid_pki.user("alice")
     odd = x509.UnrecognizedExtension(JOB_ID_OID, b"\x04\x03abc")  # an OCTET STRING
-    proxy = new_proxy(alice, now=grid_pki.now, lifetime=timedelta(hours=1),
-                      extra_extensions=[odd])
+    proxy = new_proxy(alice, now=grid_pki.now, lifetime=timedelta(hours=1), extra_extensions=[odd])
     assert proxy_job_id(proxy.cert) is None
 
 
@@ -84,15 +88,26 @@ def test_job_bound_proxy_accepted_by_openssl_globus_and_voms(
 ) -> None:
     proxy = _job_proxy(grid_pki, voms=voms)
     path = write_proxy_file(tmp_path / "proxy.pem", proxy)
-    verify = run(["openssl", "verify", "-CApath", str(grid_pki.ca_dir), "-allow_proxy_certs",
-                  "-untrusted", str(path), str(path)])
+    verify = run(
+        [
+            "openssl",
+            "verify",
+            "-CApath",
+            str(grid_pki.ca_dir),
+            "-allow_proxy_certs",
+            "-untrusted",
+            str(path),
+            str(path),
+        ]
+    )
     assert verify.returncode == 0, verify.stderr
     assert f"{path}: OK" in verify.stdout
     info = run(["grid-proxy-info", "-file", str(path)], grid_pki.env())
     assert info.returncode == 0, info.stderr
     assert "identity : /DC=org/DC=example/CN=Alice" in info.stdout
-    exists = run(["grid-proxy-info", "-file", str(path), "-exists", "-valid", "1:00"],
-                 grid_pki.env())
+    exists = run(
+        ["grid-proxy-info", "-file", str(path), "-exists", "-valid", "1:00"], grid_pki.env()
+    )
     assert exists.returncode == 0, exists.stderr
     vinfo = run(["voms-proxy-info", "-all", "-file", str(path)], grid_pki.env())
     assert vinfo.returncode == 0, vinfo.stderr + vinfo.stdout
@@ -114,13 +129,16 @@ service = _svc.service
 clock = _svc.clock
 
 
-@pytest.mark.parametrize("job_id", ["submit.example.org#9.0#1700000000", "j" * 256,
-                                    "job\u200eid", "ünïcode#1.0"])
-def test_audit_row_and_issued_proxy_name_the_same_job(service: BrokerService,
-                                                      grid_pki: GridPki, job_id: str) -> None:
+@pytest.mark.parametrize(
+    "job_id", ["submit.example.org#9.0#1700000000", "j" * 256, "job\u200eid", "ünïcode#1.0"]
+)
+def test_audit_row_and_issued_proxy_name_the_same_job(
+    service: BrokerService, grid_pki: GridPki, job_id: str
+) -> None:
     _svc.delegate(service, grid_pki)
-    issued = service.retrieve(_svc.who(service, grid_pki, "pilot"), csr_pem=_svc.csr(),
-                              username="alice", job_id=job_id)
+    issued = service.retrieve(
+        _svc.who(service, grid_pki, "pilot"), csr_pem=_svc.csr(), username="alice", job_id=job_id
+    )
     [row] = [r for r in service.store.query_audit(owner_dn=_svc.ALICE) if r.action == "retrieve"]
     assert row.job_id is not None
     assert chain_job_id(issued.chain) == row.job_id

@@ -67,22 +67,47 @@ def proxy_key() -> rsa.RSAPrivateKey:
     return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
-def voms_proxy(pki: Pki, key: Any, *, holder: Credential | None = None,
-               signer: Credential | None = None, when: datetime | None = None,
-               lifetime: timedelta = 12 * HOUR, fqans: tuple[str, ...] = ("/atlas/Role=production",
-                                                                          "/atlas"),
-               uri: str = VOMS_URI) -> Credential:
+def voms_proxy(
+    pki: Pki,
+    key: Any,
+    *,
+    holder: Credential | None = None,
+    signer: Credential | None = None,
+    when: datetime | None = None,
+    lifetime: timedelta = 12 * HOUR,
+    fqans: tuple[str, ...] = ("/atlas/Role=production", "/atlas"),
+    uri: str = VOMS_URI,
+) -> Credential:
     """alice's proxy carrying an AC made by make_ac_extension."""
     moment = when or now()
-    ext = make_ac_extension((holder or pki.alice).cert, signer or pki.voms, vo="atlas",
-                            fqans=fqans, uri=uri, now=moment, lifetime=lifetime)
+    ext = make_ac_extension(
+        (holder or pki.alice).cert,
+        signer or pki.voms,
+        vo="atlas",
+        fqans=fqans,
+        uri=uri,
+        now=moment,
+        lifetime=lifetime,
+    )
     return new_proxy(pki.alice, now=now(), lifetime=12 * HOUR, key=key, extra_extensions=[ext])
 
 
-def verify(pki: Pki, chain: Any, *, vomsdir: VomsDir | None = None,
-           at: datetime | None = None, target_host: str | None = None) -> Any:
-    return verify_chain_acs(tuple(chain), pki.alice.cert, vomsdir or pki.voms_dir(),
-                            pki.trust(), at or now(), target_host=target_host)
+def verify(
+    pki: Pki,
+    chain: Any,
+    *,
+    vomsdir: VomsDir | None = None,
+    at: datetime | None = None,
+    target_host: str | None = None,
+) -> Any:
+    return verify_chain_acs(
+        tuple(chain),
+        pki.alice.cert,
+        vomsdir or pki.voms_dir(),
+        pki.trust(),
+        at or now(),
+        target_host=target_host,
+    )
 
 
 def reason_of(call: Callable[[], object]) -> str:
@@ -95,23 +120,41 @@ def reason_of(call: Callable[[], object]) -> str:
 # --------------------------------------------------------------------------- FQANs and LSC
 
 
-@pytest.mark.parametrize(("short", "full"), [
-    ("/atlas", "/atlas/Role=NULL/Capability=NULL"),
-    ("/atlas/Role=production", "/atlas/Role=production/Capability=NULL"),
-    ("/atlas/de/Role=pilot/Capability=NULL", "/atlas/de/Role=pilot/Capability=NULL"),
-    ("/atlas/Capability=x", "/atlas/Role=NULL/Capability=x"),
-    ("/vo.example.org/a/b", "/vo.example.org/a/b/Role=NULL/Capability=NULL"),
-])
+@pytest.mark.parametrize(
+    ("short", "full"),
+    [
+        ("/atlas", "/atlas/Role=NULL/Capability=NULL"),
+        ("/atlas/Role=production", "/atlas/Role=production/Capability=NULL"),
+        ("/atlas/de/Role=pilot/Capability=NULL", "/atlas/de/Role=pilot/Capability=NULL"),
+        ("/atlas/Capability=x", "/atlas/Role=NULL/Capability=x"),
+        ("/vo.example.org/a/b", "/vo.example.org/a/b/Role=NULL/Capability=NULL"),
+    ],
+)
 def test_full_fqan(short: str, full: str) -> None:
     assert full_fqan(short) == full
     assert full_fqan(full) == full
 
 
-@pytest.mark.parametrize("bad", [
-    "", "atlas", "/", "/atlas/", "//atlas", "/atlas//x", "/atlas/Role=", "/atlas/Role=a/b",
-    "/atlas/Capability=NULL/Role=NULL", "/Role=x", "/atlas/Role=x/Role=y", "/atl as",
-    "/atlas/g=x", "/atlas\n", "/" + "a" * 600,
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "",
+        "atlas",
+        "/",
+        "/atlas/",
+        "//atlas",
+        "/atlas//x",
+        "/atlas/Role=",
+        "/atlas/Role=a/b",
+        "/atlas/Capability=NULL/Role=NULL",
+        "/Role=x",
+        "/atlas/Role=x/Role=y",
+        "/atl as",
+        "/atlas/g=x",
+        "/atlas\n",
+        "/" + "a" * 600,
+    ],
+)
 def test_bad_fqans_are_refused(bad: str) -> None:
     assert reason_of(lambda: fqan_validate(bad)) == "bad_fqan"
     assert reason_of(lambda: full_fqan(bad)) == "bad_fqan"
@@ -132,20 +175,26 @@ def test_lsc_chains_comments_and_separators() -> None:
     )
     first, second = parse_lsc(text.encode())
     assert first == LscEntry(VOMS_DN, CA_DN)
-    assert second.chain == ("/DC=org/DC=example/CN=voms2.example.org",
-                            "/DC=org/DC=example/CN=Sub CA", CA_DN)
+    assert second.chain == (
+        "/DC=org/DC=example/CN=voms2.example.org",
+        "/DC=org/DC=example/CN=Sub CA",
+        CA_DN,
+    )
 
 
-@pytest.mark.parametrize("bad", [b"", b"# only a comment\n", f"{VOMS_DN}\n".encode(),
-                                 b"CN=not slash\n/CN=x\n", b"\xff\xfe"])
+@pytest.mark.parametrize(
+    "bad",
+    [b"", b"# only a comment\n", f"{VOMS_DN}\n".encode(), b"CN=not slash\n/CN=x\n", b"\xff\xfe"],
+)
 def test_malformed_lsc(bad: bytes) -> None:
     assert reason_of(lambda: parse_lsc(bad)) == "bad_lsc"
 
 
 def test_vomsdir_from_files() -> None:
     lsc = f"{VOMS_DN}\n{CA_DN}\n".encode()
-    vd = VomsDir.from_files({"atlas/voms.example.org.lsc": lsc, "atlas/old.pem": b"junk",
-                             "README": b"x"})
+    vd = VomsDir.from_files(
+        {"atlas/voms.example.org.lsc": lsc, "atlas/old.pem": b"junk", "README": b"x"}
+    )
     assert vd.chains_for("atlas", "voms.example.org") == ((VOMS_DN, CA_DN),)
     assert vd.chains_for("cms", "voms.example.org") is None
     assert reason_of(lambda: VomsDir.from_files({"voms.example.org.lsc": lsc})) == "bad_lsc"
@@ -161,10 +210,10 @@ def fake_proxies(pki: Pki) -> dict[str, Path]:
     need_tool("voms-proxy-fake")
     return {
         "good": voms_proxy_fake(pki, "alice_voms.pem", "-vomslife", "12"),
-        "expired": voms_proxy_fake(pki, "alice_voms_expired.pem", "-pastac", "2:00",
-                                   "-vomslife", "1"),
-        "rogue": voms_proxy_fake(pki, "alice_voms_rogue.pem", "-vomslife", "12",
-                                 hostcert="rogue"),
+        "expired": voms_proxy_fake(
+            pki, "alice_voms_expired.pem", "-pastac", "2:00", "-vomslife", "1"
+        ),
+        "rogue": voms_proxy_fake(pki, "alice_voms_rogue.pem", "-vomslife", "12", hostcert="rogue"),
     }
 
 
@@ -190,7 +239,8 @@ def test_voms_proxy_fake_parse_details(fake_proxies: dict[str, Path]) -> None:
     ac = parse_ac(der)
     assert ac.version == 1 and ac.vo == "atlas" and ac.host == "voms.example.org"
     assert [c.subject.rfc4514_string() for c in ac.signer_certs] == [
-        "CN=voms.example.org,DC=example,DC=org"]
+        "CN=voms.example.org,DC=example,DC=org"
+    ]
     assert ac.has_no_rev_avail and ac.authority_key_id is not None and ac.targets is None
     assert ac.signature_algorithm == "1.2.840.113549.1.1.11"
     assert find_acs(chain[1]) == []  # the EEC carries none
@@ -263,10 +313,12 @@ def test_expired_signer_is_untrusted(pki: Pki, proxy_key: Any) -> None:
 def test_unlisted_signer(pki: Pki, proxy_key: Any) -> None:
     proxy = voms_proxy(pki, proxy_key)
     other = VomsDir.from_files(
-        {"atlas/voms.example.org.lsc": f"/DC=org/DC=example/CN=other\n{CA_DN}\n".encode()})
+        {"atlas/voms.example.org.lsc": f"/DC=org/DC=example/CN=other\n{CA_DN}\n".encode()}
+    )
     assert reason_of(lambda: verify(pki, proxy.chain, vomsdir=other)) == "no_lsc"
     wrong_ca = VomsDir.from_files(
-        {"atlas/voms.example.org.lsc": f"{VOMS_DN}\n/DC=org/CN=Other CA\n".encode()})
+        {"atlas/voms.example.org.lsc": f"{VOMS_DN}\n/DC=org/CN=Other CA\n".encode()}
+    )
     assert reason_of(lambda: verify(pki, proxy.chain, vomsdir=wrong_ca)) == "no_lsc"
 
 
@@ -279,15 +331,23 @@ def test_no_acs_and_nearest_proxy_wins(pki: Pki, proxy_key: Any) -> None:
     (attrs,) = verify(pki, child.chain)
     assert attrs.fqans == FQANS
     # Two levels with ACs: the one nearest the leaf is what counts.
-    ext = make_ac_extension(pki.alice.cert, pki.voms, vo="atlas", fqans=["/atlas/de"],
-                            uri=VOMS_URI, now=now(), lifetime=HOUR)
+    ext = make_ac_extension(
+        pki.alice.cert,
+        pki.voms,
+        vo="atlas",
+        fqans=["/atlas/de"],
+        uri=VOMS_URI,
+        now=now(),
+        lifetime=HOUR,
+    )
     top = new_proxy(voms, now=now(), lifetime=HOUR, key=proxy_key, extra_extensions=[ext])
     (attrs,) = verify(pki, top.chain)
     assert attrs.fqans == ("/atlas/de/Role=NULL/Capability=NULL",)
 
 
-def _rewrite_ac(proxy: Credential, key: Any,
-                edit: Callable[[Any], None]) -> x509.UnrecognizedExtension:
+def _rewrite_ac(
+    proxy: Credential, key: Any, edit: Callable[[Any], None]
+) -> x509.UnrecognizedExtension:
     """Re-sign the proxy's AC after ``edit`` changed its AttributeCertificateInfo."""
     (der,) = find_acs(proxy.cert)
     ac = cms.AttributeCertificateV2.load(der)
@@ -295,11 +355,12 @@ def _rewrite_ac(proxy: Credential, key: Any,
     edit(info)
     tbs = info.dump(force=True)
     signature = key.sign(tbs, padding.PKCS1v15(), hashes.SHA256())
-    new = cms.AttributeCertificateV2({"ac_info": info,
-                                      "signature_algorithm": ac["signature_algorithm"],
-                                      "signature": signature})
-    return x509.UnrecognizedExtension(x509.ObjectIdentifier(VOMS_AC_EXTENSION_OID),
-                                      _wrap(_wrap(new.dump())))
+    new = cms.AttributeCertificateV2(
+        {"ac_info": info, "signature_algorithm": ac["signature_algorithm"], "signature": signature}
+    )
+    return x509.UnrecognizedExtension(
+        x509.ObjectIdentifier(VOMS_AC_EXTENSION_OID), _wrap(_wrap(new.dump()))
+    )
 
 
 def _wrap(body: bytes) -> bytes:
@@ -319,21 +380,23 @@ def test_missing_accerts_and_targets(pki: Pki, proxy_key: Any) -> None:
     voms_key = pki.voms.key
 
     def drop_accerts(info: Any) -> None:
-        info["extensions"] = [e for e in info["extensions"]
-                              if e["extn_id"].dotted != ACCERTS_OID]
+        info["extensions"] = [e for e in info["extensions"] if e["extn_id"].dotted != ACCERTS_OID]
 
     ext = _rewrite_ac(base, voms_key, drop_accerts)
     proxy = new_proxy(pki.alice, now=now(), lifetime=HOUR, key=proxy_key, extra_extensions=[ext])
     assert reason_of(lambda: verify(pki, proxy.chain)) == "signer_not_embedded"
 
     def add_targets(info: Any) -> None:
-        target = asn1_x509.GeneralName(name="uniform_resource_identifier",
-                                       value="broker.example.org")
+        target = asn1_x509.GeneralName(
+            name="uniform_resource_identifier", value="broker.example.org"
+        )
         # VOMS's AC_TARGETS: SEQUENCE { SEQUENCE OF SEQUENCE { [0] EXPLICIT GeneralName } }
         one = core.Sequence(contents=b"\xa0" + _der_len(len(target.dump())) + target.dump())
         targets = _wrap(_wrap(one.dump()))
-        info["extensions"] = [*info["extensions"], asn1_x509.Extension(
-            {"extn_id": "2.5.29.55", "critical": True, "extn_value": targets})]
+        info["extensions"] = [
+            *info["extensions"],
+            asn1_x509.Extension({"extn_id": "2.5.29.55", "critical": True, "extn_value": targets}),
+        ]
 
     ext = _rewrite_ac(base, voms_key, add_targets)
     proxy = new_proxy(pki.alice, now=now(), lifetime=HOUR, key=proxy_key, extra_extensions=[ext])
@@ -345,8 +408,9 @@ def test_missing_accerts_and_targets(pki: Pki, proxy_key: Any) -> None:
 
 def test_make_ac_extension_refuses_bad_input(pki: Pki) -> None:
     def make(**kw: Any) -> Any:
-        args: dict[str, Any] = dict(vo="atlas", fqans=["/atlas"], uri=VOMS_URI, now=now(),
-                                    lifetime=HOUR)
+        args: dict[str, Any] = dict(
+            vo="atlas", fqans=["/atlas"], uri=VOMS_URI, now=now(), lifetime=HOUR
+        )
         args.update(kw)
         return make_ac_extension(pki.alice.cert, pki.voms, **args)
 
@@ -397,16 +461,20 @@ int main(int argc, char **argv) {
 @pytest.fixture(scope="module")
 def libvoms_checker(tmp_path_factory: pytest.TempPathFactory) -> Path:
     need_tool("g++", "pkg-config")
-    flags = subprocess.run(["pkg-config", "--cflags", "--libs", "voms-2.0"],
-                           capture_output=True, text=True)
+    flags = subprocess.run(
+        ["pkg-config", "--cflags", "--libs", "voms-2.0"], capture_output=True, text=True
+    )
     if flags.returncode != 0:
         unavailable("voms-dev is not installed (pkg-config voms-2.0 fails)")
     build = tmp_path_factory.mktemp("vomscheck")
     source = build / "vomscheck.cc"
     source.write_text(VERIFIER_SOURCE)
     binary = build / "vomscheck"
-    subprocess.run(["g++", "-O0", "-o", str(binary), str(source), *flags.stdout.split(),
-                    "-lcrypto"], check=True, timeout=120)
+    subprocess.run(
+        ["g++", "-O0", "-o", str(binary), str(source), *flags.stdout.split(), "-lcrypto"],
+        check=True,
+        timeout=120,
+    )
     return binary
 
 
@@ -420,8 +488,13 @@ def our_proxy_file(pki: Pki, proxy_key: Any) -> Path:
 @pytest.mark.interop
 def test_voms_proxy_info_reads_our_ac(pki: Pki, our_proxy_file: Path) -> None:
     need_tool("voms-proxy-info")
-    done = subprocess.run(["voms-proxy-info", "-all", "-file", str(our_proxy_file)],
-                          capture_output=True, text=True, env=pki.env(), timeout=60)
+    done = subprocess.run(
+        ["voms-proxy-info", "-all", "-file", str(our_proxy_file)],
+        capture_output=True,
+        text=True,
+        env=pki.env(),
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     out = done.stdout
     assert "VO        : atlas" in out
@@ -434,11 +507,16 @@ def test_voms_proxy_info_reads_our_ac(pki: Pki, our_proxy_file: Path) -> None:
 
 
 @pytest.mark.interop
-def test_libvomsapi_full_verification_accepts_ours(pki: Pki, our_proxy_file: Path,
-                                                   libvoms_checker: Path) -> None:
-    done = subprocess.run([str(libvoms_checker), str(pki.vomsdir), str(pki.certdir),
-                           str(our_proxy_file)], capture_output=True, text=True,
-                          env=pki.env(), timeout=60)
+def test_libvomsapi_full_verification_accepts_ours(
+    pki: Pki, our_proxy_file: Path, libvoms_checker: Path
+) -> None:
+    done = subprocess.run(
+        [str(libvoms_checker), str(pki.vomsdir), str(pki.certdir), str(our_proxy_file)],
+        capture_output=True,
+        text=True,
+        env=pki.env(),
+        timeout=60,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.splitlines()
     assert "VO atlas" in lines and f"ISSUER {VOMS_DN}" in lines and f"URI {VOMS_URI}" in lines
@@ -446,14 +524,18 @@ def test_libvomsapi_full_verification_accepts_ours(pki: Pki, our_proxy_file: Pat
 
 
 @pytest.mark.interop
-def test_libvomsapi_agrees_on_the_fixtures(pki: Pki, fake_proxies: dict[str, Path],
-                                           libvoms_checker: Path) -> None:
+def test_libvomsapi_agrees_on_the_fixtures(
+    pki: Pki, fake_proxies: dict[str, Path], libvoms_checker: Path
+) -> None:
     """The checker is a real check: it refuses what our verifier refuses."""
 
     def check(proxy: Path, vomsdir: Path) -> int:
-        return subprocess.run([str(libvoms_checker), str(vomsdir), str(pki.certdir),
-                               str(proxy)], capture_output=True, env=pki.env(),
-                              timeout=60).returncode
+        return subprocess.run(
+            [str(libvoms_checker), str(vomsdir), str(pki.certdir), str(proxy)],
+            capture_output=True,
+            env=pki.env(),
+            timeout=60,
+        ).returncode
 
     assert check(fake_proxies["good"], pki.vomsdir) == 0
     assert check(fake_proxies["expired"], pki.vomsdir) == 1
@@ -468,12 +550,18 @@ def test_libvomsapi_agrees_on_our_acs(pki: Pki, proxy_key: Any, libvoms_checker:
     def check(proxy: Credential, name: str) -> subprocess.CompletedProcess[str]:
         path = pki.path(name)
         write_private(path, credential_to_pem(proxy))
-        return subprocess.run([str(libvoms_checker), str(pki.vomsdir), str(pki.certdir),
-                               str(path)], capture_output=True, text=True, env=pki.env(),
-                              timeout=60)
+        return subprocess.run(
+            [str(libvoms_checker), str(pki.vomsdir), str(pki.certdir), str(path)],
+            capture_output=True,
+            text=True,
+            env=pki.env(),
+            timeout=60,
+        )
 
-    ec_signed = check(voms_proxy(pki, proxy_key, signer=pki.voms_ec,
-                                 uri="voms-ec.example.org:15002"), "alice_ec.pem")
+    ec_signed = check(
+        voms_proxy(pki, proxy_key, signer=pki.voms_ec, uri="voms-ec.example.org:15002"),
+        "alice_ec.pem",
+    )
     assert ec_signed.returncode == 0, ec_signed.stdout
     for_bob = check(voms_proxy(pki, proxy_key, holder=pki.bob), "alice_bob_ac.pem")
     assert for_bob.returncode == 1, for_bob.stdout
@@ -484,8 +572,15 @@ def test_libvomsapi_agrees_on_our_acs(pki: Pki, proxy_key: Any, libvoms_checker:
 
 @pytest.fixture(scope="module")
 def valid_ac(pki: Pki) -> bytes:
-    ext = make_ac_extension(pki.alice.cert, pki.voms, vo="atlas", fqans=["/atlas"],
-                            uri=VOMS_URI, now=now(), lifetime=HOUR)
+    ext = make_ac_extension(
+        pki.alice.cert,
+        pki.voms,
+        vo="atlas",
+        fqans=["/atlas"],
+        uri=VOMS_URI,
+        now=now(),
+        lifetime=HOUR,
+    )
     (der,) = split_ac_extension(ext.value)
     return der
 
@@ -504,8 +599,9 @@ def test_random_bytes_never_crash(data: bytes) -> None:
     _only_voms_errors(lambda: split_ac_extension(data))
 
 
-@settings(max_examples=300, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(st.data())
 def test_mutated_acs_never_crash(valid_ac: bytes, data: st.DataObject) -> None:
     blob = bytearray(valid_ac)
@@ -515,7 +611,7 @@ def test_mutated_acs_never_crash(valid_ac: bytes, data: st.DataObject) -> None:
         if kind == "flip":
             blob[pos] ^= data.draw(st.integers(1, 255))
         elif kind == "cut":
-            del blob[pos:pos + data.draw(st.integers(1, 40))]
+            del blob[pos : pos + data.draw(st.integers(1, 40))]
         else:
             blob[pos:pos] = data.draw(st.binary(min_size=1, max_size=8))
         if not blob:
@@ -530,12 +626,17 @@ def test_find_acs_on_certificates_with_junk_extension(data: bytes) -> None:
     key = _ec_key()
     name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "junk")])
     cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name)
-        .public_key(key.public_key()).serial_number(1)
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
         .not_valid_before(datetime(2020, 1, 1, tzinfo=UTC))
         .not_valid_after(datetime(2030, 1, 1, tzinfo=UTC))
-        .add_extension(x509.UnrecognizedExtension(
-            x509.ObjectIdentifier(VOMS_AC_EXTENSION_OID), data), critical=False)
+        .add_extension(
+            x509.UnrecognizedExtension(x509.ObjectIdentifier(VOMS_AC_EXTENSION_OID), data),
+            critical=False,
+        )
         .sign(key, hashes.SHA256())
     )
     _only_voms_errors(lambda: find_acs(cert))
@@ -548,4 +649,3 @@ def _ec_key() -> ec.EllipticCurvePrivateKey:
     if not _EC_KEY:
         _EC_KEY.append(ec.generate_private_key(ec.SECP256R1()))
     return _EC_KEY[0]
-

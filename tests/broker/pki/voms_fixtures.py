@@ -34,8 +34,10 @@ need_tool = require_tools  # the name the VOMS tests use
 
 def _name(*cns: str) -> x509.Name:
     return x509.Name(
-        [x509.NameAttribute(NameOID.DOMAIN_COMPONENT, "org"),
-         x509.NameAttribute(NameOID.DOMAIN_COMPONENT, "example")]
+        [
+            x509.NameAttribute(NameOID.DOMAIN_COMPONENT, "org"),
+            x509.NameAttribute(NameOID.DOMAIN_COMPONENT, "example"),
+        ]
         + [x509.NameAttribute(NameOID.COMMON_NAME, cn) for cn in cns]
     )
 
@@ -67,36 +69,49 @@ def issue(
         .not_valid_before(start)
         .not_valid_after(start + timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
-                       critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
     )
     if ca:
         builder = builder.add_extension(
-            x509.KeyUsage(digital_signature=False, content_commitment=False,
-                          key_encipherment=False, data_encipherment=False, key_agreement=False,
-                          key_cert_sign=True, crl_sign=True, encipher_only=False,
-                          decipher_only=False),
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
             critical=True,
         )
     else:
         builder = builder.add_extension(
-            x509.KeyUsage(digital_signature=True, content_commitment=False,
-                          key_encipherment=isinstance(key, rsa.RSAPrivateKey),
-                          data_encipherment=isinstance(key, rsa.RSAPrivateKey),
-                          key_agreement=False, key_cert_sign=False, crl_sign=False,
-                          encipher_only=False, decipher_only=False),
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=isinstance(key, rsa.RSAPrivateKey),
+                data_encipherment=isinstance(key, rsa.RSAPrivateKey),
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
             critical=True,
-        ).add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]),
-                        critical=False)
+        ).add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
     if issuer is not None:
         builder = builder.add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(
-                issuer.cert.public_key()),  # type: ignore[arg-type]
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.cert.public_key()),  # type: ignore[arg-type]
             critical=False,
         )
     cert = builder.sign(sign_key, hashes.SHA256())
-    chain = (cert,) if issuer is None or issuer.cert.issuer == issuer.cert.subject \
+    chain = (
+        (cert,)
+        if issuer is None or issuer.cert.issuer == issuer.cert.subject
         else (cert, *issuer.chain)
+    )
     return Credential(chain=chain, key=key)
 
 
@@ -134,11 +149,17 @@ class Pki:
         return self.root / name
 
     def env(self, vomsdir: Path | None = None) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("X509_USER", "X509_VOMS", "X509_CERT"))}
-        env.update(X509_CERT_DIR=str(self.certdir),
-                   X509_VOMS_DIR=str(vomsdir or self.vomsdir),
-                   RANDFILE=str(self.root / ".rnd"), HOME=str(self.root))
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("X509_USER", "X509_VOMS", "X509_CERT"))
+        }
+        env.update(
+            X509_CERT_DIR=str(self.certdir),
+            X509_VOMS_DIR=str(vomsdir or self.vomsdir),
+            RANDFILE=str(self.root / ".rnd"),
+            HOME=str(self.root),
+        )
         return env
 
     def trust(self) -> TrustStore:
@@ -159,8 +180,13 @@ def build_pki(root: Path) -> Pki:
     voms_ec = issue(_name("voms-ec.example.org"), ec.generate_private_key(ec.SECP256R1()), ca)
     rogue = issue(_name("voms.example.org"), rsa_key(), None)  # same DN, self-signed
 
-    for label, cred in (("ca", ca), ("alice", alice), ("bob", bob), ("voms", voms),
-                        ("rogue", rogue)):
+    for label, cred in (
+        ("ca", ca),
+        ("alice", alice),
+        ("bob", bob),
+        ("voms", voms),
+        ("rogue", rogue),
+    ):
         write_cert(root / f"{label}.pem", cred)
         write_key(root / f"{label}.key", cred)
 
@@ -168,7 +194,9 @@ def build_pki(root: Path) -> Pki:
     certdir.mkdir()
     subject_hash = subprocess.run(
         ["openssl", "x509", "-in", str(root / "ca.pem"), "-noout", "-subject_hash"],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout.strip()
     (certdir / f"{subject_hash}.0").write_bytes((root / "ca.pem").read_bytes())
     (certdir / f"{subject_hash}.signing_policy").write_text(
@@ -181,24 +209,61 @@ def build_pki(root: Path) -> Pki:
     (vomsdir / "atlas").mkdir(parents=True)
     (vomsdir / "atlas" / "voms.example.org.lsc").write_text(f"{VOMS_DN}\n{CA_DN}\n")
     (vomsdir / "atlas" / "voms-ec.example.org.lsc").write_text(
-        f"/DC=org/DC=example/CN=voms-ec.example.org\n{CA_DN}\n")
+        f"/DC=org/DC=example/CN=voms-ec.example.org\n{CA_DN}\n"
+    )
     empty = root / "emptyvomsdir"
     empty.mkdir()
-    return Pki(root=root, ca=ca, alice=alice, bob=bob, voms=voms, voms_ec=voms_ec,
-               rogue=rogue, certdir=certdir, vomsdir=vomsdir, empty_vomsdir=empty)
+    return Pki(
+        root=root,
+        ca=ca,
+        alice=alice,
+        bob=bob,
+        voms=voms,
+        voms_ec=voms_ec,
+        rogue=rogue,
+        certdir=certdir,
+        vomsdir=vomsdir,
+        empty_vomsdir=empty,
+    )
 
 
 def voms_proxy_fake(pki: Pki, out: str, *extra: str, hostcert: str = "voms") -> Path:
     """Run voms-proxy-fake for alice the way grid-test-rig.md does; returns the proxy path."""
     target = pki.path(out)
     subprocess.run(
-        ["voms-proxy-fake", "-q", "-cert", str(pki.path("alice.pem")),
-         "-key", str(pki.path("alice.key")), "-rfc", "-bits", "2048",
-         "-voms", "atlas", "-hostcert", str(pki.path(f"{hostcert}.pem")),
-         "-hostkey", str(pki.path(f"{hostcert}.key")), "-uri", VOMS_URI,
-         "-fqan", "/atlas/Role=production/Capability=NULL",
-         "-fqan", "/atlas/Role=NULL/Capability=NULL",
-         "-hours", "12", "-path-length", "-1", *extra, "-out", str(target)],
-        check=True, capture_output=True, env=pki.env(), timeout=60,
+        [
+            "voms-proxy-fake",
+            "-q",
+            "-cert",
+            str(pki.path("alice.pem")),
+            "-key",
+            str(pki.path("alice.key")),
+            "-rfc",
+            "-bits",
+            "2048",
+            "-voms",
+            "atlas",
+            "-hostcert",
+            str(pki.path(f"{hostcert}.pem")),
+            "-hostkey",
+            str(pki.path(f"{hostcert}.key")),
+            "-uri",
+            VOMS_URI,
+            "-fqan",
+            "/atlas/Role=production/Capability=NULL",
+            "-fqan",
+            "/atlas/Role=NULL/Capability=NULL",
+            "-hours",
+            "12",
+            "-path-length",
+            "-1",
+            *extra,
+            "-out",
+            str(target),
+        ],
+        check=True,
+        capture_output=True,
+        env=pki.env(),
+        timeout=60,
     )
     return target

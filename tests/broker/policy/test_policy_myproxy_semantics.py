@@ -44,13 +44,16 @@ def test_allow_star_does_not_grant_key_retrieval() -> None:
 
 
 def test_deny_star_still_forbids_key_retrieval() -> None:
-    text = KEY_RULE + """
+    text = (
+        KEY_RULE
+        + """
 [[rule]]
 name = "ban"
 action = "*"
 effect = "deny"
 requester = ["/DC=org/DC=example/CN=pilot*"]
 """
+    )
     owner = OwnerPolicy(key_retrievers=(PILOT,))
     assert not evaluate(load(text), req("retrieve-key", auth="passphrase"), owner).allowed
 
@@ -82,5 +85,6 @@ def test_trusted_star_applies_only_to_credentials_with_a_list() -> None:
     policy = load(TRUSTED_STAR)
     assert not evaluate(policy, req("retrieve")).allowed  # a REST delegation without -Z
     assert evaluate(policy, req("retrieve"), OwnerPolicy(trusted_retrievers=(PILOT,))).allowed
-    assert not evaluate(policy, req("retrieve", owner=ALICE),
-                        OwnerPolicy(trusted_retrievers=("/CN=x",))).allowed
+    assert not evaluate(
+        policy, req("retrieve", owner=ALICE), OwnerPolicy(trusted_retrievers=("/CN=x",))
+    ).allowed

@@ -18,8 +18,9 @@ requester = ["/DC=org/DC=example/*"]
 EVE = "/DC=org/DC=example/CN=Eve" + "/CN=x" * 150
 
 
-@pytest.mark.parametrize("pattern", ["re:(.|.|.)*Z", "re:(.*)*Z", "re:(a|aa)*Z",
-                                     "*a*a*a*a*a*a*a*a*a*a*a*a*Z"])
+@pytest.mark.parametrize(
+    "pattern", ["re:(.|.|.)*Z", "re:(.*)*Z", "re:(a|aa)*Z", "*a*a*a*a*a*a*a*a*a*a*a*a*Z"]
+)
 def test_catastrophic_patterns_match_in_linear_time(pattern: str) -> None:
     policy = load_policy({"site.toml": SITE})
     request = Request(action=Action.RETRIEVE, requester_dn=EVE, owner_dn=EVE)

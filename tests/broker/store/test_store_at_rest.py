@@ -34,20 +34,26 @@ def _needles(mat: KeyMaterial, ring: MasterKeyRing) -> dict[str, bytes]:
 
 
 def _fill(store: Store, mats: list[KeyMaterial]) -> None:
-    store.put_credential(CredentialWrite(
-        owner_dn=ALICE,
-        username="alice",
-        private_key_pem=mats[0].key_pem,
-        certificate_chain=mats[0].chain_pem,
-    ), now=datetime.now(UTC))
-    store.put_credential(CredentialWrite(
-        owner_dn=ALICE,
-        username="alice",
-        name="protected",
-        private_key_pem=mats[1].key_pem,
-        certificate_chain=mats[1].chain_pem,
-        passphrase=PASSPHRASE,
-    ), now=datetime.now(UTC))
+    store.put_credential(
+        CredentialWrite(
+            owner_dn=ALICE,
+            username="alice",
+            private_key_pem=mats[0].key_pem,
+            certificate_chain=mats[0].chain_pem,
+        ),
+        now=datetime.now(UTC),
+    )
+    store.put_credential(
+        CredentialWrite(
+            owner_dn=ALICE,
+            username="alice",
+            name="protected",
+            private_key_pem=mats[1].key_pem,
+            certificate_chain=mats[1].chain_pem,
+            passphrase=PASSPHRASE,
+        ),
+        now=datetime.now(UTC),
+    )
     store.create_pending(
         requester_dn=ALICE,
         username="alice",

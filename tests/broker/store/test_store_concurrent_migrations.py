@@ -38,8 +38,12 @@ print("migrated")
 def test_nodes_migrating_at_once_all_come_up(postgres_database: str, tmp_path: Path) -> None:
     go = tmp_path / "go"
     procs = [
-        subprocess.Popen([sys.executable, "-c", _NODE, postgres_database, str(go)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", _NODE, postgres_database, str(go)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for _ in range(NODES)
     ]
     time.sleep(3.0)  # let every process finish its imports and wait on the signal

@@ -189,7 +189,10 @@ def test_passphrase_required_and_wrong_refused(store: Store, new_key: KeyFactory
     assert store.decrypt_private_key(rec, "open sesame") == mat.key_pem
 
     changed = store.change_passphrase(
-        "alice", old_passphrase="open sesame", new_passphrase="new secret", owner_dn=ALICE,
+        "alice",
+        old_passphrase="open sesame",
+        new_passphrase="new secret",
+        owner_dn=ALICE,
         now=datetime.now(UTC),
     )
     with pytest.raises(AuthenticationError):
@@ -197,15 +200,20 @@ def test_passphrase_required_and_wrong_refused(store: Store, new_key: KeyFactory
     assert store.decrypt_private_key(store.get_credential("alice"), "new secret") == mat.key_pem
 
     with pytest.raises(AuthenticationError):
-        store.change_passphrase("alice", old_passphrase="guess!", new_passphrase="whatever",
-                                now=datetime.now(UTC))
+        store.change_passphrase(
+            "alice", old_passphrase="guess!", new_passphrase="whatever", now=datetime.now(UTC)
+        )
     with pytest.raises(AuthorizationError):
         store.change_passphrase(
-            "alice", old_passphrase="new secret", new_passphrase="abcdefg", owner_dn=BOB,
+            "alice",
+            old_passphrase="new secret",
+            new_passphrase="abcdefg",
+            owner_dn=BOB,
             now=datetime.now(UTC),
         )
-    cleared = store.change_passphrase("alice", old_passphrase="new secret", new_passphrase=None,
-                                      now=datetime.now(UTC))
+    cleared = store.change_passphrase(
+        "alice", old_passphrase="new secret", new_passphrase=None, now=datetime.now(UTC)
+    )
     assert not cleared.passphrase_protected
     assert store.decrypt_private_key(cleared) == mat.key_pem
 
@@ -227,7 +235,10 @@ def test_list_find_delete(store: Store, new_key: KeyFactory) -> None:
     with pytest.raises(AuthorizationError):
         store.delete_credential("alice", "cms", owner_dn=BOB, now=datetime.now(UTC))
     deleted = store.delete_credential(
-        "alice", "cms", owner_dn=ALICE, audit=_audit("destroy", credential_name="cms"),
+        "alice",
+        "cms",
+        owner_dn=ALICE,
+        audit=_audit("destroy", credential_name="cms"),
         now=datetime.now(UTC),
     )
     assert deleted.name == "cms"
@@ -290,26 +301,36 @@ def test_consume_pending_into_credential(store: Store, new_key: KeyFactory) -> N
     mat, other = new_key(), new_key("Mallory")
     pending = _pending(store, mat)
     with pytest.raises(PemError):  # a chain for another key: nothing changes
-        store.put_credential(CredentialWrite(
-            owner_dn=ALICE,
-            username="alice",
-            certificate_chain=other.chain_pem,
-            consume_pending=pending.id,
-        ), now=T0)
+        store.put_credential(
+            CredentialWrite(
+                owner_dn=ALICE,
+                username="alice",
+                certificate_chain=other.chain_pem,
+                consume_pending=pending.id,
+            ),
+            now=T0,
+        )
     with pytest.raises(AuthorizationError):
-        store.put_credential(CredentialWrite(
-            owner_dn=BOB,
+        store.put_credential(
+            CredentialWrite(
+                owner_dn=BOB,
+                username="alice",
+                certificate_chain=mat.chain_pem,
+                consume_pending=pending.id,
+            ),
+            now=T0,
+        )
+    rec = store.put_credential(
+        CredentialWrite(
+            owner_dn=ALICE,
             username="alice",
             certificate_chain=mat.chain_pem,
             consume_pending=pending.id,
-        ), now=T0)
-    rec = store.put_credential(CredentialWrite(
-        owner_dn=ALICE,
-        username="alice",
-        certificate_chain=mat.chain_pem,
-        consume_pending=pending.id,
-        passphrase="protect me",
-    ), now=T0 + timedelta(minutes=1), audit=_audit("delegate"))
+            passphrase="protect me",
+        ),
+        now=T0 + timedelta(minutes=1),
+        audit=_audit("delegate"),
+    )
     assert store.decrypt_private_key(rec, "protect me") == mat.key_pem
     with pytest.raises(NotFound):
         store.take_pending(pending.id, ALICE, now=T0)
@@ -342,8 +363,12 @@ def test_audit_is_written_in_the_same_transaction(store: Store, new_key: KeyFact
 
 def test_count_audit_counts_one_credential_address_and_reason_since_a_time(store: Store) -> None:
     def failure(minute: int, **kw: Any) -> None:
-        base = {"decision": "deny", "reason": "invalid_passphrase: invalid credential passphrase",
-                "client_address": "192.0.2.7", "time": T0 + timedelta(minutes=minute)}
+        base = {
+            "decision": "deny",
+            "reason": "invalid_passphrase: invalid credential passphrase",
+            "client_address": "192.0.2.7",
+            "time": T0 + timedelta(minutes=minute),
+        }
         base.update(kw)
         store.add_audit(_audit("retrieve", **base), now=datetime.now(UTC))
 
@@ -356,9 +381,13 @@ def test_count_audit_counts_one_credential_address_and_reason_since_a_time(store
     failure(2, client_address=None)
 
     def count(since_minute: int, address: str | None = "192.0.2.7") -> int:
-        return store.count_audit(username="alice", credential_name="default",
-                                 client_address=address, reason_prefix="invalid_passphrase:",
-                                 since=T0 + timedelta(minutes=since_minute))
+        return store.count_audit(
+            username="alice",
+            credential_name="default",
+            client_address=address,
+            reason_prefix="invalid_passphrase:",
+            since=T0 + timedelta(minutes=since_minute),
+        )
 
     assert count(0) == 4
     assert count(2) == 2
@@ -381,7 +410,7 @@ def test_audit_query(store: Store) -> None:
                 request_id=f"req-{i}",
                 endpoint="myproxy",
             ),
-        now=datetime.now(UTC),
+            now=datetime.now(UTC),
         )
     store.add_audit(_audit("info", owner_dn=BOB, endpoint="cli"), now=datetime.now(UTC))
     newest_first = store.query_audit(owner_dn=ALICE)

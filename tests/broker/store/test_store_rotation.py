@@ -22,14 +22,17 @@ def test_rotation_keeps_everything_decryptable(
         mats = {}
         for i in range(5):
             mats[f"c{i}"] = new_key()
-            store.put_credential(CredentialWrite(
-                owner_dn=ALICE,
-                username="alice",
-                name=f"c{i}",
-                private_key_pem=mats[f"c{i}"].key_pem,
-                certificate_chain=mats[f"c{i}"].chain_pem,
-                passphrase="pass phrase" if i == 3 else None,
-            ), now=datetime.now(UTC))
+            store.put_credential(
+                CredentialWrite(
+                    owner_dn=ALICE,
+                    username="alice",
+                    name=f"c{i}",
+                    private_key_pem=mats[f"c{i}"].key_pem,
+                    certificate_chain=mats[f"c{i}"].chain_pem,
+                    passphrase="pass phrase" if i == 3 else None,
+                ),
+                now=datetime.now(UTC),
+            )
         pend_mat = new_key()
         pending = store.create_pending(
             requester_dn=BOB,
@@ -65,13 +68,16 @@ def test_rotation_keeps_everything_decryptable(
             # reloads the file, and its next write uses the new key.
             rec = stale.get_credential("alice", "c0")
             assert stale.decrypt_private_key(rec) == mats["c0"].key_pem
-            stale.put_credential(CredentialWrite(
-                owner_dn=ALICE,
-                username="alice",
-                name="after",
-                private_key_pem=mats["c1"].key_pem,
-                certificate_chain=mats["c1"].chain_pem,
-            ), now=datetime.now(UTC))
+            stale.put_credential(
+                CredentialWrite(
+                    owner_dn=ALICE,
+                    username="alice",
+                    name="after",
+                    private_key_pem=mats["c1"].key_pem,
+                    certificate_chain=mats["c1"].chain_pem,
+                ),
+                now=datetime.now(UTC),
+            )
             assert stale.get_credential("alice", "after").envelope.master_key_id == (
                 report.new_key_id
             )
@@ -86,12 +92,15 @@ def test_writer_during_rotation_picks_up_the_new_key(
         grown = MasterKeyRing(keys=(*ring.keys, ("mk-next", bytes(range(32)))))
         replace_master_key_file(key_file, grown)
         mat = new_key()
-        rec = server.put_credential(CredentialWrite(
-            owner_dn=ALICE,
-            username="alice",
-            private_key_pem=mat.key_pem,
-            certificate_chain=mat.chain_pem,
-        ), now=datetime.now(UTC))
+        rec = server.put_credential(
+            CredentialWrite(
+                owner_dn=ALICE,
+                username="alice",
+                private_key_pem=mat.key_pem,
+                certificate_chain=mat.chain_pem,
+            ),
+            now=datetime.now(UTC),
+        )
         assert rec.envelope.master_key_id == "mk-next"
         assert server.decrypt_private_key(rec) == mat.key_pem
 
@@ -101,12 +110,15 @@ def test_rotation_refuses_when_keys_are_missing(
 ) -> None:
     with Store(db_url, load_master_keys(key_file)) as store:
         mat = new_key()
-        store.put_credential(CredentialWrite(
-            owner_dn=ALICE,
-            username="alice",
-            private_key_pem=mat.key_pem,
-            certificate_chain=mat.chain_pem,
-        ), now=datetime.now(UTC))
+        store.put_credential(
+            CredentialWrite(
+                owner_dn=ALICE,
+                username="alice",
+                private_key_pem=mat.key_pem,
+                certificate_chain=mat.chain_pem,
+            ),
+            now=datetime.now(UTC),
+        )
         from broker.store import init_master_key_file
 
         other = tmp_path / "other.json"

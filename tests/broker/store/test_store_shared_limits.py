@@ -49,13 +49,21 @@ def _all_at_once(count: int, fn: Callable[[int], T]) -> list[T | BaseException]:
 
 
 def test_pending_cap_holds_under_concurrent_requests(
-        db_url: str, master_keys: MasterKeyRing, new_key: KeyFactory) -> None:
+    db_url: str, master_keys: MasterKeyRing, new_key: KeyFactory
+) -> None:
     key_pem = new_key().key_pem
     with Store(db_url, master_keys) as one, Store(db_url, master_keys) as two:
+
         def start(i: int) -> object:
             return (one if i % 2 else two).create_pending(
-                requester_dn=ALICE, username="alice", name=f"n{i}", private_key_pem=key_pem,
-                params={}, now=T0, max_live=3)
+                requester_dn=ALICE,
+                username="alice",
+                name=f"n{i}",
+                private_key_pem=key_pem,
+                params={},
+                now=T0,
+                max_live=3,
+            )
 
         results = _all_at_once(12, start)
         refused = [r for r in results if isinstance(r, TooManyAttempts)]
@@ -63,11 +71,18 @@ def test_pending_cap_holds_under_concurrent_requests(
         assert all(r.reason == "too_many_pending" for r in refused)
         assert one.count_pending(ALICE, now=T0) == 3
         # another requester is not affected; expired rows do not count
-        one.create_pending(requester_dn=BOB, username="bob", private_key_pem=key_pem,
-                           params={}, now=T0, max_live=3)
+        one.create_pending(
+            requester_dn=BOB, username="bob", private_key_pem=key_pem, params={}, now=T0, max_live=3
+        )
         later = T0 + timedelta(minutes=11)
-        one.create_pending(requester_dn=ALICE, username="alice", private_key_pem=key_pem,
-                           params={}, now=later, max_live=3)
+        one.create_pending(
+            requester_dn=ALICE,
+            username="alice",
+            private_key_pem=key_pem,
+            params={},
+            now=later,
+            max_live=3,
+        )
         # housekeeping removes the expired rows (each an encrypted key) and counts them
         purged = two.purge_expired(later, attempts_before=later)
         assert purged["pending"] == 4  # alice's three and bob's one
@@ -75,34 +90,49 @@ def test_pending_cap_holds_under_concurrent_requests(
 
 
 def test_renewal_challenge_is_single_use_across_processes(
-        db_url: str, master_keys: MasterKeyRing) -> None:
+    db_url: str, master_keys: MasterKeyRing
+) -> None:
     with Store(db_url, master_keys) as one, Store(db_url, master_keys) as two:
-        results = _all_at_once(8, lambda i: (one if i % 2 else two).use_challenge(
-            "nonce-abc", expires_at=T0 + timedelta(minutes=5)))
+        results = _all_at_once(
+            8,
+            lambda i: (one if i % 2 else two).use_challenge(
+                "nonce-abc", expires_at=T0 + timedelta(minutes=5)
+            ),
+        )
         assert results.count(None) == 1
-        assert all(isinstance(r, AuthenticationError) and r.reason == "challenge_reused"
-                   for r in results if r is not None)
+        assert all(
+            isinstance(r, AuthenticationError) and r.reason == "challenge_reused"
+            for r in results
+            if r is not None
+        )
         two.use_challenge("nonce-other", expires_at=T0 + timedelta(minutes=5))
-        assert one.purge_expired(T0 + timedelta(minutes=6),
-                                 attempts_before=T0)["challenges"] == 2
+        assert one.purge_expired(T0 + timedelta(minutes=6), attempts_before=T0)["challenges"] == 2
 
 
 def test_shared_secret_is_created_once(db_url: str, master_keys: MasterKeyRing) -> None:
     with Store(db_url, master_keys) as one, Store(db_url, master_keys) as two:
         secrets = _all_at_once(
-            6, lambda i: (one if i % 2 else two).shared_secret("s", now=datetime.now(UTC)))
+            6, lambda i: (one if i % 2 else two).shared_secret("s", now=datetime.now(UTC))
+        )
         assert all(isinstance(s, bytes) and len(s) == 32 for s in secrets)
         assert len(set(secrets)) == 1
         assert one.shared_secret("other", now=datetime.now(UTC)) != secrets[0]
 
 
 def test_passphrase_attempts_are_reserved_atomically(
-        db_url: str, master_keys: MasterKeyRing) -> None:
+    db_url: str, master_keys: MasterKeyRing
+) -> None:
     with Store(db_url, master_keys) as one, Store(db_url, master_keys) as two:
+
         def reserve(i: int) -> tuple[int | None, int]:
             return (one if i % 2 else two).reserve_passphrase_attempt(
-                username="alice", credential_name="pp", client_address="192.0.2.7",
-                since=T0 - timedelta(minutes=10), limit=5, now=T0)
+                username="alice",
+                credential_name="pp",
+                client_address="192.0.2.7",
+                since=T0 - timedelta(minutes=10),
+                limit=5,
+                now=T0,
+            )
 
         results = _all_at_once(24, reserve)
         granted = [r for r in results if isinstance(r, tuple) and r[0] is not None]
@@ -117,8 +147,13 @@ def test_passphrase_attempts_are_reserved_atomically(
         assert reserve(1) == (None, 5)
         # another address has its own budget
         other = one.reserve_passphrase_attempt(
-            username="alice", credential_name="pp", client_address="198.51.100.1",
-            since=T0 - timedelta(minutes=10), limit=5, now=T0)
+            username="alice",
+            credential_name="pp",
+            client_address="198.51.100.1",
+            since=T0 - timedelta(minutes=10),
+            limit=5,
+            now=T0,
+        )
         assert other[0] is not None and other[1] == 0
 
 

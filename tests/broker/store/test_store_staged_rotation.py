@@ -26,11 +26,14 @@ def test_key_status_lists_file_keys_then_missing_ones(key_file: Path) -> None:
     ring = load_master_keys(key_file)
     (only,) = ring.ids
     assert key_status(ring, {only: 3, "mk-gone": 2}) == [
-        KeyStatus(only, True, True, 3), KeyStatus("mk-gone", False, False, 2)]
+        KeyStatus(only, True, True, 3),
+        KeyStatus("mk-gone", False, False, 2),
+    ]
 
 
 def test_staged_rotation_across_two_key_file_copies(
-        db_url: str, key_file: Path, tmp_path: Path, new_key: KeyFactory) -> None:
+    db_url: str, key_file: Path, tmp_path: Path, new_key: KeyFactory
+) -> None:
     other = tmp_path / "node-b.key"
     shutil.copy2(key_file, other)
     node_a = Store(db_url, load_master_keys(key_file))
@@ -39,13 +42,16 @@ def test_staged_rotation_across_two_key_file_copies(
         material = {n: new_key() for n in ("one", "two", "three")}
 
         def put(store: Store, name: str) -> None:
-            store.put_credential(CredentialWrite(
-                owner_dn=ALICE,
-                username="alice",
-                name=name,
-                private_key_pem=material[name].key_pem,
-                certificate_chain=material[name].chain_pem,
-            ), now=datetime.now(UTC))
+            store.put_credential(
+                CredentialWrite(
+                    owner_dn=ALICE,
+                    username="alice",
+                    name=name,
+                    private_key_pem=material[name].key_pem,
+                    certificate_chain=material[name].chain_pem,
+                ),
+                now=datetime.now(UTC),
+            )
 
         def readable(store: Store, *names: str) -> None:
             for name in names:

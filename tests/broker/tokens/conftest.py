@@ -22,15 +22,21 @@ def issuer() -> Iterator[TestIssuer]:
         running.stop()
 
 
-def issuer_config(issuer: TestIssuer, secret_dir: Path, *, name: str = "test",
-                  **changes: object) -> IssuerConfig:
+def issuer_config(
+    issuer: TestIssuer, secret_dir: Path, *, name: str = "test", **changes: object
+) -> IssuerConfig:
     secret = secret_dir / f"{name}.secret"
     secret.write_text(CLIENT_SECRET + "\n")
     secret.chmod(0o600)
     values: dict[str, object] = {
-        "name": name, "issuer": issuer.url, "audience": (AUDIENCE,), "client_id": CLIENT_ID,
-        "client_secret_file": str(secret), "job_scopes": JOB_SCOPES,
-        "insecure_loopback_http": True}
+        "name": name,
+        "issuer": issuer.url,
+        "audience": (AUDIENCE,),
+        "client_id": CLIENT_ID,
+        "client_secret_file": str(secret),
+        "job_scopes": JOB_SCOPES,
+        "insecure_loopback_http": True,
+    }
     values.update(changes)
     return IssuerConfig(**values)  # type: ignore[arg-type]
 

@@ -64,8 +64,7 @@ class Client(ClientMixin):
         return False
 
     def check_grant_type(self, grant_type: str) -> bool:
-        return grant_type in (
-            "refresh_token", "urn:ietf:params:oauth:grant-type:device_code")
+        return grant_type in ("refresh_token", "urn:ietf:params:oauth:grant-type:device_code")
 
 
 @dataclass
@@ -104,16 +103,19 @@ class IssuerState:
 class TestIssuer:
     __test__ = False
 
-    def __init__(self, *, access_lifetime: int = 600,
-                 tls: tuple[str, str] | None = None) -> None:
-        self.rsa = RSAKey.generate_key(2048, parameters={"kid": "rsa-" + secrets.token_hex(4),
-                                                         "use": "sig", "alg": "RS256"})
-        self.ec = ECKey.generate_key("P-256", parameters={"kid": "ec-" + secrets.token_hex(4),
-                                                          "use": "sig", "alg": "ES256"})
+    def __init__(self, *, access_lifetime: int = 600, tls: tuple[str, str] | None = None) -> None:
+        self.rsa = RSAKey.generate_key(
+            2048, parameters={"kid": "rsa-" + secrets.token_hex(4), "use": "sig", "alg": "RS256"}
+        )
+        self.ec = ECKey.generate_key(
+            "P-256", parameters={"kid": "ec-" + secrets.token_hex(4), "use": "sig", "alg": "ES256"}
+        )
         self.state = IssuerState()
         self.access_lifetime = access_lifetime
-        self.scopes = "openid offline_access compute.read compute.modify storage.read:/ " \
-                      "storage.create:/ wlcg.groups"
+        self.scopes = (
+            "openid offline_access compute.read compute.modify storage.read:/ "
+            "storage.create:/ wlcg.groups"
+        )
         self.app = self._make_app()
         logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
         context = None
@@ -122,8 +124,7 @@ class TestIssuer:
 
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             context.load_cert_chain(*tls)
-        self._server = make_server("127.0.0.1", 0, self.app, threaded=True,
-                                   ssl_context=context)
+        self._server = make_server("127.0.0.1", 0, self.app, threaded=True, ssl_context=context)
         scheme = "https" if tls is not None else "http"
         self.url = f"{scheme}://127.0.0.1:{self._server.server_port}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -139,15 +140,33 @@ class TestIssuer:
     def jwks(self) -> dict[str, Any]:
         return {"keys": [self.rsa.as_dict(private=False), self.ec.as_dict(private=False)]}
 
-    def mint(self, *, sub: str = "pilot-1", scope: str | None = "compute.read", aud: Any = AUDIENCE,
-             groups: list[str] | None = None, lifetime: int = 600, key: Any = None,
-             alg: str = "RS256", header: dict[str, Any] | None = None,
-             iss: str | None = None, now: int | None = None, **extra: Any) -> str:
+    def mint(
+        self,
+        *,
+        sub: str = "pilot-1",
+        scope: str | None = "compute.read",
+        aud: Any = AUDIENCE,
+        groups: list[str] | None = None,
+        lifetime: int = 600,
+        key: Any = None,
+        alg: str = "RS256",
+        header: dict[str, Any] | None = None,
+        iss: str | None = None,
+        now: int | None = None,
+        **extra: Any,
+    ) -> str:
         now = int(time.time()) if now is None else now
         claims: dict[str, Any] = {
-            "iss": self.url if iss is None else iss, "sub": sub, "aud": aud, "iat": now,
-            "nbf": now, "exp": now + lifetime, "jti": secrets.token_hex(8), "wlcg.ver": "1.0",
-            "scope": scope}
+            "iss": self.url if iss is None else iss,
+            "sub": sub,
+            "aud": aud,
+            "iat": now,
+            "nbf": now,
+            "exp": now + lifetime,
+            "jti": secrets.token_hex(8),
+            "wlcg.ver": "1.0",
+            "scope": scope,
+        }
         if groups is not None:
             claims["wlcg.groups"] = groups
         claims.update(extra)
@@ -170,13 +189,24 @@ class TestIssuer:
         client = Client(CLIENT_ID, CLIENT_SECRET, self.scopes)
         issuer = self
 
-        def generate(grant_type: str, client: Any, user: Any = None, scope: Any = None,
-                     expires_in: Any = None, include_refresh_token: bool = True) -> dict[str, Any]:
+        def generate(
+            grant_type: str,
+            client: Any,
+            user: Any = None,
+            scope: Any = None,
+            expires_in: Any = None,
+            include_refresh_token: bool = True,
+        ) -> dict[str, Any]:
             groups = state.groups.get(str(user), [])
-            access = issuer.mint(sub=str(user), scope=scope or "", groups=groups,
-                                 lifetime=issuer.access_lifetime)
-            token = {"token_type": "Bearer", "access_token": access,
-                     "expires_in": issuer.access_lifetime, "scope": scope or ""}
+            access = issuer.mint(
+                sub=str(user), scope=scope or "", groups=groups, lifetime=issuer.access_lifetime
+            )
+            token = {
+                "token_type": "Bearer",
+                "access_token": access,
+                "expires_in": issuer.access_lifetime,
+                "scope": scope or "",
+            }
             if include_refresh_token:
                 token["refresh_token"] = secrets.token_urlsafe(32)
             return token
@@ -190,12 +220,19 @@ class TestIssuer:
                     # Rotation keeps the family's full grant, whatever the narrowed request.
                     entry = RefreshToken(token["refresh_token"], old.user, old.scope, old.family)
                 else:
-                    entry = RefreshToken(token["refresh_token"], str(req.user),
-                                         token.get("scope") or "", token["refresh_token"])
+                    entry = RefreshToken(
+                        token["refresh_token"],
+                        str(req.user),
+                        token.get("scope") or "",
+                        token["refresh_token"],
+                    )
                 state.refresh[entry.token] = entry
 
-        server = AuthorizationServer(app, query_client=lambda cid: client
-                                     if cid == CLIENT_ID else None, save_token=save_token)
+        server = AuthorizationServer(
+            app,
+            query_client=lambda cid: client if cid == CLIENT_ID else None,
+            save_token=save_token,
+        )
         server.register_token_generator("default", generate)
 
         class Refresh(grants.RefreshTokenGrant):
@@ -240,11 +277,15 @@ class TestIssuer:
             def get_verification_uri(self) -> str:
                 return issuer.url + "/device"
 
-            def save_device_credential(self, client_id: str, scope: str,
-                                       data: dict[str, Any]) -> None:
+            def save_device_credential(
+                self, client_id: str, scope: str, data: dict[str, Any]
+            ) -> None:
                 entry = DeviceCredentialDict(
-                    client_id=client_id, scope=scope, **data,
-                    expires_at=int(time.time()) + data["expires_in"])
+                    client_id=client_id,
+                    scope=scope,
+                    **data,
+                    expires_at=int(time.time()) + data["expires_in"],
+                )
                 state.device[data["device_code"]] = entry
 
         server.register_grant(Refresh)
@@ -259,13 +300,18 @@ class TestIssuer:
 
         @app.get("/.well-known/openid-configuration")
         def discovery() -> Any:
-            return jsonify({
-                "issuer": issuer.url, "jwks_uri": issuer.url + "/jwks",
-                "token_endpoint": issuer.url + "/token",
-                "device_authorization_endpoint": issuer.url + "/device_authorization",
-                "grant_types_supported": ["refresh_token",
-                                          "urn:ietf:params:oauth:grant-type:device_code"],
-            })
+            return jsonify(
+                {
+                    "issuer": issuer.url,
+                    "jwks_uri": issuer.url + "/jwks",
+                    "token_endpoint": issuer.url + "/token",
+                    "device_authorization_endpoint": issuer.url + "/device_authorization",
+                    "grant_types_supported": [
+                        "refresh_token",
+                        "urn:ietf:params:oauth:grant-type:device_code",
+                    ],
+                }
+            )
 
         @app.get("/jwks")
         def jwks() -> Any:
@@ -282,8 +328,10 @@ class TestIssuer:
         @app.post("/approve")
         def approve() -> Any:
             user_code = request.form["user_code"]
-            state.approvals[user_code] = (request.form["user"],
-                                          request.form.get("approve", "yes") == "yes")
+            state.approvals[user_code] = (
+                request.form["user"],
+                request.form.get("approve", "yes") == "yes",
+            )
             return jsonify({"ok": True})
 
         return app

@@ -12,7 +12,7 @@ from broker.errors import ConfigError
 from broker.server import make_server_context
 from tests.pkifixtures import GridPki
 
-TOKENS = '''
+TOKENS = """
 [tokens]
 leeway_seconds = 10
 [[tokens.issuers]]
@@ -20,20 +20,26 @@ name = "cms"
 issuer = "https://cms-auth.example.org/"
 audience = ["https://broker.example.org"]
 job_scopes = ["compute.read"]
-'''
+"""
 
 
 def _config(tmp_path: Path, text: str, pki: GridPki) -> object:
     path = tmp_path / "broker.toml"
     path.write_text(text)
-    return load_config(str(path), {"state_dir": str(tmp_path / "state"),
-                                   "host_cert": str(pki.cert_path("host")),
-                                   "host_key": str(pki.key_path("host")),
-                                   "ca_dir": str(pki.ca_dir)})
+    return load_config(
+        str(path),
+        {
+            "state_dir": str(tmp_path / "state"),
+            "host_cert": str(pki.cert_path("host")),
+            "host_key": str(pki.key_path("host")),
+            "ca_dir": str(pki.ca_dir),
+        },
+    )
 
 
 def test_issuers_make_the_client_certificate_optional_at_the_handshake(
-        tmp_path: Path, grid_pki: GridPki) -> None:
+    tmp_path: Path, grid_pki: GridPki
+) -> None:
     plain = _config(tmp_path, "[server]\nworkers = 1\n", grid_pki)
     assert not plain.certificate_optional  # type: ignore[attr-defined]
     assert make_server_context(plain).verify_mode is ssl.CERT_REQUIRED  # type: ignore[arg-type]
@@ -46,14 +52,18 @@ def test_issuers_make_the_client_certificate_optional_at_the_handshake(
     assert not empty.certificate_optional  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ("[tokens]\nbogus = 1\n", "bogus"),
-    (TOKENS.replace('issuer = "https', 'issuer = "http'), "https"),
-    (TOKENS.replace('name = "cms"', 'name = "CMS!"'), "name"),
-    (TOKENS + TOKENS.split("[tokens]")[1].replace("leeway_seconds = 10", ""), "unique"),
-    ("[tokens]\nleeway_seconds = 9999\n", "leeway_seconds"),
-])
-def test_bad_token_settings_are_config_errors(tmp_path: Path, grid_pki: GridPki, text: str,
-                                              message: str) -> None:
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[tokens]\nbogus = 1\n", "bogus"),
+        (TOKENS.replace('issuer = "https', 'issuer = "http'), "https"),
+        (TOKENS.replace('name = "cms"', 'name = "CMS!"'), "name"),
+        (TOKENS + TOKENS.split("[tokens]")[1].replace("leeway_seconds = 10", ""), "unique"),
+        ("[tokens]\nleeway_seconds = 9999\n", "leeway_seconds"),
+    ],
+)
+def test_bad_token_settings_are_config_errors(
+    tmp_path: Path, grid_pki: GridPki, text: str, message: str
+) -> None:
     with pytest.raises(ConfigError, match=message):
         _config(tmp_path, text, grid_pki)

@@ -41,26 +41,33 @@ def upgrade() -> None:
     op.create_index("ix_used_challenges_expires_at", "used_challenges", ["expires_at"])
     op.create_table(
         "passphrase_attempts",
-        sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
-                  autoincrement=True, nullable=False),
+        sa.Column(
+            "id",
+            sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+            autoincrement=True,
+            nullable=False,
+        ),
         sa.Column("username", sa.String(255), nullable=False),
         sa.Column("credential_name", sa.String(255), nullable=False),
         sa.Column("client_address", sa.String(255), nullable=True),
         sa.Column("time", tz, nullable=False),
         sa.Column("state", sa.String(16), nullable=False),
-        sa.CheckConstraint("state IN ('pending', 'failed')",
-                           name="ck_passphrase_attempts_state"),
+        sa.CheckConstraint("state IN ('pending', 'failed')", name="ck_passphrase_attempts_state"),
         sa.PrimaryKeyConstraint("id", name="pk_passphrase_attempts"),
     )
-    op.create_index("ix_passphrase_attempts_username_credential_name_time",
-                    "passphrase_attempts", ["username", "credential_name", "time"])
+    op.create_index(
+        "ix_passphrase_attempts_username_credential_name_time",
+        "passphrase_attempts",
+        ["username", "credential_name", "time"],
+    )
     op.create_index(_PENDING_INDEX, "pending_delegations", ["requester_dn", "expires_at"])
 
 
 def downgrade() -> None:
     op.drop_index(_PENDING_INDEX, table_name="pending_delegations")
-    op.drop_index("ix_passphrase_attempts_username_credential_name_time",
-                  table_name="passphrase_attempts")
+    op.drop_index(
+        "ix_passphrase_attempts_username_credential_name_time", table_name="passphrase_attempts"
+    )
     op.drop_table("passphrase_attempts")
     op.drop_index("ix_used_challenges_expires_at", table_name="used_challenges")
     op.drop_table("used_challenges")

@@ -33,15 +33,20 @@ _COLUMNS = (
 def _resize(old: int, new: int) -> None:
     for table, nullable in _COLUMNS:
         with op.batch_alter_table(table) as batch:
-            batch.alter_column("username", existing_type=sa.String(old), type_=sa.String(new),
-                               existing_nullable=nullable)
+            batch.alter_column(
+                "username",
+                existing_type=sa.String(old),
+                type_=sa.String(new),
+                existing_nullable=nullable,
+            )
 
 
 def upgrade() -> None:
     _resize(255, 1500)
     with op.batch_alter_table("credentials") as batch:
-        batch.add_column(sa.Column("key_retrievers", sa.JSON(), nullable=False,
-                                   server_default="[]"))
+        batch.add_column(
+            sa.Column("key_retrievers", sa.JSON(), nullable=False, server_default="[]")
+        )
 
 
 def downgrade() -> None:
