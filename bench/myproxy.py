@@ -334,11 +334,11 @@ def start_ours(
 ) -> tuple[subprocess.Popen[bytes], int]:
     """Our endpoint as `broker serve` runs it (python -m broker.myproxy.server)."""
     from broker.config import ServerConfig
+    from broker.delegation import DelegationOptions
     from broker.devpki import PASSPHRASE_RULE, policy_rule
     from broker.pki.loading import load_cert_and_key
     from broker.pki.proxy import new_proxy
     from broker.runtime import build_runtime, prepare_state
-    from broker.service import DelegationOptions
 
     pilot_dn = manifest["users"]["pilot"]["dn"]
     policies = work / "policies"

@@ -20,6 +20,7 @@ from datetime import datetime, timedelta
 
 from broker.audit import AuditAction
 from broker.config import ServerConfig
+from broker.errors import AuthorizationError
 from broker.naming import policy_name
 from broker.policy import (
     AuthMethod,
@@ -243,16 +244,19 @@ class AdminService:
     def explain(self, query: ExplainQuery) -> Decision:
         return explain(self.policy(), query)
 
-    def record_login(self, requester: Requester, *, allowed: bool, reason: str) -> None:
-        """Audit an admin login (PAM) or a refusal of the page."""
-        if allowed:
-            self.service.record_event(requester, AuditAction.ADMIN_LOGIN, reason=reason)
-        else:
-            from broker.errors import AuthorizationError
+    def require_admin(self, requester: Requester) -> None:
+        """Refuse (and audit) a signed-in party who is not in the policy's admin group."""
+        with self.service.audited(requester, AuditAction.ADMIN_PAGE):
+            if not self.is_admin(requester):
+                raise AuthorizationError(
+                    f"{requester.label} is not in the policy group {self.settings.group!r}",
+                    reason="not_admin",
+                )
 
-            self.service.record_refusal(
-                requester, AuditAction.ADMIN_PAGE, AuthorizationError(reason, reason="not_admin")
-            )
+    def audit_login(self, requester: Requester, *, reason: str) -> None:
+        """An ``allow`` row for an admin's PAM login; raises StoreError when it cannot."""
+        with self.service.audited(requester, AuditAction.ADMIN_LOGIN) as scope:
+            scope.allow(reason)
 
 
 def split_lines(text: str, *, limit: int = 64) -> tuple[str, ...]:

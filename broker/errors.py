@@ -59,11 +59,17 @@ class BrokerError(Exception):
     code = "internal"
     http_status = 500
     exit_code = 2
+    #: The audit row's decision for this refusal: "deny" for a refused party, "error"
+    #: for everything else (bad input, a store failure...).
+    audit_decision = "error"
 
     def __init__(self, message: str, *, reason: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.reason = reason or self.code
+        #: Set once an audit row says this refusal happened (by the innermost
+        #: ``BrokerService.audited`` scope it passed), so outer scopes do not repeat it.
+        self.audited = False
 
     def to_json(self) -> dict[str, str]:
         return {"error": self.reason, "message": self.message}
@@ -123,6 +129,7 @@ class AuthenticationError(BrokerError):
     code = "unauthenticated"
     http_status = 401
     exit_code = 3
+    audit_decision = "deny"
 
 
 class TooManyAttempts(AuthenticationError):
@@ -136,6 +143,7 @@ class AuthorizationError(BrokerError):
     code = "denied"
     http_status = 403
     exit_code = 3
+    audit_decision = "deny"
 
 
 class NotFound(BrokerError):

@@ -38,6 +38,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from broker.audit import AuditAction, Endpoint
+from broker.delegation import (
+    DEFAULT_PROXY_LIFETIME,
+    DelegationOptions,
+    options_from_pending,
+    pending_params,
+)
 from broker.errors import (
     AuthenticationError,
     AuthorizationError,
@@ -102,8 +108,6 @@ from broker.tokens.verify import verify_bearer
 
 log = logging.getLogger("broker.service")
 
-DEFAULT_STORED_LIFETIME = timedelta(hours=168)  # broker-init / myproxy-init -c
-DEFAULT_PROXY_LIFETIME = timedelta(hours=12)  # broker-init / myproxy-init -t
 MIN_PROXY_LIFETIME = timedelta(minutes=5)
 RENEWAL_CHALLENGE_TTL = timedelta(minutes=5)
 CHALLENGE_SECRET_NAME = "renewal-challenge-hmac"  # noqa: S105 - a row name, not a secret
@@ -124,6 +128,26 @@ class Requester:
     pam_user: str | None = None
     token: TokenClaims | None = None  # a verified bearer token (see authenticate_bearer)
     started: float = field(default_factory=time.perf_counter, compare=False)  # for latency
+
+    @classmethod
+    def unverified(
+        cls,
+        *,
+        chain: Sequence[x509.Certificate] = (),
+        pam_user: str | None = None,
+        client_address: str | None = None,
+        endpoint: str = Endpoint.REST,
+        request_id: str | None = None,
+    ) -> Requester:
+        """Who a refused login claimed to be, for its audit row: with a ``chain``, the
+        chain's end-entity DN (OpenSSL verified the chain; only our own checks failed)."""
+        return cls(
+            dn=_claimed_identity(chain),
+            pam_user=pam_user,
+            client_address=client_address,
+            endpoint=endpoint,
+            request_id=request_id or uuid.uuid4().hex,
+        )
 
     @property
     def label(self) -> str:
@@ -152,45 +176,6 @@ class ServiceConfig:
     # Refusals of unauthenticated clients: the first per (endpoint, address, action,
     # reason) and window is written as it is, the rest are counted into one row.
     refusal_audit_window: timedelta = timedelta(seconds=60)
-
-
-@dataclass(frozen=True)
-class DelegationOptions:
-    """What the owner says about a credential it delegates (broker-init / myproxy-init)."""
-
-    username: str
-    name: str = DEFAULT_CREDENTIAL
-    stored_lifetime: timedelta = DEFAULT_STORED_LIFETIME
-    max_proxy_lifetime: timedelta = DEFAULT_PROXY_LIFETIME
-    retrievers: tuple[str, ...] = ()
-    trusted_retrievers: tuple[str, ...] = ()
-    renewers: tuple[str, ...] = ()
-    description: str | None = None
-    passphrase: str | None = None
-    key_retrievers: tuple[str, ...] = ()  # MyProxy -E: who may download the key itself
-
-    def to_params(self) -> dict[str, Any]:
-        return {
-            "stored_lifetime": int(self.stored_lifetime.total_seconds()),
-            "max_proxy_lifetime": int(self.max_proxy_lifetime.total_seconds()),
-            "retrievers": list(self.retrievers),
-            "trusted_retrievers": list(self.trusted_retrievers),
-            "renewers": list(self.renewers),
-            "description": self.description,
-        }
-
-    @classmethod
-    def from_params(cls, username: str, name: str, params: dict[str, Any]) -> DelegationOptions:
-        return cls(
-            username=username,
-            name=name,
-            stored_lifetime=timedelta(seconds=int(params["stored_lifetime"])),
-            max_proxy_lifetime=timedelta(seconds=int(params["max_proxy_lifetime"])),
-            retrievers=tuple(params.get("retrievers") or ()),
-            trusted_retrievers=tuple(params.get("trusted_retrievers") or ()),
-            renewers=tuple(params.get("renewers") or ()),
-            description=params.get("description"),
-        )
 
 
 @dataclass(frozen=True)
@@ -583,17 +568,29 @@ class BrokerService:
         return event
 
     @contextmanager
-    def _audited(
-        self, requester: Requester, action: AuditAction | Action, where: dict[str, Any]
-    ) -> Iterator[_AuditScope]:
-        """Run one use case; any refusal inside it leaves one audit row, then propagates.
+    def audited(
+        self,
+        requester: Requester,
+        action: AuditAction | Action,
+        where: dict[str, Any] | None = None,
+        *,
+        unauthenticated: bool = False,
+    ) -> Iterator[AuditScope]:
+        """Run one use case (the service's or an edge's); every refusal inside it leaves
+        one audit row, then propagates. The one way anything writes a refusal's row.
 
-        ``where`` is read when the refusal happens, so the use case may fill it in as
-        it learns the owner or the name. A :class:`_Concealed` refusal is audited with
-        its real reason and re-raised as its public face, or as ``scope.concealed_as()``;
+        ``where`` (owner, username, name, job id) is read when the refusal happens, so
+        the use case may fill it in as it learns them; ``scope.action`` may be changed
+        the same way. A refusal already audited by an inner scope is not written again.
+        A refusal raised through ``scope.refuse(real, public=...)`` is audited with its
+        real reason and re-raised as its public face (or as ``scope.concealed_as()``);
         ``scope.on_failure`` runs first (e.g. to settle a passphrase attempt).
+        ``scope.allow(reason)`` asks for an ``allow`` row when the block completes (an
+        edge's own use case, e.g. the online CA); a failure to write it propagates.
+        ``unauthenticated``: nobody is accountable for the request (a refused login), so
+        its refusals are aggregated like an anonymous client's.
         """
-        scope = _AuditScope(where)
+        scope = AuditScope(action, {} if where is None else where)
         try:
             yield scope
         except _Concealed as hidden:
@@ -604,26 +601,34 @@ class BrokerService:
                 raise
             if scope.on_failure is not None:
                 scope.on_failure(hidden.real, True)
-            self._record_failure(requester, action, hidden.real, **where)
+            self._record_failure(requester, scope, hidden.real, unauthenticated)
+            public.audited = True
             raise public from None
         except BrokerError as exc:
+            if exc.audited:
+                raise
             if scope.on_failure is not None:
                 scope.on_failure(exc, False)
-            self._record_failure(requester, action, exc, **where)
+            self._record_failure(requester, scope, exc, unauthenticated)
             raise
+        if scope.allowed is not None:
+            reason, more = scope.allowed
+            event = self._audit(
+                requester, scope.action, "allow", reason=reason, **scope.where, **more
+            )
+            self.store.add_audit(event, now=self.now())
 
     def _record_failure(
-        self,
-        requester: Requester,
-        action: AuditAction | Action | str,
-        exc: BrokerError,
-        *,
-        unauthenticated: bool = False,
-        **where: Any,
+        self, requester: Requester, scope: AuditScope, exc: BrokerError, unauthenticated: bool
     ) -> None:
-        decision = "deny" if isinstance(exc, AuthorizationError | AuthenticationError) else "error"
+        """Write the refusal's row (never raises: a failure to write it is logged)."""
+        exc.audited = True
         event = self._audit(
-            requester, action, decision, reason=f"{exc.reason}: {exc.message}", **where
+            requester,
+            scope.action,
+            exc.audit_decision,
+            reason=f"{exc.reason}: {exc.message}",
+            **scope.where,
         )
         if unauthenticated or (requester.dn is None and requester.pam_user is None):
             # Nobody is accountable for these, so one client could write rows as fast as
@@ -634,7 +639,7 @@ class BrokerService:
         try:
             self.store.add_audit(event, now=self.now())
         except BrokerError:
-            log.exception("could not write the audit row for a refused %s", action)
+            log.exception("could not write the audit row for a refused %s", scope.action)
 
     def _decide(
         self,
@@ -767,7 +772,7 @@ class BrokerService:
             "username": options.username,
             "name": options.name,
         }
-        with self._audited(requester, AuditAction.DELEGATE_START, where):
+        with self.audited(requester, AuditAction.DELEGATE_START, where):
             if requester.dn is None:
                 raise AuthenticationError("delegation needs a client certificate or proxy")
             if requester.limited and not self.config.accept_limited:
@@ -792,7 +797,7 @@ class BrokerService:
                 username=options.username,
                 name=options.name,
                 private_key_pem=key_to_pem(key),
-                params=options.to_params(),
+                params=pending_params(options),
                 now=self.now(),
                 ttl=self.config.pending_ttl,
                 audit=self._audit(
@@ -816,13 +821,13 @@ class BrokerService:
     ) -> CredentialSummary:
         """Check the chain the client signed for our CSR and store it with the owner policy."""
         where: dict[str, Any] = {"owner_dn": requester.dn}
-        with self._audited(requester, AuditAction.DELEGATE, where):
+        with self.audited(requester, AuditAction.DELEGATE, where):
             if requester.dn is None:
                 raise AuthenticationError("delegation needs a client certificate or proxy")
             now = self.now()
             pending = self.store.get_pending(pending_id, requester.dn, now=now)
             where.update(username=pending.username, name=pending.name)
-            options = DelegationOptions.from_params(pending.username, pending.name, pending.params)
+            options = options_from_pending(pending.username, pending.name, pending.params)
             chain = load_certificates(chain_pem, what="delegated chain")
             # The store checks, inside its transaction, that chain[0] carries the pending key.
             info = self._check_delegated_chain(requester, chain, now)
@@ -940,7 +945,7 @@ class BrokerService:
             "username": options.username,
             "name": options.name,
         }
-        with self._audited(requester, AuditAction.STORE, where):
+        with self.audited(requester, AuditAction.STORE, where):
             if requester.dn is None or (credential.key is None) == (encrypted_key_pem is None):
                 raise AuthenticationError("storing a credential needs a client certificate")
             if encrypted_key_pem is not None and options.passphrase is not None:
@@ -1017,7 +1022,7 @@ class BrokerService:
                 name if record is None else record.name,
             )
 
-        with self._audited(requester, action, where) as scope:
+        with self.audited(requester, action, where) as scope:
             scope.on_failure, scope.concealed_as = settle, concealed_as
             if job_id is not None:
                 _check_job_id(job_id)
@@ -1209,7 +1214,7 @@ class BrokerService:
             "name": record.name,
             "job_id": grant.job_id,
         }
-        with self._audited(requester, grant.action, where):
+        with self.audited(requester, grant.action, where):
             if not isinstance(csr, x509.CertificateSigningRequest):
                 csr = load_csr(csr)
             now = self.now()
@@ -1288,7 +1293,7 @@ class BrokerService:
     ) -> IssuedProxy:
         """:meth:`authorize_retrieval` then :meth:`issue`, for edges that have the CSR at once."""
         where = {"owner_dn": owner_dn, "username": username, "name": name, "job_id": job_id}
-        with self._audited(requester, action, where):
+        with self.audited(requester, action, where):
             csr = load_csr(csr_pem)  # a malformed request is refused before any look-up
         grant = self.authorize_retrieval(
             requester,
@@ -1328,12 +1333,6 @@ class BrokerService:
     def site_allows_any(self, action: Action) -> bool:
         """Whether any allow rule of the site policy covers ``action`` (a site setting)."""
         return any(rule.effect.value == "allow" for rule in self._policy().index[action].rules)
-
-    def record_refusal(
-        self, requester: Requester, action: AuditAction, exc: BrokerError, **where: Any
-    ) -> None:
-        """Audit a refusal an edge decided itself (e.g. MyProxy's protocol rules)."""
-        self._record_failure(requester, action, exc, **where)
 
     # ------------------------------------------------------------------ renewal
 
@@ -1395,7 +1394,7 @@ class BrokerService:
         job_id: str | None = None,
     ) -> IssuedProxy:
         where = {"owner_dn": owner_dn, "username": username, "name": name, "job_id": job_id}
-        with self._audited(requester, AuditAction.RENEW, where):
+        with self.audited(requester, AuditAction.RENEW, where):
             info = self.check_renewal_proof(requester, challenge, authz_chain_pem, signature)
         # A limited proof of possession yields a limited proxy: renewal never widens rights.
         return self.retrieve(
@@ -1417,7 +1416,7 @@ class BrokerService:
         self, requester: Requester, *, username: str | None = None, name: str | None = None
     ) -> list[CredentialSummary]:
         """The requester's own credentials, or another owner's where the policy allows info."""
-        with self._audited(requester, AuditAction.INFO, {"username": username, "name": name}):
+        with self.audited(requester, AuditAction.INFO, {"username": username, "name": name}):
             if requester.dn is None:
                 raise AuthenticationError("info needs a client certificate or proxy")
             if username:
@@ -1519,7 +1518,7 @@ class BrokerService:
         self, requester: Requester, *, username: str, name: str = DEFAULT_CREDENTIAL
     ) -> CredentialSummary:
         where: dict[str, Any] = {"username": username, "name": name}
-        with self._audited(requester, AuditAction.DESTROY, where) as scope:
+        with self.audited(requester, AuditAction.DESTROY, where) as scope:
             scope.concealed_as = lambda: _not_found(username, None, name)
             record = self._owned(requester, username, name, "destroy a credential", where)
             self._decide(
@@ -1545,7 +1544,7 @@ class BrokerService:
         self, requester: Requester, *, username: str, name: str, old: str | None, new: str | None
     ) -> CredentialSummary:
         where: dict[str, Any] = {"username": username, "name": name}
-        with self._audited(requester, AuditAction.CHANGE_PASSPHRASE, where) as scope:
+        with self.audited(requester, AuditAction.CHANGE_PASSPHRASE, where) as scope:
             scope.concealed_as = lambda: _not_found(username, None, name)
             record = self._owned(
                 requester, username, name, "change a credential's passphrase", where
@@ -1577,45 +1576,6 @@ class BrokerService:
                 self._finish_passphrase_attempt(attempt, failed=False)
         return _summary(updated)
 
-    # ------------------------------------------------------------------ audit for edges
-    # Edges refuse some requests before a Requester exists (a TLS chain that
-    # fails our RFC 3820 / VOMS checks, a failed PAM login) and run one use case of
-    # their own (the online CA); these two methods give them an audit row.
-
-    def record_refused_authentication(
-        self,
-        exc: BrokerError,
-        *,
-        chain: Sequence[x509.Certificate] = (),
-        pam_user: str | None = None,
-        action: AuditAction | str = AuditAction.AUTHENTICATE,
-        client_address: str | None = None,
-        endpoint: str = Endpoint.REST,
-        request_id: str | None = None,
-        **where: Any,
-    ) -> None:
-        """Audit a refused authentication; never raises (a failure is logged).
-
-        With a ``chain`` the requester is recorded as the chain's end-entity DN:
-        OpenSSL verified that chain at the handshake, only our own checks failed.
-        """
-        requester = Requester(
-            dn=_claimed_identity(chain),
-            pam_user=pam_user,
-            client_address=client_address,
-            endpoint=endpoint,
-            request_id=request_id or uuid.uuid4().hex,
-        )
-        self._record_failure(requester, action, exc, unauthenticated=True, **where)
-
-    def record_event(
-        self, requester: Requester, action: AuditAction, *, reason: str, **where: Any
-    ) -> None:
-        """Write an ``allow`` audit row for an edge's own use case; raises StoreError."""
-        self.store.add_audit(
-            self._audit(requester, action, "allow", reason=reason, **where), now=self.now()
-        )
-
     def issue_certificate(
         self,
         requester: Requester,
@@ -1630,18 +1590,15 @@ class BrokerService:
         """
         username = requester.pam_user
         where: dict[str, Any] = {"username": username}
-        with self._audited(requester, AuditAction.ISSUE_CERTIFICATE, where):
+        with self.audited(requester, AuditAction.ISSUE_CERTIFICATE, where) as scope:
             if username is None:
                 raise AuthenticationError("the online CA certifies PAM-authenticated users only")
             cert = ca.issue(username, csr, now=self.now(), lifetime=lifetime)
-        self.record_event(
-            requester,
-            AuditAction.ISSUE_CERTIFICATE,
-            owner_dn=slash_from_name(cert.subject),
-            reason=f"online CA issued serial {cert.serial_number:x} valid until "
-            f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC",
-            **where,
-        )
+            scope.allow(
+                f"online CA issued serial {cert.serial_number:x} valid until "
+                f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC",
+                owner_dn=slash_from_name(cert.subject),
+            )
         return cert
 
     def health(self) -> None:
@@ -1692,7 +1649,10 @@ class BrokerService:
         """Verify a bearer token (signature, issuer, audience, times, profile); the
         requester it yields has no DN, only the token's claims."""
         request_id = request_id or uuid.uuid4().hex
-        try:
+        claimant = Requester.unverified(
+            client_address=client_address, endpoint=endpoint, request_id=request_id
+        )
+        with self.audited(claimant, AuditAction.AUTHENTICATE, unauthenticated=True):
             directory = self.token_directory
             if directory is None:
                 raise AuthenticationError(
@@ -1703,11 +1663,6 @@ class BrokerService:
             claims = verify_bearer(
                 token, directory.settings, directory, now=int(self.now().timestamp())
             )
-        except BrokerError as exc:
-            self.record_refused_authentication(
-                exc, client_address=client_address, endpoint=endpoint, request_id=request_id
-            )
-            raise
         return Requester(
             dn=None,
             token=claims,
@@ -1733,7 +1688,7 @@ class BrokerService:
             "name": f"token:{issuer}"[:128],
             "owner_dn": requester.dn,
         }
-        with self._audited(requester, AuditAction.STORE_REFRESH_TOKEN, where):
+        with self.audited(requester, AuditAction.STORE_REFRESH_TOKEN, where):
             if requester.dn is None or requester.token is not None:
                 raise AuthenticationError(
                     "to store a refresh token you need a client certificate or proxy",
@@ -1885,7 +1840,7 @@ class BrokerService:
             "name": f"token:{issuer}"[:128],
             "job_id": job_id,
         }
-        with self._audited(requester, AuditAction.RETRIEVE_TOKEN, where):
+        with self.audited(requester, AuditAction.RETRIEVE_TOKEN, where):
             if requester.dn is None and requester.token is None:
                 raise AuthenticationError(
                     "a token request needs a certificate or bearer token", reason="no_identity"
@@ -1985,14 +1940,27 @@ _JOB_ID_MAX = 256
 
 
 @dataclass
-class _AuditScope:
-    """What a use case running under :meth:`BrokerService._audited` may tell it."""
+class AuditScope:
+    """What a use case running under :meth:`BrokerService.audited` may tell it."""
 
+    #: What the row says was attempted; an edge may narrow it once it knows.
+    action: AuditAction | Action
     where: dict[str, Any]
     #: The public face of a concealed refusal that carries none of its own.
     concealed_as: Callable[[], BrokerError] | None = None
     #: Called with the refusal (and whether it was concealed) before it is audited.
     on_failure: Callable[[BrokerError, bool], None] | None = None
+    #: Set by :meth:`allow`: the reason (and extra fields) of the ``allow`` row.
+    allowed: tuple[str, dict[str, Any]] | None = None
+
+    def allow(self, reason: str, **more: Any) -> None:
+        """Write an ``allow`` row with ``reason`` when the use case completes."""
+        self.allowed = (reason, more)
+
+    def refuse(self, real: BrokerError, *, public: BrokerError | None = None) -> NoReturn:
+        """Refuse: ``real`` goes to the audit row, ``public`` (default: the scope's
+        ``concealed_as``, else not-found) to the client."""
+        raise _Concealed(real, public=public)
 
 
 class _Concealed(Exception):

@@ -44,9 +44,10 @@ from itsdangerous import URLSafeTimedSerializer
 from werkzeug.wrappers import Response as WerkzeugResponse
 
 from broker.admin_service import AdminService, AdminSettings, ExplainQuery, split_lines
-from broker.api.identity import authenticate_chain, peer_chain
-from broker.errors import AuthenticationError, BrokerError, InputError
-from broker.pam_auth import PamRefused, PamSettings, check_password
+from broker.api.identity import authenticate_chain, pam_login, peer_chain
+from broker.audit import AuditAction
+from broker.errors import AuthenticationError, AuthorizationError, BrokerError, InputError
+from broker.pam_auth import PamSettings
 from broker.policy import Action, AuthMethod
 from broker.service import BrokerService, Requester
 from broker.store import admin_queries as q
@@ -247,7 +248,7 @@ class _AdminUi:
         chain = peer_chain()
         if not chain:
             return None
-        return authenticate_chain(self.service, chain, action="admin-page")
+        return authenticate_chain(self.service, chain, action=AuditAction.ADMIN_PAGE)
 
     def admin_only(self, view: Callable[..., ViewResult]) -> Callable[..., ViewResult]:
         @wraps(view)
@@ -264,10 +265,9 @@ class _AdminUi:
                     "certificate of a member of the policy group "
                     f"'{group}'.",
                 )
-            if not self.admin.is_admin(who):
-                self.admin.record_login(
-                    who, allowed=False, reason=f"{who.label} is not in the policy group {group!r}"
-                )
+            try:
+                self.admin.require_admin(who)
+            except AuthorizationError:
                 return self.message(
                     403,
                     "Access refused",
@@ -328,15 +328,8 @@ def _register_login(bp: Blueprint, ui: _AdminUi) -> None:
         username = _arg("username", 128, request.form) or ""
         password = request.form.get("password", "")
         try:
-            check_password(pam, username, password)
-        except (PamRefused, InputError) as exc:
-            ui.service.record_refused_authentication(
-                exc,
-                pam_user=username or None,
-                action="admin-login",
-                client_address=request.remote_addr,
-                request_id=g.get("request_id"),
-            )
+            who = pam_login(ui.service, pam, username, password, AuditAction.ADMIN_LOGIN)
+        except (AuthenticationError, InputError):
             return ui.page(
                 "login.html",
                 401,
@@ -348,15 +341,8 @@ def _register_login(bp: Blueprint, ui: _AdminUi) -> None:
         session["pam_user"] = username
         session["at"] = int(ui.admin.now().timestamp())
         session["csrf"] = secrets.token_urlsafe(32)  # a new token with the new session
-        who = Requester(
-            dn=None,
-            pam_user=username,
-            client_address=request.remote_addr,
-            endpoint="rest",
-            request_id=g.get("request_id", ""),
-        )
         if ui.admin.is_admin(who):
-            ui.admin.record_login(who, allowed=True, reason="admin page login through PAM")
+            ui.admin.audit_login(who, reason="admin page login through PAM")
         return redirect(url_for("admin.overview"), code=303)
 
     @bp.post("/logout")

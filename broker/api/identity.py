@@ -10,11 +10,14 @@ is refused on every route that needs one: fail closed.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from cryptography import x509
 from flask import Flask, Request, current_app, g, request
 
+from broker.audit import AuditAction, Endpoint
 from broker.errors import AuthenticationError
+from broker.pam_auth import PamRefused, PamSettings, check_password
 from broker.service import BrokerService, Requester
 from broker.tlsctx import verified_peer_chain
 
@@ -60,7 +63,7 @@ def requester(service: BrokerService, *, bearer: bool = False) -> Requester:
 
 
 def authenticate_chain(
-    service: BrokerService, chain: list[x509.Certificate], *, action: str | None = None
+    service: BrokerService, chain: list[x509.Certificate], *, action: AuditAction | None = None
 ) -> Requester:
     """The requester ``chain`` proves, for the current request.
 
@@ -69,13 +72,50 @@ def authenticate_chain(
     route knows) before the refusal is raised.
     """
     request_id = g.get("request_id")
-    try:
+    claimant = Requester.unverified(
+        chain=chain, client_address=request.remote_addr, request_id=request_id
+    )
+    attempted = AuditAction.AUTHENTICATE if action is None else AuditAction(action)
+    with service.audited(claimant, attempted, unauthenticated=True):
         return service.authenticate_chain(
             chain, client_address=request.remote_addr, endpoint="rest", request_id=request_id
         )
-    except AuthenticationError as exc:
-        where = {} if action is None else {"action": action}
-        service.record_refused_authentication(
-            exc, chain=chain, client_address=request.remote_addr, request_id=request_id, **where
-        )
-        raise
+
+
+_PAM_FAILED = (
+    "PAM login failed: the username or password is wrong, or the account is locked or "
+    "expired; check them, or ask the site's account administrators"
+)
+
+
+def pam_login(
+    service: BrokerService,
+    pam: PamSettings,
+    username: str,
+    password: str,
+    action: AuditAction,
+    /,
+    **where: Any,
+) -> Requester:
+    """The PAM user ``username`` proves, for the current request.
+
+    A refused login leaves an audit row with PAM's own reason, but the client always
+    gets the same answer (``pam_failed``): an unknown user and a wrong password look
+    alike.
+    """
+    request_id = g.get("request_id")
+    claimant = Requester.unverified(
+        pam_user=username or None, client_address=request.remote_addr, request_id=request_id
+    )
+    with service.audited(claimant, action, where, unauthenticated=True) as scope:
+        try:
+            check_password(pam, username, password)
+        except PamRefused as exc:
+            scope.refuse(exc, public=AuthenticationError(_PAM_FAILED, reason="pam_failed"))
+    return Requester(
+        dn=None,
+        pam_user=username,
+        client_address=request.remote_addr,
+        endpoint=Endpoint.REST,
+        request_id=request_id or "",
+    )

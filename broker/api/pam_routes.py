@@ -21,21 +21,17 @@ from __future__ import annotations
 from typing import Any
 
 from cryptography.hazmat.primitives.serialization import Encoding
-from flask import Blueprint, Response, g, jsonify, request
+from flask import Blueprint, Response, jsonify
 
 from broker.api.body import flag, hours, json_body, pem, text
+from broker.api.identity import pam_login
 from broker.api.serialize import issued_json
-from broker.errors import AuthenticationError
+from broker.audit import AuditAction
 from broker.onlineca import OnlineCa
-from broker.pam_auth import PamRefused, PamSettings, check_password
+from broker.pam_auth import PamSettings
 from broker.pki.dn import slash_from_name
 from broker.pki.proxy import load_csr
 from broker.service import BrokerService, Requester
-
-_FAILED = (
-    "PAM login failed: the username or password is wrong, or the account is locked or "
-    "expired; check them, or ask the site's account administrators"
-)
 
 
 def pam_blueprint(
@@ -44,29 +40,10 @@ def pam_blueprint(
     """The PAM routes, bound to ``service``; register on the app from create_app."""
     bp = Blueprint("pam", __name__)
 
-    def login(body: dict[str, Any], action: str, **where: Any) -> Requester:
+    def login(body: dict[str, Any], action: AuditAction, **where: Any) -> Requester:
         username = text(body, "username", required=True, max_len=128) or ""
         password = text(body, "password", required=True, max_len=1024) or ""
-        try:
-            check_password(pam, username, password)
-        except PamRefused as exc:
-            service.record_refused_authentication(
-                exc,
-                pam_user=username,
-                action=action,
-                client_address=request.remote_addr,
-                request_id=g.request_id,
-                username=username,
-                **where,
-            )
-            raise AuthenticationError(_FAILED, reason="pam_failed") from None
-        return Requester(
-            dn=None,
-            pam_user=username,
-            client_address=request.remote_addr,
-            endpoint="rest",
-            request_id=g.request_id,
-        )
+        return pam_login(service, pam, username, password, action, username=username, **where)
 
     @bp.post("/v1/pam/retrievals")
     def pam_retrieve() -> Response:
@@ -76,7 +53,7 @@ def pam_blueprint(
         job_id = text(body, "job_id", max_len=256)
         lifetime = hours(body, "lifetime_hours", 12) if "lifetime_hours" in body else None
         limited = flag(body, "limited")
-        who = login(body, "retrieve", name=name, job_id=job_id)
+        who = login(body, AuditAction.RETRIEVE, name=name, job_id=job_id)
         issued = service.retrieve(
             who,
             csr_pem=csr_pem,
@@ -99,7 +76,7 @@ def pam_blueprint(
         csr = load_csr(pem(body, "csr"))
         max_hours = ca.max_lifetime.total_seconds() / 3600
         lifetime = hours(body, "lifetime_hours", max_hours)
-        who = login(body, "issue-certificate")
+        who = login(body, AuditAction.ISSUE_CERTIFICATE)
         now = service.now()
         cert = service.issue_certificate(who, ca, csr, lifetime=lifetime)
         subject = slash_from_name(cert.subject)

@@ -18,9 +18,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from broker.api.body import flag, hours, json_body, pem, strings, text
 from broker.api.identity import requester
 from broker.api.serialize import credential_json, issued_json, pending_json
+from broker.delegation import DelegationOptions
 from broker.errors import InputError, StoreUnavailable
 from broker.observability import aggregated_registry
-from broker.service import BrokerService, DelegationOptions
+from broker.service import BrokerService
 
 
 class HousekeepingCollector:

@@ -18,12 +18,13 @@ import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import timedelta
-from typing import Literal, Protocol
+from typing import Any, Literal, NoReturn, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
 from broker.audit import AuditAction, Endpoint
+from broker.delegation import DelegationOptions
 from broker.errors import (
     AuthenticationError,
     AuthorizationError,
@@ -41,8 +42,15 @@ from broker.myproxy.policy_strings import NOBODY, render_policy, translate_polic
 from broker.naming import DEFAULT_CREDENTIAL, policy_name
 from broker.pki.loading import Credential, chain_to_pem, load_certificates, public_keys_equal
 from broker.pki.proxy import SignatureCheck, check_signature
-from broker.policy import REASON_DENY_RULE, REASON_JOB_ID, REASON_OWNER, Action, AuthMethod
-from broker.service import BrokerService, DelegationOptions, Requester
+from broker.policy import (
+    REASON_DENY_RULE,
+    REASON_JOB_ID,
+    REASON_OWNER,
+    Action,
+    AuthMethod,
+    Decision,
+)
+from broker.service import BrokerService, Requester
 from broker.store import CredentialRecord
 
 log = logging.getLogger("broker.myproxy")
@@ -78,6 +86,7 @@ class Refusal(BrokerError):
     code = "myproxy_refused"
     http_status = 403
     exit_code = 3
+    audit_decision = "deny"
 
     def __init__(self, message: str, *, audited: bool = False) -> None:
         super().__init__(message)
@@ -160,32 +169,19 @@ class Session:
     def run(self) -> None:
         """Serve the session; refusals become one ERROR message (the caller closes).
 
-        Every refusal leaves an audit row: the service writes its own, the session
-        writes those it decides itself (protocol rules, malformed messages).
+        Every refusal leaves one audit row: the service's own scopes write the rows of
+        the refusals they raise, the session's scope those the session decides itself
+        (protocol rules, malformed messages), under the command's action.
         """
-        request: codec.Request | None = None
+        where: dict[str, Any] = {}
         try:
-            request = codec.parse_request(self.channel.recv("text"))
-            self._dispatch(request)
-        except Refusal as exc:
-            if not exc.audited:
-                self._audit_refusal(
-                    request, AuthorizationError(exc.message, reason="myproxy_refused")
-                )
+            with self.service.audited(self.requester, AuditAction.MYPROXY, where) as scope:
+                request = codec.parse_request(self.channel.recv("text"))
+                scope.action = _ACTIONS.get(request.command, AuditAction.MYPROXY)
+                where.update(username=request.username or None, name=_name(request.cred_name))
+                self._dispatch(request)
+        except BrokerError as exc:  # audited once, by the service or by the scope above
             self._send_error(exc.message)
-        except ProtocolError as exc:
-            self._audit_refusal(request, exc)
-            self._send_error(exc.message)
-        except BrokerError as exc:  # raised by the service, which audited it
-            self._send_error(self._describe(exc))
-
-    def _audit_refusal(self, request: codec.Request | None, exc: BrokerError) -> None:
-        where: dict[str, str | None] = {}
-        action = AuditAction.MYPROXY
-        if request is not None:
-            action = _ACTIONS.get(request.command, AuditAction.MYPROXY)
-            where = {"username": request.username or None, "name": _name(request.cred_name)}
-        self.service.record_refusal(self.requester, action, exc, **where)
 
     def _send_error(self, message: str) -> None:
         log.info("myproxy %s refused: %s", self.requester.label, message.replace("\n", " / "))
@@ -193,10 +189,6 @@ class Session:
             self.channel.send(codec.error(message))
         except (OSError, ProtocolError):
             pass  # the peer left; nothing to tell it
-
-    @staticmethod
-    def _describe(exc: BrokerError) -> str:
-        return exc.message
 
     def _dispatch(self, request: codec.Request) -> None:
         handlers = {
@@ -287,7 +279,7 @@ class Session:
                 # No right: the same answer whether or not the credential has a passphrase
                 # (and whether it exists at all, see above), unless the requester is the
                 # owner or has a right the MyProxy endpoint cannot satisfy (job id).
-                raise self._certificate_refusal(record)
+                self._refuse_certificate_get(record)
         try:
             # All checks and the one passphrase derivation happen here, before the OK.
             grant = self.service.authorize_retrieval(
@@ -330,7 +322,7 @@ class Session:
         self.channel.send(codec.encode_chain(ders))
         self.channel.send(codec.ok())
 
-    def _certificate_refusal(self, record: CredentialRecord) -> Refusal:
+    def _refuse_certificate_get(self, record: CredentialRecord) -> NoReturn:
         """Audit the policy's real reason for refusing a certificate-only GET and word it
         for the wire: the reference's wording where it has one, and "no passphrase /
         authentication failed" for a party that must not learn the credential exists."""
@@ -348,29 +340,28 @@ class Session:
         decision = min(
             decisions, key=lambda d: order.index(d.reason) if d.reason in order else len(order)
         )
+        where = {"owner_dn": record.owner_dn, "username": record.username, "name": record.name}
+        with self.service.audited(self.requester, AuditAction.RETRIEVE, where) as scope:
+            scope.refuse(
+                AuthorizationError(decision.message, reason=decision.reason),
+                public=self._certificate_refusal_words(record, decision),
+            )
+
+    def _certificate_refusal_words(self, record: CredentialRecord, decision: Decision) -> Refusal:
         rule = f" (rule {decision.rule.name!r})" if decision.rule else ""
-        self.service.record_refusal(
-            self.requester,
-            AuditAction.RETRIEVE,
-            AuthorizationError(f"{decision.message}", reason=decision.reason),
-            owner_dn=record.owner_dn,
-            username=record.username,
-            name=record.name,
-        )
         dn = self.requester.dn
         if decision.reason == REASON_JOB_ID:
             # Only a party the site would let in learns this; MyProxy cannot send a job id.
             return Refusal(
                 f'"{dn}" not authorized by server\'s policy{rule}: a job id is '
                 "required, which MyProxy cannot send; use broker-logon --job-id",
-                audited=True,
             )
         if dn == record.owner_dn and decision.reason == REASON_DENY_RULE and decision.rule:
             name = decision.rule.name
             if name.startswith("self-authz"):
-                return Refusal(name, audited=True)  # the reference's own words
-            return Refusal(f'"{dn}" not authorized by server\'s policy{rule}', audited=True)
-        return Refusal(NO_PASSPHRASE, audited=True)
+                return Refusal(name)  # the reference's own words
+            return Refusal(f'"{dn}" not authorized by server\'s policy{rule}')
+        return Refusal(NO_PASSPHRASE)
 
     def _allowed(self, record: CredentialRecord, action: Action, auth: AuthMethod) -> bool:
         # A probe (no audit): which of MyProxy's paths applies to this requester.

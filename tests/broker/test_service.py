@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from broker.delegation import DelegationOptions
 from broker.devpki import OWNERS_RULE, policy_rule
 from broker.errors import AuthenticationError, AuthorizationError, NotFound, TooManyAttempts
 from broker.pki.loading import Credential, chain_to_pem
@@ -26,7 +27,6 @@ from broker.pki.proxy import (
 from broker.policy import load_policy
 from broker.service import (
     BrokerService,
-    DelegationOptions,
     Requester,
     ServiceConfig,
     dn_username,

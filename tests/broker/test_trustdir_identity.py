@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from broker.delegation import DelegationOptions
 from broker.errors import (
     AuthenticationError,
     AuthorizationError,
@@ -27,7 +28,7 @@ from broker.pki.loading import chain_to_pem, key_to_pem
 from broker.pki.proxy import ProxyType, generate_key, load_csr, make_csr, new_proxy, sign_request
 from broker.pki.trust import TrustStore
 from broker.policy import Action, AuthMethod, Request, evaluate, load_policy
-from broker.service import BrokerService, DelegationOptions, Requester
+from broker.service import BrokerService, Requester
 from broker.store import CredentialWrite, MasterKeyRing, Store, default_sqlite_url, migrate
 from broker.trustdir import CaDirWatch, ReloadingTrustStore, load_ca_dir
 from tests.brokerserver import DEV_POLICY

@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from broker.delegation import DelegationOptions
 from broker.devpki import DEV_POLICY, OWNERS_RULE, policy_rule
 from broker.errors import BrokerError, ConfigError
 from broker.pki.loading import chain_to_pem
@@ -34,7 +35,6 @@ from broker.pki.proxy import (
 from broker.policy import load_policy
 from broker.service import (
     BrokerService,
-    DelegationOptions,
     Requester,
     ServiceConfig,
     sign_challenge,

@@ -10,11 +10,12 @@ import pytest
 import requests
 from sqlalchemy import select
 
+from broker.delegation import DelegationOptions
 from broker.errors import AuthenticationError, AuthorizationError, NotFound
 from broker.pki.loading import chain_to_pem
 from broker.pki.proxy import csr_to_pem, generate_key, load_csr, make_csr, sign_request
 from broker.policy import load_policy
-from broker.service import BrokerService, DelegationOptions, Requester
+from broker.service import BrokerService, Requester
 from broker.store import MasterKeyRing, Store, default_sqlite_url, migrate
 from broker.store.tokens import RefreshTokenRow
 from broker.tokens import (
