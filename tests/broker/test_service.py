@@ -11,9 +11,17 @@ from pathlib import Path
 
 import pytest
 
+from broker.audit import AuditAction
 from broker.delegation import DelegationOptions
 from broker.devpki import OWNERS_RULE, policy_rule
-from broker.errors import AuthenticationError, AuthorizationError, NotFound, TooManyAttempts
+from broker.errors import (
+    AuthenticationError,
+    AuthorizationError,
+    Conflict,
+    InputError,
+    NotFound,
+    TooManyAttempts,
+)
 from broker.pki.loading import Credential, chain_to_pem
 from broker.pki.proxy import (
     ProxyType,
@@ -232,6 +240,51 @@ def test_every_outcome_is_audited(service: BrokerService, grid_pki: GridPki) -> 
     denied = next(r for r in rows if r.job_id == "7.1")
     assert denied.requester_dn == "/DC=org/DC=example/CN=Bob"
     assert denied.reason and "no rule lets" in denied.reason
+
+
+def test_an_edge_scope_writes_each_refusal_once(service: BrokerService, grid_pki: GridPki) -> None:
+    """An edge running a use case under its own scope (as the MyProxy session does)
+    gets one row per refusal: the innermost scope's, never a second from the outer."""
+    delegate(service, grid_pki)
+    bob = who(service, grid_pki, "bob")
+    where = {"username": "alice", "name": "default", "job_id": "8.0"}
+    with pytest.raises(NotFound), service.audited(bob, AuditAction.MYPROXY, where):
+        service.retrieve(bob, csr_pem=csr(), username="alice", job_id="8.0")
+    rows = service.store.query_audit(job_id="8.0")
+    assert [(r.action, r.decision) for r in rows] == [("retrieve", "deny")]
+
+    # A refusal the edge decides itself is written by its scope, with the scope's
+    # action as the edge narrowed it, and its real reason behind a public answer.
+    where = {"username": "alice", "job_id": "8.1"}
+    with pytest.raises(InputError) as public:
+        with service.audited(bob, AuditAction.MYPROXY, where) as scope:
+            scope.action = AuditAction.INFO
+            scope.refuse(
+                AuthorizationError("the real reason", reason="edge_rule"),
+                public=InputError("what the client may read"),
+            )
+    assert public.value.message == "what the client may read" and public.value.audited
+    rows = service.store.query_audit(job_id="8.1")
+    assert [(r.action, r.decision, r.reason) for r in rows] == [
+        ("info", "deny", "edge_rule: the real reason")
+    ]
+
+
+def test_an_allow_row_is_written_only_when_the_use_case_completes(
+    service: BrokerService, grid_pki: GridPki
+) -> None:
+    alice = who(service, grid_pki, "alice")
+    with service.audited(alice, AuditAction.ADMIN_LOGIN, {"job_id": "9.0"}) as scope:
+        scope.allow("signed in")
+    with pytest.raises(Conflict), service.audited(alice, AuditAction.ADMIN_LOGIN) as scope:
+        scope.allow("never written", job_id="9.1")
+        raise Conflict("the use case failed after asking for its allow row")
+    rows = [
+        (r.decision, r.reason, r.job_id) for r in service.store.query_audit(action="admin-login")
+    ]
+    assert ("allow", "signed in", "9.0") in rows
+    assert not any(r[1] == "never written" for r in rows)
+    assert ("error", "conflict: the use case failed after asking for its allow row", None) in rows
 
 
 def test_owner_stored_lifetime_ends_the_credential(
