@@ -1033,18 +1033,7 @@ class BrokerService:
             if record.not_after <= self.now():
                 self._refuse_expired(requester, record, action, auth, job_id)
             decision = self._allowed_decision(requester, record, action, auth, job_id)
-            if _authz_owner is not None and _authz_owner != record.owner_dn:
-                raise AuthorizationError(
-                    f"the proxy presented for renewal belongs to {_authz_owner}, not to the "
-                    "credential's owner",
-                    reason="renewal_identity",
-                )
-            if record.passphrase_protected and passphrase is None and action is Action.RETRIEVE:
-                raise AuthenticationError(
-                    f"the credential {record.username}/{record.name} is protected by a passphrase;"
-                    " supply it to retrieve",
-                    reason="passphrase_required",
-                )
+            _check_retrieval_form(record, action, passphrase, _authz_owner)
             if passphrase is not None:
                 # Reserved before scrypt runs, so concurrent guesses cannot pass the limit.
                 attempt = self._reserve_passphrase_attempt(requester, record)
@@ -1052,16 +1041,7 @@ class BrokerService:
                     # A passphrase proves nothing about a credential stored without one
                     # (myproxy-init -n, broker-init without -S): it must not open it. To
                     # the client this is a wrong passphrase (and counts as one).
-                    raise _Concealed(
-                        AuthenticationError(
-                            f"the credential {record.username}/{record.name} has no passphrase, "
-                            "so a passphrase cannot retrieve it",
-                            reason="no_passphrase_set",
-                        ),
-                        public=AuthenticationError(
-                            INVALID_PASSPHRASE, reason=INVALID_PASSPHRASE_REASON
-                        ),
-                    )
+                    scope.refuse(_no_passphrase_set(record), public=_wrong_passphrase())
             key_pem = self.store.decrypt_private_key(record, passphrase)
             if attempt is not None:
                 self._finish_passphrase_attempt(attempt, failed=False)
@@ -1214,40 +1194,11 @@ class BrokerService:
             "name": record.name,
             "job_id": grant.job_id,
         }
-        with self.audited(requester, grant.action, where):
+        with self.audited(requester, grant.action, where) as scope:
             if not isinstance(csr, x509.CertificateSigningRequest):
                 csr = load_csr(csr)
             now = self.now()
-            caps = [
-                lifetime or DEFAULT_PROXY_LIFETIME,
-                record.not_after - now,
-                self.config.max_proxy_lifetime,
-            ]
-            if record.max_lifetime_seconds:
-                caps.append(timedelta(seconds=record.max_lifetime_seconds))
-            if decision.max_lifetime:
-                caps.append(timedelta(seconds=decision.max_lifetime))
-            retrieval_limited = False
-            if grant.action is Action.RENEW:
-                # Renewal must not yield more than retrieval by the same requester would:
-                # the site's retrieval caps (lifetime, limited) apply to it as well.
-                as_retrieval = self.decide(
-                    requester, record, Action.RETRIEVE, AuthMethod.CERTIFICATE, job_id=grant.job_id
-                )
-                if as_retrieval.allowed:
-                    retrieval_limited = as_retrieval.limited
-                    if as_retrieval.max_lifetime:
-                        caps.append(timedelta(seconds=as_retrieval.max_lifetime))
-            granted = min(caps)
-            if granted <= timedelta(0):
-                raise CredentialError("the credential has no lifetime left", reason="expired")
-            make_limited = (
-                limited
-                or requester.limited
-                or decision.limited
-                or record.limited
-                or retrieval_limited
-            )
+            granted, make_limited = self._proxy_terms(requester, grant, lifetime, limited, now)
             proxy_type = ProxyType.LIMITED if make_limited else ProxyType.IMPERSONATION
             issued = sign_request(
                 grant.issuer,
@@ -1257,16 +1208,7 @@ class BrokerService:
                 proxy_type=proxy_type,
                 job_id=_audit_text(grant.job_id, 255),
             )  # as audited
-            self.store.add_audit(
-                self._audit(
-                    requester,
-                    grant.action.value,
-                    "allow",
-                    reason=f"{decision.reason}: {decision.rule.name if decision.rule else ''}",
-                    **where,
-                ),
-                now=self.now(),
-            )
+            scope.allow(f"{decision.reason}: {decision.rule.name if decision.rule else ''}")
         return IssuedProxy(
             chain=issued,
             lifetime=granted,
@@ -1275,6 +1217,44 @@ class BrokerService:
             username=record.username,
             name=record.name,
         )
+
+    def _proxy_terms(
+        self,
+        requester: Requester,
+        grant: RetrievalGrant,
+        lifetime: timedelta | None,
+        limited: bool,
+        now: datetime,
+    ) -> tuple[timedelta, bool]:
+        """The issued proxy's lifetime (the least of every cap) and whether it is limited."""
+        record, decision = grant.record, grant.decision
+        caps = [
+            lifetime or DEFAULT_PROXY_LIFETIME,
+            record.not_after - now,
+            self.config.max_proxy_lifetime,
+        ]
+        if record.max_lifetime_seconds:
+            caps.append(timedelta(seconds=record.max_lifetime_seconds))
+        if decision.max_lifetime:
+            caps.append(timedelta(seconds=decision.max_lifetime))
+        retrieval_limited = False
+        if grant.action is Action.RENEW:
+            # Renewal must not yield more than retrieval by the same requester would:
+            # the site's retrieval caps (lifetime, limited) apply to it as well.
+            as_retrieval = self.decide(
+                requester, record, Action.RETRIEVE, AuthMethod.CERTIFICATE, job_id=grant.job_id
+            )
+            if as_retrieval.allowed:
+                retrieval_limited = as_retrieval.limited
+                if as_retrieval.max_lifetime:
+                    caps.append(timedelta(seconds=as_retrieval.max_lifetime))
+        granted = min(caps)
+        if granted <= timedelta(0):
+            raise CredentialError("the credential has no lifetime left", reason="expired")
+        make_limited = (
+            limited or requester.limited or decision.limited or record.limited or retrieval_limited
+        )
+        return granted, make_limited
 
     def retrieve(
         self,
@@ -1840,7 +1820,7 @@ class BrokerService:
             "name": f"token:{issuer}"[:128],
             "job_id": job_id,
         }
-        with self.audited(requester, AuditAction.RETRIEVE_TOKEN, where):
+        with self.audited(requester, AuditAction.RETRIEVE_TOKEN, where) as scope:
             if requester.dn is None and requester.token is None:
                 raise AuthenticationError(
                     "a token request needs a certificate or bearer token", reason="no_identity"
@@ -1876,29 +1856,33 @@ class BrokerService:
                 raise InputError(
                     "the audience must be 1..1024 printable characters", reason="bad_field"
                 )
-            key = (username, config.name, wanted, audience)
-            access: AccessToken | None = self._access_tokens.get(key)
-            if access is None:
-                with self._token_lock((username, config.name)):
-                    access = self._access_tokens.get(key)
-                    if access is None:
-                        access = self._refresh_access_token(
-                            directory, config, record, wanted, audience
-                        )
-                        life = (access.expires_at - self.now()).total_seconds()
-                        if life > 0:
-                            self._access_tokens.put(key, access, ttl=life / 2)
-            self.store.add_audit(
-                self._audit(
-                    requester,
-                    AuditAction.RETRIEVE_TOKEN,
-                    "allow",
-                    reason=f"{decision.reason}: {decision.rule.name if decision.rule else ''}; "
-                    f"scopes {' '.join(wanted)}",
-                    **where,
-                ),
-                now=self.now(),
+            access = self._cached_access_token(directory, config, record, wanted, audience)
+            scope.allow(
+                f"{decision.reason}: {decision.rule.name if decision.rule else ''}; "
+                f"scopes {' '.join(wanted)}"
             )
+        return access
+
+    def _cached_access_token(
+        self,
+        directory: IssuerDirectory,
+        config: IssuerConfig,
+        record: RefreshTokenRecord,
+        wanted: tuple[str, ...],
+        audience: str | None,
+    ) -> AccessToken:
+        """A cached access token for these owner, scopes and audience, or a fresh one
+        (refreshed under the owner's lock, so concurrent jobs make one issuer call)."""
+        key = (record.username, config.name, wanted, audience)
+        access: AccessToken | None = self._access_tokens.get(key)
+        if access is None:
+            with self._token_lock((record.username, config.name)):
+                access = self._access_tokens.get(key)
+                if access is None:
+                    access = self._refresh_access_token(directory, config, record, wanted, audience)
+                    life = (access.expires_at - self.now()).total_seconds()
+                    if life > 0:
+                        self._access_tokens.put(key, access, ttl=life / 2)
         return access
 
     def _refresh_access_token(
@@ -1981,6 +1965,38 @@ def _not_found(username: str | None, owner_dn: str | None, name: str) -> NotFoun
         f"no credential named {name!r} is stored for {owner_dn}; the owner can "
         f"store one with: broker-init -k {name}"
     )
+
+
+def _no_passphrase_set(record: CredentialRecord) -> AuthenticationError:
+    return AuthenticationError(
+        f"the credential {record.username}/{record.name} has no passphrase, "
+        "so a passphrase cannot retrieve it",
+        reason="no_passphrase_set",
+    )
+
+
+def _wrong_passphrase() -> AuthenticationError:
+    """What a client is told for any passphrase that does not open the credential."""
+    return AuthenticationError(INVALID_PASSPHRASE, reason=INVALID_PASSPHRASE_REASON)
+
+
+def _check_retrieval_form(
+    record: CredentialRecord, action: Action, passphrase: str | None, authz_owner: str | None
+) -> None:
+    """Refuse a retrieval the policy allows but whose form does not fit the credential:
+    a renewal proved by someone else's proxy, a protected credential without its passphrase."""
+    if authz_owner is not None and authz_owner != record.owner_dn:
+        raise AuthorizationError(
+            f"the proxy presented for renewal belongs to {authz_owner}, not to the "
+            "credential's owner",
+            reason="renewal_identity",
+        )
+    if record.passphrase_protected and passphrase is None and action is Action.RETRIEVE:
+        raise AuthenticationError(
+            f"the credential {record.username}/{record.name} is protected by a passphrase;"
+            " supply it to retrieve",
+            reason="passphrase_required",
+        )
 
 
 def _retrieval_auth_method(
