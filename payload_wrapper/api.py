@@ -274,7 +274,36 @@ def _prepare(
     caller_env: Mapping[str, str] | None,
     audit: AuditRecord,
 ) -> PreparedJob:
-    caller_uid = audit.caller_uid
+    _check_request(settings, command, job_id)
+    switching = settings.mode != "none"
+    bans = BanList.from_sources(settings.ban, settings.ban_file)
+    gridmap = _read_gridmap(settings)
+    fqans_needed = bans.has_fqans or any(getattr(e, "is_fqan", False) for e in gridmap)
+    pem, identity = check_proxy(proxy_pem_path, settings, now=now, fqans_needed=fqans_needed)
+    audit.dn, audit.fqans = identity.dn, identity.fqans
+
+    mapping = _map_account(settings, identity, bans, gridmap, now, audit.caller_uid)
+    run_as = mapping.account if (mapping is not None and switching) else _caller_account()
+    audit.account, audit.uid = run_as.name, run_as.uid
+    audit.rule = mapping.rule if mapping else "none (no mapping configured)"
+
+    containment = choose_containment(settings, mapping)
+    audit.containment = containment
+    uid_lock = _lock_account(settings, run_as, identity, containment) if switching else None
+    try:
+        job = _prepare_job(
+            settings, command, job_id, caller_env, audit, identity, mapping, run_as, pem
+        )
+    except BaseException:
+        if uid_lock is not None:
+            uid_lock.release()
+        raise
+    job.containment, job.uid_lock = containment, uid_lock
+    return job
+
+
+def _check_request(settings: WrapperSettings, command: Sequence[str], job_id: str) -> None:
+    """Refuse a request that cannot run here before anything is read or touched."""
     sb.job_dir_name(job_id)  # validate before anything touches the disk
     if not command:
         raise ClientError("no payload command was given; put it after --", reason="no_command")
@@ -290,32 +319,21 @@ def _prepare(
             reason="no_mapping",
         )
 
-    bans = BanList.from_sources(settings.ban, settings.ban_file)
-    gridmap = _read_gridmap(settings)
-    fqans_needed = bans.has_fqans or any(getattr(e, "is_fqan", False) for e in gridmap)
-    pem, identity = check_proxy(proxy_pem_path, settings, now=now, fqans_needed=fqans_needed)
-    audit.dn, audit.fqans = identity.dn, identity.fqans
 
-    mapping: AccountMapping | None = None
-    if settings.account is not None or settings.gridmapfile is not None:
-        gmdir = (
-            GridmapDir(settings.gridmapdir, expiry=settings.lease_expiry)
-            if settings.gridmapdir is not None
-            else None
-        )
-        mapping = map_identity(
-            identity.dn,
-            identity.fqans,
-            bans=bans,
-            account=settings.account,
-            gridmap=gridmap,  # type: ignore[arg-type]
-            gridmapdir=gmdir,
-            gridmap_source=str(settings.gridmapfile or "grid-mapfile"),
-            now=now.timestamp(),
-            caller_uid=caller_uid,
-            switching=switching,
-        )
-    else:
+def _map_account(
+    settings: WrapperSettings,
+    identity: Identity,
+    bans: BanList,
+    gridmap: list[object],
+    now: datetime,
+    caller_uid: int,
+) -> AccountMapping | None:
+    """Map the identity to an account; None when no mapping is configured.
+
+    Without a mapping the ban list is still applied, against the caller's own account.
+    """
+    switching = settings.mode != "none"
+    if settings.account is None and settings.gridmapfile is None:
         map_identity(
             identity.dn,
             identity.fqans,
@@ -325,31 +343,37 @@ def _prepare(
             caller_uid=caller_uid,
             switching=False,
         )
-    run_as = mapping.account if (mapping is not None and switching) else _caller_account()
-    audit.account, audit.uid = run_as.name, run_as.uid
-    audit.rule = mapping.rule if mapping else "none (no mapping configured)"
+        return None
+    gmdir = (
+        GridmapDir(settings.gridmapdir, expiry=settings.lease_expiry)
+        if settings.gridmapdir is not None
+        else None
+    )
+    return map_identity(
+        identity.dn,
+        identity.fqans,
+        bans=bans,
+        account=settings.account,
+        gridmap=gridmap,  # type: ignore[arg-type]
+        gridmapdir=gmdir,
+        gridmap_source=str(settings.gridmapfile or "grid-mapfile"),
+        now=now.timestamp(),
+        caller_uid=caller_uid,
+        switching=switching,
+    )
 
-    containment = choose_containment(settings, mapping)
-    audit.containment = containment
-    uid_lock = None
-    if switching:
-        uid_lock = UidLock.acquire(
-            settings.state_dir or default_state_dir(),
-            run_as.uid,
-            identity.dn,
-            account=run_as.name,
-            exclusive=containment == "uid",
-        )
-    try:
-        job = _prepare_job(
-            settings, command, job_id, caller_env, audit, identity, mapping, run_as, pem
-        )
-    except BaseException:
-        if uid_lock is not None:
-            uid_lock.release()
-        raise
-    job.containment, job.uid_lock = containment, uid_lock
-    return job
+
+def _lock_account(
+    settings: WrapperSettings, run_as: Account, identity: Identity, containment: str
+) -> UidLock:
+    """Take the account's one-owner lock (exclusive when the job is contained by uid)."""
+    return UidLock.acquire(
+        settings.state_dir or default_state_dir(),
+        run_as.uid,
+        identity.dn,
+        account=run_as.name,
+        exclusive=containment == "uid",
+    )
 
 
 def choose_containment(settings: WrapperSettings, mapping: AccountMapping | None) -> str:
@@ -774,13 +798,7 @@ def _finish(job: PreparedJob, reason: str | None) -> str | None:
         except Exception as exc:
             problems.append(f"cleaning up the job directory failed: {exc}")
         finally:
-            for leftover in (job.spec_path, job.started_path):
-                if leftover is not None:
-                    with contextlib.suppress(OSError):
-                        leftover.unlink()
-            if job.started_fd >= 0:
-                os.close(job.started_fd)
-                job.started_fd = -1
+            _remove_sudo_files(job)
     if s.epilogue:
         env = {
             "PATH": s.path,
@@ -797,6 +815,18 @@ def _finish(job: PreparedJob, reason: str | None) -> str | None:
     return "; ".join(problems) or None
 
 
+def _remove_sudo_files(job: PreparedJob) -> None:
+    """Remove the sudo mode's spec file and FIFO and close the FIFO's read end (call under
+    the job's lock; what was never made is skipped)."""
+    for leftover in (job.spec_path, job.started_path):
+        if leftover is not None:
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+    if job.started_fd >= 0:
+        os.close(job.started_fd)
+        job.started_fd = -1
+
+
 def abandon(job: PreparedJob, exc: BrokerError) -> int:
     """Give up a prepared job that will not run (e.g. its inputs could not be staged).
 
@@ -811,13 +841,7 @@ def abandon(job: PreparedJob, exc: BrokerError) -> int:
                 job.sandbox.remove_proxy()
             job.sandbox.remove_egg_cache()
             job.sandbox.close()
-        for leftover in (job.spec_path, job.started_path):
-            if leftover is not None:
-                with contextlib.suppress(OSError):
-                    leftover.unlink()
-        if job.started_fd >= 0:
-            os.close(job.started_fd)
-            job.started_fd = -1
+        _remove_sudo_files(job)
     if job.uid_lock is not None:
         job.uid_lock.release()
     say(f"the payload was not started: {exc.message}")

@@ -308,15 +308,64 @@ def parse_pilot_config(
     if unknown:
         raise _bad(source, f"unknown setting(s) {', '.join(unknown)}; see docs/htcondor.md")
     broker_url = _broker_urls(data, source)
+    cert, key = _credential_paths(data, source)
+    owners = _allowed_owners(data, source)
+    key_type = data.get("key_type", "ec")
+    if key_type not in KEY_TYPES:
+        raise _bad(source, f"key_type must be one of {', '.join(KEY_TYPES)}, not {key_type!r}")
+    bind = data.get("bind_submitter", True)
+    if not isinstance(bind, bool):
+        raise _bad(source, "bind_submitter must be true or false")
+    attempts = data.get("retrieve_attempts", 2)
+    if isinstance(attempts, bool) or not isinstance(attempts, int) or not 1 <= attempts <= 10:
+        raise _bad(source, "retrieve_attempts must be a whole number from 1 to 10")
+    stage = _stage_limits(data, source)
+    pool = data.get("rsa_pool_dir")
+    if pool is not None and (not isinstance(pool, str) or not pool):
+        raise _bad(source, "rsa_pool_dir must be a directory path")
+    tokens, scopes = _job_token_settings(data, source)
+    return PilotConfig(
+        **tokens,
+        job_token_scopes=scopes,
+        broker_url=broker_url,
+        cert=cert,
+        key=key,
+        ca_dir=Path(_text(data, "ca_dir", source, "/etc/grid-security/certificates")),
+        vomsdir=Path(_text(data, "vomsdir", source, "/etc/grid-security/vomsdir")),
+        allowed_owners=owners,
+        workdir=Path(_text(data, "workdir", source, "/var/lib/broker-pilot")),
+        source=source,
+        key_type=key_type,
+        rsa_pool_dir=Path(pool) if pool else None,
+        bind_submitter=bind,
+        lifetime_hours=_number(data, "lifetime_hours", None, source),
+        refresh_fraction=_number(data, "refresh_fraction", 0.5, source, high=0.95) or 0.5,
+        refresh_interval_seconds=_number(data, "refresh_interval_seconds", None, source),
+        refresh_retry_seconds=_number(data, "refresh_retry_seconds", 60.0, source) or 60.0,
+        retrieve_attempts=attempts,
+        retry_delay_seconds=_number(data, "retry_delay_seconds", 2.0, source) or 2.0,
+        timeout_seconds=_number(data, "timeout_seconds", 30.0, source) or 30.0,
+        wrapper_file=dict(wrapper or {}),
+        stage_max_files=stage["stage_max_files"],
+        stage_max_bytes=stage["stage_max_bytes"],
+    )
+
+
+def _credential_paths(data: Mapping[str, Any], source: str) -> tuple[str, str]:
+    """(cert, key): a proxy file serves as both; a token-only pilot has neither."""
     if "proxy" in data and ("cert" in data or "key" in data):
         raise _bad(source, "give either proxy or cert and key, not both")
     if "proxy" in data:
-        cert = key = _text(data, "proxy", source)
-    elif "token_file" in data and "cert" not in data and "key" not in data:
-        cert = key = ""  # a token-only pilot
-    else:
-        cert = _text(data, "cert", source)
-        key = _text(data, "key", source)
+        proxy = _text(data, "proxy", source)
+        return proxy, proxy
+    if "token_file" in data and "cert" not in data and "key" not in data:
+        return "", ""  # a token-only pilot
+    cert = _text(data, "cert", source)
+    return cert, _text(data, "key", source)
+
+
+def _allowed_owners(data: Mapping[str, Any], source: str) -> tuple[str, ...]:
+    """The owner patterns, each a DN glob, re:REGEX or fqan:/vo/... (or ``*``)."""
     owners = data.get("allowed_owners")
     if not isinstance(owners, list) or not owners or not all(isinstance(o, str) for o in owners):
         raise _bad(
@@ -335,24 +384,24 @@ def parse_pilot_config(
             parse_pattern(pattern, context="owner")
         except PatternError as exc:
             raise _bad(source, f"allowed_owners entry {pattern!r}: {exc}") from None
-    key_type = data.get("key_type", "ec")
-    if key_type not in KEY_TYPES:
-        raise _bad(source, f"key_type must be one of {', '.join(KEY_TYPES)}, not {key_type!r}")
-    bind = data.get("bind_submitter", True)
-    if not isinstance(bind, bool):
-        raise _bad(source, "bind_submitter must be true or false")
-    attempts = data.get("retrieve_attempts", 2)
-    if isinstance(attempts, bool) or not isinstance(attempts, int) or not 1 <= attempts <= 10:
-        raise _bad(source, "retrieve_attempts must be a whole number from 1 to 10")
+    return tuple(owners)
+
+
+def _stage_limits(data: Mapping[str, Any], source: str) -> dict[str, int]:
+    """stage_max_files and stage_max_bytes, each a whole number of at least 1."""
     stage: dict[str, int] = {}
     for name, default in (("stage_max_files", 10_000), ("stage_max_bytes", 16 << 30)):
         value = data.get(name, default)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise _bad(source, f"{name} must be a whole number of at least 1")
         stage[name] = value
-    pool = data.get("rsa_pool_dir")
-    if pool is not None and (not isinstance(pool, str) or not pool):
-        raise _bad(source, "rsa_pool_dir must be a directory path")
+    return stage
+
+
+def _job_token_settings(
+    data: Mapping[str, Any], source: str
+) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """The token file and per-job token issuer/audience given, and the job token scopes."""
     tokens: dict[str, Any] = {}
     for name in ("token_file", "job_token_issuer", "job_token_audience"):
         if name in data:
@@ -362,28 +411,4 @@ def parse_pilot_config(
         raise _bad(source, "job_token_scopes must be a list of scopes")
     if scopes and "job_token_issuer" not in data:
         raise _bad(source, "job_token_scopes needs job_token_issuer")
-    return PilotConfig(
-        **tokens,
-        job_token_scopes=tuple(scopes),
-        broker_url=broker_url,
-        cert=cert,
-        key=key,
-        ca_dir=Path(_text(data, "ca_dir", source, "/etc/grid-security/certificates")),
-        vomsdir=Path(_text(data, "vomsdir", source, "/etc/grid-security/vomsdir")),
-        allowed_owners=tuple(owners),
-        workdir=Path(_text(data, "workdir", source, "/var/lib/broker-pilot")),
-        source=source,
-        key_type=key_type,
-        rsa_pool_dir=Path(pool) if pool else None,
-        bind_submitter=bind,
-        lifetime_hours=_number(data, "lifetime_hours", None, source),
-        refresh_fraction=_number(data, "refresh_fraction", 0.5, source, high=0.95) or 0.5,
-        refresh_interval_seconds=_number(data, "refresh_interval_seconds", None, source),
-        refresh_retry_seconds=_number(data, "refresh_retry_seconds", 60.0, source) or 60.0,
-        retrieve_attempts=attempts,
-        retry_delay_seconds=_number(data, "retry_delay_seconds", 2.0, source) or 2.0,
-        timeout_seconds=_number(data, "timeout_seconds", 30.0, source) or 30.0,
-        wrapper_file=dict(wrapper or {}),
-        stage_max_files=stage["stage_max_files"],
-        stage_max_bytes=stage["stage_max_bytes"],
-    )
+    return tokens, tuple(scopes)

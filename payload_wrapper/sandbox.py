@@ -40,6 +40,7 @@ import secrets
 import shutil
 import stat
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +66,7 @@ __all__ = [
     "install_proxy",
     "job_dir_name",
     "remove_default_proxy_path",
+    "replace_payload_file",
 ]
 
 EGG_ROOT = Path("/tmp")  # noqa: S108 - deliberately /tmp itself, not $TMPDIR
@@ -119,6 +121,14 @@ def _own(fd: int, uid: int, gid: int, mode: int) -> None:
     os.fchmod(fd, mode)
 
 
+def _own_and_close(fd: int, uid: int, gid: int, mode: int) -> None:
+    """:func:`_own` a descriptor opened only for that, then close it whatever happened."""
+    try:
+        _own(fd, uid, gid, mode)
+    finally:
+        os.close(fd)
+
+
 def _mkdir_at(name: str, dir_fd: int, mode: int, *, uid: int, gid: int) -> int:
     """mkdir + open without following links; returns the open directory fd."""
     try:
@@ -151,11 +161,7 @@ def create_egg_cache(path: Path, uid: int, gid: int) -> Path:
         raise WrapperSystemError(
             f"cannot create the egg cache {path}: {exc.strerror}", reason="egg_cache"
         ) from exc
-    fd = os.open(path, _DIR_FLAGS)
-    try:
-        _own(fd, uid, gid, 0o700)
-    finally:
-        os.close(fd)
+    _own_and_close(os.open(path, _DIR_FLAGS), uid, gid, 0o700)
     return path
 
 
@@ -179,16 +185,43 @@ def install_proxy(
                 f"cannot create the payload's proxy copy: {exc.message}", reason=exc.reason
             ) from None
         return
+    replace_payload_file(
+        dir_fd,
+        name,
+        pem,
+        uid=owner,
+        gid=group,
+        what=f"proxy copy {name}",
+        failure=lambda exc: WrapperSystemError(f"cannot refresh the proxy copy: {exc.message}"),
+    )
+
+
+def replace_payload_file(
+    dir_fd: int,
+    name: str,
+    data: bytes,
+    *,
+    uid: int | None,
+    gid: int | None,
+    what: str,
+    failure: Callable[[BrokerError], WrapperSystemError],
+) -> None:
+    """Swap ``data`` in as ``name`` in the open directory ``dir_fd`` (0600, uid:gid) by rename.
+
+    A payload-owned file that is no longer a regular file (a link planted in its
+    place) is refused, naming it as the payload's ``what``; any other failure
+    is raised as ``failure(error)``.
+    """
     try:
-        replace_in_directory(dir_fd, name, pem, mode=0o600, uid=owner, gid=group)
+        replace_in_directory(dir_fd, name, data, mode=0o600, uid=uid, gid=gid)
     except BrokerError as exc:
         if exc.reason == "not_regular_file":
             raise WrapperSystemError(
-                f"the payload's proxy copy {name} was replaced by something that is not a "
-                "regular file (a symbolic link?); refusing to write through it",
+                f"the payload's {what} was replaced by something that is not a regular "
+                "file (a symbolic link?); refusing to write through it",
                 reason="symlink",
             ) from None
-        raise WrapperSystemError(f"cannot refresh the proxy copy: {exc.message}") from None
+        raise failure(exc) from None
 
 
 @dataclass
@@ -496,10 +529,7 @@ def claim_default_proxy_path(uid: int, gid: int, *, attempts: int = 5) -> str | 
             continue  # somebody raced us; look again
         except OSError as exc:
             raise WrapperSystemError(f"cannot create {path}: {exc.strerror}") from exc
-        try:
-            _own(fd, uid, gid, 0o600)
-        finally:
-            os.close(fd)
+        _own_and_close(fd, uid, gid, 0o600)
         return note
     raise WrapperSystemError(
         f"{path} keeps being re-created by another account; the payload is not started",

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from broker.errors import BrokerError
-from broker.fileio import replace_in_directory
 from payload_wrapper.api import PreparedJob
 from payload_wrapper.errors import WrapperSystemError
+from payload_wrapper.sandbox import replace_payload_file
 
 TOKEN_NAME = "bearer_token"  # noqa: S105 - a file name
 TOKEN_ENV = "BEARER_TOKEN_FILE"  # noqa: S105 - a variable name
@@ -80,22 +80,17 @@ def _check_token(token: str) -> bytes:
 
 
 def _replace(dir_fd: int, data: bytes, *, uid: int | None, gid: int | None) -> None:
-    try:
-        replace_in_directory(dir_fd, TOKEN_NAME, data, mode=0o600, uid=uid, gid=gid)
-    except BrokerError as exc:
-        if exc.reason == "not_regular_file":
-            raise WrapperSystemError(
-                f"the payload's {TOKEN_NAME} was replaced by something that is not a regular "
-                "file (a symbolic link?); refusing to write through it",
-                reason="symlink",
-            ) from None
-        if exc.reason == "rename_failed":
-            raise WrapperSystemError(
-                f"cannot install the payload's token: {exc.message}", reason="token_write"
-            ) from None
-        raise WrapperSystemError(
-            f"cannot write the payload's token: {exc.message}", reason=exc.reason
-        ) from None
+    replace_payload_file(
+        dir_fd, TOKEN_NAME, data, uid=uid, gid=gid, what=TOKEN_NAME, failure=_write_failure
+    )
+
+
+def _write_failure(exc: BrokerError) -> WrapperSystemError:
+    if exc.reason == "rename_failed":
+        return WrapperSystemError(
+            f"cannot install the payload's token: {exc.message}", reason="token_write"
+        )
+    return WrapperSystemError(f"cannot write the payload's token: {exc.message}", reason=exc.reason)
 
 
 def place_token(job: PreparedJob, token: str) -> TokenFile:

@@ -356,6 +356,19 @@ def _register_login(bp: Blueprint, ui: _AdminUi) -> None:
 
 
 def _register_pages(bp: Blueprint, ui: _AdminUi) -> None:
+    _register_overview(bp, ui)
+    _register_audit(bp, ui)
+
+    @bp.get("/policy")
+    @ui.admin_only
+    def policy() -> ViewResult:
+        return ui.page("policy.html", view=ui.admin.policy_view())
+
+    _register_explain(bp, ui)
+
+
+def _register_overview(bp: Blueprint, ui: _AdminUi) -> None:
+    """The front page: credentials (filtered, paged) and the retrieval chart."""
     admin = ui.admin
 
     @bp.get("/")
@@ -406,6 +419,11 @@ def _register_pages(bp: Blueprint, ui: _AdminUi) -> None:
             totals=(sum(b.retrievals for b in buckets), sum(b.refusals for b in buckets)),
         )
 
+
+def _register_audit(bp: Blueprint, ui: _AdminUi) -> None:
+    """The audit log page: filtered records, paged with ``before``."""
+    admin = ui.admin
+
     @bp.get("/audit")
     @ui.admin_only
     def audit() -> ViewResult:
@@ -434,13 +452,6 @@ def _register_pages(bp: Blueprint, ui: _AdminUi) -> None:
         return ui.page(
             "audit.html", result=result, form=form, actions=AUDIT_ACTIONS, next_url=next_url
         )
-
-    @bp.get("/policy")
-    @ui.admin_only
-    def policy() -> ViewResult:
-        return ui.page("policy.html", view=admin.policy_view())
-
-    _register_explain(bp, ui)
 
 
 def _register_explain(bp: Blueprint, ui: _AdminUi) -> None:

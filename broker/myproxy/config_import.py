@@ -160,13 +160,27 @@ def _policy_rules(
     max_hours: int | None,
     self_authz: bool,
 ) -> list[str]:
-    """The broker policy rules (TOML text, one per item) for the translated directives."""
-    rules: list[str] = [
+    """The broker policy rules (TOML text, one per item) for the translated directives.
+
+    A fixed order: the lists of who may store, retrieve and renew, then the
+    owners' own renewal (allowed or refused), then key retrieval.
+    """
+    return [
         f"# Imported from {source} by `broker policy import-myproxy-config`.",
         "# MyProxy semantics: owners always inspect and destroy their own credentials.",
         "",
         _rule("owners inspect and destroy their own credentials", ["info", "destroy"], ["self"]),
+        *_access_list_rules(lists, first_line, max_hours=max_hours),
+        *_self_authorization_rules(self_authz, max_hours=max_hours),
+        *_key_retrieval_rules(lists, first_line),
     ]
+
+
+def _access_list_rules(
+    lists: dict[str, list[str]], first_line: dict[str, int], *, max_hours: int | None
+) -> list[str]:
+    """One rule per list of who may store, retrieve (passphrase or certificate) and renew."""
+    rules: list[str] = []
     if "accepted_credentials" in lists:
         rules.append(
             _rule(
@@ -210,8 +224,13 @@ def _policy_rules(
                 max_hours=max_hours,
             )
         )
+    return rules
+
+
+def _self_authorization_rules(self_authz: bool, *, max_hours: int | None) -> list[str]:
+    """allow_self_authorization: owners may renew their own credentials, or are refused."""
     if self_authz:
-        rules.append(
+        return [
             _rule(
                 "allow_self_authorization: owners renew their own credentials",
                 ["renew"],
@@ -219,34 +238,35 @@ def _policy_rules(
                 owner_list=True,
                 max_hours=max_hours,
             )
+        ]
+    # MyProxy refuses an owner as its own renewer or trusted retriever unless
+    # allow_self_authorization is true; the rule names are its error messages.
+    return [
+        _rule("self-authz not allowed for renewer", ["renew"], ["self"], effect="deny"),
+        _rule(
+            "self-authz not allowed for trusted retriever",
+            ["retrieve"],
+            ["self"],
+            auth=["certificate"],
+            effect="deny",
+        ),
+    ]
+
+
+def _key_retrieval_rules(lists: dict[str, list[str]], first_line: dict[str, int]) -> list[str]:
+    """authorized_key_retrievers: who may retrieve the key itself, with the passphrase."""
+    if "authorized_key_retrievers" not in lists:
+        return []
+    return [
+        _rule(
+            "authorized_key_retrievers: key retrieval with the passphrase",
+            ["retrieve-key"],
+            _requesters(lists["authorized_key_retrievers"]),
+            auth=["passphrase"],
+            owner_list=True,
+            line=first_line["authorized_key_retrievers"],
         )
-    else:
-        # MyProxy refuses an owner as its own renewer or trusted retriever unless
-        # allow_self_authorization is true; the rule names are its error messages.
-        rules.append(
-            _rule("self-authz not allowed for renewer", ["renew"], ["self"], effect="deny")
-        )
-        rules.append(
-            _rule(
-                "self-authz not allowed for trusted retriever",
-                ["retrieve"],
-                ["self"],
-                auth=["certificate"],
-                effect="deny",
-            )
-        )
-    if "authorized_key_retrievers" in lists:
-        rules.append(
-            _rule(
-                "authorized_key_retrievers: key retrieval with the passphrase",
-                ["retrieve-key"],
-                _requesters(lists["authorized_key_retrievers"]),
-                auth=["passphrase"],
-                owner_list=True,
-                line=first_line["authorized_key_retrievers"],
-            )
-        )
-    return rules
+    ]
 
 
 def _requesters(values: list[str], *, passphrase: bool = False) -> list[str]:
