@@ -21,7 +21,6 @@ NOT_YET: set[tuple[str, str]] = {
     ("broker/api/admin.py", "_register_pages"),
     ("broker/condor/jobad.py", "parse_job_ad"),
     ("broker/myproxy/config_import.py", "_policy_rules"),
-    ("broker/pki/voms.py", "make_ac_extension"),
     ("broker/service.py", "authorize_retrieval"),
     ("broker/service.py", "issue"),
     ("broker/service.py", "issue_access_token"),
