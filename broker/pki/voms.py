@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from broker.errors import BrokerError, DnSyntaxError, InputError, VomsError
 from broker.pki.dn import name_from_slash, slash_from_name
 from broker.pki.loading import Credential
-from broker.pki.trust import TrustStore
+from broker.pki.trust import TrustStore, signed_by
 from broker.policy import FqanError, parse_fqan
 
 __all__ = [
@@ -736,14 +736,6 @@ def _find_signer(ac: ParsedAC, label: str) -> x509.Certificate:
     )
 
 
-def _signed_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
-    try:
-        child.verify_directly_issued_by(parent)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
-
-
 def _is_ca(cert: x509.Certificate) -> bool:
     try:
         return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
@@ -805,7 +797,7 @@ def _signer_path(
     for _ in range(MAX_SIGNER_PATH):
         _check_time(current, now, label)
         for ca in trust.issuers_of(current):
-            if _signed_by(current, ca):
+            if signed_by(current, ca):
                 _check_time(ca, now, label)
                 _check_namespace(current, ca, trust, label)
                 _check_not_revoked(current, ca, trust, label)
@@ -813,7 +805,7 @@ def _signer_path(
         nexts = [
             c
             for c in embedded
-            if c != current and c not in path and _is_ca(c) and _signed_by(current, c)
+            if c != current and c not in path and _is_ca(c) and signed_by(current, c)
         ]
         if not nexts:
             break
@@ -1007,4 +999,4 @@ def make_ac_extension(
 
 
 def _is_self_signed(cert: x509.Certificate) -> bool:
-    return cert.issuer == cert.subject and _signed_by(cert, cert)
+    return cert.issuer == cert.subject and signed_by(cert, cert)
