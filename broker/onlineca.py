@@ -24,6 +24,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from broker.errors import ConfigError, CredentialError, CsrError, InputError
 from broker.fileio import read_private_file, validate_component
+from broker.pki.certprofile import end_entity_extensions, with_extensions
 from broker.pki.dn import name_from_slash, slash_from_name
 from broker.pki.loading import Credential, load_cert_and_key
 
@@ -142,27 +143,11 @@ class OnlineCa:
             .serial_number(x509.random_serial_number())
             .not_valid_before(max(now - BACKDATE, ca_cert.not_valid_before_utc))
             .not_valid_after(not_after)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                # digitalSignature is what lets the holder sign proxies (OpenSSL insists).
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=True,
-                    data_encipherment=True,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.ca.key.public_key()),
-                critical=False,
-            )
         )
-        return builder.sign(self.ca.key, hashes.SHA256())
+        extensions = end_entity_extensions(
+            public_key,
+            self.ca.key.public_key(),
+            extended_usages=[ExtendedKeyUsageOID.CLIENT_AUTH],
+            data_encipherment=True,
+        )
+        return with_extensions(builder, extensions).sign(self.ca.key, hashes.SHA256())

@@ -39,9 +39,10 @@ from broker.pki.proxy import (
     DRAFT_PROXY_CERT_INFO_OID,
     ProxyInfo,
     ProxyType,
+    extension_value,
     proxy_info,
 )
-from broker.pki.trust import TrustStore
+from broker.pki.trust import TrustStore, signed_by
 from broker.pki.voms import VomsAttributes, VomsDir, verify_chain_acs
 
 MAX_CHAIN_LENGTH = 16
@@ -113,27 +114,11 @@ def _last_cn(cert: x509.Certificate) -> str | None:
     return None
 
 
-def _has_draft_proxy_info(cert: x509.Certificate) -> bool:
-    try:
-        cert.extensions.get_extension_for_oid(DRAFT_PROXY_CERT_INFO_OID)
-    except x509.ExtensionNotFound:
-        return False
-    return True
-
-
-def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-    try:
-        cert.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, Exception):
-        return False
-    return True
-
-
 def _classify(chain: Sequence[x509.Certificate]) -> list[ProxyInfo]:
     """The proxy information of the leading proxies; checks structure on the way."""
     infos: list[ProxyInfo] = []
     for index, cert in enumerate(chain):
-        if _has_draft_proxy_info(cert):
+        if extension_value(cert, DRAFT_PROXY_CERT_INFO_OID) is not None:
             raise _fail(
                 "draft_proxy",
                 f"{_describe(cert)} is a pre-RFC (GSI-3 draft) proxy, which is not supported; "
@@ -188,7 +173,7 @@ def _check_proxy_rules(chain: Sequence[x509.Certificate], infos: Sequence[ProxyI
                 f"the proxy {_describe(cert)} is not named after its issuer "
                 f"{_describe(parent)} plus one CN component (RFC 3820 section 3.4)",
             )
-        if not _signed_by(cert, parent):
+        if not signed_by(cert, parent):
             raise _fail(
                 "bad_signature",
                 f"the proxy {_describe(cert)} is not signed by the key of {_describe(parent)}",

@@ -19,6 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from broker.pki.certprofile import end_entity_extensions, key_usage, with_extensions
 from broker.pki.dn import name_from_slash, slash_from_name
 from broker.pki.loading import Credential, PrivateKey
 from broker.pki.proxy import generate_key
@@ -50,20 +51,7 @@ def make_ca(
         .not_valid_before(now - timedelta(hours=1))
         .not_valid_after(now + timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(key_usage(key_cert_sign=True, crl_sign=True), critical=True)
         .add_extension(_ski(key), critical=False)
         .sign(key, hashes.SHA256())
     )
@@ -95,27 +83,15 @@ def issue_certificate(
         .serial_number(x509.random_serial_number())
         .not_valid_before(not_before or now - timedelta(hours=1))
         .not_valid_after(not_after or now + timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=True,
-                data_encipherment=kind == "user",
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.ExtendedKeyUsage(eku), critical=False)
-        .add_extension(_ski(key), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()),
-            critical=False,
-        )
+    )
+    builder = with_extensions(
+        builder,
+        end_entity_extensions(
+            key.public_key(),
+            ca.key.public_key(),
+            extended_usages=eku,
+            data_encipherment=kind == "user",
+        ),
     )
     if kind == "host":
         cn = name_from_slash(dn).get_attributes_for_oid(NameOID.COMMON_NAME)[-1].value

@@ -108,13 +108,19 @@ def decode_proxy_cert_info(der: bytes) -> ProxyInfo:
     return ProxyInfo(type=kind, policy_oid=oid, path_length=plen)
 
 
-def proxy_info(cert: x509.Certificate) -> ProxyInfo | None:
-    """The RFC 3820 proxy information of ``cert``, or None when it is not an RFC proxy."""
+def extension_value(cert: x509.Certificate, oid: ObjectIdentifier) -> x509.ExtensionType | None:
+    """The value of ``cert``'s extension ``oid``, or None when it has none."""
     try:
-        ext = cert.extensions.get_extension_for_oid(PROXY_CERT_INFO_OID)
+        return cert.extensions.get_extension_for_oid(oid).value
     except x509.ExtensionNotFound:
         return None
-    value = ext.value
+
+
+def proxy_info(cert: x509.Certificate) -> ProxyInfo | None:
+    """The RFC 3820 proxy information of ``cert``, or None when it is not an RFC proxy."""
+    value = extension_value(cert, PROXY_CERT_INFO_OID)
+    if value is None:
+        return None
     der = value.value if isinstance(value, x509.UnrecognizedExtension) else value.public_bytes()
     return decode_proxy_cert_info(der)
 
@@ -128,11 +134,7 @@ def job_id_extension(job_id: str) -> x509.UnrecognizedExtension:
 
 def proxy_job_id(cert: x509.Certificate) -> str | None:
     """The job id a proxy was issued for, or None (no such extension, or not a UTF8String)."""
-    try:
-        ext = cert.extensions.get_extension_for_oid(JOB_ID_OID)
-    except x509.ExtensionNotFound:
-        return None
-    value = ext.value
+    value = extension_value(cert, JOB_ID_OID)
     if not isinstance(value, x509.UnrecognizedExtension):
         return None
     try:

@@ -114,3 +114,14 @@ class TrustStore:
 def subject_hash(cert: x509.Certificate) -> str:
     """OpenSSL's subject hash (``openssl x509 -subject_hash``), the CA directory's file stem."""
     return f"{crypto.X509.from_cryptography(cert).subject_name_hash() & 0xFFFFFFFF:08x}"
+
+
+def signed_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
+    """Whether ``parent`` issued ``child``: its subject is ``child``'s issuer and its key
+    verifies ``child``'s signature.  Any failure to verify (a name or key type that does
+    not fit, an algorithm cryptography cannot check, a bad signature) answers no."""
+    try:
+        child.verify_directly_issued_by(parent)
+    except Exception:  # verification raises ValueError, TypeError, InvalidSignature and more
+        return False
+    return True

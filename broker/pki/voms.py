@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from broker.errors import BrokerError, DnSyntaxError, InputError, VomsError
 from broker.pki.dn import name_from_slash, slash_from_name
 from broker.pki.loading import Credential
-from broker.pki.trust import TrustStore
+from broker.pki.trust import TrustStore, signed_by
 from broker.policy import FqanError, parse_fqan
 
 __all__ = [
@@ -736,14 +736,6 @@ def _find_signer(ac: ParsedAC, label: str) -> x509.Certificate:
     )
 
 
-def _signed_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
-    try:
-        child.verify_directly_issued_by(parent)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
-
-
 def _is_ca(cert: x509.Certificate) -> bool:
     try:
         return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
@@ -805,7 +797,7 @@ def _signer_path(
     for _ in range(MAX_SIGNER_PATH):
         _check_time(current, now, label)
         for ca in trust.issuers_of(current):
-            if _signed_by(current, ca):
+            if signed_by(current, ca):
                 _check_time(ca, now, label)
                 _check_namespace(current, ca, trust, label)
                 _check_not_revoked(current, ca, trust, label)
@@ -813,7 +805,7 @@ def _signer_path(
         nexts = [
             c
             for c in embedded
-            if c != current and c not in path and _is_ca(c) and _signed_by(current, c)
+            if c != current and c not in path and _is_ca(c) and signed_by(current, c)
         ]
         if not nexts:
             break
@@ -902,6 +894,51 @@ def _checked_ac_fqans(*, vo: str, uri: str, fqans: Sequence[str], lifetime: time
     return full
 
 
+def _ac_serial(serial: int | None) -> int:
+    """The AC serial asked for, or a fresh random one of 63 bits; checked against RFC 5755."""
+    if serial is None:
+        serial = secrets.randbits(62) | (1 << 62)
+    if not 0 < serial < 1 << 159:
+        raise InputError("an AC serial number must be positive and at most 20 bytes")
+    return serial
+
+
+def _fqan_attribute(vo: str, uri: str, full: Sequence[str]) -> dict[str, Any]:
+    """The one IetfAttrSyntax attribute: policyAuthority ``vo://uri`` and the FQANs."""
+    value = cms.IetfAttrSyntax(
+        {
+            "policy_authority": [
+                asn1_x509.GeneralName(name="uniform_resource_identifier", value=f"{vo}://{uri}")
+            ],
+            "values": [cms.IetfAttrValue(name="octets", value=q.encode("utf-8")) for q in full],
+        }
+    )
+    return {"type": FQAN_ATTRIBUTE_OID, "values": cms.SetOfAny([core.Any.load(value.dump())])}
+
+
+def _ac_extensions(signer: Credential) -> list[dict[str, Any]]:
+    """ACCERTS (the signer's chain without its root), noRevAvail, authorityKeyIdentifier."""
+    accerts = _AcCerts(
+        {
+            "certs": [
+                asn1_x509.Certificate.load(c.public_bytes(Encoding.DER))
+                for c in signer.chain
+                if not _is_self_signed(c)
+            ]
+        }
+    )
+    return [
+        {"extn_id": ACCERTS_OID, "extn_value": accerts.dump()},
+        {"extn_id": NO_REV_AVAIL_OID, "extn_value": core.Null().dump()},
+        {
+            "extn_id": AUTHORITY_KEY_ID_OID,
+            "extn_value": asn1_x509.AuthorityKeyIdentifier(
+                {"key_identifier": _key_identifier(signer.cert)}
+            ),
+        },
+    ]
+
+
 def make_ac_extension(
     holder: x509.Certificate,
     signer: Credential,
@@ -925,40 +962,7 @@ def make_ac_extension(
         raise InputError("the AC signer credential has no private key")
     full = _checked_ac_fqans(vo=vo, uri=uri, fqans=fqans, lifetime=lifetime)
     start = _as_utc(now).replace(microsecond=0)
-    end = start + lifetime
-    if serial is None:
-        serial = secrets.randbits(62) | (1 << 62)
-    if not 0 < serial < 1 << 159:
-        raise InputError("an AC serial number must be positive and at most 20 bytes")
-
-    signer_cert = signer.cert
-    attribute_value = cms.IetfAttrSyntax(
-        {
-            "policy_authority": [
-                asn1_x509.GeneralName(name="uniform_resource_identifier", value=f"{vo}://{uri}")
-            ],
-            "values": [cms.IetfAttrValue(name="octets", value=q.encode("utf-8")) for q in full],
-        }
-    )
-    accerts = _AcCerts(
-        {
-            "certs": [
-                asn1_x509.Certificate.load(c.public_bytes(Encoding.DER))
-                for c in signer.chain
-                if not _is_self_signed(c)
-            ]
-        }
-    )
-    extensions = [
-        {"extn_id": ACCERTS_OID, "extn_value": accerts.dump()},
-        {"extn_id": NO_REV_AVAIL_OID, "extn_value": core.Null().dump()},
-        {
-            "extn_id": AUTHORITY_KEY_ID_OID,
-            "extn_value": asn1_x509.AuthorityKeyIdentifier(
-                {"key_identifier": _key_identifier(signer_cert)}
-            ),
-        },
-    ]
+    serial = _ac_serial(serial)
     algorithm = _signature_algorithm_for(signer.key)
     info = cms.AttributeCertificateInfoV2(
         {
@@ -971,28 +975,23 @@ def make_ac_extension(
             },
             "issuer": cms.AttCertIssuer(
                 name="v2_form",
-                value={
-                    "issuer_name": [_directory_name(signer_cert.subject)],
-                },
+                value={"issuer_name": [_directory_name(signer.cert.subject)]},
             ),
             "signature": algorithm,
             "serial_number": serial,
-            "att_cert_validity_period": {"not_before_time": start, "not_after_time": end},
-            "attributes": [
-                {
-                    "type": FQAN_ATTRIBUTE_OID,
-                    "values": cms.SetOfAny([core.Any.load(attribute_value.dump())]),
-                }
-            ],
-            "extensions": extensions,
+            "att_cert_validity_period": {
+                "not_before_time": start,
+                "not_after_time": start + lifetime,
+            },
+            "attributes": [_fqan_attribute(vo, uri, full)],
+            "extensions": _ac_extensions(signer),
         }
     )
-    tbs = bytes(info.dump())
     ac = cms.AttributeCertificateV2(
         {
             "ac_info": info,
             "signature_algorithm": algorithm,
-            "signature": _sign(signer.key, tbs),
+            "signature": _sign(signer.key, bytes(info.dump())),
         }
     )
     envelope = _AcWrapper([_AcList([ac])])
@@ -1000,4 +999,4 @@ def make_ac_extension(
 
 
 def _is_self_signed(cert: x509.Certificate) -> bool:
-    return cert.issuer == cert.subject and _signed_by(cert, cert)
+    return cert.issuer == cert.subject and signed_by(cert, cert)

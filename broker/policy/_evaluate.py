@@ -287,34 +287,32 @@ def _owner_layer(
         return None
     key, label, entries = selected
     if entries is None:
-        trace.append(
-            TraceEntry("owner", key, _OWNER_FILE, 0, "allow", True, f"owner set no {label}")
-        )
+        trace.append(_owner_step(key, True, f"owner set no {label}"))
         return None
-    ref = RuleRef(_OWNER_FILE, key, 0)
     compiled = compile_owner_entries(policy_set, entries)
     if isinstance(compiled, str):
-        trace.append(TraceEntry("owner", key, _OWNER_FILE, 0, "allow", False, compiled))
-        return (
-            REASON_BAD_OWNER,
+        trace.append(_owner_step(key, False, compiled))
+        message = (
             f"denied: the {label} list of {_describe_target(request)} cannot be used "
-            f"({compiled}); the owner must store the credential again with a valid list",
-            ref,
+            f"({compiled}); the owner must store the credential again with a valid list"
         )
+        return REASON_BAD_OWNER, message, RuleRef(_OWNER_FILE, key, 0)
     via = _first_match(compiled, request)
     if via is None:
         why = f"requester matches none of {_sources(compiled)}" if compiled else "list is empty"
-        trace.append(TraceEntry("owner", key, _OWNER_FILE, 0, "allow", False, why))
-        return (
-            REASON_OWNER,
+        trace.append(_owner_step(key, False, why))
+        message = (
             f"denied: the owner of {_describe_target(request)} does not list {who} among its "
-            f"{label}; run `{hint}`",
-            ref,
+            f"{label}; run `{hint}`"
         )
-    trace.append(
-        TraceEntry("owner", key, _OWNER_FILE, 0, "allow", True, f"requester matched {via}")
-    )
+        return REASON_OWNER, message, RuleRef(_OWNER_FILE, key, 0)
+    trace.append(_owner_step(key, True, f"requester matched {via}"))
     return None
+
+
+def _owner_step(key: str, matched: bool, note: str) -> TraceEntry:
+    """The trace line of the owner's list ``key``: whether it let the request through."""
+    return TraceEntry("owner", key, _OWNER_FILE, 0, "allow", matched, note)
 
 
 def compile_owner_entries(

@@ -44,39 +44,49 @@ class Fqan:
         return text
 
 
+# The qualifiers that may follow the groups, in order: each one's place in that order
+# (an FQAN may name a qualifier only after everything of a lower place) and where
+# the error message says it belongs.
+_QUALIFIERS: dict[str, tuple[int, str]] = {
+    "Role": (1, "after the groups"),
+    "Capability": (2, "last"),
+}
+
+
 def parse_fqan(text: str) -> Fqan:
     """Parse a full or short FQAN; raise FqanError naming the problem."""
     if not text.startswith("/"):
         raise FqanError(f'bad FQAN "{text}": it must start with "/" (e.g. /atlas/Role=production)')
     groups: list[str] = []
-    role: str | None = None
-    capability: str | None = None
-    seen_role = seen_capability = False
+    qualifiers: dict[str, str | None] = {}
+    place = 0  # 0 while reading groups, then the place of the last qualifier seen
     for part in text[1:].split("/"):
-        if part.startswith("Role="):
-            if seen_role or seen_capability:
-                raise FqanError(f'bad FQAN "{text}": Role= must appear once, after the groups')
-            seen_role = True
-            value = part[len("Role=") :]
-            if value != "NULL":
-                if not _ROLE_RE.fullmatch(value):
-                    raise FqanError(f'bad FQAN "{text}": bad role "{value}"')
-                role = value
-        elif part.startswith("Capability="):
-            if seen_capability:
-                raise FqanError(f'bad FQAN "{text}": Capability= must appear once, last')
-            seen_capability = True
-            value = part[len("Capability=") :]
-            if value != "NULL":
-                if not _ROLE_RE.fullmatch(value):
-                    raise FqanError(f'bad FQAN "{text}": bad capability "{value}"')
-                capability = value
+        name, _, value = part.partition("=")
+        if part.startswith(("Role=", "Capability=")):
+            rank, where = _QUALIFIERS[name]
+            if place >= rank:
+                raise FqanError(f'bad FQAN "{text}": {name}= must appear once, {where}')
+            place = rank
+            qualifiers[name] = _qualifier_value(text, name, value)
         else:
-            if seen_role or seen_capability:
+            if place > 0:
                 raise FqanError(f'bad FQAN "{text}": group "{part}" after Role=/Capability=')
             if not _GROUP_RE.fullmatch(part):
                 raise FqanError(f'bad FQAN "{text}": bad group name "{part}"')
             groups.append(part)
     if not groups:
         raise FqanError(f'bad FQAN "{text}": it names no VO group')
-    return Fqan(groups=tuple(groups), role=role, capability=capability)
+    return Fqan(
+        groups=tuple(groups),
+        role=qualifiers.get("Role"),
+        capability=qualifiers.get("Capability"),
+    )
+
+
+def _qualifier_value(text: str, name: str, value: str) -> str | None:
+    """A Role or Capability value: None for ``NULL``, else a checked name."""
+    if value == "NULL":
+        return None
+    if not _ROLE_RE.fullmatch(value):
+        raise FqanError(f'bad FQAN "{text}": bad {name.lower()} "{value}"')
+    return value
