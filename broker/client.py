@@ -36,7 +36,14 @@ from broker import errors
 from broker.errors import BrokerError, ConfigError, InputError, SystemFailure
 from broker.fileio import read_private_file
 from broker.naming import DEFAULT_CREDENTIAL
-from broker.pki.loading import Credential, chain_to_pem, load_cert_and_key, load_credential
+from broker.pki.loading import (
+    Credential,
+    PrivateKey,
+    chain_to_pem,
+    load_cert_and_key,
+    load_certificates,
+    load_credential,
+)
 from broker.pki.proxy import csr_to_pem, generate_key, load_csr, make_csr, sign_request
 
 DEFAULT_PORT = 8443
@@ -368,20 +375,15 @@ class BrokerClient:
             "name": name,
             "limited": limited,
         }
-        for field, value in (
-            ("username", username),
-            ("owner", owner),
-            ("job_id", job_id),
-            ("passphrase", passphrase),
-            ("lifetime_hours", lifetime_hours),
-        ):
-            if value is not None:
-                body[field] = value
-        result = self.call("POST", "/v1/retrievals", body)
-        from broker.pki.loading import load_certificates
-
-        chain = tuple(load_certificates(_field(result, "chain").encode()))
-        return Credential(chain=chain, key=key), result
+        _add_given(
+            body,
+            username=username,
+            owner=owner,
+            job_id=job_id,
+            passphrase=passphrase,
+            lifetime_hours=lifetime_hours,
+        )
+        return _issued(self.call("POST", "/v1/retrievals", body), key)
 
     def renew(
         self,
@@ -394,7 +396,6 @@ class BrokerClient:
         job_id: str | None = None,
         key_type: str = "rsa",
     ) -> tuple[Credential, dict[str, Any]]:
-        from broker.pki.loading import load_certificates
         from broker.service import sign_challenge
 
         challenge = _field(self.call("GET", "/v1/renewals/challenge"), "challenge")
@@ -406,17 +407,10 @@ class BrokerClient:
             "authz_chain": chain_to_pem(authz.chain).decode(),
             "signature": base64.b64encode(sign_challenge(authz.key, challenge.encode())).decode(),
         }
-        for field, value in (
-            ("username", username),
-            ("owner", owner),
-            ("job_id", job_id),
-            ("lifetime_hours", lifetime_hours),
-        ):
-            if value is not None:
-                body[field] = value
-        result = self.call("POST", "/v1/renewals", body)
-        chain = tuple(load_certificates(_field(result, "chain").encode()))
-        return Credential(chain=chain, key=key), result
+        _add_given(
+            body, username=username, owner=owner, job_id=job_id, lifetime_hours=lifetime_hours
+        )
+        return _issued(self.call("POST", "/v1/renewals", body), key)
 
     def info(self, *, username: str | None = None, name: str | None = None) -> dict[str, Any]:
         query = "&".join(f"{k}={v}" for k, v in (("username", username), ("name", name)) if v)
@@ -431,6 +425,17 @@ class BrokerClient:
             "DELETE", f"/v1/credentials/{quote(username, safe='')}/{quote(name, safe='')}"
         )
         return result
+
+
+def _add_given(body: dict[str, Any], **fields: Any) -> None:
+    """Put the optional request fields that were given (not None) into ``body``."""
+    body.update((k, v) for k, v in fields.items() if v is not None)
+
+
+def _issued(result: dict[str, Any], key: PrivateKey) -> tuple[Credential, dict[str, Any]]:
+    """The proxy a retrieval or renewal answered, with the key its CSR was made from."""
+    chain = tuple(load_certificates(_field(result, "chain").encode()))
+    return Credential(chain=chain, key=key), result
 
 
 def _field(data: Any, key: str) -> str:

@@ -725,6 +725,28 @@ class BrokerService:
             return matches[0]
         raise InputError("name the credential's owner: a username or the owner's DN")
 
+    def _authorize_delegation(self, requester: Requester, options: DelegationOptions) -> Decision:
+        """Refuse options out of bounds, a username bound to someone else, or a delegation
+        the policy does not allow (before any key is made or chain is read)."""
+        self._check_options(options)
+        self._check_username_binding(requester, options.username)
+        return self._may_delegate(requester, options.username, options.name)
+
+    def _may_delegate(self, requester: Requester, username: str, name: str) -> Decision:
+        """The policy's allowing ``delegate`` decision for the requester's own slot."""
+        if requester.dn is None:
+            raise AuthenticationError("delegation needs a client certificate or proxy")
+        decision = self._decide(
+            requester,
+            Action.DELEGATE,
+            owner_dn=requester.dn,
+            owner_fqans=requester.fqans,
+            name=name,
+            username=username,
+        )
+        decision.raise_if_denied()
+        return decision
+
     def _check_username_binding(self, requester: Requester, username: str) -> None:
         """With ``username_binding = "dn"`` the username is the owner's DN-derived name, so
         nobody can store a credential under another person's username."""
@@ -779,17 +801,7 @@ class BrokerService:
                 # Refused before a key is made and a pending row is written: the chain it
                 # would sign is limited, and this broker would refuse it at the end anyway.
                 _refuse_limited(requester, "start a delegation on this broker")
-            self._check_options(options)
-            self._check_username_binding(requester, options.username)
-            decision = self._decide(
-                requester,
-                Action.DELEGATE,
-                owner_dn=requester.dn,
-                owner_fqans=requester.fqans,
-                name=options.name,
-                username=options.username,
-            )
-            decision.raise_if_denied()
+            decision = self._authorize_delegation(requester, options)
             key = generate_key(self.config.delegation_key, self.config.delegation_key_bits)
             csr = make_csr(key)
             pending = self.store.create_pending(
@@ -952,16 +964,7 @@ class BrokerService:
                 raise InputError(
                     "an encrypted key is stored without PASSPHRASE: its own passphrase protects it"
                 )
-            self._check_options(options)
-            self._check_username_binding(requester, options.username)
-            self._decide(
-                requester,
-                Action.DELEGATE,
-                owner_dn=requester.dn,
-                owner_fqans=requester.fqans,
-                name=options.name,
-                username=options.username,
-            ).raise_if_denied()
+            self._authorize_delegation(requester, options)
             now = self.now()
             info = self._check_delegated_chain(requester, credential.chain, now)
             record = self._store_chain(
@@ -1120,55 +1123,27 @@ class BrokerService:
                 "kept %s/%s as stored by its owner: %s", record.username, record.name, exc.message
             )
 
-    def record_authenticated_only(self, requester: Requester, grant: RetrievalGrant) -> None:
-        """Audit a granted retrieval the client ended before asking for a proxy
-        (myproxy-logon -N): allowed, nothing issued."""
-        record = grant.record
-        self.store.add_audit(
-            self._audit(
-                requester,
-                grant.action.value,
-                "allow",
-                reason="authenticated only (myproxy-logon -N): no proxy issued",
-                owner_dn=record.owner_dn,
-                username=record.username,
-                name=record.name,
-                job_id=grant.job_id,
-            ),
-            now=self.now(),
-        )
+    def authenticated_only(self, requester: Requester, grant: RetrievalGrant) -> None:
+        """A granted retrieval the client ended before asking for a proxy
+        (myproxy-logon -N): audited as allowed, nothing issued."""
+        with self.audited(requester, grant.action, _grant_where(grant)) as scope:
+            scope.allow("authenticated only (myproxy-logon -N): no proxy issued")
 
     def release_key(self, requester: Requester, grant: RetrievalGrant, passphrase: str) -> bytes:
         """MyProxy RETRIEVE: the stored chain and its key, the key encrypted under the
         passphrase the requester proved. Only for a grant of ``retrieve-key`` (a distinct
         policy action, never granted by an allow ``"*"``); audited like a retrieval."""
-        record = grant.record
-        where: dict[str, Any] = {
-            "owner_dn": record.owner_dn,
-            "username": record.username,
-            "name": record.name,
-            "job_id": grant.job_id,
-        }
-        if grant.action is not Action.RETRIEVE_KEY or grant.issuer.key is None:
-            raise AuthorizationError(
-                "this grant does not release a private key", reason="not_key_retrieval"
+        with self.audited(requester, Action.RETRIEVE_KEY, _grant_where(grant)) as scope:
+            if grant.action is not Action.RETRIEVE_KEY or grant.issuer.key is None:
+                raise AuthorizationError(
+                    "this grant does not release a private key", reason="not_key_retrieval"
+                )
+            pem = chain_to_pem(grant.issuer.chain) + grant.issuer.key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.BestAvailableEncryption(passphrase.encode()),
             )
-        pem = chain_to_pem(grant.issuer.chain) + grant.issuer.key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.BestAvailableEncryption(passphrase.encode()),
-        )
-        decision = grant.decision
-        self.store.add_audit(
-            self._audit(
-                requester,
-                Action.RETRIEVE_KEY.value,
-                "allow",
-                reason=f"{decision.reason}: {decision.rule.name if decision.rule else ''}",
-                **where,
-            ),
-            now=self.now(),
-        )
+            scope.allow(_allow_reason(grant.decision))
         return pem
 
     def issue(
@@ -1188,12 +1163,7 @@ class BrokerService:
         yields a limited proxy.
         """
         record, decision = grant.record, grant.decision
-        where: dict[str, Any] = {
-            "owner_dn": record.owner_dn,
-            "username": record.username,
-            "name": record.name,
-            "job_id": grant.job_id,
-        }
+        where = _grant_where(grant)
         with self.audited(requester, grant.action, where) as scope:
             if not isinstance(csr, x509.CertificateSigningRequest):
                 csr = load_csr(csr)
@@ -1208,7 +1178,7 @@ class BrokerService:
                 proxy_type=proxy_type,
                 job_id=_audit_text(grant.job_id, 255),
             )  # as audited
-            scope.allow(f"{decision.reason}: {decision.rule.name if decision.rule else ''}")
+            scope.allow(_allow_reason(decision))
         return IssuedProxy(
             chain=issued,
             lifetime=granted,
@@ -1700,14 +1670,7 @@ class BrokerService:
                     "refresh token under your own username",
                     reason="not_owner",
                 )
-            self._decide(
-                requester,
-                Action.DELEGATE,
-                owner_dn=requester.dn,
-                owner_fqans=requester.fqans,
-                name=f"token:{config.name}",
-                username=username,
-            ).raise_if_denied()
+            self._may_delegate(requester, username, f"token:{config.name}")
             record = self._refresh_tokens.put(
                 owner_dn=requester.dn,
                 username=username,
@@ -1857,10 +1820,7 @@ class BrokerService:
                     "the audience must be 1..1024 printable characters", reason="bad_field"
                 )
             access = self._cached_access_token(directory, config, record, wanted, audience)
-            scope.allow(
-                f"{decision.reason}: {decision.rule.name if decision.rule else ''}; "
-                f"scopes {' '.join(wanted)}"
-            )
+            scope.allow(f"{_allow_reason(decision)}; scopes {' '.join(wanted)}")
         return access
 
     def _cached_access_token(
@@ -1978,6 +1938,22 @@ def _no_passphrase_set(record: CredentialRecord) -> AuthenticationError:
 def _wrong_passphrase() -> AuthenticationError:
     """What a client is told for any passphrase that does not open the credential."""
     return AuthenticationError(INVALID_PASSPHRASE, reason=INVALID_PASSPHRASE_REASON)
+
+
+def _allow_reason(decision: Decision) -> str:
+    """An allow row's reason: the policy's reason and the rule that allowed."""
+    return f"{decision.reason}: {decision.rule.name if decision.rule else ''}"
+
+
+def _grant_where(grant: RetrievalGrant) -> dict[str, Any]:
+    """The audit fields of a granted retrieval."""
+    record = grant.record
+    return {
+        "owner_dn": record.owner_dn,
+        "username": record.username,
+        "name": record.name,
+        "job_id": grant.job_id,
+    }
 
 
 def _check_retrieval_form(

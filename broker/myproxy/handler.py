@@ -15,7 +15,8 @@ from __future__ import annotations
 import logging
 import re
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any, Literal, NoReturn, Protocol
@@ -120,6 +121,18 @@ def _shown(name: str) -> str:
 
 class _Missing(Refusal):
     """No such credential (MyProxy's wording)."""
+
+
+@contextmanager
+def _owner_refusals(request: codec.Request, dn: str) -> Iterator[None]:
+    """Word the service's refusals of an owner's command (destroy, change passphrase) as
+    the reference does: someone else's credential is told as missing or as not owned."""
+    try:
+        yield
+    except NotFound:  # someone else's: told as missing (the service audited why)
+        raise _not_found(request.username, request.cred_name, audited=True) from None
+    except AuthorizationError as exc:
+        raise _not_owned(exc, dn) from None
 
 
 def _not_found(username: str, cred_name: str | None, *, audited: bool = False) -> Refusal:
@@ -310,7 +323,7 @@ class Session:
                 raise
             # myproxy-logon -N: it only wanted to know that the passphrase (or its
             # certificate) is accepted, and closes after the OK. A success, not an error.
-            self.service.record_authenticated_only(requester, grant)
+            self.service.authenticated_only(requester, grant)
             return
         lifetime = timedelta(seconds=request.lifetime) if request.lifetime > 0 else None
         if lifetime is not None and self.settings.max_lifetime is not None:
@@ -535,12 +548,8 @@ class Session:
     def _destroy(self, request: codec.Request) -> None:
         dn = self._need_identity("myproxy-destroy")
         record = self._find(request.username, request.cred_name)
-        try:
+        with _owner_refusals(request, dn):
             self.service.destroy(self.requester, username=record.username, name=record.name)
-        except NotFound:  # someone else's: told as missing (the service audited why)
-            raise _not_found(request.username, request.cred_name, audited=True) from None
-        except AuthorizationError as exc:
-            raise _not_owned(exc, dn) from None
         self.channel.send(codec.ok())
 
     def _change_passphrase(self, request: codec.Request) -> None:
@@ -549,21 +558,18 @@ class Session:
         if not request.new_phrase:
             raise Refusal("no new passphrase was given (NEW_PHRASE is empty)")
         try:
-            self.service.change_passphrase(
-                self.requester,
-                username=record.username,
-                name=record.name,
-                old=request.passphrase or None if record.passphrase_protected else None,
-                new=request.new_phrase,
-            )
+            with _owner_refusals(request, dn):
+                self.service.change_passphrase(
+                    self.requester,
+                    username=record.username,
+                    name=record.name,
+                    old=request.passphrase or None if record.passphrase_protected else None,
+                    new=request.new_phrase,
+                )
         except TooManyAttempts as exc:
             raise Refusal(exc.message, audited=True) from None
         except AuthenticationError:
             raise Refusal(BAD_PASSWORD, audited=True) from None
-        except NotFound:  # someone else's: told as missing (the service audited why)
-            raise _not_found(request.username, request.cred_name, audited=True) from None
-        except AuthorizationError as exc:
-            raise _not_owned(exc, dn) from None
         self.channel.send(codec.ok())
 
     # ------------------------------------------------------------------ RETRIEVE (6) / TRUST (7)

@@ -267,6 +267,20 @@ class IssuerDirectory:
             )
         return endpoint
 
+    def _post_token(
+        self, issuer: IssuerConfig, form: dict[str, str]
+    ) -> tuple[requests.Response, dict[str, Any]]:
+        """POST a grant to the issuer's token endpoint (with the client's credentials)."""
+        response = self._call(
+            issuer,
+            "POST",
+            self._token_endpoint(issuer),
+            "token endpoint",
+            data=form,
+            **self._client_auth(issuer),
+        )
+        return response, self._json(issuer, response, "token")
+
     def refresh(
         self,
         issuer: IssuerConfig,
@@ -286,15 +300,7 @@ class IssuerDirectory:
             form["scope"] = " ".join(scopes)
         if audience:
             form["audience"] = audience
-        response = self._call(
-            issuer,
-            "POST",
-            self._token_endpoint(issuer),
-            "token endpoint",
-            data=form,
-            **self._client_auth(issuer),
-        )
-        data = self._json(issuer, response, "token")
+        response, data = self._post_token(issuer, form)
         if response.status_code == 200:
             return _token_response(issuer, data)
         error = str(data.get("error", ""))
@@ -363,15 +369,7 @@ class IssuerDirectory:
             "device_code": device.device_code,
             "client_id": issuer.client_id,
         }
-        response = self._call(
-            issuer,
-            "POST",
-            self._token_endpoint(issuer),
-            "token endpoint",
-            data=form,
-            **self._client_auth(issuer),
-        )
-        data = self._json(issuer, response, "token")
+        response, data = self._post_token(issuer, form)
         if response.status_code == 200:
             return _token_response(issuer, data)
         return str(data.get("error", f"http_{response.status_code}"))
