@@ -12,12 +12,13 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import click
 
-from broker.cli.common import format_timedelta, reports_errors, run_command, utcnow
+from broker.cli.common import F, format_timedelta, reports_errors, run_command, utcnow
 from broker.client import BrokerClient, ClientIdentity
 from broker.errors import InputError
 from broker.fileio import read_private_file, write_private_file
@@ -88,6 +89,26 @@ common_name = click.option(
 )
 
 
+def identity_options(
+    proxy_help: str = "Authenticate with this proxy file.",
+    cert_help: str = "Authenticate with this certificate.",
+    key_help: str = "Key for --cert.",
+) -> Callable[[F], F]:
+    """--proxy, --cert and --key: the credential this command presents to the broker."""
+    options = (
+        click.option("--proxy", help=proxy_help),
+        click.option("--cert", help=cert_help),
+        click.option("--key", help=key_help),
+    )
+
+    def add(func: F) -> F:
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return add
+
+
 @click.command("broker-init")
 @common_server
 @common_user
@@ -131,9 +152,11 @@ common_name = click.option(
     default=False,
     help="Protect the credential with a passphrase (prompted).",
 )
-@click.option("--proxy", help="Delegate from this proxy file [X509_USER_PROXY].")
-@click.option("--cert", help="User certificate [X509_USER_CERT, ~/.globus/usercert.pem].")
-@click.option("--key", help="User key [X509_USER_KEY, ~/.globus/userkey.pem].")
+@identity_options(
+    proxy_help="Delegate from this proxy file [X509_USER_PROXY].",
+    cert_help="User certificate [X509_USER_CERT, ~/.globus/usercert.pem].",
+    key_help="User key [X509_USER_KEY, ~/.globus/userkey.pem].",
+)
 @click.option(
     "--pam",
     "use_pam",
@@ -200,19 +223,14 @@ def init_cmd(
         client, credential = _online_ca_client(
             server, ca_dir, username or _default_username(), stdin_pass
         )
-        passphrase = None
-        if want_pass:  # with --pam, -S carries the password; a passphrase is line 2
-            passphrase = _read_passphrase(
-                stdin_pass, "Enter a passphrase for the stored credential: "
-            )
+        ask_passphrase = want_pass  # with --pam, -S carries the password; a passphrase is line 2
     else:
         client = _client(server, ca_dir, proxy, cert, key)
         credential = client.identity.load()
-        passphrase = None
-        if stdin_pass or want_pass:
-            passphrase = _read_passphrase(
-                stdin_pass, "Enter a passphrase for the stored credential: "
-            )
+        ask_passphrase = stdin_pass or want_pass
+    passphrase = None
+    if ask_passphrase:
+        passphrase = _read_passphrase(stdin_pass, "Enter a passphrase for the stored credential: ")
     result = client.delegate(
         credential,
         username=username or _default_username(),
@@ -309,9 +327,7 @@ def _report_init(result: dict[str, Any], client: BrokerClient, as_json: bool) ->
 @click.option("--job-id", help="The job this proxy is for (recorded in the audit).")
 @click.option("-S", "--stdin-pass", is_flag=True, help="Read the passphrase from stdin.")
 @click.option("--key-type", type=click.Choice(["rsa", "ec"]), default="rsa", show_default=True)
-@click.option("--proxy", help="Authenticate with this proxy file.")
-@click.option("--cert", help="Authenticate with this certificate.")
-@click.option("--key", help="Key for --cert.")
+@identity_options()
 @click.option(
     "--pam",
     "use_pam",
@@ -393,9 +409,7 @@ def logon_cmd(
 @common_user
 @click.option("-k", "--credname", help="Only this credential.")
 @common_ca
-@click.option("--proxy", help="Authenticate with this proxy file.")
-@click.option("--cert", help="Authenticate with this certificate.")
-@click.option("--key", help="Key for --cert.")
+@identity_options()
 @click.option("--json", "as_json", is_flag=True)
 @reports_errors
 def info_cmd(
@@ -452,9 +466,7 @@ def info_cmd(
 @common_user
 @common_name
 @common_ca
-@click.option("--proxy", help="Authenticate with this proxy file.")
-@click.option("--cert", help="Authenticate with this certificate.")
-@click.option("--key", help="Key for --cert.")
+@identity_options()
 @reports_errors
 def destroy_cmd(
     server: str | None,
