@@ -244,7 +244,15 @@ def init_cmd(
         passphrase=passphrase,
         now=utcnow(),
     )
-    _report_init(result, client, as_json)
+    _report(
+        result,
+        as_json,
+        lambda: (
+            f"A proxy valid for {format_timedelta(result['timeleft'])} for user "
+            f"{result['username']} (credential {result['name']!r}) now exists on "
+            f"{client.host}:{client.port}."
+        ),
+    )
 
 
 def _init_token(
@@ -295,25 +303,20 @@ def _init_token(
                     f"--token-issuer {issuer}` again"
                 )
             time.sleep(interval)
-    if as_json:
-        click.echo(json.dumps(result, indent=2))
-        return
-    click.echo(
-        f"A refresh token for {result.get('username')} at issuer {result.get('issuer')} "
-        f"(scopes: {' '.join(result.get('scopes') or []) or 'as granted'}) is now "
-        f"stored on {client.host}:{client.port}."
+    _report(
+        result,
+        as_json,
+        lambda: (
+            f"A refresh token for {result.get('username')} at issuer {result.get('issuer')} "
+            f"(scopes: {' '.join(result.get('scopes') or []) or 'as granted'}) is now "
+            f"stored on {client.host}:{client.port}."
+        ),
     )
 
 
-def _report_init(result: dict[str, Any], client: BrokerClient, as_json: bool) -> None:
-    if as_json:
-        click.echo(json.dumps(result, indent=2))
-        return
-    click.echo(
-        f"A proxy valid for {format_timedelta(result['timeleft'])} for user "
-        f"{result['username']} (credential {result['name']!r}) now exists on "
-        f"{client.host}:{client.port}."
-    )
+def _report(result: dict[str, Any], as_json: bool, sentence: Callable[[], str]) -> None:
+    """Print the broker's answer: as JSON with --json, else the sentence made from it."""
+    click.echo(json.dumps(result, indent=2) if as_json else sentence())
 
 
 @click.command("broker-logon")
