@@ -6,6 +6,7 @@ not authenticated, 4 no such credential.
 
 from __future__ import annotations
 
+import functools
 import getpass
 import json
 import os
@@ -372,29 +373,17 @@ def logon_cmd(
 
         pam_client = PamClient(server, ca_dir=ca_dir or default_ca_dir())
         password = _read_passphrase(stdin_pass, f"PAM password for {username}: ")
-        cred, result = pam_client.pam_retrieve(
-            username=username,
-            password=password,
-            name=credname,
-            lifetime_hours=hours,
-            job_id=job_id,
-            limited=limited,
-            key_type=key_type,
-        )
-        client: BrokerClient = pam_client
+        retrieve = functools.partial(pam_client.pam_retrieve, username=username, password=password)
     else:
         client = _client(server, ca_dir, proxy, cert, key)
         passphrase = _read_passphrase(True, "") if stdin_pass else None
-        cred, result = client.retrieve(
-            username=username,
-            owner=owner,
-            name=credname,
-            lifetime_hours=hours,
-            job_id=job_id,
-            passphrase=passphrase,
-            limited=limited,
-            key_type=key_type,
+        retrieve = functools.partial(
+            client.retrieve, username=username, owner=owner, passphrase=passphrase
         )
+    # What the proxy should be is asked the same way whichever way we authenticated.
+    cred, result = retrieve(
+        name=credname, lifetime_hours=hours, job_id=job_id, limited=limited, key_type=key_type
+    )
     target = out or f"/tmp/x509up_u{os.getuid()}"  # noqa: S108 - the grid convention
     write_private_file(target, credential_to_pem(cred), mode=0o600, overwrite=True)
     if as_json:
