@@ -1,4 +1,5 @@
-"""What every command shares: error reporting and exit codes.
+"""What the commands share: error reporting, exit codes, the options naming a
+server's configuration and state, and opening its store.
 
 Exit codes (all commands):
 
@@ -13,18 +14,61 @@ Exit codes (all commands):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from typing import ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import click
 
 from broker.errors import BrokerError
 
+if TYPE_CHECKING:
+    from broker.config import ServerConfig
+    from broker.store import MasterKeyRing, Store
+
 P = ParamSpec("P")
 R = TypeVar("R")
+F = TypeVar("F", bound=Callable[..., Any])
+
+# The options that say where a server's configuration and state live (serve, keys, audit).
+config_option = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help="broker.toml (flags override it).",
+)
+state_dir_option = click.option("--state-dir", help="State directory [./broker-state].")
+database_url_option = click.option(
+    "--database-url", help="SQLAlchemy URL [SQLite in the state dir]."
+)
+master_key_option = click.option("--master-key-file")
+
+
+def where_options(func: F) -> F:
+    """--config, --state-dir, --database-url and --master-key-file, in that order."""
+    for option in (master_key_option, database_url_option, state_dir_option, config_option):
+        func = option(func)
+    return func
+
+
+@contextlib.contextmanager
+def opened_store(config: ServerConfig, keys: MasterKeyRing | None = None) -> Iterator[Store]:
+    """The configured database, closed afterwards.
+
+    ``keys`` defaults to the master key file's ring; a command that reads no key
+    material (the audit) passes a throwaway ring instead.
+    """
+    from broker.store import Store, load_master_keys, make_engine
+
+    engine = make_engine(config.database_url)  # before the key file, as the commands did
+    store = Store(engine, keys if keys is not None else load_master_keys(config.master_key_file))
+    try:
+        yield store
+    finally:
+        store.close()
 
 
 def utcnow() -> datetime:

@@ -8,44 +8,17 @@ no downtime are in :mod:`broker.store.crypto` and docs/deployment.md.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
-from broker.cli.common import reports_errors
+from broker.cli.common import opened_store, reports_errors, where_options
 from broker.cli.serve_cmd import keys
 from broker.config import load_config
 
-_config_opt = click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False),
-    help="broker.toml (flags override it).",
-)
-_state_opt = click.option("--state-dir", help="State directory [./broker-state].")
-_db_opt = click.option("--database-url", help="SQLAlchemy URL [SQLite in the state dir].")
-_key_opt = click.option("--master-key-file")
-
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _where_options(func: F) -> F:
-    """--config, --state-dir, --database-url and --master-key-file, shared by every command."""
-    for option in (_key_opt, _db_opt, _state_opt, _config_opt):
-        func = option(func)
-    return func
-
-
-def _store(config: Any) -> Any:
-    from broker.store import Store, load_master_keys, make_engine
-
-    return Store(make_engine(config.database_url), load_master_keys(config.master_key_file))
-
 
 @keys.command("status")
-@_where_options
+@where_options
 @click.option("--json", "as_json", is_flag=True)
 @reports_errors
 def keys_status(config_path: str | None, as_json: bool, **flags: Any) -> None:
@@ -53,11 +26,8 @@ def keys_status(config_path: str | None, as_json: bool, **flags: Any) -> None:
     from broker.store.crypto import key_status, load_master_keys
 
     config = load_config(config_path, flags)
-    store = _store(config)
-    try:
+    with opened_store(config) as store:
         rows = key_status(load_master_keys(config.master_key_file), store.master_key_ids_in_use())
-    finally:
-        store.close()
     if as_json:
         click.echo(
             json.dumps(
@@ -83,7 +53,7 @@ def keys_status(config_path: str | None, as_json: bool, **flags: Any) -> None:
 
 
 @keys.command("add")
-@_where_options
+@where_options
 @reports_errors
 def keys_add(config_path: str | None, **flags: Any) -> None:
     """Step 1: add a new key, not active yet; then copy the file to every node."""
@@ -98,7 +68,7 @@ def keys_add(config_path: str | None, **flags: Any) -> None:
 
 
 @keys.command("activate")
-@_where_options
+@where_options
 @click.argument("key_id")
 @reports_errors
 def keys_activate(config_path: str | None, key_id: str, **flags: Any) -> None:
@@ -113,25 +83,22 @@ def keys_activate(config_path: str | None, key_id: str, **flags: Any) -> None:
 
 
 @keys.command("rewrap")
-@_where_options
+@where_options
 @reports_errors
 def keys_rewrap(config_path: str | None, **flags: Any) -> None:
     """Step 3: rewrap every stored row with the active key (database-wide)."""
     from broker.store.crypto import rewrap_all
 
     config = load_config(config_path, flags)
-    store = _store(config)
-    try:
+    with opened_store(config) as store:
         count = rewrap_all(store, config.master_key_file)
-    finally:
-        store.close()
     click.echo(
         f"rewrapped {count} row(s); check with 'broker keys status', then retire the old key"
     )
 
 
 @keys.command("retire")
-@_where_options
+@where_options
 @click.argument("key_id")
 @reports_errors
 def keys_retire(config_path: str | None, key_id: str, **flags: Any) -> None:
@@ -139,9 +106,6 @@ def keys_retire(config_path: str | None, key_id: str, **flags: Any) -> None:
     from broker.store.crypto import retire_master_key
 
     config = load_config(config_path, flags)
-    store = _store(config)
-    try:
+    with opened_store(config) as store:
         retire_master_key(store, config.master_key_file, key_id)
-    finally:
-        store.close()
     click.echo(f"retired {key_id}; copy {config.master_key_file} to every node")

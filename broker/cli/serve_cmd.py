@@ -8,32 +8,31 @@ from typing import Any
 
 import click
 
-from broker.cli.common import reports_errors
+from broker.cli.common import (
+    config_option,
+    database_url_option,
+    master_key_option,
+    opened_store,
+    reports_errors,
+    state_dir_option,
+    where_options,
+)
 from broker.config import load_config
 from broker.errors import ConfigError
 
-_config_opt = click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False),
-    help="broker.toml (flags override it).",
-)
-_state_opt = click.option("--state-dir", help="State directory [./broker-state].")
-_db_opt = click.option("--database-url", help="SQLAlchemy URL [SQLite in the state dir].")
-
 
 @click.command("serve")
-@_config_opt
+@config_option
 @click.option("--bind", help="REST endpoint HOST:PORT [127.0.0.1:8443].")
 @click.option("--myproxy-bind", help="MyProxy endpoint HOST:PORT (empty: off).")
-@_state_opt
-@_db_opt
+@state_dir_option
+@database_url_option
 @click.option("--host-cert")
 @click.option("--host-key")
 @click.option("--ca-dir")
 @click.option("--vomsdir")
 @click.option("--policy-dir")
-@click.option("--master-key-file")
+@master_key_option
 @click.option("--workers", type=int)
 @click.option("--threads", type=int)
 @click.option("--max-tls", type=click.Choice(["1.2", "1.3"]))
@@ -109,9 +108,9 @@ def keys() -> None:
 
 
 @keys.command("init")
-@_config_opt
-@_state_opt
-@click.option("--master-key-file")
+@config_option
+@state_dir_option
+@master_key_option
 @reports_errors
 def keys_init(config_path: str | None, **flags: Any) -> None:
     """Create the master key file (0600, never overwritten)."""
@@ -126,28 +125,22 @@ def keys_init(config_path: str | None, **flags: Any) -> None:
 
 
 @keys.command("rotate")
-@_config_opt
-@_state_opt
-@_db_opt
-@click.option("--master-key-file")
+@where_options
 @reports_errors
 def keys_rotate(config_path: str | None, **flags: Any) -> None:
     """Add a new master key, re-wrap every data key with it, then drop the old key."""
-    from broker.store import Store, load_master_keys, make_engine, rotate_master_key
+    from broker.store import rotate_master_key
 
     config = load_config(config_path, flags)
-    store = Store(make_engine(config.database_url), load_master_keys(config.master_key_file))
-    try:
+    with opened_store(config) as store:
         report = rotate_master_key(store, config.master_key_file)
-    finally:
-        store.close()
     click.echo(f"master key rotated: {report}")
 
 
 @click.command("audit")
-@_config_opt
-@_state_opt
-@_db_opt
+@config_option
+@state_dir_option
+@database_url_option
 @click.option("--owner", help="Only events for credentials of this owner DN.")
 @click.option("--job-id", help="Only events for this job.")
 @click.option("--action", help="Only this action (delegate, retrieve, renew, info, destroy...).")
@@ -164,16 +157,12 @@ def audit(
     **flags: Any,
 ) -> None:
     """Who fetched whose credential, for which job (newest first)."""
-    from broker.store import Store, make_engine
     from broker.store.crypto import MasterKeyRing
 
     config = load_config(config_path, flags)
     # Audit rows hold no key material: a throwaway in-memory key ring is enough.
-    store = Store(make_engine(config.database_url), MasterKeyRing.generate())
-    try:
+    with opened_store(config, MasterKeyRing.generate()) as store:
         rows = store.query_audit(owner_dn=owner, job_id=job_id, action=action, limit=limit)
-    finally:
-        store.close()
     if as_json:
         click.echo(json.dumps([_row(r) for r in rows], indent=2))
         return

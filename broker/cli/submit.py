@@ -24,7 +24,7 @@ from pathlib import Path
 import click
 
 from broker.cli.common import format_timedelta, reports_errors, run_command
-from broker.cli.user import _client, common_ca, common_server
+from broker.cli.user import _client, common_ca, common_server, identity_options
 from broker.condor.submit import augment_submit, submit_to_schedd
 from broker.errors import BrokerError, InputError, NotFound
 from broker.naming import DEFAULT_CREDENTIAL, policy_name
@@ -160,9 +160,7 @@ def pilot_warnings(
 @click.option("--schedd", "schedd_name", help="Submit to this schedd instead of the local one.")
 @common_server
 @common_ca
-@click.option("--proxy", help="Authenticate with this proxy file [X509_USER_PROXY].")
-@click.option("--cert", help="Authenticate with this certificate.")
-@click.option("--key", help="Key for --cert.")
+@identity_options(proxy_help="Authenticate with this proxy file [X509_USER_PROXY].")
 @click.option(
     "--pilot",
     "pilots",

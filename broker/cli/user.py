@@ -6,18 +6,20 @@ not authenticated, 4 no such credential.
 
 from __future__ import annotations
 
+import functools
 import getpass
 import json
 import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import click
 
-from broker.cli.common import format_timedelta, reports_errors, run_command, utcnow
+from broker.cli.common import F, format_timedelta, reports_errors, run_command, utcnow
 from broker.client import BrokerClient, ClientIdentity
 from broker.errors import InputError
 from broker.fileio import read_private_file, write_private_file
@@ -88,6 +90,26 @@ common_name = click.option(
 )
 
 
+def identity_options(
+    proxy_help: str = "Authenticate with this proxy file.",
+    cert_help: str = "Authenticate with this certificate.",
+    key_help: str = "Key for --cert.",
+) -> Callable[[F], F]:
+    """--proxy, --cert and --key: the credential this command presents to the broker."""
+    options = (
+        click.option("--proxy", help=proxy_help),
+        click.option("--cert", help=cert_help),
+        click.option("--key", help=key_help),
+    )
+
+    def add(func: F) -> F:
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return add
+
+
 @click.command("broker-init")
 @common_server
 @common_user
@@ -131,9 +153,11 @@ common_name = click.option(
     default=False,
     help="Protect the credential with a passphrase (prompted).",
 )
-@click.option("--proxy", help="Delegate from this proxy file [X509_USER_PROXY].")
-@click.option("--cert", help="User certificate [X509_USER_CERT, ~/.globus/usercert.pem].")
-@click.option("--key", help="User key [X509_USER_KEY, ~/.globus/userkey.pem].")
+@identity_options(
+    proxy_help="Delegate from this proxy file [X509_USER_PROXY].",
+    cert_help="User certificate [X509_USER_CERT, ~/.globus/usercert.pem].",
+    key_help="User key [X509_USER_KEY, ~/.globus/userkey.pem].",
+)
 @click.option(
     "--pam",
     "use_pam",
@@ -200,19 +224,14 @@ def init_cmd(
         client, credential = _online_ca_client(
             server, ca_dir, username or _default_username(), stdin_pass
         )
-        passphrase = None
-        if want_pass:  # with --pam, -S carries the password; a passphrase is line 2
-            passphrase = _read_passphrase(
-                stdin_pass, "Enter a passphrase for the stored credential: "
-            )
+        ask_passphrase = want_pass  # with --pam, -S carries the password; a passphrase is line 2
     else:
         client = _client(server, ca_dir, proxy, cert, key)
         credential = client.identity.load()
-        passphrase = None
-        if stdin_pass or want_pass:
-            passphrase = _read_passphrase(
-                stdin_pass, "Enter a passphrase for the stored credential: "
-            )
+        ask_passphrase = stdin_pass or want_pass
+    passphrase = None
+    if ask_passphrase:
+        passphrase = _read_passphrase(stdin_pass, "Enter a passphrase for the stored credential: ")
     result = client.delegate(
         credential,
         username=username or _default_username(),
@@ -226,7 +245,15 @@ def init_cmd(
         passphrase=passphrase,
         now=utcnow(),
     )
-    _report_init(result, client, as_json)
+    _report(
+        result,
+        as_json,
+        lambda: (
+            f"A proxy valid for {format_timedelta(result['timeleft'])} for user "
+            f"{result['username']} (credential {result['name']!r}) now exists on "
+            f"{client.host}:{client.port}."
+        ),
+    )
 
 
 def _init_token(
@@ -277,25 +304,20 @@ def _init_token(
                     f"--token-issuer {issuer}` again"
                 )
             time.sleep(interval)
-    if as_json:
-        click.echo(json.dumps(result, indent=2))
-        return
-    click.echo(
-        f"A refresh token for {result.get('username')} at issuer {result.get('issuer')} "
-        f"(scopes: {' '.join(result.get('scopes') or []) or 'as granted'}) is now "
-        f"stored on {client.host}:{client.port}."
+    _report(
+        result,
+        as_json,
+        lambda: (
+            f"A refresh token for {result.get('username')} at issuer {result.get('issuer')} "
+            f"(scopes: {' '.join(result.get('scopes') or []) or 'as granted'}) is now "
+            f"stored on {client.host}:{client.port}."
+        ),
     )
 
 
-def _report_init(result: dict[str, Any], client: BrokerClient, as_json: bool) -> None:
-    if as_json:
-        click.echo(json.dumps(result, indent=2))
-        return
-    click.echo(
-        f"A proxy valid for {format_timedelta(result['timeleft'])} for user "
-        f"{result['username']} (credential {result['name']!r}) now exists on "
-        f"{client.host}:{client.port}."
-    )
+def _report(result: dict[str, Any], as_json: bool, sentence: Callable[[], str]) -> None:
+    """Print the broker's answer: as JSON with --json, else the sentence made from it."""
+    click.echo(json.dumps(result, indent=2) if as_json else sentence())
 
 
 @click.command("broker-logon")
@@ -309,9 +331,7 @@ def _report_init(result: dict[str, Any], client: BrokerClient, as_json: bool) ->
 @click.option("--job-id", help="The job this proxy is for (recorded in the audit).")
 @click.option("-S", "--stdin-pass", is_flag=True, help="Read the passphrase from stdin.")
 @click.option("--key-type", type=click.Choice(["rsa", "ec"]), default="rsa", show_default=True)
-@click.option("--proxy", help="Authenticate with this proxy file.")
-@click.option("--cert", help="Authenticate with this certificate.")
-@click.option("--key", help="Key for --cert.")
+@identity_options()
 @click.option(
     "--pam",
     "use_pam",
@@ -353,29 +373,17 @@ def logon_cmd(
 
         pam_client = PamClient(server, ca_dir=ca_dir or default_ca_dir())
         password = _read_passphrase(stdin_pass, f"PAM password for {username}: ")
-        cred, result = pam_client.pam_retrieve(
-            username=username,
-            password=password,
-            name=credname,
-            lifetime_hours=hours,
-            job_id=job_id,
-            limited=limited,
-            key_type=key_type,
-        )
-        client: BrokerClient = pam_client
+        retrieve = functools.partial(pam_client.pam_retrieve, username=username, password=password)
     else:
         client = _client(server, ca_dir, proxy, cert, key)
         passphrase = _read_passphrase(True, "") if stdin_pass else None
-        cred, result = client.retrieve(
-            username=username,
-            owner=owner,
-            name=credname,
-            lifetime_hours=hours,
-            job_id=job_id,
-            passphrase=passphrase,
-            limited=limited,
-            key_type=key_type,
+        retrieve = functools.partial(
+            client.retrieve, username=username, owner=owner, passphrase=passphrase
         )
+    # What the proxy should be is asked the same way whichever way we authenticated.
+    cred, result = retrieve(
+        name=credname, lifetime_hours=hours, job_id=job_id, limited=limited, key_type=key_type
+    )
     target = out or f"/tmp/x509up_u{os.getuid()}"  # noqa: S108 - the grid convention
     write_private_file(target, credential_to_pem(cred), mode=0o600, overwrite=True)
     if as_json:
@@ -393,9 +401,7 @@ def logon_cmd(
 @common_user
 @click.option("-k", "--credname", help="Only this credential.")
 @common_ca
-@click.option("--proxy", help="Authenticate with this proxy file.")
-@click.option("--cert", help="Authenticate with this certificate.")
-@click.option("--key", help="Key for --cert.")
+@identity_options()
 @click.option("--json", "as_json", is_flag=True)
 @reports_errors
 def info_cmd(
@@ -452,9 +458,7 @@ def info_cmd(
 @common_user
 @common_name
 @common_ca
-@click.option("--proxy", help="Authenticate with this proxy file.")
-@click.option("--cert", help="Authenticate with this certificate.")
-@click.option("--key", help="Key for --cert.")
+@identity_options()
 @reports_errors
 def destroy_cmd(
     server: str | None,

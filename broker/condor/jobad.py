@@ -114,7 +114,21 @@ def parse_job_ad(text: str) -> JobAd:
         ad = classad2.parseOne(text)
     except (ValueError, RuntimeError, SyntaxError) as exc:
         raise InputError(f"the job ad cannot be parsed: {exc}", reason="bad_job_ad") from None
+    owner, source = _owner(ad)
+    return JobAd(
+        owner_dn=owner,
+        credential=_credential(ad),
+        lifetime_hours=_lifetime(ad),  # checked before the job id, as it always was
+        job_id=_job_id(ad),
+        submitter=_string(ad, "Owner") or None,
+        environment=tuple(_environment(ad)),
+        owner_source=source,
+        transfer_output=_transfer_output(ad),
+    )
 
+
+def _owner(ad: Any) -> tuple[str, str]:
+    """The owner DN and the attribute it came from (BrokerOwner, else x509UserProxySubject)."""
     owner = _string(ad, "BrokerOwner")
     source = "BrokerOwner"
     if not owner:
@@ -131,27 +145,39 @@ def parse_job_ad(text: str) -> JobAd:
             f"the job ad's {source} {owner!r} is not a DN in /DC=.../CN=... form",
             reason="bad_owner",
         )
+    return owner, source
 
+
+def _credential(ad: Any) -> str:
+    """BrokerCredential (or the default name), checked to be one safe path component."""
     credential = _string(ad, "BrokerCredential") or DEFAULT_CREDENTIAL
     try:
         validate_component(credential, what="credential name (BrokerCredential)")
     except DnSyntaxError as exc:
         raise InputError(exc.message, reason="bad_credential_name") from None
+    return credential
 
+
+def _lifetime(ad: Any) -> float | None:
+    """BrokerLifetime in hours: absent, or a finite positive number."""
     lifetime = _evaluate(ad, "BrokerLifetime")
-    if lifetime is not None:
-        if (
-            isinstance(lifetime, bool)
-            or not isinstance(lifetime, int | float)
-            or not math.isfinite(lifetime)
-            or lifetime <= 0
-        ):
-            raise InputError(
-                f"BrokerLifetime must be a positive number of hours, not {lifetime!r}",
-                reason="bad_lifetime",
-            )
-        lifetime = float(lifetime)
+    if lifetime is None:
+        return None
+    if (
+        isinstance(lifetime, bool)
+        or not isinstance(lifetime, int | float)
+        or not math.isfinite(lifetime)
+        or lifetime <= 0
+    ):
+        raise InputError(
+            f"BrokerLifetime must be a positive number of hours, not {lifetime!r}",
+            reason="bad_lifetime",
+        )
+    return float(lifetime)
 
+
+def _job_id(ad: Any) -> str:
+    """GlobalJobId, else ``ClusterId.ProcId``; 1..256 printable characters."""
     job_id = _string(ad, "GlobalJobId")
     if not job_id:
         cluster, proc = _evaluate(ad, "ClusterId"), _evaluate(ad, "ProcId")
@@ -170,30 +196,26 @@ def parse_job_ad(text: str) -> JobAd:
         raise InputError(
             f"the job id {job_id!r} is not 1..256 printable characters", reason="bad_job_id"
         )
+    return job_id
 
-    submitter = _string(ad, "Owner")
-    environment: list[tuple[str, str]] = []
+
+def _environment(ad: Any) -> list[tuple[str, str]]:
+    """The job's environment: the new ``Environment`` syntax wins over the old ``Env``."""
     new_style = _string(ad, "Environment")
     if new_style:
-        environment = parse_environment(new_style)
-    else:
-        old_style = _string(ad, "Env")
-        if old_style:
-            environment = _parse_old_environment(old_style)
+        return parse_environment(new_style)
+    old_style = _string(ad, "Env")
+    if old_style:
+        return _parse_old_environment(old_style)
+    return []
+
+
+def _transfer_output(ad: Any) -> tuple[str, ...] | None:
+    """The comma-separated TransferOutput names, None when the ad does not say."""
     outputs = _string(ad, "TransferOutput")
-    transfer_output = None
-    if outputs is not None:
-        transfer_output = tuple(n.strip() for n in outputs.split(",") if n.strip())
-    return JobAd(
-        owner_dn=owner,
-        credential=credential,
-        job_id=job_id,
-        lifetime_hours=lifetime,
-        submitter=submitter or None,
-        environment=tuple(environment),
-        owner_source=source,
-        transfer_output=transfer_output,
-    )
+    if outputs is None:
+        return None
+    return tuple(n.strip() for n in outputs.split(",") if n.strip())
 
 
 def parse_environment(text: str) -> list[tuple[str, str]]:
