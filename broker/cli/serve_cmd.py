@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from broker.cli.common import reports_errors
+from broker.cli.common import reports_errors, utcnow
 from broker.config import load_config
 from broker.errors import ConfigError
 
@@ -121,7 +121,7 @@ def keys_init(config_path: str | None, **flags: Any) -> None:
     from broker.fileio import make_private_dir
 
     make_private_dir(config.state_dir)
-    init_master_key_file(config.master_key_file)
+    init_master_key_file(config.master_key_file, now=utcnow())
     click.echo(f"master key created in {config.master_key_file}")
 
 
@@ -138,7 +138,7 @@ def keys_rotate(config_path: str | None, **flags: Any) -> None:
     config = load_config(config_path, flags)
     store = Store(make_engine(config.database_url), load_master_keys(config.master_key_file))
     try:
-        report = rotate_master_key(store, config.master_key_file)
+        report = rotate_master_key(store, config.master_key_file, now=utcnow())
     finally:
         store.close()
     click.echo(f"master key rotated: {report}")
@@ -169,7 +169,7 @@ def audit(
 
     config = load_config(config_path, flags)
     # Audit rows hold no key material: a throwaway in-memory key ring is enough.
-    store = Store(make_engine(config.database_url), MasterKeyRing.generate())
+    store = Store(make_engine(config.database_url), MasterKeyRing.generate(now=utcnow()))
     try:
         rows = store.query_audit(owner_dn=owner, job_id=job_id, action=action, limit=limit)
     finally:
