@@ -42,7 +42,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from broker.errors import InputError
 from broker.store.engine import unavailable_error
 from broker.store.models import AuditEventRow, Credential
-from broker.store.repository import AuditRecord
+from broker.store.repository import AuditRecord, audit_record
 
 MAX_PAGE_SIZE = 500
 MAX_CHART_BUCKETS = 200
@@ -240,25 +240,8 @@ def audit_page(
     stmt = stmt.order_by(_AUDIT.c.id.desc()).limit(limit + 1)
     with _reading(engine) as conn:
         found = conn.execute(stmt).all()
-    rows = tuple(
-        AuditRecord(
-            id=int(r.id),
-            time=_utc(r.time),
-            action=r.action,
-            decision=r.decision,
-            endpoint=r.endpoint,
-            requester_dn=r.requester_dn,
-            requester_fqans=tuple(r.requester_fqans or ()),
-            owner_dn=r.owner_dn,
-            username=r.username,
-            credential_name=r.credential_name,
-            job_id=r.job_id,
-            reason=r.reason,
-            client_address=r.client_address,
-            request_id=r.request_id,
-        )
-        for r in found[:limit]
-    )
+    # The time column's type (UTCDateTime) already hands back aware UTC.
+    rows = tuple(audit_record(r) for r in found[:limit])
     return AuditPage(rows, rows[-1].id if len(found) > limit else None)
 
 
