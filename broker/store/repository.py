@@ -413,6 +413,13 @@ def _fill_credential_row(
     row.updated_at = moment
 
 
+def _checked_slot(username: str, name: str, owner_dn: str | None) -> tuple[str, str, str | None]:
+    """The checked username, credential name and expected owner (None: any owner) of a
+    write to an existing credential."""
+    username, name = _username(username), _credname(name)
+    return username, name, _dn(owner_dn, "owner DN") if owner_dn is not None else None
+
+
 def _locked_owned_row(
     session: Session, username: str, name: str, expected_owner: str | None
 ) -> Credential:
@@ -663,6 +670,21 @@ class Store:
                 raise
         return attempt()
 
+    @contextmanager
+    def _owned_row_write(
+        self, slot: tuple[str, str, str | None], audit: AuditEvent | None, now: datetime
+    ) -> Iterator[tuple[Session, Credential, datetime]]:
+        """A write transaction on an existing credential (``slot`` from :func:`_checked_slot`):
+        yields the session, the locked row and the checked ``now``; the audit event is
+        written in the same transaction when the block ends without an error."""
+        if audit is not None:
+            _check_audit(audit)
+        moment = self._now(now)
+        with self._transaction(write=True) as session:
+            row = _locked_owned_row(session, *slot)
+            yield session, row, moment
+            self._write_audit(session, audit, moment)
+
     def _write_audit(
         self, session: Session, event: AuditEvent | None, now: datetime
     ) -> AuditEventRow | None:
@@ -841,16 +863,10 @@ class Store:
         now: datetime,
     ) -> CredentialRecord:
         """Delete one credential; with ``owner_dn`` only if that DN owns it."""
-        username, name = _username(username), _credname(name)
-        expected_owner = _dn(owner_dn, "owner DN") if owner_dn is not None else None
-        if audit is not None:
-            _check_audit(audit)
-        moment = self._now(now)
-        with self._transaction(write=True) as session:
-            row = _locked_owned_row(session, username, name, expected_owner)
+        slot = _checked_slot(username, name, owner_dn)
+        with self._owned_row_write(slot, audit, now) as (session, row, _):
             record = _credential_record(row)
             session.delete(row)
-            self._write_audit(session, audit, moment)
         return record
 
     def decrypt_private_key(
@@ -878,15 +894,10 @@ class Store:
         audit: AuditEvent | None = None,
     ) -> CredentialRecord:
         """Set, change or (``new_passphrase=None``) remove a credential's passphrase."""
-        username, name = _username(username), _credname(name)
-        expected_owner = _dn(owner_dn, "owner DN") if owner_dn is not None else None
+        slot = _checked_slot(username, name, owner_dn)
         if new_passphrase is not None:
             crypto.check_new_passphrase(new_passphrase)
-        if audit is not None:
-            _check_audit(audit)
-        moment = self._now(now)
-        with self._transaction(write=True) as session:
-            row = _locked_owned_row(session, username, name, expected_owner)
+        with self._owned_row_write(slot, audit, now) as (session, row, moment):
             envelope = envelope_of(row)
             ring = self._ring_for(envelope.master_key_id)
             if ring.changed_on_disk():
@@ -896,7 +907,6 @@ class Store:
             )
             store_envelope(row, updated)
             row.updated_at = moment
-            self._write_audit(session, audit, moment)
             session.flush()
             return _credential_record(row)
 
