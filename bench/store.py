@@ -122,7 +122,7 @@ def make_fixture(tmp: Path, csr_pool: int) -> Fixture:
     pki = tmp / "pki"
     write_dev_pki(pki, now=datetime.now(UTC), users=("alice",), pilots=("pilot",))
     master_key_file = tmp / "master.key"
-    init_master_key_file(master_key_file)
+    init_master_key_file(master_key_file, now=datetime.now(UTC))
     alice = load_cert_and_key((pki / "alice.pem").read_bytes(), (pki / "alice.key").read_bytes())
     proxy = new_proxy(alice, now=datetime.now(UTC), lifetime=timedelta(days=7))
     assert proxy.key is not None  # new_proxy always makes the proxy's key

@@ -148,19 +148,14 @@ def replace_in_directory(
     replaced; a failed rename has reason ``rename_failed`` and leaves no
     temporary file behind.
     """
-    try:
-        st = os.lstat(name, dir_fd=dir_fd)
-    except FileNotFoundError:
-        st = None
-    except OSError as exc:
-        raise _file_error(exc, "inspect", Path(name)) from exc
-    if st is not None and not stat.S_ISREG(st.st_mode):
+    mode_there = _mode_without_following(Path(name), dir_fd=dir_fd)
+    if mode_there is not None and not stat.S_ISREG(mode_there):
         raise InputError(
             f"{name} was replaced by something that is not a regular file (a symbolic "
             "link?); refusing to write through it",
             reason="not_regular_file",
         )
-    temp = f".{name[:64]}.{secrets.token_hex(8)}"
+    temp = _temp_name(name)
     create_exclusive(temp, data, mode=mode, uid=uid, gid=gid, dir_fd=dir_fd)
     try:
         os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
@@ -201,20 +196,32 @@ def _write_via_temp(
     _fsync_dir(directory)
 
 
-def _refuse_link_or_odd_target(path: Path) -> None:
+def _mode_without_following(path: Path, *, dir_fd: int | None = None) -> int | None:
+    """The mode of what ``path`` names, a symbolic link itself included (None: nothing)."""
     try:
-        st = os.lstat(path)
+        return os.lstat(path, dir_fd=dir_fd).st_mode
     except FileNotFoundError:
-        return
+        return None
     except OSError as exc:
         raise _file_error(exc, "inspect", path) from exc
-    if stat.S_ISLNK(st.st_mode):
+
+
+def _temp_name(name: str, suffix: str = "") -> str:
+    """A hidden, random name for a temporary file next to ``name``."""
+    return f".{name[:64]}.{secrets.token_hex(8)}{suffix}"
+
+
+def _refuse_link_or_odd_target(path: Path) -> None:
+    mode_there = _mode_without_following(path)
+    if mode_there is None:
+        return
+    if stat.S_ISLNK(mode_there):
         raise InputError(
             f"{path} is a symbolic link; refusing to write a private file through a link, "
             "which could point anywhere: remove the link or choose another path",
             reason="symlink",
         )
-    if not stat.S_ISREG(st.st_mode):
+    if not stat.S_ISREG(mode_there):
         raise InputError(
             f"{path} exists and is not a regular file; remove it or choose another path",
             reason="not_regular_file",
@@ -223,7 +230,7 @@ def _refuse_link_or_odd_target(path: Path) -> None:
 
 def _create_temp(directory: Path, name: str, mode: int) -> tuple[Path, int]:
     for _ in range(_TEMP_ATTEMPTS):
-        tmp = directory / f".{name[:64]}.{secrets.token_hex(8)}.tmp"
+        tmp = directory / _temp_name(name, ".tmp")
         try:
             return tmp, os.open(tmp, _NEW_FILE_FLAGS, mode & 0o7777)
         except FileExistsError:

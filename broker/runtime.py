@@ -44,7 +44,7 @@ def prepare_state(config: ServerConfig) -> None:
                 f"the master key file {config.master_key_file} does not exist; "
                 "create it with: broker keys init"
             )
-        init_master_key_file(config.master_key_file)
+        init_master_key_file(config.master_key_file, now=datetime.now(UTC))
         log.warning("created a new master key in %s", config.master_key_file)
     migrate(config.database_url)
 

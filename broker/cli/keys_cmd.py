@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from broker.cli.common import opened_store, reports_errors, where_options
+from broker.cli.common import opened_store, reports_errors, utcnow, where_options
 from broker.cli.serve_cmd import keys
 from broker.config import load_config
 
@@ -60,7 +60,7 @@ def keys_add(config_path: str | None, **flags: Any) -> None:
     from broker.store.crypto import add_master_key
 
     config = load_config(config_path, flags)
-    key_id = add_master_key(config.master_key_file)
+    key_id = add_master_key(config.master_key_file, now=utcnow())
     click.echo(
         f"added {key_id} (standby); copy {config.master_key_file} to every node, "
         f"then: broker keys activate {key_id}"
@@ -76,7 +76,7 @@ def keys_activate(config_path: str | None, key_id: str, **flags: Any) -> None:
     from broker.store.crypto import activate_master_key
 
     config = load_config(config_path, flags)
-    activate_master_key(config.master_key_file, key_id)
+    activate_master_key(config.master_key_file, key_id, now=utcnow())
     click.echo(
         f"{key_id} is active; copy {config.master_key_file} to every node, then: broker keys rewrap"
     )
@@ -107,5 +107,5 @@ def keys_retire(config_path: str | None, key_id: str, **flags: Any) -> None:
 
     config = load_config(config_path, flags)
     with opened_store(config) as store:
-        retire_master_key(store, config.master_key_file, key_id)
+        retire_master_key(store, config.master_key_file, key_id, now=utcnow())
     click.echo(f"retired {key_id}; copy {config.master_key_file} to every node")

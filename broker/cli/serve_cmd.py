@@ -15,6 +15,7 @@ from broker.cli.common import (
     opened_store,
     reports_errors,
     state_dir_option,
+    utcnow,
     where_options,
 )
 from broker.config import load_config
@@ -120,7 +121,7 @@ def keys_init(config_path: str | None, **flags: Any) -> None:
     from broker.fileio import make_private_dir
 
     make_private_dir(config.state_dir)
-    init_master_key_file(config.master_key_file)
+    init_master_key_file(config.master_key_file, now=utcnow())
     click.echo(f"master key created in {config.master_key_file}")
 
 
@@ -133,7 +134,7 @@ def keys_rotate(config_path: str | None, **flags: Any) -> None:
 
     config = load_config(config_path, flags)
     with opened_store(config) as store:
-        report = rotate_master_key(store, config.master_key_file)
+        report = rotate_master_key(store, config.master_key_file, now=utcnow())
     click.echo(f"master key rotated: {report}")
 
 
@@ -161,7 +162,7 @@ def audit(
 
     config = load_config(config_path, flags)
     # Audit rows hold no key material: a throwaway in-memory key ring is enough.
-    with opened_store(config, MasterKeyRing.generate()) as store:
+    with opened_store(config, MasterKeyRing.generate(now=utcnow())) as store:
         rows = store.query_audit(owner_dn=owner, job_id=job_id, action=action, limit=limit)
     if as_json:
         click.echo(json.dumps([_row(r) for r in rows], indent=2))

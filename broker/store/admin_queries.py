@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import (
@@ -42,7 +42,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from broker.errors import InputError
 from broker.store.engine import unavailable_error
 from broker.store.models import AuditEventRow, Credential
-from broker.store.repository import AuditRecord
+from broker.store.repository import AuditRecord, audit_record, record_from_row
 
 MAX_PAGE_SIZE = 500
 MAX_CHART_BUCKETS = 200
@@ -114,17 +114,8 @@ class CredentialCounts:
     expired: int
 
 
-_CRED_COLUMNS = (
-    _CRED.c.id,
-    _CRED.c.owner_dn,
-    _CRED.c.username,
-    _CRED.c.name,
-    _CRED.c.description,
-    _CRED.c.not_after,
-    _CRED.c.passphrase_protected,
-    _CRED.c.limited,
-    _CRED.c.created_at,
-)
+# Exactly the columns a CredentialRow shows (never the envelope): one per field, by name.
+_CRED_COLUMNS = tuple(_CRED.c[f.name] for f in fields(CredentialRow))
 
 
 def credential_page(
@@ -153,12 +144,10 @@ def credential_page(
     with _reading(engine) as conn:
         found = conn.execute(stmt).all()
     rows = tuple(
-        CredentialRow(
+        record_from_row(
+            CredentialRow,
+            r,
             id=int(r.id),
-            owner_dn=r.owner_dn,
-            username=r.username,
-            name=r.name,
-            description=r.description,
             not_after=_utc(r.not_after),
             passphrase_protected=bool(r.passphrase_protected),
             limited=bool(r.limited),
@@ -240,25 +229,8 @@ def audit_page(
     stmt = stmt.order_by(_AUDIT.c.id.desc()).limit(limit + 1)
     with _reading(engine) as conn:
         found = conn.execute(stmt).all()
-    rows = tuple(
-        AuditRecord(
-            id=int(r.id),
-            time=_utc(r.time),
-            action=r.action,
-            decision=r.decision,
-            endpoint=r.endpoint,
-            requester_dn=r.requester_dn,
-            requester_fqans=tuple(r.requester_fqans or ()),
-            owner_dn=r.owner_dn,
-            username=r.username,
-            credential_name=r.credential_name,
-            job_id=r.job_id,
-            reason=r.reason,
-            client_address=r.client_address,
-            request_id=r.request_id,
-        )
-        for r in found[:limit]
-    )
+    # The time column's type (UTCDateTime) already hands back aware UTC.
+    rows = tuple(audit_record(r) for r in found[:limit])
     return AuditPage(rows, rows[-1].id if len(found) > limit else None)
 
 

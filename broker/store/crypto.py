@@ -27,7 +27,9 @@ JSON, mode 0600, owned by the service user::
      "keys": [{"id": "mk-20261121T051500Z-1f2e3d4c", "created": "...", "key": "<base64>"}]}
 
 The *last* key is the active one (new rows are wrapped with it); the others
-stay only as long as some row still references them.
+stay only as long as some row still references them. This module reads no
+clock: the functions that make a key or stamp its "created" time take ``now``
+from their caller (the ``broker keys`` commands, the server's start-up).
 
 Rotation (:func:`rotate_master_key`) and running servers
 --------------------------------------------------------
@@ -167,9 +169,9 @@ class MasterKeyRing:
         return f"MasterKeyRing(ids={self.ids!r}, path={self.path!s})"
 
     @classmethod
-    def generate(cls) -> MasterKeyRing:
-        """A ring with one fresh key, in memory only (tools and tests)."""
-        return cls(keys=((new_key_id(), AESGCM.generate_key(bit_length=256)),))
+    def generate(cls, *, now: datetime) -> MasterKeyRing:
+        """A ring with one fresh key, in memory only (tools and tests); ``now`` stamps its id."""
+        return cls(keys=((new_key_id(now), AESGCM.generate_key(bit_length=256)),))
 
     @property
     def ids(self) -> tuple[str, ...]:
@@ -195,9 +197,17 @@ class MasterKeyRing:
             return True
 
 
-def new_key_id(now: datetime | None = None) -> str:
-    moment = (now or datetime.now(UTC)).astimezone(UTC)
-    return f"mk-{moment:%Y%m%dT%H%M%SZ}-{secrets.token_hex(4)}"
+def new_key_id(now: datetime) -> str:
+    """A fresh key id: the creation time (UTC) and 32 random bits."""
+    return f"mk-{now.astimezone(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(4)}"
+
+
+def _fresh_key(ring: MasterKeyRing, now: datetime) -> tuple[str, bytes]:
+    """A new (id, key) pair whose id the ring does not hold yet."""
+    key_id = new_key_id(now)
+    while ring.get(key_id) is not None:  # pragma: no cover - 32 random bits
+        key_id = new_key_id(now)
+    return key_id, AESGCM.generate_key(bit_length=256)
 
 
 def _signature(st: os.stat_result) -> tuple[int, int, int, int]:
@@ -220,10 +230,10 @@ def _serialise(keys: Iterable[tuple[str, bytes]], created: dict[str, str]) -> by
     return (json.dumps(doc, indent=2) + "\n").encode("ascii")
 
 
-def init_master_key_file(path: str | os.PathLike[str]) -> MasterKeyRing:
-    """Create a new key file with one fresh key; refuse to touch an existing one."""
+def init_master_key_file(path: str | os.PathLike[str], *, now: datetime) -> MasterKeyRing:
+    """Create a new key file with one fresh key made at ``now``; refuse to touch an
+    existing one."""
     target = Path(path)
-    now = datetime.now(UTC)
     key_id = new_key_id(now)
     key = AESGCM.generate_key(bit_length=256)
     try:
@@ -333,8 +343,11 @@ def _read_created(path: Path) -> dict[str, str]:
         return {}
 
 
-def replace_master_key_file(path: str | os.PathLike[str], keys: MasterKeyRing) -> MasterKeyRing:
-    """Atomically replace the key file's contents with ``keys`` (last = active).
+def replace_master_key_file(
+    path: str | os.PathLike[str], keys: MasterKeyRing, *, now: datetime
+) -> MasterKeyRing:
+    """Atomically replace the key file's contents with ``keys`` (last = active); a key
+    the file does not list yet is recorded as created at ``now``.
 
     A temp file in the same directory is written 0600 and fsynced, renamed
     over the original, and the directory fsynced: a crash leaves either the
@@ -342,9 +355,9 @@ def replace_master_key_file(path: str | os.PathLike[str], keys: MasterKeyRing) -
     """
     target = Path(path)
     created = _read_created(target)
-    now = datetime.now(UTC).isoformat()
+    stamp = now.isoformat()
     for key_id in keys.ids:
-        created.setdefault(key_id, now)
+        created.setdefault(key_id, stamp)
     try:
         # temp file 0600 + fsync, renamed over the original, directory fsynced
         replace_file_atomically(target, _serialise(keys.keys, created), mode=0o600)
@@ -467,6 +480,26 @@ def _protect(
     return inner, salt, {"kdf": "scrypt", "n": SCRYPT_N, "r": SCRYPT_R, "p": SCRYPT_P}
 
 
+def _key_layers(
+    data_key: bytes, context: bytes, ring: MasterKeyRing, passphrase: str | None
+) -> dict[str, Any]:
+    """The envelope fields that hold the data key: the passphrase layer (when a passphrase
+    is given) inside the wrap with the ring's active master key."""
+    salt: bytes | None = None
+    params: dict[str, Any] | None = None
+    inner = data_key
+    if passphrase is not None:
+        inner, salt, params = _protect(data_key, context, passphrase)
+    key_id = ring.active_id
+    return {
+        "wrapped_data_key": _wrap(ring, key_id, inner, context),
+        "master_key_id": key_id,
+        "passphrase_protected": passphrase is not None,
+        "kdf_salt": salt,
+        "kdf_params": params,
+    }
+
+
 #: ``kdf_params`` of a key the owner encrypted itself (MyProxy STORE of an encrypted
 #: PEM): the plaintext inside the envelope is that encrypted PEM, and the owner's
 #: passphrase opens it only at retrieval (the broker never learns it at upload).
@@ -517,20 +550,8 @@ def seal(
     data_key = AESGCM.generate_key(bit_length=256)
     nonce = os.urandom(NONCE_BYTES)
     ciphertext = AESGCM(data_key).encrypt(nonce, plaintext, _DATA_AAD + context)
-    salt: bytes | None = None
-    params: dict[str, Any] | None = None
-    inner = data_key
-    if passphrase is not None:
-        inner, salt, params = _protect(data_key, context, passphrase)
-    key_id = ring.active_id
     return Envelope(
-        ciphertext=ciphertext,
-        nonce=nonce,
-        wrapped_data_key=_wrap(ring, key_id, inner, context),
-        master_key_id=key_id,
-        passphrase_protected=passphrase is not None,
-        kdf_salt=salt,
-        kdf_params=params,
+        ciphertext=ciphertext, nonce=nonce, **_key_layers(data_key, context, ring, passphrase)
     )
 
 
@@ -598,20 +619,7 @@ def change_envelope_passphrase(
         clear = open_envelope(envelope, context, ring, old_passphrase)
         return seal(clear, context, ring, new_passphrase)
     data_key = _data_key(ring, envelope, context, old_passphrase)
-    salt: bytes | None = None
-    params: dict[str, Any] | None = None
-    inner = data_key
-    if new_passphrase is not None:
-        inner, salt, params = _protect(data_key, context, new_passphrase)
-    key_id = ring.active_id
-    return replace(
-        envelope,
-        wrapped_data_key=_wrap(ring, key_id, inner, context),
-        master_key_id=key_id,
-        passphrase_protected=new_passphrase is not None,
-        kdf_salt=salt,
-        kdf_params=params,
-    )
+    return replace(envelope, **_key_layers(data_key, context, ring, new_passphrase))
 
 
 def reseal(
@@ -647,48 +655,68 @@ class RotationReport:
     retired_key_ids: tuple[str, ...]
 
 
+def _check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise InputError("batch_size must be at least 1")
+
+
+def _refuse_missing_keys(
+    store: RotatableStore, ring: MasterKeyRing, keyfile: object, remedy: str
+) -> None:
+    """ConfigError when the database references a key the ring lacks (``remedy`` says
+    what to do about it)."""
+    missing = sorted(k for k in store.master_key_ids_in_use() if ring.get(k) is None)
+    if missing:
+        raise ConfigError(
+            f"the database references master keys missing from {keyfile}: "
+            f"{', '.join(missing)}; {remedy}"
+        )
+
+
+def _rewrap_until_done(store: RotatableStore, batch_size: int) -> int:
+    """Rewrap batch after batch until none is left; how many rows changed."""
+    done = 0
+    while count := store.rewrap_batch(batch_size):
+        done += count
+    return done
+
+
 def rotate_master_key(
-    store: RotatableStore, keyfile: str | os.PathLike[str], *, batch_size: int = 100
+    store: RotatableStore,
+    keyfile: str | os.PathLike[str],
+    *,
+    now: datetime,
+    batch_size: int = 100,
 ) -> RotationReport:
-    """Rotate to a fresh master key (the sequence is in the module docstring).
+    """Rotate to a fresh master key made at ``now`` (the sequence is in the module docstring).
 
     Safe to interrupt at any point: every batch is its own transaction, and
     the key file always holds every key some row still references. Running it
     again after an interruption finishes the job (with yet another new key).
     """
-    if batch_size < 1:
-        raise InputError("batch_size must be at least 1")
+    _check_batch_size(batch_size)
     path = Path(keyfile)
     current = load_master_keys(path)
-    missing = sorted(k for k in store.master_key_ids_in_use() if current.get(k) is None)
-    if missing:
-        raise ConfigError(
-            f"the database references master keys missing from {path}: {', '.join(missing)}; "
-            "refusing to rotate (restore the key file first)"
-        )
-    new_id = new_key_id()
-    while current.get(new_id) is not None:  # pragma: no cover - 32 random bits
-        new_id = new_key_id()
-    new_key = AESGCM.generate_key(bit_length=256)
+    _refuse_missing_keys(store, current, path, "refusing to rotate (restore the key file first)")
+    new_id, new_key = _fresh_key(current, now)
 
     # Step 1: old + new in the file, new active.
-    grown = replace_master_key_file(path, MasterKeyRing(keys=(*current.keys, (new_id, new_key))))
+    grown = replace_master_key_file(
+        path, MasterKeyRing(keys=(*current.keys, (new_id, new_key))), now=now
+    )
     store.use_master_keys(grown)
 
     # Step 2: rewrap everything, batch by batch.
-    rewrapped = 0
-    while count := store.rewrap_batch(batch_size):
-        rewrapped += count
+    rewrapped = _rewrap_until_done(store, batch_size)
     leftover = sorted(set(store.master_key_ids_in_use()) - {new_id})
     if leftover:  # pragma: no cover - rewrap_batch loops until none is left
         raise StoreError(f"rows still wrapped with {', '.join(leftover)} after rotation")
 
     # Step 3: drop the old keys from the file, then sweep once more with the
     # old keys still in memory, for rows a stale writer added meanwhile.
-    replace_master_key_file(path, MasterKeyRing(keys=((new_id, new_key),)))
+    replace_master_key_file(path, MasterKeyRing(keys=((new_id, new_key),)), now=now)
     store.use_master_keys(grown)
-    while count := store.rewrap_batch(batch_size):
-        rewrapped += count
+    rewrapped += _rewrap_until_done(store, batch_size)
     store.use_master_keys(load_master_keys(path))
     return RotationReport(
         new_key_id=new_id,
@@ -737,49 +765,43 @@ def key_status(ring: MasterKeyRing, in_use: dict[str, int]) -> list[KeyStatus]:
     return rows
 
 
-def add_master_key(keyfile: str | os.PathLike[str]) -> str:
-    """Step 1: add a fresh key that is not active yet; returns its id."""
+def add_master_key(keyfile: str | os.PathLike[str], *, now: datetime) -> str:
+    """Step 1: add a fresh key made at ``now`` that is not active yet; returns its id."""
     current = load_master_keys(keyfile)
-    new_id = new_key_id()
-    while current.get(new_id) is not None:  # pragma: no cover - 32 random bits
-        new_id = new_key_id()
-    key = AESGCM.generate_key(bit_length=256)
-    replace_master_key_file(keyfile, MasterKeyRing(keys=((new_id, key), *current.keys)))
+    new_id, key = _fresh_key(current, now)
+    replace_master_key_file(keyfile, MasterKeyRing(keys=((new_id, key), *current.keys)), now=now)
     return new_id
 
 
-def activate_master_key(keyfile: str | os.PathLike[str], key_id: str) -> None:
-    """Step 2: make ``key_id`` (already in the file) the key new rows are wrapped with."""
+def activate_master_key(keyfile: str | os.PathLike[str], key_id: str, *, now: datetime) -> None:
+    """Step 2: make ``key_id`` (already in the file) the key new rows are wrapped with.
+
+    ``now`` stamps only a key whose creation time the file lacks."""
     current = load_master_keys(keyfile)
     key = current.get(key_id)
     if key is None:
         raise InputError(f"no key {key_id!r} in {keyfile}; known: {', '.join(current.ids)}")
     others = tuple((k, v) for k, v in current.keys if k != key_id)
-    replace_master_key_file(keyfile, MasterKeyRing(keys=(*others, (key_id, key))))
+    replace_master_key_file(keyfile, MasterKeyRing(keys=(*others, (key_id, key))), now=now)
 
 
 def rewrap_all(
     store: RotatableStore, keyfile: str | os.PathLike[str], *, batch_size: int = 100
 ) -> int:
     """Step 3: rewrap every row not under the file's active key; returns how many."""
-    if batch_size < 1:
-        raise InputError("batch_size must be at least 1")
+    _check_batch_size(batch_size)
     ring = load_master_keys(keyfile)
-    missing = sorted(k for k in store.master_key_ids_in_use() if ring.get(k) is None)
-    if missing:
-        raise ConfigError(
-            f"the database references master keys missing from {keyfile}: {', '.join(missing)}; "
-            "copy the key file from a node that has them first"
-        )
+    _refuse_missing_keys(store, ring, keyfile, "copy the key file from a node that has them first")
     store.use_master_keys(ring)
-    done = 0
-    while count := store.rewrap_batch(batch_size):
-        done += count
-    return done
+    return _rewrap_until_done(store, batch_size)
 
 
-def retire_master_key(store: RotatableStore, keyfile: str | os.PathLike[str], key_id: str) -> None:
-    """Step 4: drop ``key_id`` from the file; refused while it is active or still in use."""
+def retire_master_key(
+    store: RotatableStore, keyfile: str | os.PathLike[str], key_id: str, *, now: datetime
+) -> None:
+    """Step 4: drop ``key_id`` from the file; refused while it is active or still in use.
+
+    ``now`` stamps only a key whose creation time the file lacks."""
     current = load_master_keys(keyfile)
     if current.get(key_id) is None:
         raise InputError(f"no key {key_id!r} in {keyfile}")
@@ -792,5 +814,7 @@ def retire_master_key(store: RotatableStore, keyfile: str | os.PathLike[str], ke
             "(after every node has the file with the new active key) and retry"
         )
     replace_master_key_file(
-        keyfile, MasterKeyRing(keys=tuple((k, v) for k, v in current.keys if k != key_id))
+        keyfile,
+        MasterKeyRing(keys=tuple((k, v) for k, v in current.keys if k != key_id)),
+        now=now,
     )

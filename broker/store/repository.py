@@ -28,7 +28,7 @@ import re
 import secrets
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -79,6 +79,7 @@ _PENDING_ID_RE = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 # --------------------------------------------------------------------------
@@ -367,15 +368,20 @@ def _checked_key_and_chain(write: CredentialWrite) -> tuple[bytes | None, str, d
     return (None, *_check_chain(write.certificate_chain, None))
 
 
-def _credential_row_for_write(
-    session: Session, owner_dn: str, username: str, name: str, moment: datetime
-) -> Credential:
-    """The locked row of the slot, or a new one; another owner's slot is a conflict."""
-    row = session.scalars(
+def _locked_credential_row(session: Session, username: str, name: str) -> Credential | None:
+    """The credential row of a slot, locked for update (None when the slot is empty)."""
+    return session.scalars(
         select(Credential)
         .where(Credential.username == username, Credential.name == name)
         .with_for_update()
     ).one_or_none()
+
+
+def _credential_row_for_write(
+    session: Session, owner_dn: str, username: str, name: str, moment: datetime
+) -> Credential:
+    """The locked row of the slot, or a new one; another owner's slot is a conflict."""
+    row = _locked_credential_row(session, username, name)
     if row is None:
         row = Credential(owner_dn=owner_dn, username=username, name=name, created_at=moment)
         session.add(row)
@@ -407,15 +413,18 @@ def _fill_credential_row(
     row.updated_at = moment
 
 
+def _checked_slot(username: str, name: str, owner_dn: str | None) -> tuple[str, str, str | None]:
+    """The checked username, credential name and expected owner (None: any owner) of a
+    write to an existing credential."""
+    username, name = _username(username), _credname(name)
+    return username, name, _dn(owner_dn, "owner DN") if owner_dn is not None else None
+
+
 def _locked_owned_row(
     session: Session, username: str, name: str, expected_owner: str | None
 ) -> Credential:
     """The credential row, locked for update; NotFound, or AuthorizationError for another owner."""
-    row = session.scalars(
-        select(Credential)
-        .where(Credential.username == username, Credential.name == name)
-        .with_for_update()
-    ).one_or_none()
+    row = _locked_credential_row(session, username, name)
     if row is None:
         raise NotFound(f"no credential {name!r} for user {username!r}")
     if expected_owner is not None and row.owner_dn != expected_owner:
@@ -454,7 +463,9 @@ def _check_audit(event: AuditEvent) -> None:
 # Row <-> record
 
 
-def _envelope_of(row: EnvelopeColumns | Row[Any]) -> Envelope:
+def envelope_of(row: EnvelopeColumns | Row[Any]) -> Envelope:
+    """The envelope a row's envelope columns hold (an ORM row of any envelope table, or a
+    Core row of one)."""
     return Envelope(
         ciphertext=bytes(row.key_ciphertext),
         nonce=bytes(row.key_nonce),
@@ -466,7 +477,8 @@ def _envelope_of(row: EnvelopeColumns | Row[Any]) -> Envelope:
     )
 
 
-def _store_envelope(row: EnvelopeColumns, envelope: Envelope) -> None:
+def store_envelope(row: EnvelopeColumns, envelope: Envelope) -> None:
+    """Write ``envelope`` into the row's envelope columns."""
     row.key_ciphertext = envelope.ciphertext
     row.key_nonce = envelope.nonce
     row.wrapped_data_key = envelope.wrapped_data_key
@@ -476,79 +488,79 @@ def _store_envelope(row: EnvelopeColumns, envelope: Envelope) -> None:
     row.kdf_params = envelope.kdf_params
 
 
+def _field_names(record_type: type[Any]) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(record_type))
+
+
+def record_from_row(record_type: type[R], row: object, **converted: Any) -> R:
+    """A record (a dataclass) whose every field is the row's attribute of the same name,
+    except those given in ``converted``. The row may be an ORM object or a Core row."""
+    names = _field_names(record_type)
+    taken = {name: getattr(row, name) for name in names if name not in converted}
+    return record_type(**taken, **converted)
+
+
 def _credential_record(row: Credential | Row[Any]) -> CredentialRecord:
     # An ORM object or a Core row of the credentials table: same attribute names.
-    return CredentialRecord(
-        id=row.id,
-        owner_dn=row.owner_dn,
-        username=row.username,
-        name=row.name,
-        description=row.description,
-        certificate_chain=row.certificate_chain,
-        not_after=row.not_after,
+    return record_from_row(
+        CredentialRecord,
+        row,
         retrievers=tuple(row.retrievers),
         trusted_retrievers=tuple(row.trusted_retrievers),
         renewers=tuple(row.renewers),
         key_retrievers=tuple(row.key_retrievers or ()),
-        max_lifetime_seconds=row.max_lifetime_seconds,
-        limited=row.limited,
-        passphrase_protected=row.passphrase_protected,
-        created_at=row.created_at,
-        updated_at=row.updated_at,
-        envelope=_envelope_of(row),
+        envelope=envelope_of(row),
     )
 
 
 def _pending_record(row: PendingDelegationRow) -> PendingDelegation:
-    return PendingDelegation(
-        id=row.id,
-        requester_dn=row.requester_dn,
-        username=row.username,
-        name=row.name,
-        params=dict(row.params),
-        created_at=row.created_at,
-        expires_at=row.expires_at,
-        envelope=_envelope_of(row),
+    return record_from_row(
+        PendingDelegation, row, params=dict(row.params), envelope=envelope_of(row)
     )
 
 
 def _audit_values(event: AuditEvent, now: datetime) -> dict[str, Any]:
-    """The checked column values of one audit row (the ORM and the Core paths share them)."""
+    """The checked column values of one audit row (the ORM and the Core paths share them):
+    every AuditEvent field is the column of the same name."""
     _check_audit(event)
-    return {
-        "time": _aware(event.time, "audit time") if event.time is not None else now,
-        "action": event.action,
-        "requester_dn": event.requester_dn,
-        "requester_fqans": list(event.requester_fqans),
-        "owner_dn": event.owner_dn,
-        "username": event.username,
-        "credential_name": event.credential_name,
-        "job_id": event.job_id,
-        "decision": event.decision,
-        "reason": event.reason,
-        "client_address": event.client_address,
-        "request_id": event.request_id,
-        "endpoint": event.endpoint,
-    }
+    values = {name: getattr(event, name) for name in _field_names(AuditEvent)}
+    values["time"] = _aware(event.time, "audit time") if event.time is not None else now
+    values["requester_fqans"] = list(event.requester_fqans)
+    return values
 
 
-def _audit_record(row: AuditEventRow) -> AuditRecord:
-    return AuditRecord(
-        id=row.id,
-        time=row.time,
-        action=row.action,
-        decision=row.decision,
-        endpoint=row.endpoint,
-        requester_dn=row.requester_dn,
-        requester_fqans=tuple(row.requester_fqans),
-        owner_dn=row.owner_dn,
-        username=row.username,
-        credential_name=row.credential_name,
-        job_id=row.job_id,
-        reason=row.reason,
-        client_address=row.client_address,
-        request_id=row.request_id,
+def audit_record(row: AuditEventRow | Row[Any]) -> AuditRecord:
+    """The record of an audit row (an ORM object or a Core row of ``audit_events``)."""
+    return record_from_row(
+        AuditRecord, row, id=int(row.id), requester_fqans=tuple(row.requester_fqans or ())
     )
+
+
+def rows_per_master_key(session: Session, model: Any) -> dict[str, int]:
+    """How many rows of an envelope table each master key wraps."""
+    stmt = select(model.master_key_id, func.count()).group_by(model.master_key_id)
+    return {key_id: int(count) for key_id, count in session.execute(stmt)}
+
+
+def rewrap_rows(
+    session: Session,
+    model: Any,
+    context_of: Callable[[Any], bytes],
+    ring: MasterKeyRing,
+    limit: int,
+) -> int:
+    """Rewrap up to ``limit`` rows of an envelope table (``model``, whose rows have an
+    ``id``) that are not under the ring's active key, oldest id first; how many."""
+    rows = session.scalars(
+        select(model)
+        .where(model.master_key_id != ring.active_id)
+        .order_by(model.id)
+        .limit(limit)
+        .with_for_update()
+    ).all()
+    for row in rows:
+        store_envelope(row, crypto.rewrap(envelope_of(row), context_of(row), ring))
+    return len(rows)
 
 
 def _context_of_credential(row: Credential | CredentialRecord) -> bytes:
@@ -658,6 +670,21 @@ class Store:
                 raise
         return attempt()
 
+    @contextmanager
+    def _owned_row_write(
+        self, slot: tuple[str, str, str | None], audit: AuditEvent | None, now: datetime
+    ) -> Iterator[tuple[Session, Credential, datetime]]:
+        """A write transaction on an existing credential (``slot`` from :func:`_checked_slot`):
+        yields the session, the locked row and the checked ``now``; the audit event is
+        written in the same transaction when the block ends without an error."""
+        if audit is not None:
+            _check_audit(audit)
+        moment = self._now(now)
+        with self._transaction(write=True) as session:
+            row = _locked_owned_row(session, *slot)
+            yield session, row, moment
+            self._write_audit(session, audit, moment)
+
     def _write_audit(
         self, session: Session, event: AuditEvent | None, now: datetime
     ) -> AuditEventRow | None:
@@ -710,9 +737,8 @@ class Store:
         counts: dict[str, int] = {}
         with self._transaction(write=False) as session:
             for model in (Credential, PendingDelegationRow):
-                stmt = select(model.master_key_id, func.count()).group_by(model.master_key_id)
-                for key_id, count in session.execute(stmt):
-                    counts[key_id] = counts.get(key_id, 0) + int(count)
+                for key_id, count in rows_per_master_key(session, model).items():
+                    counts[key_id] = counts.get(key_id, 0) + count
         from broker.store.tokens import RefreshTokenStore  # refresh tokens use the same keys
 
         for key_id, count in RefreshTokenStore(self).master_key_ids_in_use().items():
@@ -725,34 +751,15 @@ class Store:
         Returns how many rows changed (0 when everything is on the active key).
         """
         ring = self._ring
-        active = ring.active_id
         done = 0
         with self._transaction(write=True) as session:
-            cred_rows = session.scalars(
-                select(Credential)
-                .where(Credential.master_key_id != active)
-                .order_by(Credential.id)
-                .limit(batch_size)
-                .with_for_update()
-            ).all()
-            for cred in cred_rows:
-                envelope = crypto.rewrap(_envelope_of(cred), _context_of_credential(cred), ring)
-                _store_envelope(cred, envelope)
-                done += 1
-            if done < batch_size:
-                pending_rows = session.scalars(
-                    select(PendingDelegationRow)
-                    .where(PendingDelegationRow.master_key_id != active)
-                    .order_by(PendingDelegationRow.id)
-                    .limit(batch_size - done)
-                    .with_for_update()
-                ).all()
-                for pending in pending_rows:
-                    envelope = crypto.rewrap(
-                        _envelope_of(pending), _context_of_pending(pending), ring
-                    )
-                    _store_envelope(pending, envelope)
-                    done += 1
+            tables: tuple[tuple[Any, Callable[[Any], bytes]], ...] = (
+                (Credential, _context_of_credential),
+                (PendingDelegationRow, _context_of_pending),
+            )
+            for model, context_of in tables:
+                if done < batch_size:
+                    done += rewrap_rows(session, model, context_of, ring, batch_size - done)
         if done < batch_size:  # stored refresh tokens (broker.store.tokens), same keys
             from broker.store.tokens import RefreshTokenStore
 
@@ -806,7 +813,7 @@ class Store:
                         )
                     pending_ring = self._ring_for(pending.master_key_id)
                     pem = crypto.open_envelope(
-                        _envelope_of(pending), _context_of_pending(pending), pending_ring
+                        envelope_of(pending), _context_of_pending(pending), pending_ring
                     )
                     _check_chain(chain, pem)
                     session.delete(pending)
@@ -814,7 +821,7 @@ class Store:
                 assert envelope is not None
                 row = _credential_row_for_write(session, owner_dn, username, name, moment)
                 _fill_credential_row(row, write, acl, chain, stored_until, moment)
-                _store_envelope(row, envelope)
+                store_envelope(row, envelope)
                 self._write_audit(session, audit, moment)
                 session.flush()
                 return _credential_record(row)
@@ -856,16 +863,10 @@ class Store:
         now: datetime,
     ) -> CredentialRecord:
         """Delete one credential; with ``owner_dn`` only if that DN owns it."""
-        username, name = _username(username), _credname(name)
-        expected_owner = _dn(owner_dn, "owner DN") if owner_dn is not None else None
-        if audit is not None:
-            _check_audit(audit)
-        moment = self._now(now)
-        with self._transaction(write=True) as session:
-            row = _locked_owned_row(session, username, name, expected_owner)
+        slot = _checked_slot(username, name, owner_dn)
+        with self._owned_row_write(slot, audit, now) as (session, row, _):
             record = _credential_record(row)
             session.delete(row)
-            self._write_audit(session, audit, moment)
         return record
 
     def decrypt_private_key(
@@ -893,25 +894,19 @@ class Store:
         audit: AuditEvent | None = None,
     ) -> CredentialRecord:
         """Set, change or (``new_passphrase=None``) remove a credential's passphrase."""
-        username, name = _username(username), _credname(name)
-        expected_owner = _dn(owner_dn, "owner DN") if owner_dn is not None else None
+        slot = _checked_slot(username, name, owner_dn)
         if new_passphrase is not None:
             crypto.check_new_passphrase(new_passphrase)
-        if audit is not None:
-            _check_audit(audit)
-        moment = self._now(now)
-        with self._transaction(write=True) as session:
-            row = _locked_owned_row(session, username, name, expected_owner)
-            envelope = _envelope_of(row)
+        with self._owned_row_write(slot, audit, now) as (session, row, moment):
+            envelope = envelope_of(row)
             ring = self._ring_for(envelope.master_key_id)
             if ring.changed_on_disk():
                 ring = self._reload_keys()
             updated = crypto.change_envelope_passphrase(
                 envelope, _context_of_credential(row), ring, old_passphrase, new_passphrase
             )
-            _store_envelope(row, updated)
+            store_envelope(row, updated)
             row.updated_at = moment
-            self._write_audit(session, audit, moment)
             session.flush()
             return _credential_record(row)
 
@@ -976,7 +971,7 @@ class Store:
                 created_at=moment,
                 expires_at=moment + ttl,
             )
-            _store_envelope(row, envelope)
+            store_envelope(row, envelope)
             session.add(row)
             self._write_audit(session, audit, moment)
             try:
@@ -1264,4 +1259,4 @@ class Store:
             stmt = stmt.where(AuditEventRow.time >= _aware(since, "since"))
         stmt = stmt.order_by(AuditEventRow.time.desc(), AuditEventRow.id.desc()).limit(limit)
         with self._transaction(write=False) as session:
-            return [_audit_record(row) for row in session.scalars(stmt)]
+            return [audit_record(row) for row in session.scalars(stmt)]

@@ -14,20 +14,26 @@ workers never send the same refresh token.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TypeVar
 
-from sqlalchemy import JSON, Index, Integer, String, UniqueConstraint, func, select
-from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy import JSON, Index, Integer, String, UniqueConstraint, select
+from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from broker.errors import AuthorizationError, NotFound
 from broker.store import crypto
-from broker.store.engine import SQLITE_BEGIN_OPTION
 from broker.store.models import DN_LENGTH, USERNAME_LENGTH, Base, EnvelopeColumns, UTCDateTime
-from broker.store.repository import Store
+from broker.store.repository import (
+    Store,
+    envelope_of,
+    record_from_row,
+    rewrap_rows,
+    rows_per_master_key,
+    store_envelope,
+)
 
 ISSUER_NAME_LENGTH = 64
 T = TypeVar("T")
@@ -66,38 +72,12 @@ def _context(owner_dn: str, username: str, issuer: str) -> bytes:
     return b"refresh-token" + crypto._frame(owner_dn, username, issuer)
 
 
-def _envelope(row: RefreshTokenRow) -> crypto.Envelope:
-    return crypto.Envelope(
-        ciphertext=row.key_ciphertext,
-        nonce=row.key_nonce,
-        wrapped_data_key=row.wrapped_data_key,
-        master_key_id=row.master_key_id,
-        passphrase_protected=row.passphrase_protected,
-        kdf_salt=row.kdf_salt,
-        kdf_params=row.kdf_params,
-    )
-
-
-def _put_envelope(row: RefreshTokenRow, envelope: crypto.Envelope) -> None:
-    row.key_ciphertext = envelope.ciphertext
-    row.key_nonce = envelope.nonce
-    row.wrapped_data_key = envelope.wrapped_data_key
-    row.master_key_id = envelope.master_key_id
-    row.passphrase_protected = envelope.passphrase_protected
-    row.kdf_salt = envelope.kdf_salt
-    row.kdf_params = envelope.kdf_params
+def _context_of_row(row: RefreshTokenRow) -> bytes:
+    return _context(row.owner_dn, row.username, row.issuer)
 
 
 def _record(row: RefreshTokenRow) -> RefreshTokenRecord:
-    return RefreshTokenRecord(
-        row.owner_dn,
-        row.username,
-        row.issuer,
-        tuple(row.scopes),
-        row.rotations,
-        row.created_at,
-        row.updated_at,
-    )
+    return record_from_row(RefreshTokenRecord, row, scopes=tuple(row.scopes))
 
 
 class RefreshTokenStore:
@@ -105,18 +85,10 @@ class RefreshTokenStore:
 
     def __init__(self, store: Store) -> None:
         self._store = store
-        engine = store.engine
-        self._read = sessionmaker(bind=engine, expire_on_commit=False)
-        self._write = sessionmaker(
-            bind=engine.execution_options(**{SQLITE_BEGIN_OPTION: "IMMEDIATE"}),
-            expire_on_commit=False,
-        )
 
-    @contextmanager
-    def _session(self, *, write: bool) -> Iterator[Session]:
-        factory = self._write if write else self._read
-        with self._store._database_errors(), factory.begin() as session:
-            yield session
+    def _session(self, *, write: bool) -> AbstractContextManager[Session]:
+        """One transaction of the Store (its sessions, its error translation)."""
+        return self._store._transaction(write=write)
 
     def _row(
         self, session: Session, username: str, issuer: str, *, lock: bool
@@ -156,7 +128,7 @@ class RefreshTokenStore:
                 session.add(row)
             row.scopes = list(scopes)
             row.updated_at = now
-            _put_envelope(row, envelope)
+            store_envelope(row, envelope)
             session.flush()
             return _record(row)
 
@@ -186,12 +158,12 @@ class RefreshTokenStore:
                     f"no refresh token of {username} at {issuer} is stored",
                     reason="no_refresh_token",
                 )
-            context = _context(row.owner_dn, row.username, row.issuer)
+            context = _context_of_row(row)
             ring = self._store._ring_for(row.master_key_id)
-            token = crypto.open_envelope(_envelope(row), context, ring).decode()
+            token = crypto.open_envelope(envelope_of(row), context, ring).decode()
             rotated, result = use(token)
             if rotated is not None and rotated != token:
-                _put_envelope(
+                store_envelope(
                     row, crypto.seal(rotated.encode(), context, self._store._ring_for_encrypt())
                 )
                 row.rotations += 1
@@ -202,26 +174,9 @@ class RefreshTokenStore:
 
     def master_key_ids_in_use(self) -> dict[str, int]:
         with self._session(write=False) as session:
-            stmt = select(RefreshTokenRow.master_key_id, func.count()).group_by(
-                RefreshTokenRow.master_key_id
-            )
-            return {key_id: int(count) for key_id, count in session.execute(stmt)}
+            return rows_per_master_key(session, RefreshTokenRow)
 
     def rewrap_batch(self, batch_size: int = 100) -> int:
         ring = self._store.master_keys
         with self._session(write=True) as session:
-            rows = session.scalars(
-                select(RefreshTokenRow)
-                .where(RefreshTokenRow.master_key_id != ring.active_id)
-                .order_by(RefreshTokenRow.id)
-                .limit(batch_size)
-                .with_for_update()
-            ).all()
-            for row in rows:
-                _put_envelope(
-                    row,
-                    crypto.rewrap(
-                        _envelope(row), _context(row.owner_dn, row.username, row.issuer), ring
-                    ),
-                )
-            return len(rows)
+            return rewrap_rows(session, RefreshTokenRow, _context_of_row, ring, batch_size)

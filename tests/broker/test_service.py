@@ -6,7 +6,7 @@ import dataclasses
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -64,7 +64,7 @@ def clock(grid_pki: GridPki) -> Clock:
 def service(grid_pki: GridPki, tmp_path: Path, clock: Clock) -> Iterator[BrokerService]:
     url = default_sqlite_url(tmp_path)
     migrate(url)
-    with Store(url, MasterKeyRing.generate()) as store:
+    with Store(url, MasterKeyRing.generate(now=datetime.now(UTC))) as store:
         yield BrokerService(
             store, grid_pki.trust, lambda: load_policy({"p.toml": DEV_POLICY}), clock=clock
         )
@@ -319,7 +319,7 @@ def test_revoked_owner_cannot_be_retrieved_once_the_crl_arrives(
     url = default_sqlite_url(tmp_path)
     migrate(url)
     current = {"trust": grid_pki.trust}
-    with Store(url, MasterKeyRing.generate()) as store:
+    with Store(url, MasterKeyRing.generate(now=datetime.now(UTC))) as store:
         svc = BrokerService(
             store,
             lambda: current["trust"],
@@ -378,7 +378,7 @@ def _service(
 def store(tmp_path: Path, clock: Clock) -> Iterator[Store]:
     url = default_sqlite_url(tmp_path / "db")
     migrate(url)
-    with Store(url, MasterKeyRing.generate()) as s:
+    with Store(url, MasterKeyRing.generate(now=datetime.now(UTC))) as s:
         yield s
 
 

@@ -8,7 +8,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -58,7 +58,7 @@ def service(
     url = default_sqlite_url(tmp_path)
     migrate(url)
     clock = Clock(grid_pki.now + timedelta(minutes=1))
-    with Store(url, MasterKeyRing.generate()) as store:
+    with Store(url, MasterKeyRing.generate(now=datetime.now(UTC))) as store:
         yield BrokerService(
             store,
             lambda: trust_box["trust"],

@@ -87,7 +87,7 @@ def nodes(grid_pki: GridPki, postgres_database: str, tmp_path: Path) -> Iterator
     for node in ("a", "b"):
         (tmp_path / node / "keys").mkdir(parents=True)
         keys[node] = tmp_path / node / "keys" / "master.key"
-    init_master_key_file(keys["a"])
+    init_master_key_file(keys["a"], now=datetime.now(UTC))
     shutil.copyfile(keys["a"], keys["b"])
     os.chmod(keys["b"], 0o600)
     started = [

@@ -84,7 +84,7 @@ def attacks(pki: GridPki, base: Path) -> Iterator[tuple[str, Callable[[Outcome],
         url = default_sqlite_url(place)
         migrate(url)
         clock = _Clock()
-        store = Store(url, MasterKeyRing.generate())
+        store = Store(url, MasterKeyRing.generate(now=datetime.now(UTC)))
         state.setdefault("stores", []).append(store)
         svc = BrokerService(
             store,

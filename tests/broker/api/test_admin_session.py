@@ -5,7 +5,7 @@ after ``admin_session_minutes``, and leaving the admin group closes the page at 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -57,7 +57,7 @@ def world(grid_pki: GridPki, tmp_path: Path) -> Iterator[World]:
     url = default_sqlite_url(tmp_path / "state")
     migrate(url)
     policy = {"current": _policy(f'"pam:{ADMIN_USER}"')}
-    with Store(url, MasterKeyRing.generate()) as store:
+    with Store(url, MasterKeyRing.generate(now=datetime.now(UTC))) as store:
         service = BrokerService(store, grid_pki.trust, lambda: policy["current"], clock=clock)
         app = create_app(
             service,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -81,7 +81,7 @@ def clock(grid_pki: GridPki) -> Clock:
 def service(grid_pki: GridPki, tmp_path: Path, clock: Clock) -> Iterator[BrokerService]:
     url = default_sqlite_url(tmp_path)
     migrate(url)
-    with Store(url, MasterKeyRing.generate()) as store:
+    with Store(url, MasterKeyRing.generate(now=datetime.now(UTC))) as store:
         yield BrokerService(
             store, grid_pki.trust, lambda: load_policy({"p.toml": DEV_POLICY}), clock=clock
         )

@@ -4,6 +4,7 @@ PostgreSQL (parametrised), a master key file, and key material."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -37,7 +38,7 @@ def new_key() -> KeyFactory:
 def key_file(tmp_path: Path) -> Path:
     path = tmp_path / "keys" / "master.json"
     path.parent.mkdir(mode=0o700)
-    init_master_key_file(path)
+    init_master_key_file(path, now=datetime.now(UTC))
     return path
 
 

@@ -44,7 +44,7 @@ def test_rotation_keeps_everything_decryptable(
 
         # A second server that loaded the key file before the rotation.
         with Store(db_url, load_master_keys(key_file)) as stale:
-            report = rotate_master_key(store, key_file, batch_size=2)
+            report = rotate_master_key(store, key_file, batch_size=2, now=datetime.now(UTC))
             assert report.rewrapped == 6
             assert report.retired_key_ids == old.ids
 
@@ -90,7 +90,7 @@ def test_writer_during_rotation_picks_up_the_new_key(
     ring = load_master_keys(key_file)
     with Store(db_url, ring) as server:
         grown = MasterKeyRing(keys=(*ring.keys, ("mk-next", bytes(range(32)))))
-        replace_master_key_file(key_file, grown)
+        replace_master_key_file(key_file, grown, now=datetime.now(UTC))
         mat = new_key()
         rec = server.put_credential(
             CredentialWrite(
@@ -122,8 +122,8 @@ def test_rotation_refuses_when_keys_are_missing(
         from broker.store import init_master_key_file
 
         other = tmp_path / "other.json"
-        init_master_key_file(other)
+        init_master_key_file(other, now=datetime.now(UTC))
         before = other.read_bytes()
         with pytest.raises(ConfigError, match="missing"):
-            rotate_master_key(store, other)
+            rotate_master_key(store, other, now=datetime.now(UTC))
         assert other.read_bytes() == before

@@ -60,10 +60,10 @@ def test_staged_rotation_across_two_key_file_copies(
 
         put(node_a, "one")
         old_id = load_master_keys(key_file).active_id
-        new_id = add_master_key(key_file)
+        new_id = add_master_key(key_file, now=datetime.now(UTC))
         assert load_master_keys(key_file).active_id == old_id  # standby, not active
         shutil.copy2(key_file, other)
-        activate_master_key(key_file, new_id)
+        activate_master_key(key_file, new_id, now=datetime.now(UTC))
         put(node_a, "two")  # node A wraps with the new key, node B still with the old one
         put(node_b, "three")
         readable(node_a, "one", "two", "three")
@@ -71,11 +71,11 @@ def test_staged_rotation_across_two_key_file_copies(
         assert node_a.master_key_ids_in_use() == {old_id: 2, new_id: 1}
         shutil.copy2(key_file, other)
         with pytest.raises(Conflict, match="still wrapped"):
-            retire_master_key(node_a, key_file, old_id)
+            retire_master_key(node_a, key_file, old_id, now=datetime.now(UTC))
         with pytest.raises(InputError, match="active key"):
-            retire_master_key(node_a, key_file, new_id)
+            retire_master_key(node_a, key_file, new_id, now=datetime.now(UTC))
         assert rewrap_all(node_b, other) == 2
-        retire_master_key(node_a, key_file, old_id)
+        retire_master_key(node_a, key_file, old_id, now=datetime.now(UTC))
         shutil.copy2(key_file, other)
         assert load_master_keys(other).ids == (new_id,)
         readable(node_a, "one", "two", "three")
@@ -89,4 +89,4 @@ def test_staged_rotation_across_two_key_file_copies(
 
 def test_activating_an_unknown_key_is_refused(key_file: Path) -> None:
     with pytest.raises(InputError, match="no key 'mk-nope'"):
-        activate_master_key(key_file, "mk-nope")
+        activate_master_key(key_file, "mk-nope", now=datetime.now(UTC))

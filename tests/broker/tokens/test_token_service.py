@@ -63,7 +63,7 @@ def service(
     url = default_sqlite_url(tmp_path)
     migrate(url)
     policy = load_policy({"p.toml": token_policy(issuer.url)})
-    with Store(url, MasterKeyRing.generate()) as store:
+    with Store(url, MasterKeyRing.generate(now=datetime.now(UTC))) as store:
         service = BrokerService(
             store, grid_pki.trust, lambda: policy, clock=lambda: datetime.now(UTC)
         )
@@ -301,7 +301,7 @@ def test_master_key_rotation_rewraps_refresh_tokens(
     _store_refresh(service, grid_pki, issuer)
     old = service.store.master_keys.active_id
     assert service.store.master_key_ids_in_use() == {old: 1}  # the refresh token row
-    ring = MasterKeyRing.generate()
+    ring = MasterKeyRing.generate(now=datetime.now(UTC))
     merged = MasterKeyRing(keys=(*service.store.master_keys.keys, *ring.keys))
     service.store.use_master_keys(merged)
     while service.store.rewrap_batch(10):

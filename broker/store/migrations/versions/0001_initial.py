@@ -5,7 +5,9 @@ Revises:
 Create Date: 2026-11-21
 
 Self-contained on purpose (no import of the models): a migration must keep
-describing the schema as it was when written, whatever the models become.
+describing the schema as it was when written, whatever the models become. The
+column helpers it shares with later migrations (``migrations/columns.py``) are
+frozen in the same way.
 """
 
 from __future__ import annotations
@@ -13,22 +15,12 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
+from broker.store.migrations.columns import envelope_columns, growing_id_column
+
 revision = "0001"
 down_revision: str | None = None
 branch_labels: str | None = None
 depends_on: str | None = None
-
-
-def _envelope_columns() -> list[sa.Column[object]]:
-    return [
-        sa.Column("key_ciphertext", sa.LargeBinary(), nullable=False),
-        sa.Column("key_nonce", sa.LargeBinary(), nullable=False),
-        sa.Column("wrapped_data_key", sa.LargeBinary(), nullable=False),
-        sa.Column("master_key_id", sa.String(64), nullable=False),
-        sa.Column("passphrase_protected", sa.Boolean(), nullable=False),
-        sa.Column("kdf_salt", sa.LargeBinary(), nullable=True),
-        sa.Column("kdf_params", sa.JSON(), nullable=True),
-    ]
 
 
 def upgrade() -> None:
@@ -49,7 +41,7 @@ def upgrade() -> None:
         sa.Column("limited", sa.Boolean(), nullable=False),
         sa.Column("created_at", tz, nullable=False),
         sa.Column("updated_at", tz, nullable=False),
-        *_envelope_columns(),
+        *envelope_columns(),
         sa.PrimaryKeyConstraint("id", name="pk_credentials"),
         sa.UniqueConstraint("username", "name", name="uq_credentials_username_name"),
     )
@@ -65,7 +57,7 @@ def upgrade() -> None:
         sa.Column("params", sa.JSON(), nullable=False),
         sa.Column("created_at", tz, nullable=False),
         sa.Column("expires_at", tz, nullable=False),
-        *_envelope_columns(),
+        *envelope_columns(),
         sa.PrimaryKeyConstraint("id", name="pk_pending_delegations"),
     )
     op.create_index("ix_pending_delegations_expires_at", "pending_delegations", ["expires_at"])
@@ -75,12 +67,7 @@ def upgrade() -> None:
 
     op.create_table(
         "audit_events",
-        sa.Column(
-            "id",
-            sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
-            autoincrement=True,
-            nullable=False,
-        ),
+        growing_id_column(),
         sa.Column("time", tz, nullable=False),
         sa.Column("action", sa.String(64), nullable=False),
         sa.Column("requester_dn", sa.String(1024), nullable=True),

@@ -15,6 +15,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
+from broker.store.migrations.columns import growing_id_column
+
 revision = "0003"
 down_revision: str | None = "0002"
 branch_labels: str | None = None
@@ -41,12 +43,7 @@ def upgrade() -> None:
     op.create_index("ix_used_challenges_expires_at", "used_challenges", ["expires_at"])
     op.create_table(
         "passphrase_attempts",
-        sa.Column(
-            "id",
-            sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
-            autoincrement=True,
-            nullable=False,
-        ),
+        growing_id_column(),
         sa.Column("username", sa.String(255), nullable=False),
         sa.Column("credential_name", sa.String(255), nullable=False),
         sa.Column("client_address", sa.String(255), nullable=True),

@@ -10,6 +10,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
+from broker.store.migrations.columns import envelope_columns
+
 revision = "0005"
 down_revision: str | None = "0004"
 branch_labels: str | None = None
@@ -28,13 +30,7 @@ def upgrade() -> None:
         sa.Column("rotations", sa.Integer(), nullable=False),
         sa.Column("created_at", tz, nullable=False),
         sa.Column("updated_at", tz, nullable=False),
-        sa.Column("key_ciphertext", sa.LargeBinary(), nullable=False),
-        sa.Column("key_nonce", sa.LargeBinary(), nullable=False),
-        sa.Column("wrapped_data_key", sa.LargeBinary(), nullable=False),
-        sa.Column("master_key_id", sa.String(64), nullable=False),
-        sa.Column("passphrase_protected", sa.Boolean(), nullable=False),
-        sa.Column("kdf_salt", sa.LargeBinary(), nullable=True),
-        sa.Column("kdf_params", sa.JSON(), nullable=True),
+        *envelope_columns(),
         sa.PrimaryKeyConstraint("id", name="pk_refresh_tokens"),
         sa.UniqueConstraint("username", "issuer", name="uq_refresh_tokens_username_issuer"),
     )
