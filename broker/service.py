@@ -17,6 +17,7 @@ Flow of one credential::
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import logging
@@ -331,17 +332,11 @@ class _RefusalAggregator:
             seconds = int(self._window.total_seconds())
             out.append(
                 (
-                    AuditEvent(
-                        action=event.action,
-                        decision=event.decision,
-                        endpoint=event.endpoint,
-                        time=event.time,
-                        requester_dn=event.requester_dn,
-                        owner_dn=event.owner_dn,
-                        username=event.username,
-                        credential_name=event.credential_name,
-                        client_address=event.client_address,
-                        request_id=event.request_id,
+                    dataclasses.replace(
+                        event,
+                        # one row for many requests: not one request's job id or FQANs
+                        requester_fqans=(),
+                        job_id=None,
                         reason=f"aggregated: {count} more refusals like this one from "
                         f"{event.client_address or 'an unknown address'} in the {seconds} s "
                         f"after {start:%Y-%m-%d %H:%M:%S} UTC; the last: {event.reason}"[:4000],
