@@ -40,6 +40,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench.load import stop_process
 from bench.myproxy import (
     Target,
     _client_context,
@@ -377,11 +378,7 @@ def main() -> int:
     finally:
         for proc in (ours, rest):
             if proc is not None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+                stop_process(proc)
         if ref_pid is not None:
             os.kill(ref_pid, signal.SIGTERM)
     Path(args.json).write_text(json.dumps(report, indent=2))

@@ -58,6 +58,7 @@ from bench.load import (
     client_threads,
     load_process_signals,
     run_load,
+    stop_process,
     thread_groups,
 )
 from broker.myproxy import codec
@@ -548,11 +549,7 @@ def main() -> int:
                         file=sys.stderr,
                     )
     finally:
-        ours.send_signal(signal.SIGTERM)
-        try:
-            ours.wait(10)
-        except subprocess.TimeoutExpired:
-            ours.kill()
+        stop_process(ours, timeout=10)
         if ref_pid is not None:
             os.kill(ref_pid, signal.SIGTERM)
 

@@ -62,6 +62,7 @@ from bench.load import (
     load_process_signals,
     percentile,
     run_load,
+    stop_process,
     thread_groups,
 )
 from broker.client import BrokerClient, ClientIdentity
@@ -389,12 +390,7 @@ class Server:
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
             return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=5)
+        stop_process(self.process)
 
 
 def _free_port() -> int:
