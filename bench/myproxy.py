@@ -81,6 +81,22 @@ class Target:
     passphrase: str
 
 
+def pilot_target(label: str, port: int, manifest: dict[str, Any]) -> Target:
+    """The pilot's retrieval (certificate login, alice's "pilotjob" credential) on 127.0.0.1."""
+    pilot = manifest["users"]["pilot"]
+    return Target(
+        label,
+        "127.0.0.1",
+        port,
+        manifest["ca_dir"],
+        pilot["cert"],
+        pilot["key"],
+        "alice",
+        "pilotjob",
+        "",
+    )
+
+
 # --------------------------------------------------------------------------- load generator
 #
 # At most --client-procs processes (threads inside them, like bench/retrieval.py;
@@ -504,24 +520,13 @@ def main() -> int:
     rows: list[dict[str, Any]] = []
     try:
         _, ref_port, ref_pid = start_reference(work, manifest)
-        pilot = manifest["users"]["pilot"]
         for mode in modes:
             for label, port, spid in (
                 ("broker", ours_port, ours.pid),  # pids
                 ("myproxy-server", ref_port, ref_pid),
             ):
                 if mode == "pilot":
-                    target = Target(
-                        label,
-                        "127.0.0.1",
-                        port,
-                        manifest["ca_dir"],
-                        pilot["cert"],
-                        pilot["key"],
-                        "alice",
-                        "pilotjob",
-                        "",
-                    )
+                    target = pilot_target(label, port, manifest)
                 else:
                     target = Target(
                         label,
