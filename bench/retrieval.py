@@ -429,6 +429,14 @@ def report_head(name: str, args: Any, results_key: str) -> dict[str, Any]:
     }
 
 
+def write_report(report: dict[str, Any], path: str) -> None:
+    """The closing of a benchmark: its JSON report to ``path`` (folders made as needed)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {out}")
+
+
 def _os_release() -> str:
     try:
         text = Path("/etc/os-release").read_text()
@@ -657,10 +665,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.delegation_key}"
     )
     print_table(results)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {out}")
+    write_report(report, args.out)
     total_errors = sum(r.errors for r in results)
     if total_errors:
         print(

@@ -32,7 +32,6 @@ checked against the number of retrievals made.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
@@ -101,13 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         fx = bs.make_fixture(tmp, csr_pool=16)
-        ca_dir = str(fx.pki / "certificates")
         pg = bs.start_pg(tmp / "pg")
-        report["postgresql"] = {
-            "version": pg.version(),
-            "pid": pg.pid,
-            "settings": "synchronous_commit=off, fsync on",
-        }
+        report["postgresql"] = bs.postgresql_info(pg)
         url = pg.create_database("scaleout")
         bs.populate(url, fx, args.credentials)
         for label in ("A", "B"):
@@ -122,16 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         bodies = bs.bodies_for(fx, args.credentials, 256, args.seed)
-        common = {
-            "ca_dir": ca_dir,
-            "cert": str(fx.pki / "pilot.pem"),
-            "key": str(fx.pki / "pilot.key"),
-            "bodies": bodies,
-            "max_seconds": args.max_seconds,
-            "client_procs": args.client_procs,
-            "timeout": 30.0,
-            "csr_key": "ec",
-        }
+        common = {**bs.level_options(fx, args), "bodies": bodies}
         audit0 = audit_rows(url)
         made = 0
         br.run_level(servers=servers, concurrency=4, requests=args.warmup, **common)
@@ -184,10 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"audit rows added {report['audit_rows_added']} for {report['retrievals_made']} retrievals"
     )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {out}")
+    br.write_report(report, args.out)
     errors = sum(lv["one"]["errors"] + lv["two"]["errors"] for lv in report["levels"])
     return 1 if errors else 0
 

@@ -264,6 +264,29 @@ def start_broker(fx: Fixture, base: Path, url: str, *, workers: int, threads: in
 # ---------------------------------------------------------------- main
 
 
+def level_options(fx: Fixture, args: argparse.Namespace) -> dict[str, Any]:
+    """The br.run_level arguments every load level of the store and scale-out runs
+    shares: the pilot's certificate, EC CSRs, the time cap, client processes, 30 s timeout."""
+    return {
+        "ca_dir": str(fx.pki / "certificates"),
+        "cert": str(fx.pki / "pilot.pem"),
+        "key": str(fx.pki / "pilot.key"),
+        "csr_key": "ec",
+        "max_seconds": args.max_seconds,
+        "client_procs": args.client_procs,
+        "timeout": 30.0,
+    }
+
+
+def postgresql_info(pg: PostgresCluster) -> dict[str, Any]:
+    """What the report says about the PostgreSQL the benchmark started."""
+    return {
+        "version": pg.version(),
+        "pid": pg.pid,
+        "settings": "synchronous_commit=off, fsync on",
+    }
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="scripts/bench store",
@@ -359,14 +382,10 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         fx = make_fixture(tmp, csr_pool=16)
-        ca_dir = str(fx.pki / "certificates")
+        common = level_options(fx, args)
         if "postgresql" in args.backends:
             pg = start_pg(tmp / "pg")
-            report["postgresql"] = {
-                "version": pg.version(),
-                "pid": pg.pid,
-                "settings": "synchronous_commit=off, fsync on",
-            }
+            report["postgresql"] = postgresql_info(pg)
         for backend in args.backends:
             runs: dict[int, dict[str, Any]] = {}
             bodies: dict[int, list[bytes]] = {}
@@ -401,16 +420,10 @@ def main(argv: list[str] | None = None) -> int:
                 if args.warmup:
                     br.run_level(
                         servers=[server],
-                        ca_dir=ca_dir,
-                        cert=str(fx.pki / "pilot.pem"),
-                        key=str(fx.pki / "pilot.key"),
                         bodies=bodies[size],
-                        csr_key="ec",
                         concurrency=4,
                         requests=args.warmup,
-                        max_seconds=args.max_seconds,
-                        client_procs=args.client_procs,
-                        timeout=30.0,
+                        **common,
                     )
             for conc in args.levels:
                 if conc == 1:
@@ -427,16 +440,10 @@ def main(argv: list[str] | None = None) -> int:
                 for size, server in servers.items():
                     r = br.run_level(
                         servers=[server],
-                        ca_dir=ca_dir,
-                        cert=str(fx.pki / "pilot.pem"),
-                        key=str(fx.pki / "pilot.key"),
                         bodies=bodies[size],
-                        csr_key="ec",
                         concurrency=conc,
                         requests=args.requests,
-                        max_seconds=args.max_seconds,
-                        client_procs=args.client_procs,
-                        timeout=30.0,
+                        **common,
                     )
                     runs[size]["levels"].append(asdict(r))
             for size in args.sizes:
@@ -470,10 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     report["ratios"] = ratios(report["runs"], args.sizes)
     report["loadavg_end"] = os.getloadavg()
     print_table(report)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {out}")
+    br.write_report(report, args.out)
     errors = sum(lv["errors"] for run in report["runs"] for lv in run["levels"])
     return 1 if errors else 0
 
