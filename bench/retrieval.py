@@ -195,27 +195,41 @@ def _client_context(ca_dir: str, cert: str, key: str) -> ssl.SSLContext:
     return ctx
 
 
-def _one_retrieval(ctx: ssl.SSLContext, port: int, body: bytes, timeout: float) -> str | None:
-    """One retrieval on a fresh connection; None when it worked, else an error text."""
+def post_once(
+    ctx: ssl.SSLContext,
+    port: int,
+    path: str,
+    body: bytes,
+    timeout: float,
+    token: str | None = None,
+) -> tuple[int, bytes] | str:
+    """One JSON POST to the broker on 127.0.0.1 over a fresh connection (a bearer
+    token if given): (status, body) of the answer, or the text of the error."""
     conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=timeout)
+    headers = {"Content-Type": "application/json", "Connection": "close"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
     try:
-        conn.request(
-            "POST",
-            "/v1/retrievals",
-            body=body,
-            headers={"Content-Type": "application/json", "Connection": "close"},
-        )
+        conn.request("POST", path, body=body, headers=headers)
         response = conn.getresponse()
-        raw = response.read()
-        if response.status != 200:
-            return f"HTTP {response.status}: {raw[:200]!r}"
-        if b"BEGIN CERTIFICATE" not in raw:
-            return "no chain in the response"
-        return None
+        return response.status, response.read()
     except (OSError, http.client.HTTPException) as exc:
         return f"{type(exc).__name__}: {exc}"
     finally:
         conn.close()
+
+
+def _one_retrieval(ctx: ssl.SSLContext, port: int, body: bytes, timeout: float) -> str | None:
+    """One retrieval on a fresh connection; None when it worked, else an error text."""
+    answer = post_once(ctx, port, "/v1/retrievals", body, timeout)
+    if isinstance(answer, str):
+        return answer
+    status, raw = answer
+    if status != 200:
+        return f"HTTP {status}: {raw[:200]!r}"
+    if b"BEGIN CERTIFICATE" not in raw:
+        return "no chain in the response"
+    return None
 
 
 def _client_process(
