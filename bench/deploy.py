@@ -40,12 +40,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench.load import stop_process
 from bench.myproxy import (
-    Target,
     _client_context,
     free_port,
     make_csrs,
     one_retrieval,
+    pilot_target,
     request_bytes,
     run_cell,
     setup_pki,
@@ -262,34 +263,8 @@ def main() -> int:
     try:
         _, ref_port, ref_pid = start_reference(work, manifest)
         targets = {
-            "broker": (
-                Target(
-                    "broker",
-                    "127.0.0.1",
-                    ours_port,
-                    manifest["ca_dir"],
-                    pilot["cert"],
-                    pilot["key"],
-                    "alice",
-                    "pilotjob",
-                    "",
-                ),
-                ours.pid,
-            ),
-            "myproxy-server": (
-                Target(
-                    "myproxy-server",
-                    "127.0.0.1",
-                    ref_port,
-                    manifest["ca_dir"],
-                    pilot["cert"],
-                    pilot["key"],
-                    "alice",
-                    "pilotjob",
-                    "",
-                ),
-                ref_pid,
-            ),
+            "broker": (pilot_target("broker", ours_port, manifest), ours.pid),
+            "myproxy-server": (pilot_target("myproxy-server", ref_port, manifest), ref_pid),
         }
         if "cpu" in parts:
             cells = {
@@ -377,11 +352,7 @@ def main() -> int:
     finally:
         for proc in (ours, rest):
             if proc is not None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+                stop_process(proc)
         if ref_pid is not None:
             os.kill(ref_pid, signal.SIGTERM)
     Path(args.json).write_text(json.dumps(report, indent=2))

@@ -23,6 +23,7 @@ import multiprocessing as mp
 import os
 import resource
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -95,6 +96,17 @@ def load_process_signals() -> None:
     us with SIGTERM, so ignore SIGINT and die at once on SIGTERM."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15) -> None:
+    """Stop a server the benchmark started: SIGTERM, up to ``timeout`` s to exit,
+    then SIGKILL and reap it (a process that already exited is left alone)."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
 
 
 def client_threads(

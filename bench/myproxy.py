@@ -58,6 +58,7 @@ from bench.load import (
     client_threads,
     load_process_signals,
     run_load,
+    stop_process,
     thread_groups,
 )
 from broker.myproxy import codec
@@ -78,6 +79,22 @@ class Target:
     username: str
     credname: str | None
     passphrase: str
+
+
+def pilot_target(label: str, port: int, manifest: dict[str, Any]) -> Target:
+    """The pilot's retrieval (certificate login, alice's "pilotjob" credential) on 127.0.0.1."""
+    pilot = manifest["users"]["pilot"]
+    return Target(
+        label,
+        "127.0.0.1",
+        port,
+        manifest["ca_dir"],
+        pilot["cert"],
+        pilot["key"],
+        "alice",
+        "pilotjob",
+        "",
+    )
 
 
 # --------------------------------------------------------------------------- load generator
@@ -503,24 +520,13 @@ def main() -> int:
     rows: list[dict[str, Any]] = []
     try:
         _, ref_port, ref_pid = start_reference(work, manifest)
-        pilot = manifest["users"]["pilot"]
         for mode in modes:
             for label, port, spid in (
                 ("broker", ours_port, ours.pid),  # pids
                 ("myproxy-server", ref_port, ref_pid),
             ):
                 if mode == "pilot":
-                    target = Target(
-                        label,
-                        "127.0.0.1",
-                        port,
-                        manifest["ca_dir"],
-                        pilot["cert"],
-                        pilot["key"],
-                        "alice",
-                        "pilotjob",
-                        "",
-                    )
+                    target = pilot_target(label, port, manifest)
                 else:
                     target = Target(
                         label,
@@ -548,11 +554,7 @@ def main() -> int:
                         file=sys.stderr,
                     )
     finally:
-        ours.send_signal(signal.SIGTERM)
-        try:
-            ours.wait(10)
-        except subprocess.TimeoutExpired:
-            ours.kill()
+        stop_process(ours, timeout=10)
         if ref_pid is not None:
             os.kill(ref_pid, signal.SIGTERM)
 

@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -38,6 +37,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+from bench.load import stop_process
 from broker.client import BrokerClient, ClientIdentity
 from broker.condor.jobad import read_job_ad
 from broker.devpki import DEV_POLICY, write_dev_pki
@@ -285,12 +285,7 @@ def main() -> int:
         )
     finally:
         if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+            stop_process(proc)
         shutil.rmtree(top, ignore_errors=True)
 
     print(

@@ -62,6 +62,7 @@ from bench.load import (
     load_process_signals,
     percentile,
     run_load,
+    stop_process,
     thread_groups,
 )
 from broker.client import BrokerClient, ClientIdentity
@@ -194,27 +195,41 @@ def _client_context(ca_dir: str, cert: str, key: str) -> ssl.SSLContext:
     return ctx
 
 
-def _one_retrieval(ctx: ssl.SSLContext, port: int, body: bytes, timeout: float) -> str | None:
-    """One retrieval on a fresh connection; None when it worked, else an error text."""
+def post_once(
+    ctx: ssl.SSLContext,
+    port: int,
+    path: str,
+    body: bytes,
+    timeout: float,
+    token: str | None = None,
+) -> tuple[int, bytes] | str:
+    """One JSON POST to the broker on 127.0.0.1 over a fresh connection (a bearer
+    token if given): (status, body) of the answer, or the text of the error."""
     conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=timeout)
+    headers = {"Content-Type": "application/json", "Connection": "close"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
     try:
-        conn.request(
-            "POST",
-            "/v1/retrievals",
-            body=body,
-            headers={"Content-Type": "application/json", "Connection": "close"},
-        )
+        conn.request("POST", path, body=body, headers=headers)
         response = conn.getresponse()
-        raw = response.read()
-        if response.status != 200:
-            return f"HTTP {response.status}: {raw[:200]!r}"
-        if b"BEGIN CERTIFICATE" not in raw:
-            return "no chain in the response"
-        return None
+        return response.status, response.read()
     except (OSError, http.client.HTTPException) as exc:
         return f"{type(exc).__name__}: {exc}"
     finally:
         conn.close()
+
+
+def _one_retrieval(ctx: ssl.SSLContext, port: int, body: bytes, timeout: float) -> str | None:
+    """One retrieval on a fresh connection; None when it worked, else an error text."""
+    answer = post_once(ctx, port, "/v1/retrievals", body, timeout)
+    if isinstance(answer, str):
+        return answer
+    status, raw = answer
+    if status != 200:
+        return f"HTTP {status}: {raw[:200]!r}"
+    if b"BEGIN CERTIFICATE" not in raw:
+        return "no chain in the response"
+    return None
 
 
 def _client_process(
@@ -389,12 +404,7 @@ class Server:
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
             return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=5)
+        stop_process(self.process)
 
 
 def _free_port() -> int:
@@ -431,6 +441,14 @@ def report_head(name: str, args: Any, results_key: str) -> dict[str, Any]:
         "loadavg_start": os.getloadavg(),
         results_key: [],
     }
+
+
+def write_report(report: dict[str, Any], path: str) -> None:
+    """The closing of a benchmark: its JSON report to ``path`` (folders made as needed)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {out}")
 
 
 def _os_release() -> str:
@@ -661,10 +679,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.delegation_key}"
     )
     print_table(results)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {out}")
+    write_report(report, args.out)
     total_errors = sum(r.errors for r in results)
     if total_errors:
         print(

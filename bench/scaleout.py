@@ -32,12 +32,8 @@ checked against the number of retrievals made.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
-import signal
 import sys
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -94,75 +90,54 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     report = br.report_head("scaleout", args, "levels")
-    tmp = Path(tempfile.mkdtemp(prefix="broker-bench-scaleout-"))
-    tmp.chmod(0o755)
-    pg: PostgresCluster | None = None
-    servers: list[br.Server] = []
-    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    try:
-        fx = bs.make_fixture(tmp, csr_pool=16)
-        ca_dir = str(fx.pki / "certificates")
-        pg = bs.start_pg(tmp / "pg")
-        report["postgresql"] = {
-            "version": pg.version(),
-            "pid": pg.pid,
-            "settings": "synchronous_commit=off, fsync on",
-        }
-        url = pg.create_database("scaleout")
-        bs.populate(url, fx, args.credentials)
-        for label in ("A", "B"):
-            servers.append(
-                bs.start_broker(
-                    fx, tmp / f"serve-{label}", url, workers=args.workers, threads=args.threads
+    with bs.scratch_dir("broker-bench-scaleout-", keep=args.keep) as tmp:
+        pg: PostgresCluster | None = None
+        servers: list[br.Server] = []
+        try:
+            fx = bs.make_fixture(tmp, csr_pool=16)
+            pg = bs.start_pg(tmp / "pg")
+            report["postgresql"] = bs.postgresql_info(pg)
+            url = pg.create_database("scaleout")
+            bs.populate(url, fx, args.credentials)
+            for label in ("A", "B"):
+                servers.append(
+                    bs.start_broker(
+                        fx, tmp / f"serve-{label}", url, workers=args.workers, threads=args.threads
+                    )
                 )
-            )
-        report["brokers"] = [{"pid": s.pid, "port": s.port} for s in servers]
-        print(
-            f"brokers A (:{servers[0].port}) and B (:{servers[1].port}) on {pg.version()}",
-            file=sys.stderr,
-        )
-        bodies = bs.bodies_for(fx, args.credentials, 256, args.seed)
-        common = {
-            "ca_dir": ca_dir,
-            "cert": str(fx.pki / "pilot.pem"),
-            "key": str(fx.pki / "pilot.key"),
-            "bodies": bodies,
-            "max_seconds": args.max_seconds,
-            "client_procs": args.client_procs,
-            "timeout": 30.0,
-            "csr_key": "ec",
-        }
-        audit0 = audit_rows(url)
-        made = 0
-        br.run_level(servers=servers, concurrency=4, requests=args.warmup, **common)
-        made += args.warmup
-        for conc in args.levels:
-            level = {"concurrency": conc, "requests": args.requests, **common}
-            one = br.run_level(servers=servers[:1], **level)
-            two = br.run_level(servers=servers, **level)
-            made += one.requests + two.requests
-            ratio = round(two.per_s / one.per_s, 2) if one.per_s else None
+            report["brokers"] = [{"pid": s.pid, "port": s.port} for s in servers]
             print(
-                f"c={conc}: one broker {one.per_s}/s p99 {one.p99_ms} ms; two brokers "
-                f"{two.per_s}/s p99 {two.p99_ms} ms; ratio {ratio}",
+                f"brokers A (:{servers[0].port}) and B (:{servers[1].port}) on {pg.version()}",
                 file=sys.stderr,
             )
-            report["levels"].append(
-                {"concurrency": conc, "one": asdict(one), "two": asdict(two), "ratio": ratio}
-            )
-        audit1 = audit_rows(url)
-        report["audit_rows_added"] = audit1 - audit0
-        report["retrievals_made"] = made
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        for s in servers:
-            s.stop()
-        if pg is not None:
-            pg.stop()
-        if args.keep:
-            print(f"kept {tmp}", file=sys.stderr)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+            bodies = bs.bodies_for(fx, args.credentials, 256, args.seed)
+            common = {**bs.level_options(fx, args), "bodies": bodies}
+            audit0 = audit_rows(url)
+            made = 0
+            br.run_level(servers=servers, concurrency=4, requests=args.warmup, **common)
+            made += args.warmup
+            for conc in args.levels:
+                level = {"concurrency": conc, "requests": args.requests, **common}
+                one = br.run_level(servers=servers[:1], **level)
+                two = br.run_level(servers=servers, **level)
+                made += one.requests + two.requests
+                ratio = round(two.per_s / one.per_s, 2) if one.per_s else None
+                print(
+                    f"c={conc}: one broker {one.per_s}/s p99 {one.p99_ms} ms; two brokers "
+                    f"{two.per_s}/s p99 {two.p99_ms} ms; ratio {ratio}",
+                    file=sys.stderr,
+                )
+                report["levels"].append(
+                    {"concurrency": conc, "one": asdict(one), "two": asdict(two), "ratio": ratio}
+                )
+            audit1 = audit_rows(url)
+            report["audit_rows_added"] = audit1 - audit0
+            report["retrievals_made"] = made
+        finally:
+            for s in servers:
+                s.stop()
+            if pg is not None:
+                pg.stop()
     report["loadavg_end"] = os.getloadavg()
 
     print()
@@ -184,10 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"audit rows added {report['audit_rows_added']} for {report['retrievals_made']} retrievals"
     )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {out}")
+    br.write_report(report, args.out)
     errors = sum(lv["one"]["errors"] + lv["two"]["errors"] for lv in report["levels"])
     return 1 if errors else 0
 

@@ -54,6 +54,8 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -264,6 +266,49 @@ def start_broker(fx: Fixture, base: Path, url: str, *, workers: int, threads: in
 # ---------------------------------------------------------------- main
 
 
+@contextmanager
+def scratch_dir(prefix: str, *, keep: bool) -> Iterator[Path]:
+    """A scratch directory for one run (0755: the brokers and PostgreSQL read it).
+
+    SIGTERM (from ``scripts/bench all`` on a timeout) becomes SystemExit(143), so
+    the caller's cleanup runs; afterwards the directory goes, unless ``keep``.
+    """
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    tmp.chmod(0o755)
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        yield tmp
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if keep:
+            print(f"kept {tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def level_options(fx: Fixture, args: argparse.Namespace) -> dict[str, Any]:
+    """The br.run_level arguments every load level of the store and scale-out runs
+    shares: the pilot's certificate, EC CSRs, the time cap, client processes, 30 s timeout."""
+    return {
+        "ca_dir": str(fx.pki / "certificates"),
+        "cert": str(fx.pki / "pilot.pem"),
+        "key": str(fx.pki / "pilot.key"),
+        "csr_key": "ec",
+        "max_seconds": args.max_seconds,
+        "client_procs": args.client_procs,
+        "timeout": 30.0,
+    }
+
+
+def postgresql_info(pg: PostgresCluster) -> dict[str, Any]:
+    """What the report says about the PostgreSQL the benchmark started."""
+    return {
+        "version": pg.version(),
+        "pid": pg.pid,
+        "settings": "synchronous_commit=off, fsync on",
+    }
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="scripts/bench store",
@@ -352,128 +397,102 @@ def interleaved_single_client(
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     report = br.report_head("store", args, "runs")
-    tmp = Path(tempfile.mkdtemp(prefix="broker-bench-store-"))
-    tmp.chmod(0o755)
-    pg: PostgresCluster | None = None
-    servers: dict[int, br.Server] = {}
-    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    try:
-        fx = make_fixture(tmp, csr_pool=16)
-        ca_dir = str(fx.pki / "certificates")
-        if "postgresql" in args.backends:
-            pg = start_pg(tmp / "pg")
-            report["postgresql"] = {
-                "version": pg.version(),
-                "pid": pg.pid,
-                "settings": "synchronous_commit=off, fsync on",
-            }
-        for backend in args.backends:
-            runs: dict[int, dict[str, Any]] = {}
-            bodies: dict[int, list[bytes]] = {}
-            for size in args.sizes:
-                tag = f"{backend}-{size}"
-                if backend == "sqlite":
-                    (tmp / tag).mkdir()
-                    url = f"sqlite:///{tmp / tag / 'broker.sqlite'}"
-                else:
-                    assert pg is not None
-                    url = pg.create_database(f"store_{size}")
-                print(f"[{tag}] populating {size} credentials ...", file=sys.stderr)
-                fill_s = populate(url, fx, size)
-                lookup = lookup_timing(url, fx, size, args.lookups, args.seed)
-                print(
-                    f"[{tag}] filled in {fill_s:.1f} s; in-process get_credential p50 "
-                    f"{lookup['p50_us']} us",
-                    file=sys.stderr,
-                )
-                servers[size] = start_broker(
-                    fx, tmp / f"serve-{tag}", url, workers=args.workers, threads=args.threads
-                )
-                bodies[size] = bodies_for(fx, size, 256, args.seed + size)
-                runs[size] = {
-                    "backend": backend,
-                    "credentials": size,
-                    "populate_s": round(fill_s, 1),
-                    "lookup": lookup,
-                    "levels": [],
-                }
-            for size, server in servers.items():
-                if args.warmup:
-                    br.run_level(
-                        servers=[server],
-                        ca_dir=ca_dir,
-                        cert=str(fx.pki / "pilot.pem"),
-                        key=str(fx.pki / "pilot.key"),
-                        bodies=bodies[size],
-                        csr_key="ec",
-                        concurrency=4,
-                        requests=args.warmup,
-                        max_seconds=args.max_seconds,
-                        client_procs=args.client_procs,
-                        timeout=30.0,
-                    )
-            for conc in args.levels:
-                if conc == 1:
+    with scratch_dir("broker-bench-store-", keep=args.keep) as tmp:
+        pg: PostgresCluster | None = None
+        servers: dict[int, br.Server] = {}
+        try:
+            fx = make_fixture(tmp, csr_pool=16)
+            common = level_options(fx, args)
+            if "postgresql" in args.backends:
+                pg = start_pg(tmp / "pg")
+                report["postgresql"] = postgresql_info(pg)
+            for backend in args.backends:
+                runs: dict[int, dict[str, Any]] = {}
+                bodies: dict[int, list[bytes]] = {}
+                for size in args.sizes:
+                    tag = f"{backend}-{size}"
+                    if backend == "sqlite":
+                        (tmp / tag).mkdir()
+                        url = f"sqlite:///{tmp / tag / 'broker.sqlite'}"
+                    else:
+                        assert pg is not None
+                        url = pg.create_database(f"store_{size}")
+                    print(f"[{tag}] populating {size} credentials ...", file=sys.stderr)
+                    fill_s = populate(url, fx, size)
+                    lookup = lookup_timing(url, fx, size, args.lookups, args.seed)
                     print(
-                        f"[{backend}] 1 client, sizes interleaved, {args.requests} each",
+                        f"[{tag}] filled in {fill_s:.1f} s; in-process get_credential p50 "
+                        f"{lookup['p50_us']} us",
                         file=sys.stderr,
                     )
-                    single = interleaved_single_client(
-                        servers, bodies, fx, args.requests, args.max_seconds * len(servers)
+                    servers[size] = start_broker(
+                        fx, tmp / f"serve-{tag}", url, workers=args.workers, threads=args.threads
                     )
-                    for size, row in single.items():
-                        runs[size]["levels"].append(row)
-                    continue
+                    bodies[size] = bodies_for(fx, size, 256, args.seed + size)
+                    runs[size] = {
+                        "backend": backend,
+                        "credentials": size,
+                        "populate_s": round(fill_s, 1),
+                        "lookup": lookup,
+                        "levels": [],
+                    }
                 for size, server in servers.items():
-                    r = br.run_level(
-                        servers=[server],
-                        ca_dir=ca_dir,
-                        cert=str(fx.pki / "pilot.pem"),
-                        key=str(fx.pki / "pilot.key"),
-                        bodies=bodies[size],
-                        csr_key="ec",
-                        concurrency=conc,
-                        requests=args.requests,
-                        max_seconds=args.max_seconds,
-                        client_procs=args.client_procs,
-                        timeout=30.0,
-                    )
-                    runs[size]["levels"].append(asdict(r))
-            for size in args.sizes:
-                for lv in runs[size]["levels"]:
-                    print(
-                        f"[{backend}-{size}] c={lv['concurrency']}: {lv['per_s']}/s p50 "
-                        f"{lv['p50_ms']} ms p99 {lv['p99_ms']} ms errors {lv['errors']}",
-                        file=sys.stderr,
-                    )
+                    if args.warmup:
+                        br.run_level(
+                            servers=[server],
+                            bodies=bodies[size],
+                            concurrency=4,
+                            requests=args.warmup,
+                            **common,
+                        )
+                for conc in args.levels:
+                    if conc == 1:
+                        print(
+                            f"[{backend}] 1 client, sizes interleaved, {args.requests} each",
+                            file=sys.stderr,
+                        )
+                        single = interleaved_single_client(
+                            servers, bodies, fx, args.requests, args.max_seconds * len(servers)
+                        )
+                        for size, row in single.items():
+                            runs[size]["levels"].append(row)
+                        continue
+                    for size, server in servers.items():
+                        r = br.run_level(
+                            servers=[server],
+                            bodies=bodies[size],
+                            concurrency=conc,
+                            requests=args.requests,
+                            **common,
+                        )
+                        runs[size]["levels"].append(asdict(r))
+                for size in args.sizes:
+                    for lv in runs[size]["levels"]:
+                        print(
+                            f"[{backend}-{size}] c={lv['concurrency']}: {lv['per_s']}/s p50 "
+                            f"{lv['p50_ms']} ms p99 {lv['p99_ms']} ms errors {lv['errors']}",
+                            file=sys.stderr,
+                        )
+                for server in servers.values():
+                    server.stop()
+                servers.clear()
+                report["runs"] += [runs[n] for n in args.sizes]
+                for size in args.sizes:
+                    if backend == "sqlite":
+                        shutil.rmtree(tmp / f"sqlite-{size}", ignore_errors=True)
+                    else:
+                        assert pg is not None
+                        pg.drop_database(f"store_{size}")
+        finally:
             for server in servers.values():
                 server.stop()
-            servers.clear()
-            report["runs"] += [runs[n] for n in args.sizes]
-            for size in args.sizes:
-                if backend == "sqlite":
-                    shutil.rmtree(tmp / f"sqlite-{size}", ignore_errors=True)
-                else:
-                    assert pg is not None
-                    pg.drop_database(f"store_{size}")
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        for server in servers.values():
-            server.stop()
-        if pg is not None:
-            pg.stop()
-        if args.keep:
-            print(f"kept {tmp}", file=sys.stderr)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if pg is not None:
+                pg.stop()
 
     report["ratios"] = ratios(report["runs"], args.sizes)
     report["loadavg_end"] = os.getloadavg()
     print_table(report)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {out}")
+    br.write_report(report, args.out)
     errors = sum(lv["errors"] for run in report["runs"] for lv in run["levels"])
     return 1 if errors else 0
 

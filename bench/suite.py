@@ -440,6 +440,28 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 # ---------------------------------------------------------------- plot
 
 
+# one curve of the retrieval panels: label, client counts, and the measured level per count
+_Series = tuple[str, list[int], list[dict[str, Any]]]
+
+
+def _plot_series(ax: Any, series: list[_Series], key: str) -> None:
+    """One line per server (those that were measured) of ``key`` over the client counts."""
+    for label, xs, ys in series:
+        if xs:
+            ax.plot(xs, [y[key] for y in ys], marker="o", label=label)
+
+
+def _target_line(ax: Any, y: float, label: str) -> None:
+    ax.axhline(y, color="red", ls="--", lw=1, label=label)
+
+
+def _log_panel(ax: Any, xlabel: str, ylabel: str, title: str, *, logy: bool = True) -> None:
+    """Labels, a logarithmic x axis (and y axis unless ``logy`` is False), a legend."""
+    scales = {"xscale": "log", **({"yscale": "log"} if logy else {})}
+    ax.set(**scales, xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.legend(fontsize=8)
+
+
 def plot(parts: dict[str, Any], rows: list[dict[str, Any]], path: Path, title: str) -> None:
     import matplotlib
 
@@ -453,48 +475,23 @@ def plot(parts: dict[str, Any], rows: list[dict[str, Any]], path: Path, title: s
     cells = sorted(
         (c for c in (mp or {}).get("cells", []) if c["mode"] == "pilot"), key=lambda c: c["clients"]
     )
-    series = [
-        ("REST (broker)", [lv["concurrency"] for lv in rest], rest, "per_s", "p99_ms"),
-        (
-            "MyProxy endpoint (broker)",
-            [c["clients"] for c in cells],
-            [c["broker"] for c in cells],
-            "per_s",
-            "p99_ms",
-        ),
+    series: list[_Series] = [
+        ("REST (broker)", [lv["concurrency"] for lv in rest], rest),
+        ("MyProxy endpoint (broker)", [c["clients"] for c in cells], [c["broker"] for c in cells]),
         (
             "myproxy-server 6.2",
             [c["clients"] for c in cells],
             [c["myproxy_server"] for c in cells],
-            "per_s",
-            "p99_ms",
         ),
     ]
 
     ax = axes[0][0]
-    for label, xs, ys, key, _ in series:
-        if xs:
-            ax.plot(xs, [y[key] for y in ys], marker="o", label=label)
-    ax.set(
-        xscale="log",
-        xlabel="concurrent clients",
-        ylabel="retrievals/s",
-        title="Retrieval throughput",
-    )
-    ax.legend(fontsize=8)
+    _plot_series(ax, series, "per_s")
+    _log_panel(ax, "concurrent clients", "retrievals/s", "Retrieval throughput", logy=False)
     ax = axes[0][1]
-    for label, xs, ys, _, key in series:
-        if xs:
-            ax.plot(xs, [y[key] for y in ys], marker="o", label=label)
-    ax.axhline(50, color="red", ls="--", lw=1, label="target p99 50 ms @16")
-    ax.set(
-        xscale="log",
-        yscale="log",
-        xlabel="concurrent clients",
-        ylabel="p99 ms",
-        title="Retrieval p99 latency",
-    )
-    ax.legend(fontsize=8)
+    _plot_series(ax, series, "p99_ms")
+    _target_line(ax, 50, "target p99 50 ms @16")
+    _log_panel(ax, "concurrent clients", "p99 ms", "Retrieval p99 latency")
 
     ax = axes[0][2]
     labels, values = [], []
@@ -538,14 +535,7 @@ def plot(parts: dict[str, Any], rows: list[dict[str, Any]], path: Path, title: s
                     color=color,
                     label=f"{backend}, {conc} client(s), p50",
                 )
-    ax.set(
-        xscale="log",
-        yscale="log",
-        xlabel="stored credentials",
-        ylabel="ms",
-        title="Store scaling: REST retrieval p50",
-    )
-    ax.legend(fontsize=8)
+    _log_panel(ax, "stored credentials", "ms", "Store scaling: REST retrieval p50")
 
     ax = axes[1][1]
     for backend, color in (("sqlite", "C0"), ("postgresql", "C3")):
@@ -558,14 +548,8 @@ def plot(parts: dict[str, Any], rows: list[dict[str, Any]], path: Path, title: s
                 color=color,
                 label=f"{backend} get_credential p50",
             )
-    ax.set(
-        xscale="log",
-        xlabel="stored credentials",
-        ylabel="µs",
-        title="Store scaling: in-process look-up",
-    )
     ax.set_ylim(bottom=0)
-    ax.legend(fontsize=8)
+    _log_panel(ax, "stored credentials", "µs", "Store scaling: in-process look-up", logy=False)
 
     ax = axes[1][2]
     pol = _row(parts, "policy") or []
@@ -573,15 +557,8 @@ def plot(parts: dict[str, Any], rows: list[dict[str, Any]], path: Path, title: s
         xs = [p["rules"] for p in pol]
         ax.plot(xs, [p["median_us"] for p in pol], marker="o", label="median")
         ax.plot(xs, [p["p99_us"] for p in pol], marker="o", label="p99")
-    ax.axhline(1000, color="red", ls="--", lw=1, label="target 1 ms")
-    ax.set(
-        xscale="log",
-        yscale="log",
-        xlabel="rules",
-        ylabel="µs per evaluation",
-        title="Policy evaluation",
-    )
-    ax.legend(fontsize=8)
+    _target_line(ax, 1000, "target 1 ms")
+    _log_panel(ax, "rules", "µs per evaluation", "Policy evaluation")
 
     ax = axes[2][0]
     so = _row(parts, "scaleout")
@@ -613,7 +590,7 @@ def plot(parts: dict[str, Any], rows: list[dict[str, Any]], path: Path, title: s
     if labels:
         bars = ax.bar(labels, values)
         ax.bar_label(bars, fmt="%.1f", fontsize=8)
-    ax.axhline(30, color="red", ls="--", lw=1, label="wrapper target 30 ms")
+    _target_line(ax, 30, "wrapper target 30 ms")
     ax.set(ylabel="median ms", title="Wrapper overhead and job start")
     ax.tick_params(axis="x", labelsize=8)
     ax.legend(fontsize=8)

@@ -19,7 +19,6 @@ stopped at the end; the temporary directory is removed.
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import shutil
 import ssl
@@ -31,6 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench.retrieval import post_once
 from broker.devpki import DEV_POLICY, write_dev_pki
 from broker.pki.proxy import csr_to_pem, generate_key, make_csr
 from tests.broker.tokens.issuer import TestIssuer
@@ -56,19 +56,11 @@ auth = ["token"]
 
 
 def _one(port: int, ctx: ssl.SSLContext, path: str, body: bytes, token: str | None) -> str | None:
-    conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=60)
-    headers = {"Content-Type": "application/json", "Connection": "close"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    try:
-        conn.request("POST", path, body=body, headers=headers)
-        response = conn.getresponse()
-        raw = response.read()
-        return None if response.status == 200 else f"HTTP {response.status} {raw[:120]!r}"
-    except (OSError, http.client.HTTPException) as exc:
-        return f"{type(exc).__name__}: {exc}"
-    finally:
-        conn.close()
+    answer = post_once(ctx, port, path, body, 60, token)
+    if isinstance(answer, str):
+        return answer
+    status, raw = answer
+    return None if status == 200 else f"HTTP {status} {raw[:120]!r}"
 
 
 def _level(
