@@ -17,7 +17,7 @@ Parts (every figure in one run, so that they are comparable):
 
 Usage::
 
-    scripts/bench deploy --seconds 8 --json bench-deploy.json
+    scripts/bench deploy --seconds 8 --json bench-out/deploy.json
 """
 
 from __future__ import annotations
@@ -243,7 +243,7 @@ def main() -> int:
     parser.add_argument("--max-ops", type=int, default=3000)
     parser.add_argument("--rate", type=float, default=100.0, help="open-loop arrivals/s")
     parser.add_argument("--parts", default="cpu,pinned,reuse,openloop")
-    parser.add_argument("--json", default="bench-deploy.json")
+    parser.add_argument("--json", default=str(REPO / "bench-out" / "deploy.json"))
     args = parser.parse_args()
     parts = set(args.parts.split(","))
 
@@ -355,6 +355,7 @@ def main() -> int:
                 stop_process(proc)
         if ref_pid is not None:
             os.kill(ref_pid, signal.SIGTERM)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2))
     print(f"JSON written to {args.json}")
     shutil.rmtree(work, ignore_errors=True)
