@@ -53,6 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from broker.audit import AuditAction, Endpoint
 from broker.config import ServerConfig
 from broker.errors import BrokerError, ProtocolError
 from broker.myproxy import codec
@@ -538,9 +539,15 @@ class MyProxyServer:
             return Requester(
                 dn=None, client_address=addr[0], endpoint="myproxy", request_id=request_id
             )
-        return self.service.authenticate_chain(
-            chain, client_address=addr[0], endpoint="myproxy", request_id=request_id
+        # A chain OpenSSL accepted but our RFC 3820 / VOMS / namespace checks refuse
+        # (e.g. a forged AC) leaves an audit row, as it does on REST.
+        claimant = Requester.unverified(
+            chain=chain, client_address=addr[0], endpoint=Endpoint.MYPROXY, request_id=request_id
         )
+        with self.service.audited(claimant, AuditAction.AUTHENTICATE, unauthenticated=True):
+            return self.service.authenticate_chain(
+                chain, client_address=addr[0], endpoint=Endpoint.MYPROXY, request_id=request_id
+            )
 
 
 def serve_myproxy(

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -24,6 +24,7 @@ from broker.myproxy import codec
 from broker.myproxy.codec import AuthMethodId, Command, ResponseCode
 from broker.pki.loading import Credential, credential_to_pem
 from broker.pki.proxy import generate_key, load_csr, make_csr, new_proxy, sign_request
+from broker.pki.voms import make_ac_extension
 from tests.broker.myproxy.support import (
     ALICE_DN,
     PASSPHRASE,
@@ -32,7 +33,7 @@ from tests.broker.myproxy.support import (
     RawClient,
     running_endpoint,
 )
-from tests.pkifixtures import GridPki
+from tests.pkifixtures import GridPki, write_proxy_file
 
 
 @pytest.fixture(scope="module")
@@ -522,3 +523,40 @@ def test_a_full_server_closes_the_longest_waiting_connection(
         finally:
             for raw in raws:
                 raw.close()
+
+
+def test_a_chain_our_checks_refuse_is_audited_on_the_myproxy_endpoint(
+    endpoint: Endpoint, grid_pki: GridPki, tmp_path: Path
+) -> None:
+    """OpenSSL accepts the chain (an AC is only an extension to it), the broker's VOMS
+    check refuses it: the refusal leaves a row, as on REST, and nothing is served."""
+    pilot = grid_pki.load("pilot")
+    now = datetime.now(UTC)
+    # the real VOMS server's certificate, but the AC signed with bob's key
+    forger = Credential(chain=grid_pki.load("voms").chain, key=grid_pki.load("bob").key)
+    ac = make_ac_extension(
+        pilot.cert,
+        forger,
+        vo="atlas",
+        fqans=["/atlas/Role=pilot"],
+        uri="voms.example.org:15001",
+        now=now,
+        lifetime=timedelta(hours=2),
+    )
+    proxy = new_proxy(pilot, now=now, lifetime=timedelta(hours=2), extra_extensions=[ac])
+    path = write_proxy_file(tmp_path / "forged.pem", proxy)
+    c = RawClient(endpoint, grid_pki.ca_dir, path, path)
+    try:
+        response = c.request(Command.INFO, "forged-ac-probe")
+        assert response.code is ResponseCode.ERROR
+        assert "VOMS" in response.error or "attribute" in response.error, response.error
+    finally:
+        c.close()
+    rows = [
+        r
+        for r in endpoint.service.store.query_audit(action="authenticate", limit=1000)
+        if r.endpoint == "myproxy" and (r.reason or "").startswith("bad_ac_signature")
+    ]
+    assert len(rows) == 1, rows
+    assert rows[0].decision == "deny"
+    assert rows[0].requester_dn == "/DC=org/DC=example/CN=pilot"
