@@ -565,7 +565,7 @@ class BrokerService:
     @contextmanager
     def audited(
         self,
-        requester: Requester,
+        requester: Requester | Callable[[], Requester],
         action: AuditAction | Action,
         where: dict[str, Any] | None = None,
         *,
@@ -583,7 +583,8 @@ class BrokerService:
         ``scope.allow(reason)`` asks for an ``allow`` row when the block completes (an
         edge's own use case, e.g. the online CA); a failure to write it propagates.
         ``unauthenticated``: nobody is accountable for the request (a refused login), so
-        its refusals are aggregated like an anonymous client's.
+        its refusals are aggregated like an anonymous client's. ``requester`` may be a
+        function: a login's claimed identity is then worked out only for a row.
         """
         scope = AuditScope(action, {} if where is None else where)
         try:
@@ -609,15 +610,20 @@ class BrokerService:
         if scope.allowed is not None:
             reason, more = scope.allowed
             event = self._audit(
-                requester, scope.action, "allow", reason=reason, **scope.where, **more
+                _resolve(requester), scope.action, "allow", reason=reason, **scope.where, **more
             )
             self.store.add_audit(event, now=self.now())
 
     def _record_failure(
-        self, requester: Requester, scope: AuditScope, exc: BrokerError, unauthenticated: bool
+        self,
+        who: Requester | Callable[[], Requester],
+        scope: AuditScope,
+        exc: BrokerError,
+        unauthenticated: bool,
     ) -> None:
         """Write the refusal's row (never raises: a failure to write it is logged)."""
         exc.audited = True
+        requester = _resolve(who)
         event = self._audit(
             requester,
             scope.action,
@@ -1594,9 +1600,12 @@ class BrokerService:
         """Verify a bearer token (signature, issuer, audience, times, profile); the
         requester it yields has no DN, only the token's claims."""
         request_id = request_id or uuid.uuid4().hex
-        claimant = Requester.unverified(
-            client_address=client_address, endpoint=endpoint, request_id=request_id
-        )
+
+        def claimant() -> Requester:
+            return Requester.unverified(
+                client_address=client_address, endpoint=endpoint, request_id=request_id
+            )
+
         with self.audited(claimant, AuditAction.AUTHENTICATE, unauthenticated=True):
             directory = self.token_directory
             if directory is None:
@@ -1933,6 +1942,10 @@ def _no_passphrase_set(record: CredentialRecord) -> AuthenticationError:
 def _wrong_passphrase() -> AuthenticationError:
     """What a client is told for any passphrase that does not open the credential."""
     return AuthenticationError(INVALID_PASSPHRASE, reason=INVALID_PASSPHRASE_REASON)
+
+
+def _resolve(requester: Requester | Callable[[], Requester]) -> Requester:
+    return requester() if callable(requester) else requester
 
 
 def _allow_reason(decision: Decision) -> str:

@@ -71,14 +71,14 @@ def authenticate_chain(
     leaves an audit row with the reason (``action`` names what was attempted, when the
     route knows) before the refusal is raised.
     """
-    request_id = g.get("request_id")
-    claimant = Requester.unverified(
-        chain=chain, client_address=request.remote_addr, request_id=request_id
-    )
-    attempted = AuditAction.AUTHENTICATE if action is None else AuditAction(action)
-    with service.audited(claimant, attempted, unauthenticated=True):
+    request_id, address = g.get("request_id"), request.remote_addr
+
+    def claimant() -> Requester:  # worked out only for a refusal's row
+        return Requester.unverified(chain=chain, client_address=address, request_id=request_id)
+
+    with service.audited(claimant, action or AuditAction.AUTHENTICATE, unauthenticated=True):
         return service.authenticate_chain(
-            chain, client_address=request.remote_addr, endpoint="rest", request_id=request_id
+            chain, client_address=address, endpoint=Endpoint.REST, request_id=request_id
         )
 
 

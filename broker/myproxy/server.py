@@ -537,13 +537,19 @@ class MyProxyServer:
         chain = verified_peer_chain(tls)
         if not chain:
             return Requester(
-                dn=None, client_address=addr[0], endpoint="myproxy", request_id=request_id
+                dn=None, client_address=addr[0], endpoint=Endpoint.MYPROXY, request_id=request_id
             )
+
         # A chain OpenSSL accepted but our RFC 3820 / VOMS / namespace checks refuse
         # (e.g. a forged AC) leaves an audit row, as it does on REST.
-        claimant = Requester.unverified(
-            chain=chain, client_address=addr[0], endpoint=Endpoint.MYPROXY, request_id=request_id
-        )
+        def claimant() -> Requester:  # worked out only for a refusal's row
+            return Requester.unverified(
+                chain=chain,
+                client_address=addr[0],
+                endpoint=Endpoint.MYPROXY,
+                request_id=request_id,
+            )
+
         with self.service.audited(claimant, AuditAction.AUTHENTICATE, unauthenticated=True):
             return self.service.authenticate_chain(
                 chain, client_address=addr[0], endpoint=Endpoint.MYPROXY, request_id=request_id

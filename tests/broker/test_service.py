@@ -270,6 +270,30 @@ def test_an_edge_scope_writes_each_refusal_once(service: BrokerService, grid_pki
     ]
 
 
+def test_a_claimed_identity_is_worked_out_only_for_a_refusal(service: BrokerService) -> None:
+    """Edges pass a login's claimant as a function: every request authenticates, only a
+    refused one needs the claimed identity for its row."""
+    calls: list[int] = []
+
+    def claimant() -> Requester:
+        calls.append(1)
+        return Requester.unverified(client_address="192.0.2.7", request_id="probe")
+
+    with service.audited(claimant, AuditAction.AUTHENTICATE, unauthenticated=True):
+        pass
+    assert calls == []
+    with (
+        pytest.raises(AuthenticationError),
+        service.audited(claimant, AuditAction.AUTHENTICATE, unauthenticated=True),
+    ):
+        raise AuthenticationError("the probe is refused", reason="probe_refused")
+    assert calls == [1]
+    rows = service.store.query_audit(action="authenticate")
+    assert [(r.decision, r.reason, r.client_address) for r in rows] == [
+        ("deny", "probe_refused: the probe is refused", "192.0.2.7")
+    ]
+
+
 def test_an_allow_row_is_written_only_when_the_use_case_completes(
     service: BrokerService, grid_pki: GridPki
 ) -> None:
